@@ -1,0 +1,127 @@
+//! Elementwise ops: broadcasting binary ops, unary activations, GEGLU, axpby.
+
+use rayon::prelude::*;
+
+use super::CpuStorage;
+use crate::tensor::{BinaryOp, UnaryOp};
+
+/// Below this many elements, threads cost more than they save.
+const PAR_MIN: usize = 1 << 14;
+
+/// Row-major strides of `shape` aligned to an output of rank `rank`, with 0 for broadcast dims.
+fn broadcast_strides(shape: &[usize], out: &[usize]) -> Vec<usize> {
+    let pad = out.len() - shape.len();
+    let mut strides = vec![0; out.len()];
+    let mut acc = 1;
+    for i in (0..shape.len()).rev() {
+        strides[pad + i] = if shape[i] == 1 && out[pad + i] != 1 { 0 } else { acc };
+        acc *= shape[i];
+    }
+    strides
+}
+
+fn apply(op: BinaryOp, a: f32, b: f32) -> f32 {
+    match op {
+        BinaryOp::Add => a + b,
+        BinaryOp::Sub => a - b,
+        BinaryOp::Mul => a * b,
+        BinaryOp::Div => a / b,
+    }
+}
+
+pub fn binary(
+    lhs: &CpuStorage,
+    lhs_shape: &[usize],
+    rhs: &CpuStorage,
+    rhs_shape: &[usize],
+    out_shape: &[usize],
+    op: BinaryOp,
+) -> CpuStorage {
+    let (a, b) = (lhs.as_f32(), rhs.as_f32());
+    let numel: usize = out_shape.iter().product();
+    if lhs_shape == rhs_shape {
+        let mut out = vec![0f32; numel];
+        out.par_iter_mut()
+            .with_min_len(PAR_MIN)
+            .zip(a.par_iter().zip(b.par_iter()))
+            .for_each(|(o, (x, y))| *o = apply(op, *x, *y));
+        return CpuStorage::F32(out);
+    }
+    // General broadcast: walk the output one innermost row at a time.
+    let rank = out_shape.len();
+    let inner = out_shape.last().copied().unwrap_or(1).max(1);
+    let (sa, sb) = (
+        broadcast_strides(lhs_shape, out_shape),
+        broadcast_strides(rhs_shape, out_shape),
+    );
+    let (ia, ib) = (sa.last().copied().unwrap_or(0), sb.last().copied().unwrap_or(0));
+    let mut out = vec![0f32; numel];
+    out.par_chunks_mut(inner).enumerate().for_each(|(row, dst)| {
+        // Offsets of this row's first element in lhs and rhs.
+        let (mut oa, mut ob, mut rem) = (0, 0, row);
+        for d in (0..rank.saturating_sub(1)).rev() {
+            let idx = rem % out_shape[d];
+            rem /= out_shape[d];
+            oa += idx * sa[d];
+            ob += idx * sb[d];
+        }
+        for (j, o) in dst.iter_mut().enumerate() {
+            *o = apply(op, a[oa + j * ia], b[ob + j * ib]);
+        }
+    });
+    CpuStorage::F32(out)
+}
+
+/// The exact GELU, `x * Φ(x)`, as torch's default `F.gelu`.
+pub(crate) fn gelu(x: f32) -> f32 {
+    let x = x as f64;
+    (0.5 * x * (1.0 + libm::erf(x / std::f64::consts::SQRT_2))) as f32
+}
+
+fn sigmoid(x: f32) -> f32 {
+    1.0 / (1.0 + (-x).exp())
+}
+
+fn unary_fn(op: UnaryOp) -> impl Fn(f32) -> f32 + Sync {
+    move |x| match op {
+        UnaryOp::Silu => x * sigmoid(x),
+        UnaryOp::Gelu => gelu(x),
+        UnaryOp::QuickGelu => x * sigmoid(1.702 * x),
+        UnaryOp::Affine { mul, add } => x * mul + add,
+        UnaryOp::Clamp { min, max } => x.max(min).min(max),
+        UnaryOp::Sqrt => x.sqrt(),
+    }
+}
+
+pub fn unary(x: &CpuStorage, op: UnaryOp) -> CpuStorage {
+    let x = x.as_f32();
+    let f = unary_fn(op);
+    CpuStorage::F32(x.par_iter().with_min_len(PAR_MIN).map(|&v| f(v)).collect())
+}
+
+pub fn axpby(a: f32, x: &CpuStorage, b: f32, y: &CpuStorage) -> CpuStorage {
+    let (x, y) = (x.as_f32(), y.as_f32());
+    CpuStorage::F32(
+        x.par_iter()
+            .with_min_len(PAR_MIN)
+            .zip(y.par_iter())
+            .map(|(&u, &v)| a * u + b * v)
+            .collect(),
+    )
+}
+
+/// Rows of `2 * half` values `[h, gate]` become `h * gelu(gate)`.
+pub fn geglu(x: &CpuStorage, half: usize) -> CpuStorage {
+    let x = x.as_f32();
+    let rows = x.len() / (2 * half).max(1);
+    let mut out = vec![0f32; rows * half];
+    out.par_chunks_mut(half)
+        .zip(x.par_chunks(2 * half))
+        .for_each(|(o, row)| {
+            let (h, gate) = row.split_at(half);
+            for ((o, &h), &g) in o.iter_mut().zip(h).zip(gate) {
+                *o = h * gelu(g);
+            }
+        });
+    CpuStorage::F32(out)
+}

@@ -1,0 +1,58 @@
+//! The pure-Rust CPU backend: matrix products through the `gemm` crate, everything else as
+//! rayon-parallel loops over contiguous f32 slices. It is the reference the GPU kernels are
+//! tested against.
+
+pub mod attention;
+pub mod conv;
+pub mod elementwise;
+pub mod layout;
+pub mod matmul;
+pub mod norm;
+
+use std::borrow::Cow;
+
+use half::{bf16, f16};
+
+use crate::tensor::DType;
+
+/// Host memory behind a CPU tensor. Weights may stay in their file's half precision;
+/// ops widen them to f32 when they read them.
+#[derive(Debug)]
+pub enum CpuStorage {
+    F32(Vec<f32>),
+    F16(Vec<f16>),
+    BF16(Vec<bf16>),
+}
+
+impl CpuStorage {
+    pub fn dtype(&self) -> DType {
+        match self {
+            CpuStorage::F32(_) => DType::F32,
+            CpuStorage::F16(_) => DType::F16,
+            CpuStorage::BF16(_) => DType::BF16,
+        }
+    }
+
+    /// The values as f32, borrowed when they already are.
+    pub fn as_f32(&self) -> Cow<'_, [f32]> {
+        match self {
+            CpuStorage::F32(v) => Cow::Borrowed(v),
+            CpuStorage::F16(v) => Cow::Owned(v.iter().map(|x| x.to_f32()).collect()),
+            CpuStorage::BF16(v) => Cow::Owned(v.iter().map(|x| x.to_f32()).collect()),
+        }
+    }
+}
+
+/// A raw pointer that rayon tasks may share because each task writes a disjoint region.
+#[derive(Clone, Copy)]
+pub(crate) struct SharedMut(pub *mut f32);
+// SAFETY: only used to hand disjoint output regions to parallel tasks (see each use).
+unsafe impl Send for SharedMut {}
+unsafe impl Sync for SharedMut {}
+
+impl SharedMut {
+    /// A method (not field access) so closures capture the whole Sync wrapper.
+    pub(crate) fn ptr(self) -> *mut f32 {
+        self.0
+    }
+}

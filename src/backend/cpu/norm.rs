@@ -1,0 +1,63 @@
+//! Group norm (with optional fused SiLU) and layer norm. Statistics are accumulated in f64.
+
+use rayon::prelude::*;
+
+use super::CpuStorage;
+
+fn mean_var(values: &[f32]) -> (f64, f64) {
+    let n = values.len().max(1) as f64;
+    let mean = values.iter().map(|&v| v as f64).sum::<f64>() / n;
+    let var = values.iter().map(|&v| (v as f64 - mean).powi(2)).sum::<f64>() / n;
+    (mean, var)
+}
+
+#[allow(clippy::too_many_arguments)]
+pub fn group_norm(
+    x: &CpuStorage,
+    gamma: &CpuStorage,
+    beta: &CpuStorage,
+    n: usize,
+    c: usize,
+    spatial: usize,
+    groups: usize,
+    eps: f32,
+    silu: bool,
+) -> CpuStorage {
+    let x = x.as_f32();
+    let (gamma, beta) = (gamma.as_f32(), beta.as_f32());
+    let per_group = c / groups;
+    let mut out = vec![0f32; n * c * spatial];
+    // A group's channels are consecutive, so each (batch, group) is one contiguous slab.
+    out.par_chunks_mut(per_group * spatial)
+        .zip(x.par_chunks(per_group * spatial))
+        .enumerate()
+        .for_each(|(slab, (dst, src))| {
+            let (mean, var) = mean_var(src);
+            let inv = 1.0 / (var + eps as f64).sqrt();
+            let first_channel = (slab % groups) * per_group;
+            for (i, (d, s)) in dst.chunks_mut(spatial).zip(src.chunks(spatial)).enumerate() {
+                let ch = first_channel + i;
+                let scale = gamma[ch] as f64 * inv;
+                let shift = beta[ch] as f64 - mean * scale;
+                for (d, &s) in d.iter_mut().zip(s) {
+                    let y = (s as f64 * scale + shift) as f32;
+                    *d = if silu { y / (1.0 + (-y).exp()) } else { y };
+                }
+            }
+        });
+    CpuStorage::F32(out)
+}
+
+pub fn layer_norm(x: &CpuStorage, gamma: &CpuStorage, beta: &CpuStorage, d: usize, eps: f32) -> CpuStorage {
+    let x = x.as_f32();
+    let (gamma, beta) = (gamma.as_f32(), beta.as_f32());
+    let mut out = vec![0f32; x.len()];
+    out.par_chunks_mut(d).zip(x.par_chunks(d)).for_each(|(dst, src)| {
+        let (mean, var) = mean_var(src);
+        let inv = 1.0 / (var + eps as f64).sqrt();
+        for ((o, &v), (&g, &b)) in dst.iter_mut().zip(src).zip(gamma.iter().zip(beta.iter())) {
+            *o = ((v as f64 - mean) * inv * g as f64 + b as f64) as f32;
+        }
+    });
+    CpuStorage::F32(out)
+}

@@ -1,0 +1,12 @@
+//! sd-wgpu: Stable Diffusion in Rust that reproduces Hugging Face diffusers.
+//!
+//! Layout: [`tensor`] is the op interface all model code is written against; [`backend`]
+//! implements it; [`model`] holds the networks (CLIP, UNet, VAE), their configs, weights and
+//! tokenizer; [`pipeline`] holds the text-to-image loop, noise and schedulers.
+
+pub mod backend;
+pub mod error;
+pub mod pipeline;
+pub mod tensor;
+
+pub use error::{Error, Result};

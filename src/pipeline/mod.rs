@@ -1,0 +1,4 @@
+//! The text-to-image loop and what it needs besides the networks.
+
+pub mod noise;
+pub mod scheduler;

@@ -1,0 +1,178 @@
+//! The tensor type that all model code is written against.
+//!
+//! A `Tensor` is an immutable, contiguous, row-major array with a shape and a device-side
+//! storage. Every op returns a new tensor; nothing is read back to the host until
+//! [`Tensor::to_vec`] is called, so a GPU backend can keep whole networks on the device.
+//! Activations are always f32; weights may stay in the f16/bf16 precision of their file
+//! and are widened by the op that consumes them.
+
+mod ops;
+
+pub use ops::{BinaryOp, UnaryOp};
+
+use std::sync::Arc;
+
+use half::{bf16, f16};
+
+use crate::backend::cpu::CpuStorage;
+use crate::error::{Error, Result};
+
+/// Where a tensor lives and where its ops run.
+#[derive(Clone, Debug, PartialEq, Eq, Default)]
+pub enum Device {
+    #[default]
+    Cpu,
+}
+
+impl std::fmt::Display for Device {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Device::Cpu => write!(f, "cpu"),
+        }
+    }
+}
+
+/// Element type of a tensor's storage.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum DType {
+    F32,
+    F16,
+    BF16,
+}
+
+#[derive(Debug)]
+pub(crate) enum Storage {
+    Cpu(CpuStorage),
+}
+
+#[derive(Clone)]
+pub struct Tensor {
+    shape: Vec<usize>,
+    storage: Arc<Storage>,
+}
+
+impl std::fmt::Debug for Tensor {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "Tensor({:?}, {:?}, {})", self.shape, self.dtype(), self.device())
+    }
+}
+
+fn check_len(op: &'static str, len: usize, shape: &[usize]) -> Result<()> {
+    let numel: usize = shape.iter().product();
+    if numel != len {
+        return Err(Error::shape(
+            op,
+            format!("{len} elements do not fill shape {shape:?} ({numel} elements)"),
+        ));
+    }
+    Ok(())
+}
+
+impl Tensor {
+    pub(crate) fn from_storage(storage: Storage, shape: Vec<usize>) -> Self {
+        Tensor {
+            shape,
+            storage: Arc::new(storage),
+        }
+    }
+
+    pub(crate) fn storage(&self) -> &Storage {
+        &self.storage
+    }
+
+    /// An f32 tensor from host data.
+    pub fn from_vec(data: Vec<f32>, shape: &[usize], device: &Device) -> Result<Self> {
+        check_len("from_vec", data.len(), shape)?;
+        Ok(match device {
+            Device::Cpu => Self::from_storage(Storage::Cpu(CpuStorage::F32(data)), shape.to_vec()),
+        })
+    }
+
+    /// An f16 tensor (weights kept in half precision).
+    pub fn from_f16(data: Vec<f16>, shape: &[usize], device: &Device) -> Result<Self> {
+        check_len("from_f16", data.len(), shape)?;
+        Ok(match device {
+            Device::Cpu => Self::from_storage(Storage::Cpu(CpuStorage::F16(data)), shape.to_vec()),
+        })
+    }
+
+    /// A bf16 tensor (weights kept in bfloat16).
+    pub fn from_bf16(data: Vec<bf16>, shape: &[usize], device: &Device) -> Result<Self> {
+        check_len("from_bf16", data.len(), shape)?;
+        Ok(match device {
+            Device::Cpu => {
+                Self::from_storage(Storage::Cpu(CpuStorage::BF16(data)), shape.to_vec())
+            }
+        })
+    }
+
+    pub fn zeros(shape: &[usize], device: &Device) -> Result<Self> {
+        Self::from_vec(vec![0.0; shape.iter().product()], shape, device)
+    }
+
+    pub fn shape(&self) -> &[usize] {
+        &self.shape
+    }
+
+    pub fn rank(&self) -> usize {
+        self.shape.len()
+    }
+
+    /// Size of dimension `d`; negative-free, panics are avoided by callers checking rank first.
+    pub fn dim(&self, d: usize) -> usize {
+        self.shape[d]
+    }
+
+    pub fn numel(&self) -> usize {
+        self.shape.iter().product()
+    }
+
+    pub fn dtype(&self) -> DType {
+        match self.storage() {
+            Storage::Cpu(s) => s.dtype(),
+        }
+    }
+
+    pub fn device(&self) -> Device {
+        match self.storage() {
+            Storage::Cpu(_) => Device::Cpu,
+        }
+    }
+
+    /// Copies the tensor to the host as f32 (the only read-back point).
+    pub fn to_vec(&self) -> Result<Vec<f32>> {
+        match self.storage() {
+            Storage::Cpu(s) => Ok(s.as_f32().into_owned()),
+        }
+    }
+
+    /// Same data, new shape (free: storage is shared).
+    pub fn reshape(&self, shape: &[usize]) -> Result<Self> {
+        check_len("reshape", self.numel(), shape)?;
+        Ok(Tensor {
+            shape: shape.to_vec(),
+            storage: self.storage.clone(),
+        })
+    }
+
+    /// Checks that the tensor has exactly `expected` as shape.
+    pub(crate) fn expect_shape(&self, op: &'static str, expected: &[usize]) -> Result<()> {
+        if self.shape != expected {
+            return Err(Error::shape(
+                op,
+                format!("expected shape {expected:?}, got {:?}", self.shape),
+            ));
+        }
+        Ok(())
+    }
+
+    pub(crate) fn expect_rank(&self, op: &'static str, rank: usize) -> Result<()> {
+        if self.rank() != rank {
+            return Err(Error::shape(
+                op,
+                format!("expected rank {rank}, got shape {:?}", self.shape),
+            ));
+        }
+        Ok(())
+    }
+}

@@ -1,0 +1,527 @@
+//! The op list. Each op checks shapes here, once, then dispatches to the backend that
+//! holds the data. Model code only ever calls these methods.
+
+use super::{Device, Storage, Tensor};
+use crate::backend::cpu;
+use crate::error::{Error, Result};
+
+/// Elementwise binary ops (numpy-style broadcasting).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum BinaryOp {
+    Add,
+    Sub,
+    Mul,
+    Div,
+}
+
+/// Elementwise unary ops.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub enum UnaryOp {
+    Silu,
+    /// The exact (erf) GELU, torch's default.
+    Gelu,
+    /// x * sigmoid(1.702 x), CLIP's activation.
+    QuickGelu,
+    /// a * x + b.
+    Affine { mul: f32, add: f32 },
+    Clamp { min: f32, max: f32 },
+    Sqrt,
+}
+
+/// Shape of `lhs op rhs` under numpy broadcasting.
+fn broadcast_shape(lhs: &[usize], rhs: &[usize]) -> Result<Vec<usize>> {
+    let rank = lhs.len().max(rhs.len());
+    let mut out = vec![0; rank];
+    for i in 0..rank {
+        let l = if i + lhs.len() >= rank { lhs[i + lhs.len() - rank] } else { 1 };
+        let r = if i + rhs.len() >= rank { rhs[i + rhs.len() - rank] } else { 1 };
+        out[i] = match (l, r) {
+            (a, b) if a == b => a,
+            (1, b) => b,
+            (a, 1) => a,
+            _ => {
+                return Err(Error::shape(
+                    "broadcast",
+                    format!("shapes {lhs:?} and {rhs:?} do not broadcast"),
+                ))
+            }
+        };
+    }
+    Ok(out)
+}
+
+impl Tensor {
+    fn same_device(&self, other: &Tensor, op: &'static str) -> Result<()> {
+        if self.device() != other.device() {
+            return Err(Error::shape(
+                op,
+                format!("tensors on {} and {}", self.device(), other.device()),
+            ));
+        }
+        Ok(())
+    }
+
+    // ---- elementwise ----------------------------------------------------------------
+
+    pub fn binary(&self, rhs: &Tensor, op: BinaryOp) -> Result<Tensor> {
+        self.same_device(rhs, "binary")?;
+        let shape = broadcast_shape(&self.shape, &rhs.shape)?;
+        match (self.storage(), rhs.storage()) {
+            (Storage::Cpu(a), Storage::Cpu(b)) => {
+                let out = cpu::elementwise::binary(a, &self.shape, b, &rhs.shape, &shape, op);
+                Ok(Tensor::from_storage(Storage::Cpu(out), shape))
+            }
+        }
+    }
+
+    pub fn add(&self, rhs: &Tensor) -> Result<Tensor> {
+        self.binary(rhs, BinaryOp::Add)
+    }
+
+    pub fn sub(&self, rhs: &Tensor) -> Result<Tensor> {
+        self.binary(rhs, BinaryOp::Sub)
+    }
+
+    pub fn mul(&self, rhs: &Tensor) -> Result<Tensor> {
+        self.binary(rhs, BinaryOp::Mul)
+    }
+
+    pub fn div(&self, rhs: &Tensor) -> Result<Tensor> {
+        self.binary(rhs, BinaryOp::Div)
+    }
+
+    pub fn unary(&self, op: UnaryOp) -> Result<Tensor> {
+        match self.storage() {
+            Storage::Cpu(a) => Ok(Tensor::from_storage(
+                Storage::Cpu(cpu::elementwise::unary(a, op)),
+                self.shape.clone(),
+            )),
+        }
+    }
+
+    pub fn silu(&self) -> Result<Tensor> {
+        self.unary(UnaryOp::Silu)
+    }
+
+    pub fn gelu(&self) -> Result<Tensor> {
+        self.unary(UnaryOp::Gelu)
+    }
+
+    pub fn quick_gelu(&self) -> Result<Tensor> {
+        self.unary(UnaryOp::QuickGelu)
+    }
+
+    /// `mul * self + add`.
+    pub fn affine(&self, mul: f32, add: f32) -> Result<Tensor> {
+        self.unary(UnaryOp::Affine { mul, add })
+    }
+
+    pub fn scale(&self, mul: f32) -> Result<Tensor> {
+        self.affine(mul, 0.0)
+    }
+
+    pub fn clamp(&self, min: f32, max: f32) -> Result<Tensor> {
+        self.unary(UnaryOp::Clamp { min, max })
+    }
+
+    pub fn sqrt(&self) -> Result<Tensor> {
+        self.unary(UnaryOp::Sqrt)
+    }
+
+    /// `a * x + b * y` for two tensors of one shape: the workhorse of scheduler updates.
+    pub fn axpby(a: f32, x: &Tensor, b: f32, y: &Tensor) -> Result<Tensor> {
+        x.same_device(y, "axpby")?;
+        if x.shape != y.shape {
+            return Err(Error::shape(
+                "axpby",
+                format!("shapes {:?} and {:?} differ", x.shape, y.shape),
+            ));
+        }
+        match (x.storage(), y.storage()) {
+            (Storage::Cpu(xs), Storage::Cpu(ys)) => Ok(Tensor::from_storage(
+                Storage::Cpu(cpu::elementwise::axpby(a, xs, b, ys)),
+                x.shape.clone(),
+            )),
+        }
+    }
+
+    /// GEGLU: splits the last dimension into halves `[h, gate]` and returns `h * gelu(gate)`.
+    pub fn geglu(&self) -> Result<Tensor> {
+        let last = *self.shape.last().unwrap_or(&0);
+        if last % 2 != 0 {
+            return Err(Error::shape(
+                "geglu",
+                format!("last dimension of {:?} is odd", self.shape),
+            ));
+        }
+        let mut shape = self.shape.clone();
+        *shape.last_mut().expect("checked non-empty above") = last / 2;
+        match self.storage() {
+            Storage::Cpu(a) => Ok(Tensor::from_storage(
+                Storage::Cpu(cpu::elementwise::geglu(a, last / 2)),
+                shape,
+            )),
+        }
+    }
+
+    // ---- linear algebra -------------------------------------------------------------
+
+    /// `self @ rhs` with self `[.., M, K]` and rhs `[.., K, N]` (same batch dims) or `[K, N]`.
+    pub fn matmul(&self, rhs: &Tensor) -> Result<Tensor> {
+        self.matmul_impl(rhs, false)
+    }
+
+    /// `self @ rhs^T` with rhs `[.., N, K]` or `[N, K]`.
+    pub fn matmul_t(&self, rhs: &Tensor) -> Result<Tensor> {
+        self.matmul_impl(rhs, true)
+    }
+
+    fn matmul_impl(&self, rhs: &Tensor, transpose_rhs: bool) -> Result<Tensor> {
+        self.same_device(rhs, "matmul")?;
+        if self.rank() < 2 || rhs.rank() < 2 {
+            return Err(Error::shape(
+                "matmul",
+                format!("operands {:?} and {:?} need rank >= 2", self.shape, rhs.shape),
+            ));
+        }
+        let (m, k) = (self.shape[self.rank() - 2], self.shape[self.rank() - 1]);
+        let (rk, n) = if transpose_rhs {
+            (rhs.shape[rhs.rank() - 1], rhs.shape[rhs.rank() - 2])
+        } else {
+            (rhs.shape[rhs.rank() - 2], rhs.shape[rhs.rank() - 1])
+        };
+        let batch_shape = &self.shape[..self.rank() - 2];
+        let rhs_batch = &rhs.shape[..rhs.rank() - 2];
+        if rk != k || !(rhs_batch.is_empty() || rhs_batch == batch_shape) {
+            return Err(Error::shape(
+                "matmul",
+                format!(
+                    "cannot multiply {:?} by {:?}{}",
+                    self.shape,
+                    rhs.shape,
+                    if transpose_rhs { "^T" } else { "" }
+                ),
+            ));
+        }
+        let batch: usize = batch_shape.iter().product();
+        let mut shape = batch_shape.to_vec();
+        shape.extend([m, n]);
+        let dims = cpu::matmul::MatmulDims {
+            batch,
+            m,
+            n,
+            k,
+            rhs_batched: !rhs_batch.is_empty(),
+            transpose_rhs,
+        };
+        match (self.storage(), rhs.storage()) {
+            (Storage::Cpu(a), Storage::Cpu(b)) => Ok(Tensor::from_storage(
+                Storage::Cpu(cpu::matmul::matmul(a, b, None, dims)),
+                shape,
+            )),
+        }
+    }
+
+    /// A fully connected layer as torch's `nn.Linear`: `self @ weight^T + bias`,
+    /// self `[.., in]`, weight `[out, in]`, bias `[out]`.
+    pub fn linear(&self, weight: &Tensor, bias: Option<&Tensor>) -> Result<Tensor> {
+        weight.expect_rank("linear", 2)?;
+        let (out_f, in_f) = (weight.shape[0], weight.shape[1]);
+        if self.shape.last() != Some(&in_f) {
+            return Err(Error::shape(
+                "linear",
+                format!("input {:?} does not end in {in_f}", self.shape),
+            ));
+        }
+        if let Some(b) = bias {
+            b.expect_shape("linear bias", &[out_f])?;
+        }
+        let m = self.numel() / in_f.max(1);
+        let mut shape = self.shape.clone();
+        *shape.last_mut().expect("rank >= 1 checked above") = out_f;
+        let dims = cpu::matmul::MatmulDims {
+            batch: 1,
+            m,
+            n: out_f,
+            k: in_f,
+            rhs_batched: false,
+            transpose_rhs: true,
+        };
+        match (self.storage(), weight.storage(), bias.map(|b| b.storage())) {
+            (Storage::Cpu(x), Storage::Cpu(w), b) => {
+                let b = b.map(|Storage::Cpu(b)| b);
+                Ok(Tensor::from_storage(
+                    Storage::Cpu(cpu::matmul::matmul(x, w, b, dims)),
+                    shape,
+                ))
+            }
+        }
+    }
+
+    /// 2-D convolution as torch's `nn.Conv2d` (NCHW input, OIHW weight).
+    pub fn conv2d(
+        &self,
+        weight: &Tensor,
+        bias: Option<&Tensor>,
+        stride: usize,
+        padding: usize,
+    ) -> Result<Tensor> {
+        self.expect_rank("conv2d", 4)?;
+        weight.expect_rank("conv2d weight", 4)?;
+        let [n, c, h, w] = [self.shape[0], self.shape[1], self.shape[2], self.shape[3]];
+        let [oc, ic, kh, kw] = [weight.shape[0], weight.shape[1], weight.shape[2], weight.shape[3]];
+        if ic != c || stride == 0 || h + 2 * padding < kh || w + 2 * padding < kw {
+            return Err(Error::shape(
+                "conv2d",
+                format!(
+                    "input {:?}, weight {:?}, stride {stride}, padding {padding}",
+                    self.shape, weight.shape
+                ),
+            ));
+        }
+        if let Some(b) = bias {
+            b.expect_shape("conv2d bias", &[oc])?;
+        }
+        let oh = (h + 2 * padding - kh) / stride + 1;
+        let ow = (w + 2 * padding - kw) / stride + 1;
+        let p = cpu::conv::Conv2dParams {
+            n,
+            c,
+            h,
+            w,
+            oc,
+            kh,
+            kw,
+            stride,
+            padding,
+            oh,
+            ow,
+        };
+        match (self.storage(), weight.storage(), bias.map(|b| b.storage())) {
+            (Storage::Cpu(x), Storage::Cpu(wt), b) => {
+                let b = b.map(|Storage::Cpu(b)| b);
+                Ok(Tensor::from_storage(
+                    Storage::Cpu(cpu::conv::conv2d(x, wt, b, &p)),
+                    vec![n, oc, oh, ow],
+                ))
+            }
+        }
+    }
+
+    // ---- normalisation ---------------------------------------------------------------
+
+    /// Group norm over `[N, C, ...]` as torch's `nn.GroupNorm`, optionally followed by SiLU
+    /// (fused because every ResNet block applies one right after the other).
+    pub fn group_norm(
+        &self,
+        num_groups: usize,
+        gamma: &Tensor,
+        beta: &Tensor,
+        eps: f32,
+        silu: bool,
+    ) -> Result<Tensor> {
+        if self.rank() < 2 || num_groups == 0 || self.shape[1] % num_groups != 0 {
+            return Err(Error::shape(
+                "group_norm",
+                format!("{:?} cannot be split into {num_groups} groups", self.shape),
+            ));
+        }
+        let c = self.shape[1];
+        gamma.expect_shape("group_norm weight", &[c])?;
+        beta.expect_shape("group_norm bias", &[c])?;
+        let spatial: usize = self.shape[2..].iter().product();
+        match (self.storage(), gamma.storage(), beta.storage()) {
+            (Storage::Cpu(x), Storage::Cpu(g), Storage::Cpu(b)) => Ok(Tensor::from_storage(
+                Storage::Cpu(cpu::norm::group_norm(
+                    x,
+                    g,
+                    b,
+                    self.shape[0],
+                    c,
+                    spatial,
+                    num_groups,
+                    eps,
+                    silu,
+                )),
+                self.shape.clone(),
+            )),
+        }
+    }
+
+    /// Layer norm over the last dimension as torch's `nn.LayerNorm`.
+    pub fn layer_norm(&self, gamma: &Tensor, beta: &Tensor, eps: f32) -> Result<Tensor> {
+        let d = *self.shape.last().unwrap_or(&0);
+        gamma.expect_shape("layer_norm weight", &[d])?;
+        beta.expect_shape("layer_norm bias", &[d])?;
+        match (self.storage(), gamma.storage(), beta.storage()) {
+            (Storage::Cpu(x), Storage::Cpu(g), Storage::Cpu(b)) => Ok(Tensor::from_storage(
+                Storage::Cpu(cpu::norm::layer_norm(x, g, b, d, eps)),
+                self.shape.clone(),
+            )),
+        }
+    }
+
+    /// Softmax over the last dimension.
+    pub fn softmax(&self) -> Result<Tensor> {
+        let d = *self.shape.last().unwrap_or(&0);
+        match self.storage() {
+            Storage::Cpu(x) => Ok(Tensor::from_storage(
+                Storage::Cpu(cpu::attention::softmax(x, d)),
+                self.shape.clone(),
+            )),
+        }
+    }
+
+    // ---- attention -------------------------------------------------------------------
+
+    /// Multi-head scaled dot-product attention, softmax(q k^T / sqrt(d)) v, per head.
+    /// q is `[B, Lq, H*D]`, k and v `[B, Lk, H*D]`; the result is `[B, Lq, H*D]`, heads
+    /// interleaved as torch's `view(B, L, H, D)` lays them out. With `causal`, query i only
+    /// sees keys 0..=i. The full score matrix is never materialised.
+    pub fn attention(q: &Tensor, k: &Tensor, v: &Tensor, heads: usize, causal: bool) -> Result<Tensor> {
+        q.same_device(k, "attention")?;
+        q.same_device(v, "attention")?;
+        q.expect_rank("attention q", 3)?;
+        k.expect_rank("attention k", 3)?;
+        let [b, lq, inner] = [q.shape[0], q.shape[1], q.shape[2]];
+        let lk = k.shape[1];
+        if heads == 0 || inner % heads != 0 || k.shape != [b, lk, inner] || v.shape != k.shape {
+            return Err(Error::shape(
+                "attention",
+                format!("q {:?}, k {:?}, v {:?}, {heads} heads", q.shape, k.shape, v.shape),
+            ));
+        }
+        let p = cpu::attention::AttentionParams {
+            batch: b,
+            heads,
+            q_len: lq,
+            kv_len: lk,
+            head_dim: inner / heads,
+            causal,
+        };
+        match (q.storage(), k.storage(), v.storage()) {
+            (Storage::Cpu(qs), Storage::Cpu(ks), Storage::Cpu(vs)) => Ok(Tensor::from_storage(
+                Storage::Cpu(cpu::attention::attention(qs, ks, vs, &p)),
+                q.shape.clone(),
+            )),
+        }
+    }
+
+    // ---- layout ----------------------------------------------------------------------
+
+    /// Axes reordered as torch's `permute(..).contiguous()`.
+    pub fn permute(&self, axes: &[usize]) -> Result<Tensor> {
+        let mut seen = vec![false; self.rank()];
+        if axes.len() != self.rank() || axes.iter().any(|&a| a >= seen.len() || std::mem::replace(&mut seen[a], true)) {
+            return Err(Error::shape(
+                "permute",
+                format!("{axes:?} is not a permutation of the axes of {:?}", self.shape),
+            ));
+        }
+        let shape: Vec<usize> = axes.iter().map(|&a| self.shape[a]).collect();
+        match self.storage() {
+            Storage::Cpu(x) => Ok(Tensor::from_storage(
+                Storage::Cpu(cpu::layout::permute(x, &self.shape, axes)),
+                shape,
+            )),
+        }
+    }
+
+    /// `len` entries of dimension `dim` starting at `start`.
+    pub fn narrow(&self, dim: usize, start: usize, len: usize) -> Result<Tensor> {
+        if dim >= self.rank() || start + len > self.shape[dim] {
+            return Err(Error::shape(
+                "narrow",
+                format!("{start}..{} of dim {dim} of {:?}", start + len, self.shape),
+            ));
+        }
+        let mut shape = self.shape.clone();
+        shape[dim] = len;
+        match self.storage() {
+            Storage::Cpu(x) => Ok(Tensor::from_storage(
+                Storage::Cpu(cpu::layout::narrow(x, &self.shape, dim, start, len)),
+                shape,
+            )),
+        }
+    }
+
+    /// Concatenation along `dim`; all other dimensions must agree.
+    pub fn cat(tensors: &[&Tensor], dim: usize) -> Result<Tensor> {
+        let first = tensors
+            .first()
+            .ok_or_else(|| Error::shape("cat", "no tensors"))?;
+        let mut shape = first.shape.clone();
+        if dim >= shape.len() {
+            return Err(Error::shape("cat", format!("dim {dim} of {:?}", first.shape)));
+        }
+        shape[dim] = 0;
+        for t in tensors {
+            first.same_device(t, "cat")?;
+            let ok = t.rank() == first.rank()
+                && (0..t.rank()).all(|d| d == dim || t.shape[d] == first.shape[d]);
+            if !ok {
+                return Err(Error::shape(
+                    "cat",
+                    format!("{:?} and {:?} along dim {dim}", first.shape, t.shape),
+                ));
+            }
+            shape[dim] += t.shape[dim];
+        }
+        match first.device() {
+            Device::Cpu => {
+                let parts: Vec<(&cpu::CpuStorage, &[usize])> = tensors
+                    .iter()
+                    .map(|t| match t.storage() {
+                        Storage::Cpu(s) => (s, t.shape()),
+                    })
+                    .collect();
+                Ok(Tensor::from_storage(
+                    Storage::Cpu(cpu::layout::cat(&parts, dim)),
+                    shape,
+                ))
+            }
+        }
+    }
+
+    /// Nearest-neighbour resize of an NCHW tensor, as torch's `F.interpolate(mode="nearest")`.
+    pub fn upsample_nearest(&self, out_h: usize, out_w: usize) -> Result<Tensor> {
+        self.expect_rank("upsample_nearest", 4)?;
+        let [n, c, h, w] = [self.shape[0], self.shape[1], self.shape[2], self.shape[3]];
+        match self.storage() {
+            Storage::Cpu(x) => Ok(Tensor::from_storage(
+                Storage::Cpu(cpu::layout::upsample_nearest(x, n * c, h, w, out_h, out_w)),
+                vec![n, c, out_h, out_w],
+            )),
+        }
+    }
+
+    /// Rows `ids` of a `[vocab, dim]` table: an embedding lookup.
+    pub fn embedding(&self, ids: &[u32]) -> Result<Tensor> {
+        self.expect_rank("embedding", 2)?;
+        let (rows, d) = (self.shape[0], self.shape[1]);
+        if let Some(bad) = ids.iter().find(|&&i| i as usize >= rows) {
+            return Err(Error::shape(
+                "embedding",
+                format!("id {bad} is outside the table of {rows} rows"),
+            ));
+        }
+        match self.storage() {
+            Storage::Cpu(x) => Ok(Tensor::from_storage(
+                Storage::Cpu(cpu::layout::gather_rows(x, d, ids)),
+                vec![ids.len(), d],
+            )),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::broadcast_shape;
+
+    #[test]
+    fn broadcasting_follows_numpy() {
+        assert_eq!(broadcast_shape(&[2, 3, 4], &[4]).unwrap(), vec![2, 3, 4]);
+        assert_eq!(broadcast_shape(&[2, 1, 4], &[3, 1]).unwrap(), vec![2, 3, 4]);
+        assert!(broadcast_shape(&[2, 3], &[4]).is_err());
+    }
+}

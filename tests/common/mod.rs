@@ -1,0 +1,104 @@
+//! Helpers shared by the integration tests: fixture paths, reading reference tensors, and
+//! comparing against them.
+#![allow(dead_code)]
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+
+pub fn fixtures() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures")
+}
+
+pub fn model_dir(name: &str) -> PathBuf {
+    fixtures().join("models").join(name)
+}
+
+pub fn reference(file: &str) -> PathBuf {
+    fixtures().join("reference").join(file)
+}
+
+/// A reference tensor: shape and values widened to f64 (ints included).
+#[derive(Clone, Debug)]
+pub struct RefTensor {
+    pub shape: Vec<usize>,
+    pub data: Vec<f64>,
+}
+
+impl RefTensor {
+    pub fn f32(&self) -> Vec<f32> {
+        self.data.iter().map(|&v| v as f32).collect()
+    }
+}
+
+/// Every tensor of a safetensors file, by name.
+pub fn load_tensors(path: &Path) -> HashMap<String, RefTensor> {
+    let bytes = std::fs::read(path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+    let st = safetensors::SafeTensors::deserialize(&bytes)
+        .unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+    st.tensors()
+        .into_iter()
+        .map(|(name, view)| {
+            use safetensors::Dtype;
+            let b = view.data();
+            let data: Vec<f64> = match view.dtype() {
+                Dtype::F32 => b
+                    .chunks_exact(4)
+                    .map(|c| f32::from_le_bytes(c.try_into().unwrap()) as f64)
+                    .collect(),
+                Dtype::F64 => b
+                    .chunks_exact(8)
+                    .map(|c| f64::from_le_bytes(c.try_into().unwrap()))
+                    .collect(),
+                Dtype::I64 => b
+                    .chunks_exact(8)
+                    .map(|c| i64::from_le_bytes(c.try_into().unwrap()) as f64)
+                    .collect(),
+                Dtype::I32 => b
+                    .chunks_exact(4)
+                    .map(|c| i32::from_le_bytes(c.try_into().unwrap()) as f64)
+                    .collect(),
+                other => panic!("{}: unsupported dtype {other:?} for {name}", path.display()),
+            };
+            (
+                name,
+                RefTensor {
+                    shape: view.shape().to_vec(),
+                    data,
+                },
+            )
+        })
+        .collect()
+}
+
+pub fn read_json(path: &Path) -> serde_json::Value {
+    let text = std::fs::read_to_string(path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+    serde_json::from_str(&text).unwrap_or_else(|e| panic!("{}: {e}", path.display()))
+}
+
+/// Asserts `max |actual - expected| <= rel * max |expected|`: a relative tolerance on the
+/// tensor's scale (an elementwise relative error is meaningless near zero).
+pub fn assert_close(what: &str, actual: &[f32], expected: &[f64], rel: f64) {
+    assert_eq!(
+        actual.len(),
+        expected.len(),
+        "{what}: {} values, expected {}",
+        actual.len(),
+        expected.len()
+    );
+    let scale = expected.iter().fold(0f64, |m, v| m.max(v.abs())).max(1e-12);
+    let (mut worst, mut at) = (0f64, 0);
+    for (i, (a, e)) in actual.iter().zip(expected).enumerate() {
+        let d = (*a as f64 - e).abs();
+        if d > worst || d.is_nan() {
+            worst = d;
+            at = i;
+        }
+        assert!(!a.is_nan(), "{what}: NaN at {i}");
+    }
+    assert!(
+        worst <= rel * scale,
+        "{what}: max abs diff {worst:.3e} at index {at} (got {}, expected {}) exceeds {rel:e} x scale {scale:.3e}",
+        actual[at],
+        expected[at]
+    );
+}
