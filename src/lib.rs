@@ -6,6 +6,7 @@
 
 pub mod backend;
 pub mod error;
+pub mod model;
 pub mod pipeline;
 pub mod tensor;
 

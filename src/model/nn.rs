@@ -1,0 +1,103 @@
+//! The basic layers, named and shaped like their torch counterparts so weights load 1:1.
+
+use crate::error::Result;
+use crate::model::weights::Weights;
+use crate::tensor::Tensor;
+
+/// torch's `nn.Linear`.
+pub struct Linear {
+    weight: Tensor,
+    bias: Option<Tensor>,
+}
+
+impl Linear {
+    pub fn new(w: &Weights, in_features: usize, out_features: usize, bias: bool) -> Result<Self> {
+        Ok(Linear {
+            weight: w.get("weight", &[out_features, in_features])?,
+            bias: if bias { Some(w.get("bias", &[out_features])?) } else { None },
+        })
+    }
+
+    pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        x.linear(&self.weight, self.bias.as_ref())
+    }
+}
+
+/// torch's `nn.Conv2d` with square kernel, stride and padding.
+pub struct Conv2d {
+    weight: Tensor,
+    bias: Tensor,
+    stride: usize,
+    padding: usize,
+}
+
+impl Conv2d {
+    pub fn new(
+        w: &Weights,
+        in_channels: usize,
+        out_channels: usize,
+        kernel: usize,
+        stride: usize,
+        padding: usize,
+    ) -> Result<Self> {
+        Ok(Conv2d {
+            weight: w.get("weight", &[out_channels, in_channels, kernel, kernel])?,
+            bias: w.get("bias", &[out_channels])?,
+            stride,
+            padding,
+        })
+    }
+
+    pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        x.conv2d(&self.weight, Some(&self.bias), self.stride, self.padding)
+    }
+}
+
+/// torch's `nn.GroupNorm` (affine).
+pub struct GroupNorm {
+    weight: Tensor,
+    bias: Tensor,
+    groups: usize,
+    eps: f32,
+}
+
+impl GroupNorm {
+    pub fn new(w: &Weights, groups: usize, channels: usize, eps: f64) -> Result<Self> {
+        Ok(GroupNorm {
+            weight: w.get("weight", &[channels])?,
+            bias: w.get("bias", &[channels])?,
+            groups,
+            eps: eps as f32,
+        })
+    }
+
+    pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        x.group_norm(self.groups, &self.weight, &self.bias, self.eps, false)
+    }
+
+    /// `silu(group_norm(x))` in one pass.
+    pub fn forward_silu(&self, x: &Tensor) -> Result<Tensor> {
+        x.group_norm(self.groups, &self.weight, &self.bias, self.eps, true)
+    }
+}
+
+/// torch's `nn.LayerNorm` over the last dimension (affine).
+pub struct LayerNorm {
+    weight: Tensor,
+    bias: Tensor,
+    eps: f32,
+}
+
+impl LayerNorm {
+    pub fn new(w: &Weights, dim: usize, eps: f64) -> Result<Self> {
+        Ok(LayerNorm {
+            weight: w.get("weight", &[dim])?,
+            bias: w.get("bias", &[dim])?,
+            eps: eps as f32,
+        })
+    }
+
+    pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        x.layer_norm(&self.weight, &self.bias, self.eps)
+    }
+}

@@ -1,0 +1,109 @@
+//! diffusers' `ResnetBlock2D`, `Downsample2D` and `Upsample2D`.
+
+use crate::error::Result;
+use crate::model::nn::{Conv2d, GroupNorm, Linear};
+use crate::model::weights::Weights;
+use crate::tensor::Tensor;
+
+/// `ResnetBlock2D` with the default time-embedding handling (added after conv1).
+pub struct ResnetBlock2D {
+    norm1: GroupNorm,
+    conv1: Conv2d,
+    time_emb_proj: Option<Linear>,
+    norm2: GroupNorm,
+    conv2: Conv2d,
+    conv_shortcut: Option<Conv2d>,
+    output_scale_factor: f32,
+}
+
+/// Sizes of a `ResnetBlock2D`.
+#[derive(Clone, Copy, Debug)]
+pub struct ResnetConfig {
+    pub in_channels: usize,
+    pub out_channels: usize,
+    /// Width of the time embedding, or `None` for the VAE's blocks.
+    pub temb_channels: Option<usize>,
+    pub groups: usize,
+    pub eps: f64,
+    pub output_scale_factor: f64,
+}
+
+impl ResnetBlock2D {
+    pub fn new(w: &Weights, c: ResnetConfig) -> Result<Self> {
+        let (cin, cout) = (c.in_channels, c.out_channels);
+        Ok(ResnetBlock2D {
+            norm1: GroupNorm::new(&w.pp("norm1"), c.groups, cin, c.eps)?,
+            conv1: Conv2d::new(&w.pp("conv1"), cin, cout, 3, 1, 1)?,
+            time_emb_proj: c
+                .temb_channels
+                .map(|t| Linear::new(&w.pp("time_emb_proj"), t, cout, true))
+                .transpose()?,
+            norm2: GroupNorm::new(&w.pp("norm2"), c.groups, cout, c.eps)?,
+            conv2: Conv2d::new(&w.pp("conv2"), cout, cout, 3, 1, 1)?,
+            conv_shortcut: if cin != cout {
+                Some(Conv2d::new(&w.pp("conv_shortcut"), cin, cout, 1, 1, 0)?)
+            } else {
+                None
+            },
+            output_scale_factor: c.output_scale_factor as f32,
+        })
+    }
+
+    /// `temb_silu` is `silu(temb)`, `[B, temb_channels]`, computed once per UNet call
+    /// (diffusers applies the SiLU inside every block; the result is the same).
+    pub fn forward(&self, x: &Tensor, temb_silu: Option<&Tensor>) -> Result<Tensor> {
+        let _span = tracing::trace_span!("resnet").entered();
+        let mut h = self.conv1.forward(&self.norm1.forward_silu(x)?)?;
+        if let (Some(proj), Some(temb)) = (&self.time_emb_proj, temb_silu) {
+            let t = proj.forward(temb)?;
+            let (b, c) = (t.dim(0), t.dim(1));
+            h = h.add(&t.reshape(&[b, c, 1, 1])?)?;
+        }
+        let h = self.conv2.forward(&self.norm2.forward_silu(&h)?)?;
+        let shortcut = match &self.conv_shortcut {
+            Some(conv) => conv.forward(x)?,
+            None => x.clone(),
+        };
+        let out = shortcut.add(&h)?;
+        if self.output_scale_factor == 1.0 {
+            Ok(out)
+        } else {
+            out.scale(1.0 / self.output_scale_factor)
+        }
+    }
+}
+
+/// `Downsample2D` with a convolution: 3x3, stride 2.
+pub struct Downsample2D {
+    conv: Conv2d,
+}
+
+impl Downsample2D {
+    pub fn new(w: &Weights, channels: usize, padding: usize) -> Result<Self> {
+        Ok(Downsample2D {
+            conv: Conv2d::new(&w.pp("conv"), channels, channels, 3, 2, padding)?,
+        })
+    }
+
+    pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        self.conv.forward(x)
+    }
+}
+
+/// `Upsample2D` with a convolution: nearest-neighbour resize, then 3x3 conv.
+pub struct Upsample2D {
+    conv: Conv2d,
+}
+
+impl Upsample2D {
+    pub fn new(w: &Weights, channels: usize) -> Result<Self> {
+        Ok(Upsample2D {
+            conv: Conv2d::new(&w.pp("conv"), channels, channels, 3, 1, 1)?,
+        })
+    }
+
+    /// Resizes to `size` (the skip connection's size in the UNet; 2x in the VAE).
+    pub fn forward(&self, x: &Tensor, size: (usize, usize)) -> Result<Tensor> {
+        self.conv.forward(&x.upsample_nearest(size.0, size.1)?)
+    }
+}

@@ -1,0 +1,242 @@
+//! The CLIP tokenizer, built from the model's own files exactly as transformers'
+//! `CLIPTokenizer` builds it: NFC, whitespace runs to one space, lower-case, CLIP's split
+//! regex, byte-level BPE with `</w>` word ends; then BOS + at most 75 ids + EOS, padded with
+//! the tokenizer's own pad token to `model_max_length`.
+
+use std::path::Path;
+
+use serde::Deserialize;
+use tokenizers::models::bpe::BPE;
+use tokenizers::normalizers::{Lowercase, Replace, Sequence as NormalizerSequence, NFC};
+use tokenizers::pre_tokenizers::byte_level::ByteLevel;
+use tokenizers::pre_tokenizers::sequence::Sequence as PreTokenizerSequence;
+use tokenizers::pre_tokenizers::split::{Split, SplitPattern};
+use tokenizers::{AddedToken, SplitDelimiterBehavior, Tokenizer};
+
+use crate::error::{Error, Result};
+
+/// CLIP's pre-tokenisation pattern (from transformers' `CLIPTokenizer`).
+const CLIP_PATTERN: &str =
+    r"<\|startoftext\|>|<\|endoftext\|>|'s|'t|'re|'ve|'m|'ll|'d|[\p{L}]+|[\p{N}]|[^\s\p{L}\p{N}]+";
+
+/// A special token as the tokenizer configs write it: a string or an AddedToken object.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(untagged)]
+enum TokenSpec {
+    Plain(String),
+    Full {
+        content: String,
+        #[serde(default)]
+        lstrip: bool,
+        #[serde(default)]
+        rstrip: bool,
+        #[serde(default)]
+        normalized: Option<bool>,
+        #[serde(default)]
+        single_word: bool,
+        #[serde(default)]
+        special: Option<bool>,
+    },
+}
+
+impl TokenSpec {
+    fn content(&self) -> &str {
+        match self {
+            TokenSpec::Plain(s) => s,
+            TokenSpec::Full { content, .. } => content,
+        }
+    }
+
+    fn added_token(&self, default_special: bool) -> AddedToken {
+        match self {
+            TokenSpec::Plain(s) => AddedToken::from(s.clone(), default_special),
+            TokenSpec::Full {
+                content,
+                lstrip,
+                rstrip,
+                normalized,
+                single_word,
+                special,
+            } => {
+                let special = special.unwrap_or(default_special);
+                AddedToken::from(content.clone(), special)
+                    .lstrip(*lstrip)
+                    .rstrip(*rstrip)
+                    .single_word(*single_word)
+                    .normalized(normalized.unwrap_or(!special))
+            }
+        }
+    }
+}
+
+/// The fields of `tokenizer_config.json` / `special_tokens_map.json` that matter here.
+#[derive(Debug, Default, Deserialize)]
+struct TokenizerConfig {
+    bos_token: Option<TokenSpec>,
+    eos_token: Option<TokenSpec>,
+    unk_token: Option<TokenSpec>,
+    pad_token: Option<TokenSpec>,
+    model_max_length: Option<f64>,
+    #[serde(default)]
+    added_tokens_decoder: std::collections::BTreeMap<String, TokenSpec>,
+}
+
+fn read_optional_config(path: &Path) -> Result<TokenizerConfig> {
+    if path.exists() {
+        crate::model::config::read_json(path)
+    } else {
+        Ok(TokenizerConfig::default())
+    }
+}
+
+/// A prompt turned into exactly `max_length` ids.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Tokenized {
+    pub ids: Vec<u32>,
+    /// The text that did not fit, if the prompt was cut.
+    pub truncated: Option<String>,
+}
+
+pub struct ClipTokenizer {
+    tokenizer: Tokenizer,
+    bos: u32,
+    eos: u32,
+    pad: u32,
+    max_length: usize,
+}
+
+fn tok_err(path: &Path, e: impl std::fmt::Display) -> Error {
+    Error::Tokenizer(format!("{}: {e}", path.display()))
+}
+
+impl ClipTokenizer {
+    /// Loads `tokenizer/` of a diffusers model folder: `tokenizer.json` when present,
+    /// otherwise `vocab.json` + `merges.txt`, with the special tokens and length from
+    /// `tokenizer_config.json` and `special_tokens_map.json`.
+    pub fn from_dir(dir: &Path) -> Result<Self> {
+        let mut config = read_optional_config(&dir.join("tokenizer_config.json"))?;
+        let map = read_optional_config(&dir.join("special_tokens_map.json"))?;
+        // special_tokens_map.json wins, as in transformers.
+        config.bos_token = map.bos_token.or(config.bos_token);
+        config.eos_token = map.eos_token.or(config.eos_token);
+        config.unk_token = map.unk_token.or(config.unk_token);
+        config.pad_token = map.pad_token.or(config.pad_token);
+
+        let json = dir.join("tokenizer.json");
+        let mut tokenizer = if json.exists() {
+            Tokenizer::from_file(&json).map_err(|e| tok_err(&json, e))?
+        } else {
+            Self::from_vocab_and_merges(dir)?
+        };
+
+        let spec = |t: &Option<TokenSpec>, default: &str| {
+            t.clone().unwrap_or_else(|| TokenSpec::Plain(default.to_string()))
+        };
+        let bos = spec(&config.bos_token, "<|startoftext|>");
+        let eos = spec(&config.eos_token, "<|endoftext|>");
+        let unk = spec(&config.unk_token, "<|endoftext|>");
+        let pad = spec(&config.pad_token, "<|endoftext|>");
+        // Added tokens as transformers registers them: those listed in the config, then the
+        // special tokens, which are matched in the text before BPE.
+        let mut added: Vec<AddedToken> = config
+            .added_tokens_decoder
+            .values()
+            .map(|t| t.added_token(false))
+            .collect();
+        for t in [&bos, &eos, &unk, &pad] {
+            if !added.iter().any(|a| a.content == t.content()) {
+                added.push(t.added_token(true));
+            }
+        }
+        tokenizer.add_special_tokens(&added);
+
+        let id = |t: &TokenSpec| {
+            tokenizer.token_to_id(t.content()).ok_or_else(|| {
+                Error::Tokenizer(format!(
+                    "{}: special token {:?} is not in the vocabulary",
+                    dir.display(),
+                    t.content()
+                ))
+            })
+        };
+        // transformers stores "no limit" as a huge float; CLIP's position table is 77.
+        let max_length = match config.model_max_length {
+            Some(n) if n >= 2.0 && n <= 1e6 => n as usize,
+            _ => 77,
+        };
+        Ok(ClipTokenizer {
+            bos: id(&bos)?,
+            eos: id(&eos)?,
+            pad: id(&pad)?,
+            max_length,
+            tokenizer,
+        })
+    }
+
+    fn from_vocab_and_merges(dir: &Path) -> Result<Tokenizer> {
+        let vocab = dir.join("vocab.json");
+        let merges = dir.join("merges.txt");
+        for f in [&vocab, &merges] {
+            if !f.exists() {
+                return Err(Error::Tokenizer(format!(
+                    "{}: missing (a tokenizer needs tokenizer.json or vocab.json + merges.txt)",
+                    f.display()
+                )));
+            }
+        }
+        let as_str = |p: &Path| p.to_str().map(str::to_owned).ok_or_else(|| tok_err(p, "path is not UTF-8"));
+        let bpe = BPE::from_file(&as_str(&vocab)?, &as_str(&merges)?)
+            .continuing_subword_prefix(String::new())
+            .end_of_word_suffix("</w>".into())
+            .fuse_unk(false)
+            .unk_token("<|endoftext|>".into())
+            .build()
+            .map_err(|e| tok_err(&vocab, e))?;
+        let mut tokenizer = Tokenizer::new(bpe);
+        let whitespace = Replace::new(tokenizers::normalizers::replace::ReplacePattern::Regex(r"\s+".into()), " ")
+            .map_err(|e| tok_err(dir, e))?;
+        tokenizer.with_normalizer(Some(NormalizerSequence::new(vec![
+            NFC.into(),
+            whitespace.into(),
+            Lowercase.into(),
+        ])));
+        let split = Split::new(SplitPattern::Regex(CLIP_PATTERN.into()), SplitDelimiterBehavior::Removed, true)
+            .map_err(|e| tok_err(dir, e))?;
+        tokenizer.with_pre_tokenizer(Some(PreTokenizerSequence::new(vec![
+            split.into(),
+            ByteLevel::default().add_prefix_space(false).into(),
+        ])));
+        tokenizer.with_decoder(Some(ByteLevel::default()));
+        Ok(tokenizer)
+    }
+
+    pub fn max_length(&self) -> usize {
+        self.max_length
+    }
+
+    /// `tokenizer(prompt, padding="max_length", max_length=..., truncation=True).input_ids`.
+    pub fn encode(&self, prompt: &str) -> Result<Tokenized> {
+        let encoding = self
+            .tokenizer
+            .encode(prompt, false)
+            .map_err(|e| Error::Tokenizer(e.to_string()))?;
+        let body = encoding.get_ids();
+        let room = self.max_length - 2;
+        let kept = &body[..body.len().min(room)];
+        let truncated = if body.len() > room {
+            let text = self
+                .tokenizer
+                .decode(&body[room..], true)
+                .map_err(|e| Error::Tokenizer(e.to_string()))?;
+            Some(text.replace("</w>", " ").trim().to_string())
+        } else {
+            None
+        };
+        let mut ids = Vec::with_capacity(self.max_length);
+        ids.push(self.bos);
+        ids.extend_from_slice(kept);
+        ids.push(self.eos);
+        ids.resize(self.max_length, self.pad);
+        Ok(Tokenized { ids, truncated })
+    }
+}

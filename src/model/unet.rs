@@ -1,0 +1,352 @@
+//! diffusers' `UNet2DConditionModel` for SD 1.x / 2.x: time embedding, down blocks,
+//! the cross-attention mid block and up blocks with skip connections.
+
+use std::path::Path;
+
+use crate::error::{Error, Result};
+use crate::model::attention::{Transformer2DConfig, Transformer2DModel};
+use crate::model::config::UNetConfig;
+use crate::model::nn::{Conv2d, GroupNorm, Linear};
+use crate::model::resnet::{Downsample2D, ResnetBlock2D, ResnetConfig, Upsample2D};
+use crate::model::weights::Weights;
+use crate::tensor::Tensor;
+
+/// `TimestepEmbedding`: linear → SiLU → linear.
+struct TimestepEmbedding {
+    linear_1: Linear,
+    linear_2: Linear,
+}
+
+/// The per-level settings that diffusers resolves from the config before building blocks.
+#[derive(Clone, Copy, Debug)]
+struct LevelConfig {
+    layers: usize,
+    transformer_layers: usize,
+    heads: usize,
+    cross_attention_dim: usize,
+    only_cross_attention: bool,
+}
+
+/// Everything a block needs besides its own sizes.
+#[derive(Clone, Copy, Debug)]
+struct BlockShared {
+    temb_channels: usize,
+    groups: usize,
+    eps: f64,
+    use_linear_projection: bool,
+}
+
+impl BlockShared {
+    fn resnet(&self, cin: usize, cout: usize, output_scale_factor: f64) -> ResnetConfig {
+        ResnetConfig {
+            in_channels: cin,
+            out_channels: cout,
+            temb_channels: Some(self.temb_channels),
+            groups: self.groups,
+            eps: self.eps,
+            output_scale_factor,
+        }
+    }
+
+    fn transformer(&self, channels: usize, level: &LevelConfig) -> Transformer2DConfig {
+        Transformer2DConfig {
+            channels,
+            heads: level.heads,
+            layers: level.transformer_layers,
+            cross_attention_dim: level.cross_attention_dim,
+            norm_groups: self.groups,
+            use_linear_projection: self.use_linear_projection,
+            only_cross_attention: level.only_cross_attention,
+        }
+    }
+}
+
+/// `CrossAttnDownBlock2D` (with attentions) or `DownBlock2D` (without).
+struct DownBlock {
+    resnets: Vec<ResnetBlock2D>,
+    attentions: Vec<Transformer2DModel>,
+    downsampler: Option<Downsample2D>,
+}
+
+/// `UNetMidBlock2DCrossAttn`: resnet, then (attention, resnet) pairs.
+struct MidBlock {
+    resnets: Vec<ResnetBlock2D>,
+    attentions: Vec<Transformer2DModel>,
+}
+
+/// `CrossAttnUpBlock2D` (with attentions) or `UpBlock2D` (without).
+struct UpBlock {
+    resnets: Vec<ResnetBlock2D>,
+    attentions: Vec<Transformer2DModel>,
+    upsampler: Option<Upsample2D>,
+}
+
+pub struct UNet2DConditionModel {
+    config: UNetConfig,
+    conv_in: Conv2d,
+    time_embedding: TimestepEmbedding,
+    down_blocks: Vec<DownBlock>,
+    mid_block: Option<MidBlock>,
+    up_blocks: Vec<UpBlock>,
+    conv_norm_out: GroupNorm,
+    conv_out: Conv2d,
+}
+
+fn unsupported(path: &Path, what: String) -> Error {
+    Error::config(path, format!("unsupported UNet option: {what}"))
+}
+
+/// Rejects config options that would change the computation in ways not implemented here.
+fn check_supported(c: &UNetConfig, path: &Path) -> Result<()> {
+    let checks: [(bool, String); 10] = [
+        (c.act_fn != "silu", format!("act_fn = {:?}", c.act_fn)),
+        (c.center_input_sample, "center_input_sample = true".into()),
+        (c.dual_cross_attention, "dual_cross_attention = true".into()),
+        (c.class_embed_type.is_some(), format!("class_embed_type = {:?}", c.class_embed_type)),
+        (c.addition_embed_type.is_some(), format!("addition_embed_type = {:?}", c.addition_embed_type)),
+        (c.resnet_time_scale_shift != "default", format!("resnet_time_scale_shift = {:?}", c.resnet_time_scale_shift)),
+        (c.time_embedding_type != "positional", format!("time_embedding_type = {:?}", c.time_embedding_type)),
+        (c.time_cond_proj_dim.is_some() || c.timestep_post_act.is_some(), "time_cond_proj_dim / timestep_post_act".into()),
+        (c.attention_type != "default", format!("attention_type = {:?}", c.attention_type)),
+        (c.conv_in_kernel % 2 == 0 || c.conv_out_kernel % 2 == 0, "even conv_in_kernel / conv_out_kernel".into()),
+    ];
+    match checks.into_iter().find(|(bad, _)| *bad) {
+        Some((_, what)) => Err(unsupported(path, what)),
+        None => Ok(()),
+    }
+}
+
+impl UNet2DConditionModel {
+    /// Builds the UNet from its config and the weights of `unet/`.
+    pub fn new(config: &UNetConfig, w: &Weights, config_path: &Path) -> Result<Self> {
+        check_supported(config, config_path)?;
+        let c = config;
+        let levels = c.block_out_channels.len();
+        if levels == 0 || c.down_block_types.len() != levels || c.up_block_types.len() != levels {
+            return Err(Error::config(
+                config_path,
+                "block_out_channels, down_block_types and up_block_types must have the same non-zero length",
+            ));
+        }
+        // diffusers: `num_attention_heads = num_attention_heads or attention_head_dim`.
+        let heads = c
+            .num_attention_heads
+            .clone()
+            .or_else(|| c.attention_head_dim.clone())
+            .ok_or_else(|| Error::config(config_path, "neither num_attention_heads nor attention_head_dim is set"))?
+            .expand(levels, "num_attention_heads", config_path)?;
+        let layers = c.layers_per_block.expand(levels, "layers_per_block", config_path)?;
+        let transformer_layers = c
+            .transformer_layers_per_block
+            .expand(levels, "transformer_layers_per_block", config_path)?;
+        let cross = c.cross_attention_dim.expand(levels, "cross_attention_dim", config_path)?;
+        let only_cross = c.only_cross_attention.expand(levels, "only_cross_attention", config_path)?;
+        let level = |i: usize| LevelConfig {
+            layers: layers[i],
+            transformer_layers: transformer_layers[i],
+            heads: heads[i],
+            cross_attention_dim: cross[i],
+            only_cross_attention: only_cross[i],
+        };
+        let groups = c
+            .norm_num_groups
+            .ok_or_else(|| unsupported(config_path, "norm_num_groups = null".into()))?;
+        let ch0 = c.block_out_channels[0];
+        let temb_channels = ch0 * 4;
+        let shared = BlockShared {
+            temb_channels,
+            groups,
+            eps: c.norm_eps,
+            use_linear_projection: c.use_linear_projection,
+        };
+
+        let mut down_blocks = Vec::with_capacity(levels);
+        let mut channels = ch0;
+        for (i, kind) in c.down_block_types.iter().enumerate() {
+            let (cin, cout, lv) = (channels, c.block_out_channels[i], level(i));
+            let with_attention = match kind.as_str() {
+                "CrossAttnDownBlock2D" => true,
+                "DownBlock2D" => false,
+                other => return Err(unsupported(config_path, format!("down block type {other:?}"))),
+            };
+            let bw = w.pp("down_blocks").pp(i);
+            down_blocks.push(DownBlock {
+                resnets: (0..lv.layers)
+                    .map(|j| {
+                        let cin = if j == 0 { cin } else { cout };
+                        ResnetBlock2D::new(&bw.pp("resnets").pp(j), shared.resnet(cin, cout, 1.0))
+                    })
+                    .collect::<Result<_>>()?,
+                attentions: if with_attention {
+                    (0..lv.layers)
+                        .map(|j| Transformer2DModel::new(&bw.pp("attentions").pp(j), shared.transformer(cout, &lv)))
+                        .collect::<Result<_>>()?
+                } else {
+                    Vec::new()
+                },
+                downsampler: if i + 1 < levels {
+                    Some(Downsample2D::new(&bw.pp("downsamplers").pp(0), cout, c.downsample_padding)?)
+                } else {
+                    None
+                },
+            });
+            channels = cout;
+        }
+
+        let mid_block = match c.mid_block_type.as_deref() {
+            None => None,
+            Some("UNetMidBlock2DCrossAttn") => {
+                let lv = level(levels - 1);
+                let mw = w.pp("mid_block");
+                let scale = c.mid_block_scale_factor;
+                Some(MidBlock {
+                    resnets: (0..2)
+                        .map(|j| ResnetBlock2D::new(&mw.pp("resnets").pp(j), shared.resnet(channels, channels, scale)))
+                        .collect::<Result<_>>()?,
+                    attentions: vec![Transformer2DModel::new(&mw.pp("attentions").pp(0), shared.transformer(channels, &lv))?],
+                })
+            }
+            Some(other) => return Err(unsupported(config_path, format!("mid block type {other:?}"))),
+        };
+
+        let reversed: Vec<usize> = c.block_out_channels.iter().rev().copied().collect();
+        let mut up_blocks = Vec::with_capacity(levels);
+        let mut out_ch = reversed[0];
+        for (i, kind) in c.up_block_types.iter().enumerate() {
+            let prev_out = out_ch;
+            out_ch = reversed[i];
+            let skip_in = reversed[(i + 1).min(levels - 1)];
+            let lv = level(levels - 1 - i);
+            let with_attention = match kind.as_str() {
+                "CrossAttnUpBlock2D" => true,
+                "UpBlock2D" => false,
+                other => return Err(unsupported(config_path, format!("up block type {other:?}"))),
+            };
+            let n = lv.layers + 1;
+            let bw = w.pp("up_blocks").pp(i);
+            up_blocks.push(UpBlock {
+                resnets: (0..n)
+                    .map(|j| {
+                        let skip = if j == n - 1 { skip_in } else { out_ch };
+                        let cin = if j == 0 { prev_out } else { out_ch };
+                        ResnetBlock2D::new(&bw.pp("resnets").pp(j), shared.resnet(cin + skip, out_ch, 1.0))
+                    })
+                    .collect::<Result<_>>()?,
+                attentions: if with_attention {
+                    (0..n)
+                        .map(|j| Transformer2DModel::new(&bw.pp("attentions").pp(j), shared.transformer(out_ch, &lv)))
+                        .collect::<Result<_>>()?
+                } else {
+                    Vec::new()
+                },
+                upsampler: if i + 1 < levels {
+                    Some(Upsample2D::new(&bw.pp("upsamplers").pp(0), out_ch)?)
+                } else {
+                    None
+                },
+            });
+        }
+
+        let time_embedding = TimestepEmbedding {
+            linear_1: Linear::new(&w.pp("time_embedding").pp("linear_1"), ch0, temb_channels, true)?,
+            linear_2: Linear::new(&w.pp("time_embedding").pp("linear_2"), temb_channels, temb_channels, true)?,
+        };
+        Ok(UNet2DConditionModel {
+            conv_in: Conv2d::new(&w.pp("conv_in"), c.in_channels, ch0, c.conv_in_kernel, 1, c.conv_in_kernel / 2)?,
+            time_embedding,
+            down_blocks,
+            mid_block,
+            up_blocks,
+            conv_norm_out: GroupNorm::new(&w.pp("conv_norm_out"), groups, ch0, c.norm_eps)?,
+            conv_out: Conv2d::new(&w.pp("conv_out"), ch0, c.out_channels, c.conv_out_kernel, 1, c.conv_out_kernel / 2)?,
+            config: config.clone(),
+        })
+    }
+
+    pub fn config(&self) -> &UNetConfig {
+        &self.config
+    }
+
+    /// diffusers' `get_timestep_embedding` (`Timesteps` with the config's
+    /// `flip_sin_to_cos` and `freq_shift`), computed in f32 like torch, for each batch entry.
+    fn timestep_features(&self, timestep: f32, batch: usize) -> Vec<f32> {
+        let dim = self.config.block_out_channels[0];
+        let half = dim / 2;
+        let mut features = Vec::with_capacity(dim);
+        let args: Vec<f32> = (0..half)
+            .map(|i| {
+                let exponent = -(10000f64.ln() as f32) * i as f32 / (half as f32 - self.config.freq_shift as f32);
+                timestep * exponent.exp()
+            })
+            .collect();
+        let sin = args.iter().map(|a| (*a as f64).sin() as f32);
+        let cos = args.iter().map(|a| (*a as f64).cos() as f32);
+        if self.config.flip_sin_to_cos {
+            features.extend(cos);
+            features.extend(sin);
+        } else {
+            features.extend(sin);
+            features.extend(cos);
+        }
+        features.resize(dim, 0.0); // odd dims are zero-padded, as diffusers does
+        features.repeat(batch)
+    }
+
+    /// Predicts the noise (or v) for latents `sample` `[B, C, H, W]` at `timestep`, given
+    /// text embeddings `[B, L, cross_attention_dim]`.
+    pub fn forward(&self, sample: &Tensor, timestep: f32, encoder_hidden_states: &Tensor) -> Result<Tensor> {
+        let _span = tracing::debug_span!("unet").entered();
+        sample.expect_rank("unet sample", 4)?;
+        let batch = sample.dim(0);
+        let dim = self.config.block_out_channels[0];
+        let t = Tensor::from_vec(self.timestep_features(timestep, batch), &[batch, dim], &sample.device())?;
+        let emb = self.time_embedding.linear_1.forward(&t)?.silu()?;
+        let emb = self.time_embedding.linear_2.forward(&emb)?;
+        // Every ResNet block applies SiLU to the embedding first; do it once.
+        let temb = emb.silu()?;
+        let ctx = encoder_hidden_states;
+
+        let mut h = self.conv_in.forward(sample)?;
+        let mut skips = vec![h.clone()];
+        for block in &self.down_blocks {
+            let _span = tracing::trace_span!("down_block").entered();
+            for (j, resnet) in block.resnets.iter().enumerate() {
+                h = resnet.forward(&h, Some(&temb))?;
+                if let Some(attn) = block.attentions.get(j) {
+                    h = attn.forward(&h, ctx)?;
+                }
+                skips.push(h.clone());
+            }
+            if let Some(down) = &block.downsampler {
+                h = down.forward(&h)?;
+                skips.push(h.clone());
+            }
+        }
+        if let Some(mid) = &self.mid_block {
+            let _span = tracing::trace_span!("mid_block").entered();
+            h = mid.resnets[0].forward(&h, Some(&temb))?;
+            for (attn, resnet) in mid.attentions.iter().zip(&mid.resnets[1..]) {
+                h = attn.forward(&h, ctx)?;
+                h = resnet.forward(&h, Some(&temb))?;
+            }
+        }
+        for block in &self.up_blocks {
+            let _span = tracing::trace_span!("up_block").entered();
+            for (j, resnet) in block.resnets.iter().enumerate() {
+                let skip = skips.pop().ok_or_else(|| Error::shape("unet", "ran out of skip connections"))?;
+                h = resnet.forward(&Tensor::cat(&[&h, &skip], 1)?, Some(&temb))?;
+                if let Some(attn) = block.attentions.get(j) {
+                    h = attn.forward(&h, ctx)?;
+                }
+            }
+            if let Some(up) = &block.upsampler {
+                // Resize to the next skip connection's size: 2x when the latent size divides
+                // evenly, otherwise the size diffusers passes as `upsample_size`.
+                let next = skips.last().ok_or_else(|| Error::shape("unet", "ran out of skip connections"))?;
+                h = up.forward(&h, (next.dim(2), next.dim(3)))?;
+            }
+        }
+        let h = self.conv_norm_out.forward_silu(&h)?;
+        self.conv_out.forward(&h)
+    }
+}

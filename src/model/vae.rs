@@ -1,0 +1,158 @@
+//! The decoder half of diffusers' `AutoencoderKL`: latents back to pixels.
+
+use std::path::Path;
+
+use crate::error::{Error, Result};
+use crate::model::attention::Attention;
+use crate::model::config::VaeConfig;
+use crate::model::nn::{Conv2d, GroupNorm};
+use crate::model::resnet::{ResnetBlock2D, ResnetConfig, Upsample2D};
+use crate::model::weights::Weights;
+use crate::tensor::Tensor;
+
+/// The mid block's single-head self-attention over pixels, with its own group norm and a
+/// residual connection (diffusers' `Attention` with `residual_connection=True`).
+struct SpatialAttention {
+    group_norm: GroupNorm,
+    attention: Attention,
+}
+
+impl SpatialAttention {
+    fn new(w: &Weights, channels: usize, groups: usize) -> Result<Self> {
+        Ok(SpatialAttention {
+            group_norm: GroupNorm::new(&w.pp("group_norm"), groups, channels, 1e-6)?,
+            // diffusers builds it with attention_head_dim = channels: one head.
+            attention: Attention::new(w, channels, channels, 1, channels, true)?,
+        })
+    }
+
+    fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        let _span = tracing::trace_span!("vae_attention").entered();
+        let [b, c, h, w] = [x.dim(0), x.dim(1), x.dim(2), x.dim(3)];
+        let tokens = self
+            .group_norm
+            .forward(x)?
+            .reshape(&[b, c, h * w])?
+            .permute(&[0, 2, 1])?;
+        let out = self.attention.forward(&tokens, None)?;
+        out.permute(&[0, 2, 1])?.reshape(&[b, c, h, w])?.add(x)
+    }
+}
+
+/// `UpDecoderBlock2D`: resnets, then an optional 2x upsampler.
+struct UpDecoderBlock {
+    resnets: Vec<ResnetBlock2D>,
+    upsampler: Option<Upsample2D>,
+}
+
+pub struct VaeDecoder {
+    config: VaeConfig,
+    post_quant_conv: Option<Conv2d>,
+    conv_in: Conv2d,
+    mid_resnets: Vec<ResnetBlock2D>,
+    mid_attention: Option<SpatialAttention>,
+    up_blocks: Vec<UpDecoderBlock>,
+    conv_norm_out: GroupNorm,
+    conv_out: Conv2d,
+}
+
+impl VaeDecoder {
+    /// Builds the decoder from the VAE's config and the weights of `vae/` (the encoder's
+    /// weights are not read).
+    pub fn new(config: &VaeConfig, w: &Weights, config_path: &Path) -> Result<Self> {
+        let c = config;
+        let levels = c.block_out_channels.len();
+        if levels == 0 || c.up_block_types.len() != levels {
+            return Err(Error::config(
+                config_path,
+                "block_out_channels and up_block_types must have the same non-zero length",
+            ));
+        }
+        if c.act_fn != "silu" {
+            return Err(Error::config(config_path, format!("unsupported act_fn {:?}", c.act_fn)));
+        }
+        if let Some(kind) = c.up_block_types.iter().find(|k| *k != "UpDecoderBlock2D") {
+            return Err(Error::config(config_path, format!("unsupported up block type {kind:?}")));
+        }
+        let groups = c.norm_num_groups;
+        let resnet = |cin, cout| ResnetConfig {
+            in_channels: cin,
+            out_channels: cout,
+            temb_channels: None,
+            groups,
+            eps: 1e-6,
+            output_scale_factor: 1.0,
+        };
+        let d = w.pp("decoder");
+        let top = c.block_out_channels[levels - 1];
+        let mw = d.pp("mid_block");
+        let mut up_blocks = Vec::with_capacity(levels);
+        let mut out_ch = top;
+        for i in 0..levels {
+            let prev = out_ch;
+            out_ch = c.block_out_channels[levels - 1 - i];
+            let bw = d.pp("up_blocks").pp(i);
+            up_blocks.push(UpDecoderBlock {
+                resnets: (0..c.layers_per_block + 1)
+                    .map(|j| ResnetBlock2D::new(&bw.pp("resnets").pp(j), resnet(if j == 0 { prev } else { out_ch }, out_ch)))
+                    .collect::<Result<_>>()?,
+                upsampler: if i + 1 < levels {
+                    Some(Upsample2D::new(&bw.pp("upsamplers").pp(0), out_ch)?)
+                } else {
+                    None
+                },
+            });
+        }
+        let lc = c.latent_channels;
+        Ok(VaeDecoder {
+            post_quant_conv: if c.use_post_quant_conv {
+                Some(Conv2d::new(&w.pp("post_quant_conv"), lc, lc, 1, 1, 0)?)
+            } else {
+                None
+            },
+            conv_in: Conv2d::new(&d.pp("conv_in"), lc, top, 3, 1, 1)?,
+            mid_resnets: (0..2)
+                .map(|j| ResnetBlock2D::new(&mw.pp("resnets").pp(j), resnet(top, top)))
+                .collect::<Result<_>>()?,
+            mid_attention: if c.mid_block_add_attention {
+                Some(SpatialAttention::new(&mw.pp("attentions").pp(0), top, groups)?)
+            } else {
+                None
+            },
+            up_blocks,
+            conv_norm_out: GroupNorm::new(&d.pp("conv_norm_out"), groups, c.block_out_channels[0], 1e-6)?,
+            conv_out: Conv2d::new(&d.pp("conv_out"), c.block_out_channels[0], c.out_channels, 3, 1, 1)?,
+            config: config.clone(),
+        })
+    }
+
+    pub fn config(&self) -> &VaeConfig {
+        &self.config
+    }
+
+    /// `vae.decode(latents).sample`: latents (already divided by `scaling_factor`) to an
+    /// image in [-1, 1] (roughly), `[B, out_channels, H * factor, W * factor]`.
+    pub fn decode(&self, latents: &Tensor) -> Result<Tensor> {
+        let _span = tracing::debug_span!("vae_decode").entered();
+        let mut h = match &self.post_quant_conv {
+            Some(conv) => conv.forward(latents)?,
+            None => latents.clone(),
+        };
+        h = self.conv_in.forward(&h)?;
+        h = self.mid_resnets[0].forward(&h, None)?;
+        if let Some(attn) = &self.mid_attention {
+            h = attn.forward(&h)?;
+        }
+        h = self.mid_resnets[1].forward(&h, None)?;
+        for block in &self.up_blocks {
+            for resnet in &block.resnets {
+                h = resnet.forward(&h, None)?;
+            }
+            if let Some(up) = &block.upsampler {
+                let size = (2 * h.dim(2), 2 * h.dim(3));
+                h = up.forward(&h, size)?;
+            }
+        }
+        self.conv_out.forward(&self.conv_norm_out.forward_silu(&h)?)
+    }
+}
