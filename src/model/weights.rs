@@ -26,10 +26,18 @@ struct WeightFile {
     device: Device,
 }
 
-/// A prefix into one safetensors file.
+/// Where tensors come from.
+enum Source {
+    File(WeightFile),
+    /// Deterministic random values of any requested shape: full-size architectures for
+    /// benchmarks without multi-gigabyte files.
+    Random { device: Device, seed: u64 },
+}
+
+/// A prefix into a weight source.
 #[derive(Clone)]
 pub struct Weights {
-    file: Arc<WeightFile>,
+    source: Arc<Source>,
     prefix: String,
 }
 
@@ -58,45 +66,82 @@ impl Weights {
             .map(|(name, info)| (name, info.clone()))
             .collect();
         Ok(Weights {
-            file: Arc::new(WeightFile {
+            source: Arc::new(Source::File(WeightFile {
                 path: path.to_path_buf(),
                 mmap,
                 data_start: 8 + header_len,
                 tensors,
                 device: device.clone(),
-            }),
+            })),
             prefix: String::new(),
         })
+    }
+
+    /// Random weights for any name and shape, uniform in ±1/sqrt(fan-in) so activations
+    /// stay bounded. Only for benchmarks: every lookup succeeds.
+    pub fn random(seed: u64, device: &Device) -> Self {
+        Weights {
+            source: Arc::new(Source::Random {
+                device: device.clone(),
+                seed,
+            }),
+            prefix: String::new(),
+        }
     }
 
     /// The view one module level down: `pp("resnets").pp(1)` → `resnets.1.`.
     pub fn pp(&self, name: impl Display) -> Weights {
         Weights {
-            file: self.file.clone(),
+            source: self.source.clone(),
             prefix: format!("{}{}.", self.prefix, name),
         }
     }
 
-    pub fn path(&self) -> &Path {
-        &self.file.path
-    }
-
+    /// Whether the tensor `name` exists under this prefix (always true for random weights).
     pub fn contains(&self, name: &str) -> bool {
-        self.file.tensors.contains_key(&format!("{}{name}", self.prefix))
-    }
-
-    /// Shape of a tensor under this prefix, if present.
-    pub fn shape_of(&self, name: &str) -> Option<Vec<usize>> {
-        self.file
-            .tensors
-            .get(&format!("{}{name}", self.prefix))
-            .map(|i| i.shape.clone())
+        match self.source.as_ref() {
+            Source::File(f) => f.tensors.contains_key(&format!("{}{name}", self.prefix)),
+            Source::Random { .. } => true,
+        }
     }
 
     /// The tensor `name` under this prefix, which must have exactly `shape`.
     pub fn get(&self, name: &str, shape: &[usize]) -> Result<Tensor> {
         let full = format!("{}{name}", self.prefix);
-        let f = &self.file;
+        match self.source.as_ref() {
+            Source::File(f) => f.get(full, shape),
+            Source::Random { device, seed } => random_tensor(&full, *seed, shape, device),
+        }
+    }
+}
+
+/// SplitMix64: a fast, decent generator for benchmark weights.
+fn splitmix(state: &mut u64) -> u64 {
+    *state = state.wrapping_add(0x9e37_79b9_7f4a_7c15);
+    let mut z = *state;
+    z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+    z ^ (z >> 31)
+}
+
+fn random_tensor(name: &str, seed: u64, shape: &[usize], device: &Device) -> Result<Tensor> {
+    let mut state = name.bytes().fold(seed, |h, b| h.rotate_left(5) ^ b as u64);
+    let fan_in: usize = shape.iter().skip(1).product::<usize>().max(1);
+    let bound = if shape.len() == 1 { 0.1 } else { 1.0 / (fan_in as f32).sqrt() };
+    let is_norm_weight = shape.len() == 1 && name.ends_with("weight");
+    let data = (0..shape.iter().product::<usize>())
+        .map(|_| {
+            let u = (splitmix(&mut state) >> 40) as f32 / (1u64 << 24) as f32;
+            let v = (2.0 * u - 1.0) * bound;
+            if is_norm_weight { 1.0 + v } else { v }
+        })
+        .collect();
+    Tensor::from_vec(data, shape, device)
+}
+
+impl WeightFile {
+    fn get(&self, full: String, shape: &[usize]) -> Result<Tensor> {
+        let f = self;
         let info = f.tensors.get(&full).ok_or_else(|| Error::MissingTensor {
             path: f.path.clone(),
             name: full.clone(),

@@ -1,4 +1,7 @@
-//! The text-to-image loop and what it needs besides the networks.
+//! The text-to-image loop and what it needs besides the networks: noise and schedulers.
 
 pub mod noise;
 pub mod scheduler;
+pub mod text_to_image;
+
+pub use text_to_image::{GenerateParams, Generated, RgbImage, StableDiffusion, StageTimings, StepEvent};

@@ -1,0 +1,283 @@
+//! diffusers' `StableDiffusionPipeline.__call__`: encode the prompts, denoise from seeded
+//! noise with classifier-free guidance, decode the latents to an 8-bit RGB image.
+
+use std::ops::ControlFlow;
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+use crate::error::{Error, Result};
+use crate::model::clip::ClipTextModel;
+use crate::model::config::{read_json, ClipTextConfig, UNetConfig, VaeConfig};
+use crate::model::folder::{Component, ModelFolder};
+use crate::model::tokenizer::ClipTokenizer;
+use crate::model::unet::UNet2DConditionModel;
+use crate::model::vae::VaeDecoder;
+use crate::model::weights::Weights;
+use crate::pipeline::noise::TorchRng;
+use crate::pipeline::scheduler;
+use crate::tensor::{Device, Tensor};
+
+/// What to generate. Mirrors the arguments of diffusers' pipeline call.
+#[derive(Clone, Debug, PartialEq)]
+pub struct GenerateParams {
+    pub prompt: String,
+    /// The unconditional branch's prompt; `None` means "".
+    pub negative_prompt: Option<String>,
+    pub steps: usize,
+    pub guidance_scale: f64,
+    pub width: usize,
+    pub height: usize,
+    /// `torch.Generator("cpu").manual_seed(seed)`.
+    pub seed: u64,
+    /// A scheduler class name or alias replacing the folder's own (`from_config`).
+    pub scheduler: Option<String>,
+    /// Scheduler config values set last, as diffusers' `from_config(config, **overrides)`
+    /// (for example `{"timestep_spacing": "trailing"}`).
+    pub scheduler_overrides: serde_json::Map<String, serde_json::Value>,
+}
+
+/// Reported before each denoising step; returning `ControlFlow::Break` cancels the job.
+#[derive(Clone, Copy, Debug)]
+pub struct StepEvent {
+    pub step: usize,
+    pub total: usize,
+}
+
+/// Wall time of each stage of one generation.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct StageTimings {
+    pub text_encoder: Duration,
+    pub denoise: Duration,
+    pub vae_decode: Duration,
+    pub total: Duration,
+}
+
+/// An 8-bit RGB image, rows top to bottom.
+#[derive(Clone, Debug)]
+pub struct RgbImage {
+    pub width: usize,
+    pub height: usize,
+    pub pixels: Vec<u8>,
+}
+
+#[derive(Clone, Debug)]
+pub struct Generated {
+    pub image: RgbImage,
+    pub seed: u64,
+    pub timings: StageTimings,
+}
+
+/// A loaded model folder, ready to generate.
+pub struct StableDiffusion {
+    /// The folder's `scheduler_config.json`; each request builds its scheduler from it.
+    scheduler_config: serde_json::Map<String, serde_json::Value>,
+    device: Device,
+    tokenizer: ClipTokenizer,
+    text_encoder: ClipTextModel,
+    unet: UNet2DConditionModel,
+    vae: VaeDecoder,
+}
+
+fn load_weights(folder: &ModelFolder, c: Component, device: &Device) -> Result<Weights> {
+    Weights::open(&folder.weights(c)?, device)
+}
+
+impl StableDiffusion {
+    /// Loads every component of a diffusers model folder onto `device`.
+    pub fn load(dir: &Path, device: &Device) -> Result<Self> {
+        let folder = ModelFolder::open(dir)?;
+        // Built per request; checked now so that a bad folder fails at load time.
+        let scheduler_path = folder.config(Component::Scheduler)?;
+        scheduler::load(&scheduler_path, None, &serde_json::Map::new(), 1)?;
+        let scheduler_config = scheduler::read_config(&scheduler_path)?;
+        let tokenizer = ClipTokenizer::from_dir(&folder.dir(Component::Tokenizer)?)?;
+
+        let path = folder.config(Component::TextEncoder)?;
+        let config: ClipTextConfig = read_json(&path)?;
+        let text_encoder = ClipTextModel::new(&config, &load_weights(&folder, Component::TextEncoder, device)?, &path)?;
+
+        let path = folder.config(Component::Unet)?;
+        let config: UNetConfig = read_json(&path)?;
+        let unet = UNet2DConditionModel::new(&config, &load_weights(&folder, Component::Unet, device)?, &path)?;
+
+        let path = folder.config(Component::Vae)?;
+        let config: VaeConfig = read_json(&path)?;
+        let vae = VaeDecoder::new(&config, &load_weights(&folder, Component::Vae, device)?, &path)?;
+        if vae.config().latent_channels != unet.config().out_channels {
+            return Err(Error::config(
+                path,
+                format!(
+                    "the VAE takes {} latent channels but the UNet makes {}",
+                    vae.config().latent_channels,
+                    unet.config().out_channels
+                ),
+            ));
+        }
+        Ok(StableDiffusion {
+            scheduler_config,
+            device: device.clone(),
+            tokenizer,
+            text_encoder,
+            unet,
+            vae,
+        })
+    }
+
+    pub fn tokenizer(&self) -> &ClipTokenizer {
+        &self.tokenizer
+    }
+
+    pub fn text_encoder(&self) -> &ClipTextModel {
+        &self.text_encoder
+    }
+
+    pub fn unet(&self) -> &UNet2DConditionModel {
+        &self.unet
+    }
+
+    pub fn vae(&self) -> &VaeDecoder {
+        &self.vae
+    }
+
+    pub fn device(&self) -> &Device {
+        &self.device
+    }
+
+    /// Pixels per latent along each side.
+    pub fn vae_scale_factor(&self) -> usize {
+        self.vae.config().downscale_factor()
+    }
+
+    /// `[1, L, D]` embeddings of one prompt, warning when the prompt was cut.
+    pub fn encode_prompt(&self, prompt: &str) -> Result<Tensor> {
+        let tokens = self.tokenizer.encode(prompt)?;
+        if let Some(dropped) = &tokens.truncated {
+            tracing::warn!(
+                "The following part of your input was truncated because CLIP can only handle sequences up to {} tokens: {dropped:?}",
+                self.tokenizer.max_length()
+            );
+        }
+        self.text_encoder.forward(&tokens.ids)
+    }
+
+    fn validate(&self, p: &GenerateParams) -> Result<()> {
+        let f = self.vae_scale_factor();
+        if p.steps == 0 {
+            return Err(Error::InvalidArgument("steps must be at least 1".into()));
+        }
+        if p.width == 0 || p.height == 0 || p.width % f != 0 || p.height % f != 0 {
+            return Err(Error::InvalidArgument(format!(
+                "width and height must be positive multiples of {f} (the VAE's downscale factor), got {}x{}",
+                p.width, p.height
+            )));
+        }
+        if !p.guidance_scale.is_finite() {
+            return Err(Error::InvalidArgument("guidance_scale must be a finite number".into()));
+        }
+        Ok(())
+    }
+
+    /// Runs the whole pipeline. `on_step` is called before each denoising step.
+    pub fn generate(
+        &self,
+        p: &GenerateParams,
+        on_step: &mut dyn FnMut(StepEvent) -> ControlFlow<()>,
+    ) -> Result<Generated> {
+        self.validate(p)?;
+        let start = Instant::now();
+        let mut timings = StageTimings::default();
+        let mut scheduler = scheduler::from_config_with(
+            &self.scheduler_config,
+            p.scheduler.as_deref(),
+            &p.scheduler_overrides,
+            p.steps,
+        )?;
+
+        // diffusers: guidance only when > 1 (and the UNet has no guidance embedding).
+        let guided = p.guidance_scale > 1.0;
+        let t0 = Instant::now();
+        let prompt = self.encode_prompt(&p.prompt)?;
+        let context = if guided {
+            let negative = self.encode_prompt(p.negative_prompt.as_deref().unwrap_or(""))?;
+            Tensor::cat(&[&negative, &prompt], 0)?
+        } else {
+            prompt
+        };
+        timings.text_encoder = t0.elapsed();
+
+        let t0 = Instant::now();
+        let f = self.vae_scale_factor();
+        let shape = [1, self.unet.config().in_channels, p.height / f, p.width / f];
+        let mut rng = TorchRng::new(p.seed);
+        let mut latents = rng
+            .randn_tensor(&shape, &self.device)?
+            .scale(scheduler.init_noise_sigma())?;
+        let timesteps = scheduler.timesteps().to_vec();
+        for (i, &t) in timesteps.iter().enumerate() {
+            if on_step(StepEvent { step: i, total: timesteps.len() }).is_break() {
+                return Err(Error::Cancelled);
+            }
+            let input = if guided { Tensor::cat(&[&latents, &latents], 0)? } else { latents.clone() };
+            let input = scheduler.scale_model_input(&input, i)?;
+            let mut noise = self.unet.forward(&input, t, &context)?;
+            if guided {
+                let uncond = noise.narrow(0, 0, 1)?;
+                let text = noise.narrow(0, 1, 1)?;
+                noise = text.sub(&uncond)?.scale(p.guidance_scale as f32)?.add(&uncond)?;
+            }
+            latents = scheduler.step(&noise, i, &latents, &mut rng)?;
+        }
+        timings.denoise = t0.elapsed();
+
+        let t0 = Instant::now();
+        let scaling = self.vae.config().scaling_factor as f32;
+        let decoded = self.vae.decode(&latents.scale(1.0 / scaling)?)?;
+        let image = to_rgb8(&decoded)?;
+        timings.vae_decode = t0.elapsed();
+        timings.total = start.elapsed();
+        Ok(Generated {
+            image,
+            seed: p.seed,
+            timings,
+        })
+    }
+}
+
+/// diffusers' post-processing of one decoded image `[1, 3, H, W]`:
+/// `(x / 2 + 0.5).clamp(0, 1)`, then numpy's `(x * 255).round()` (ties to even).
+pub fn to_rgb8(decoded: &Tensor) -> Result<RgbImage> {
+    decoded.expect_rank("to_rgb8", 4)?;
+    let (c, h, w) = (decoded.dim(1), decoded.dim(2), decoded.dim(3));
+    if decoded.dim(0) != 1 || c != 3 {
+        return Err(Error::shape("to_rgb8", format!("expected [1, 3, H, W], got {:?}", decoded.shape())));
+    }
+    let values = decoded.affine(0.5, 0.5)?.clamp(0.0, 1.0)?.to_vec()?;
+    let mut pixels = vec![0u8; h * w * 3];
+    for ch in 0..3 {
+        for (i, v) in values[ch * h * w..(ch + 1) * h * w].iter().enumerate() {
+            pixels[i * 3 + ch] = (v * 255.0).round_ties_even() as u8;
+        }
+    }
+    Ok(RgbImage {
+        width: w,
+        height: h,
+        pixels,
+    })
+}
+
+impl RgbImage {
+    /// Encodes the image as PNG.
+    pub fn to_png(&self) -> Result<Vec<u8>> {
+        let mut out = Vec::new();
+        let encoder = image::codecs::png::PngEncoder::new(&mut out);
+        image::ImageEncoder::write_image(
+            encoder,
+            &self.pixels,
+            self.width as u32,
+            self.height as u32,
+            image::ExtendedColorType::Rgb8,
+        )
+        .map_err(|e| Error::Other(format!("PNG encoding failed: {e}")))?;
+        Ok(out)
+    }
+}
