@@ -48,17 +48,29 @@ impl ClipTextModel {
         let activation = match c.hidden_act.as_str() {
             "quick_gelu" => Activation::QuickGelu,
             "gelu" => Activation::Gelu,
-            other => return Err(Error::config(config_path, format!("unsupported hidden_act {other:?}"))),
+            other => {
+                return Err(Error::config(
+                    config_path,
+                    format!("unsupported hidden_act {other:?}"),
+                ))
+            }
         };
         let d = c.hidden_size;
         if c.num_attention_heads == 0 || d % c.num_attention_heads != 0 {
             return Err(Error::config(
                 config_path,
-                format!("hidden_size {d} is not divisible by num_attention_heads {}", c.num_attention_heads),
+                format!(
+                    "hidden_size {d} is not divisible by num_attention_heads {}",
+                    c.num_attention_heads
+                ),
             ));
         }
         let eps = c.layer_norm_eps;
-        let t = w.pp("text_model");
+        // transformers up to 4.x names the weights `text_model.embeddings...` (every SD
+        // repo); 5.x saves `CLIPTextModel` without that level (`embeddings...`).
+        let flat = !w.contains("text_model.embeddings.token_embedding.weight")
+            && w.contains("embeddings.token_embedding.weight");
+        let t = if flat { w.clone() } else { w.pp("text_model") };
         let layer = |i: usize| -> Result<ClipEncoderLayer> {
             let lw = t.pp("encoder").pp("layers").pp(i);
             let aw = lw.pp("self_attn");
@@ -78,7 +90,9 @@ impl ClipTextModel {
         };
         let emb = t.pp("embeddings");
         Ok(ClipTextModel {
-            token_embedding: emb.pp("token_embedding").get("weight", &[c.vocab_size, d])?,
+            token_embedding: emb
+                .pp("token_embedding")
+                .get("weight", &[c.vocab_size, d])?,
             position_embedding: emb
                 .pp("position_embedding")
                 .get("weight", &[c.max_position_embeddings, d])?,
@@ -114,7 +128,11 @@ impl ClipTextModel {
             let _span = tracing::trace_span!("clip_layer").entered();
             let a = &layer.self_attn;
             let x = layer.layer_norm1.forward(&h)?;
-            let (q, k, v) = (a.q_proj.forward(&x)?, a.k_proj.forward(&x)?, a.v_proj.forward(&x)?);
+            let (q, k, v) = (
+                a.q_proj.forward(&x)?,
+                a.k_proj.forward(&x)?,
+                a.v_proj.forward(&x)?,
+            );
             let attn = Tensor::attention(&q, &k, &v, a.heads, true)?;
             h = a.out_proj.forward(&attn)?.add(&h)?;
             let x = layer.fc1.forward(&layer.layer_norm2.forward(&h)?)?;

@@ -130,22 +130,36 @@ impl ClipTokenizer {
         };
 
         let spec = |t: &Option<TokenSpec>, default: &str| {
-            t.clone().unwrap_or_else(|| TokenSpec::Plain(default.to_string()))
+            t.clone()
+                .unwrap_or_else(|| TokenSpec::Plain(default.to_string()))
         };
         let bos = spec(&config.bos_token, "<|startoftext|>");
         let eos = spec(&config.eos_token, "<|endoftext|>");
         let unk = spec(&config.unk_token, "<|endoftext|>");
         let pad = spec(&config.pad_token, "<|endoftext|>");
-        // Added tokens as transformers registers them: those listed in the config, then the
-        // special tokens, which are matched in the text before BPE.
+        // Added tokens as transformers registers them (matched in the text before BPE):
+        // those listed in the config's `added_tokens_decoder` as they are, then the special
+        // tokens in its order (bos, eos, unk, pad) unless the config already lists their
+        // text. Among the special tokens a later one with the same text but other flags
+        // replaces the earlier one: with SD 1.x's files the plain-string pad `<|endoftext|>`
+        // (`normalized: false`) replaces the eos entry (`normalized: true`), so
+        // `<|ENDOFTEXT|>` stays text while `<|STARTOFTEXT|>` is the bos token.
         let mut added: Vec<AddedToken> = config
             .added_tokens_decoder
             .values()
             .map(|t| t.added_token(false))
             .collect();
-        for t in [&bos, &eos, &unk, &pad] {
-            if !added.iter().any(|a| a.content == t.content()) {
-                added.push(t.added_token(true));
+        let listed = added.len();
+        for token in [&bos, &eos, &unk, &pad].map(|t| t.added_token(true)) {
+            if added[..listed].iter().any(|a| a.content == token.content) {
+                continue;
+            }
+            match added[listed..]
+                .iter_mut()
+                .find(|a| a.content == token.content)
+            {
+                Some(earlier) => *earlier = token,
+                None => added.push(token),
             }
         }
         tokenizer.add_special_tokens(&added);
@@ -184,7 +198,11 @@ impl ClipTokenizer {
                 )));
             }
         }
-        let as_str = |p: &Path| p.to_str().map(str::to_owned).ok_or_else(|| tok_err(p, "path is not UTF-8"));
+        let as_str = |p: &Path| {
+            p.to_str()
+                .map(str::to_owned)
+                .ok_or_else(|| tok_err(p, "path is not UTF-8"))
+        };
         let bpe = BPE::from_file(&as_str(&vocab)?, &as_str(&merges)?)
             .continuing_subword_prefix(String::new())
             .end_of_word_suffix("</w>".into())
@@ -193,15 +211,22 @@ impl ClipTokenizer {
             .build()
             .map_err(|e| tok_err(&vocab, e))?;
         let mut tokenizer = Tokenizer::new(bpe);
-        let whitespace = Replace::new(tokenizers::normalizers::replace::ReplacePattern::Regex(r"\s+".into()), " ")
-            .map_err(|e| tok_err(dir, e))?;
+        let whitespace = Replace::new(
+            tokenizers::normalizers::replace::ReplacePattern::Regex(r"\s+".into()),
+            " ",
+        )
+        .map_err(|e| tok_err(dir, e))?;
         tokenizer.with_normalizer(Some(NormalizerSequence::new(vec![
             NFC.into(),
             whitespace.into(),
             Lowercase.into(),
         ])));
-        let split = Split::new(SplitPattern::Regex(CLIP_PATTERN.into()), SplitDelimiterBehavior::Removed, true)
-            .map_err(|e| tok_err(dir, e))?;
+        let split = Split::new(
+            SplitPattern::Regex(CLIP_PATTERN.into()),
+            SplitDelimiterBehavior::Removed,
+            true,
+        )
+        .map_err(|e| tok_err(dir, e))?;
         tokenizer.with_pre_tokenizer(Some(PreTokenizerSequence::new(vec![
             split.into(),
             ByteLevel::default().add_prefix_space(false).into(),

@@ -31,7 +31,10 @@ enum Source {
     File(WeightFile),
     /// Deterministic random values of any requested shape: full-size architectures for
     /// benchmarks without multi-gigabyte files.
-    Random { device: Device, seed: u64 },
+    Random {
+        device: Device,
+        seed: u64,
+    },
 }
 
 /// A prefix into a weight source.
@@ -127,13 +130,21 @@ fn splitmix(state: &mut u64) -> u64 {
 fn random_tensor(name: &str, seed: u64, shape: &[usize], device: &Device) -> Result<Tensor> {
     let mut state = name.bytes().fold(seed, |h, b| h.rotate_left(5) ^ b as u64);
     let fan_in: usize = shape.iter().skip(1).product::<usize>().max(1);
-    let bound = if shape.len() == 1 { 0.1 } else { 1.0 / (fan_in as f32).sqrt() };
+    let bound = if shape.len() == 1 {
+        0.1
+    } else {
+        1.0 / (fan_in as f32).sqrt()
+    };
     let is_norm_weight = shape.len() == 1 && name.ends_with("weight");
     let data = (0..shape.iter().product::<usize>())
         .map(|_| {
             let u = (splitmix(&mut state) >> 40) as f32 / (1u64 << 24) as f32;
             let v = (2.0 * u - 1.0) * bound;
-            if is_norm_weight { 1.0 + v } else { v }
+            if is_norm_weight {
+                1.0 + v
+            } else {
+                v
+            }
         })
         .collect();
     Tensor::from_vec(data, shape, device)

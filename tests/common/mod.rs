@@ -78,13 +78,24 @@ pub fn read_json(path: &Path) -> serde_json::Value {
 /// Asserts `max |actual - expected| <= rel * max |expected|`: a relative tolerance on the
 /// tensor's scale (an elementwise relative error is meaningless near zero).
 pub fn assert_close(what: &str, actual: &[f32], expected: &[f64], rel: f64) {
-    assert_eq!(
-        actual.len(),
-        expected.len(),
-        "{what}: {} values, expected {}",
-        actual.len(),
-        expected.len()
-    );
+    if let Err(message) = check_close(what, actual, expected, rel) {
+        panic!("{message}");
+    }
+}
+
+/// [`assert_close`]'s check, returning the failure message instead of panicking (for tests
+/// that collect every failure before asserting).
+pub fn check_close(what: &str, actual: &[f32], expected: &[f64], rel: f64) -> Result<(), String> {
+    if actual.len() != expected.len() {
+        return Err(format!(
+            "{what}: {} values, expected {}",
+            actual.len(),
+            expected.len()
+        ));
+    }
+    if let Some(i) = actual.iter().position(|a| a.is_nan()) {
+        return Err(format!("{what}: NaN at {i}"));
+    }
     let scale = expected.iter().fold(0f64, |m, v| m.max(v.abs())).max(1e-12);
     let (mut worst, mut at) = (0f64, 0);
     for (i, (a, e)) in actual.iter().zip(expected).enumerate() {
@@ -93,12 +104,13 @@ pub fn assert_close(what: &str, actual: &[f32], expected: &[f64], rel: f64) {
             worst = d;
             at = i;
         }
-        assert!(!a.is_nan(), "{what}: NaN at {i}");
     }
-    assert!(
-        worst <= rel * scale,
-        "{what}: max abs diff {worst:.3e} at index {at} (got {}, expected {}) exceeds {rel:e} x scale {scale:.3e}",
-        actual[at],
-        expected[at]
-    );
+    if worst <= rel * scale {
+        Ok(())
+    } else {
+        Err(format!(
+            "{what}: max abs diff {worst:.3e} at index {at} (got {}, expected {}) exceeds {rel:e} x scale {scale:.3e}",
+            actual[at], expected[at]
+        ))
+    }
 }
