@@ -4,7 +4,9 @@
 //! torch's CPU generator is an MT19937 seeded with the low 32 bits of the seed. `randn` on
 //! float32 with at least 16 elements fills the output with uniforms `(u32 & 0xFFFFFF) / 2^24`
 //! and then applies Box-Muller to each block of 16 (pairs j and j+8); a ragged tail is redone
-//! by drawing 16 fresh uniforms into the last 16 slots.
+//! by drawing 16 fresh uniforms into the last 16 slots. Fewer than 16 elements take torch's
+//! scalar path: float64 Box-Muller on 53-bit uniforms, the spare value cached for the next
+//! draw.
 
 use crate::error::Result;
 use crate::tensor::{Device, Tensor};
@@ -17,6 +19,9 @@ const M: usize = 397;
 pub struct TorchRng {
     state: [u32; N],
     index: usize,
+    /// The second value of the last scalar-path Box-Muller pair (torch keeps it in the
+    /// generator as `next_double_normal_sample`).
+    cached_normal: Option<f64>,
 }
 
 impl TorchRng {
@@ -30,7 +35,11 @@ impl TorchRng {
                 .wrapping_mul(prev ^ (prev >> 30))
                 .wrapping_add(i as u32);
         }
-        TorchRng { state, index: N }
+        TorchRng {
+            state,
+            index: N,
+            cached_normal: None,
+        }
     }
 
     fn twist(&mut self) {
@@ -63,13 +72,35 @@ impl TorchRng {
         (self.next_u32() & 0x00ff_ffff) as f32 * (1.0 / 16_777_216.0)
     }
 
+    /// A float64 uniform in [0, 1) from 53 bits of two draws (torch's `random64`).
+    fn uniform_f64(&mut self) -> f64 {
+        let hi = self.next_u32() as u64;
+        let lo = self.next_u32() as u64;
+        (((hi << 32) | lo) & ((1u64 << 53) - 1)) as f64 * (1.0 / (1u64 << 53) as f64)
+    }
+
+    /// torch's scalar `normal_distribution<double>`: Box-Muller on two float64 uniforms,
+    /// the sine half kept for the next call.
+    fn normal_f64(&mut self) -> f64 {
+        if let Some(v) = self.cached_normal.take() {
+            return v;
+        }
+        let u1 = self.uniform_f64();
+        let u2 = self.uniform_f64();
+        let radius = (-2.0 * (-u2).ln_1p()).sqrt();
+        let theta = 2.0 * std::f64::consts::PI * u1;
+        self.cached_normal = Some(radius * theta.sin());
+        radius * theta.cos()
+    }
+
     /// `numel` standard normal samples, as `torch.randn(numel)` would give.
     ///
-    /// Only the vectorised path (numel >= 16) is implemented: torch's scalar path for
-    /// fewer elements caches a second Box-Muller value in the generator, and no tensor
-    /// in a diffusion pipeline is that small.
+    /// torch takes a vectorised path for 16 elements or more (float32 uniforms, Box-Muller
+    /// in blocks of 16) and a scalar float64 path below that.
     pub fn randn(&mut self, numel: usize) -> Vec<f32> {
-        assert!(numel >= 16, "torch-compatible randn needs at least 16 elements");
+        if numel < 16 {
+            return (0..numel).map(|_| self.normal_f64() as f32).collect();
+        }
         let mut data: Vec<f32> = (0..numel).map(|_| self.uniform()).collect();
         let mut i = 0;
         while i + 16 <= numel {
@@ -115,5 +146,21 @@ mod tests {
         let mut rng = TorchRng::new(5489);
         let first: Vec<u32> = (0..3).map(|_| rng.next_u32()).collect();
         assert_eq!(first, vec![3_499_211_612, 581_869_302, 3_890_346_734]);
+    }
+
+    #[test]
+    fn short_draws_take_torchs_scalar_path_and_keep_its_cached_value() {
+        // torch 2.15: g = torch.Generator().manual_seed(42); randn(5), randn(3), randn(16)[:3], randn(1).
+        let mut rng = TorchRng::new(42);
+        let close = |got: &[f32], want: &[f32]| {
+            assert_eq!(got.len(), want.len());
+            for (g, w) in got.iter().zip(want) {
+                assert!((g - w).abs() <= 1e-6, "{got:?} vs {want:?}");
+            }
+        };
+        close(&rng.randn(5), &[0.336_690_37, 0.128_809_41, 0.234_462_37, 0.230_333_03, -1.122_856_4]);
+        close(&rng.randn(3), &[-0.186_328_29, 2.208_201_4, -0.637_997_03]);
+        close(&rng.randn(16)[..3], &[1.642_316_9, -0.159_597_47, -0.497_397_54]);
+        close(&rng.randn(1), &[1.322_135_1]);
     }
 }
