@@ -8,6 +8,7 @@ pub mod backend;
 pub mod error;
 pub mod model;
 pub mod pipeline;
+pub mod server;
 pub mod tensor;
 
 pub use error::{Error, Result};

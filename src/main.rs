@@ -1,13 +1,16 @@
-//! The `sd-wgpu` command line.
+//! The `sd-wgpu` command line: `serve` (the HTTP API) and `generate` (one image to a file).
 
 use std::ops::ControlFlow;
 use std::path::PathBuf;
 use std::process::ExitCode;
+use std::time::{Duration, Instant};
 
-use clap::{Parser, Subcommand, ValueEnum};
+use clap::{Args, Parser, Subcommand, ValueEnum};
 use indicatif::{ProgressBar, ProgressStyle};
 
+use sd_wgpu::pipeline::noise::random_seed;
 use sd_wgpu::pipeline::{GenerateParams, StableDiffusion};
+use sd_wgpu::server::{Limits, ServerConfig};
 use sd_wgpu::tensor::Device;
 use sd_wgpu::{Error, Result};
 
@@ -26,13 +29,59 @@ enum Backend {
     Gpu,
 }
 
+/// Options both commands share.
+#[derive(Args)]
+struct ModelArgs {
+    /// A diffusers model folder (model_index.json, unet/, vae/, text_encoder/, tokenizer/, scheduler/).
+    #[arg(long, env = "SD_MODEL")]
+    model: PathBuf,
+    #[arg(long, value_enum, default_value_t = Backend::Auto, env = "SD_BACKEND")]
+    backend: Backend,
+}
+
 #[derive(Subcommand)]
 enum Command {
+    /// Serve the HTTP API (POST /generate, GET /health, a page at /).
+    Serve {
+        #[command(flatten)]
+        model: ModelArgs,
+        #[arg(long, default_value = "127.0.0.1", env = "SD_HOST")]
+        host: String,
+        /// 0 picks a free port (logged at start).
+        #[arg(long, default_value_t = 5000, env = "SD_PORT")]
+        port: u16,
+        /// Requests that may wait while one generates; more get 503 with Retry-After.
+        #[arg(long, default_value_t = 8, env = "SD_QUEUE_SIZE")]
+        queue_size: usize,
+        /// Seconds one request may take, queueing included (0: no limit).
+        #[arg(long, default_value_t = 3600, env = "SD_REQUEST_TIMEOUT")]
+        request_timeout: u64,
+        /// Origins allowed to call the API from a browser, comma-separated; "*" for any.
+        #[arg(long, default_value = "*", value_delimiter = ',', env = "SD_CORS_ORIGINS")]
+        cors_origins: Vec<String>,
+        /// Largest request body in bytes.
+        #[arg(long, default_value_t = 64 * 1024, env = "SD_BODY_LIMIT")]
+        body_limit: usize,
+        /// Longest prompt or negative prompt, in characters.
+        #[arg(long, default_value_t = 2000, env = "SD_MAX_PROMPT_CHARS")]
+        max_prompt_chars: usize,
+        /// Most denoising steps a request may ask for.
+        #[arg(long, default_value_t = 150, env = "SD_MAX_STEPS")]
+        max_steps: u64,
+        /// Largest width x height a request may ask for.
+        #[arg(long, default_value_t = 2048 * 2048, env = "SD_MAX_PIXELS")]
+        max_pixels: u64,
+        /// num_inference_steps when a request leaves it out (SD-Turbo: 1).
+        #[arg(long, default_value_t = 50, env = "SD_DEFAULT_STEPS")]
+        default_steps: u64,
+        /// guidance_scale when a request leaves it out (SD-Turbo: 0).
+        #[arg(long, default_value_t = 7.5, env = "SD_DEFAULT_GUIDANCE")]
+        default_guidance: f64,
+    },
     /// Generate one image from a text prompt and write it as PNG.
     Generate {
-        /// A diffusers model folder (model_index.json, unet/, vae/, text_encoder/, tokenizer/, scheduler/).
-        #[arg(long, env = "SD_MODEL")]
-        model: PathBuf,
+        #[command(flatten)]
+        model: ModelArgs,
         #[arg(long)]
         prompt: String,
         #[arg(long)]
@@ -54,8 +103,6 @@ enum Command {
         /// default: the model folder's own.
         #[arg(long)]
         scheduler: Option<String>,
-        #[arg(long, value_enum, default_value_t = Backend::Auto, env = "SD_BACKEND")]
-        backend: Backend,
         #[arg(long, short)]
         output: PathBuf,
     },
@@ -68,14 +115,6 @@ fn device_for(backend: Backend) -> Result<Device> {
             "the GPU backend is not available in this build yet; use --backend cpu".into(),
         )),
     }
-}
-
-/// A seed from the OS's randomness, in torch's 32-bit seed range so it is easy to retype.
-fn random_seed() -> u64 {
-    use std::hash::{BuildHasher, Hasher};
-    let mut h = std::collections::hash_map::RandomState::new().build_hasher();
-    h.write_u128(std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_nanos()).unwrap_or(0));
-    h.finish() & 0xffff_ffff
 }
 
 fn resolve_seed(seed: i64) -> Result<u64> {
@@ -92,6 +131,50 @@ fn resolve_seed(seed: i64) -> Result<u64> {
 
 fn run(cli: Cli) -> Result<()> {
     match cli.command {
+        Command::Serve {
+            model,
+            host,
+            port,
+            queue_size,
+            request_timeout,
+            cors_origins,
+            body_limit,
+            max_prompt_chars,
+            max_steps,
+            max_pixels,
+            default_steps,
+            default_guidance,
+        } => {
+            if !(1..=max_steps).contains(&default_steps) {
+                return Err(Error::InvalidArgument(format!(
+                    "--default-steps {default_steps} must be between 1 and --max-steps {max_steps}"
+                )));
+            }
+            if !(0.0..=30.0).contains(&default_guidance) {
+                return Err(Error::InvalidArgument(format!(
+                    "--default-guidance {default_guidance} must be between 0 and 30"
+                )));
+            }
+            let config = ServerConfig {
+                host,
+                port,
+                device: device_for(model.backend)?,
+                model: model.model,
+                queue_size,
+                limits: Limits {
+                    max_prompt_chars,
+                    max_steps,
+                    max_pixels,
+                    default_steps,
+                    default_guidance,
+                },
+                time_limit: (request_timeout > 0).then(|| Duration::from_secs(request_timeout)),
+                cors_origins,
+                body_limit,
+            };
+            let runtime = tokio::runtime::Runtime::new().map_err(|e| Error::Other(format!("tokio runtime: {e}")))?;
+            runtime.block_on(sd_wgpu::server::serve(config))
+        }
         Command::Generate {
             model,
             prompt,
@@ -102,14 +185,13 @@ fn run(cli: Cli) -> Result<()> {
             height,
             seed,
             scheduler,
-            backend,
             output,
         } => {
             let seed = resolve_seed(seed)?;
-            let device = device_for(backend)?;
-            let t0 = std::time::Instant::now();
-            tracing::info!("loading {} on {device}", model.display());
-            let sd = StableDiffusion::load(&model, &device)?;
+            let device = device_for(model.backend)?;
+            let t0 = Instant::now();
+            tracing::info!("loading {} on {device}", model.model.display());
+            let sd = StableDiffusion::load(&model.model, &device)?;
             let load_time = t0.elapsed();
             let params = GenerateParams {
                 prompt,
@@ -162,6 +244,7 @@ fn main() -> ExitCode {
             tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
         )
         .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();
     match run(Cli::parse()) {
         Ok(()) => ExitCode::SUCCESS,

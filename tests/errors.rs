@@ -8,26 +8,7 @@ use sd_wgpu::tensor::Device;
 use sd_wgpu::Error;
 
 mod common;
-
-/// A writable copy of a fixture model folder.
-fn copy_fixture(name: &str) -> (tempfile::TempDir, PathBuf) {
-    fn copy_dir(from: &Path, to: &Path) {
-        std::fs::create_dir_all(to).unwrap();
-        for entry in std::fs::read_dir(from).unwrap() {
-            let entry = entry.unwrap();
-            let target = to.join(entry.file_name());
-            if entry.file_type().unwrap().is_dir() {
-                copy_dir(&entry.path(), &target);
-            } else {
-                std::fs::copy(entry.path(), target).unwrap();
-            }
-        }
-    }
-    let tmp = tempfile::tempdir().unwrap();
-    let dir = tmp.path().join(name);
-    copy_dir(&common::model_dir(name), &dir);
-    (tmp, dir)
-}
+use common::copy_fixture;
 
 fn load_error(dir: &Path) -> String {
     match StableDiffusion::load(dir, &Device::Cpu) {

@@ -124,6 +124,20 @@ impl TorchRng {
     }
 }
 
+/// A fresh seed from the OS's randomness, below 2³² so it is easy to retype (torch uses
+/// only the low 32 bits anyway).
+pub fn random_seed() -> u64 {
+    use std::hash::{BuildHasher, Hasher};
+    let mut h = std::collections::hash_map::RandomState::new().build_hasher();
+    h.write_u128(
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_nanos())
+            .unwrap_or(0),
+    );
+    h.finish() & 0xffff_ffff
+}
+
 /// torch's `normal_fill_16`: pairs (j, j+8) become (r cos θ, r sin θ).
 fn box_muller_16(d: &mut [f32]) {
     for j in 0..8 {

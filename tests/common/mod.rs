@@ -114,3 +114,25 @@ pub fn check_close(what: &str, actual: &[f32], expected: &[f64], rel: f64) -> Re
         ))
     }
 }
+
+/// A writable copy of a fixture model folder.
+pub fn copy_fixture(name: &str) -> (tempfile::TempDir, PathBuf) {
+    fn copy_dir(from: &Path, to: &Path) {
+        std::fs::create_dir_all(to).unwrap();
+        for entry in std::fs::read_dir(from).unwrap() {
+            let entry = entry.unwrap();
+            let target = to.join(entry.file_name());
+            if entry.file_type().unwrap().is_dir() {
+                copy_dir(&entry.path(), &target);
+            } else {
+                std::fs::copy(entry.path(), target).unwrap();
+            }
+        }
+    }
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().join(name);
+    copy_dir(&model_dir(name), &dir);
+    (tmp, dir)
+}
+
+pub mod server;

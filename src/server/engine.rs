@@ -1,0 +1,200 @@
+//! The engine worker: one thread owns the model and runs one generation at a time; requests
+//! wait in a bounded FIFO queue. A job whose client has gone (or whose time ran out) is
+//! skipped if it has not started and stopped at its next denoising step if it has.
+
+use std::ops::ControlFlow;
+use std::panic::AssertUnwindSafe;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::mpsc::{sync_channel, Receiver, SyncSender, TrySendError};
+use std::sync::{Arc, RwLock};
+use std::time::Instant;
+
+use tokio::sync::oneshot;
+
+use crate::error::{Error, Result};
+use crate::pipeline::{GenerateParams, Generated, StableDiffusion};
+use crate::tensor::Device;
+
+/// Where the model is in its life.
+#[derive(Clone, Debug)]
+pub enum ModelState {
+    Loading,
+    Ready,
+    Failed(String),
+}
+
+/// A request to generate one image.
+struct Job {
+    params: GenerateParams,
+    cancel: Arc<AtomicBool>,
+    reply: oneshot::Sender<Result<Generated>>,
+}
+
+/// Sets its flag when dropped: a handler future that is dropped (the client disconnected,
+/// or its time ran out) cancels its job.
+pub struct CancelOnDrop(Arc<AtomicBool>);
+
+impl Drop for CancelOnDrop {
+    fn drop(&mut self) {
+        self.0.store(true, Ordering::Relaxed);
+    }
+}
+
+/// Why a job could not be queued.
+pub enum SubmitError {
+    NotReady(ModelState),
+    QueueFull,
+    ShuttingDown,
+}
+
+/// The server's handle on the engine thread.
+pub struct Engine {
+    state: RwLock<ModelState>,
+    queue: SyncSender<Job>,
+    /// Jobs waiting (not running).
+    queued: AtomicUsize,
+    busy: AtomicBool,
+    shutdown: AtomicBool,
+    pub model: PathBuf,
+    pub device: Device,
+    pub queue_capacity: usize,
+}
+
+impl Engine {
+    /// Starts the engine thread, which loads `model` and then serves jobs; up to
+    /// `queue_capacity` jobs may wait while one runs.
+    pub fn start(model: PathBuf, device: Device, queue_capacity: usize) -> Arc<Engine> {
+        let (queue, jobs) = sync_channel(queue_capacity);
+        let engine = Arc::new(Engine {
+            state: RwLock::new(ModelState::Loading),
+            queue,
+            queued: AtomicUsize::new(0),
+            busy: AtomicBool::new(false),
+            shutdown: AtomicBool::new(false),
+            model,
+            device,
+            queue_capacity,
+        });
+        let worker = engine.clone();
+        std::thread::Builder::new()
+            .name("engine".into())
+            .spawn(move || worker.run(jobs))
+            .expect("spawning the engine thread");
+        engine
+    }
+
+    pub fn state(&self) -> ModelState {
+        self.state.read().map(|s| s.clone()).unwrap_or(ModelState::Failed("engine state poisoned".into()))
+    }
+
+    fn set_state(&self, state: ModelState) {
+        if let Ok(mut s) = self.state.write() {
+            *s = state;
+        }
+    }
+
+    pub fn queued(&self) -> usize {
+        self.queued.load(Ordering::Relaxed)
+    }
+
+    pub fn busy(&self) -> bool {
+        self.busy.load(Ordering::Relaxed)
+    }
+
+    /// Queues a job; the receiver gets its result. The job is cancelled when the returned
+    /// guard is dropped before the result arrives.
+    pub fn submit(
+        &self,
+        params: GenerateParams,
+    ) -> Result<(oneshot::Receiver<Result<Generated>>, CancelOnDrop), SubmitError> {
+        if self.shutdown.load(Ordering::Relaxed) {
+            return Err(SubmitError::ShuttingDown);
+        }
+        match self.state() {
+            ModelState::Ready => {}
+            other => return Err(SubmitError::NotReady(other)),
+        }
+        let cancel = Arc::new(AtomicBool::new(false));
+        let (reply, result) = oneshot::channel();
+        self.queued.fetch_add(1, Ordering::Relaxed);
+        let job = Job {
+            params,
+            cancel: cancel.clone(),
+            reply,
+        };
+        match self.queue.try_send(job) {
+            Ok(()) => Ok((result, CancelOnDrop(cancel))),
+            Err(e) => {
+                self.queued.fetch_sub(1, Ordering::Relaxed);
+                Err(match e {
+                    TrySendError::Full(_) => SubmitError::QueueFull,
+                    TrySendError::Disconnected(_) => SubmitError::ShuttingDown,
+                })
+            }
+        }
+    }
+
+    /// Stops taking jobs and cancels the running one and those waiting.
+    pub fn shut_down(&self) {
+        self.shutdown.store(true, Ordering::Relaxed);
+    }
+
+    fn run(&self, jobs: Receiver<Job>) {
+        let started = Instant::now();
+        tracing::info!("loading model {} on {}", self.model.display(), self.device);
+        let sd = match StableDiffusion::load(&self.model, &self.device) {
+            Ok(sd) => sd,
+            Err(e) => {
+                tracing::error!("model failed to load: {e}");
+                self.set_state(ModelState::Failed(e.to_string()));
+                // Jobs are refused while not Ready, so nothing waits on the queue.
+                return;
+            }
+        };
+        tracing::info!("model loaded in {:.1}s", started.elapsed().as_secs_f64());
+        self.set_state(ModelState::Ready);
+        for job in jobs {
+            self.queued.fetch_sub(1, Ordering::Relaxed);
+            if self.shutdown.load(Ordering::Relaxed) {
+                let _ = job.reply.send(Err(Error::Cancelled));
+                continue;
+            }
+            if job.cancel.load(Ordering::Relaxed) {
+                tracing::info!("dropped a queued job: its client is gone");
+                continue;
+            }
+            self.busy.store(true, Ordering::Relaxed);
+            let result = self.generate(&sd, &job);
+            self.busy.store(false, Ordering::Relaxed);
+            if matches!(result, Err(Error::Cancelled)) {
+                tracing::info!("stopped a running job: its client is gone, its time ran out or the server is stopping");
+            }
+            let _ = job.reply.send(result);
+        }
+    }
+
+    fn generate(&self, sd: &StableDiffusion, job: &Job) -> Result<Generated> {
+        let mut on_step = |ev: crate::pipeline::StepEvent| {
+            tracing::debug!("step {}/{}", ev.step + 1, ev.total);
+            if job.cancel.load(Ordering::Relaxed) || self.shutdown.load(Ordering::Relaxed) {
+                ControlFlow::Break(())
+            } else {
+                ControlFlow::Continue(())
+            }
+        };
+        // A panic in the engine fails this job, not the server.
+        match std::panic::catch_unwind(AssertUnwindSafe(|| sd.generate(&job.params, &mut on_step))) {
+            Ok(result) => result,
+            Err(panic) => {
+                let what = panic
+                    .downcast_ref::<&str>()
+                    .map(|s| s.to_string())
+                    .or_else(|| panic.downcast_ref::<String>().cloned())
+                    .unwrap_or_else(|| "unknown panic".into());
+                tracing::error!("generation panicked: {what}");
+                Err(Error::Other(format!("internal error: {what}")))
+            }
+        }
+    }
+}

@@ -1,0 +1,272 @@
+//! The body of `POST /generate`: parsed field by field so every mistake names its field,
+//! with the API guide's defaults and the deployment's limits.
+
+use serde_json::{Map, Value};
+
+use super::error::ApiError;
+
+/// What a deployment accepts and what it assumes when a field is left out.
+#[derive(Clone, Debug)]
+pub struct Limits {
+    /// Longest prompt (and negative prompt), in characters.
+    pub max_prompt_chars: usize,
+    pub max_steps: u64,
+    /// Largest width × height.
+    pub max_pixels: u64,
+    pub default_steps: u64,
+    pub default_guidance: f64,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Limits {
+            max_prompt_chars: 2000,
+            max_steps: 150,
+            max_pixels: 2048 * 2048,
+            default_steps: 50,
+            default_guidance: 7.5,
+        }
+    }
+}
+
+/// Smallest and largest side, in pixels.
+pub const MIN_SIDE: u64 = 64;
+pub const MAX_SIDE: u64 = 2048;
+/// Sides must be multiples of this (the VAE factor of every real model).
+pub const SIDE_MULTIPLE: u64 = 8;
+pub const MAX_GUIDANCE: f64 = 30.0;
+
+/// A validated request. `seed` is `None` for "pick one" (-1 or absent).
+#[derive(Clone, Debug, PartialEq)]
+pub struct GenerateRequest {
+    pub prompt: String,
+    pub negative_prompt: Option<String>,
+    pub steps: u64,
+    pub guidance_scale: f64,
+    pub width: u64,
+    pub height: u64,
+    pub seed: Option<u64>,
+    /// Additive: a scheduler class name or alias replacing the model's own.
+    pub scheduler: Option<String>,
+}
+
+const FIELDS: [&str; 8] = [
+    "prompt",
+    "negative_prompt",
+    "num_inference_steps",
+    "guidance_scale",
+    "width",
+    "height",
+    "seed",
+    "scheduler",
+];
+
+/// Parses and validates a request body.
+pub fn parse(body: &[u8], limits: &Limits) -> Result<GenerateRequest, ApiError> {
+    let value: Value = serde_json::from_slice(body).map_err(|e| {
+        if body.iter().all(u8::is_ascii_whitespace) {
+            ApiError::bad_request("the request body is empty; send a JSON object such as {\"prompt\": \"a cat\"}")
+        } else {
+            ApiError::bad_request(format!("the request body is not valid JSON: {e}"))
+        }
+    })?;
+    let Value::Object(fields) = value else {
+        return Err(ApiError::bad_request("the request body must be a JSON object such as {\"prompt\": \"a cat\"}"));
+    };
+    if let Some(unknown) = fields.keys().find(|k| !FIELDS.contains(&k.as_str())) {
+        return Err(ApiError::bad_request(format!(
+            "unknown field `{unknown}`; the fields are {}",
+            FIELDS.join(", ")
+        )));
+    }
+    let prompt = match fields.get("prompt") {
+        None | Some(Value::Null) => return Err(ApiError::bad_request("`prompt` is required")),
+        Some(_) => text(&fields, "prompt", limits)?.unwrap_or_default(),
+    };
+    if prompt.trim().is_empty() {
+        return Err(ApiError::bad_request("`prompt` must not be empty"));
+    }
+    let negative_prompt = text(&fields, "negative_prompt", limits)?;
+    let steps = integer(&fields, "num_inference_steps")?.unwrap_or(limits.default_steps);
+    if !(1..=limits.max_steps).contains(&steps) {
+        return Err(ApiError::bad_request(format!(
+            "`num_inference_steps` must be between 1 and {}, got {steps}",
+            limits.max_steps
+        )));
+    }
+    let guidance_scale = match fields.get("guidance_scale") {
+        None | Some(Value::Null) => limits.default_guidance,
+        Some(Value::Number(n)) => n.as_f64().unwrap_or(f64::NAN),
+        Some(other) => return Err(type_error("guidance_scale", "a number", other)),
+    };
+    if !guidance_scale.is_finite() || !(0.0..=MAX_GUIDANCE).contains(&guidance_scale) {
+        return Err(ApiError::bad_request(format!(
+            "`guidance_scale` must be a number between 0 and {MAX_GUIDANCE}, got {guidance_scale}"
+        )));
+    }
+    let width = side(&fields, "width")?;
+    let height = side(&fields, "height")?;
+    if width * height > limits.max_pixels {
+        return Err(ApiError::bad_request(format!(
+            "`width` x `height` = {width}x{height} = {} pixels is over this server's limit of {} pixels",
+            width * height,
+            limits.max_pixels
+        )));
+    }
+    let seed = match fields.get("seed") {
+        None | Some(Value::Null) => None,
+        Some(Value::Number(n)) if n.as_i64() == Some(-1) => None,
+        Some(Value::Number(n)) if n.as_u64().is_some() => n.as_u64(),
+        Some(Value::Number(n)) if n.is_i64() => {
+            return Err(ApiError::bad_request(format!("`seed` must be -1 (random) or a non-negative integer, got {n}")))
+        }
+        Some(other) => return Err(type_error("seed", "an integer (-1 for random)", other)),
+    };
+    let scheduler = match fields.get("scheduler") {
+        None | Some(Value::Null) => None,
+        Some(Value::String(s)) => Some(s.clone()),
+        Some(other) => return Err(type_error("scheduler", "a string", other)),
+    };
+    Ok(GenerateRequest {
+        prompt,
+        negative_prompt,
+        steps,
+        guidance_scale,
+        width,
+        height,
+        seed,
+        scheduler,
+    })
+}
+
+fn describe(value: &Value) -> String {
+    let text = value.to_string();
+    let kind = match value {
+        Value::Null => "null",
+        Value::Bool(_) => "a boolean",
+        Value::Number(_) => "a number",
+        Value::String(_) => "a string",
+        Value::Array(_) => "an array",
+        Value::Object(_) => "an object",
+    };
+    if text.len() > 40 {
+        kind.to_string()
+    } else {
+        format!("{kind} ({text})")
+    }
+}
+
+fn type_error(field: &str, expected: &str, got: &Value) -> ApiError {
+    ApiError::bad_request(format!("`{field}` must be {expected}, got {}", describe(got)))
+}
+
+/// An optional string field within the prompt length limit.
+fn text(fields: &Map<String, Value>, field: &str, limits: &Limits) -> Result<Option<String>, ApiError> {
+    match fields.get(field) {
+        None | Some(Value::Null) => Ok(None),
+        Some(Value::String(s)) => {
+            let chars = s.chars().count();
+            if chars > limits.max_prompt_chars {
+                return Err(ApiError::bad_request(format!(
+                    "`{field}` is {chars} characters long; this server accepts at most {}",
+                    limits.max_prompt_chars
+                )));
+            }
+            Ok(Some(s.clone()))
+        }
+        Some(other) => Err(type_error(field, "a string", other)),
+    }
+}
+
+/// An optional non-negative integer field (`30`, not `30.5` or `"30"`).
+fn integer(fields: &Map<String, Value>, field: &str) -> Result<Option<u64>, ApiError> {
+    match fields.get(field) {
+        None | Some(Value::Null) => Ok(None),
+        Some(Value::Number(n)) => match n.as_u64() {
+            Some(v) => Ok(Some(v)),
+            None if n.is_i64() => Err(ApiError::bad_request(format!("`{field}` must be a positive integer, got {n}"))),
+            None => Err(type_error(field, "an integer", &Value::Number(n.clone()))),
+        },
+        Some(other) => Err(type_error(field, "an integer", other)),
+    }
+}
+
+/// `width` or `height`: 512 when absent, a multiple of 8 within the side limits.
+fn side(fields: &Map<String, Value>, field: &str) -> Result<u64, ApiError> {
+    let value = integer(fields, field)?.unwrap_or(512);
+    if !(MIN_SIDE..=MAX_SIDE).contains(&value) || value % SIDE_MULTIPLE != 0 {
+        return Err(ApiError::bad_request(format!(
+            "`{field}` must be a multiple of {SIDE_MULTIPLE} between {MIN_SIDE} and {MAX_SIDE}, got {value}"
+        )));
+    }
+    Ok(value)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse_str(body: &str) -> Result<GenerateRequest, String> {
+        parse(body.as_bytes(), &Limits::default()).map_err(|e| e.message)
+    }
+
+    #[test]
+    fn defaults_are_the_api_guides() {
+        let r = parse_str(r#"{"prompt": "a cat"}"#).unwrap();
+        assert_eq!((r.steps, r.guidance_scale, r.width, r.height, r.seed), (50, 7.5, 512, 512, None));
+        let r = parse_str(r#"{"prompt": "a cat", "seed": -1, "negative_prompt": null}"#).unwrap();
+        assert_eq!((r.seed, r.negative_prompt), (None, None));
+        let r = parse_str(r#"{"prompt": "a cat", "seed": 18446744073709551615}"#).unwrap();
+        assert_eq!(r.seed, Some(u64::MAX));
+    }
+
+    #[test]
+    fn every_mistake_names_its_field() {
+        for (body, field) in [
+            (r#"{}"#, "prompt"),
+            (r#"{"prompt": ""}"#, "prompt"),
+            (r#"{"prompt": "   "}"#, "prompt"),
+            (r#"{"prompt": 5}"#, "prompt"),
+            (r#"{"prompt": "a", "negative_prompt": []}"#, "negative_prompt"),
+            (r#"{"prompt": "a", "num_inference_steps": "30"}"#, "num_inference_steps"),
+            (r#"{"prompt": "a", "num_inference_steps": 30.5}"#, "num_inference_steps"),
+            (r#"{"prompt": "a", "num_inference_steps": 0}"#, "num_inference_steps"),
+            (r#"{"prompt": "a", "num_inference_steps": -3}"#, "num_inference_steps"),
+            (r#"{"prompt": "a", "num_inference_steps": 151}"#, "num_inference_steps"),
+            (r#"{"prompt": "a", "guidance_scale": 31}"#, "guidance_scale"),
+            (r#"{"prompt": "a", "guidance_scale": -1}"#, "guidance_scale"),
+            (r#"{"prompt": "a", "guidance_scale": "high"}"#, "guidance_scale"),
+            (r#"{"prompt": "a", "width": 500}"#, "width"),
+            (r#"{"prompt": "a", "height": 32}"#, "height"),
+            (r#"{"prompt": "a", "height": 4096}"#, "height"),
+            (r#"{"prompt": "a", "seed": -2}"#, "seed"),
+            (r#"{"prompt": "a", "seed": 1.5}"#, "seed"),
+            (r#"{"prompt": "a", "seed": "42"}"#, "seed"),
+            (r#"{"prompt": "a", "steps": 30}"#, "steps"),
+        ] {
+            let message = parse_str(body).expect_err(body);
+            assert!(message.contains(&format!("`{field}`")), "{body}: {message}");
+        }
+        let long = format!(r#"{{"prompt": "{}"}}"#, "a".repeat(2001));
+        assert!(parse_str(&long).unwrap_err().contains("`prompt`"));
+    }
+
+    #[test]
+    fn malformed_bodies_are_refused() {
+        assert!(parse_str("").unwrap_err().contains("empty"));
+        assert!(parse_str("{\"prompt\": ").unwrap_err().contains("not valid JSON"));
+        assert!(parse_str("prompt=a+cat").unwrap_err().contains("not valid JSON"));
+        assert!(parse_str("[1, 2]").unwrap_err().contains("JSON object"));
+    }
+
+    #[test]
+    fn the_pixel_budget_applies_to_the_product() {
+        let limits = Limits {
+            max_pixels: 512 * 512,
+            ..Limits::default()
+        };
+        let err = parse(br#"{"prompt": "a", "width": 1024, "height": 512}"#, &limits).unwrap_err();
+        assert!(err.message.contains("`width` x `height`"), "{}", err.message);
+        assert!(parse(br#"{"prompt": "a", "width": 256, "height": 1024}"#, &limits).is_ok());
+    }
+}

@@ -1,0 +1,188 @@
+//! The routes of the API guide (`POST /generate`, `GET /health`) plus the page at `/`, and
+//! the middleware every response passes: CORS, one log line per request, JSON errors.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use axum::body::{Body, Bytes};
+use axum::extract::rejection::BytesRejection;
+use axum::extract::{DefaultBodyLimit, Request, State};
+use axum::http::{header, HeaderValue, Method, StatusCode};
+use axum::middleware::{self, Next};
+use axum::response::{Html, IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::{Json, Router};
+use base64::Engine as _;
+use serde_json::{json, Value};
+use tower_http::cors::{AllowOrigin, Any, CorsLayer};
+
+use super::engine::{Engine, ModelState, SubmitError};
+use super::error::ApiError;
+use super::request::{self, Limits};
+use crate::pipeline::noise::random_seed;
+use crate::pipeline::GenerateParams;
+
+/// What every handler sees.
+pub struct AppState {
+    pub engine: Arc<Engine>,
+    pub limits: Limits,
+    /// How long one request may take, queueing included (`None`: no limit).
+    pub time_limit: Option<Duration>,
+    /// Largest request body, in bytes.
+    pub body_limit: usize,
+}
+
+/// The HTTP service. `cors_origins` empty means any origin.
+pub fn router(state: Arc<AppState>, cors_origins: &[HeaderValue]) -> Router {
+    let body_limit = state.body_limit;
+    let origins = if cors_origins.is_empty() {
+        AllowOrigin::from(Any)
+    } else {
+        AllowOrigin::list(cors_origins.iter().cloned())
+    };
+    let cors = CorsLayer::new()
+        .allow_origin(origins)
+        .allow_methods([Method::GET, Method::POST, Method::OPTIONS])
+        .allow_headers([header::CONTENT_TYPE])
+        .max_age(Duration::from_secs(3600));
+    Router::new()
+        .route("/", get(page))
+        .route("/health", get(health))
+        .route("/generate", post(generate))
+        .with_state(state)
+        .layer(DefaultBodyLimit::max(body_limit))
+        .layer(middleware::from_fn(move |req, next| json_errors(req, next, body_limit)))
+        .layer(middleware::from_fn(log_request))
+        .layer(cors)
+}
+
+async fn page() -> Html<&'static str> {
+    Html(include_str!("page.html"))
+}
+
+async fn health(State(app): State<Arc<AppState>>) -> Json<Value> {
+    let engine = &app.engine;
+    let state = engine.state();
+    let mut body = json!({
+        "status": "healthy",
+        "model_loaded": matches!(state, ModelState::Ready),
+        "model_state": match state {
+            ModelState::Loading => "loading",
+            ModelState::Ready => "ready",
+            ModelState::Failed(_) => "failed",
+        },
+        "model": engine.model.display().to_string(),
+        "backend": engine.device.to_string(),
+        "busy": engine.busy(),
+        "queue_length": engine.queued(),
+        "queue_capacity": engine.queue_capacity,
+    });
+    if let ModelState::Failed(reason) = state {
+        body["model_error"] = Value::String(reason);
+    }
+    Json(body)
+}
+
+async fn generate(
+    State(app): State<Arc<AppState>>,
+    body: Result<Bytes, BytesRejection>,
+) -> Result<Json<Value>, ApiError> {
+    let body = body.map_err(|e| match e.status() {
+        StatusCode::PAYLOAD_TOO_LARGE => ApiError::new(e.status(), too_large(app.body_limit)),
+        status => ApiError::new(status, e.body_text()),
+    })?;
+    let req = request::parse(&body, &app.limits)?;
+    let seed = req.seed.unwrap_or_else(random_seed);
+    let params = GenerateParams {
+        prompt: req.prompt,
+        negative_prompt: req.negative_prompt,
+        steps: req.steps as usize,
+        guidance_scale: req.guidance_scale,
+        width: req.width as usize,
+        height: req.height as usize,
+        seed,
+        scheduler: req.scheduler,
+        scheduler_overrides: Default::default(),
+    };
+    let started = Instant::now();
+    // `_cancel` cancels the job if this future is dropped (client gone) or times out.
+    let (result, _cancel) = app.engine.submit(params.clone()).map_err(|e| match e {
+        SubmitError::NotReady(ModelState::Failed(reason)) => {
+            ApiError::unavailable(format!("the model failed to load: {reason}"), None)
+        }
+        SubmitError::NotReady(_) => ApiError::unavailable("the model is still loading; try again shortly", Some(5)),
+        SubmitError::QueueFull => ApiError::unavailable(
+            format!("the queue is full ({} requests waiting); try again later", app.engine.queue_capacity),
+            Some(10),
+        ),
+        SubmitError::ShuttingDown => ApiError::unavailable("the server is shutting down", None),
+    })?;
+    let outcome = match app.time_limit {
+        Some(limit) => tokio::time::timeout(limit, result).await.map_err(|_| {
+            ApiError::new(
+                StatusCode::GATEWAY_TIMEOUT,
+                format!("generation took longer than this server's limit of {} s and was stopped", limit.as_secs()),
+            )
+        })?,
+        None => result.await,
+    };
+    let generated = outcome.map_err(|_| ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "the engine stopped"))??;
+    let png = generated.image.to_png()?;
+    Ok(Json(json!({
+        "image": base64::engine::general_purpose::STANDARD.encode(png),
+        "seed": generated.seed,
+        "width": params.width,
+        "height": params.height,
+        "num_inference_steps": params.steps,
+        "guidance_scale": params.guidance_scale,
+        "time_taken": started.elapsed().as_secs_f64(),
+        "timings": {
+            "text_encoder": generated.timings.text_encoder.as_secs_f64(),
+            "denoise": generated.timings.denoise.as_secs_f64(),
+            "vae_decode": generated.timings.vae_decode.as_secs_f64(),
+        },
+    })))
+}
+
+/// One log line per request: method, path, status, duration.
+async fn log_request(req: Request, next: Next) -> Response {
+    let (method, path) = (req.method().clone(), req.uri().path().to_string());
+    let started = Instant::now();
+    let response = next.run(req).await;
+    tracing::info!(
+        "{method} {path} {} {:.3}s",
+        response.status().as_u16(),
+        started.elapsed().as_secs_f64()
+    );
+    response
+}
+
+/// Rewrites every error response that is not already JSON (axum's own 404, 405 and 413
+/// among them) as `{"error": "..."}`, keeping its status and headers.
+async fn json_errors(req: Request, next: Next, body_limit: usize) -> Response {
+    let (method, path) = (req.method().clone(), req.uri().path().to_string());
+    let response = next.run(req).await;
+    let status = response.status();
+    let is_json = response
+        .headers()
+        .get(header::CONTENT_TYPE)
+        .is_some_and(|v| v.as_bytes().starts_with(b"application/json"));
+    if !(status.is_client_error() || status.is_server_error()) || is_json {
+        return response;
+    }
+    let message = match status {
+        StatusCode::NOT_FOUND => format!("no such endpoint: {method} {path} (try POST /generate or GET /health)"),
+        StatusCode::METHOD_NOT_ALLOWED => format!("{method} is not allowed on {path}"),
+        StatusCode::PAYLOAD_TOO_LARGE => too_large(body_limit),
+        other => other.canonical_reason().unwrap_or("error").to_string(),
+    };
+    let (mut parts, _) = response.into_parts();
+    parts.headers.remove(header::CONTENT_LENGTH);
+    let json = ApiError::new(status, message).into_response();
+    parts.headers.insert(header::CONTENT_TYPE, HeaderValue::from_static("application/json"));
+    Response::from_parts(parts, Body::new(json.into_body()))
+}
+
+fn too_large(limit: usize) -> String {
+    format!("the request body is larger than this server's limit of {limit} bytes")
+}
