@@ -76,17 +76,28 @@ impl ResnetBlock2D {
 /// `Downsample2D` with a convolution: 3x3, stride 2.
 pub struct Downsample2D {
     conv: Conv2d,
+    /// diffusers' `padding=0` case: one zero row and column after the input instead of a
+    /// symmetric padding (the VAE encoder's layout).
+    pad_bottom_right: bool,
 }
 
 impl Downsample2D {
     pub fn new(w: &Weights, channels: usize, padding: usize) -> Result<Self> {
         Ok(Downsample2D {
             conv: Conv2d::new(&w.pp("conv"), channels, channels, 3, 2, padding)?,
+            pad_bottom_right: padding == 0,
         })
     }
 
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        self.conv.forward(x)
+        if !self.pad_bottom_right {
+            return self.conv.forward(x);
+        }
+        x.expect_rank("Downsample2D", 4)?;
+        let (n, c, h, w) = (x.dim(0), x.dim(1), x.dim(2), x.dim(3));
+        let x = Tensor::cat(&[x, &Tensor::zeros(&[n, c, 1, w], &x.device())?], 2)?;
+        let x = Tensor::cat(&[&x, &Tensor::zeros(&[n, c, h + 1, 1], &x.device())?], 3)?;
+        self.conv.forward(&x)
     }
 }
 
