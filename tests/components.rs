@@ -1,5 +1,6 @@
 //! Each component against diffusers / transformers / torch outputs saved by
-//! tools/fixtures/make_fixtures.py: noise, tokenizer ids, text embeddings, UNet, VAE.
+//! tools/fixtures/make_fixtures.py: noise, tokenizer ids, text embeddings, UNet, VAE (for
+//! the sd1, sd2 and fast512 fixture models).
 
 use std::collections::HashMap;
 
@@ -188,4 +189,19 @@ fn sd1_vae_decoder_matches_diffusers() {
 #[test]
 fn sd2_vae_decoder_matches_diffusers() {
     check_vae("sd2");
+}
+
+#[test]
+fn fast512_text_encoder_matches_transformers() {
+    check_text_encoder("fast512");
+}
+
+#[test]
+fn fast512_unet_matches_diffusers() {
+    check_unet("fast512");
+}
+
+#[test]
+fn fast512_vae_decoder_matches_diffusers() {
+    check_vae("fast512");
 }

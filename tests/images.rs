@@ -1,55 +1,21 @@
 //! Whole text-to-image runs against diffusers' `StableDiffusionPipeline` images saved by
 //! tools/fixtures/make_fixtures.py (`reference/images.json` + `reference/images/*.png`):
 //! every scheduler, guidance on and off, negative prompts, several seeds and non-square
-//! sizes, for both fixture models.
+//! sizes, for all three fixture models (fast512 at the API's default 512x512).
 
 use std::collections::HashMap;
 use std::ops::ControlFlow;
-use std::path::Path;
 
 use sd_wgpu::pipeline::{GenerateParams, StableDiffusion};
 use sd_wgpu::tensor::Device;
 
 mod common;
-use common::reference;
+use common::{read_json, reference};
 
 /// No pixel channel may differ from diffusers' by more than this many levels of 255.
 const MAX_PIXEL_DIFF: u8 = 3;
 /// The mean absolute difference over all channels of an image must stay within this.
 const MEAN_PIXEL_DIFF: f64 = 0.5;
-
-/// Reads a JSON file written by Python's `json.dump`, which writes the non-standard
-/// `NaN`, `Infinity` and `-Infinity` for such floats (`images.json` has
-/// `"lambda_min_clipped": -Infinity` in the informational scheduler configs); they become
-/// `null` here, since serde_json only takes standard JSON.
-fn read_python_json(path: &Path) -> serde_json::Value {
-    let text = std::fs::read_to_string(path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
-    let mut out = String::with_capacity(text.len());
-    let (mut in_string, mut escaped) = (false, false);
-    let mut rest = text.as_str();
-    while let Some(c) = rest.chars().next() {
-        if in_string {
-            match c {
-                _ if escaped => escaped = false,
-                '\\' => escaped = true,
-                '"' => in_string = false,
-                _ => {}
-            }
-        } else if c == '"' {
-            in_string = true;
-        } else if let Some(word) = ["-Infinity", "Infinity", "NaN"]
-            .into_iter()
-            .find(|w| rest.starts_with(w))
-        {
-            out.push_str("null");
-            rest = &rest[word.len()..];
-            continue;
-        }
-        out.push(c);
-        rest = &rest[c.len_utf8()..];
-    }
-    serde_json::from_str(&out).unwrap_or_else(|e| panic!("{}: {e}", path.display()))
-}
 
 /// The pipeline arguments of one `images.json` case, as the fixture generator passed them.
 fn params(case: &serde_json::Value) -> GenerateParams {
@@ -160,9 +126,9 @@ fn run_case(sd: &StableDiffusion, case: &serde_json::Value, name: &str) -> Resul
 
 #[test]
 fn images_match_diffusers_for_every_case() {
-    let cases = read_python_json(&reference("images.json"));
+    let cases = read_json(&reference("images.json"));
     let cases = cases.as_array().expect("a list of cases");
-    assert!(cases.len() >= 21, "only {} image cases", cases.len());
+    assert!(cases.len() >= 23, "only {} image cases", cases.len());
 
     // Each fixture model is loaded once and shared by its cases.
     let mut models: HashMap<String, StableDiffusion> = HashMap::new();
