@@ -52,8 +52,9 @@ pub fn router(state: Arc<AppState>, cors_origins: &[HeaderValue]) -> Router {
         .with_state(state)
         .layer(DefaultBodyLimit::max(body_limit))
         .layer(middleware::from_fn(move |req, next| json_errors(req, next, body_limit)))
-        .layer(middleware::from_fn(log_request))
         .layer(cors)
+        // Outermost, so CORS preflights are logged too.
+        .layer(middleware::from_fn(log_request))
 }
 
 async fn page() -> Html<&'static str> {
