@@ -29,6 +29,10 @@ pub enum Error {
         actual: Vec<usize>,
     },
 
+    /// The GPU backend failed: no adapter, an out-of-memory or lost device, a kernel limit.
+    #[error("GPU: {0}")]
+    Gpu(String),
+
     #[error("tokenizer: {0}")]
     Tokenizer(String),
 

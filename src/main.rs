@@ -5,9 +5,10 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::{Duration, Instant};
 
-use clap::{Args, Parser, Subcommand, ValueEnum};
+use clap::{Args, Parser, Subcommand};
 use indicatif::{ProgressBar, ProgressStyle};
 
+use sd_wgpu::backend::{select_device, BackendChoice};
 use sd_wgpu::pipeline::noise::random_seed;
 use sd_wgpu::pipeline::{GenerateParams, StableDiffusion};
 use sd_wgpu::server::{Limits, ServerConfig};
@@ -21,22 +22,26 @@ struct Cli {
     command: Command,
 }
 
-#[derive(Clone, Copy, Debug, ValueEnum)]
-enum Backend {
-    /// A GPU when one is usable, otherwise the CPU.
-    Auto,
-    Cpu,
-    Gpu,
-}
-
 /// Options both commands share.
 #[derive(Args)]
 struct ModelArgs {
     /// A diffusers model folder (model_index.json, unet/, vae/, text_encoder/, tokenizer/, scheduler/).
     #[arg(long, env = "SD_MODEL")]
     model: PathBuf,
-    #[arg(long, value_enum, default_value_t = Backend::Auto, env = "SD_BACKEND")]
-    backend: Backend,
+    /// auto: a hardware GPU when there is one, else the CPU.
+    #[arg(long, value_enum, default_value_t = BackendChoice::Auto, env = "SD_BACKEND")]
+    backend: BackendChoice,
+    /// Use the GPU adapter whose name contains this text (see the log for the names).
+    #[arg(long, env = "SD_GPU_ADAPTER")]
+    gpu_adapter: Option<String>,
+}
+
+impl ModelArgs {
+    fn device(&self) -> Result<Device> {
+        let device = select_device(self.backend, self.gpu_adapter.as_deref())?;
+        tracing::info!("backend: {device}");
+        Ok(device)
+    }
 }
 
 #[derive(Subcommand)]
@@ -108,15 +113,6 @@ enum Command {
     },
 }
 
-fn device_for(backend: Backend) -> Result<Device> {
-    match backend {
-        Backend::Cpu | Backend::Auto => Ok(Device::Cpu),
-        Backend::Gpu => Err(Error::InvalidArgument(
-            "the GPU backend is not available in this build yet; use --backend cpu".into(),
-        )),
-    }
-}
-
 fn resolve_seed(seed: i64) -> Result<u64> {
     match seed {
         -1 => {
@@ -158,7 +154,7 @@ fn run(cli: Cli) -> Result<()> {
             let config = ServerConfig {
                 host,
                 port,
-                device: device_for(model.backend)?,
+                device: model.device()?,
                 model: model.model,
                 queue_size,
                 limits: Limits {
@@ -188,7 +184,7 @@ fn run(cli: Cli) -> Result<()> {
             output,
         } => {
             let seed = resolve_seed(seed)?;
-            let device = device_for(model.backend)?;
+            let device = model.device()?;
             let t0 = Instant::now();
             tracing::info!("loading {} on {device}", model.model.display());
             let sd = StableDiffusion::load(&model.model, &device)?;

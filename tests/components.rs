@@ -74,17 +74,23 @@ fn tokenizer_ids_match_transformers_for_unicode_prompts() {
     }
 }
 
-fn to_tensor(t: &RefTensor) -> Tensor {
-    Tensor::from_vec(t.f32(), &t.shape, &Device::Cpu).unwrap()
+fn to_tensor(t: &RefTensor, device: &Device) -> Tensor {
+    Tensor::from_vec(t.f32(), &t.shape, device).unwrap()
 }
 
-/// The reference tensors of one fixture, and the model folder loaded the way the
-/// pipeline loads it.
-fn load_fixture(name: &str) -> (StableDiffusion, HashMap<String, RefTensor>) {
-    let sd = StableDiffusion::load(&common::model_dir(name), &Device::Cpu)
-        .unwrap_or_else(|e| panic!("{name}: loading the model folder failed: {e}"));
+/// The reference tensors of one fixture, and the model folder loaded on each test device
+/// (the CPU, and the GPU where there is one) the way the pipeline loads it.
+fn load_fixture(name: &str) -> (Vec<(String, StableDiffusion)>, HashMap<String, RefTensor>) {
+    let models = common::devices()
+        .into_iter()
+        .map(|(device_name, device)| {
+            let sd = StableDiffusion::load(&common::model_dir(name), &device)
+                .unwrap_or_else(|e| panic!("{name}: loading the model folder on {device} failed: {e}"));
+            (format!("{name} on {device_name}"), sd)
+        })
+        .collect();
     let tensors = load_tensors(&reference(&format!("{name}_components.safetensors")));
-    (sd, tensors)
+    (models, tensors)
 }
 
 /// Prints the largest difference relative to the tensor's scale, then checks it against
@@ -104,61 +110,49 @@ fn compare(what: &str, got: &Tensor, expected: &RefTensor) {
     assert_close(what, &got, &expected.data, COMPONENT_TOLERANCE);
 }
 
-fn check_text_encoder(name: &str) {
-    let (sd, tensors) = load_fixture(name);
-    let meta = read_json(&reference(&format!("{name}_components.json")));
-    let prompts = meta["text_encoder"]["prompts"]
-        .as_array()
-        .expect("a list of prompts");
-    assert_eq!(prompts.len(), 3, "{name}: expected 3 prompts");
-    for (i, prompt) in prompts.iter().enumerate() {
-        let prompt = prompt.as_str().unwrap();
-        let expected_ids: Vec<u32> = tensors[&format!("token_ids_{i}")]
-            .data
-            .iter()
-            .map(|&v| v as u32)
-            .collect();
-        let tokens = sd.tokenizer().encode(prompt).unwrap();
-        assert_eq!(
-            tokens.ids, expected_ids,
-            "{name}: token ids of prompt {i} ({prompt:?})"
-        );
+fn check_text_encoder(fixture: &str) {
+    let (models, tensors) = load_fixture(fixture);
+    let meta = read_json(&reference(&format!("{fixture}_components.json")));
+    let prompts = meta["text_encoder"]["prompts"].as_array().expect("a list of prompts");
+    assert_eq!(prompts.len(), 3, "{fixture}: expected 3 prompts");
+    for (name, sd) in &models {
+        for (i, prompt) in prompts.iter().enumerate() {
+            let prompt = prompt.as_str().unwrap();
+            let expected_ids: Vec<u32> = tensors[&format!("token_ids_{i}")].data.iter().map(|&v| v as u32).collect();
+            let tokens = sd.tokenizer().encode(prompt).unwrap();
+            assert_eq!(tokens.ids, expected_ids, "{name}: token ids of prompt {i} ({prompt:?})");
 
-        let key = format!("text_embeddings_{i}");
-        let expected = &tensors[&key];
-        let got = sd.text_encoder().forward(&tokens.ids).unwrap();
-        compare(&format!("{name}: {key}"), &got, expected);
-        // The pipeline's own path (tokenizer + encoder) gives the same tensor.
-        let via_pipeline = sd.encode_prompt(prompt).unwrap();
-        compare(
-            &format!("{name}: encode_prompt({i})"),
-            &via_pipeline,
-            expected,
-        );
+            let key = format!("text_embeddings_{i}");
+            let expected = &tensors[&key];
+            let got = sd.text_encoder().forward(&tokens.ids).unwrap();
+            compare(&format!("{name}: {key}"), &got, expected);
+            // The pipeline's own path (tokenizer + encoder) gives the same tensor.
+            let via_pipeline = sd.encode_prompt(prompt).unwrap();
+            compare(&format!("{name}: encode_prompt({i})"), &via_pipeline, expected);
+        }
     }
 }
 
-fn check_unet(name: &str) {
-    let (sd, tensors) = load_fixture(name);
-    let sample = to_tensor(&tensors["unet_sample"]);
-    let context = to_tensor(&tensors["unet_encoder_hidden_states"]);
-    for (t, key) in [
-        (999.0, "unet_output_t999"),
-        (500.0, "unet_output_t500"),
-        (377.5, "unet_output_t377_5"),
-    ] {
-        let expected = &tensors[key];
-        let got = sd.unet().forward(&sample, t, &context).unwrap();
-        compare(&format!("{name}: {key}"), &got, expected);
+fn check_unet(fixture: &str) {
+    let (models, tensors) = load_fixture(fixture);
+    for (name, sd) in &models {
+        let device = sd.device();
+        let sample = to_tensor(&tensors["unet_sample"], device);
+        let context = to_tensor(&tensors["unet_encoder_hidden_states"], device);
+        for (t, key) in [(999.0, "unet_output_t999"), (500.0, "unet_output_t500"), (377.5, "unet_output_t377_5")] {
+            let got = sd.unet().forward(&sample, t, &context).unwrap();
+            compare(&format!("{name}: {key}"), &got, &tensors[key]);
+        }
     }
 }
 
-fn check_vae(name: &str) {
-    let (sd, tensors) = load_fixture(name);
-    let latents = to_tensor(&tensors["vae_latents"]);
-    let expected = &tensors["vae_decoded"];
-    let got = sd.vae().decode(&latents).unwrap();
-    compare(&format!("{name}: vae_decoded"), &got, expected);
+fn check_vae(fixture: &str) {
+    let (models, tensors) = load_fixture(fixture);
+    for (name, sd) in &models {
+        let latents = to_tensor(&tensors["vae_latents"], sd.device());
+        let got = sd.vae().decode(&latents).unwrap();
+        compare(&format!("{name}: vae_decoded"), &got, &tensors["vae_decoded"]);
+    }
 }
 
 #[test]

@@ -7,7 +7,6 @@ use std::collections::HashMap;
 use std::ops::ControlFlow;
 
 use sd_wgpu::pipeline::{GenerateParams, StableDiffusion};
-use sd_wgpu::tensor::Device;
 
 mod common;
 use common::{read_json, reference};
@@ -130,19 +129,21 @@ fn images_match_diffusers_for_every_case() {
     let cases = cases.as_array().expect("a list of cases");
     assert!(cases.len() >= 23, "only {} image cases", cases.len());
 
-    // Each fixture model is loaded once and shared by its cases.
-    let mut models: HashMap<String, StableDiffusion> = HashMap::new();
+    // Each fixture model is loaded once per device and shared by its cases.
+    let mut models: HashMap<(String, String), StableDiffusion> = HashMap::new();
     let mut failures = Vec::new();
-    for (index, case) in cases.iter().enumerate() {
-        let name = describe(index, case);
-        let fixture = case["fixture"].as_str().expect("fixture");
-        let sd = models.entry(fixture.to_string()).or_insert_with(|| {
-            StableDiffusion::load(&common::model_dir(fixture), &Device::Cpu)
-                .unwrap_or_else(|e| panic!("{fixture}: loading the model folder failed: {e}"))
-        });
-        if let Err(message) = run_case(sd, case, &name) {
-            println!("FAILED {message}");
-            failures.push(message);
+    for (device_name, device) in common::devices() {
+        for (index, case) in cases.iter().enumerate() {
+            let name = format!("{} on {device_name}", describe(index, case));
+            let fixture = case["fixture"].as_str().expect("fixture");
+            let sd = models.entry((fixture.to_string(), device_name.clone())).or_insert_with(|| {
+                StableDiffusion::load(&common::model_dir(fixture), &device)
+                    .unwrap_or_else(|e| panic!("{fixture}: loading the model folder on {device} failed: {e}"))
+            });
+            if let Err(message) = run_case(sd, case, &name) {
+                println!("FAILED {message}");
+                failures.push(message);
+            }
         }
     }
     assert!(

@@ -7,6 +7,8 @@
 //! and are widened by the op that consumes them.
 
 mod ops;
+#[cfg(test)]
+pub(crate) mod testing;
 
 pub use ops::{BinaryOp, UnaryOp};
 
@@ -15,6 +17,7 @@ use std::sync::Arc;
 use half::{bf16, f16};
 
 use crate::backend::cpu::CpuStorage;
+use crate::backend::gpu::{GpuDevice, GpuStorage};
 use crate::error::{Error, Result};
 
 /// Where a tensor lives and where its ops run.
@@ -22,12 +25,14 @@ use crate::error::{Error, Result};
 pub enum Device {
     #[default]
     Cpu,
+    Gpu(GpuDevice),
 }
 
 impl std::fmt::Display for Device {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
             Device::Cpu => write!(f, "cpu"),
+            Device::Gpu(g) => write!(f, "gpu ({})", g.name()),
         }
     }
 }
@@ -43,6 +48,8 @@ pub enum DType {
 #[derive(Debug)]
 pub(crate) enum Storage {
     Cpu(CpuStorage),
+    /// Always f32 on the device for now: half-precision weights are widened at upload.
+    Gpu(GpuStorage),
 }
 
 #[derive(Clone)]
@@ -85,6 +92,7 @@ impl Tensor {
         check_len("from_vec", data.len(), shape)?;
         Ok(match device {
             Device::Cpu => Self::from_storage(Storage::Cpu(CpuStorage::F32(data)), shape.to_vec()),
+            Device::Gpu(g) => Self::from_storage(Storage::Gpu(GpuStorage::from_f32(g, &data)), shape.to_vec()),
         })
     }
 
@@ -93,6 +101,7 @@ impl Tensor {
         check_len("from_f16", data.len(), shape)?;
         Ok(match device {
             Device::Cpu => Self::from_storage(Storage::Cpu(CpuStorage::F16(data)), shape.to_vec()),
+            Device::Gpu(_) => return Self::from_vec(data.iter().map(|v| v.to_f32()).collect(), shape, device),
         })
     }
 
@@ -100,14 +109,29 @@ impl Tensor {
     pub fn from_bf16(data: Vec<bf16>, shape: &[usize], device: &Device) -> Result<Self> {
         check_len("from_bf16", data.len(), shape)?;
         Ok(match device {
-            Device::Cpu => {
-                Self::from_storage(Storage::Cpu(CpuStorage::BF16(data)), shape.to_vec())
-            }
+            Device::Cpu => Self::from_storage(Storage::Cpu(CpuStorage::BF16(data)), shape.to_vec()),
+            Device::Gpu(_) => return Self::from_vec(data.iter().map(|v| v.to_f32()).collect(), shape, device),
         })
     }
 
     pub fn zeros(shape: &[usize], device: &Device) -> Result<Self> {
-        Self::from_vec(vec![0.0; shape.iter().product()], shape, device)
+        match device {
+            Device::Cpu => Self::from_vec(vec![0.0; shape.iter().product()], shape, device),
+            Device::Gpu(g) => {
+                Ok(Self::from_storage(Storage::Gpu(GpuStorage::zeros(g, shape.iter().product())), shape.to_vec()))
+            }
+        }
+    }
+
+    /// The same values on `device` (shared when already there).
+    pub fn to_device(&self, device: &Device) -> Result<Self> {
+        if &self.device() == device {
+            return Ok(self.clone());
+        }
+        match (self.storage(), device) {
+            (Storage::Cpu(CpuStorage::F16(v)), Device::Cpu) => Self::from_f16(v.clone(), &self.shape, device),
+            _ => Self::from_vec(self.to_vec()?, &self.shape, device),
+        }
     }
 
     pub fn shape(&self) -> &[usize] {
@@ -130,12 +154,14 @@ impl Tensor {
     pub fn dtype(&self) -> DType {
         match self.storage() {
             Storage::Cpu(s) => s.dtype(),
+            Storage::Gpu(_) => DType::F32,
         }
     }
 
     pub fn device(&self) -> Device {
         match self.storage() {
             Storage::Cpu(_) => Device::Cpu,
+            Storage::Gpu(g) => Device::Gpu(g.device()),
         }
     }
 
@@ -143,6 +169,7 @@ impl Tensor {
     pub fn to_vec(&self) -> Result<Vec<f32>> {
         match self.storage() {
             Storage::Cpu(s) => Ok(s.as_f32().into_owned()),
+            Storage::Gpu(g) => g.to_f32(),
         }
     }
 

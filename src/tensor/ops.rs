@@ -2,7 +2,7 @@
 //! holds the data. Model code only ever calls these methods.
 
 use super::{Device, Storage, Tensor};
-use crate::backend::cpu;
+use crate::backend::{cpu, gpu};
 use crate::error::{Error, Result};
 
 /// Elementwise binary ops (numpy-style broadcasting).
@@ -50,6 +50,11 @@ fn broadcast_shape(lhs: &[usize], rhs: &[usize]) -> Result<Vec<usize>> {
     Ok(out)
 }
 
+/// Operands on two devices: the model code moved one tensor and not the other.
+fn mixed_devices(op: &'static str) -> Error {
+    Error::shape(op, "operands live on different devices")
+}
+
 impl Tensor {
     fn same_device(&self, other: &Tensor, op: &'static str) -> Result<()> {
         if self.device() != other.device() {
@@ -71,6 +76,11 @@ impl Tensor {
                 let out = cpu::elementwise::binary(a, &self.shape, b, &rhs.shape, &shape, op);
                 Ok(Tensor::from_storage(Storage::Cpu(out), shape))
             }
+            (Storage::Gpu(a), Storage::Gpu(b)) => {
+                let out = gpu::elementwise::binary(a, &self.shape, b, &rhs.shape, &shape, op)?;
+                Ok(Tensor::from_storage(Storage::Gpu(out), shape))
+            }
+            _ => Err(mixed_devices("binary")),
         }
     }
 
@@ -96,6 +106,7 @@ impl Tensor {
                 Storage::Cpu(cpu::elementwise::unary(a, op)),
                 self.shape.clone(),
             )),
+            Storage::Gpu(a) => Ok(Tensor::from_storage(Storage::Gpu(gpu::elementwise::unary(a, op)?), self.shape.clone())),
         }
     }
 
@@ -142,6 +153,11 @@ impl Tensor {
                 Storage::Cpu(cpu::elementwise::axpby(a, xs, b, ys)),
                 x.shape.clone(),
             )),
+            (Storage::Gpu(xs), Storage::Gpu(ys)) => Ok(Tensor::from_storage(
+                Storage::Gpu(gpu::elementwise::axpby(a, xs, b, ys)?),
+                x.shape.clone(),
+            )),
+            _ => Err(mixed_devices("axpby")),
         }
     }
 
@@ -161,6 +177,7 @@ impl Tensor {
                 Storage::Cpu(cpu::elementwise::geglu(a, last / 2)),
                 shape,
             )),
+            Storage::Gpu(a) => Ok(Tensor::from_storage(Storage::Gpu(gpu::elementwise::geglu(a, last / 2)?), shape)),
         }
     }
 
@@ -219,6 +236,10 @@ impl Tensor {
                 Storage::Cpu(cpu::matmul::matmul(a, b, None, dims)),
                 shape,
             )),
+            (Storage::Gpu(a), Storage::Gpu(b)) => {
+                Ok(Tensor::from_storage(Storage::Gpu(gpu::matmul::matmul(a, b, None, dims)?), shape))
+            }
+            _ => Err(mixed_devices("matmul")),
         }
     }
 
@@ -248,13 +269,19 @@ impl Tensor {
             transpose_rhs: true,
         };
         match (self.storage(), weight.storage(), bias.map(|b| b.storage())) {
-            (Storage::Cpu(x), Storage::Cpu(w), b) => {
-                let b = b.map(|Storage::Cpu(b)| b);
-                Ok(Tensor::from_storage(
-                    Storage::Cpu(cpu::matmul::matmul(x, w, b, dims)),
-                    shape,
-                ))
+            (Storage::Cpu(x), Storage::Cpu(w), None) => {
+                Ok(Tensor::from_storage(Storage::Cpu(cpu::matmul::matmul(x, w, None, dims)), shape))
             }
+            (Storage::Cpu(x), Storage::Cpu(w), Some(Storage::Cpu(b))) => {
+                Ok(Tensor::from_storage(Storage::Cpu(cpu::matmul::matmul(x, w, Some(b), dims)), shape))
+            }
+            (Storage::Gpu(x), Storage::Gpu(w), None) => {
+                Ok(Tensor::from_storage(Storage::Gpu(gpu::matmul::matmul(x, w, None, dims)?), shape))
+            }
+            (Storage::Gpu(x), Storage::Gpu(w), Some(Storage::Gpu(b))) => {
+                Ok(Tensor::from_storage(Storage::Gpu(gpu::matmul::matmul(x, w, Some(b), dims)?), shape))
+            }
+            _ => Err(mixed_devices("linear")),
         }
     }
 
@@ -298,13 +325,19 @@ impl Tensor {
             ow,
         };
         match (self.storage(), weight.storage(), bias.map(|b| b.storage())) {
-            (Storage::Cpu(x), Storage::Cpu(wt), b) => {
-                let b = b.map(|Storage::Cpu(b)| b);
-                Ok(Tensor::from_storage(
-                    Storage::Cpu(cpu::conv::conv2d(x, wt, b, &p)),
-                    vec![n, oc, oh, ow],
-                ))
+            (Storage::Cpu(x), Storage::Cpu(wt), None) => {
+                Ok(Tensor::from_storage(Storage::Cpu(cpu::conv::conv2d(x, wt, None, &p)), vec![n, oc, oh, ow]))
             }
+            (Storage::Cpu(x), Storage::Cpu(wt), Some(Storage::Cpu(b))) => {
+                Ok(Tensor::from_storage(Storage::Cpu(cpu::conv::conv2d(x, wt, Some(b), &p)), vec![n, oc, oh, ow]))
+            }
+            (Storage::Gpu(x), Storage::Gpu(wt), None) => {
+                Ok(Tensor::from_storage(Storage::Gpu(gpu::conv::conv2d(x, wt, None, &p)?), vec![n, oc, oh, ow]))
+            }
+            (Storage::Gpu(x), Storage::Gpu(wt), Some(Storage::Gpu(b))) => {
+                Ok(Tensor::from_storage(Storage::Gpu(gpu::conv::conv2d(x, wt, Some(b), &p)?), vec![n, oc, oh, ow]))
+            }
+            _ => Err(mixed_devices("conv2d")),
         }
     }
 
@@ -345,6 +378,11 @@ impl Tensor {
                 )),
                 self.shape.clone(),
             )),
+            (Storage::Gpu(x), Storage::Gpu(g), Storage::Gpu(b)) => Ok(Tensor::from_storage(
+                Storage::Gpu(gpu::norm::group_norm(x, g, b, self.shape[0], c, spatial, num_groups, eps, silu)?),
+                self.shape.clone(),
+            )),
+            _ => Err(mixed_devices("group_norm")),
         }
     }
 
@@ -358,6 +396,11 @@ impl Tensor {
                 Storage::Cpu(cpu::norm::layer_norm(x, g, b, d, eps)),
                 self.shape.clone(),
             )),
+            (Storage::Gpu(x), Storage::Gpu(g), Storage::Gpu(b)) => Ok(Tensor::from_storage(
+                Storage::Gpu(gpu::norm::layer_norm(x, g, b, d, eps)?),
+                self.shape.clone(),
+            )),
+            _ => Err(mixed_devices("layer_norm")),
         }
     }
 
@@ -369,6 +412,9 @@ impl Tensor {
                 Storage::Cpu(cpu::attention::softmax(x, d)),
                 self.shape.clone(),
             )),
+            Storage::Gpu(x) => {
+                Ok(Tensor::from_storage(Storage::Gpu(gpu::attention::softmax(x, d)?), self.shape.clone()))
+            }
         }
     }
 
@@ -404,6 +450,11 @@ impl Tensor {
                 Storage::Cpu(cpu::attention::attention(qs, ks, vs, &p)),
                 q.shape.clone(),
             )),
+            (Storage::Gpu(qs), Storage::Gpu(ks), Storage::Gpu(vs)) => Ok(Tensor::from_storage(
+                Storage::Gpu(gpu::attention::attention(qs, ks, vs, &p)?),
+                q.shape.clone(),
+            )),
+            _ => Err(mixed_devices("attention")),
         }
     }
 
@@ -424,6 +475,9 @@ impl Tensor {
                 Storage::Cpu(cpu::layout::permute(x, &self.shape, axes)),
                 shape,
             )),
+            Storage::Gpu(x) => {
+                Ok(Tensor::from_storage(Storage::Gpu(gpu::layout::permute(x, &self.shape, axes)?), shape))
+            }
         }
     }
 
@@ -440,6 +494,10 @@ impl Tensor {
         match self.storage() {
             Storage::Cpu(x) => Ok(Tensor::from_storage(
                 Storage::Cpu(cpu::layout::narrow(x, &self.shape, dim, start, len)),
+                shape,
+            )),
+            Storage::Gpu(x) => Ok(Tensor::from_storage(
+                Storage::Gpu(gpu::layout::narrow(x, &self.shape, dim, start, len)?),
                 shape,
             )),
         }
@@ -472,13 +530,21 @@ impl Tensor {
                 let parts: Vec<(&cpu::CpuStorage, &[usize])> = tensors
                     .iter()
                     .map(|t| match t.storage() {
-                        Storage::Cpu(s) => (s, t.shape()),
+                        Storage::Cpu(s) => Ok((s, t.shape())),
+                        Storage::Gpu(_) => Err(mixed_devices("cat")),
                     })
-                    .collect();
-                Ok(Tensor::from_storage(
-                    Storage::Cpu(cpu::layout::cat(&parts, dim)),
-                    shape,
-                ))
+                    .collect::<Result<_>>()?;
+                Ok(Tensor::from_storage(Storage::Cpu(cpu::layout::cat(&parts, dim)), shape))
+            }
+            Device::Gpu(_) => {
+                let parts: Vec<(&gpu::GpuStorage, &[usize])> = tensors
+                    .iter()
+                    .map(|t| match t.storage() {
+                        Storage::Gpu(s) => Ok((s, t.shape())),
+                        Storage::Cpu(_) => Err(mixed_devices("cat")),
+                    })
+                    .collect::<Result<_>>()?;
+                Ok(Tensor::from_storage(Storage::Gpu(gpu::layout::cat(&parts, dim)?), shape))
             }
         }
     }
@@ -490,6 +556,10 @@ impl Tensor {
         match self.storage() {
             Storage::Cpu(x) => Ok(Tensor::from_storage(
                 Storage::Cpu(cpu::layout::upsample_nearest(x, n * c, h, w, out_h, out_w)),
+                vec![n, c, out_h, out_w],
+            )),
+            Storage::Gpu(x) => Ok(Tensor::from_storage(
+                Storage::Gpu(gpu::layout::upsample_nearest(x, n * c, h, w, out_h, out_w)?),
                 vec![n, c, out_h, out_w],
             )),
         }
@@ -508,6 +578,10 @@ impl Tensor {
         match self.storage() {
             Storage::Cpu(x) => Ok(Tensor::from_storage(
                 Storage::Cpu(cpu::layout::gather_rows(x, d, ids)),
+                vec![ids.len(), d],
+            )),
+            Storage::Gpu(x) => Ok(Tensor::from_storage(
+                Storage::Gpu(gpu::layout::gather_rows(x, d, ids)?),
                 vec![ids.len(), d],
             )),
         }

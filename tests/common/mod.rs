@@ -135,4 +135,19 @@ pub fn copy_fixture(name: &str) -> (tempfile::TempDir, PathBuf) {
     (tmp, dir)
 }
 
+/// The devices the pipeline tests run on: the CPU, and the GPU wherever wgpu finds an
+/// adapter (CI has Mesa's llvmpipe). Without one the GPU runs are skipped, loudly.
+pub fn devices() -> Vec<(String, sd_wgpu::tensor::Device)> {
+    use sd_wgpu::backend::{select_device, BackendChoice};
+    use sd_wgpu::tensor::Device;
+    let mut devices = vec![("cpu".to_string(), Device::Cpu)];
+    match select_device(BackendChoice::Gpu, None) {
+        Ok(gpu) => devices.push(("gpu".to_string(), gpu)),
+        // CI installs Mesa's llvmpipe: there, a missing adapter is a broken setup, not a skip.
+        Err(e) if std::env::var("CI").is_ok_and(|v| v == "true") => panic!("CI has no GPU adapter: {e}"),
+        Err(e) => eprintln!("\n*** NO GPU ADAPTER: the GPU runs of this test are SKIPPED ({e}) ***\n"),
+    }
+    devices
+}
+
 pub mod server;

@@ -1,0 +1,203 @@
+// 2-D convolution (torch nn.Conv2d: NCHW input, OIHW weight, symmetric zero padding) as an
+// implicit GEMM:
+//
+//     out[oc, col] = sum_k weight[oc, k] * columns[k, col]
+//
+// with k = (ci, ky, kx) over c * kh * kw and col = (b, oy, ox) over n * oh * ow. The im2col
+// `columns` matrix never exists in memory: each workgroup gathers its tile of it straight
+// from the input while filling workgroup memory, reading 0 in the padding.
+//
+// A workgroup of 16 x 16 threads (conv::WORKGROUP) computes a TILE_M x TILE_N = 64 x 64
+// output tile, each thread a 4 x 4 block in registers, walking K in slices of TILE_K = 16.
+// A slice's global reads go to registers before the previous slice's arithmetic, and into
+// workgroup memory after it (one barrier pair per slice). Every global read is guarded
+// (k < K, oc < OC, col < N, and the input coordinates inside the image), so any sizes work;
+// tiles hanging over the edges load 0 and store nothing. Buffers may be windows of larger
+// ones (see Params); all addressing is relative to the offsets given there.
+
+const TILE_M: u32 = 64u;   // output channels per tile
+const TILE_N: u32 = 64u;   // output pixels (over the whole batch) per tile
+const TILE_K: u32 = 16u;   // reduction slice
+
+// One pass: `n` images (or one image's slice of input and output channels, when the tensors
+// are too large to bind whole: conv.rs then binds windows of the buffers and runs a pass per
+// slice, the passes after a channel slice's first adding onto the output).
+struct Params {
+    n: u32,         // images in this pass
+    h: u32,
+    w: u32,
+    oc: u32,        // output channels in this pass
+    kh: u32,
+    kw: u32,
+    stride: u32,
+    padding: u32,
+    oh: u32,
+    ow: u32,
+    k: u32,         // reduction length in this pass: input channels * kh * kw
+    cols: u32,      // n * oh * ow: output pixels over the images
+    tiles_n: u32,   // ceil(cols / TILE_N)
+    x_off: u32,     // first input element of the pass in the x binding
+    x_img: u32,     // input elements per image
+    w_off: u32,     // weight element (row 0, reduction index 0) in the weight binding
+    w_row: u32,     // weight row stride
+    out_off: u32,   // first output element of the pass in the out binding
+    out_img: u32,   // output elements per image
+    bias_off: u32,  // bias of output channel 0 of the pass
+    has_bias: u32,
+    accumulate: u32, // add onto the output instead of overwriting it
+    _pad0: u32,
+    _pad1: u32,
+}
+
+@group(0) @binding(0) var<storage, read> p: Params;
+@group(0) @binding(1) var<storage, read> x: array<f32>;
+@group(0) @binding(2) var<storage, read> weight: array<f32>;
+@group(0) @binding(3) var<storage, read> bias: array<f32>;   // read only when has_bias != 0
+@group(0) @binding(4) var<storage, read_write> out: array<f32>;
+
+// a_tile[kk * 16 + i] = weight rows 4i .. 4i + 3 of the tile at reduction index kk.
+var<workgroup> a_tile: array<vec4<f32>, 256>;
+// b_tile[kk * 16 + j] = columns 4j .. 4j + 3 of the tile at reduction index kk.
+var<workgroup> b_tile: array<vec4<f32>, 256>;
+
+@compute @workgroup_size(16, 16)
+fn conv2d(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>,
+          @builtin(local_invocation_id) lid: vec3<u32>, @builtin(local_invocation_index) t: u32) {
+    // Column tiles are spread over x and y (the grid's dimensions are limited); z walks the
+    // output-channel tiles. A workgroup past the last column tile has nothing to do (the
+    // test is uniform across it, so leaving before the barriers is fine).
+    let tile_n = wid.y * nwg.x + wid.x;
+    if (tile_n >= p.tiles_n) { return; }
+    let m0 = wid.z * TILE_M;
+    let n0 = tile_n * TILE_N;
+    let khw = p.kh * p.kw;
+    let pixels = p.oh * p.ow;
+    let plane = p.h * p.w;
+
+    // Column loads: thread t fills b_tile[kr * 16 + jq] with columns n0 + 4jq .. + 3 at
+    // reduction row kr. Those four columns are the same all the way along K, so their
+    // image offsets and top-left input coordinates are worked out once here (as vectors,
+    // one lane per column: private arrays indexed in loops cost more on some compilers).
+    let jq = t % 16u;
+    let kr = t / 16u;
+    let col0 = n0 + 4u * jq;
+    let cols = vec4<u32>(col0, col0 + 1u, col0 + 2u, col0 + 3u);
+    let col_ok = cols < vec4<u32>(p.cols);
+    let img = cols / pixels;
+    let pix = cols - img * pixels;
+    let oy = pix / p.ow;
+    let ox = pix - oy * p.ow;
+    let col_base = p.x_off + img * p.x_img;
+    // A column past the end gets a row no kernel tap reaches, so every bounds test fails.
+    let col_iy = select(vec4<i32>(-2147483647), vec4<i32>(oy * p.stride) - i32(p.padding), col_ok);
+    let col_ix = vec4<i32>(ox * p.stride) - i32(p.padding);
+
+    // Weight loads: thread t reads row m0 + am, reduction indices k0 + 4 * ak4 .. + 3
+    // (contiguous in memory) and scatters them into a_tile's k-major layout.
+    let am = t / 4u;
+    let ak4 = t % 4u;
+    let a_row = m0 + am;
+    let a_ok = a_row < p.oc;
+    let a_base = p.w_off + a_row * p.w_row;
+    let a_slot = ak4 * 64u + am / 4u;   // a_tile index of the first of the four
+    let a_lane = am % 4u;
+
+    var acc0 = vec4<f32>(0.0);
+    var acc1 = vec4<f32>(0.0);
+    var acc2 = vec4<f32>(0.0);
+    var acc3 = vec4<f32>(0.0);
+
+    // Each slice's global reads are issued before the previous slice's arithmetic (into
+    // registers) so their latency hides behind it; the last prefetch reads nothing.
+    var wa = load_weights(a_ok, a_base, 4u * ak4);
+    var v = gather_columns(kr, khw, plane, col_base, col_iy, col_ix);
+    for (var k0 = 0u; k0 < p.k; k0 = k0 + TILE_K) {
+        a_tile[a_slot][a_lane] = wa.x;
+        a_tile[a_slot + 16u][a_lane] = wa.y;
+        a_tile[a_slot + 32u][a_lane] = wa.z;
+        a_tile[a_slot + 48u][a_lane] = wa.w;
+        b_tile[kr * 16u + jq] = v;
+        workgroupBarrier();
+
+        let k1 = k0 + TILE_K;
+        wa = load_weights(a_ok, a_base, k1 + 4u * ak4);
+        v = gather_columns(k1 + kr, khw, plane, col_base, col_iy, col_ix);
+
+        for (var kk = 0u; kk < TILE_K; kk = kk + 1u) {
+            let a = a_tile[kk * 16u + lid.y];
+            let b = b_tile[kk * 16u + lid.x];
+            acc0 = fma(vec4<f32>(a.x), b, acc0);
+            acc1 = fma(vec4<f32>(a.y), b, acc1);
+            acc2 = fma(vec4<f32>(a.z), b, acc2);
+            acc3 = fma(vec4<f32>(a.w), b, acc3);
+        }
+        workgroupBarrier();
+    }
+
+    // Thread (lid.x, lid.y) holds rows m0 + 4 lid.y + i, columns n0 + 4 lid.x + j.
+    let ocol0 = n0 + 4u * lid.x;
+    let ocols = vec4<u32>(ocol0, ocol0 + 1u, ocol0 + 2u, ocol0 + 3u);
+    let ocol_ok = ocols < vec4<u32>(p.cols);
+    let oimg = ocols / pixels;
+    // Offsets of the four columns in channel 0 (wrapped garbage where !ocol_ok: not written).
+    let out_base = p.out_off + oimg * p.out_img + (ocols - oimg * pixels);
+    let mt = m0 + 4u * lid.y;
+    store_row(mt, acc0, out_base, ocol_ok, pixels);
+    store_row(mt + 1u, acc1, out_base, ocol_ok, pixels);
+    store_row(mt + 2u, acc2, out_base, ocol_ok, pixels);
+    store_row(mt + 3u, acc3, out_base, ocol_ok, pixels);
+}
+
+// Weights k .. k + 3 of the row starting at `base` (0 past the row's end or when !ok).
+fn load_weights(ok: bool, base: u32, k: u32) -> vec4<f32> {
+    var wa = vec4<f32>(0.0);
+    if (ok) {
+        if (k < p.k) { wa.x = weight[base + k]; }
+        if (k + 1u < p.k) { wa.y = weight[base + k + 1u]; }
+        if (k + 2u < p.k) { wa.z = weight[base + k + 2u]; }
+        if (k + 3u < p.k) { wa.w = weight[base + k + 3u]; }
+    }
+    return wa;
+}
+
+// Row k of the im2col matrix at four columns, given by their image offsets and top-left
+// input coordinates: 0 in the padding and past the reduction's end.
+fn gather_columns(k: u32, khw: u32, plane: u32, base: vec4<u32>, iy0: vec4<i32>, ix0: vec4<i32>) -> vec4<f32> {
+    var v = vec4<f32>(0.0);
+    if (k < p.k) {
+        let ci = k / khw;
+        let r = k - ci * khw;
+        let ky = r / p.kw;
+        let kx = r - ky * p.kw;
+        let iy = iy0 + i32(ky);
+        let ix = ix0 + i32(kx);
+        let inside = (iy >= vec4<i32>(0)) & (iy < vec4<i32>(i32(p.h))) & (ix >= vec4<i32>(0)) & (ix < vec4<i32>(i32(p.w)));
+        // Offsets of the taps (garbage where outside: those are never read).
+        let at = base + ci * plane + vec4<u32>(iy) * p.w + vec4<u32>(ix);
+        if (inside.x) { v.x = x[at.x]; }
+        if (inside.y) { v.y = x[at.y]; }
+        if (inside.z) { v.z = x[at.z]; }
+        if (inside.w) { v.w = x[at.w]; }
+    }
+    return v;
+}
+
+// Output channel m's four values (plus its bias) at the columns `base + m * pixels`.
+fn store_row(m: u32, acc: vec4<f32>, base: vec4<u32>, ok: vec4<bool>, pixels: u32) {
+    if (m >= p.oc) { return; }
+    var row = acc;
+    if (p.has_bias != 0u) {
+        row = row + vec4<f32>(bias[p.bias_off + m]);
+    }
+    let at = base + m * pixels;
+    if (p.accumulate != 0u) {
+        if (ok.x) { row.x = row.x + out[at.x]; }
+        if (ok.y) { row.y = row.y + out[at.y]; }
+        if (ok.z) { row.z = row.z + out[at.z]; }
+        if (ok.w) { row.w = row.w + out[at.w]; }
+    }
+    if (ok.x) { out[at.x] = row.x; }
+    if (ok.y) { out[at.y] = row.y; }
+    if (ok.z) { out[at.z] = row.z; }
+    if (ok.w) { out[at.w] = row.w; }
+}

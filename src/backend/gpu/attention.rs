@@ -1,0 +1,249 @@
+//! Softmax and fused multi-head attention (`shaders/attention.wgsl`). Mirrors
+//! `backend::cpu::attention`.
+//!
+//! Softmax runs one workgroup per row (an online max and sum, reduced in workgroup memory).
+//! Attention is one FlashAttention-style kernel: a workgroup takes [`QUERY_BLOCK`] queries
+//! of one (batch, head) and up to [`DIM_SLAB`] of their output dims, walks the keys in
+//! tiles staged through workgroup memory and keeps a running max, sum and output per query,
+//! so no score matrix is ever written to memory. Heads wider than [`DIM_SLAB`] take several
+//! workgroups per query block, each recomputing the scores for its slab of output dims.
+
+use bytemuck::{Pod, Zeroable};
+
+use super::context::Kernel;
+use super::elementwise::u32_of;
+use super::GpuStorage;
+use crate::backend::cpu::attention::AttentionParams;
+use crate::error::{Error, Result};
+use crate::shader;
+
+const SOFTMAX: Kernel = Kernel::new(shader!("attention"), "softmax");
+const ATTENTION: Kernel = Kernel::new(shader!("attention"), "attention");
+const ATTENTION_W40: Kernel = Kernel::new(shader!("attention"), "attention_w40");
+const ATTENTION_W64: Kernel = Kernel::new(shader!("attention"), "attention_w64");
+
+/// Threads per softmax workgroup: the shader's `@workgroup_size(256)` on `softmax` (`WG`).
+const SOFTMAX_WORKGROUP: u32 = 256;
+/// Queries per attention workgroup, one per thread: the shader's `@workgroup_size(64)` on
+/// `attention` (`BQ`).
+const QUERY_BLOCK: u32 = 64;
+/// Keys per attention tile (`BK` in the shader).
+const KEY_BLOCK: usize = 32;
+/// Head dims each attention thread holds at most, and output dims per workgroup (`CAP` in
+/// the shader).
+const DIM_SLAB: usize = 64;
+
+/// The attention entry point for a head dim and its slab width: heads whose dim is a
+/// multiple of 64 or 40 get a kernel with every head-dim loop of constant length.
+fn attention_kernel(head_dim: usize) -> (Kernel, usize) {
+    if head_dim.is_multiple_of(64) {
+        (ATTENTION_W64, 64)
+    } else if head_dim.is_multiple_of(40) {
+        (ATTENTION_W40, 40)
+    } else {
+        (ATTENTION, DIM_SLAB)
+    }
+}
+
+#[repr(C)]
+#[derive(Clone, Copy, Pod, Zeroable)]
+struct SoftmaxParams {
+    rows: u32,
+    d: u32,
+}
+
+#[repr(C)]
+#[derive(Clone, Copy, Pod, Zeroable)]
+struct AttentionKernelParams {
+    heads: u32,
+    q_len: u32,
+    kv_len: u32,
+    head_dim: u32,
+    causal: u32,
+    scale: f32,
+    q_blocks: u32,
+    dim_slabs: u32,
+    groups: u32,
+    _pad: [u32; 3],
+}
+
+/// Refuses a binding the adapter cannot take.
+fn check_binding(op: &str, what: &str, x: &GpuStorage) -> Result<()> {
+    let bytes = x.len() as u64 * 4;
+    let limit = x.ctx.limits.max_storage_buffer_binding_size;
+    if bytes > limit {
+        return Err(Error::Gpu(format!(
+            "{op}: {what} is {bytes} bytes, over the adapter's {limit}-byte storage binding limit"
+        )));
+    }
+    Ok(())
+}
+
+/// Softmax over rows of `d` values (max-subtracted).
+pub fn softmax(x: &GpuStorage, d: usize) -> Result<GpuStorage> {
+    let ctx = &x.ctx;
+    let out = GpuStorage::output(ctx, x.len());
+    if x.is_empty() || d == 0 {
+        return Ok(out);
+    }
+    check_binding("softmax", "the input", x)?;
+    let rows = x.len() / d;
+    let p = SoftmaxParams {
+        rows: u32_of("softmax rows", rows)?,
+        d: u32_of("softmax row length", d)?,
+    };
+    u32_of("softmax elements", x.len())?;
+    ctx.dispatch(
+        SOFTMAX,
+        bytemuck::bytes_of(&p),
+        &[x.binding(), out.binding()],
+        ctx.groups_1d(rows * SOFTMAX_WORKGROUP as usize, SOFTMAX_WORKGROUP),
+    );
+    Ok(out)
+}
+
+/// softmax(q k^T / sqrt(D)) v per head; q is `[B, Lq, H*D]`, k and v `[B, Lk, H*D]`.
+pub fn attention(
+    q: &GpuStorage,
+    k: &GpuStorage,
+    v: &GpuStorage,
+    p: &AttentionParams,
+) -> Result<GpuStorage> {
+    let ctx = &q.ctx;
+    let inner = p.heads * p.head_dim;
+    let out_len = p.batch * p.q_len * inner;
+    let kv_len = p.batch * p.kv_len * inner;
+    if q.len() != out_len || k.len() != kv_len || v.len() != kv_len {
+        return Err(Error::Gpu(format!(
+            "attention: {p:?} needs q of {out_len} and k, v of {kv_len} values; got {}, {}, {}",
+            q.len(),
+            k.len(),
+            v.len()
+        )));
+    }
+    let out = GpuStorage::output(ctx, out_len);
+    if out_len == 0 {
+        return Ok(out);
+    }
+    for (what, x) in [("q", q), ("k", k), ("v", v)] {
+        check_binding("attention", what, x)?;
+    }
+    let q_blocks = p.q_len.div_ceil(QUERY_BLOCK as usize);
+    let (kernel, slab) = attention_kernel(p.head_dim);
+    let dim_slabs = p.head_dim.div_ceil(slab);
+    let groups = p.batch * p.heads * q_blocks * dim_slabs;
+    // Element indices, and the kernel's query and key counters (which run a block past the
+    // end), stay within u32.
+    u32_of("attention q elements", out_len)?;
+    u32_of("attention k elements", kv_len)?;
+    u32_of("attention queries", p.q_len + QUERY_BLOCK as usize)?;
+    u32_of("attention keys", p.kv_len + KEY_BLOCK)?;
+    u32_of("attention workgroups", groups * QUERY_BLOCK as usize)?;
+    let params = AttentionKernelParams {
+        heads: u32_of("attention heads", p.heads)?,
+        q_len: u32_of("attention queries", p.q_len)?,
+        kv_len: u32_of("attention keys", p.kv_len)?,
+        head_dim: u32_of("attention head dim", p.head_dim)?,
+        causal: p.causal as u32,
+        scale: 1.0 / (p.head_dim as f32).sqrt(),
+        q_blocks: q_blocks as u32,
+        dim_slabs: dim_slabs as u32,
+        groups: groups as u32,
+        _pad: [0; 3],
+    };
+    ctx.dispatch(
+        kernel,
+        bytemuck::bytes_of(&params),
+        &[q.binding(), k.binding(), v.binding(), out.binding()],
+        ctx.groups_1d(groups * QUERY_BLOCK as usize, QUERY_BLOCK),
+    );
+    Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use crate::tensor::testing::{assert_ops_agree, random};
+    use crate::tensor::Tensor;
+
+    #[test]
+    fn softmax_matches_the_cpu() {
+        for (i, shape) in [
+            vec![3, 1000],
+            vec![2, 77, 77],
+            vec![5, 1],
+            vec![4, 7],
+            vec![2, 3001],
+            vec![300, 10],
+        ]
+        .into_iter()
+        .enumerate()
+        {
+            let x = random(&shape, 10 + i as u64).affine(4.0, 1.0).unwrap();
+            assert_ops_agree(&format!("softmax {shape:?}"), &[x], |t| t[0].softmax());
+        }
+    }
+
+    /// Attention of random q `[b, lq, h*d]` and k, v `[b, lk, h*d]`, causal and not.
+    fn check(b: usize, lq: usize, lk: usize, h: usize, d: usize, seed: u64) {
+        let inputs = [
+            random(&[b, lq, h * d], seed),
+            random(&[b, lk, h * d], seed + 1),
+            random(&[b, lk, h * d], seed + 2),
+        ];
+        for causal in [false, true] {
+            assert_ops_agree(
+                &format!("attention b{b} lq{lq} lk{lk} h{h} d{d} causal {causal}"),
+                &inputs,
+                |t| Tensor::attention(&t[0], &t[1], &t[2], h, causal),
+            );
+        }
+    }
+
+    #[test]
+    fn clip_self_attention() {
+        check(1, 77, 77, 12, 64, 20);
+        check(2, 77, 77, 12, 64, 23);
+    }
+
+    #[test]
+    fn awkward_sizes() {
+        for b in [1, 2] {
+            check(b, 5, 3, 3, 7, 30);
+            check(b, 3, 5, 3, 7, 33);
+            check(b, 1, 1, 1, 1, 36);
+            check(b, 130, 70, 2, 16, 39);
+            check(b, 65, 33, 1, 4, 42);
+            check(b, 64, 32, 2, 8, 45);
+        }
+    }
+
+    #[test]
+    fn sd_head_dims_and_wider() {
+        // attention_w40: 40, 80, 120, 160; attention_w64: 64, 128; attention (any): the rest,
+        // with one stage (4, 8, 16, 63) or several (65, 161, 200, 321).
+        for (i, d) in [40, 64, 80, 120, 128, 160, 4, 8, 16, 63, 65, 161, 200, 321]
+            .into_iter()
+            .enumerate()
+        {
+            check(1, 70, 45, 2, d, 50 + 3 * i as u64);
+        }
+    }
+
+    #[test]
+    fn sd15_cross_attention() {
+        check(2, 4096, 77, 8, 40, 70);
+    }
+
+    #[test]
+    fn sd15_self_attention_4096_tokens() {
+        let h = 8;
+        let inputs = [
+            random(&[1, 4096, h * 40], 80),
+            random(&[1, 4096, h * 40], 81),
+            random(&[1, 4096, h * 40], 82),
+        ];
+        assert_ops_agree("attention 4096 tokens", &inputs, |t| {
+            Tensor::attention(&t[0], &t[1], &t[2], h, false)
+        });
+    }
+}

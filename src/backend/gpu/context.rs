@@ -1,0 +1,376 @@
+//! The wgpu device: adapter choice, limits, the pending command encoder, the pipeline cache
+//! and the buffer pool.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+
+use wgpu::util::DeviceExt;
+
+use crate::error::{Error, Result};
+
+/// Passes recorded before the encoder is submitted: few submits per step, but not one
+/// unbounded command buffer.
+pub const PASSES_PER_SUBMIT: usize = 256;
+
+/// Threads per workgroup of the one-dimensional kernels (elementwise and layout): every
+/// shader that uses it declares `@workgroup_size(256)`.
+pub const WORKGROUP_1D: u32 = 256;
+
+/// What a WGSL kernel is: its file's source and the entry point.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct Kernel {
+    pub file: &'static str,
+    pub source: &'static str,
+    pub entry: &'static str,
+}
+
+/// One of the shader files, by name: `shader!("elementwise")`.
+#[macro_export]
+macro_rules! shader {
+    ($name:literal) => {
+        ($name, include_str!(concat!(env!("CARGO_MANIFEST_DIR"), "/shaders/", $name, ".wgsl")))
+    };
+}
+
+impl Kernel {
+    pub const fn new(file: (&'static str, &'static str), entry: &'static str) -> Self {
+        Kernel {
+            file: file.0,
+            source: file.1,
+            entry,
+        }
+    }
+}
+
+struct Pending {
+    encoder: Option<wgpu::CommandEncoder>,
+    passes: usize,
+}
+
+pub(crate) struct GpuContext {
+    pub device: wgpu::Device,
+    pub queue: wgpu::Queue,
+    pub info: wgpu::AdapterInfo,
+    pub limits: wgpu::Limits,
+    pending: Mutex<Pending>,
+    pipelines: Mutex<HashMap<Kernel, wgpu::ComputePipeline>>,
+    modules: Mutex<HashMap<&'static str, wgpu::ShaderModule>>,
+    /// Free kernel-output buffers by size in bytes.
+    pool: Mutex<HashMap<u64, Vec<wgpu::Buffer>>>,
+    /// The first error wgpu reported outside a call (validation, out of memory, device lost).
+    error: Arc<Mutex<Option<String>>>,
+}
+
+/// A handle on one GPU; cheap to clone. Tensors on it share its queue and buffer pool.
+#[derive(Clone)]
+pub struct GpuDevice(pub(crate) Arc<GpuContext>);
+
+impl PartialEq for GpuDevice {
+    fn eq(&self, other: &Self) -> bool {
+        Arc::ptr_eq(&self.0, &other.0)
+    }
+}
+
+impl Eq for GpuDevice {}
+
+impl std::fmt::Debug for GpuDevice {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "GpuDevice({})", self.name())
+    }
+}
+
+/// Vulkan, Metal and DX12 (`WGPU_BACKEND` may choose others).
+fn backends() -> wgpu::Backends {
+    wgpu::Backends::from_env().unwrap_or(wgpu::Backends::PRIMARY)
+}
+
+fn instance() -> wgpu::Instance {
+    let mut desc = wgpu::InstanceDescriptor::new_without_display_handle_from_env();
+    desc.backends = backends();
+    wgpu::Instance::new(desc)
+}
+
+/// Every adapter wgpu sees, best first: discrete, integrated, virtual, other, software.
+pub fn adapters() -> Vec<wgpu::Adapter> {
+    let mut all = pollster::block_on(instance().enumerate_adapters(backends()));
+    all.sort_by_key(|a| rank(&a.get_info()));
+    all
+}
+
+fn rank(info: &wgpu::AdapterInfo) -> u8 {
+    match info.device_type {
+        wgpu::DeviceType::DiscreteGpu => 0,
+        wgpu::DeviceType::IntegratedGpu => 1,
+        wgpu::DeviceType::VirtualGpu => 2,
+        wgpu::DeviceType::Other => 3,
+        wgpu::DeviceType::Cpu => 4,
+    }
+}
+
+/// Whether an adapter is a software rasteriser (llvmpipe, SwiftShader, WARP).
+pub fn is_software(info: &wgpu::AdapterInfo) -> bool {
+    info.device_type == wgpu::DeviceType::Cpu
+}
+
+impl GpuDevice {
+    /// Opens the best adapter, or the first whose name contains `name` (any case).
+    pub fn new(name: Option<&str>) -> Result<Self> {
+        let all = adapters();
+        let adapter = match name {
+            Some(want) => all
+                .into_iter()
+                .find(|a| a.get_info().name.to_lowercase().contains(&want.to_lowercase()))
+                .ok_or_else(|| Error::Gpu(format!("no GPU adapter named like {want:?}; found: {}", names())))?,
+            None => all.into_iter().next().ok_or_else(|| {
+                Error::Gpu(
+                    "no GPU adapter found (install a Vulkan driver, e.g. Mesa's mesa-vulkan-drivers, or use the CPU backend)"
+                        .into(),
+                )
+            })?,
+        };
+        Self::open(adapter)
+    }
+
+    fn open(adapter: wgpu::Adapter) -> Result<Self> {
+        let info = adapter.get_info();
+        // The adapter's own limits, not WebGPU's defaults (128 MiB bindings, small buffers).
+        let limits = adapter.limits();
+        let (device, queue) = pollster::block_on(adapter.request_device(&wgpu::DeviceDescriptor {
+            label: Some("sd-wgpu"),
+            required_features: wgpu::Features::empty(),
+            required_limits: limits.clone(),
+            ..Default::default()
+        }))
+        .map_err(|e| Error::Gpu(format!("{}: cannot open the device: {e}", info.name)))?;
+        let error = Arc::new(Mutex::new(None));
+        let sink = error.clone();
+        device.on_uncaptured_error(Arc::new(move |e: wgpu::Error| {
+            tracing::error!("GPU error: {e}");
+            if let Ok(mut slot) = sink.lock() {
+                slot.get_or_insert_with(|| e.to_string());
+            }
+        }));
+        tracing::info!("GPU adapter: {} ({:?}, {:?})", info.name, info.device_type, info.backend);
+        Ok(GpuDevice(Arc::new(GpuContext {
+            device,
+            queue,
+            info,
+            limits,
+            pending: Mutex::new(Pending {
+                encoder: None,
+                passes: 0,
+            }),
+            pipelines: Mutex::new(HashMap::new()),
+            modules: Mutex::new(HashMap::new()),
+            pool: Mutex::new(HashMap::new()),
+            error,
+        })))
+    }
+
+    pub fn name(&self) -> String {
+        self.0.info.name.clone()
+    }
+
+    pub fn is_software(&self) -> bool {
+        is_software(&self.0.info)
+    }
+
+    /// Submits everything recorded so far and waits for the GPU to finish it.
+    pub fn synchronize(&self) -> Result<()> {
+        self.0.flush();
+        self.0.wait()
+    }
+}
+
+/// The names of every adapter, for messages.
+pub fn names() -> String {
+    let names: Vec<String> = adapters().iter().map(|a| a.get_info().name).collect();
+    if names.is_empty() {
+        "none".into()
+    } else {
+        names.join(", ")
+    }
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    // A panic while holding one of these locks leaves plain data behind; keep going.
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+impl GpuContext {
+    /// The error wgpu reported since the last check, if any.
+    pub fn take_error(&self) -> Result<()> {
+        match lock(&self.error).take() {
+            Some(e) => Err(Error::Gpu(e)),
+            None => Ok(()),
+        }
+    }
+
+    /// Submits the pending encoder.
+    pub fn flush(&self) {
+        let mut pending = lock(&self.pending);
+        if let Some(encoder) = pending.encoder.take() {
+            self.queue.submit([encoder.finish()]);
+        }
+        pending.passes = 0;
+    }
+
+    pub fn wait(&self) -> Result<()> {
+        self.device
+            .poll(wgpu::PollType::wait_indefinitely())
+            .map_err(|e| Error::Gpu(format!("waiting for the GPU: {e}")))?;
+        self.take_error()
+    }
+
+    /// Records work into the pending encoder, submitting when enough has piled up.
+    pub fn record(&self, f: impl FnOnce(&mut wgpu::CommandEncoder)) {
+        let mut pending = lock(&self.pending);
+        let encoder = pending
+            .encoder
+            .get_or_insert_with(|| self.device.create_command_encoder(&wgpu::CommandEncoderDescriptor { label: None }));
+        f(encoder);
+        pending.passes += 1;
+        if pending.passes >= PASSES_PER_SUBMIT {
+            if let Some(encoder) = pending.encoder.take() {
+                self.queue.submit([encoder.finish()]);
+            }
+            pending.passes = 0;
+        }
+    }
+
+    fn pipeline(&self, kernel: Kernel) -> wgpu::ComputePipeline {
+        if let Some(p) = lock(&self.pipelines).get(&kernel) {
+            return p.clone();
+        }
+        let module = {
+            let mut modules = lock(&self.modules);
+            modules
+                .entry(kernel.file)
+                .or_insert_with(|| {
+                    let desc = wgpu::ShaderModuleDescriptor {
+                        label: Some(kernel.file),
+                        source: wgpu::ShaderSource::Wgsl(kernel.source.into()),
+                    };
+                    // SAFETY: every kernel guards its own reads and writes against the sizes it
+                    // is given (each shader file says how), so wgpu's inserted bounds checks
+                    // would only cost time.
+                    unsafe { self.device.create_shader_module_trusted(desc, wgpu::ShaderRuntimeChecks::unchecked()) }
+                })
+                .clone()
+        };
+        let pipeline = self.device.create_compute_pipeline(&wgpu::ComputePipelineDescriptor {
+            label: Some(kernel.entry),
+            layout: None,
+            module: &module,
+            entry_point: Some(kernel.entry),
+            compilation_options: Default::default(),
+            cache: None,
+        });
+        lock(&self.pipelines).insert(kernel, pipeline.clone());
+        pipeline
+    }
+
+    /// A kernel-output buffer of `bytes` bytes, from the pool when one is free.
+    pub fn alloc(&self, bytes: u64) -> wgpu::Buffer {
+        let bytes = bytes.max(4);
+        if let Some(b) = lock(&self.pool).get_mut(&bytes).and_then(Vec::pop) {
+            return b;
+        }
+        self.device.create_buffer(&wgpu::BufferDescriptor {
+            label: None,
+            size: bytes,
+            usage: wgpu::BufferUsages::STORAGE | wgpu::BufferUsages::COPY_SRC | wgpu::BufferUsages::COPY_DST,
+            mapped_at_creation: false,
+        })
+    }
+
+    /// Returns a buffer to the pool. Commands already recorded may still use it; anything
+    /// that later writes it is recorded after them, and wgpu orders the two.
+    pub fn recycle(&self, buffer: wgpu::Buffer) {
+        lock(&self.pool).entry(buffer.size()).or_default().push(buffer);
+    }
+
+    /// A buffer holding `data`, created mapped (not through the queue, whose staged writes
+    /// would all land before any recorded pass that reads them).
+    pub fn upload(&self, data: &[u8]) -> wgpu::Buffer {
+        let padded;
+        let contents = if data.is_empty() {
+            padded = [0u8; 4];
+            &padded[..]
+        } else {
+            data
+        };
+        self.device.create_buffer_init(&wgpu::util::BufferInitDescriptor {
+            label: None,
+            contents,
+            usage: wgpu::BufferUsages::STORAGE | wgpu::BufferUsages::COPY_SRC | wgpu::BufferUsages::COPY_DST,
+        })
+    }
+
+    /// Records one compute pass: `kernel` with its parameter block at binding 0 and
+    /// `buffers` at bindings 1, 2, ... (each a whole buffer or a window of one).
+    pub fn dispatch(&self, kernel: Kernel, params: &[u8], buffers: &[wgpu::BindingResource<'_>], groups: [u32; 3]) {
+        let pipeline = self.pipeline(kernel);
+        let params = self.upload(params);
+        let mut entries = vec![wgpu::BindGroupEntry {
+            binding: 0,
+            resource: params.as_entire_binding(),
+        }];
+        entries.extend(buffers.iter().enumerate().map(|(i, r)| wgpu::BindGroupEntry {
+            binding: i as u32 + 1,
+            resource: r.clone(),
+        }));
+        let bind_group = self.device.create_bind_group(&wgpu::BindGroupDescriptor {
+            label: None,
+            layout: &pipeline.get_bind_group_layout(0),
+            entries: &entries,
+        });
+        self.record(|encoder| {
+            let mut pass = encoder.begin_compute_pass(&wgpu::ComputePassDescriptor {
+                label: Some(kernel.entry),
+                timestamp_writes: None,
+            });
+            pass.set_pipeline(&pipeline);
+            pass.set_bind_group(0, &bind_group, &[]);
+            pass.dispatch_workgroups(groups[0], groups[1], groups[2]);
+        });
+    }
+
+    /// Workgroup counts covering `items` with `per_group` each, spread over x and y so no
+    /// dimension exceeds the adapter's limit. Kernels recover the flat index as
+    /// `(wid.y * num_workgroups.x + wid.x) * per_group + lid.x` and skip indices past the end.
+    pub fn groups_1d(&self, items: usize, per_group: u32) -> [u32; 3] {
+        let groups = items.div_ceil(per_group as usize).max(1) as u64;
+        let max = self.limits.max_compute_workgroups_per_dimension.max(1) as u64;
+        let x = groups.min(max);
+        let y = groups.div_ceil(x);
+        [x as u32, y as u32, 1]
+    }
+
+    /// Reads a buffer's first `bytes` bytes back (submitting and waiting).
+    pub fn read(&self, buffer: &wgpu::Buffer, bytes: u64) -> Result<Vec<u8>> {
+        let size = bytes.max(4).next_multiple_of(4);
+        let staging = self.device.create_buffer(&wgpu::BufferDescriptor {
+            label: Some("readback"),
+            size,
+            usage: wgpu::BufferUsages::MAP_READ | wgpu::BufferUsages::COPY_DST,
+            mapped_at_creation: false,
+        });
+        self.record(|encoder| encoder.copy_buffer_to_buffer(buffer, 0, &staging, 0, size));
+        self.flush();
+        let (tx, rx) = std::sync::mpsc::channel();
+        staging.map_async(wgpu::MapMode::Read, .., move |r| {
+            let _ = tx.send(r);
+        });
+        self.wait()?;
+        rx.recv()
+            .map_err(|_| Error::Gpu("the read-back was dropped".into()))?
+            .map_err(|e| Error::Gpu(format!("reading a buffer back: {e}")))?;
+        let data = staging
+            .get_mapped_range(..)
+            .map_err(|e| Error::Gpu(format!("reading a buffer back: {e}")))?
+            .to_vec();
+        staging.unmap();
+        Ok(data[..bytes as usize].to_vec())
+    }
+}

@@ -1,0 +1,455 @@
+//! 2-D convolution (`shaders/conv.wgsl`). Mirrors `backend::cpu::conv`.
+//!
+//! One kernel, an implicit GEMM: the output `[oc, n * oh * ow]` is the weight `[oc, c * kh *
+//! kw]` times the im2col columns, which workgroups gather from the input tile by tile while
+//! filling workgroup memory (no column buffer). Each workgroup of [`WORKGROUP`] threads
+//! computes a [`TILE_M`] x [`TILE_N`] output tile, 4 x 4 values per thread, in K-slices of 16.
+
+use std::num::NonZeroU64;
+
+use bytemuck::{Pod, Zeroable};
+
+use super::context::{GpuContext, Kernel};
+use super::elementwise::u32_of;
+use super::GpuStorage;
+use crate::backend::cpu::conv::Conv2dParams;
+use crate::error::{Error, Result};
+use crate::shader;
+
+const CONV2D: Kernel = Kernel::new(shader!("conv"), "conv2d");
+
+/// Output channels per workgroup tile (`TILE_M` in the shader).
+const TILE_M: usize = 64;
+/// Output pixels per workgroup tile, counted over the whole batch (`TILE_N` in the shader).
+const TILE_N: usize = 64;
+/// Threads per workgroup: the shader's `@workgroup_size(16, 16)`, each thread a 4 x 4 block
+/// of the 64 x 64 tile.
+pub const WORKGROUP: [u32; 2] = [16, 16];
+const _: () = assert!(TILE_N == 4 * WORKGROUP[0] as usize && TILE_M == 4 * WORKGROUP[1] as usize);
+
+/// The shader's `Params`: one pass over `n` images, or over one image's slice of input and
+/// output channels (see [`conv2d`]).
+#[repr(C)]
+#[derive(Clone, Copy, Pod, Zeroable)]
+struct ConvParams {
+    n: u32,
+    h: u32,
+    w: u32,
+    oc: u32,
+    kh: u32,
+    kw: u32,
+    stride: u32,
+    padding: u32,
+    oh: u32,
+    ow: u32,
+    k: u32,
+    cols: u32,
+    tiles_n: u32,
+    x_off: u32,
+    x_img: u32,
+    w_off: u32,
+    w_row: u32,
+    out_off: u32,
+    out_img: u32,
+    bias_off: u32,
+    has_bias: u32,
+    accumulate: u32,
+    _pad0: u32,
+    _pad1: u32,
+}
+
+/// Convolution of `x` (`[n, c, h, w]`) with `weight` (`[oc, c, kh, kw]`) plus an optional
+/// bias (`[oc]`), as `backend::cpu::conv::conv2d`.
+///
+/// Tensors within the adapter's storage-binding limit are bound whole and take one pass.
+/// Larger ones (a VAE decoder's 256 MiB activations at 512x512) are bound in windows: one
+/// image at a time, output channels in slices whose output and weight rows fit a window,
+/// input channels in slices whose planes fit one, the passes after an output slice's first
+/// adding their partial sums onto it.
+pub fn conv2d(
+    x: &GpuStorage,
+    weight: &GpuStorage,
+    bias: Option<&GpuStorage>,
+    p: &Conv2dParams,
+) -> Result<GpuStorage> {
+    conv2d_limited(
+        x,
+        weight,
+        bias,
+        p,
+        x.ctx.limits.max_storage_buffer_binding_size,
+    )
+}
+
+/// [`conv2d`] with a binding limit of `max_bytes` (tests use small ones).
+fn conv2d_limited(
+    x: &GpuStorage,
+    weight: &GpuStorage,
+    bias: Option<&GpuStorage>,
+    p: &Conv2dParams,
+    max_bytes: u64,
+) -> Result<GpuStorage> {
+    let ctx = &x.ctx;
+    let khw = p.kh * p.kw;
+    let patch = p.c * khw;
+    let plane = p.h * p.w;
+    let pixels = p.oh * p.ow;
+    let out_len = p.n * p.oc * pixels;
+    let sizes = || {
+        format!(
+            "input [{}, {}, {}, {}], weight [{}, {}, {}, {}], stride {}, padding {}",
+            p.n, p.c, p.h, p.w, p.oc, p.c, p.kh, p.kw, p.stride, p.padding
+        )
+    };
+    if x.len() != p.n * p.c * plane
+        || weight.len() != p.oc * patch
+        || bias.is_some_and(|b| b.len() != p.oc)
+    {
+        return Err(Error::Gpu(format!(
+            "conv2d: buffer lengths do not match {}",
+            sizes()
+        )));
+    }
+    for (what, n) in [
+        ("input", x.len()),
+        ("weight", weight.len()),
+        ("output", out_len),
+    ] {
+        u32_of(&format!("conv2d {what} elements"), n)?;
+    }
+    let out = GpuStorage::output(ctx, out_len);
+    if out_len == 0 {
+        return Ok(out);
+    }
+    let max_elems = (max_bytes / 4).min(u64::from(u32::MAX)) as usize;
+    if x.len() <= max_elems && weight.len() <= max_elems && out_len <= max_elems {
+        let pass = Pass {
+            images: p.n,
+            oc: p.oc,
+            channels: p.c,
+            x: Window::whole(x),
+            weight: Window::whole(weight),
+            out: Window::whole(&out),
+            bias_off: 0,
+            has_bias: bias.is_some(),
+            accumulate: false,
+        };
+        return run(ctx, p, &pass, x, weight, bias, &out).map(|()| out);
+    }
+
+    // Windowed: a window starts at an aligned offset, so it holds up to `align - 1` elements
+    // before the slice it is for.
+    let align = (u64::from(ctx.limits.min_storage_buffer_offset_alignment).max(4) / 4) as usize;
+    let span = max_elems.saturating_sub(align - 1);
+    let c_step = span / plane.max(1);
+    let oc_step = (span / pixels).min(span / patch.max(1));
+    if c_step == 0 || oc_step == 0 || p.c == 0 {
+        return Err(Error::Gpu(format!(
+            "conv2d: {} needs bindings larger than this adapter's limit ({max_bytes} bytes) \
+             even one channel at a time",
+            sizes()
+        )));
+    }
+    let window = |first: usize, len: usize| {
+        let start = first / align * align;
+        Window {
+            start,
+            len: first + len - start,
+            off: first - start,
+        }
+    };
+    for b in 0..p.n {
+        for oc0 in (0..p.oc).step_by(oc_step) {
+            let ol = oc_step.min(p.oc - oc0);
+            let out_w = window((b * p.oc + oc0) * pixels, ol * pixels);
+            let w_rows = window(oc0 * patch, ol * patch);
+            for c0 in (0..p.c).step_by(c_step) {
+                let cl = c_step.min(p.c - c0);
+                let pass = Pass {
+                    images: 1,
+                    oc: ol,
+                    channels: cl,
+                    x: window((b * p.c + c0) * plane, cl * plane),
+                    weight: Window {
+                        off: w_rows.off + c0 * khw,
+                        ..w_rows
+                    },
+                    out: out_w,
+                    bias_off: oc0,
+                    has_bias: bias.is_some() && c0 == 0,
+                    accumulate: c0 > 0,
+                };
+                run(ctx, p, &pass, x, weight, bias, &out)?;
+            }
+        }
+    }
+    Ok(out)
+}
+
+/// Elements `start..start + len` of a buffer, bound; the pass's data begins `off` in.
+#[derive(Clone, Copy)]
+struct Window {
+    start: usize,
+    len: usize,
+    off: usize,
+}
+
+impl Window {
+    fn whole(s: &GpuStorage) -> Self {
+        Window {
+            start: 0,
+            len: s.len(),
+            off: 0,
+        }
+    }
+
+    fn bind<'a>(&self, s: &'a GpuStorage) -> wgpu::BindingResource<'a> {
+        if self.start == 0 && self.len == s.len() {
+            // The whole buffer (also right for an empty tensor, whose buffer is 4 bytes).
+            return s.binding();
+        }
+        wgpu::BindingResource::Buffer(wgpu::BufferBinding {
+            buffer: s.buffer(),
+            offset: self.start as u64 * 4,
+            size: NonZeroU64::new(self.len as u64 * 4),
+        })
+    }
+}
+
+/// One dispatch: `images` images, `oc` output channels and `channels` input channels.
+struct Pass {
+    images: usize,
+    oc: usize,
+    channels: usize,
+    x: Window,
+    weight: Window,
+    out: Window,
+    bias_off: usize,
+    has_bias: bool,
+    accumulate: bool,
+}
+
+fn run(
+    ctx: &std::sync::Arc<GpuContext>,
+    p: &Conv2dParams,
+    pass: &Pass,
+    x: &GpuStorage,
+    weight: &GpuStorage,
+    bias: Option<&GpuStorage>,
+    out: &GpuStorage,
+) -> Result<()> {
+    let pixels = p.oh * p.ow;
+    let cols = pass.images * pixels;
+    let tiles_n = cols.div_ceil(TILE_N);
+    let tiles_m = pass.oc.div_ceil(TILE_M);
+    // Every value below is at most an element count already checked to fit 32 bits.
+    let u = |v: usize| v as u32;
+    let params = ConvParams {
+        n: u(pass.images),
+        h: u(p.h),
+        w: u(p.w),
+        oc: u(pass.oc),
+        kh: u(p.kh),
+        kw: u(p.kw),
+        stride: u32_of("conv2d stride", p.stride)?,
+        padding: u32_of("conv2d padding", p.padding)?,
+        oh: u(p.oh),
+        ow: u(p.ow),
+        k: u(pass.channels * p.kh * p.kw),
+        cols: u(cols),
+        tiles_n: u(tiles_n),
+        x_off: u(pass.x.off),
+        x_img: u(p.c * p.h * p.w),
+        w_off: u(pass.weight.off),
+        w_row: u(p.c * p.kh * p.kw),
+        out_off: u(pass.out.off),
+        out_img: u(p.oc * pixels),
+        bias_off: u(pass.bias_off),
+        has_bias: pass.has_bias as u32,
+        accumulate: pass.accumulate as u32,
+        _pad0: 0,
+        _pad1: 0,
+    };
+    // Column tiles over x and y, output-channel tiles along z.
+    let [gx, gy, _] = ctx.groups_1d(tiles_n, 1);
+    let gz = u(tiles_m);
+    if gz > ctx.limits.max_compute_workgroups_per_dimension {
+        return Err(Error::Gpu(format!(
+            "conv2d: {} output channels need too many workgroups",
+            p.oc
+        )));
+    }
+    let x_bind = pass.x.bind(x);
+    let w_bind = pass.weight.bind(weight);
+    // Without a bias the shader never reads binding 3; the weight window fills it.
+    let b_bind = match bias {
+        Some(b) => b.binding(),
+        None => pass.weight.bind(weight),
+    };
+    ctx.dispatch(
+        CONV2D,
+        bytemuck::bytes_of(&params),
+        &[x_bind, w_bind, b_bind, pass.out.bind(out)],
+        [gx, gy, gz],
+    );
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::conv2d_limited;
+    use crate::backend::cpu::conv::Conv2dParams;
+    use crate::backend::gpu::{test_device, GpuStorage};
+    use crate::tensor::testing::{assert_ops_agree, random};
+    use crate::tensor::Tensor;
+
+    /// Conv of a random `[n, c, h, w]` input with a random `[oc, c, k, k]` kernel, with and
+    /// without a bias.
+    fn check(input: [usize; 4], oc: usize, k: usize, stride: usize, padding: usize, seed: u64) {
+        let [_, c, _, _] = input;
+        let inputs = [
+            random(&input, seed),
+            random(&[oc, c, k, k], seed + 1),
+            random(&[oc], seed + 2),
+        ];
+        let what = format!("conv2d {input:?} -> {oc}, {k}x{k} stride {stride} padding {padding}");
+        assert_ops_agree(&format!("{what} with bias"), &inputs, |t| {
+            t[0].conv2d(&t[1], Some(&t[2]), stride, padding)
+        });
+        assert_ops_agree(&what, &inputs, |t| {
+            t[0].conv2d(&t[1], None, stride, padding)
+        });
+    }
+
+    #[test]
+    fn three_by_three_matches_the_cpu() {
+        check([2, 5, 9, 7], 6, 3, 1, 1, 10);
+        check([1, 3, 5, 5], 1, 3, 1, 0, 20);
+        check([2, 7, 13, 11], 67, 3, 1, 1, 30);
+    }
+
+    #[test]
+    fn strided_matches_the_cpu() {
+        check([2, 5, 9, 7], 6, 3, 2, 1, 40);
+        check([1, 4, 8, 8], 5, 3, 2, 0, 50);
+        check([2, 3, 9, 9], 7, 3, 2, 0, 60);
+        check([1, 6, 10, 10], 9, 3, 2, 1, 70);
+    }
+
+    #[test]
+    fn one_by_one_matches_the_cpu() {
+        check([2, 5, 9, 7], 6, 1, 1, 0, 80);
+        check([1, 4, 8, 8], 128, 1, 1, 0, 90);
+        check([1, 65, 3, 3], 70, 1, 1, 0, 100);
+        check([1, 3, 8, 8], 4, 1, 2, 0, 110);
+    }
+
+    #[test]
+    fn wide_output_channels_match_the_cpu() {
+        check([1, 4, 8, 8], 128, 3, 1, 1, 120);
+    }
+
+    /// Runs the windowed path with a binding limit that holds `span` elements wherever a
+    /// window starts, against the CPU backend.
+    fn check_windowed(
+        input: [usize; 4],
+        oc: usize,
+        k: usize,
+        stride: usize,
+        padding: usize,
+        span: usize,
+        bias: bool,
+    ) {
+        let Some(gpu) = test_device() else {
+            return;
+        };
+        let [n, c, h, w] = input;
+        let (x, weight, b) = (
+            random(&input, 7),
+            random(&[oc, c, k, k], 8),
+            random(&[oc], 9),
+        );
+        let expected = x
+            .conv2d(&weight, bias.then_some(&b), stride, padding)
+            .unwrap();
+        let [oh, ow] = [expected.shape()[2], expected.shape()[3]];
+        let p = Conv2dParams {
+            n,
+            c,
+            h,
+            w,
+            oc,
+            kh: k,
+            kw: k,
+            stride,
+            padding,
+            oh,
+            ow,
+        };
+        let up = |t: &Tensor| GpuStorage::from_f32(&gpu, &t.to_vec().unwrap());
+        let (xg, wg, bg) = (up(&x), up(&weight), up(&b));
+        let align = (gpu.0.limits.min_storage_buffer_offset_alignment.max(4) / 4) as usize;
+        let max_bytes = ((span + align - 1) * 4) as u64;
+        assert!(
+            max_bytes < (x.numel().max(oc * c * k * k).max(expected.numel()) * 4) as u64,
+            "not windowed"
+        );
+        let got = conv2d_limited(&xg, &wg, bias.then_some(&bg), &p, max_bytes)
+            .unwrap()
+            .to_f32()
+            .unwrap();
+        let expected = expected.to_vec().unwrap();
+        let scale = expected.iter().fold(0f32, |m, v| m.max(v.abs()));
+        for (i, (g, e)) in got.iter().zip(&expected).enumerate() {
+            assert!(
+                (g - e).abs() <= 1e-4 * scale,
+                "{input:?} -> {oc} windowed: {g} vs {e} at {i}"
+            );
+        }
+    }
+
+    #[test]
+    fn tensors_beyond_the_binding_limit_are_windowed() {
+        // Two input channels and two output channels per pass.
+        check_windowed([2, 5, 9, 7], 6, 3, 1, 1, 150, true);
+        check_windowed([2, 5, 9, 7], 6, 3, 1, 1, 150, false);
+        check_windowed([1, 6, 10, 10], 9, 3, 2, 1, 250, true);
+        check_windowed([2, 7, 5, 5], 70, 1, 1, 0, 60, true);
+        // The upsampler's shape at a smaller size: [1, 256, 512, 512] is 256 MiB.
+        check_windowed([1, 16, 16, 16], 16, 3, 1, 1, 16 * 16 * 16 / 3, true);
+    }
+
+    #[test]
+    fn a_plane_beyond_the_binding_limit_is_refused() {
+        let Some(gpu) = test_device() else {
+            return;
+        };
+        let p = Conv2dParams {
+            n: 1,
+            c: 2,
+            h: 64,
+            w: 64,
+            oc: 2,
+            kh: 3,
+            kw: 3,
+            stride: 1,
+            padding: 1,
+            oh: 64,
+            ow: 64,
+        };
+        let x = GpuStorage::zeros(&gpu, 2 * 64 * 64);
+        let w = GpuStorage::zeros(&gpu, 2 * 2 * 9);
+        let err = conv2d_limited(&x, &w, None, &p, 1024)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("conv2d") && err.contains("[1, 2, 64, 64]"),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn sd_sized_layer_matches_the_cpu() {
+        check([2, 320, 64, 64], 320, 3, 1, 1, 130);
+    }
+}

@@ -1,0 +1,38 @@
+//! The wgpu backend: hand-written WGSL compute kernels (`shaders/*.wgsl`, one kernel family
+//! per file) on any Vulkan, Metal or DX12 adapter.
+//!
+//! Ops record compute passes into one command encoder and return at once; the encoder is
+//! submitted every [`context::PASSES_PER_SUBMIT`] passes and whenever a tensor is read
+//! back, so a whole denoising step runs without a host round trip. Kernel outputs come
+//! from a pool of buffers keyed by size: a diffusion loop allocates the same shapes every
+//! step and reuses them. Each kernel family is tested against the CPU backend.
+
+pub mod attention;
+pub mod context;
+pub mod conv;
+pub mod elementwise;
+pub mod layout;
+pub mod matmul;
+pub mod norm;
+mod storage;
+
+pub use context::{adapters, GpuDevice};
+pub use storage::GpuStorage;
+
+/// The device kernel tests run on, or `None` (said loudly) where no adapter exists at all.
+#[cfg(test)]
+pub(crate) fn test_device() -> Option<GpuDevice> {
+    use std::sync::OnceLock;
+    static DEVICE: OnceLock<Option<GpuDevice>> = OnceLock::new();
+    DEVICE
+        .get_or_init(|| match GpuDevice::new(None) {
+            Ok(d) => Some(d),
+            // CI installs Mesa's llvmpipe: there, a missing adapter is a broken setup.
+            Err(e) if std::env::var("CI").is_ok_and(|v| v == "true") => panic!("CI has no GPU adapter: {e}"),
+            Err(e) => {
+                eprintln!("\n*** NO GPU ADAPTER: GPU kernel tests are SKIPPED ({e}) ***\n");
+                None
+            }
+        })
+        .clone()
+}

@@ -1,0 +1,416 @@
+//! Group norm (with fused SiLU) and layer norm (`shaders/norm.wgsl`). Mirrors `backend::cpu::norm`.
+//!
+//! Both normalise contiguous "slabs" sharing one mean and variance: a (sample, group) of a
+//! group norm, a row of a layer norm (a group norm of one group, `d` channels of one value).
+//! Statistics are f32, two-pass per chunk of [`CHUNK`] values held in registers, chunks
+//! merged with Chan's pairwise formula. A slab of at most one chunk takes one pass (`fused`,
+//! a workgroup per slab); a longer one three (`partials` per chunk, `finalize` per slab,
+//! `apply` per value), so even a few huge groups keep the whole GPU busy.
+//!
+//! Tensors whose bytes exceed the adapter's storage-binding limit are processed in batches
+//! of whole slabs, each bound as a window of the input and output buffers.
+
+use std::num::NonZeroU64;
+
+use bytemuck::{Pod, Zeroable};
+
+use super::context::Kernel;
+use super::elementwise::u32_of;
+use super::GpuStorage;
+use crate::error::{Error, Result};
+use crate::shader;
+
+const FUSED: Kernel = Kernel::new(shader!("norm"), "fused");
+const PARTIALS: Kernel = Kernel::new(shader!("norm"), "partials");
+const FINALIZE: Kernel = Kernel::new(shader!("norm"), "finalize");
+const APPLY: Kernel = Kernel::new(shader!("norm"), "apply");
+
+/// Threads per workgroup of every norm kernel (`WG` and `@workgroup_size(WG)` in the shader).
+const WORKGROUP: u32 = 256;
+/// Values each thread holds while reducing a chunk (`ITEMS` in the shader).
+const ITEMS: u32 = 16;
+/// Values one workgroup reduces at once (`CHUNK` in the shader).
+const CHUNK: usize = (WORKGROUP * ITEMS) as usize;
+
+/// Most bytes one dispatch binds of the input or output, whatever the adapter allows: keeps
+/// every index (and the overshoot of a 2-D grid) well inside u32.
+const MAX_WINDOW_BYTES: u64 = 1 << 31;
+
+#[repr(C)]
+#[derive(Clone, Copy, Pod, Zeroable)]
+struct Params {
+    slabs: u32,
+    len: u32,
+    spatial: u32,
+    per_group: u32,
+    groups: u32,
+    chunks: u32,
+    slab0: u32,
+    silu: u32,
+    eps: f32,
+    total: u32,
+    _pad0: u32,
+    _pad1: u32,
+}
+
+/// What is normalised: `slabs` runs of `per_group * spatial` values; the slab `s` holds
+/// channels `(s % groups) * per_group ..` of gamma and beta.
+struct Layout {
+    slabs: usize,
+    per_group: usize,
+    spatial: usize,
+    groups: usize,
+}
+
+#[allow(clippy::too_many_arguments)]
+pub fn group_norm(
+    x: &GpuStorage,
+    gamma: &GpuStorage,
+    beta: &GpuStorage,
+    n: usize,
+    c: usize,
+    spatial: usize,
+    groups: usize,
+    eps: f32,
+    silu: bool,
+) -> Result<GpuStorage> {
+    if groups == 0 || !c.is_multiple_of(groups) {
+        return Err(Error::Gpu(format!(
+            "group_norm: {c} channels cannot be split into {groups} groups"
+        )));
+    }
+    check_lengths("group_norm", x, gamma, beta, n * c * spatial, c)?;
+    let layout = Layout {
+        slabs: n * groups,
+        per_group: c / groups,
+        spatial,
+        groups,
+    };
+    let max = x.ctx.limits.max_storage_buffer_binding_size;
+    normalise("group_norm", x, gamma, beta, &layout, eps, silu, max)
+}
+
+pub fn layer_norm(
+    x: &GpuStorage,
+    gamma: &GpuStorage,
+    beta: &GpuStorage,
+    d: usize,
+    eps: f32,
+) -> Result<GpuStorage> {
+    if d == 0 {
+        return check_lengths("layer_norm", x, gamma, beta, 0, 0)
+            .map(|()| GpuStorage::output(&x.ctx, 0));
+    }
+    if !x.len().is_multiple_of(d) {
+        return Err(Error::Gpu(format!(
+            "layer_norm: {} values are not rows of {d}",
+            x.len()
+        )));
+    }
+    check_lengths("layer_norm", x, gamma, beta, x.len(), d)?;
+    let layout = Layout {
+        slabs: x.len() / d,
+        per_group: d,
+        spatial: 1,
+        groups: 1,
+    };
+    let max = x.ctx.limits.max_storage_buffer_binding_size;
+    normalise("layer_norm", x, gamma, beta, &layout, eps, false, max)
+}
+
+fn check_lengths(
+    op: &str,
+    x: &GpuStorage,
+    gamma: &GpuStorage,
+    beta: &GpuStorage,
+    len: usize,
+    c: usize,
+) -> Result<()> {
+    if x.len() != len || gamma.len() < c || beta.len() < c {
+        return Err(Error::Gpu(format!(
+            "{op}: expected {len} values and {c} weights and biases, got {}, {} and {}",
+            x.len(),
+            gamma.len(),
+            beta.len()
+        )));
+    }
+    Ok(())
+}
+
+fn gcd(a: u64, b: u64) -> u64 {
+    if b == 0 {
+        a
+    } else {
+        gcd(b, a % b)
+    }
+}
+
+/// Normalises every slab, binding at most `max_binding` bytes of `x` and of the output at once.
+#[allow(clippy::too_many_arguments)]
+fn normalise(
+    op: &str,
+    x: &GpuStorage,
+    gamma: &GpuStorage,
+    beta: &GpuStorage,
+    layout: &Layout,
+    eps: f32,
+    silu: bool,
+    max_binding: u64,
+) -> Result<GpuStorage> {
+    let ctx = &x.ctx;
+    let out = GpuStorage::output(ctx, x.len());
+    let len = layout.per_group * layout.spatial;
+    if x.is_empty() || len == 0 {
+        return Ok(out);
+    }
+    u32_of("elements", x.len())?;
+    let slab_bytes = len as u64 * 4;
+    let max = max_binding.min(MAX_WINDOW_BYTES);
+    // Windows start on whole slabs at offsets the adapter accepts.
+    let align = u64::from(ctx.limits.min_storage_buffer_offset_alignment.max(1));
+    let step = align / gcd(slab_bytes, align);
+    let per_batch = if x.len() as u64 * 4 <= max {
+        layout.slabs
+    } else {
+        ((max / slab_bytes) / step * step) as usize
+    };
+    if per_batch == 0 {
+        return Err(Error::Gpu(format!(
+            "{op}: {step} group(s) of {len} values ({} bytes, the least one aligned window holds) exceed the \
+             adapter's storage binding limit of {max} bytes",
+            step * slab_bytes
+        )));
+    }
+    let whole = per_batch >= layout.slabs;
+    let mut slab0 = 0;
+    while slab0 < layout.slabs {
+        let slabs = per_batch.min(layout.slabs - slab0);
+        let (offset, size) = (slab0 as u64 * slab_bytes, slabs as u64 * slab_bytes);
+        let bind = |s| {
+            if whole {
+                GpuStorage::binding(s)
+            } else {
+                window(s, offset, size)
+            }
+        };
+        let chunks = len.div_ceil(CHUNK);
+        let p = Params {
+            slabs: u32_of("groups", slabs)?,
+            len: u32_of("group size", len)?,
+            spatial: u32_of("spatial size", layout.spatial)?,
+            per_group: u32_of("channels per group", layout.per_group)?,
+            groups: u32_of("groups", layout.groups)?,
+            chunks: u32_of("chunks", chunks)?,
+            slab0: u32_of("group index", slab0)?,
+            silu: silu as u32,
+            eps,
+            total: u32_of("elements", slabs * len)?,
+            _pad0: 0,
+            _pad1: 0,
+        };
+        let params = bytemuck::bytes_of(&p);
+        if chunks == 1 {
+            ctx.dispatch(
+                FUSED,
+                params,
+                &[bind(x), gamma.binding(), beta.binding(), bind(&out)],
+                ctx.groups_1d(slabs, 1),
+            );
+        } else {
+            let partials = GpuStorage::output(ctx, slabs * chunks * 2);
+            let stats = GpuStorage::output(ctx, slabs * 2);
+            ctx.dispatch(
+                PARTIALS,
+                params,
+                &[bind(x), partials.binding()],
+                ctx.groups_1d(slabs * chunks, 1),
+            );
+            ctx.dispatch(
+                FINALIZE,
+                params,
+                &[partials.binding(), stats.binding()],
+                ctx.groups_1d(slabs, 1),
+            );
+            ctx.dispatch(
+                APPLY,
+                params,
+                &[
+                    bind(x),
+                    gamma.binding(),
+                    beta.binding(),
+                    stats.binding(),
+                    bind(&out),
+                ],
+                ctx.groups_1d(slabs * len, WORKGROUP),
+            );
+        }
+        slab0 += slabs;
+    }
+    Ok(out)
+}
+
+/// `size` bytes of `s` from `offset`.
+fn window(s: &GpuStorage, offset: u64, size: u64) -> wgpu::BindingResource<'_> {
+    wgpu::BindingResource::Buffer(wgpu::BufferBinding {
+        buffer: s.buffer(),
+        offset,
+        size: NonZeroU64::new(size),
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::backend::cpu;
+    use crate::tensor::testing::{assert_ops_agree, random};
+    use crate::tensor::Tensor;
+
+    fn affine(c: usize, seed: u64) -> [Tensor; 2] {
+        [
+            random(&[c], seed).affine(0.5, 1.0).unwrap(),
+            random(&[c], seed + 1).affine(0.3, 0.0).unwrap(),
+        ]
+    }
+
+    fn check_group_norm(what: &str, x: Tensor, groups: usize, silu: bool) {
+        let c = x.shape()[1];
+        let [g, b] = affine(c, 100 + c as u64);
+        assert_ops_agree(&format!("{what} silu={silu}"), &[x, g, b], |t| {
+            t[0].group_norm(groups, &t[1], &t[2], 1e-5, silu)
+        });
+    }
+
+    #[test]
+    fn group_norm_matches_the_cpu_on_odd_sizes() {
+        for silu in [false, true] {
+            check_group_norm("c6 g3 7x5", random(&[1, 6, 7, 5], 1), 3, silu);
+            check_group_norm("n2 c32 g16 9x11", random(&[2, 32, 9, 11], 2), 16, silu);
+            check_group_norm("n2 c6 g2 1-d", random(&[2, 6, 13], 3), 2, silu);
+            check_group_norm("c4 g4 no spatial", random(&[3, 4], 4), 4, silu);
+        }
+    }
+
+    #[test]
+    fn group_norm_matches_the_cpu_on_groups_of_many_chunks() {
+        for silu in [false, true] {
+            // 65536 values per group (16 chunks); 40 * 33 * 31 = 40920 (not a whole chunk).
+            check_group_norm("c64 g4 64x64", random(&[1, 64, 64, 64], 5), 4, silu);
+            check_group_norm("n2 c40 g2 33x31", random(&[2, 40, 33, 31], 6), 2, silu);
+        }
+        // One group of over a million values: 256+ chunks merged by the finalize tree.
+        check_group_norm("c8 g1 383x383", random(&[1, 8, 383, 383], 7), 1, false);
+    }
+
+    #[test]
+    fn group_norm_keeps_precision_under_a_large_mean() {
+        for shape in [[1, 6, 7, 5], [2, 32, 64, 64]] {
+            let x = random(&shape, 8).affine(0.1, 50.0).unwrap();
+            check_group_norm("offset 50", x, shape[1] / 2, true);
+        }
+        let x = random(&[1, 4, 256, 256], 9).affine(0.1, 1000.0).unwrap();
+        check_group_norm("offset 1000", x, 2, false);
+    }
+
+    #[test]
+    fn layer_norm_matches_the_cpu() {
+        for (rows, d) in [
+            (2 * 77, 32),
+            (2 * 77, 768),
+            (2 * 77, 37),
+            (4096, 32),
+            (4096, 37),
+            (7, 768),
+            (3, 4097),
+        ] {
+            let [g, b] = affine(d, 200 + d as u64);
+            let x = random(&[rows, d], d as u64);
+            assert_ops_agree(
+                &format!("layer_norm {rows}x{d}"),
+                &[x, g.clone(), b.clone()],
+                |t| t[0].layer_norm(&t[1], &t[2], 1e-5),
+            );
+            let shifted = random(&[rows, d], 1 + d as u64).affine(0.1, 50.0).unwrap();
+            assert_ops_agree(
+                &format!("layer_norm {rows}x{d} offset 50"),
+                &[shifted, g, b],
+                |t| t[0].layer_norm(&t[1], &t[2], 1e-5),
+            );
+        }
+        let [g, b] = affine(320, 300);
+        assert_ops_agree(
+            "layer_norm 2x4096x320",
+            &[random(&[2, 4096, 320], 10), g, b],
+            |t| t[0].layer_norm(&t[1], &t[2], 1e-5),
+        );
+    }
+
+    /// Runs `normalise` with a tiny binding limit, so it goes window by window, and
+    /// compares with the CPU group norm.
+    fn windowed(shape: [usize; 3], groups: usize, max_binding: u64) {
+        let Some(dev) = crate::backend::gpu::test_device() else {
+            return;
+        };
+        let [n, c, spatial] = shape;
+        let x = random(&[n * c * spatial], 11).to_vec().unwrap();
+        let g = random(&[c], 12).to_vec().unwrap();
+        let b = random(&[c], 13).to_vec().unwrap();
+        let cpu = |v: &[f32]| cpu::CpuStorage::F32(v.to_vec());
+        let expected = cpu::norm::group_norm(
+            &cpu(&x),
+            &cpu(&g),
+            &cpu(&b),
+            n,
+            c,
+            spatial,
+            groups,
+            1e-5,
+            true,
+        );
+        let expected = expected.as_f32();
+        let (gx, gg, gb) = (
+            GpuStorage::from_f32(&dev, &x),
+            GpuStorage::from_f32(&dev, &g),
+            GpuStorage::from_f32(&dev, &b),
+        );
+        let layout = Layout {
+            slabs: n * groups,
+            per_group: c / groups,
+            spatial,
+            groups,
+        };
+        let got = normalise("test", &gx, &gg, &gb, &layout, 1e-5, true, max_binding)
+            .unwrap()
+            .to_f32()
+            .unwrap();
+        let scale = expected.iter().fold(0f32, |m, v| m.max(v.abs()));
+        let worst = got
+            .iter()
+            .zip(expected.iter())
+            .fold(0f32, |m, (a, b)| m.max((a - b).abs()));
+        assert!(
+            worst <= 1e-4 * scale,
+            "{shape:?} / {groups} in windows of {max_binding} bytes: off by {worst:e}"
+        );
+    }
+
+    #[test]
+    fn tensors_over_the_binding_limit_go_in_windows() {
+        // Slabs of 3 * 16 * 4 = 192 bytes: windows of whole alignment steps (4 slabs at 256).
+        windowed([64, 6, 16], 2, 1024);
+        // Many-chunk slabs (2 * 4160 values), two per window.
+        windowed([3, 8, 4160], 4, 2 * 8320 * 4);
+        let Some(dev) = crate::backend::gpu::test_device() else {
+            return;
+        };
+        let x = GpuStorage::from_f32(&dev, &[0.0; 4096]);
+        let w = GpuStorage::from_f32(&dev, &[1.0; 4]);
+        let layout = Layout {
+            slabs: 1,
+            per_group: 4,
+            spatial: 1024,
+            groups: 1,
+        };
+        let err = normalise("group_norm", &x, &w, &w, &layout, 1e-5, false, 1024).err();
+        assert!(err.is_some_and(|e| e.to_string().contains("group_norm")));
+    }
+}
