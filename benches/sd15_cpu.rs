@@ -23,7 +23,9 @@ fn peak_memory_mib() -> Option<f64> {
 }
 
 fn report(stage: &str, seconds: f64) {
-    let peak = peak_memory_mib().map(|m| format!("{m:.0} MiB")).unwrap_or_else(|| "n/a".into());
+    let peak = peak_memory_mib()
+        .map(|m| format!("{m:.0} MiB"))
+        .unwrap_or_else(|| "n/a".into());
     println!("{stage:<28} {seconds:>8.2} s   peak memory so far {peak}");
 }
 
@@ -45,7 +47,9 @@ fn main() -> sd_wgpu::Result<()> {
         ..ClipTextConfig::default()
     };
     let clip = ClipTextModel::new(&clip_config, &weights, here)?;
-    let ids: Vec<u32> = (0..77).map(|i| if i == 0 { 49406 } else { 320 + i }).collect();
+    let ids: Vec<u32> = (0..77)
+        .map(|i| if i == 0 { 49406 } else { 320 + i })
+        .collect();
     let t = Instant::now();
     clip.forward(&ids)?;
     report("text encoder (77 tokens)", t.elapsed().as_secs_f64());

@@ -16,7 +16,11 @@ use sd_wgpu::tensor::Device;
 use sd_wgpu::{Error, Result};
 
 #[derive(Parser)]
-#[command(name = "sd-wgpu", version, about = "Stable Diffusion on wgpu compute kernels or a pure-Rust CPU backend")]
+#[command(
+    name = "sd-wgpu",
+    version,
+    about = "Stable Diffusion on wgpu compute kernels or a pure-Rust CPU backend"
+)]
 struct Cli {
     #[command(subcommand)]
     command: Command,
@@ -62,7 +66,12 @@ enum Command {
         #[arg(long, default_value_t = 3600, env = "SD_REQUEST_TIMEOUT")]
         request_timeout: u64,
         /// Origins allowed to call the API from a browser, comma-separated; "*" for any.
-        #[arg(long, default_value = "*", value_delimiter = ',', env = "SD_CORS_ORIGINS")]
+        #[arg(
+            long,
+            default_value = "*",
+            value_delimiter = ',',
+            env = "SD_CORS_ORIGINS"
+        )]
         cors_origins: Vec<String>,
         /// Largest request body in bytes.
         #[arg(long, default_value_t = 64 * 1024, env = "SD_BODY_LIMIT")]
@@ -121,7 +130,9 @@ fn resolve_seed(seed: i64) -> Result<u64> {
             Ok(s)
         }
         s if s >= 0 => Ok(s as u64),
-        s => Err(Error::InvalidArgument(format!("seed must be -1 (random) or >= 0, got {s}"))),
+        s => Err(Error::InvalidArgument(format!(
+            "seed must be -1 (random) or >= 0, got {s}"
+        ))),
     }
 }
 
@@ -168,7 +179,8 @@ fn run(cli: Cli) -> Result<()> {
                 cors_origins,
                 body_limit,
             };
-            let runtime = tokio::runtime::Runtime::new().map_err(|e| Error::Other(format!("tokio runtime: {e}")))?;
+            let runtime = tokio::runtime::Runtime::new()
+                .map_err(|e| Error::Other(format!("tokio runtime: {e}")))?;
             runtime.block_on(sd_wgpu::server::serve(config))
         }
         Command::Generate {
@@ -201,9 +213,11 @@ fn run(cli: Cli) -> Result<()> {
                 scheduler_overrides: Default::default(),
             };
             let bar = ProgressBar::new(0).with_style(
-                ProgressStyle::with_template("{msg} [{bar:40}] {pos}/{len} steps, {elapsed} (eta {eta})")
-                    .expect("the template is a valid constant")
-                    .progress_chars("=> "),
+                ProgressStyle::with_template(
+                    "{msg} [{bar:40}] {pos}/{len} steps, {elapsed} (eta {eta})",
+                )
+                .expect("the template is a valid constant")
+                .progress_chars("=> "),
             );
             bar.set_message("denoising");
             let result = sd.generate(&params, &mut |ev| {
@@ -237,7 +251,8 @@ fn run(cli: Cli) -> Result<()> {
 fn main() -> ExitCode {
     tracing_subscriber::fmt()
         .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
         )
         .with_writer(std::io::stderr)
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))

@@ -84,8 +84,9 @@ fn load_fixture(name: &str) -> (Vec<(String, StableDiffusion)>, HashMap<String, 
     let models = common::devices()
         .into_iter()
         .map(|(device_name, device)| {
-            let sd = StableDiffusion::load(&common::model_dir(name), &device)
-                .unwrap_or_else(|e| panic!("{name}: loading the model folder on {device} failed: {e}"));
+            let sd = StableDiffusion::load(&common::model_dir(name), &device).unwrap_or_else(|e| {
+                panic!("{name}: loading the model folder on {device} failed: {e}")
+            });
             (format!("{name} on {device_name}"), sd)
         })
         .collect();
@@ -113,14 +114,23 @@ fn compare(what: &str, got: &Tensor, expected: &RefTensor) {
 fn check_text_encoder(fixture: &str) {
     let (models, tensors) = load_fixture(fixture);
     let meta = read_json(&reference(&format!("{fixture}_components.json")));
-    let prompts = meta["text_encoder"]["prompts"].as_array().expect("a list of prompts");
+    let prompts = meta["text_encoder"]["prompts"]
+        .as_array()
+        .expect("a list of prompts");
     assert_eq!(prompts.len(), 3, "{fixture}: expected 3 prompts");
     for (name, sd) in &models {
         for (i, prompt) in prompts.iter().enumerate() {
             let prompt = prompt.as_str().unwrap();
-            let expected_ids: Vec<u32> = tensors[&format!("token_ids_{i}")].data.iter().map(|&v| v as u32).collect();
+            let expected_ids: Vec<u32> = tensors[&format!("token_ids_{i}")]
+                .data
+                .iter()
+                .map(|&v| v as u32)
+                .collect();
             let tokens = sd.tokenizer().encode(prompt).unwrap();
-            assert_eq!(tokens.ids, expected_ids, "{name}: token ids of prompt {i} ({prompt:?})");
+            assert_eq!(
+                tokens.ids, expected_ids,
+                "{name}: token ids of prompt {i} ({prompt:?})"
+            );
 
             let key = format!("text_embeddings_{i}");
             let expected = &tensors[&key];
@@ -128,7 +138,11 @@ fn check_text_encoder(fixture: &str) {
             compare(&format!("{name}: {key}"), &got, expected);
             // The pipeline's own path (tokenizer + encoder) gives the same tensor.
             let via_pipeline = sd.encode_prompt(prompt).unwrap();
-            compare(&format!("{name}: encode_prompt({i})"), &via_pipeline, expected);
+            compare(
+                &format!("{name}: encode_prompt({i})"),
+                &via_pipeline,
+                expected,
+            );
         }
     }
 }
@@ -139,7 +153,11 @@ fn check_unet(fixture: &str) {
         let device = sd.device();
         let sample = to_tensor(&tensors["unet_sample"], device);
         let context = to_tensor(&tensors["unet_encoder_hidden_states"], device);
-        for (t, key) in [(999.0, "unet_output_t999"), (500.0, "unet_output_t500"), (377.5, "unet_output_t377_5")] {
+        for (t, key) in [
+            (999.0, "unet_output_t999"),
+            (500.0, "unet_output_t500"),
+            (377.5, "unet_output_t377_5"),
+        ] {
             let got = sd.unet().forward(&sample, t, &context).unwrap();
             compare(&format!("{name}: {key}"), &got, &tensors[key]);
         }
@@ -151,7 +169,11 @@ fn check_vae(fixture: &str) {
     for (name, sd) in &models {
         let latents = to_tensor(&tensors["vae_latents"], sd.device());
         let got = sd.vae().decode(&latents).unwrap();
-        compare(&format!("{name}: vae_decoded"), &got, &tensors["vae_decoded"]);
+        compare(
+            &format!("{name}: vae_decoded"),
+            &got,
+            &tensors["vae_decoded"],
+        );
     }
 }
 

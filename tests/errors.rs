@@ -1,7 +1,7 @@
 //! Bad model folders and bad requests give errors that say what is wrong and where, never
 //! a panic.
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
 use sd_wgpu::pipeline::{GenerateParams, StableDiffusion};
 use sd_wgpu::tensor::Device;
@@ -19,7 +19,10 @@ fn load_error(dir: &Path) -> String {
 
 fn assert_mentions(message: &str, parts: &[&str]) {
     for part in parts {
-        assert!(message.contains(part), "error {message:?} does not mention {part:?}");
+        assert!(
+            message.contains(part),
+            "error {message:?} does not mention {part:?}"
+        );
     }
 }
 
@@ -40,7 +43,10 @@ fn missing_folder_and_components_are_named() {
 
     let (_tmp, dir) = copy_fixture("sd1");
     std::fs::remove_file(dir.join(UNET_WEIGHTS)).unwrap();
-    assert_mentions(&load_error(&dir), &["unet", "diffusion_pytorch_model.safetensors"]);
+    assert_mentions(
+        &load_error(&dir),
+        &["unet", "diffusion_pytorch_model.safetensors"],
+    );
 
     let (_tmp, dir) = copy_fixture("sd1");
     std::fs::remove_file(dir.join("tokenizer/merges.txt")).unwrap();
@@ -69,7 +75,11 @@ fn missing_tensor_is_named_with_its_file() {
     let bytes = std::fs::read(&path).unwrap();
     let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
     let dropped = "mid_block.attentions.0.proj_in.weight";
-    let kept: Vec<_> = st.tensors().into_iter().filter(|(n, _)| n != dropped).collect();
+    let kept: Vec<_> = st
+        .tensors()
+        .into_iter()
+        .filter(|(n, _)| n != dropped)
+        .collect();
     std::fs::write(&path, safetensors::serialize(kept, None).unwrap()).unwrap();
     let msg = load_error(&dir);
     assert_mentions(&msg, &[UNET_WEIGHTS, dropped, "missing"]);
@@ -85,7 +95,10 @@ fn tensor_with_wrong_shape_is_named_with_both_shapes() {
     config["cross_attention_dim"] = serde_json::json!(width + 16);
     std::fs::write(&path, config.to_string()).unwrap();
     let msg = load_error(&dir);
-    assert_mentions(&msg, &[UNET_WEIGHTS, "attn2.to_k.weight", "has shape", "expected"]);
+    assert_mentions(
+        &msg,
+        &[UNET_WEIGHTS, "attn2.to_k.weight", "has shape", "expected"],
+    );
 }
 
 #[test]
@@ -119,22 +132,35 @@ fn params() -> GenerateParams {
 #[test]
 fn bad_requests_are_rejected_with_the_reason() {
     let sd = StableDiffusion::load(&common::model_dir("sd1"), &Device::Cpu).unwrap();
-    let run = |p: GenerateParams| match sd.generate(&p, &mut |_| std::ops::ControlFlow::Continue(())) {
-        Ok(_) => panic!("{p:?} was accepted"),
-        Err(e) => e,
-    };
+    let run =
+        |p: GenerateParams| match sd.generate(&p, &mut |_| std::ops::ControlFlow::Continue(())) {
+            Ok(_) => panic!("{p:?} was accepted"),
+            Err(e) => e,
+        };
     let factor = sd.vae_scale_factor();
-    let e = run(GenerateParams { steps: 0, ..params() });
+    let e = run(GenerateParams {
+        steps: 0,
+        ..params()
+    });
     assert!(matches!(e, Error::InvalidArgument(_)), "{e}");
     assert_mentions(&e.to_string(), &["steps"]);
 
-    let e = run(GenerateParams { width: 32 + factor + 1, ..params() });
+    let e = run(GenerateParams {
+        width: 32 + factor + 1,
+        ..params()
+    });
     assert_mentions(&e.to_string(), &["multiple", &factor.to_string()]);
 
-    let e = run(GenerateParams { scheduler: Some("warp-drive".into()), ..params() });
+    let e = run(GenerateParams {
+        scheduler: Some("warp-drive".into()),
+        ..params()
+    });
     assert_mentions(&e.to_string(), &["warp-drive"]);
 
-    let e = run(GenerateParams { guidance_scale: f64::NAN, ..params() });
+    let e = run(GenerateParams {
+        guidance_scale: f64::NAN,
+        ..params()
+    });
     assert_mentions(&e.to_string(), &["guidance"]);
 }
 

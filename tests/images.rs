@@ -136,10 +136,13 @@ fn images_match_diffusers_for_every_case() {
         for (index, case) in cases.iter().enumerate() {
             let name = format!("{} on {device_name}", describe(index, case));
             let fixture = case["fixture"].as_str().expect("fixture");
-            let sd = models.entry((fixture.to_string(), device_name.clone())).or_insert_with(|| {
-                StableDiffusion::load(&common::model_dir(fixture), &device)
-                    .unwrap_or_else(|e| panic!("{fixture}: loading the model folder on {device} failed: {e}"))
-            });
+            let sd = models
+                .entry((fixture.to_string(), device_name.clone()))
+                .or_insert_with(|| {
+                    StableDiffusion::load(&common::model_dir(fixture), &device).unwrap_or_else(
+                        |e| panic!("{fixture}: loading the model folder on {device} failed: {e}"),
+                    )
+                });
             if let Err(message) = run_case(sd, case, &name) {
                 println!("FAILED {message}");
                 failures.push(message);

@@ -10,12 +10,20 @@ use common::assert_close;
 fn random(shape: &[usize], seed: u64) -> (Tensor, Vec<f32>) {
     let n: usize = shape.iter().product();
     let data = TorchRng::new(seed).randn(n.max(16))[..n].to_vec();
-    (Tensor::from_vec(data.clone(), shape, &Device::Cpu).unwrap(), data)
+    (
+        Tensor::from_vec(data.clone(), shape, &Device::Cpu).unwrap(),
+        data,
+    )
 }
 
 #[test]
 fn matmul_and_linear_match_naive_products() {
-    for &(b, m, k, n) in &[(1, 1, 1, 1), (2, 37, 19, 53), (1, 130, 257, 67), (3, 5, 300, 2)] {
+    for &(b, m, k, n) in &[
+        (1, 1, 1, 1),
+        (2, 37, 19, 53),
+        (1, 130, 257, 67),
+        (3, 5, 300, 2),
+    ] {
         let (a, av) = random(&[b, m, k], 1);
         let (w, wv) = random(&[b, k, n], 2);
         let mut expected = vec![0f64; b * m * n];
@@ -28,7 +36,12 @@ fn matmul_and_linear_match_naive_products() {
                 }
             }
         }
-        assert_close("matmul", &a.matmul(&w).unwrap().to_vec().unwrap(), &expected, 1e-5);
+        assert_close(
+            "matmul",
+            &a.matmul(&w).unwrap().to_vec().unwrap(),
+            &expected,
+            1e-5,
+        );
 
         // linear: x [b*m, k] with weight [n, k] and bias.
         let (wt, wtv) = random(&[n, k], 3);
@@ -37,7 +50,9 @@ fn matmul_and_linear_match_naive_products() {
         for r in 0..b * m {
             for j in 0..n {
                 expected[r * n + j] = biasv[j] as f64
-                    + (0..k).map(|p| av[r * k + p] as f64 * wtv[j * k + p] as f64).sum::<f64>();
+                    + (0..k)
+                        .map(|p| av[r * k + p] as f64 * wtv[j * k + p] as f64)
+                        .sum::<f64>();
             }
         }
         let got = a.linear(&wt, Some(&bias)).unwrap();
@@ -46,7 +61,15 @@ fn matmul_and_linear_match_naive_products() {
     }
 }
 
-fn naive_conv(x: &[f32], xs: [usize; 4], w: &[f32], ws: [usize; 4], bias: &[f32], stride: usize, pad: usize) -> (Vec<f64>, [usize; 4]) {
+fn naive_conv(
+    x: &[f32],
+    xs: [usize; 4],
+    w: &[f32],
+    ws: [usize; 4],
+    bias: &[f32],
+    stride: usize,
+    pad: usize,
+) -> (Vec<f64>, [usize; 4]) {
     let [n, c, h, wd] = xs;
     let [oc, _, kh, kw] = ws;
     let oh = (h + 2 * pad - kh) / stride + 1;
@@ -65,7 +88,8 @@ fn naive_conv(x: &[f32], xs: [usize; 4], w: &[f32], ws: [usize; 4], bias: &[f32]
                                 if iy < 0 || ix < 0 || iy as usize >= h || ix as usize >= wd {
                                     continue;
                                 }
-                                acc += x[((b * c + ci) * h + iy as usize) * wd + ix as usize] as f64
+                                acc += x[((b * c + ci) * h + iy as usize) * wd + ix as usize]
+                                    as f64
                                     * w[((o * c + ci) * kh + ky) * kw + kx] as f64;
                             }
                         }
@@ -95,14 +119,24 @@ fn conv2d_matches_naive_convolution() {
         let (expected, shape) = naive_conv(&xv, xs, &wv, ws, &bv, stride, pad);
         let got = x.conv2d(&w, Some(&b), stride, pad).unwrap();
         assert_eq!(got.shape(), &shape);
-        assert_close(&format!("conv2d case {i}"), &got.to_vec().unwrap(), &expected, 1e-5);
+        assert_close(
+            &format!("conv2d case {i}"),
+            &got.to_vec().unwrap(),
+            &expected,
+            1e-5,
+        );
     }
 }
 
 #[test]
 fn attention_matches_naive_softmax_attention() {
     // (batch, heads, q_len, kv_len, head_dim, causal); 300 queries cross a query block.
-    let cases = [(1, 1, 3, 3, 4, false), (2, 3, 300, 77, 8, false), (1, 2, 77, 77, 5, true), (2, 1, 17, 130, 3, false)];
+    let cases = [
+        (1, 1, 3, 3, 4, false),
+        (2, 3, 300, 77, 8, false),
+        (1, 2, 77, 77, 5, true),
+        (2, 1, 17, 130, 3, false),
+    ];
     for (ci, &(b, h, lq, lk, d, causal)) in cases.iter().enumerate() {
         let inner = h * d;
         let (q, qv) = random(&[b, lq, inner], 40 + ci as u64);
@@ -116,7 +150,10 @@ fn attention_matches_naive_softmax_attention() {
                     let scores: Vec<f64> = (0..visible)
                         .map(|j| {
                             (0..d)
-                                .map(|x| qv[(bi * lq + i) * inner + hi * d + x] as f64 * kv[(bi * lk + j) * inner + hi * d + x] as f64)
+                                .map(|x| {
+                                    qv[(bi * lq + i) * inner + hi * d + x] as f64
+                                        * kv[(bi * lk + j) * inner + hi * d + x] as f64
+                                })
                                 .sum::<f64>()
                                 / (d as f64).sqrt()
                         })
@@ -125,14 +162,20 @@ fn attention_matches_naive_softmax_attention() {
                     let exps: Vec<f64> = scores.iter().map(|s| (s - max).exp()).collect();
                     let sum: f64 = exps.iter().sum();
                     for x in 0..d {
-                        expected[(bi * lq + i) * inner + hi * d + x] =
-                            (0..visible).map(|j| exps[j] / sum * vv[(bi * lk + j) * inner + hi * d + x] as f64).sum();
+                        expected[(bi * lq + i) * inner + hi * d + x] = (0..visible)
+                            .map(|j| exps[j] / sum * vv[(bi * lk + j) * inner + hi * d + x] as f64)
+                            .sum();
                     }
                 }
             }
         }
         let got = Tensor::attention(&q, &k, &v, h, causal).unwrap();
-        assert_close(&format!("attention case {ci}"), &got.to_vec().unwrap(), &expected, 1e-5);
+        assert_close(
+            &format!("attention case {ci}"),
+            &got.to_vec().unwrap(),
+            &expected,
+            1e-5,
+        );
     }
 }
 
@@ -167,33 +210,58 @@ fn group_norm_and_layer_norm_match_definitions() {
         let mean = row.iter().map(|&v| v as f64).sum::<f64>() / 7.0;
         let var = row.iter().map(|&v| (v as f64 - mean).powi(2)).sum::<f64>() / 7.0;
         for j in 0..7 {
-            expected[r * 7 + j] = (row[j] as f64 - mean) / (var + 1e-5).sqrt() * gv[j] as f64 + bv[j] as f64;
+            expected[r * 7 + j] =
+                (row[j] as f64 - mean) / (var + 1e-5).sqrt() * gv[j] as f64 + bv[j] as f64;
         }
     }
-    assert_close("layer_norm", &x.layer_norm(&g, &b, 1e-5).unwrap().to_vec().unwrap(), &expected, 1e-5);
+    assert_close(
+        "layer_norm",
+        &x.layer_norm(&g, &b, 1e-5).unwrap().to_vec().unwrap(),
+        &expected,
+        1e-5,
+    );
 }
 
 #[test]
 fn layout_ops_move_the_right_elements() {
-    let x = Tensor::from_vec((0..24).map(|v| v as f32).collect(), &[2, 3, 4], &Device::Cpu).unwrap();
+    let x = Tensor::from_vec(
+        (0..24).map(|v| v as f32).collect(),
+        &[2, 3, 4],
+        &Device::Cpu,
+    )
+    .unwrap();
     let p = x.permute(&[2, 0, 1]).unwrap();
     assert_eq!(p.shape(), &[4, 2, 3]);
     let pv = p.to_vec().unwrap();
     assert_eq!(pv[0..6], [0.0, 4.0, 8.0, 12.0, 16.0, 20.0]);
-    assert_eq!(x.narrow(1, 1, 2).unwrap().to_vec().unwrap()[..4], [4.0, 5.0, 6.0, 7.0]);
+    assert_eq!(
+        x.narrow(1, 1, 2).unwrap().to_vec().unwrap()[..4],
+        [4.0, 5.0, 6.0, 7.0]
+    );
     let c = Tensor::cat(&[&x, &x.narrow(2, 0, 1).unwrap()], 2).unwrap();
     assert_eq!(c.shape(), &[2, 3, 5]);
     assert_eq!(c.to_vec().unwrap()[..5], [0.0, 1.0, 2.0, 3.0, 0.0]);
 
     // Nearest resize to a non-multiple size follows torch: src = floor(dst * in / out).
-    let img = Tensor::from_vec((0..6).map(|v| v as f32).collect(), &[1, 1, 2, 3], &Device::Cpu).unwrap();
+    let img = Tensor::from_vec(
+        (0..6).map(|v| v as f32).collect(),
+        &[1, 1, 2, 3],
+        &Device::Cpu,
+    )
+    .unwrap();
     let up = img.upsample_nearest(3, 5).unwrap().to_vec().unwrap();
     assert_eq!(up[..5], [0.0, 0.0, 1.0, 1.0, 2.0]);
     assert_eq!(up[10..15], [3.0, 3.0, 4.0, 4.0, 5.0]);
 
     // Broadcasting a per-channel bias over an NCHW tensor.
     let bias = Tensor::from_vec(vec![10.0, 20.0, 30.0], &[1, 3, 1, 1], &Device::Cpu).unwrap();
-    let sum = x.reshape(&[2, 3, 2, 2]).unwrap().add(&bias).unwrap().to_vec().unwrap();
+    let sum = x
+        .reshape(&[2, 3, 2, 2])
+        .unwrap()
+        .add(&bias)
+        .unwrap()
+        .to_vec()
+        .unwrap();
     assert_eq!(sum[..5], [10.0, 11.0, 12.0, 13.0, 24.0]);
 }
 
@@ -204,7 +272,10 @@ fn geglu_and_activations_match_formulas() {
     let gelu = |v: f64| 0.5 * v * (1.0 + libm::erf(v / 2f64.sqrt()));
     assert_close("geglu", &g, &[gelu(0.5), -2.0 * gelu(3.0)], 1e-6);
     let q = x.quick_gelu().unwrap().to_vec().unwrap();
-    let expected: Vec<f64> = [1.0f64, -2.0, 0.5, 3.0].iter().map(|v| v / (1.0 + (-1.702 * v).exp())).collect();
+    let expected: Vec<f64> = [1.0f64, -2.0, 0.5, 3.0]
+        .iter()
+        .map(|v| v / (1.0 + (-1.702 * v).exp()))
+        .collect();
     assert_close("quick_gelu", &q, &expected, 1e-6);
 }
 

@@ -11,8 +11,10 @@ use common::{copy_fixture, model_dir};
 
 /// A request that keeps the engine busy for tens of seconds on the sd1 fixture (0.3 s a
 /// step on 2 cores); tests cancel it long before it ends.
-const LONG_JOB: &str = r#"{"prompt": "a long job", "width": 64, "height": 64, "num_inference_steps": 150, "seed": 1}"#;
-const SMALL_JOB: &str = r#"{"prompt": "a small job", "width": 64, "height": 64, "num_inference_steps": 2, "seed": 2}"#;
+const LONG_JOB: &str =
+    r#"{"prompt": "a long job", "width": 64, "height": 64, "num_inference_steps": 150, "seed": 1}"#;
+const SMALL_JOB: &str =
+    r#"{"prompt": "a small job", "width": 64, "height": 64, "num_inference_steps": 2, "seed": 2}"#;
 
 fn wait_until(what: &str, timeout: Duration, mut done: impl FnMut() -> bool) {
     let deadline = Instant::now() + timeout;
@@ -36,13 +38,17 @@ fn start_long_job(server: &Server) -> TcpStream {
     );
     stream.write_all(head.as_bytes()).unwrap();
     stream.write_all(LONG_JOB.as_bytes()).unwrap();
-    wait_until("the long job runs", Duration::from_secs(30), || busy(server));
+    wait_until("the long job runs", Duration::from_secs(30), || {
+        busy(server)
+    });
     stream
 }
 
 fn png_size(b64: &str) -> (u32, u32) {
     use base64::Engine as _;
-    let png = base64::engine::general_purpose::STANDARD.decode(b64).expect("base64 image");
+    let png = base64::engine::general_purpose::STANDARD
+        .decode(b64)
+        .expect("base64 image");
     let img = image::load_from_memory_with_format(&png, image::ImageFormat::Png).expect("a PNG");
     (img.width(), img.height())
 }
@@ -57,34 +63,71 @@ fn generate_returns_the_cli_image_and_its_parameters() {
     assert_eq!(r.status, 200, "{}", r.text());
     let json = r.json();
     assert_eq!(json["seed"], 1234);
-    assert_eq!((json["width"].as_u64(), json["height"].as_u64()), (Some(64), Some(80)));
+    assert_eq!(
+        (json["width"].as_u64(), json["height"].as_u64()),
+        (Some(64), Some(80))
+    );
     assert_eq!(json["num_inference_steps"], 3);
     assert_eq!(json["guidance_scale"], 6.5);
     assert!(json["time_taken"].as_f64().unwrap() > 0.0);
     let b64 = json["image"].as_str().unwrap();
-    assert!(!b64.starts_with("data:"), "the guide's clients add the data: prefix themselves");
+    assert!(
+        !b64.starts_with("data:"),
+        "the guide's clients add the data: prefix themselves"
+    );
     assert_eq!(png_size(b64), (64, 80));
 
     // The same inputs through `sd-wgpu generate` give the same pixels.
     let out = tempfile::tempdir().unwrap();
     let png = out.path().join("cli.png");
     let status = std::process::Command::new(env!("CARGO_BIN_EXE_sd-wgpu"))
-        .args(["generate", "--backend", "cpu", "--prompt", "a red bicycle", "--negative-prompt", "blurry"])
-        .args(["--steps", "3", "--guidance", "6.5", "--width", "64", "--height", "80", "--seed", "1234"])
+        .args([
+            "generate",
+            "--backend",
+            "cpu",
+            "--prompt",
+            "a red bicycle",
+            "--negative-prompt",
+            "blurry",
+        ])
+        .args([
+            "--steps",
+            "3",
+            "--guidance",
+            "6.5",
+            "--width",
+            "64",
+            "--height",
+            "80",
+            "--seed",
+            "1234",
+        ])
         .arg("--model")
         .arg(model_dir("sd1"))
         .arg("--output")
         .arg(&png)
         .output()
         .unwrap();
-    assert!(status.status.success(), "{}", String::from_utf8_lossy(&status.stderr));
+    assert!(
+        status.status.success(),
+        "{}",
+        String::from_utf8_lossy(&status.stderr)
+    );
     use base64::Engine as _;
-    let served = image::load_from_memory(&base64::engine::general_purpose::STANDARD.decode(b64).unwrap()).unwrap();
+    let served = image::load_from_memory(
+        &base64::engine::general_purpose::STANDARD
+            .decode(b64)
+            .unwrap(),
+    )
+    .unwrap();
     let cli = image::open(&png).unwrap();
     assert_eq!(served.to_rgb8().into_raw(), cli.to_rgb8().into_raw());
 
     // Seed -1 (and no seed) picks one and says which.
-    let r = server.post_json("/generate", r#"{"prompt": "a cat", "width": 64, "height": 64, "num_inference_steps": 1}"#);
+    let r = server.post_json(
+        "/generate",
+        r#"{"prompt": "a cat", "width": 64, "height": 64, "num_inference_steps": 1}"#,
+    );
     assert_eq!(r.status, 200, "{}", r.text());
     assert!(r.json()["seed"].as_u64().is_some());
 
@@ -98,30 +141,109 @@ fn generate_returns_the_cli_image_and_its_parameters() {
 fn every_error_is_json_with_the_right_status() {
     let server = Server::start(
         &model_dir("sd1"),
-        &["--max-prompt-chars", "50", "--max-steps", "40", "--default-steps", "2", "--max-pixels", "262144", "--body-limit", "2048"],
+        &[
+            "--max-prompt-chars",
+            "50",
+            "--max-steps",
+            "40",
+            "--default-steps",
+            "2",
+            "--max-pixels",
+            "262144",
+            "--body-limit",
+            "2048",
+        ],
     );
     server.wait_ready();
     let cases: &[(&str, u16, &str)] = &[
         (r#"{"negative_prompt": "x"}"#, 400, "`prompt` is required"),
         (r#"{"prompt": ""}"#, 400, "`prompt` must not be empty"),
         (r#"{"prompt": 42}"#, 400, "`prompt` must be a string"),
-        (r#"{"prompt": "aaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaa"}"#, 400, "`prompt` is 56 characters"),
-        (r#"{"prompt": "a", "negative_prompt": 7}"#, 400, "`negative_prompt` must be a string"),
-        (r#"{"prompt": "a", "num_inference_steps": "30"}"#, 400, "`num_inference_steps` must be an integer"),
-        (r#"{"prompt": "a", "num_inference_steps": 0}"#, 400, "`num_inference_steps` must be between 1 and 40"),
-        (r#"{"prompt": "a", "num_inference_steps": 41}"#, 400, "`num_inference_steps` must be between 1 and 40"),
-        (r#"{"prompt": "a", "guidance_scale": "7.5"}"#, 400, "`guidance_scale` must be a number"),
-        (r#"{"prompt": "a", "guidance_scale": 30.5}"#, 400, "`guidance_scale` must be a number between 0 and 30"),
-        (r#"{"prompt": "a", "guidance_scale": 1e999}"#, 400, "not valid JSON"),
-        (r#"{"prompt": "a", "width": 100}"#, 400, "`width` must be a multiple of 8"),
-        (r#"{"prompt": "a", "height": 56}"#, 400, "`height` must be a multiple of 8 between 64 and 2048"),
-        (r#"{"prompt": "a", "height": 2056}"#, 400, "`height` must be a multiple of 8 between 64 and 2048"),
-        (r#"{"prompt": "a", "width": 1024, "height": 512}"#, 400, "over this server's limit of 262144 pixels"),
-        (r#"{"prompt": "a", "seed": "42"}"#, 400, "`seed` must be an integer"),
-        (r#"{"prompt": "a", "seed": 4.5}"#, 400, "`seed` must be an integer"),
-        (r#"{"prompt": "a", "seed": -2}"#, 400, "`seed` must be -1 (random) or a non-negative integer"),
-        (r#"{"prompt": "a", "steps": 30}"#, 400, "unknown field `steps`"),
-        (r#"{"prompt": "a", "scheduler": "warp-drive"}"#, 400, "unknown scheduler `warp-drive`"),
+        (
+            r#"{"prompt": "aaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaa"}"#,
+            400,
+            "`prompt` is 56 characters",
+        ),
+        (
+            r#"{"prompt": "a", "negative_prompt": 7}"#,
+            400,
+            "`negative_prompt` must be a string",
+        ),
+        (
+            r#"{"prompt": "a", "num_inference_steps": "30"}"#,
+            400,
+            "`num_inference_steps` must be an integer",
+        ),
+        (
+            r#"{"prompt": "a", "num_inference_steps": 0}"#,
+            400,
+            "`num_inference_steps` must be between 1 and 40",
+        ),
+        (
+            r#"{"prompt": "a", "num_inference_steps": 41}"#,
+            400,
+            "`num_inference_steps` must be between 1 and 40",
+        ),
+        (
+            r#"{"prompt": "a", "guidance_scale": "7.5"}"#,
+            400,
+            "`guidance_scale` must be a number",
+        ),
+        (
+            r#"{"prompt": "a", "guidance_scale": 30.5}"#,
+            400,
+            "`guidance_scale` must be a number between 0 and 30",
+        ),
+        (
+            r#"{"prompt": "a", "guidance_scale": 1e999}"#,
+            400,
+            "not valid JSON",
+        ),
+        (
+            r#"{"prompt": "a", "width": 100}"#,
+            400,
+            "`width` must be a multiple of 8",
+        ),
+        (
+            r#"{"prompt": "a", "height": 56}"#,
+            400,
+            "`height` must be a multiple of 8 between 64 and 2048",
+        ),
+        (
+            r#"{"prompt": "a", "height": 2056}"#,
+            400,
+            "`height` must be a multiple of 8 between 64 and 2048",
+        ),
+        (
+            r#"{"prompt": "a", "width": 1024, "height": 512}"#,
+            400,
+            "over this server's limit of 262144 pixels",
+        ),
+        (
+            r#"{"prompt": "a", "seed": "42"}"#,
+            400,
+            "`seed` must be an integer",
+        ),
+        (
+            r#"{"prompt": "a", "seed": 4.5}"#,
+            400,
+            "`seed` must be an integer",
+        ),
+        (
+            r#"{"prompt": "a", "seed": -2}"#,
+            400,
+            "`seed` must be -1 (random) or a non-negative integer",
+        ),
+        (
+            r#"{"prompt": "a", "steps": 30}"#,
+            400,
+            "unknown field `steps`",
+        ),
+        (
+            r#"{"prompt": "a", "scheduler": "warp-drive"}"#,
+            400,
+            "unknown scheduler `warp-drive`",
+        ),
         (r#"{"prompt": "a", "#, 400, "not valid JSON"),
         ("prompt=a+cat", 400, "not valid JSON"),
         ("[\"a cat\"]", 400, "must be a JSON object"),
@@ -131,7 +253,10 @@ fn every_error_is_json_with_the_right_status() {
         let r = server.post_json("/generate", body);
         assert_eq!(r.status, *status, "{body}: {}", r.text());
         let error = r.error();
-        assert!(error.contains(message), "{body}: {error:?} does not contain {message:?}");
+        assert!(
+            error.contains(message),
+            "{body}: {error:?} does not contain {message:?}"
+        );
     }
 
     let r = server.get("/no/such/path");
@@ -169,7 +294,10 @@ fn health_says_loading_until_the_model_is_ready() {
     let config = dir.join("tokenizer/tokenizer_config.json");
     let content = std::fs::read(&config).unwrap();
     std::fs::remove_file(&config).unwrap();
-    let made = std::process::Command::new("mkfifo").arg(&config).status().expect("mkfifo (coreutils)");
+    let made = std::process::Command::new("mkfifo")
+        .arg(&config)
+        .status()
+        .expect("mkfifo (coreutils)");
     assert!(made.success());
 
     let server = Server::start(&dir, &[]);
@@ -182,7 +310,12 @@ fn health_says_loading_until_the_model_is_ready() {
     assert!(r.header("retry-after").is_some());
     assert!(r.error().contains("loading"));
 
-    std::fs::OpenOptions::new().write(true).open(&config).unwrap().write_all(&content).unwrap();
+    std::fs::OpenOptions::new()
+        .write(true)
+        .open(&config)
+        .unwrap()
+        .write_all(&content)
+        .unwrap();
     server.wait_ready();
     let r = server.post_json("/generate", SMALL_JOB);
     assert_eq!(r.status, 200, "{}", r.text());
@@ -191,12 +324,24 @@ fn health_says_loading_until_the_model_is_ready() {
 #[test]
 fn a_model_that_fails_to_load_is_reported_and_the_server_stays_up() {
     let (_tmp, dir) = copy_fixture("sd1");
-    std::fs::write(dir.join("unet/diffusion_pytorch_model.safetensors"), b"not safetensors").unwrap();
+    std::fs::write(
+        dir.join("unet/diffusion_pytorch_model.safetensors"),
+        b"not safetensors",
+    )
+    .unwrap();
     let mut server = Server::start(&dir, &[]);
-    wait_until("the load fails", Duration::from_secs(30), || server.get("/health").json()["model_state"] == "failed");
+    wait_until("the load fails", Duration::from_secs(30), || {
+        server.get("/health").json()["model_state"] == "failed"
+    });
     let health = server.get("/health").json();
     assert_eq!(health["model_loaded"], false);
-    assert!(health["model_error"].as_str().unwrap().contains("diffusion_pytorch_model.safetensors"), "{health}");
+    assert!(
+        health["model_error"]
+            .as_str()
+            .unwrap()
+            .contains("diffusion_pytorch_model.safetensors"),
+        "{health}"
+    );
     let r = server.post_json("/generate", SMALL_JOB);
     assert_eq!(r.status, 503);
     assert!(r.error().contains("failed to load"));
@@ -224,7 +369,13 @@ fn a_failing_generation_is_a_500_and_the_next_request_works() {
     }
     let views: Vec<(String, safetensors::tensor::TensorView)> = tensors
         .iter()
-        .map(|(n, s, d)| (n.clone(), safetensors::tensor::TensorView::new(safetensors::Dtype::F32, s.clone(), d).unwrap()))
+        .map(|(n, s, d)| {
+            (
+                n.clone(),
+                safetensors::tensor::TensorView::new(safetensors::Dtype::F32, s.clone(), d)
+                    .unwrap(),
+            )
+        })
         .collect();
     std::fs::write(&path, safetensors::serialize(views, None).unwrap()).unwrap();
     let config_path = dir.join("text_encoder/config.json");
@@ -250,7 +401,13 @@ fn a_full_queue_answers_503_with_retry_after() {
     // One more may wait...
     let addr = server.addr;
     let waiting = std::thread::spawn(move || {
-        request(addr, "POST", "/generate", &[("Content-Type", "application/json")], SMALL_JOB.as_bytes())
+        request(
+            addr,
+            "POST",
+            "/generate",
+            &[("Content-Type", "application/json")],
+            SMALL_JOB.as_bytes(),
+        )
     });
     wait_until("the second job is queued", Duration::from_secs(10), || {
         server.get("/health").json()["queue_length"] == 1
@@ -280,11 +437,15 @@ fn a_client_that_disconnects_frees_the_engine() {
         SMALL_JOB.len()
     )
     .unwrap();
-    wait_until("a job is queued", Duration::from_secs(10), || server.get("/health").json()["queue_length"] == 1);
+    wait_until("a job is queued", Duration::from_secs(10), || {
+        server.get("/health").json()["queue_length"] == 1
+    });
     drop(queued);
     // Gone while running: stopped at the next step.
     drop(running);
-    wait_until("the engine is free", Duration::from_secs(10), || !busy(&server));
+    wait_until("the engine is free", Duration::from_secs(10), || {
+        !busy(&server)
+    });
     let log = server.log();
     assert!(log.contains("dropped a queued job"), "{log}");
     assert!(log.contains("stopped a running job"), "{log}");
@@ -301,7 +462,9 @@ fn the_time_limit_stops_a_job_with_a_json_error() {
     let r = server.post_json("/generate", LONG_JOB);
     assert_eq!(r.status, 504, "{}", r.text());
     assert!(r.error().contains("limit of 10 s"));
-    wait_until("the engine is free", Duration::from_secs(10), || !busy(&server));
+    wait_until("the engine is free", Duration::from_secs(10), || {
+        !busy(&server)
+    });
     assert!(server.log().contains("stopped a running job"));
     let r = server.post_json("/generate", SMALL_JOB);
     assert_eq!(r.status, 200, "{}", r.text());
@@ -340,7 +503,10 @@ fn many_clients_at_once_get_200_or_503_and_nothing_breaks() {
     }
     // At least the queue's worth is served (more when the engine picks jobs up meanwhile).
     assert!(ok >= 2, "{ok} succeeded, {refused} refused");
-    assert!(refused >= 1, "12 clients at once against a queue of 2: some must be refused");
+    assert!(
+        refused >= 1,
+        "12 clients at once against a queue of 2: some must be refused"
+    );
     let r = server.post_json("/generate", SMALL_JOB);
     assert_eq!(r.status, 200, "{}", r.text());
     let grown = server.rss_kib().saturating_sub(rss_before);
@@ -353,13 +519,26 @@ fn sigterm_cancels_the_running_job_and_exits_cleanly() {
     server.wait_ready();
     let addr = server.addr;
     let client = std::thread::spawn(move || {
-        request(addr, "POST", "/generate", &[("Content-Type", "application/json")], LONG_JOB.as_bytes())
+        request(
+            addr,
+            "POST",
+            "/generate",
+            &[("Content-Type", "application/json")],
+            LONG_JOB.as_bytes(),
+        )
     });
-    wait_until("the long job runs", Duration::from_secs(30), || busy(&server));
-    let status = server.terminate(Duration::from_secs(20)).expect("the server exits after SIGTERM");
+    wait_until("the long job runs", Duration::from_secs(30), || {
+        busy(&server)
+    });
+    let status = server
+        .terminate(Duration::from_secs(20))
+        .expect("the server exits after SIGTERM");
     assert!(status.success(), "exit status {status}");
     let r = client.join().unwrap();
     assert_eq!(r.status, 503, "{}", r.text());
     assert!(r.error().contains("shutting down"));
-    assert!(TcpStream::connect(addr).is_err(), "still accepting after shutdown");
+    assert!(
+        TcpStream::connect(addr).is_err(),
+        "still accepting after shutdown"
+    );
 }

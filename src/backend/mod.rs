@@ -25,7 +25,10 @@ pub fn select_device(choice: BackendChoice, adapter: Option<&str>) -> Result<Dev
         BackendChoice::Auto => match gpu::GpuDevice::new(adapter) {
             Ok(g) if !g.is_software() || adapter.is_some() => Ok(Device::Gpu(g)),
             Ok(g) => {
-                tracing::info!("only a software GPU adapter ({}) was found: using the CPU backend", g.name());
+                tracing::info!(
+                    "only a software GPU adapter ({}) was found: using the CPU backend",
+                    g.name()
+                );
                 Ok(Device::Cpu)
             }
             Err(e) => {

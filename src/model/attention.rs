@@ -81,7 +81,14 @@ pub struct BasicTransformerBlock {
 }
 
 impl BasicTransformerBlock {
-    pub fn new(w: &Weights, dim: usize, heads: usize, head_dim: usize, cross_dim: usize, only_cross_attention: bool) -> Result<Self> {
+    pub fn new(
+        w: &Weights,
+        dim: usize,
+        heads: usize,
+        head_dim: usize,
+        cross_dim: usize,
+        only_cross_attention: bool,
+    ) -> Result<Self> {
         let attn1_context = if only_cross_attention { cross_dim } else { dim };
         Ok(BasicTransformerBlock {
             norm1: LayerNorm::new(&w.pp("norm1"), dim, 1e-5)?,
@@ -96,8 +103,14 @@ impl BasicTransformerBlock {
 
     pub fn forward(&self, x: &Tensor, context: &Tensor) -> Result<Tensor> {
         let self_context = self.only_cross_attention.then_some(context);
-        let x = self.attn1.forward(&self.norm1.forward(x)?, self_context)?.add(x)?;
-        let x = self.attn2.forward(&self.norm2.forward(&x)?, Some(context))?.add(&x)?;
+        let x = self
+            .attn1
+            .forward(&self.norm1.forward(x)?, self_context)?
+            .add(x)?;
+        let x = self
+            .attn2
+            .forward(&self.norm2.forward(&x)?, Some(context))?
+            .add(&x)?;
         self.ff.forward(&self.norm3.forward(&x)?)?.add(&x)
     }
 }

@@ -56,7 +56,7 @@ impl ClipTextModel {
             }
         };
         let d = c.hidden_size;
-        if c.num_attention_heads == 0 || d % c.num_attention_heads != 0 {
+        if c.num_attention_heads == 0 || !d.is_multiple_of(c.num_attention_heads) {
             return Err(Error::config(
                 config_path,
                 format!(

@@ -85,7 +85,10 @@ impl ModelFolder {
         if path.is_file() {
             Ok(path)
         } else {
-            Err(Error::InvalidArgument(format!("{} is missing", path.display())))
+            Err(Error::InvalidArgument(format!(
+                "{} is missing",
+                path.display()
+            )))
         }
     }
 
@@ -102,7 +105,10 @@ impl ModelFolder {
     pub fn weights(&self, c: Component) -> Result<PathBuf> {
         let dir = self.dir(c)?;
         let stem = c.weights_stem();
-        let candidates = [format!("{stem}.safetensors"), format!("{stem}.fp16.safetensors")];
+        let candidates = [
+            format!("{stem}.safetensors"),
+            format!("{stem}.fp16.safetensors"),
+        ];
         if let Some(found) = candidates.iter().map(|n| dir.join(n)).find(|p| p.is_file()) {
             return Ok(found);
         }

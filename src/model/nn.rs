@@ -14,7 +14,11 @@ impl Linear {
     pub fn new(w: &Weights, in_features: usize, out_features: usize, bias: bool) -> Result<Self> {
         Ok(Linear {
             weight: w.get("weight", &[out_features, in_features])?,
-            bias: if bias { Some(w.get("bias", &[out_features])?) } else { None },
+            bias: if bias {
+                Some(w.get("bias", &[out_features])?)
+            } else {
+                None
+            },
         })
     }
 

@@ -175,7 +175,7 @@ impl ClipTokenizer {
         };
         // transformers stores "no limit" as a huge float; CLIP's position table is 77.
         let max_length = match config.model_max_length {
-            Some(n) if n >= 2.0 && n <= 1e6 => n as usize,
+            Some(n) if (2.0..=1e6).contains(&n) => n as usize,
             _ => 77,
         };
         Ok(ClipTokenizer {

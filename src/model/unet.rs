@@ -102,13 +102,34 @@ fn check_supported(c: &UNetConfig, path: &Path) -> Result<()> {
         (c.act_fn != "silu", format!("act_fn = {:?}", c.act_fn)),
         (c.center_input_sample, "center_input_sample = true".into()),
         (c.dual_cross_attention, "dual_cross_attention = true".into()),
-        (c.class_embed_type.is_some(), format!("class_embed_type = {:?}", c.class_embed_type)),
-        (c.addition_embed_type.is_some(), format!("addition_embed_type = {:?}", c.addition_embed_type)),
-        (c.resnet_time_scale_shift != "default", format!("resnet_time_scale_shift = {:?}", c.resnet_time_scale_shift)),
-        (c.time_embedding_type != "positional", format!("time_embedding_type = {:?}", c.time_embedding_type)),
-        (c.time_cond_proj_dim.is_some() || c.timestep_post_act.is_some(), "time_cond_proj_dim / timestep_post_act".into()),
-        (c.attention_type != "default", format!("attention_type = {:?}", c.attention_type)),
-        (c.conv_in_kernel % 2 == 0 || c.conv_out_kernel % 2 == 0, "even conv_in_kernel / conv_out_kernel".into()),
+        (
+            c.class_embed_type.is_some(),
+            format!("class_embed_type = {:?}", c.class_embed_type),
+        ),
+        (
+            c.addition_embed_type.is_some(),
+            format!("addition_embed_type = {:?}", c.addition_embed_type),
+        ),
+        (
+            c.resnet_time_scale_shift != "default",
+            format!("resnet_time_scale_shift = {:?}", c.resnet_time_scale_shift),
+        ),
+        (
+            c.time_embedding_type != "positional",
+            format!("time_embedding_type = {:?}", c.time_embedding_type),
+        ),
+        (
+            c.time_cond_proj_dim.is_some() || c.timestep_post_act.is_some(),
+            "time_cond_proj_dim / timestep_post_act".into(),
+        ),
+        (
+            c.attention_type != "default",
+            format!("attention_type = {:?}", c.attention_type),
+        ),
+        (
+            c.conv_in_kernel.is_multiple_of(2) || c.conv_out_kernel.is_multiple_of(2),
+            "even conv_in_kernel / conv_out_kernel".into(),
+        ),
     ];
     match checks.into_iter().find(|(bad, _)| *bad) {
         Some((_, what)) => Err(unsupported(path, what)),
@@ -133,14 +154,27 @@ impl UNet2DConditionModel {
             .num_attention_heads
             .clone()
             .or_else(|| c.attention_head_dim.clone())
-            .ok_or_else(|| Error::config(config_path, "neither num_attention_heads nor attention_head_dim is set"))?
+            .ok_or_else(|| {
+                Error::config(
+                    config_path,
+                    "neither num_attention_heads nor attention_head_dim is set",
+                )
+            })?
             .expand(levels, "num_attention_heads", config_path)?;
-        let layers = c.layers_per_block.expand(levels, "layers_per_block", config_path)?;
-        let transformer_layers = c
-            .transformer_layers_per_block
-            .expand(levels, "transformer_layers_per_block", config_path)?;
-        let cross = c.cross_attention_dim.expand(levels, "cross_attention_dim", config_path)?;
-        let only_cross = c.only_cross_attention.expand(levels, "only_cross_attention", config_path)?;
+        let layers = c
+            .layers_per_block
+            .expand(levels, "layers_per_block", config_path)?;
+        let transformer_layers = c.transformer_layers_per_block.expand(
+            levels,
+            "transformer_layers_per_block",
+            config_path,
+        )?;
+        let cross = c
+            .cross_attention_dim
+            .expand(levels, "cross_attention_dim", config_path)?;
+        let only_cross =
+            c.only_cross_attention
+                .expand(levels, "only_cross_attention", config_path)?;
         let level = |i: usize| LevelConfig {
             layers: layers[i],
             transformer_layers: transformer_layers[i],
@@ -167,7 +201,12 @@ impl UNet2DConditionModel {
             let with_attention = match kind.as_str() {
                 "CrossAttnDownBlock2D" => true,
                 "DownBlock2D" => false,
-                other => return Err(unsupported(config_path, format!("down block type {other:?}"))),
+                other => {
+                    return Err(unsupported(
+                        config_path,
+                        format!("down block type {other:?}"),
+                    ))
+                }
             };
             let bw = w.pp("down_blocks").pp(i);
             down_blocks.push(DownBlock {
@@ -179,13 +218,22 @@ impl UNet2DConditionModel {
                     .collect::<Result<_>>()?,
                 attentions: if with_attention {
                     (0..lv.layers)
-                        .map(|j| Transformer2DModel::new(&bw.pp("attentions").pp(j), shared.transformer(cout, &lv)))
+                        .map(|j| {
+                            Transformer2DModel::new(
+                                &bw.pp("attentions").pp(j),
+                                shared.transformer(cout, &lv),
+                            )
+                        })
                         .collect::<Result<_>>()?
                 } else {
                     Vec::new()
                 },
                 downsampler: if i + 1 < levels {
-                    Some(Downsample2D::new(&bw.pp("downsamplers").pp(0), cout, c.downsample_padding)?)
+                    Some(Downsample2D::new(
+                        &bw.pp("downsamplers").pp(0),
+                        cout,
+                        c.downsample_padding,
+                    )?)
                 } else {
                     None
                 },
@@ -201,12 +249,25 @@ impl UNet2DConditionModel {
                 let scale = c.mid_block_scale_factor;
                 Some(MidBlock {
                     resnets: (0..2)
-                        .map(|j| ResnetBlock2D::new(&mw.pp("resnets").pp(j), shared.resnet(channels, channels, scale)))
+                        .map(|j| {
+                            ResnetBlock2D::new(
+                                &mw.pp("resnets").pp(j),
+                                shared.resnet(channels, channels, scale),
+                            )
+                        })
                         .collect::<Result<_>>()?,
-                    attentions: vec![Transformer2DModel::new(&mw.pp("attentions").pp(0), shared.transformer(channels, &lv))?],
+                    attentions: vec![Transformer2DModel::new(
+                        &mw.pp("attentions").pp(0),
+                        shared.transformer(channels, &lv),
+                    )?],
                 })
             }
-            Some(other) => return Err(unsupported(config_path, format!("mid block type {other:?}"))),
+            Some(other) => {
+                return Err(unsupported(
+                    config_path,
+                    format!("mid block type {other:?}"),
+                ))
+            }
         };
 
         let reversed: Vec<usize> = c.block_out_channels.iter().rev().copied().collect();
@@ -229,12 +290,20 @@ impl UNet2DConditionModel {
                     .map(|j| {
                         let skip = if j == n - 1 { skip_in } else { out_ch };
                         let cin = if j == 0 { prev_out } else { out_ch };
-                        ResnetBlock2D::new(&bw.pp("resnets").pp(j), shared.resnet(cin + skip, out_ch, 1.0))
+                        ResnetBlock2D::new(
+                            &bw.pp("resnets").pp(j),
+                            shared.resnet(cin + skip, out_ch, 1.0),
+                        )
                     })
                     .collect::<Result<_>>()?,
                 attentions: if with_attention {
                     (0..n)
-                        .map(|j| Transformer2DModel::new(&bw.pp("attentions").pp(j), shared.transformer(out_ch, &lv)))
+                        .map(|j| {
+                            Transformer2DModel::new(
+                                &bw.pp("attentions").pp(j),
+                                shared.transformer(out_ch, &lv),
+                            )
+                        })
                         .collect::<Result<_>>()?
                 } else {
                     Vec::new()
@@ -248,17 +317,41 @@ impl UNet2DConditionModel {
         }
 
         let time_embedding = TimestepEmbedding {
-            linear_1: Linear::new(&w.pp("time_embedding").pp("linear_1"), ch0, temb_channels, true)?,
-            linear_2: Linear::new(&w.pp("time_embedding").pp("linear_2"), temb_channels, temb_channels, true)?,
+            linear_1: Linear::new(
+                &w.pp("time_embedding").pp("linear_1"),
+                ch0,
+                temb_channels,
+                true,
+            )?,
+            linear_2: Linear::new(
+                &w.pp("time_embedding").pp("linear_2"),
+                temb_channels,
+                temb_channels,
+                true,
+            )?,
         };
         Ok(UNet2DConditionModel {
-            conv_in: Conv2d::new(&w.pp("conv_in"), c.in_channels, ch0, c.conv_in_kernel, 1, c.conv_in_kernel / 2)?,
+            conv_in: Conv2d::new(
+                &w.pp("conv_in"),
+                c.in_channels,
+                ch0,
+                c.conv_in_kernel,
+                1,
+                c.conv_in_kernel / 2,
+            )?,
             time_embedding,
             down_blocks,
             mid_block,
             up_blocks,
             conv_norm_out: GroupNorm::new(&w.pp("conv_norm_out"), groups, ch0, c.norm_eps)?,
-            conv_out: Conv2d::new(&w.pp("conv_out"), ch0, c.out_channels, c.conv_out_kernel, 1, c.conv_out_kernel / 2)?,
+            conv_out: Conv2d::new(
+                &w.pp("conv_out"),
+                ch0,
+                c.out_channels,
+                c.conv_out_kernel,
+                1,
+                c.conv_out_kernel / 2,
+            )?,
             config: config.clone(),
         })
     }
@@ -275,7 +368,8 @@ impl UNet2DConditionModel {
         let mut features = Vec::with_capacity(dim);
         let args: Vec<f32> = (0..half)
             .map(|i| {
-                let exponent = -(10000f64.ln() as f32) * i as f32 / (half as f32 - self.config.freq_shift as f32);
+                let exponent = -(10000f64.ln() as f32) * i as f32
+                    / (half as f32 - self.config.freq_shift as f32);
                 timestep * exponent.exp()
             })
             .collect();
@@ -294,12 +388,21 @@ impl UNet2DConditionModel {
 
     /// Predicts the noise (or v) for latents `sample` `[B, C, H, W]` at `timestep`, given
     /// text embeddings `[B, L, cross_attention_dim]`.
-    pub fn forward(&self, sample: &Tensor, timestep: f32, encoder_hidden_states: &Tensor) -> Result<Tensor> {
+    pub fn forward(
+        &self,
+        sample: &Tensor,
+        timestep: f32,
+        encoder_hidden_states: &Tensor,
+    ) -> Result<Tensor> {
         let _span = tracing::debug_span!("unet").entered();
         sample.expect_rank("unet sample", 4)?;
         let batch = sample.dim(0);
         let dim = self.config.block_out_channels[0];
-        let t = Tensor::from_vec(self.timestep_features(timestep, batch), &[batch, dim], &sample.device())?;
+        let t = Tensor::from_vec(
+            self.timestep_features(timestep, batch),
+            &[batch, dim],
+            &sample.device(),
+        )?;
         let emb = self.time_embedding.linear_1.forward(&t)?.silu()?;
         let emb = self.time_embedding.linear_2.forward(&emb)?;
         // Every ResNet block applies SiLU to the embedding first; do it once.
@@ -333,7 +436,9 @@ impl UNet2DConditionModel {
         for block in &self.up_blocks {
             let _span = tracing::trace_span!("up_block").entered();
             for (j, resnet) in block.resnets.iter().enumerate() {
-                let skip = skips.pop().ok_or_else(|| Error::shape("unet", "ran out of skip connections"))?;
+                let skip = skips
+                    .pop()
+                    .ok_or_else(|| Error::shape("unet", "ran out of skip connections"))?;
                 h = resnet.forward(&Tensor::cat(&[&h, &skip], 1)?, Some(&temb))?;
                 if let Some(attn) = block.attentions.get(j) {
                     h = attn.forward(&h, ctx)?;
@@ -342,7 +447,9 @@ impl UNet2DConditionModel {
             if let Some(up) = &block.upsampler {
                 // Resize to the next skip connection's size: 2x when the latent size divides
                 // evenly, otherwise the size diffusers passes as `upsample_size`.
-                let next = skips.last().ok_or_else(|| Error::shape("unet", "ran out of skip connections"))?;
+                let next = skips
+                    .last()
+                    .ok_or_else(|| Error::shape("unet", "ran out of skip connections"))?;
                 h = up.forward(&h, (next.dim(2), next.dim(3)))?;
             }
         }

@@ -69,10 +69,16 @@ impl VaeDecoder {
             ));
         }
         if c.act_fn != "silu" {
-            return Err(Error::config(config_path, format!("unsupported act_fn {:?}", c.act_fn)));
+            return Err(Error::config(
+                config_path,
+                format!("unsupported act_fn {:?}", c.act_fn),
+            ));
         }
         if let Some(kind) = c.up_block_types.iter().find(|k| *k != "UpDecoderBlock2D") {
-            return Err(Error::config(config_path, format!("unsupported up block type {kind:?}")));
+            return Err(Error::config(
+                config_path,
+                format!("unsupported up block type {kind:?}"),
+            ));
         }
         let groups = c.norm_num_groups;
         let resnet = |cin, cout| ResnetConfig {
@@ -94,7 +100,12 @@ impl VaeDecoder {
             let bw = d.pp("up_blocks").pp(i);
             up_blocks.push(UpDecoderBlock {
                 resnets: (0..c.layers_per_block + 1)
-                    .map(|j| ResnetBlock2D::new(&bw.pp("resnets").pp(j), resnet(if j == 0 { prev } else { out_ch }, out_ch)))
+                    .map(|j| {
+                        ResnetBlock2D::new(
+                            &bw.pp("resnets").pp(j),
+                            resnet(if j == 0 { prev } else { out_ch }, out_ch),
+                        )
+                    })
                     .collect::<Result<_>>()?,
                 upsampler: if i + 1 < levels {
                     Some(Upsample2D::new(&bw.pp("upsamplers").pp(0), out_ch)?)
@@ -115,13 +126,29 @@ impl VaeDecoder {
                 .map(|j| ResnetBlock2D::new(&mw.pp("resnets").pp(j), resnet(top, top)))
                 .collect::<Result<_>>()?,
             mid_attention: if c.mid_block_add_attention {
-                Some(SpatialAttention::new(&mw.pp("attentions").pp(0), top, groups)?)
+                Some(SpatialAttention::new(
+                    &mw.pp("attentions").pp(0),
+                    top,
+                    groups,
+                )?)
             } else {
                 None
             },
             up_blocks,
-            conv_norm_out: GroupNorm::new(&d.pp("conv_norm_out"), groups, c.block_out_channels[0], 1e-6)?,
-            conv_out: Conv2d::new(&d.pp("conv_out"), c.block_out_channels[0], c.out_channels, 3, 1, 1)?,
+            conv_norm_out: GroupNorm::new(
+                &d.pp("conv_norm_out"),
+                groups,
+                c.block_out_channels[0],
+                1e-6,
+            )?,
+            conv_out: Conv2d::new(
+                &d.pp("conv_out"),
+                c.block_out_channels[0],
+                c.out_channels,
+                3,
+                1,
+                1,
+            )?,
             config: config.clone(),
         })
     }

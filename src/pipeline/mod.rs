@@ -4,4 +4,6 @@ pub mod noise;
 pub mod scheduler;
 pub mod text_to_image;
 
-pub use text_to_image::{GenerateParams, Generated, RgbImage, StableDiffusion, StageTimings, StepEvent};
+pub use text_to_image::{
+    GenerateParams, Generated, RgbImage, StableDiffusion, StageTimings, StepEvent,
+};

@@ -107,7 +107,7 @@ impl TorchRng {
             box_muller_16(&mut data[i..i + 16]);
             i += 16;
         }
-        if numel % 16 != 0 {
+        if !numel.is_multiple_of(16) {
             let tail = numel - 16;
             for slot in &mut data[tail..] {
                 *slot = self.uniform();
@@ -172,9 +172,21 @@ mod tests {
                 assert!((g - w).abs() <= 1e-6, "{got:?} vs {want:?}");
             }
         };
-        close(&rng.randn(5), &[0.336_690_37, 0.128_809_41, 0.234_462_37, 0.230_333_03, -1.122_856_4]);
+        close(
+            &rng.randn(5),
+            &[
+                0.336_690_37,
+                0.128_809_4,
+                0.234_462_37,
+                0.230_333_03,
+                -1.122_856_4,
+            ],
+        );
         close(&rng.randn(3), &[-0.186_328_29, 2.208_201_4, -0.637_997_03]);
-        close(&rng.randn(16)[..3], &[1.642_316_9, -0.159_597_47, -0.497_397_54]);
+        close(
+            &rng.randn(16)[..3],
+            &[1.642_316_9, -0.159_597_47, -0.497_397_54],
+        );
         close(&rng.randn(1), &[1.322_135_1]);
     }
 }

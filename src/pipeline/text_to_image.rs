@@ -94,15 +94,27 @@ impl StableDiffusion {
 
         let path = folder.config(Component::TextEncoder)?;
         let config: ClipTextConfig = read_json(&path)?;
-        let text_encoder = ClipTextModel::new(&config, &load_weights(&folder, Component::TextEncoder, device)?, &path)?;
+        let text_encoder = ClipTextModel::new(
+            &config,
+            &load_weights(&folder, Component::TextEncoder, device)?,
+            &path,
+        )?;
 
         let path = folder.config(Component::Unet)?;
         let config: UNetConfig = read_json(&path)?;
-        let unet = UNet2DConditionModel::new(&config, &load_weights(&folder, Component::Unet, device)?, &path)?;
+        let unet = UNet2DConditionModel::new(
+            &config,
+            &load_weights(&folder, Component::Unet, device)?,
+            &path,
+        )?;
 
         let path = folder.config(Component::Vae)?;
         let config: VaeConfig = read_json(&path)?;
-        let vae = VaeDecoder::new(&config, &load_weights(&folder, Component::Vae, device)?, &path)?;
+        let vae = VaeDecoder::new(
+            &config,
+            &load_weights(&folder, Component::Vae, device)?,
+            &path,
+        )?;
         if vae.config().latent_channels != unet.config().out_channels {
             return Err(Error::config(
                 path,
@@ -165,14 +177,20 @@ impl StableDiffusion {
         if p.steps == 0 {
             return Err(Error::InvalidArgument("steps must be at least 1".into()));
         }
-        if p.width == 0 || p.height == 0 || p.width % f != 0 || p.height % f != 0 {
+        if p.width == 0
+            || p.height == 0
+            || !p.width.is_multiple_of(f)
+            || !p.height.is_multiple_of(f)
+        {
             return Err(Error::InvalidArgument(format!(
                 "width and height must be positive multiples of {f} (the VAE's downscale factor), got {}x{}",
                 p.width, p.height
             )));
         }
         if !p.guidance_scale.is_finite() {
-            return Err(Error::InvalidArgument("guidance_scale must be a finite number".into()));
+            return Err(Error::InvalidArgument(
+                "guidance_scale must be a finite number".into(),
+            ));
         }
         Ok(())
     }
@@ -214,16 +232,28 @@ impl StableDiffusion {
             .scale(scheduler.init_noise_sigma())?;
         let timesteps = scheduler.timesteps().to_vec();
         for (i, &t) in timesteps.iter().enumerate() {
-            if on_step(StepEvent { step: i, total: timesteps.len() }).is_break() {
+            if on_step(StepEvent {
+                step: i,
+                total: timesteps.len(),
+            })
+            .is_break()
+            {
                 return Err(Error::Cancelled);
             }
-            let input = if guided { Tensor::cat(&[&latents, &latents], 0)? } else { latents.clone() };
+            let input = if guided {
+                Tensor::cat(&[&latents, &latents], 0)?
+            } else {
+                latents.clone()
+            };
             let input = scheduler.scale_model_input(&input, i)?;
             let mut noise = self.unet.forward(&input, t, &context)?;
             if guided {
                 let uncond = noise.narrow(0, 0, 1)?;
                 let text = noise.narrow(0, 1, 1)?;
-                noise = text.sub(&uncond)?.scale(p.guidance_scale as f32)?.add(&uncond)?;
+                noise = text
+                    .sub(&uncond)?
+                    .scale(p.guidance_scale as f32)?
+                    .add(&uncond)?;
             }
             latents = scheduler.step(&noise, i, &latents, &mut rng)?;
         }
@@ -249,7 +279,10 @@ pub fn to_rgb8(decoded: &Tensor) -> Result<RgbImage> {
     decoded.expect_rank("to_rgb8", 4)?;
     let (c, h, w) = (decoded.dim(1), decoded.dim(2), decoded.dim(3));
     if decoded.dim(0) != 1 || c != 3 {
-        return Err(Error::shape("to_rgb8", format!("expected [1, 3, H, W], got {:?}", decoded.shape())));
+        return Err(Error::shape(
+            "to_rgb8",
+            format!("expected [1, 3, H, W], got {:?}", decoded.shape()),
+        ));
     }
     let values = decoded.affine(0.5, 0.5)?.clamp(0.0, 1.0)?.to_vec()?;
     let mut pixels = vec![0u8; h * w * 3];

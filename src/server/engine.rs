@@ -85,7 +85,10 @@ impl Engine {
     }
 
     pub fn state(&self) -> ModelState {
-        self.state.read().map(|s| s.clone()).unwrap_or(ModelState::Failed("engine state poisoned".into()))
+        self.state
+            .read()
+            .map(|s| s.clone())
+            .unwrap_or(ModelState::Failed("engine state poisoned".into()))
     }
 
     fn set_state(&self, state: ModelState) {
@@ -184,7 +187,8 @@ impl Engine {
             }
         };
         // A panic in the engine fails this job, not the server.
-        match std::panic::catch_unwind(AssertUnwindSafe(|| sd.generate(&job.params, &mut on_step))) {
+        match std::panic::catch_unwind(AssertUnwindSafe(|| sd.generate(&job.params, &mut on_step)))
+        {
             Ok(result) => result,
             Err(panic) => {
                 let what = panic

@@ -36,9 +36,15 @@ impl ApiError {
 
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
-        let mut response = (self.status, Json(serde_json::json!({ "error": self.message }))).into_response();
+        let mut response = (
+            self.status,
+            Json(serde_json::json!({ "error": self.message })),
+        )
+            .into_response();
         if let Some(seconds) = self.retry_after {
-            response.headers_mut().insert(header::RETRY_AFTER, HeaderValue::from(seconds));
+            response
+                .headers_mut()
+                .insert(header::RETRY_AFTER, HeaderValue::from(seconds));
         }
         response
     }
@@ -50,8 +56,13 @@ impl From<crate::Error> for ApiError {
     fn from(e: crate::Error) -> Self {
         match e {
             crate::Error::InvalidArgument(message) => ApiError::bad_request(message),
-            crate::Error::Cancelled => ApiError::unavailable("the job was cancelled (the server is shutting down)", None),
-            other => ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, format!("generation failed: {other}")),
+            crate::Error::Cancelled => {
+                ApiError::unavailable("the job was cancelled (the server is shutting down)", None)
+            }
+            other => ApiError::new(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                format!("generation failed: {other}"),
+            ),
         }
     }
 }

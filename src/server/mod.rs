@@ -45,18 +45,25 @@ pub async fn serve(config: ServerConfig) -> Result<()> {
         .iter()
         .filter(|o| o.as_str() != "*")
         .map(|o| {
-            HeaderValue::from_str(o.trim())
-                .map_err(|_| Error::InvalidArgument(format!("CORS origin {o:?} is not a valid header value")))
+            HeaderValue::from_str(o.trim()).map_err(|_| {
+                Error::InvalidArgument(format!("CORS origin {o:?} is not a valid header value"))
+            })
         })
         .collect::<Result<Vec<_>>>()?;
     let address = format!("{}:{}", config.host, config.port);
     let listener = tokio::net::TcpListener::bind(&address)
         .await
         .map_err(|e| Error::Other(format!("cannot listen on {address}: {e}")))?;
-    let local: SocketAddr = listener.local_addr().map_err(|e| Error::Other(format!("{address}: {e}")))?;
+    let local: SocketAddr = listener
+        .local_addr()
+        .map_err(|e| Error::Other(format!("{address}: {e}")))?;
     tracing::info!("listening on http://{local}");
 
-    let engine = engine::Engine::start(config.model.clone(), config.device.clone(), config.queue_size);
+    let engine = engine::Engine::start(
+        config.model.clone(),
+        config.device.clone(),
+        config.queue_size,
+    );
     let state = Arc::new(routes::AppState {
         engine: engine.clone(),
         limits: config.limits.clone(),

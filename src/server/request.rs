@@ -65,13 +65,17 @@ const FIELDS: [&str; 8] = [
 pub fn parse(body: &[u8], limits: &Limits) -> Result<GenerateRequest, ApiError> {
     let value: Value = serde_json::from_slice(body).map_err(|e| {
         if body.iter().all(u8::is_ascii_whitespace) {
-            ApiError::bad_request("the request body is empty; send a JSON object such as {\"prompt\": \"a cat\"}")
+            ApiError::bad_request(
+                "the request body is empty; send a JSON object such as {\"prompt\": \"a cat\"}",
+            )
         } else {
             ApiError::bad_request(format!("the request body is not valid JSON: {e}"))
         }
     })?;
     let Value::Object(fields) = value else {
-        return Err(ApiError::bad_request("the request body must be a JSON object such as {\"prompt\": \"a cat\"}"));
+        return Err(ApiError::bad_request(
+            "the request body must be a JSON object such as {\"prompt\": \"a cat\"}",
+        ));
     };
     if let Some(unknown) = fields.keys().find(|k| !FIELDS.contains(&k.as_str())) {
         return Err(ApiError::bad_request(format!(
@@ -118,7 +122,9 @@ pub fn parse(body: &[u8], limits: &Limits) -> Result<GenerateRequest, ApiError> 
         Some(Value::Number(n)) if n.as_i64() == Some(-1) => None,
         Some(Value::Number(n)) if n.as_u64().is_some() => n.as_u64(),
         Some(Value::Number(n)) if n.is_i64() => {
-            return Err(ApiError::bad_request(format!("`seed` must be -1 (random) or a non-negative integer, got {n}")))
+            return Err(ApiError::bad_request(format!(
+                "`seed` must be -1 (random) or a non-negative integer, got {n}"
+            )))
         }
         Some(other) => return Err(type_error("seed", "an integer (-1 for random)", other)),
     };
@@ -157,11 +163,18 @@ fn describe(value: &Value) -> String {
 }
 
 fn type_error(field: &str, expected: &str, got: &Value) -> ApiError {
-    ApiError::bad_request(format!("`{field}` must be {expected}, got {}", describe(got)))
+    ApiError::bad_request(format!(
+        "`{field}` must be {expected}, got {}",
+        describe(got)
+    ))
 }
 
 /// An optional string field within the prompt length limit.
-fn text(fields: &Map<String, Value>, field: &str, limits: &Limits) -> Result<Option<String>, ApiError> {
+fn text(
+    fields: &Map<String, Value>,
+    field: &str,
+    limits: &Limits,
+) -> Result<Option<String>, ApiError> {
     match fields.get(field) {
         None | Some(Value::Null) => Ok(None),
         Some(Value::String(s)) => {
@@ -184,7 +197,9 @@ fn integer(fields: &Map<String, Value>, field: &str) -> Result<Option<u64>, ApiE
         None | Some(Value::Null) => Ok(None),
         Some(Value::Number(n)) => match n.as_u64() {
             Some(v) => Ok(Some(v)),
-            None if n.is_i64() => Err(ApiError::bad_request(format!("`{field}` must be a positive integer, got {n}"))),
+            None if n.is_i64() => Err(ApiError::bad_request(format!(
+                "`{field}` must be a positive integer, got {n}"
+            ))),
             None => Err(type_error(field, "an integer", &Value::Number(n.clone()))),
         },
         Some(other) => Err(type_error(field, "an integer", other)),
@@ -213,7 +228,10 @@ mod tests {
     #[test]
     fn defaults_are_the_api_guides() {
         let r = parse_str(r#"{"prompt": "a cat"}"#).unwrap();
-        assert_eq!((r.steps, r.guidance_scale, r.width, r.height, r.seed), (50, 7.5, 512, 512, None));
+        assert_eq!(
+            (r.steps, r.guidance_scale, r.width, r.height, r.seed),
+            (50, 7.5, 512, 512, None)
+        );
         let r = parse_str(r#"{"prompt": "a cat", "seed": -1, "negative_prompt": null}"#).unwrap();
         assert_eq!((r.seed, r.negative_prompt), (None, None));
         let r = parse_str(r#"{"prompt": "a cat", "seed": 18446744073709551615}"#).unwrap();
@@ -227,15 +245,36 @@ mod tests {
             (r#"{"prompt": ""}"#, "prompt"),
             (r#"{"prompt": "   "}"#, "prompt"),
             (r#"{"prompt": 5}"#, "prompt"),
-            (r#"{"prompt": "a", "negative_prompt": []}"#, "negative_prompt"),
-            (r#"{"prompt": "a", "num_inference_steps": "30"}"#, "num_inference_steps"),
-            (r#"{"prompt": "a", "num_inference_steps": 30.5}"#, "num_inference_steps"),
-            (r#"{"prompt": "a", "num_inference_steps": 0}"#, "num_inference_steps"),
-            (r#"{"prompt": "a", "num_inference_steps": -3}"#, "num_inference_steps"),
-            (r#"{"prompt": "a", "num_inference_steps": 151}"#, "num_inference_steps"),
+            (
+                r#"{"prompt": "a", "negative_prompt": []}"#,
+                "negative_prompt",
+            ),
+            (
+                r#"{"prompt": "a", "num_inference_steps": "30"}"#,
+                "num_inference_steps",
+            ),
+            (
+                r#"{"prompt": "a", "num_inference_steps": 30.5}"#,
+                "num_inference_steps",
+            ),
+            (
+                r#"{"prompt": "a", "num_inference_steps": 0}"#,
+                "num_inference_steps",
+            ),
+            (
+                r#"{"prompt": "a", "num_inference_steps": -3}"#,
+                "num_inference_steps",
+            ),
+            (
+                r#"{"prompt": "a", "num_inference_steps": 151}"#,
+                "num_inference_steps",
+            ),
             (r#"{"prompt": "a", "guidance_scale": 31}"#, "guidance_scale"),
             (r#"{"prompt": "a", "guidance_scale": -1}"#, "guidance_scale"),
-            (r#"{"prompt": "a", "guidance_scale": "high"}"#, "guidance_scale"),
+            (
+                r#"{"prompt": "a", "guidance_scale": "high"}"#,
+                "guidance_scale",
+            ),
             (r#"{"prompt": "a", "width": 500}"#, "width"),
             (r#"{"prompt": "a", "height": 32}"#, "height"),
             (r#"{"prompt": "a", "height": 4096}"#, "height"),
@@ -254,8 +293,12 @@ mod tests {
     #[test]
     fn malformed_bodies_are_refused() {
         assert!(parse_str("").unwrap_err().contains("empty"));
-        assert!(parse_str("{\"prompt\": ").unwrap_err().contains("not valid JSON"));
-        assert!(parse_str("prompt=a+cat").unwrap_err().contains("not valid JSON"));
+        assert!(parse_str("{\"prompt\": ")
+            .unwrap_err()
+            .contains("not valid JSON"));
+        assert!(parse_str("prompt=a+cat")
+            .unwrap_err()
+            .contains("not valid JSON"));
         assert!(parse_str("[1, 2]").unwrap_err().contains("JSON object"));
     }
 
@@ -266,7 +309,11 @@ mod tests {
             ..Limits::default()
         };
         let err = parse(br#"{"prompt": "a", "width": 1024, "height": 512}"#, &limits).unwrap_err();
-        assert!(err.message.contains("`width` x `height`"), "{}", err.message);
+        assert!(
+            err.message.contains("`width` x `height`"),
+            "{}",
+            err.message
+        );
         assert!(parse(br#"{"prompt": "a", "width": 256, "height": 1024}"#, &limits).is_ok());
     }
 }

@@ -51,7 +51,9 @@ pub fn router(state: Arc<AppState>, cors_origins: &[HeaderValue]) -> Router {
         .route("/generate", post(generate))
         .with_state(state)
         .layer(DefaultBodyLimit::max(body_limit))
-        .layer(middleware::from_fn(move |req, next| json_errors(req, next, body_limit)))
+        .layer(middleware::from_fn(move |req, next| {
+            json_errors(req, next, body_limit)
+        }))
         .layer(cors)
         // Outermost, so CORS preflights are logged too.
         .layer(middleware::from_fn(log_request))
@@ -111,9 +113,14 @@ async fn generate(
         SubmitError::NotReady(ModelState::Failed(reason)) => {
             ApiError::unavailable(format!("the model failed to load: {reason}"), None)
         }
-        SubmitError::NotReady(_) => ApiError::unavailable("the model is still loading; try again shortly", Some(5)),
+        SubmitError::NotReady(_) => {
+            ApiError::unavailable("the model is still loading; try again shortly", Some(5))
+        }
         SubmitError::QueueFull => ApiError::unavailable(
-            format!("the queue is full ({} requests waiting); try again later", app.engine.queue_capacity),
+            format!(
+                "the queue is full ({} requests waiting); try again later",
+                app.engine.queue_capacity
+            ),
             Some(10),
         ),
         SubmitError::ShuttingDown => ApiError::unavailable("the server is shutting down", None),
@@ -122,12 +129,16 @@ async fn generate(
         Some(limit) => tokio::time::timeout(limit, result).await.map_err(|_| {
             ApiError::new(
                 StatusCode::GATEWAY_TIMEOUT,
-                format!("generation took longer than this server's limit of {} s and was stopped", limit.as_secs()),
+                format!(
+                    "generation took longer than this server's limit of {} s and was stopped",
+                    limit.as_secs()
+                ),
             )
         })?,
         None => result.await,
     };
-    let generated = outcome.map_err(|_| ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "the engine stopped"))??;
+    let generated = outcome
+        .map_err(|_| ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "the engine stopped"))??;
     let png = generated.image.to_png()?;
     Ok(Json(json!({
         "image": base64::engine::general_purpose::STANDARD.encode(png),
@@ -172,7 +183,9 @@ async fn json_errors(req: Request, next: Next, body_limit: usize) -> Response {
         return response;
     }
     let message = match status {
-        StatusCode::NOT_FOUND => format!("no such endpoint: {method} {path} (try POST /generate or GET /health)"),
+        StatusCode::NOT_FOUND => {
+            format!("no such endpoint: {method} {path} (try POST /generate or GET /health)")
+        }
         StatusCode::METHOD_NOT_ALLOWED => format!("{method} is not allowed on {path}"),
         StatusCode::PAYLOAD_TOO_LARGE => too_large(body_limit),
         other => other.canonical_reason().unwrap_or("error").to_string(),
@@ -180,7 +193,10 @@ async fn json_errors(req: Request, next: Next, body_limit: usize) -> Response {
     let (mut parts, _) = response.into_parts();
     parts.headers.remove(header::CONTENT_LENGTH);
     let json = ApiError::new(status, message).into_response();
-    parts.headers.insert(header::CONTENT_TYPE, HeaderValue::from_static("application/json"));
+    parts.headers.insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("application/json"),
+    );
     Response::from_parts(parts, Body::new(json.into_body()))
 }
 

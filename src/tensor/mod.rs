@@ -60,7 +60,13 @@ pub struct Tensor {
 
 impl std::fmt::Debug for Tensor {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "Tensor({:?}, {:?}, {})", self.shape, self.dtype(), self.device())
+        write!(
+            f,
+            "Tensor({:?}, {:?}, {})",
+            self.shape,
+            self.dtype(),
+            self.device()
+        )
     }
 }
 
@@ -92,7 +98,9 @@ impl Tensor {
         check_len("from_vec", data.len(), shape)?;
         Ok(match device {
             Device::Cpu => Self::from_storage(Storage::Cpu(CpuStorage::F32(data)), shape.to_vec()),
-            Device::Gpu(g) => Self::from_storage(Storage::Gpu(GpuStorage::from_f32(g, &data)), shape.to_vec()),
+            Device::Gpu(g) => {
+                Self::from_storage(Storage::Gpu(GpuStorage::from_f32(g, &data)), shape.to_vec())
+            }
         })
     }
 
@@ -101,7 +109,9 @@ impl Tensor {
         check_len("from_f16", data.len(), shape)?;
         Ok(match device {
             Device::Cpu => Self::from_storage(Storage::Cpu(CpuStorage::F16(data)), shape.to_vec()),
-            Device::Gpu(_) => return Self::from_vec(data.iter().map(|v| v.to_f32()).collect(), shape, device),
+            Device::Gpu(_) => {
+                return Self::from_vec(data.iter().map(|v| v.to_f32()).collect(), shape, device)
+            }
         })
     }
 
@@ -110,16 +120,19 @@ impl Tensor {
         check_len("from_bf16", data.len(), shape)?;
         Ok(match device {
             Device::Cpu => Self::from_storage(Storage::Cpu(CpuStorage::BF16(data)), shape.to_vec()),
-            Device::Gpu(_) => return Self::from_vec(data.iter().map(|v| v.to_f32()).collect(), shape, device),
+            Device::Gpu(_) => {
+                return Self::from_vec(data.iter().map(|v| v.to_f32()).collect(), shape, device)
+            }
         })
     }
 
     pub fn zeros(shape: &[usize], device: &Device) -> Result<Self> {
         match device {
             Device::Cpu => Self::from_vec(vec![0.0; shape.iter().product()], shape, device),
-            Device::Gpu(g) => {
-                Ok(Self::from_storage(Storage::Gpu(GpuStorage::zeros(g, shape.iter().product())), shape.to_vec()))
-            }
+            Device::Gpu(g) => Ok(Self::from_storage(
+                Storage::Gpu(GpuStorage::zeros(g, shape.iter().product())),
+                shape.to_vec(),
+            )),
         }
     }
 
@@ -129,7 +142,9 @@ impl Tensor {
             return Ok(self.clone());
         }
         match (self.storage(), device) {
-            (Storage::Cpu(CpuStorage::F16(v)), Device::Cpu) => Self::from_f16(v.clone(), &self.shape, device),
+            (Storage::Cpu(CpuStorage::F16(v)), Device::Cpu) => {
+                Self::from_f16(v.clone(), &self.shape, device)
+            }
             _ => Self::from_vec(self.to_vec()?, &self.shape, device),
         }
     }

@@ -23,8 +23,14 @@ pub enum UnaryOp {
     /// x * sigmoid(1.702 x), CLIP's activation.
     QuickGelu,
     /// a * x + b.
-    Affine { mul: f32, add: f32 },
-    Clamp { min: f32, max: f32 },
+    Affine {
+        mul: f32,
+        add: f32,
+    },
+    Clamp {
+        min: f32,
+        max: f32,
+    },
     Sqrt,
 }
 
@@ -33,8 +39,16 @@ fn broadcast_shape(lhs: &[usize], rhs: &[usize]) -> Result<Vec<usize>> {
     let rank = lhs.len().max(rhs.len());
     let mut out = vec![0; rank];
     for i in 0..rank {
-        let l = if i + lhs.len() >= rank { lhs[i + lhs.len() - rank] } else { 1 };
-        let r = if i + rhs.len() >= rank { rhs[i + rhs.len() - rank] } else { 1 };
+        let l = if i + lhs.len() >= rank {
+            lhs[i + lhs.len() - rank]
+        } else {
+            1
+        };
+        let r = if i + rhs.len() >= rank {
+            rhs[i + rhs.len() - rank]
+        } else {
+            1
+        };
         out[i] = match (l, r) {
             (a, b) if a == b => a,
             (1, b) => b,
@@ -106,7 +120,10 @@ impl Tensor {
                 Storage::Cpu(cpu::elementwise::unary(a, op)),
                 self.shape.clone(),
             )),
-            Storage::Gpu(a) => Ok(Tensor::from_storage(Storage::Gpu(gpu::elementwise::unary(a, op)?), self.shape.clone())),
+            Storage::Gpu(a) => Ok(Tensor::from_storage(
+                Storage::Gpu(gpu::elementwise::unary(a, op)?),
+                self.shape.clone(),
+            )),
         }
     }
 
@@ -164,7 +181,7 @@ impl Tensor {
     /// GEGLU: splits the last dimension into halves `[h, gate]` and returns `h * gelu(gate)`.
     pub fn geglu(&self) -> Result<Tensor> {
         let last = *self.shape.last().unwrap_or(&0);
-        if last % 2 != 0 {
+        if !last.is_multiple_of(2) {
             return Err(Error::shape(
                 "geglu",
                 format!("last dimension of {:?} is odd", self.shape),
@@ -177,7 +194,10 @@ impl Tensor {
                 Storage::Cpu(cpu::elementwise::geglu(a, last / 2)),
                 shape,
             )),
-            Storage::Gpu(a) => Ok(Tensor::from_storage(Storage::Gpu(gpu::elementwise::geglu(a, last / 2)?), shape)),
+            Storage::Gpu(a) => Ok(Tensor::from_storage(
+                Storage::Gpu(gpu::elementwise::geglu(a, last / 2)?),
+                shape,
+            )),
         }
     }
 
@@ -198,7 +218,10 @@ impl Tensor {
         if self.rank() < 2 || rhs.rank() < 2 {
             return Err(Error::shape(
                 "matmul",
-                format!("operands {:?} and {:?} need rank >= 2", self.shape, rhs.shape),
+                format!(
+                    "operands {:?} and {:?} need rank >= 2",
+                    self.shape, rhs.shape
+                ),
             ));
         }
         let (m, k) = (self.shape[self.rank() - 2], self.shape[self.rank() - 1]);
@@ -236,9 +259,10 @@ impl Tensor {
                 Storage::Cpu(cpu::matmul::matmul(a, b, None, dims)),
                 shape,
             )),
-            (Storage::Gpu(a), Storage::Gpu(b)) => {
-                Ok(Tensor::from_storage(Storage::Gpu(gpu::matmul::matmul(a, b, None, dims)?), shape))
-            }
+            (Storage::Gpu(a), Storage::Gpu(b)) => Ok(Tensor::from_storage(
+                Storage::Gpu(gpu::matmul::matmul(a, b, None, dims)?),
+                shape,
+            )),
             _ => Err(mixed_devices("matmul")),
         }
     }
@@ -269,18 +293,22 @@ impl Tensor {
             transpose_rhs: true,
         };
         match (self.storage(), weight.storage(), bias.map(|b| b.storage())) {
-            (Storage::Cpu(x), Storage::Cpu(w), None) => {
-                Ok(Tensor::from_storage(Storage::Cpu(cpu::matmul::matmul(x, w, None, dims)), shape))
-            }
-            (Storage::Cpu(x), Storage::Cpu(w), Some(Storage::Cpu(b))) => {
-                Ok(Tensor::from_storage(Storage::Cpu(cpu::matmul::matmul(x, w, Some(b), dims)), shape))
-            }
-            (Storage::Gpu(x), Storage::Gpu(w), None) => {
-                Ok(Tensor::from_storage(Storage::Gpu(gpu::matmul::matmul(x, w, None, dims)?), shape))
-            }
-            (Storage::Gpu(x), Storage::Gpu(w), Some(Storage::Gpu(b))) => {
-                Ok(Tensor::from_storage(Storage::Gpu(gpu::matmul::matmul(x, w, Some(b), dims)?), shape))
-            }
+            (Storage::Cpu(x), Storage::Cpu(w), None) => Ok(Tensor::from_storage(
+                Storage::Cpu(cpu::matmul::matmul(x, w, None, dims)),
+                shape,
+            )),
+            (Storage::Cpu(x), Storage::Cpu(w), Some(Storage::Cpu(b))) => Ok(Tensor::from_storage(
+                Storage::Cpu(cpu::matmul::matmul(x, w, Some(b), dims)),
+                shape,
+            )),
+            (Storage::Gpu(x), Storage::Gpu(w), None) => Ok(Tensor::from_storage(
+                Storage::Gpu(gpu::matmul::matmul(x, w, None, dims)?),
+                shape,
+            )),
+            (Storage::Gpu(x), Storage::Gpu(w), Some(Storage::Gpu(b))) => Ok(Tensor::from_storage(
+                Storage::Gpu(gpu::matmul::matmul(x, w, Some(b), dims)?),
+                shape,
+            )),
             _ => Err(mixed_devices("linear")),
         }
     }
@@ -296,7 +324,12 @@ impl Tensor {
         self.expect_rank("conv2d", 4)?;
         weight.expect_rank("conv2d weight", 4)?;
         let [n, c, h, w] = [self.shape[0], self.shape[1], self.shape[2], self.shape[3]];
-        let [oc, ic, kh, kw] = [weight.shape[0], weight.shape[1], weight.shape[2], weight.shape[3]];
+        let [oc, ic, kh, kw] = [
+            weight.shape[0],
+            weight.shape[1],
+            weight.shape[2],
+            weight.shape[3],
+        ];
         if ic != c || stride == 0 || h + 2 * padding < kh || w + 2 * padding < kw {
             return Err(Error::shape(
                 "conv2d",
@@ -325,18 +358,22 @@ impl Tensor {
             ow,
         };
         match (self.storage(), weight.storage(), bias.map(|b| b.storage())) {
-            (Storage::Cpu(x), Storage::Cpu(wt), None) => {
-                Ok(Tensor::from_storage(Storage::Cpu(cpu::conv::conv2d(x, wt, None, &p)), vec![n, oc, oh, ow]))
-            }
-            (Storage::Cpu(x), Storage::Cpu(wt), Some(Storage::Cpu(b))) => {
-                Ok(Tensor::from_storage(Storage::Cpu(cpu::conv::conv2d(x, wt, Some(b), &p)), vec![n, oc, oh, ow]))
-            }
-            (Storage::Gpu(x), Storage::Gpu(wt), None) => {
-                Ok(Tensor::from_storage(Storage::Gpu(gpu::conv::conv2d(x, wt, None, &p)?), vec![n, oc, oh, ow]))
-            }
-            (Storage::Gpu(x), Storage::Gpu(wt), Some(Storage::Gpu(b))) => {
-                Ok(Tensor::from_storage(Storage::Gpu(gpu::conv::conv2d(x, wt, Some(b), &p)?), vec![n, oc, oh, ow]))
-            }
+            (Storage::Cpu(x), Storage::Cpu(wt), None) => Ok(Tensor::from_storage(
+                Storage::Cpu(cpu::conv::conv2d(x, wt, None, &p)),
+                vec![n, oc, oh, ow],
+            )),
+            (Storage::Cpu(x), Storage::Cpu(wt), Some(Storage::Cpu(b))) => Ok(Tensor::from_storage(
+                Storage::Cpu(cpu::conv::conv2d(x, wt, Some(b), &p)),
+                vec![n, oc, oh, ow],
+            )),
+            (Storage::Gpu(x), Storage::Gpu(wt), None) => Ok(Tensor::from_storage(
+                Storage::Gpu(gpu::conv::conv2d(x, wt, None, &p)?),
+                vec![n, oc, oh, ow],
+            )),
+            (Storage::Gpu(x), Storage::Gpu(wt), Some(Storage::Gpu(b))) => Ok(Tensor::from_storage(
+                Storage::Gpu(gpu::conv::conv2d(x, wt, Some(b), &p)?),
+                vec![n, oc, oh, ow],
+            )),
             _ => Err(mixed_devices("conv2d")),
         }
     }
@@ -353,7 +390,7 @@ impl Tensor {
         eps: f32,
         silu: bool,
     ) -> Result<Tensor> {
-        if self.rank() < 2 || num_groups == 0 || self.shape[1] % num_groups != 0 {
+        if self.rank() < 2 || num_groups == 0 || !self.shape[1].is_multiple_of(num_groups) {
             return Err(Error::shape(
                 "group_norm",
                 format!("{:?} cannot be split into {num_groups} groups", self.shape),
@@ -379,7 +416,17 @@ impl Tensor {
                 self.shape.clone(),
             )),
             (Storage::Gpu(x), Storage::Gpu(g), Storage::Gpu(b)) => Ok(Tensor::from_storage(
-                Storage::Gpu(gpu::norm::group_norm(x, g, b, self.shape[0], c, spatial, num_groups, eps, silu)?),
+                Storage::Gpu(gpu::norm::group_norm(
+                    x,
+                    g,
+                    b,
+                    self.shape[0],
+                    c,
+                    spatial,
+                    num_groups,
+                    eps,
+                    silu,
+                )?),
                 self.shape.clone(),
             )),
             _ => Err(mixed_devices("group_norm")),
@@ -412,9 +459,10 @@ impl Tensor {
                 Storage::Cpu(cpu::attention::softmax(x, d)),
                 self.shape.clone(),
             )),
-            Storage::Gpu(x) => {
-                Ok(Tensor::from_storage(Storage::Gpu(gpu::attention::softmax(x, d)?), self.shape.clone()))
-            }
+            Storage::Gpu(x) => Ok(Tensor::from_storage(
+                Storage::Gpu(gpu::attention::softmax(x, d)?),
+                self.shape.clone(),
+            )),
         }
     }
 
@@ -424,7 +472,13 @@ impl Tensor {
     /// q is `[B, Lq, H*D]`, k and v `[B, Lk, H*D]`; the result is `[B, Lq, H*D]`, heads
     /// interleaved as torch's `view(B, L, H, D)` lays them out. With `causal`, query i only
     /// sees keys 0..=i. The full score matrix is never materialised.
-    pub fn attention(q: &Tensor, k: &Tensor, v: &Tensor, heads: usize, causal: bool) -> Result<Tensor> {
+    pub fn attention(
+        q: &Tensor,
+        k: &Tensor,
+        v: &Tensor,
+        heads: usize,
+        causal: bool,
+    ) -> Result<Tensor> {
         q.same_device(k, "attention")?;
         q.same_device(v, "attention")?;
         q.expect_rank("attention q", 3)?;
@@ -434,7 +488,10 @@ impl Tensor {
         if heads == 0 || inner % heads != 0 || k.shape != [b, lk, inner] || v.shape != k.shape {
             return Err(Error::shape(
                 "attention",
-                format!("q {:?}, k {:?}, v {:?}, {heads} heads", q.shape, k.shape, v.shape),
+                format!(
+                    "q {:?}, k {:?}, v {:?}, {heads} heads",
+                    q.shape, k.shape, v.shape
+                ),
             ));
         }
         let p = cpu::attention::AttentionParams {
@@ -463,10 +520,17 @@ impl Tensor {
     /// Axes reordered as torch's `permute(..).contiguous()`.
     pub fn permute(&self, axes: &[usize]) -> Result<Tensor> {
         let mut seen = vec![false; self.rank()];
-        if axes.len() != self.rank() || axes.iter().any(|&a| a >= seen.len() || std::mem::replace(&mut seen[a], true)) {
+        if axes.len() != self.rank()
+            || axes
+                .iter()
+                .any(|&a| a >= seen.len() || std::mem::replace(&mut seen[a], true))
+        {
             return Err(Error::shape(
                 "permute",
-                format!("{axes:?} is not a permutation of the axes of {:?}", self.shape),
+                format!(
+                    "{axes:?} is not a permutation of the axes of {:?}",
+                    self.shape
+                ),
             ));
         }
         let shape: Vec<usize> = axes.iter().map(|&a| self.shape[a]).collect();
@@ -475,9 +539,10 @@ impl Tensor {
                 Storage::Cpu(cpu::layout::permute(x, &self.shape, axes)),
                 shape,
             )),
-            Storage::Gpu(x) => {
-                Ok(Tensor::from_storage(Storage::Gpu(gpu::layout::permute(x, &self.shape, axes)?), shape))
-            }
+            Storage::Gpu(x) => Ok(Tensor::from_storage(
+                Storage::Gpu(gpu::layout::permute(x, &self.shape, axes)?),
+                shape,
+            )),
         }
     }
 
@@ -510,7 +575,10 @@ impl Tensor {
             .ok_or_else(|| Error::shape("cat", "no tensors"))?;
         let mut shape = first.shape.clone();
         if dim >= shape.len() {
-            return Err(Error::shape("cat", format!("dim {dim} of {:?}", first.shape)));
+            return Err(Error::shape(
+                "cat",
+                format!("dim {dim} of {:?}", first.shape),
+            ));
         }
         shape[dim] = 0;
         for t in tensors {
@@ -534,7 +602,10 @@ impl Tensor {
                         Storage::Gpu(_) => Err(mixed_devices("cat")),
                     })
                     .collect::<Result<_>>()?;
-                Ok(Tensor::from_storage(Storage::Cpu(cpu::layout::cat(&parts, dim)), shape))
+                Ok(Tensor::from_storage(
+                    Storage::Cpu(cpu::layout::cat(&parts, dim)),
+                    shape,
+                ))
             }
             Device::Gpu(_) => {
                 let parts: Vec<(&gpu::GpuStorage, &[usize])> = tensors
@@ -544,7 +615,10 @@ impl Tensor {
                         Storage::Cpu(_) => Err(mixed_devices("cat")),
                     })
                     .collect::<Result<_>>()?;
-                Ok(Tensor::from_storage(Storage::Gpu(gpu::layout::cat(&parts, dim)?), shape))
+                Ok(Tensor::from_storage(
+                    Storage::Gpu(gpu::layout::cat(&parts, dim)?),
+                    shape,
+                ))
             }
         }
     }

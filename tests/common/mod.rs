@@ -144,8 +144,12 @@ pub fn devices() -> Vec<(String, sd_wgpu::tensor::Device)> {
     match select_device(BackendChoice::Gpu, None) {
         Ok(gpu) => devices.push(("gpu".to_string(), gpu)),
         // CI installs Mesa's llvmpipe: there, a missing adapter is a broken setup, not a skip.
-        Err(e) if std::env::var("CI").is_ok_and(|v| v == "true") => panic!("CI has no GPU adapter: {e}"),
-        Err(e) => eprintln!("\n*** NO GPU ADAPTER: the GPU runs of this test are SKIPPED ({e}) ***\n"),
+        Err(e) if std::env::var("CI").is_ok_and(|v| v == "true") => {
+            panic!("CI has no GPU adapter: {e}")
+        }
+        Err(e) => {
+            eprintln!("\n*** NO GPU ADAPTER: the GPU runs of this test are SKIPPED ({e}) ***\n")
+        }
     }
     devices
 }

@@ -51,7 +51,10 @@ impl Server {
             Ok(a) => a.parse().expect("a socket address in the log"),
             Err(_) => {
                 let _ = child.kill();
-                panic!("the server did not start listening; log:\n{}", log.lock().unwrap());
+                panic!(
+                    "the server did not start listening; log:\n{}",
+                    log.lock().unwrap()
+                );
             }
         };
         Server { child, addr, log }
@@ -65,7 +68,11 @@ impl Server {
             if r.status == 200 && r.json()["model_loaded"] == true {
                 return self;
             }
-            assert!(Instant::now() < deadline, "model not loaded after 60 s; log:\n{}", self.log());
+            assert!(
+                Instant::now() < deadline,
+                "model not loaded after 60 s; log:\n{}",
+                self.log()
+            );
             std::thread::sleep(Duration::from_millis(50));
         }
     }
@@ -83,7 +90,13 @@ impl Server {
     }
 
     pub fn post_json(&self, path: &str, body: &str) -> Response {
-        request(self.addr, "POST", path, &[("Content-Type", "application/json")], body.as_bytes())
+        request(
+            self.addr,
+            "POST",
+            path,
+            &[("Content-Type", "application/json")],
+            body.as_bytes(),
+        )
     }
 
     /// Whether the process is still running.
@@ -93,7 +106,10 @@ impl Server {
 
     /// Sends SIGTERM and waits (up to `timeout`) for the exit status.
     pub fn terminate(&mut self, timeout: Duration) -> Option<std::process::ExitStatus> {
-        let _ = Command::new("kill").arg("-TERM").arg(self.child.id().to_string()).status();
+        let _ = Command::new("kill")
+            .arg("-TERM")
+            .arg(self.child.id().to_string())
+            .status();
         let deadline = Instant::now() + timeout;
         while Instant::now() < deadline {
             if let Ok(Some(status)) = self.child.try_wait() {
@@ -106,7 +122,8 @@ impl Server {
 
     /// The server's resident memory in KiB (Linux).
     pub fn rss_kib(&self) -> u64 {
-        let status = std::fs::read_to_string(format!("/proc/{}/status", self.child.id())).unwrap_or_default();
+        let status = std::fs::read_to_string(format!("/proc/{}/status", self.child.id()))
+            .unwrap_or_default();
         status
             .lines()
             .find(|l| l.starts_with("VmRSS:"))
@@ -134,7 +151,10 @@ pub struct Response {
 
 impl Response {
     pub fn header(&self, name: &str) -> Option<&str> {
-        self.headers.iter().find(|(k, _)| k == name).map(|(_, v)| v.as_str())
+        self.headers
+            .iter()
+            .find(|(k, _)| k == name)
+            .map(|(_, v)| v.as_str())
     }
 
     pub fn text(&self) -> String {
@@ -143,19 +163,37 @@ impl Response {
 
     /// The body as JSON; panics with the body when it is not.
     pub fn json(&self) -> serde_json::Value {
-        serde_json::from_slice(&self.body)
-            .unwrap_or_else(|e| panic!("status {}: body is not JSON ({e}): {:?}", self.status, self.text()))
+        serde_json::from_slice(&self.body).unwrap_or_else(|e| {
+            panic!(
+                "status {}: body is not JSON ({e}): {:?}",
+                self.status,
+                self.text()
+            )
+        })
     }
 
     /// The `error` of a JSON error body, checking the content type.
     pub fn error(&self) -> String {
-        assert_eq!(self.header("content-type"), Some("application/json"), "{self:?}");
-        self.json()["error"].as_str().unwrap_or_else(|| panic!("no `error` string in {}", self.text())).to_string()
+        assert_eq!(
+            self.header("content-type"),
+            Some("application/json"),
+            "{self:?}"
+        );
+        self.json()["error"]
+            .as_str()
+            .unwrap_or_else(|| panic!("no `error` string in {}", self.text()))
+            .to_string()
     }
 }
 
 /// Sends one request (`Connection: close`) and reads the whole response.
-pub fn request(addr: SocketAddr, method: &str, path: &str, headers: &[(&str, &str)], body: &[u8]) -> Response {
+pub fn request(
+    addr: SocketAddr,
+    method: &str,
+    path: &str,
+    headers: &[(&str, &str)],
+    body: &[u8],
+) -> Response {
     let mut head = format!("{method} {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n");
     for (k, v) in headers {
         head.push_str(&format!("{k}: {v}\r\n"));
@@ -172,7 +210,9 @@ pub fn request(addr: SocketAddr, method: &str, path: &str, headers: &[(&str, &st
 /// Writes raw bytes and parses the response (plain or chunked body).
 pub fn send_raw(addr: SocketAddr, raw: &[u8]) -> Response {
     let mut stream = TcpStream::connect(addr).expect("connecting to the server");
-    stream.set_read_timeout(Some(Duration::from_secs(300))).unwrap();
+    stream
+        .set_read_timeout(Some(Duration::from_secs(300)))
+        .unwrap();
     // The server may answer (413) before reading everything; a write error is fine then.
     let _ = stream.write_all(raw);
     let mut data = Vec::new();
@@ -184,26 +224,43 @@ fn parse_response(data: &[u8]) -> Response {
     let split = data
         .windows(4)
         .position(|w| w == b"\r\n\r\n")
-        .unwrap_or_else(|| panic!("no complete response head in {:?}", String::from_utf8_lossy(data)));
+        .unwrap_or_else(|| {
+            panic!(
+                "no complete response head in {:?}",
+                String::from_utf8_lossy(data)
+            )
+        });
     let head = String::from_utf8_lossy(&data[..split]).into_owned();
     let mut lines = head.split("\r\n");
     let status_line = lines.next().unwrap_or_default();
-    let status = status_line.split_whitespace().nth(1).and_then(|s| s.parse().ok()).unwrap_or(0);
+    let status = status_line
+        .split_whitespace()
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(0);
     let headers: Vec<(String, String)> = lines
         .filter_map(|l| l.split_once(':'))
         .map(|(k, v)| (k.trim().to_ascii_lowercase(), v.trim().to_string()))
         .collect();
     let mut body = data[split + 4..].to_vec();
-    if headers.iter().any(|(k, v)| k == "transfer-encoding" && v.contains("chunked")) {
+    if headers
+        .iter()
+        .any(|(k, v)| k == "transfer-encoding" && v.contains("chunked"))
+    {
         body = dechunk(&body);
     }
-    Response { status, headers, body }
+    Response {
+        status,
+        headers,
+        body,
+    }
 }
 
 fn dechunk(mut data: &[u8]) -> Vec<u8> {
     let mut out = Vec::new();
     while let Some(eol) = data.windows(2).position(|w| w == b"\r\n") {
-        let size = usize::from_str_radix(String::from_utf8_lossy(&data[..eol]).trim(), 16).unwrap_or(0);
+        let size =
+            usize::from_str_radix(String::from_utf8_lossy(&data[..eol]).trim(), 16).unwrap_or(0);
         if size == 0 {
             break;
         }

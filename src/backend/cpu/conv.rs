@@ -50,22 +50,46 @@ pub fn conv2d(
     };
     let pointwise = p.kh == 1 && p.kw == 1 && p.stride == 1 && p.padding == 0;
     let chunk = (MAX_COLUMN_ELEMS / patch.max(1)).clamp(64, pixels.max(64));
-    let mut columns = if pointwise { Vec::new() } else { vec![0f32; patch * chunk.min(pixels)] };
+    let mut columns = if pointwise {
+        Vec::new()
+    } else {
+        vec![0f32; patch * chunk.min(pixels)]
+    };
     for b in 0..p.n {
         let image = &x[b * p.c * p.h * p.w..(b + 1) * p.c * p.h * p.w];
         let dst = &mut out[b * p.oc * pixels..(b + 1) * p.oc * pixels];
         if pointwise {
             // A 1x1 convolution is a plain product with the image as a [c, pixels] matrix.
-            let rhs = MatRef { data: image, row_stride: pixels, col_stride: 1 };
-            sgemm(p.oc, pixels, p.c, w_view, rhs, dst, pixels, accumulate, true);
+            let rhs = MatRef {
+                data: image,
+                row_stride: pixels,
+                col_stride: 1,
+            };
+            sgemm(
+                p.oc, pixels, p.c, w_view, rhs, dst, pixels, accumulate, true,
+            );
             continue;
         }
         let mut start = 0;
         while start < pixels {
             let len = chunk.min(pixels - start);
             im2col(image, p, start, len, &mut columns[..patch * len]);
-            let rhs = MatRef { data: &columns[..patch * len], row_stride: len, col_stride: 1 };
-            sgemm(p.oc, len, patch, w_view, rhs, &mut dst[start..], pixels, accumulate, true);
+            let rhs = MatRef {
+                data: &columns[..patch * len],
+                row_stride: len,
+                col_stride: 1,
+            };
+            sgemm(
+                p.oc,
+                len,
+                patch,
+                w_view,
+                rhs,
+                &mut dst[start..],
+                pixels,
+                accumulate,
+                true,
+            );
             start += len;
         }
     }

@@ -14,7 +14,11 @@ fn broadcast_strides(shape: &[usize], out: &[usize]) -> Vec<usize> {
     let mut strides = vec![0; out.len()];
     let mut acc = 1;
     for i in (0..shape.len()).rev() {
-        strides[pad + i] = if shape[i] == 1 && out[pad + i] != 1 { 0 } else { acc };
+        strides[pad + i] = if shape[i] == 1 && out[pad + i] != 1 {
+            0
+        } else {
+            acc
+        };
         acc *= shape[i];
     }
     strides
@@ -54,21 +58,26 @@ pub fn binary(
         broadcast_strides(lhs_shape, out_shape),
         broadcast_strides(rhs_shape, out_shape),
     );
-    let (ia, ib) = (sa.last().copied().unwrap_or(0), sb.last().copied().unwrap_or(0));
+    let (ia, ib) = (
+        sa.last().copied().unwrap_or(0),
+        sb.last().copied().unwrap_or(0),
+    );
     let mut out = vec![0f32; numel];
-    out.par_chunks_mut(inner).enumerate().for_each(|(row, dst)| {
-        // Offsets of this row's first element in lhs and rhs.
-        let (mut oa, mut ob, mut rem) = (0, 0, row);
-        for d in (0..rank.saturating_sub(1)).rev() {
-            let idx = rem % out_shape[d];
-            rem /= out_shape[d];
-            oa += idx * sa[d];
-            ob += idx * sb[d];
-        }
-        for (j, o) in dst.iter_mut().enumerate() {
-            *o = apply(op, a[oa + j * ia], b[ob + j * ib]);
-        }
-    });
+    out.par_chunks_mut(inner)
+        .enumerate()
+        .for_each(|(row, dst)| {
+            // Offsets of this row's first element in lhs and rhs.
+            let (mut oa, mut ob, mut rem) = (0, 0, row);
+            for d in (0..rank.saturating_sub(1)).rev() {
+                let idx = rem % out_shape[d];
+                rem /= out_shape[d];
+                oa += idx * sa[d];
+                ob += idx * sb[d];
+            }
+            for (j, o) in dst.iter_mut().enumerate() {
+                *o = apply(op, a[oa + j * ia], b[ob + j * ib]);
+            }
+        });
     CpuStorage::F32(out)
 }
 

@@ -22,16 +22,18 @@ pub fn permute(x: &CpuStorage, shape: &[usize], axes: &[usize]) -> CpuStorage {
     let inner = out_shape.last().copied().unwrap_or(1).max(1);
     let inner_stride = src_strides.last().copied().unwrap_or(0);
     let mut out = vec![0f32; x.len()];
-    out.par_chunks_mut(inner).enumerate().for_each(|(row, dst)| {
-        let (mut off, mut rem) = (0, row);
-        for d in (0..rank.saturating_sub(1)).rev() {
-            off += (rem % out_shape[d]) * src_strides[d];
-            rem /= out_shape[d];
-        }
-        for (j, o) in dst.iter_mut().enumerate() {
-            *o = x[off + j * inner_stride];
-        }
-    });
+    out.par_chunks_mut(inner)
+        .enumerate()
+        .for_each(|(row, dst)| {
+            let (mut off, mut rem) = (0, row);
+            for d in (0..rank.saturating_sub(1)).rev() {
+                off += (rem % out_shape[d]) * src_strides[d];
+                rem /= out_shape[d];
+            }
+            for (j, o) in dst.iter_mut().enumerate() {
+                *o = x[off + j * inner_stride];
+            }
+        });
     CpuStorage::F32(out)
 }
 
@@ -51,7 +53,10 @@ pub fn cat(parts: &[(&CpuStorage, &[usize])], dim: usize) -> CpuStorage {
     let first = parts[0].1;
     let outer: usize = first[..dim].iter().product();
     let inner: usize = first[dim + 1..].iter().product();
-    let data: Vec<_> = parts.iter().map(|(s, shape)| (s.as_f32(), shape[dim] * inner)).collect();
+    let data: Vec<_> = parts
+        .iter()
+        .map(|(s, shape)| (s.as_f32(), shape[dim] * inner))
+        .collect();
     let total: usize = data.iter().map(|(_, n)| n).sum();
     let mut out = Vec::with_capacity(outer * total);
     for o in 0..outer {
@@ -74,7 +79,14 @@ fn nearest_source(i: usize, input: usize, output: usize) -> usize {
     }
 }
 
-pub fn upsample_nearest(x: &CpuStorage, planes: usize, h: usize, w: usize, oh: usize, ow: usize) -> CpuStorage {
+pub fn upsample_nearest(
+    x: &CpuStorage,
+    planes: usize,
+    h: usize,
+    w: usize,
+    oh: usize,
+    ow: usize,
+) -> CpuStorage {
     let x = x.as_f32();
     let cols: Vec<usize> = (0..ow).map(|j| nearest_source(j, w, ow)).collect();
     let mut out = vec![0f32; planes * oh * ow];

@@ -42,11 +42,21 @@ pub(crate) fn sgemm(
     if m == 0 || n == 0 {
         return;
     }
-    let extent = |rows: usize, cols: usize, rs: usize, cs: usize| (rows - 1) * rs + (cols - 1) * cs + 1;
-    assert!(dst.len() >= extent(m, n, dst_row_stride, 1), "gemm dst out of bounds");
+    let extent =
+        |rows: usize, cols: usize, rs: usize, cs: usize| (rows - 1) * rs + (cols - 1) * cs + 1;
+    assert!(
+        dst.len() >= extent(m, n, dst_row_stride, 1),
+        "gemm dst out of bounds"
+    );
     if k > 0 {
-        assert!(lhs.data.len() >= extent(m, k, lhs.row_stride, lhs.col_stride), "gemm lhs out of bounds");
-        assert!(rhs.data.len() >= extent(k, n, rhs.row_stride, rhs.col_stride), "gemm rhs out of bounds");
+        assert!(
+            lhs.data.len() >= extent(m, k, lhs.row_stride, lhs.col_stride),
+            "gemm lhs out of bounds"
+        );
+        assert!(
+            rhs.data.len() >= extent(k, n, rhs.row_stride, rhs.col_stride),
+            "gemm rhs out of bounds"
+        );
     }
     let parallelism = if parallel && m * n * k >= 1 << 18 {
         gemm::Parallelism::Rayon(0)
@@ -93,15 +103,24 @@ pub fn matmul(
     let mut out = vec![0f32; d.batch * m * n];
     if let Some(bias) = bias {
         let bias = bias.as_f32();
-        out.par_chunks_mut(n).for_each(|row| row.copy_from_slice(&bias));
+        out.par_chunks_mut(n)
+            .for_each(|row| row.copy_from_slice(&bias));
     }
     let rhs_view = |b: usize| {
         let off = if d.rhs_batched { b * k * n } else { 0 };
         let data = &rhs[off..off + k * n];
         if d.transpose_rhs {
-            MatRef { data, row_stride: 1, col_stride: k }
+            MatRef {
+                data,
+                row_stride: 1,
+                col_stride: k,
+            }
         } else {
-            MatRef { data, row_stride: n, col_stride: 1 }
+            MatRef {
+                data,
+                row_stride: n,
+                col_stride: 1,
+            }
         }
     };
     let lhs_view = |b: usize| MatRef {
@@ -110,14 +129,33 @@ pub fn matmul(
         col_stride: 1,
     };
     if d.batch == 1 {
-        sgemm(m, n, k, lhs_view(0), rhs_view(0), &mut out, n, bias.is_some(), true);
+        sgemm(
+            m,
+            n,
+            k,
+            lhs_view(0),
+            rhs_view(0),
+            &mut out,
+            n,
+            bias.is_some(),
+            true,
+        );
     } else {
         // Many small products (attention heads): one thread per product.
         let parallel_inside = d.batch < rayon::current_num_threads();
         out.par_chunks_mut(m * n).enumerate().for_each(|(b, dst)| {
-            sgemm(m, n, k, lhs_view(b), rhs_view(b), dst, n, bias.is_some(), parallel_inside);
+            sgemm(
+                m,
+                n,
+                k,
+                lhs_view(b),
+                rhs_view(b),
+                dst,
+                n,
+                bias.is_some(),
+                parallel_inside,
+            );
         });
     }
     CpuStorage::F32(out)
 }
-

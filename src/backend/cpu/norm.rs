@@ -7,7 +7,11 @@ use super::CpuStorage;
 fn mean_var(values: &[f32]) -> (f64, f64) {
     let n = values.len().max(1) as f64;
     let mean = values.iter().map(|&v| v as f64).sum::<f64>() / n;
-    let var = values.iter().map(|&v| (v as f64 - mean).powi(2)).sum::<f64>() / n;
+    let var = values
+        .iter()
+        .map(|&v| (v as f64 - mean).powi(2))
+        .sum::<f64>()
+        / n;
     (mean, var)
 }
 
@@ -48,16 +52,24 @@ pub fn group_norm(
     CpuStorage::F32(out)
 }
 
-pub fn layer_norm(x: &CpuStorage, gamma: &CpuStorage, beta: &CpuStorage, d: usize, eps: f32) -> CpuStorage {
+pub fn layer_norm(
+    x: &CpuStorage,
+    gamma: &CpuStorage,
+    beta: &CpuStorage,
+    d: usize,
+    eps: f32,
+) -> CpuStorage {
     let x = x.as_f32();
     let (gamma, beta) = (gamma.as_f32(), beta.as_f32());
     let mut out = vec![0f32; x.len()];
-    out.par_chunks_mut(d).zip(x.par_chunks(d)).for_each(|(dst, src)| {
-        let (mean, var) = mean_var(src);
-        let inv = 1.0 / (var + eps as f64).sqrt();
-        for ((o, &v), (&g, &b)) in dst.iter_mut().zip(src).zip(gamma.iter().zip(beta.iter())) {
-            *o = ((v as f64 - mean) * inv * g as f64 + b as f64) as f32;
-        }
-    });
+    out.par_chunks_mut(d)
+        .zip(x.par_chunks(d))
+        .for_each(|(dst, src)| {
+            let (mean, var) = mean_var(src);
+            let inv = 1.0 / (var + eps as f64).sqrt();
+            for ((o, &v), (&g, &b)) in dst.iter_mut().zip(src).zip(gamma.iter().zip(beta.iter())) {
+                *o = ((v as f64 - mean) * inv * g as f64 + b as f64) as f32;
+            }
+        });
     CpuStorage::F32(out)
 }

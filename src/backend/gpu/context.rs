@@ -28,7 +28,15 @@ pub struct Kernel {
 #[macro_export]
 macro_rules! shader {
     ($name:literal) => {
-        ($name, include_str!(concat!(env!("CARGO_MANIFEST_DIR"), "/shaders/", $name, ".wgsl")))
+        (
+            $name,
+            include_str!(concat!(
+                env!("CARGO_MANIFEST_DIR"),
+                "/shaders/",
+                $name,
+                ".wgsl"
+            )),
+        )
     };
 }
 
@@ -150,7 +158,12 @@ impl GpuDevice {
                 slot.get_or_insert_with(|| e.to_string());
             }
         }));
-        tracing::info!("GPU adapter: {} ({:?}, {:?})", info.name, info.device_type, info.backend);
+        tracing::info!(
+            "GPU adapter: {} ({:?}, {:?})",
+            info.name,
+            info.device_type,
+            info.backend
+        );
         Ok(GpuDevice(Arc::new(GpuContext {
             device,
             queue,
@@ -225,9 +238,10 @@ impl GpuContext {
     /// Records work into the pending encoder, submitting when enough has piled up.
     pub fn record(&self, f: impl FnOnce(&mut wgpu::CommandEncoder)) {
         let mut pending = lock(&self.pending);
-        let encoder = pending
-            .encoder
-            .get_or_insert_with(|| self.device.create_command_encoder(&wgpu::CommandEncoderDescriptor { label: None }));
+        let encoder = pending.encoder.get_or_insert_with(|| {
+            self.device
+                .create_command_encoder(&wgpu::CommandEncoderDescriptor { label: None })
+        });
         f(encoder);
         pending.passes += 1;
         if pending.passes >= PASSES_PER_SUBMIT {
@@ -254,18 +268,25 @@ impl GpuContext {
                     // SAFETY: every kernel guards its own reads and writes against the sizes it
                     // is given (each shader file says how), so wgpu's inserted bounds checks
                     // would only cost time.
-                    unsafe { self.device.create_shader_module_trusted(desc, wgpu::ShaderRuntimeChecks::unchecked()) }
+                    unsafe {
+                        self.device.create_shader_module_trusted(
+                            desc,
+                            wgpu::ShaderRuntimeChecks::unchecked(),
+                        )
+                    }
                 })
                 .clone()
         };
-        let pipeline = self.device.create_compute_pipeline(&wgpu::ComputePipelineDescriptor {
-            label: Some(kernel.entry),
-            layout: None,
-            module: &module,
-            entry_point: Some(kernel.entry),
-            compilation_options: Default::default(),
-            cache: None,
-        });
+        let pipeline = self
+            .device
+            .create_compute_pipeline(&wgpu::ComputePipelineDescriptor {
+                label: Some(kernel.entry),
+                layout: None,
+                module: &module,
+                entry_point: Some(kernel.entry),
+                compilation_options: Default::default(),
+                cache: None,
+            });
         lock(&self.pipelines).insert(kernel, pipeline.clone());
         pipeline
     }
@@ -279,7 +300,9 @@ impl GpuContext {
         self.device.create_buffer(&wgpu::BufferDescriptor {
             label: None,
             size: bytes,
-            usage: wgpu::BufferUsages::STORAGE | wgpu::BufferUsages::COPY_SRC | wgpu::BufferUsages::COPY_DST,
+            usage: wgpu::BufferUsages::STORAGE
+                | wgpu::BufferUsages::COPY_SRC
+                | wgpu::BufferUsages::COPY_DST,
             mapped_at_creation: false,
         })
     }
@@ -287,7 +310,10 @@ impl GpuContext {
     /// Returns a buffer to the pool. Commands already recorded may still use it; anything
     /// that later writes it is recorded after them, and wgpu orders the two.
     pub fn recycle(&self, buffer: wgpu::Buffer) {
-        lock(&self.pool).entry(buffer.size()).or_default().push(buffer);
+        lock(&self.pool)
+            .entry(buffer.size())
+            .or_default()
+            .push(buffer);
     }
 
     /// A buffer holding `data`, created mapped (not through the queue, whose staged writes
@@ -300,26 +326,40 @@ impl GpuContext {
         } else {
             data
         };
-        self.device.create_buffer_init(&wgpu::util::BufferInitDescriptor {
-            label: None,
-            contents,
-            usage: wgpu::BufferUsages::STORAGE | wgpu::BufferUsages::COPY_SRC | wgpu::BufferUsages::COPY_DST,
-        })
+        self.device
+            .create_buffer_init(&wgpu::util::BufferInitDescriptor {
+                label: None,
+                contents,
+                usage: wgpu::BufferUsages::STORAGE
+                    | wgpu::BufferUsages::COPY_SRC
+                    | wgpu::BufferUsages::COPY_DST,
+            })
     }
 
     /// Records one compute pass: `kernel` with its parameter block at binding 0 and
     /// `buffers` at bindings 1, 2, ... (each a whole buffer or a window of one).
-    pub fn dispatch(&self, kernel: Kernel, params: &[u8], buffers: &[wgpu::BindingResource<'_>], groups: [u32; 3]) {
+    pub fn dispatch(
+        &self,
+        kernel: Kernel,
+        params: &[u8],
+        buffers: &[wgpu::BindingResource<'_>],
+        groups: [u32; 3],
+    ) {
         let pipeline = self.pipeline(kernel);
         let params = self.upload(params);
         let mut entries = vec![wgpu::BindGroupEntry {
             binding: 0,
             resource: params.as_entire_binding(),
         }];
-        entries.extend(buffers.iter().enumerate().map(|(i, r)| wgpu::BindGroupEntry {
-            binding: i as u32 + 1,
-            resource: r.clone(),
-        }));
+        entries.extend(
+            buffers
+                .iter()
+                .enumerate()
+                .map(|(i, r)| wgpu::BindGroupEntry {
+                    binding: i as u32 + 1,
+                    resource: r.clone(),
+                }),
+        );
         let bind_group = self.device.create_bind_group(&wgpu::BindGroupDescriptor {
             label: None,
             layout: &pipeline.get_bind_group_layout(0),

@@ -56,7 +56,11 @@ struct GegluParams {
 
 /// Element counts and strides travel as u32: a tensor beyond 2³² elements is refused.
 pub(crate) fn u32_of(what: &str, n: usize) -> Result<u32> {
-    u32::try_from(n).map_err(|_| Error::Gpu(format!("{what} ({n}) does not fit the GPU kernels' 32-bit indices")))
+    u32::try_from(n).map_err(|_| {
+        Error::Gpu(format!(
+            "{what} ({n}) does not fit the GPU kernels' 32-bit indices"
+        ))
+    })
 }
 
 pub fn unary(x: &GpuStorage, op: UnaryOp) -> Result<GpuStorage> {
@@ -91,7 +95,11 @@ fn broadcast_strides(shape: &[usize], out: &[usize]) -> Vec<usize> {
     let mut strides = vec![0; out.len()];
     let mut acc = 1;
     for i in (0..shape.len()).rev() {
-        strides[pad + i] = if shape[i] == 1 && out[pad + i] != 1 { 0 } else { acc };
+        strides[pad + i] = if shape[i] == 1 && out[pad + i] != 1 {
+            0
+        } else {
+            acc
+        };
         acc *= shape[i];
     }
     strides
@@ -106,7 +114,10 @@ pub fn binary(
     op: BinaryOp,
 ) -> Result<GpuStorage> {
     if out_shape.len() > MAX_RANK {
-        return Err(Error::Gpu(format!("broadcasting over rank {} (at most {MAX_RANK})", out_shape.len())));
+        return Err(Error::Gpu(format!(
+            "broadcasting over rank {} (at most {MAX_RANK})",
+            out_shape.len()
+        )));
     }
     let numel: usize = out_shape.iter().product();
     let mut p = BinaryParams {
@@ -123,7 +134,10 @@ pub fn binary(
         lhs_strides: [0; MAX_RANK],
         rhs_strides: [0; MAX_RANK],
     };
-    let (sa, sb) = (broadcast_strides(lhs_shape, out_shape), broadcast_strides(rhs_shape, out_shape));
+    let (sa, sb) = (
+        broadcast_strides(lhs_shape, out_shape),
+        broadcast_strides(rhs_shape, out_shape),
+    );
     for d in 0..out_shape.len() {
         p.shape[d] = u32_of("dimension", out_shape[d])?;
         p.lhs_strides[d] = u32_of("stride", sa[d])?;
@@ -167,7 +181,12 @@ pub fn geglu(x: &GpuStorage, half: usize) -> Result<GpuStorage> {
         len: u32_of("elements", len)?,
         half: u32_of("row length", half.max(1))?,
     };
-    ctx.dispatch(GEGLU, bytemuck::bytes_of(&p), &[x.binding(), out.binding()], ctx.groups_1d(len, WORKGROUP_1D));
+    ctx.dispatch(
+        GEGLU,
+        bytemuck::bytes_of(&p),
+        &[x.binding(), out.binding()],
+        ctx.groups_1d(len, WORKGROUP_1D),
+    );
     Ok(out)
 }
 
@@ -182,12 +201,24 @@ mod tests {
             UnaryOp::Silu,
             UnaryOp::Gelu,
             UnaryOp::QuickGelu,
-            UnaryOp::Affine { mul: 0.5, add: -2.0 },
-            UnaryOp::Clamp { min: -0.3, max: 0.7 },
+            UnaryOp::Affine {
+                mul: 0.5,
+                add: -2.0,
+            },
+            UnaryOp::Clamp {
+                min: -0.3,
+                max: 0.7,
+            },
         ] {
-            assert_ops_agree(&format!("{op:?}"), &[random(&[3, 1000], 1)], |t| t[0].unary(op));
+            assert_ops_agree(&format!("{op:?}"), &[random(&[3, 1000], 1)], |t| {
+                t[0].unary(op)
+            });
         }
-        assert_ops_agree("sqrt", &[random(&[777], 2).affine(0.0, 3.0).unwrap()], |t| t[0].sqrt());
+        assert_ops_agree(
+            "sqrt",
+            &[random(&[777], 2).affine(0.0, 3.0).unwrap()],
+            |t| t[0].sqrt(),
+        );
     }
 
     #[test]
@@ -209,9 +240,11 @@ mod tests {
 
     #[test]
     fn axpby_and_geglu_match_the_cpu() {
-        assert_ops_agree("axpby", &[random(&[5, 301], 5), random(&[5, 301], 6)], |t| {
-            Tensor::axpby(0.7, &t[0], -1.3, &t[1])
-        });
+        assert_ops_agree(
+            "axpby",
+            &[random(&[5, 301], 5), random(&[5, 301], 6)],
+            |t| Tensor::axpby(0.7, &t[0], -1.3, &t[1]),
+        );
         assert_ops_agree("geglu", &[random(&[2, 77, 2 * 37], 7)], |t| t[0].geglu());
     }
 

@@ -28,7 +28,9 @@ pub(crate) fn test_device() -> Option<GpuDevice> {
         .get_or_init(|| match GpuDevice::new(None) {
             Ok(d) => Some(d),
             // CI installs Mesa's llvmpipe: there, a missing adapter is a broken setup.
-            Err(e) if std::env::var("CI").is_ok_and(|v| v == "true") => panic!("CI has no GPU adapter: {e}"),
+            Err(e) if std::env::var("CI").is_ok_and(|v| v == "true") => {
+                panic!("CI has no GPU adapter: {e}")
+            }
             Err(e) => {
                 eprintln!("\n*** NO GPU ADAPTER: GPU kernel tests are SKIPPED ({e}) ***\n");
                 None

@@ -51,7 +51,9 @@ impl GpuStorage {
     pub fn zeros(device: &GpuDevice, len: usize) -> Self {
         let out = Self::output(&device.0, len);
         let buffer = out.buffer();
-        device.0.record(|encoder| encoder.clear_buffer(buffer, 0, None));
+        device
+            .0
+            .record(|encoder| encoder.clear_buffer(buffer, 0, None));
         out
     }
 
@@ -68,7 +70,9 @@ impl GpuStorage {
     }
 
     pub(crate) fn buffer(&self) -> &wgpu::Buffer {
-        self.buffer.as_ref().expect("the buffer is only taken in drop")
+        self.buffer
+            .as_ref()
+            .expect("the buffer is only taken in drop")
     }
 
     /// The whole buffer as a binding.

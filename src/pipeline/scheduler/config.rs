@@ -265,10 +265,12 @@ impl SchedulerClass {
 /// short names people know from other front ends, some of which imply config values.
 pub fn resolve_name(name: &str) -> Option<(SchedulerClass, Map<String, Value>)> {
     let lower = name.trim().to_ascii_lowercase();
-    if let Some(class) = SchedulerClass::ALL
-        .into_iter()
-        .find(|c| c.class_name().eq_ignore_ascii_case(&lower) || c.class_name().trim_end_matches("Scheduler").eq_ignore_ascii_case(&lower))
-    {
+    if let Some(class) = SchedulerClass::ALL.into_iter().find(|c| {
+        c.class_name().eq_ignore_ascii_case(&lower)
+            || c.class_name()
+                .trim_end_matches("Scheduler")
+                .eq_ignore_ascii_case(&lower)
+    }) {
         return Some((class, Map::new()));
     }
     let karras = || {
@@ -281,8 +283,12 @@ pub fn resolve_name(name: &str) -> Option<(SchedulerClass, Map<String, Value>)> 
         "ddim" => (SchedulerClass::Ddim, Map::new()),
         "euler" => (SchedulerClass::EulerDiscrete, Map::new()),
         "euler_karras" | "euler-karras" => (SchedulerClass::EulerDiscrete, karras()),
-        "euler_a" | "euler-a" | "euler_ancestral" | "euler-ancestral" => (SchedulerClass::EulerAncestralDiscrete, Map::new()),
-        "dpm++2m" | "dpm++_2m" | "dpmpp_2m" | "dpm++ 2m" | "dpm" => (SchedulerClass::DpmSolverMultistep, Map::new()),
+        "euler_a" | "euler-a" | "euler_ancestral" | "euler-ancestral" => {
+            (SchedulerClass::EulerAncestralDiscrete, Map::new())
+        }
+        "dpm++2m" | "dpm++_2m" | "dpmpp_2m" | "dpm++ 2m" | "dpm" => {
+            (SchedulerClass::DpmSolverMultistep, Map::new())
+        }
         "dpm++2m_karras" | "dpm++_2m_karras" | "dpmpp_2m_karras" | "dpm++ 2m karras" => {
             (SchedulerClass::DpmSolverMultistep, karras())
         }
@@ -333,7 +339,9 @@ pub fn merge_config(
     let (class, overrides) = match choice {
         None => (folder_class, Map::new()),
         Some(name) => resolve_name(name).ok_or_else(|| {
-            Error::InvalidArgument(format!("unknown scheduler `{name}`; supported: {KNOWN_NAMES}"))
+            Error::InvalidArgument(format!(
+                "unknown scheduler `{name}`; supported: {KNOWN_NAMES}"
+            ))
         })?,
     };
     let mut config = class.defaults();
@@ -342,7 +350,10 @@ pub fn merge_config(
     config
         .as_object_mut()
         .expect("defaults() builds an object")
-        .insert("_class_name".into(), Value::String(class.class_name().into()));
+        .insert(
+            "_class_name".into(),
+            Value::String(class.class_name().into()),
+        );
     match config {
         Value::Object(map) => Ok((class, map)),
         _ => unreachable!("defaults() builds an object and overlay keeps it one"),
@@ -353,9 +364,8 @@ impl SchedulerConfig {
     /// Parses a merged config (see [`merge_config`]) and rejects the options this crate
     /// does not implement, naming them.
     pub fn from_map(class: SchedulerClass, map: &Map<String, Value>) -> Result<Self> {
-        let config: SchedulerConfig = serde_json::from_value(Value::Object(map.clone())).map_err(|e| {
-            Error::InvalidArgument(format!("{} config: {e}", class.class_name()))
-        })?;
+        let config: SchedulerConfig = serde_json::from_value(Value::Object(map.clone()))
+            .map_err(|e| Error::InvalidArgument(format!("{} config: {e}", class.class_name())))?;
         config.check_supported(class)?;
         Ok(config)
     }
@@ -367,10 +377,16 @@ impl SchedulerConfig {
                 class.class_name()
             )))
         };
-        if !matches!(self.beta_schedule.as_str(), "linear" | "scaled_linear" | "squaredcos_cap_v2") {
+        if !matches!(
+            self.beta_schedule.as_str(),
+            "linear" | "scaled_linear" | "squaredcos_cap_v2"
+        ) {
             return unsupported(format!("beta_schedule `{}`", self.beta_schedule));
         }
-        if !matches!(self.timestep_spacing.as_str(), "leading" | "trailing" | "linspace") {
+        if !matches!(
+            self.timestep_spacing.as_str(),
+            "leading" | "trailing" | "linspace"
+        ) {
             return unsupported(format!("timestep_spacing `{}`", self.timestep_spacing));
         }
         let predictions: &[&str] = match class {
@@ -409,7 +425,10 @@ impl SchedulerConfig {
         match class {
             SchedulerClass::EulerDiscrete => {
                 if self.interpolation_type != "linear" {
-                    return unsupported(format!("interpolation_type `{}`", self.interpolation_type));
+                    return unsupported(format!(
+                        "interpolation_type `{}`",
+                        self.interpolation_type
+                    ));
                 }
                 if !matches!(self.timestep_type.as_str(), "discrete" | "continuous") {
                     return unsupported(format!("timestep_type `{}`", self.timestep_type));
@@ -432,7 +451,9 @@ impl SchedulerConfig {
                     return unsupported(format!("final_sigmas_type `{}`", self.final_sigmas_type));
                 }
                 if self.algorithm_type == "dpmsolver" && self.final_sigmas_type == "zero" {
-                    return unsupported("algorithm_type `dpmsolver` with final_sigmas_type `zero`".into());
+                    return unsupported(
+                        "algorithm_type `dpmsolver` with final_sigmas_type `zero`".into(),
+                    );
                 }
             }
             _ => {}
@@ -466,7 +487,9 @@ pub fn sanitize_python_json(text: &str) -> String {
         if c == '"' {
             in_string = true;
         }
-        let token = ["-Infinity", "Infinity", "NaN"].into_iter().find(|t| rest.starts_with(t));
+        let token = ["-Infinity", "Infinity", "NaN"]
+            .into_iter()
+            .find(|t| rest.starts_with(t));
         if let Some(token) = token {
             out.push_str("null");
             rest = &rest[token.len()..];

@@ -20,7 +20,10 @@ pub struct Ddim {
 impl Ddim {
     pub fn new(config: SchedulerConfig, steps: usize) -> Result<Self> {
         let schedule = NoiseSchedule::new(&config);
-        let timesteps = spaced_timesteps(&config, steps, true)?.into_iter().map(|t| t as f32).collect();
+        let timesteps = spaced_timesteps(&config, steps, true)?
+            .into_iter()
+            .map(|t| t as f32)
+            .collect();
         let step_gap = (config.num_train_timesteps / steps) as i64;
         Ok(Ddim {
             config,
@@ -44,7 +47,13 @@ impl Scheduler for Ddim {
         Ok(sample.clone())
     }
 
-    fn step(&mut self, model_output: &Tensor, step_index: usize, sample: &Tensor, _rng: &mut TorchRng) -> Result<Tensor> {
+    fn step(
+        &mut self,
+        model_output: &Tensor,
+        step_index: usize,
+        sample: &Tensor,
+        _rng: &mut TorchRng,
+    ) -> Result<Tensor> {
         let t = timestep_at(&self.timesteps, step_index)? as i64;
         let alpha_t = self.schedule.alpha_prod(t)?;
         let alpha_prev = self.schedule.alpha_prod(t - self.step_gap)?;
@@ -62,6 +71,11 @@ impl Scheduler for Ddim {
         } else {
             x0
         };
-        Tensor::axpby(alpha_prev.sqrt() as f32, &x0, (1.0 - alpha_prev).sqrt() as f32, &eps)
+        Tensor::axpby(
+            alpha_prev.sqrt() as f32,
+            &x0,
+            (1.0 - alpha_prev).sqrt() as f32,
+            &eps,
+        )
     }
 }

@@ -44,26 +44,37 @@ impl DpmSolverMultistep {
                     .map(|&a| a.sqrt().ln() - (1.0 - a).sqrt().ln())
                     .collect();
                 lambdas.reverse();
-                lambdas.iter().position(|&l| l as f64 >= min).unwrap_or(lambdas.len())
+                lambdas
+                    .iter()
+                    .position(|&l| l as f64 >= min)
+                    .unwrap_or(lambdas.len())
             }
             None => 0,
         };
         let last = train - clipped;
         let mut timesteps: Vec<f64> = match config.timestep_spacing.as_str() {
             "linspace" => {
-                let mut ts: Vec<f64> = linspace(0.0, last as f64 - 1.0, steps + 1).into_iter().map(f64::round_ties_even).collect();
+                let mut ts: Vec<f64> = linspace(0.0, last as f64 - 1.0, steps + 1)
+                    .into_iter()
+                    .map(f64::round_ties_even)
+                    .collect();
                 ts.reverse();
                 ts.pop();
                 ts
             }
             "leading" => {
                 let ratio = last / (steps + 1);
-                (1..=steps).rev().map(|i| (i * ratio + config.steps_offset) as f64).collect()
+                (1..=steps)
+                    .rev()
+                    .map(|i| (i * ratio + config.steps_offset) as f64)
+                    .collect()
             }
             _ => {
                 let step = train as f64 / steps as f64;
                 let len = (last as f64 / step).ceil() as usize;
-                (0..len).map(|i| (last as f64 - i as f64 * step).round_ties_even() - 1.0).collect()
+                (0..len)
+                    .map(|i| (last as f64 - i as f64 * step).round_ties_even() - 1.0)
+                    .collect()
             }
         };
         let table = schedule.sigmas();
@@ -103,7 +114,10 @@ impl DpmSolverMultistep {
 
     fn sigma(&self, i: usize) -> Result<f64> {
         self.sigmas.get(i).map(|&s| s as f64).ok_or_else(|| {
-            crate::Error::InvalidArgument(format!("step {i} is past the end of a {}-step schedule", self.timesteps.len()))
+            crate::Error::InvalidArgument(format!(
+                "step {i} is past the end of a {}-step schedule",
+                self.timesteps.len()
+            ))
         })
     }
 
@@ -112,11 +126,15 @@ impl DpmSolverMultistep {
         let (alpha, sigma_t, _) = alpha_sigma_lambda(sigma);
         let pp = self.config.algorithm_type == "dpmsolver++";
         match (self.config.prediction_type.as_str(), pp) {
-            ("epsilon", true) => lincomb(&[(1.0 / alpha, sample), (-sigma_t / alpha, model_output)]),
+            ("epsilon", true) => {
+                lincomb(&[(1.0 / alpha, sample), (-sigma_t / alpha, model_output)])
+            }
             ("v_prediction", true) => lincomb(&[(alpha, sample), (-sigma_t, model_output)]),
             ("epsilon", false) => Ok(model_output.clone()),
             ("v_prediction", false) => lincomb(&[(alpha, model_output), (sigma_t, sample)]),
-            ("sample", false) => lincomb(&[(1.0 / sigma_t, sample), (-alpha / sigma_t, model_output)]),
+            ("sample", false) => {
+                lincomb(&[(1.0 / sigma_t, sample), (-alpha / sigma_t, model_output)])
+            }
             _ => Ok(model_output.clone()),
         }
     }
@@ -135,12 +153,20 @@ impl Scheduler for DpmSolverMultistep {
         Ok(sample.clone())
     }
 
-    fn step(&mut self, model_output: &Tensor, step_index: usize, sample: &Tensor, _rng: &mut TorchRng) -> Result<Tensor> {
+    fn step(
+        &mut self,
+        model_output: &Tensor,
+        step_index: usize,
+        sample: &Tensor,
+        _rng: &mut TorchRng,
+    ) -> Result<Tensor> {
         let c = &self.config;
         let idx = self.begin + step_index;
         let n = self.timesteps.len();
         let lower_order_final = idx + 1 == n
-            && (c.euler_at_final || (c.lower_order_final && n < 15) || c.final_sigmas_type == "zero");
+            && (c.euler_at_final
+                || (c.lower_order_final && n < 15)
+                || c.final_sigmas_type == "zero");
         let lower_order_second = idx + 2 == n && c.lower_order_final && n < 15;
 
         let converted = self.convert(model_output, sample, self.sigma(idx)?)?;
@@ -179,7 +205,11 @@ impl Scheduler for DpmSolverMultistep {
                     (false, _) => -sigma_t * ((h.exp() - 1.0) / h - 1.0),
                 };
                 // D1 = (m0 - m1) / r0
-                lincomb(&[(c_sample, sample), (phi1 + c1 / r0, m0), (-c1 / r0, &m[m.len() - 2])])?
+                lincomb(&[
+                    (c_sample, sample),
+                    (phi1 + c1 / r0, m0),
+                    (-c1 / r0, &m[m.len() - 2]),
+                ])?
             }
             _ => {
                 let (_, _, lambda_s1) = alpha_sigma_lambda(self.sigma(idx - 1)?);
@@ -187,10 +217,16 @@ impl Scheduler for DpmSolverMultistep {
                 let (r0, r1) = ((lambda_s0 - lambda_s1) / h, (lambda_s1 - lambda_s2) / h);
                 let (c1, c2) = if pp {
                     let e = (-h).exp() - 1.0;
-                    (alpha_t * (e / h + 1.0), -alpha_t * ((e + h) / (h * h) - 0.5))
+                    (
+                        alpha_t * (e / h + 1.0),
+                        -alpha_t * ((e + h) / (h * h) - 0.5),
+                    )
                 } else {
                     let e = h.exp() - 1.0;
-                    (-sigma_t * (e / h - 1.0), -sigma_t * ((e - h) / (h * h) - 0.5))
+                    (
+                        -sigma_t * (e / h - 1.0),
+                        -sigma_t * ((e - h) / (h * h) - 0.5),
+                    )
                 };
                 // D1_0 = (m0 - m1)/r0, D1_1 = (m1 - m2)/r1, k = r0/(r0 + r1),
                 // D1 = (1 + k)·D1_0 - k·D1_1, D2 = (D1_0 - D1_1)/(r0 + r1).

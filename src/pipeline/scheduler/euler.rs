@@ -17,18 +17,26 @@ pub struct EulerDiscrete {
 impl EulerDiscrete {
     pub fn new(config: SchedulerConfig, steps: usize) -> Result<Self> {
         let schedule = NoiseSchedule::new(&config);
-        let (timesteps, mut sigmas) =
-            interpolated_sigmas(&config, &schedule, steps, (config.sigma_min, config.sigma_max))?;
+        let (timesteps, mut sigmas) = interpolated_sigmas(
+            &config,
+            &schedule,
+            steps,
+            (config.sigma_min, config.sigma_max),
+        )?;
         sigmas.push(match config.final_sigmas_type.as_str() {
             "sigma_min" => schedule.sigmas()[0] as f64,
             _ => 0.0,
         });
         let sigmas: Vec<f32> = sigmas.into_iter().map(|s| s as f32).collect();
-        let timesteps = if config.timestep_type == "continuous" && config.prediction_type == "v_prediction" {
-            sigmas[..sigmas.len() - 1].iter().map(|s| 0.25 * s.ln()).collect()
-        } else {
-            timesteps.into_iter().map(|t| t as f32).collect()
-        };
+        let timesteps =
+            if config.timestep_type == "continuous" && config.prediction_type == "v_prediction" {
+                sigmas[..sigmas.len() - 1]
+                    .iter()
+                    .map(|s| 0.25 * s.ln())
+                    .collect()
+            } else {
+                timesteps.into_iter().map(|t| t as f32).collect()
+            };
         let table = SigmaTable::new(timesteps, sigmas, &config.timestep_spacing);
         Ok(EulerDiscrete { config, table })
     }
@@ -47,7 +55,13 @@ impl Scheduler for EulerDiscrete {
         self.table.scale_model_input(sample, step_index)
     }
 
-    fn step(&mut self, model_output: &Tensor, step_index: usize, sample: &Tensor, _rng: &mut TorchRng) -> Result<Tensor> {
+    fn step(
+        &mut self,
+        model_output: &Tensor,
+        step_index: usize,
+        sample: &Tensor,
+        _rng: &mut TorchRng,
+    ) -> Result<Tensor> {
         let (sigma, sigma_next) = self.table.sigma_pair(step_index)?;
         let x0 = x0_from_sigma(&self.config.prediction_type, model_output, sample, sigma)?;
         // sample + (sample - x0) / sigma * dt

@@ -17,7 +17,10 @@ pub struct EulerAncestralDiscrete {
 impl EulerAncestralDiscrete {
     pub fn new(config: SchedulerConfig, steps: usize) -> Result<Self> {
         let schedule = NoiseSchedule::new(&config);
-        let timesteps: Vec<f32> = spaced_timesteps(&config, steps, false)?.into_iter().map(|t| t as f32).collect();
+        let timesteps: Vec<f32> = spaced_timesteps(&config, steps, false)?
+            .into_iter()
+            .map(|t| t as f32)
+            .collect();
         let table = schedule.sigmas();
         let sigmas = timesteps
             .iter()
@@ -42,10 +45,17 @@ impl Scheduler for EulerAncestralDiscrete {
         self.table.scale_model_input(sample, step_index)
     }
 
-    fn step(&mut self, model_output: &Tensor, step_index: usize, sample: &Tensor, rng: &mut TorchRng) -> Result<Tensor> {
+    fn step(
+        &mut self,
+        model_output: &Tensor,
+        step_index: usize,
+        sample: &Tensor,
+        rng: &mut TorchRng,
+    ) -> Result<Tensor> {
         let (sigma, sigma_to) = self.table.sigma_pair(step_index)?;
         let x0 = x0_from_sigma(&self.config.prediction_type, model_output, sample, sigma)?;
-        let sigma_up = (sigma_to * sigma_to * (sigma * sigma - sigma_to * sigma_to) / (sigma * sigma)).sqrt();
+        let sigma_up =
+            (sigma_to * sigma_to * (sigma * sigma - sigma_to * sigma_to) / (sigma * sigma)).sqrt();
         let sigma_down = (sigma_to * sigma_to - sigma_up * sigma_up).sqrt();
         let r = (sigma_down - sigma) / sigma;
         let prev = Tensor::axpby((1.0 + r) as f32, sample, -r as f32, &x0)?;

@@ -40,7 +40,9 @@ impl Lcm {
         let origin: Vec<usize> = (1..=original).rev().map(|i| i * k - 1).collect();
         // numpy's `floor(linspace(0, len, steps, endpoint=False))`, i.e. floor(i * (len / steps)).
         let stride = origin.len() as f64 / steps as f64;
-        let timesteps: Vec<f32> = (0..steps).map(|i| origin[(i as f64 * stride).floor() as usize] as f32).collect();
+        let timesteps: Vec<f32> = (0..steps)
+            .map(|i| origin[(i as f64 * stride).floor() as usize] as f32)
+            .collect();
         let begin = begin_index(&timesteps);
         Ok(Lcm {
             config,
@@ -64,7 +66,13 @@ impl Scheduler for Lcm {
         Ok(sample.clone())
     }
 
-    fn step(&mut self, model_output: &Tensor, step_index: usize, sample: &Tensor, rng: &mut TorchRng) -> Result<Tensor> {
+    fn step(
+        &mut self,
+        model_output: &Tensor,
+        step_index: usize,
+        sample: &Tensor,
+        rng: &mut TorchRng,
+    ) -> Result<Tensor> {
         let idx = self.begin + step_index;
         let t = timestep_at(&self.timesteps, idx)? as i64;
         let prev_t = self.timesteps.get(idx + 1).map_or(t, |&p| p as i64);
@@ -83,6 +91,9 @@ impl Scheduler for Lcm {
             return Ok(denoised);
         }
         let noise = rng.randn_tensor(model_output.shape(), &model_output.device())?;
-        lincomb(&[(alpha_prev.sqrt(), &denoised), ((1.0 - alpha_prev).sqrt(), &noise)])
+        lincomb(&[
+            (alpha_prev.sqrt(), &denoised),
+            ((1.0 - alpha_prev).sqrt(), &noise),
+        ])
     }
 }

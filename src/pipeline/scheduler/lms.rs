@@ -45,11 +45,26 @@ impl LmsDiscrete {
                 .map(|k| (tau - s(t - k)) / (s(t - current) - s(t - k)))
                 .product::<f64>()
         };
-        const NODES: [f64; 4] = [-0.861_136_311_594_052_6, -0.339_981_043_584_856_3, 0.339_981_043_584_856_3, 0.861_136_311_594_052_6];
-        const WEIGHTS: [f64; 4] = [0.347_854_845_137_453_9, 0.652_145_154_862_546_1, 0.652_145_154_862_546_1, 0.347_854_845_137_453_9];
+        const NODES: [f64; 4] = [
+            -0.861_136_311_594_052_6,
+            -0.339_981_043_584_856_3,
+            0.339_981_043_584_856_3,
+            0.861_136_311_594_052_6,
+        ];
+        const WEIGHTS: [f64; 4] = [
+            0.347_854_845_137_453_9,
+            0.652_145_154_862_546_1,
+            0.652_145_154_862_546_1,
+            0.347_854_845_137_453_9,
+        ];
         let (a, b) = (s(t), s(t + 1));
         let (half, mid) = ((b - a) / 2.0, (a + b) / 2.0);
-        NODES.iter().zip(WEIGHTS).map(|(x, w)| w * basis(mid + half * x)).sum::<f64>() * half
+        NODES
+            .iter()
+            .zip(WEIGHTS)
+            .map(|(x, w)| w * basis(mid + half * x))
+            .sum::<f64>()
+            * half
     }
 }
 
@@ -66,7 +81,13 @@ impl Scheduler for LmsDiscrete {
         self.table.scale_model_input(sample, step_index)
     }
 
-    fn step(&mut self, model_output: &Tensor, step_index: usize, sample: &Tensor, _rng: &mut TorchRng) -> Result<Tensor> {
+    fn step(
+        &mut self,
+        model_output: &Tensor,
+        step_index: usize,
+        sample: &Tensor,
+        _rng: &mut TorchRng,
+    ) -> Result<Tensor> {
         let (sigma, _) = self.table.sigma_pair(step_index)?;
         let x0 = x0_from_sigma(&self.config.prediction_type, model_output, sample, sigma)?;
         let derivative = Tensor::axpby((1.0 / sigma) as f32, sample, (-1.0 / sigma) as f32, &x0)?;
@@ -78,7 +99,12 @@ impl Scheduler for LmsDiscrete {
         let order = (t + 1).min(ORDER);
         let mut prev = sample.clone();
         for (current, derivative) in self.derivatives.iter().rev().enumerate().take(order) {
-            prev = Tensor::axpby(1.0, &prev, self.coefficient(order, t, current) as f32, derivative)?;
+            prev = Tensor::axpby(
+                1.0,
+                &prev,
+                self.coefficient(order, t, current) as f32,
+                derivative,
+            )?;
         }
         Ok(prev)
     }

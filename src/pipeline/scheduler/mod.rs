@@ -40,19 +40,28 @@ pub trait Scheduler: Send {
 
     /// `step(...).prev_sample` for the `step_index`-th timestep. Stochastic schedulers draw
     /// their noise from `rng`, which is the generator the initial latents came from.
-    fn step(&mut self, model_output: &Tensor, step_index: usize, sample: &Tensor, rng: &mut TorchRng)
-        -> Result<Tensor>;
+    fn step(
+        &mut self,
+        model_output: &Tensor,
+        step_index: usize,
+        sample: &Tensor,
+        rng: &mut TorchRng,
+    ) -> Result<Tensor>;
 }
 
 /// Reads a `scheduler_config.json` as a JSON object (Python's bare `-Infinity` included).
 pub fn read_config(path: &Path) -> Result<Map<String, Value>> {
     let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
-    serde_json::from_str(&config::sanitize_python_json(&text)).map_err(|e| Error::config(path, e.to_string()))
+    serde_json::from_str(&config::sanitize_python_json(&text))
+        .map_err(|e| Error::config(path, e.to_string()))
 }
 
 /// The full config diffusers would run for a folder's scheduler config, or for the
 /// scheduler `choice` (a class name or alias) built from it.
-pub fn effective_config(file: &Map<String, Value>, choice: Option<&str>) -> Result<Map<String, Value>> {
+pub fn effective_config(
+    file: &Map<String, Value>,
+    choice: Option<&str>,
+) -> Result<Map<String, Value>> {
     config::merge_config(file, choice).map(|(_, map)| map)
 }
 
@@ -73,15 +82,23 @@ pub fn from_config_with(
         SchedulerClass::Pndm => Box::new(pndm::Pndm::new(config, steps)?),
         SchedulerClass::Ddim => Box::new(ddim::Ddim::new(config, steps)?),
         SchedulerClass::EulerDiscrete => Box::new(euler::EulerDiscrete::new(config, steps)?),
-        SchedulerClass::EulerAncestralDiscrete => Box::new(euler_ancestral::EulerAncestralDiscrete::new(config, steps)?),
-        SchedulerClass::DpmSolverMultistep => Box::new(dpm_solver::DpmSolverMultistep::new(config, steps)?),
+        SchedulerClass::EulerAncestralDiscrete => {
+            Box::new(euler_ancestral::EulerAncestralDiscrete::new(config, steps)?)
+        }
+        SchedulerClass::DpmSolverMultistep => {
+            Box::new(dpm_solver::DpmSolverMultistep::new(config, steps)?)
+        }
         SchedulerClass::LmsDiscrete => Box::new(lms::LmsDiscrete::new(config, steps)?),
         SchedulerClass::Lcm => Box::new(lcm::Lcm::new(config, steps)?),
     })
 }
 
 /// [`from_config_with`] without overrides.
-pub fn from_config(file: &Map<String, Value>, choice: Option<&str>, steps: usize) -> Result<Box<dyn Scheduler>> {
+pub fn from_config(
+    file: &Map<String, Value>,
+    choice: Option<&str>,
+    steps: usize,
+) -> Result<Box<dyn Scheduler>> {
     from_config_with(file, choice, &Map::new(), steps)
 }
 
@@ -102,7 +119,9 @@ pub fn load(
 
 fn check_steps(steps: usize, train: usize) -> Result<()> {
     if steps == 0 {
-        return Err(Error::InvalidArgument("the number of inference steps must be at least 1".into()));
+        return Err(Error::InvalidArgument(
+            "the number of inference steps must be at least 1".into(),
+        ));
     }
     if steps > train {
         return Err(Error::InvalidArgument(format!(
@@ -115,7 +134,10 @@ fn check_steps(steps: usize, train: usize) -> Result<()> {
 /// The `step_index`-th timestep, or an error past the end of the schedule.
 fn timestep_at(timesteps: &[f32], step_index: usize) -> Result<f32> {
     timesteps.get(step_index).copied().ok_or_else(|| {
-        Error::InvalidArgument(format!("step {step_index} is past the end of a {}-step schedule", timesteps.len()))
+        Error::InvalidArgument(format!(
+            "step {step_index} is past the end of a {}-step schedule",
+            timesteps.len()
+        ))
     })
 }
 

@@ -39,7 +39,10 @@ impl Pndm {
     pub fn new(config: SchedulerConfig, steps: usize) -> Result<Self> {
         let schedule = NoiseSchedule::new(&config);
         // diffusers keeps them ascending here.
-        let mut ascending: Vec<i64> = spaced_timesteps(&config, steps, true)?.into_iter().map(|t| t as i64).collect();
+        let mut ascending: Vec<i64> = spaced_timesteps(&config, steps, true)?
+            .into_iter()
+            .map(|t| t as i64)
+            .collect();
         ascending.reverse();
         let step_gap = (config.num_train_timesteps / steps) as i64;
         let n = ascending.len();
@@ -59,8 +62,14 @@ impl Pndm {
             }
             let half = step_gap / 2;
             // Each of the last four timesteps and its midpoint, every point but the ends twice.
-            let points: Vec<i64> = ascending[n - PNDM_ORDER..].iter().flat_map(|&t| [t, t + half]).collect();
-            let mut prk: Vec<i64> = points[..points.len() - 1].iter().flat_map(|&t| [t, t]).collect();
+            let points: Vec<i64> = ascending[n - PNDM_ORDER..]
+                .iter()
+                .flat_map(|&t| [t, t + half])
+                .collect();
+            let mut prk: Vec<i64> = points[..points.len() - 1]
+                .iter()
+                .flat_map(|&t| [t, t])
+                .collect();
             prk = prk[1..prk.len() - 1].to_vec();
             prk.reverse();
             let mut plms = ascending[..n - 3].to_vec();
@@ -83,18 +92,34 @@ impl Pndm {
     }
 
     /// diffusers' `_get_prev_sample`: formula (9) of the PNDM paper.
-    fn prev_sample(&self, sample: &Tensor, t: i64, prev_t: i64, model_output: &Tensor) -> Result<Tensor> {
+    fn prev_sample(
+        &self,
+        sample: &Tensor,
+        t: i64,
+        prev_t: i64,
+        model_output: &Tensor,
+    ) -> Result<Tensor> {
         let alpha_t = self.schedule.alpha_prod(t)?;
         let alpha_prev = self.schedule.alpha_prod(prev_t)?;
         let (beta_t, beta_prev) = (1.0 - alpha_t, 1.0 - alpha_prev);
         let eps = if self.config.prediction_type == "v_prediction" {
-            Tensor::axpby(alpha_t.sqrt() as f32, model_output, beta_t.sqrt() as f32, sample)?
+            Tensor::axpby(
+                alpha_t.sqrt() as f32,
+                model_output,
+                beta_t.sqrt() as f32,
+                sample,
+            )?
         } else {
             model_output.clone()
         };
         let sample_coeff = (alpha_prev / alpha_t).sqrt();
         let denom = alpha_t * beta_prev.sqrt() + (alpha_t * beta_t * alpha_prev).sqrt();
-        Tensor::axpby(sample_coeff as f32, sample, (-(alpha_prev - alpha_t) / denom) as f32, &eps)
+        Tensor::axpby(
+            sample_coeff as f32,
+            sample,
+            (-(alpha_prev - alpha_t) / denom) as f32,
+            &eps,
+        )
     }
 
     fn accumulate(&mut self, weight: f32, model_output: &Tensor) -> Result<()> {
@@ -106,7 +131,11 @@ impl Pndm {
     }
 
     fn step_prk(&mut self, model_output: &Tensor, t: i64, sample: &Tensor) -> Result<Tensor> {
-        let diff_to_prev = if self.counter % 2 == 1 { 0 } else { self.step_gap / 2 };
+        let diff_to_prev = if self.counter % 2 == 1 {
+            0
+        } else {
+            self.step_gap / 2
+        };
         let prev_t = t - diff_to_prev;
         let t = self.timesteps[self.counter / 4 * 4] as i64;
         let mut model_output = model_output.clone();
@@ -118,7 +147,10 @@ impl Pndm {
             }
             1 | 2 => self.accumulate(1.0 / 3.0, &model_output)?,
             _ => {
-                let acc = self.cur_model_output.take().unwrap_or_else(|| model_output.clone());
+                let acc = self
+                    .cur_model_output
+                    .take()
+                    .unwrap_or_else(|| model_output.clone());
                 model_output = Tensor::axpby(1.0, &acc, 1.0 / 6.0, &model_output)?;
             }
         }
@@ -177,7 +209,13 @@ impl Scheduler for Pndm {
         Ok(sample.clone())
     }
 
-    fn step(&mut self, model_output: &Tensor, step_index: usize, sample: &Tensor, _rng: &mut TorchRng) -> Result<Tensor> {
+    fn step(
+        &mut self,
+        model_output: &Tensor,
+        step_index: usize,
+        sample: &Tensor,
+        _rng: &mut TorchRng,
+    ) -> Result<Tensor> {
         let t = timestep_at(&self.timesteps, step_index)? as i64;
         let prev = if self.counter < self.prk_len {
             self.step_prk(model_output, t, sample)?

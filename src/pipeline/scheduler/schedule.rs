@@ -19,7 +19,13 @@ fn torch_linspace_f32(start: f64, end: f64, n: usize) -> Vec<f32> {
     let step = (end - start) / (n - 1) as f32;
     let half = n / 2;
     (0..n)
-        .map(|i| if i < half { start + step * i as f32 } else { end - step * (n - 1 - i) as f32 })
+        .map(|i| {
+            if i < half {
+                start + step * i as f32
+            } else {
+                end - step * (n - 1 - i) as f32
+            }
+        })
         .collect()
 }
 
@@ -63,7 +69,11 @@ impl NoiseSchedule {
                     .map(|b| b * b)
                     .collect(),
                 "squaredcos_cap_v2" => {
-                    let alpha_bar = |t: f64| ((t + 0.008) / 1.008 * std::f64::consts::PI / 2.0).cos().powi(2);
+                    let alpha_bar = |t: f64| {
+                        ((t + 0.008) / 1.008 * std::f64::consts::PI / 2.0)
+                            .cos()
+                            .powi(2)
+                    };
                     (0..n)
                         .map(|i| {
                             let (t1, t2) = (i as f64 / n as f64, (i + 1) as f64 / n as f64);
@@ -86,7 +96,11 @@ impl NoiseSchedule {
                 *last = 2f32.powi(-24);
             }
         }
-        let final_alpha_cumprod = if c.set_alpha_to_one { 1.0 } else { alphas_cumprod[0] };
+        let final_alpha_cumprod = if c.set_alpha_to_one {
+            1.0
+        } else {
+            alphas_cumprod[0]
+        };
         NoiseSchedule {
             alphas_cumprod,
             final_alpha_cumprod,
@@ -105,13 +119,21 @@ impl NoiseSchedule {
         self.alphas_cumprod
             .get(t as usize)
             .map(|&a| a as f64)
-            .ok_or_else(|| Error::InvalidArgument(format!("timestep {t} is outside the {}-step schedule", self.len())))
+            .ok_or_else(|| {
+                Error::InvalidArgument(format!(
+                    "timestep {t} is outside the {}-step schedule",
+                    self.len()
+                ))
+            })
     }
 
     /// `((1 - alphas_cumprod) / alphas_cumprod) ** 0.5`, the Karras-style sigma of every
     /// training timestep (float32, as torch computes it).
     pub fn sigmas(&self) -> Vec<f32> {
-        self.alphas_cumprod.iter().map(|&a| ((1.0 - a) / a).sqrt()).collect()
+        self.alphas_cumprod
+            .iter()
+            .map(|&a| ((1.0 - a) / a).sqrt())
+            .collect()
     }
 }
 
@@ -128,10 +150,16 @@ fn cumprod(values: impl Iterator<Item = f32>) -> Vec<f32> {
 
 /// diffusers' `rescale_zero_terminal_snr` (Lin et al. 2023), in float32 like torch.
 fn rescale_zero_terminal_snr(betas: &[f32]) -> Vec<f32> {
-    let sqrt_bar: Vec<f32> = cumprod(betas.iter().map(|b| 1.0 - b)).iter().map(|a| a.sqrt()).collect();
+    let sqrt_bar: Vec<f32> = cumprod(betas.iter().map(|b| 1.0 - b))
+        .iter()
+        .map(|a| a.sqrt())
+        .collect();
     let (first, last) = (sqrt_bar[0], sqrt_bar[sqrt_bar.len() - 1]);
     let scale = first / (first - last);
-    let bar: Vec<f32> = sqrt_bar.iter().map(|s| ((s - last) * scale).powi(2)).collect();
+    let bar: Vec<f32> = sqrt_bar
+        .iter()
+        .map(|s| ((s - last) * scale).powi(2))
+        .collect();
     let mut out = Vec::with_capacity(bar.len());
     out.push(1.0 - bar[0]);
     out.extend(bar.windows(2).map(|w| 1.0 - w[1] / w[0]));
@@ -141,10 +169,16 @@ fn rescale_zero_terminal_snr(betas: &[f32]) -> Vec<f32> {
 /// The inference timesteps, largest first, for the spacings DDIM, PNDM, Euler and LMS
 /// share. `round_linspace` is the integer-timestep classes' rounding of `linspace`
 /// (Euler and LMS keep fractional timesteps there).
-pub fn spaced_timesteps(c: &SchedulerConfig, steps: usize, round_linspace: bool) -> Result<Vec<f64>> {
+pub fn spaced_timesteps(
+    c: &SchedulerConfig,
+    steps: usize,
+    round_linspace: bool,
+) -> Result<Vec<f64>> {
     let train = c.num_train_timesteps;
     if steps == 0 {
-        return Err(Error::InvalidArgument("the number of inference steps must be at least 1".into()));
+        return Err(Error::InvalidArgument(
+            "the number of inference steps must be at least 1".into(),
+        ));
     }
     if steps > train {
         return Err(Error::InvalidArgument(format!(
@@ -165,7 +199,10 @@ pub fn spaced_timesteps(c: &SchedulerConfig, steps: usize, round_linspace: bool)
         }
         "leading" => {
             let ratio = train / steps;
-            (0..steps).rev().map(|i| (i * ratio + c.steps_offset) as f64).collect()
+            (0..steps)
+                .rev()
+                .map(|i| (i * ratio + c.steps_offset) as f64)
+                .collect()
         }
         // "trailing"; the config check rejected anything else.
         _ => arange_down(train as f64, 0.0, -(train as f64 / steps as f64))
@@ -208,7 +245,10 @@ pub fn karras_sigmas(sigma_min: f64, sigma_max: f64, n: usize) -> Vec<f64> {
 /// sigma is `sigma`. `log_sigmas` is ascending in t.
 pub fn sigma_to_t(sigma: f64, log_sigmas: &[f32]) -> f64 {
     let log_sigma = sigma.max(1e-10).ln();
-    let at_or_below = log_sigmas.iter().filter(|&&l| log_sigma - l as f64 >= 0.0).count();
+    let at_or_below = log_sigmas
+        .iter()
+        .filter(|&&l| log_sigma - l as f64 >= 0.0)
+        .count();
     // numpy's cumsum(dists >= 0).argmax(): the first index reaching the count.
     let low = if at_or_below == 0 {
         0
@@ -245,12 +285,22 @@ pub fn begin_index(timesteps: &[f32]) -> usize {
 }
 
 /// The predicted clean sample x₀ of a sigma-parameterised (Karras) sampler.
-pub fn x0_from_sigma(prediction_type: &str, model_output: &Tensor, sample: &Tensor, sigma: f64) -> Result<Tensor> {
+pub fn x0_from_sigma(
+    prediction_type: &str,
+    model_output: &Tensor,
+    sample: &Tensor,
+    sigma: f64,
+) -> Result<Tensor> {
     match prediction_type {
         "epsilon" => Tensor::axpby(1.0, sample, -sigma as f32, model_output),
         "v_prediction" => {
             let s2 = sigma * sigma + 1.0;
-            Tensor::axpby((-sigma / s2.sqrt()) as f32, model_output, (1.0 / s2) as f32, sample)
+            Tensor::axpby(
+                (-sigma / s2.sqrt()) as f32,
+                model_output,
+                (1.0 / s2) as f32,
+                sample,
+            )
         }
         _ => Ok(model_output.clone()),
     }
@@ -258,7 +308,12 @@ pub fn x0_from_sigma(prediction_type: &str, model_output: &Tensor, sample: &Tens
 
 /// The predicted clean sample x₀ of an alpha-parameterised (DDPM) sampler at a timestep
 /// whose cumulative alpha is `alpha_prod`.
-pub fn x0_from_alpha(prediction_type: &str, model_output: &Tensor, sample: &Tensor, alpha_prod: f64) -> Result<Tensor> {
+pub fn x0_from_alpha(
+    prediction_type: &str,
+    model_output: &Tensor,
+    sample: &Tensor,
+    alpha_prod: f64,
+) -> Result<Tensor> {
     let (a, b) = (alpha_prod.sqrt(), (1.0 - alpha_prod).sqrt());
     match prediction_type {
         "epsilon" => Tensor::axpby((1.0 / a) as f32, sample, (-b / a) as f32, model_output),
