@@ -1,6 +1,8 @@
 // Elementwise kernels: unary activations, broadcasting binary ops, axpby, GEGLU.
 // One thread per output element, 256 per workgroup (context::WORKGROUP_1D); the flat index
-// comes from a 2-D grid (context::groups_1d) and every kernel returns past `len`.
+// comes from a 2-D grid (context::groups_1d) and every kernel returns past `len`. Tensors
+// larger than one storage binding run in passes over windows of their buffers, so indices
+// are relative to the pass (`base` gives the binary kernel's position in the whole output).
 
 const MAX_RANK: u32 = 8u;
 
@@ -12,10 +14,14 @@ struct Unary {
 }
 
 struct Binary {
-    len: u32,
+    len: u32,     // elements in this pass
     op: u32,      // 0 add, 1 sub, 2 mul, 3 div
     rank: u32,
-    _pad: u32,
+    base: u32,    // flat output index of this pass's first element
+    windowed: u32, // bit 0: lhs bound as this pass's window (same shape as the output); bit 1: rhs
+    _pad0: u32,
+    _pad1: u32,
+    _pad2: u32,
     shape: array<u32, 8>,     // output shape, outermost first
     lhs_strides: array<u32, 8>, // 0 where lhs is broadcast
     rhs_strides: array<u32, 8>,
@@ -88,7 +94,7 @@ fn binary(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: v
           @builtin(local_invocation_id) lid: vec3<u32>) {
     let i = flat_index(wid, nwg, lid);
     if (i >= binary_p.len) { return; }
-    var rem = i;
+    var rem = binary_p.base + i;
     var ia = 0u;
     var ib = 0u;
     for (var d = i32(binary_p.rank) - 1; d >= 0; d = d - 1) {
@@ -98,6 +104,8 @@ fn binary(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: v
         ia = ia + idx * binary_p.lhs_strides[d];
         ib = ib + idx * binary_p.rhs_strides[d];
     }
+    if ((binary_p.windowed & 1u) != 0u) { ia = i; }
+    if ((binary_p.windowed & 2u) != 0u) { ib = i; }
     let a = binary_lhs[ia];
     let b = binary_rhs[ib];
     var y: f32;

@@ -4,6 +4,7 @@
 use bytemuck::{Pod, Zeroable};
 
 use super::context::{Kernel, WORKGROUP_1D};
+use super::storage::BindLimit;
 use super::GpuStorage;
 use crate::error::{Error, Result};
 use crate::shader;
@@ -32,7 +33,9 @@ struct BinaryParams {
     len: u32,
     op: u32,
     rank: u32,
-    _pad: u32,
+    base: u32,
+    windowed: u32,
+    _pad: [u32; 3],
     shape: [u32; MAX_RANK],
     lhs_strides: [u32; MAX_RANK],
     rhs_strides: [u32; MAX_RANK],
@@ -74,19 +77,43 @@ pub fn unary(x: &GpuStorage, op: UnaryOp) -> Result<GpuStorage> {
     };
     let ctx = &x.ctx;
     let out = GpuStorage::output(ctx, x.len());
-    let p = UnaryParams {
-        len: u32_of("elements", x.len())?,
-        op: code,
-        a,
-        b,
-    };
-    ctx.dispatch(
-        UNARY,
-        bytemuck::bytes_of(&p),
-        &[x.binding(), out.binding()],
-        ctx.groups_1d(x.len(), WORKGROUP_1D),
-    );
+    for (start, len) in passes(&BindLimit::of(ctx), x.len(), 1)? {
+        let p = UnaryParams {
+            len: u32_of("elements", len)?,
+            op: code,
+            a,
+            b,
+        };
+        ctx.dispatch(
+            UNARY,
+            bytemuck::bytes_of(&p),
+            &[x.window(start, len), out.window(start, len)],
+            ctx.groups_1d(len, WORKGROUP_1D),
+        );
+    }
     Ok(out)
+}
+
+/// `(start, len)` passes over `total` elements in runs of `unit` (a row the kernel needs
+/// whole), each small enough for one storage binding and starting at an offset the adapter
+/// accepts: a single pass when the tensor fits.
+fn passes(limit: &BindLimit, total: usize, unit: usize) -> Result<Vec<(usize, usize)>> {
+    let unit = unit.max(1);
+    if total <= limit.max_elems {
+        return Ok(vec![(0, total)]);
+    }
+    // Whole units per pass, a multiple of the alignment so every start is aligned.
+    let units = limit.max_elems / unit / limit.align_elems * limit.align_elems;
+    if units == 0 {
+        return Err(Error::Gpu(format!(
+            "a row of {unit} elements does not fit this adapter's storage binding limit"
+        )));
+    }
+    let step = units * unit;
+    Ok((0..total)
+        .step_by(step)
+        .map(|s| (s, step.min(total - s)))
+        .collect())
 }
 
 /// Row-major strides of `shape` aligned to `out`, 0 along broadcast dimensions.
@@ -120,16 +147,20 @@ pub fn binary(
         )));
     }
     let numel: usize = out_shape.iter().product();
+    u32_of("elements", numel)?;
+    let op = match op {
+        BinaryOp::Add => 0,
+        BinaryOp::Sub => 1,
+        BinaryOp::Mul => 2,
+        BinaryOp::Div => 3,
+    };
     let mut p = BinaryParams {
-        len: u32_of("elements", numel)?,
-        op: match op {
-            BinaryOp::Add => 0,
-            BinaryOp::Sub => 1,
-            BinaryOp::Mul => 2,
-            BinaryOp::Div => 3,
-        },
+        len: 0,
+        op,
         rank: out_shape.len() as u32,
-        _pad: 0,
+        base: 0,
+        windowed: 0,
+        _pad: [0; 3],
         shape: [1; MAX_RANK],
         lhs_strides: [0; MAX_RANK],
         rhs_strides: [0; MAX_RANK],
@@ -144,49 +175,89 @@ pub fn binary(
         p.rhs_strides[d] = u32_of("stride", sb[d])?;
     }
     let ctx = &lhs.ctx;
+    let limit = BindLimit::of(ctx);
     let out = GpuStorage::output(ctx, numel);
-    ctx.dispatch(
-        BINARY,
-        bytemuck::bytes_of(&p),
-        &[lhs.binding(), rhs.binding(), out.binding()],
-        ctx.groups_1d(numel, WORKGROUP_1D),
-    );
+    let passes = passes(&limit, numel, 1)?;
+    // An operand as large as the output is read through the pass's window; a broadcast one
+    // (a bias, a per-channel scale) is bound whole and must fit.
+    let windowed = |x: &GpuStorage| passes.len() > 1 && x.len() == numel;
+    for (name, x) in [("lhs", lhs), ("rhs", rhs)] {
+        if !windowed(x) && x.len() > limit.max_elems {
+            return Err(Error::Gpu(format!(
+                "binary op: the {name} operand ({} elements, broadcast to {out_shape:?}) exceeds the storage binding limit",
+                x.len()
+            )));
+        }
+    }
+    p.windowed = windowed(lhs) as u32 | (windowed(rhs) as u32) << 1;
+    for (start, len) in &passes {
+        let (start, len) = (*start, *len);
+        p.len = u32_of("elements", len)?;
+        p.base = u32_of("elements", start)?;
+        let (lhs_binding, rhs_binding) = (
+            if windowed(lhs) {
+                lhs.window(start, len)
+            } else {
+                lhs.binding()
+            },
+            if windowed(rhs) {
+                rhs.window(start, len)
+            } else {
+                rhs.binding()
+            },
+        );
+        ctx.dispatch(
+            BINARY,
+            bytemuck::bytes_of(&p),
+            &[lhs_binding, rhs_binding, out.window(start, len)],
+            ctx.groups_1d(len, WORKGROUP_1D),
+        );
+    }
     Ok(out)
 }
 
 pub fn axpby(a: f32, x: &GpuStorage, b: f32, y: &GpuStorage) -> Result<GpuStorage> {
     let ctx = &x.ctx;
     let out = GpuStorage::output(ctx, x.len());
-    let p = AxpbyParams {
-        len: u32_of("elements", x.len())?,
-        a,
-        b,
-        _pad: 0,
-    };
-    ctx.dispatch(
-        AXPBY,
-        bytemuck::bytes_of(&p),
-        &[x.binding(), y.binding(), out.binding()],
-        ctx.groups_1d(x.len(), WORKGROUP_1D),
-    );
+    for (start, len) in passes(&BindLimit::of(ctx), x.len(), 1)? {
+        let p = AxpbyParams {
+            len: u32_of("elements", len)?,
+            a,
+            b,
+            _pad: 0,
+        };
+        ctx.dispatch(
+            AXPBY,
+            bytemuck::bytes_of(&p),
+            &[
+                x.window(start, len),
+                y.window(start, len),
+                out.window(start, len),
+            ],
+            ctx.groups_1d(len, WORKGROUP_1D),
+        );
+    }
     Ok(out)
 }
 
 /// Rows of `2 * half` values `[h, gate]` become `h * gelu(gate)`.
 pub fn geglu(x: &GpuStorage, half: usize) -> Result<GpuStorage> {
     let ctx = &x.ctx;
-    let len = x.len() / 2;
-    let out = GpuStorage::output(ctx, len);
-    let p = GegluParams {
-        len: u32_of("elements", len)?,
-        half: u32_of("row length", half.max(1))?,
-    };
-    ctx.dispatch(
-        GEGLU,
-        bytemuck::bytes_of(&p),
-        &[x.binding(), out.binding()],
-        ctx.groups_1d(len, WORKGROUP_1D),
-    );
+    let half = half.max(1);
+    let out = GpuStorage::output(ctx, x.len() / 2);
+    // Passes over whole input rows of 2 * half; the output windows are half as long.
+    for (start, len) in passes(&BindLimit::of(ctx), x.len(), 2 * half)? {
+        let p = GegluParams {
+            len: u32_of("elements", len / 2)?,
+            half: u32_of("row length", half)?,
+        };
+        ctx.dispatch(
+            GEGLU,
+            bytemuck::bytes_of(&p),
+            &[x.window(start, len), out.window(start / 2, len / 2)],
+            ctx.groups_1d(len / 2, WORKGROUP_1D),
+        );
+    }
     Ok(out)
 }
 
@@ -253,5 +324,31 @@ mod tests {
         // 65535 workgroups of 256 is the most one dimension holds; this needs two rows.
         let n = 65535 * 256 + 1000;
         assert_ops_agree("silu", &[random(&[n], 8)], |t| t[0].silu());
+    }
+
+    #[test]
+    fn tensors_over_one_storage_binding_run_in_windows() {
+        // Just over 128 MiB of f32: llvmpipe's (and WebGPU's default) binding limit.
+        let (rows, width) = (32_800, 1024);
+        let big = random(&[rows, width], 9);
+        assert_ops_agree("silu (windowed)", std::slice::from_ref(&big), |t| {
+            t[0].silu()
+        });
+        assert_ops_agree(
+            "add (windowed)",
+            &[big.clone(), random(&[rows, width], 10)],
+            |t| t[0].add(&t[1]),
+        );
+        assert_ops_agree(
+            "add broadcast (windowed)",
+            &[big.clone(), random(&[width], 11)],
+            |t| t[0].add(&t[1]),
+        );
+        assert_ops_agree(
+            "axpby (windowed)",
+            &[big.clone(), random(&[rows, width], 12)],
+            |t| Tensor::axpby(0.5, &t[0], 2.0, &t[1]),
+        );
+        assert_ops_agree("geglu (windowed)", &[big], |t| t[0].geglu());
     }
 }

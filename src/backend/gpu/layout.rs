@@ -13,12 +13,11 @@
 //! into pieces whose reads and writes each fit one window: a VAE decoder's 256 MiB upsampled
 //! activation, or SD 1.5's 152 MB token-embedding table.
 
-use std::num::NonZeroU64;
-
 use bytemuck::{Pod, Zeroable};
 
-use super::context::{GpuContext, Kernel, WORKGROUP_1D};
+use super::context::{Kernel, WORKGROUP_1D};
 use super::elementwise::u32_of;
+use super::storage::BindLimit;
 use super::GpuStorage;
 use crate::error::{Error, Result};
 use crate::shader;
@@ -66,50 +65,6 @@ struct GatherParams {
     len: u32,
     d: u32,
     _pad: [u32; 2],
-}
-
-/// How much of a buffer one binding may cover.
-#[derive(Clone, Copy, Debug)]
-struct BindLimit {
-    /// Largest binding, in f32 elements (also kept under 2³² so indices fit u32).
-    max_elems: usize,
-    /// Binding offsets are multiples of this many elements.
-    align_elems: usize,
-}
-
-impl BindLimit {
-    fn of(ctx: &GpuContext) -> Self {
-        Self::new(ctx, ctx.limits.max_storage_buffer_binding_size)
-    }
-
-    /// The adapter's alignment with a binding limit of `max_bytes` (tests use small ones).
-    fn new(ctx: &GpuContext, max_bytes: u64) -> Self {
-        let align = u64::from(ctx.limits.min_storage_buffer_offset_alignment).max(4);
-        BindLimit {
-            max_elems: (max_bytes / 4).min(u64::from(u32::MAX)) as usize,
-            align_elems: (align / 4) as usize,
-        }
-    }
-
-    /// The longest run of elements that fits one window wherever it starts.
-    fn span(&self) -> usize {
-        self.max_elems.saturating_sub(self.align_elems - 1)
-    }
-
-    /// The window covering elements `first..end`: its start (aligned) and length.
-    fn window(&self, first: usize, end: usize) -> (usize, usize) {
-        let start = first / self.align_elems * self.align_elems;
-        (start, end - start)
-    }
-}
-
-/// Elements `start..start + len` of a buffer as a binding.
-fn bind(buffer: &wgpu::Buffer, start: usize, len: usize) -> wgpu::BindingResource<'_> {
-    wgpu::BindingResource::Buffer(wgpu::BufferBinding {
-        buffer,
-        offset: start as u64 * 4,
-        size: NonZeroU64::new(len as u64 * 4),
-    })
 }
 
 /// Row-major strides of `shape`.
@@ -284,10 +239,7 @@ fn run_copies(
         ctx.dispatch(
             STRIDED_COPY,
             bytemuck::bytes_of(&p),
-            &[
-                bind(src.buffer(), in_start, in_len),
-                bind(dst.buffer(), out_start, out_len),
-            ],
+            &[src.window(in_start, in_len), dst.window(out_start, out_len)],
             ctx.groups_1d(len, WORKGROUP_1D),
         );
     }
@@ -465,8 +417,8 @@ fn upsample_within(
             bytemuck::bytes_of(&p),
             &[
                 map.as_entire_binding(),
-                bind(x.buffer(), in_start, in_len),
-                bind(out.buffer(), out_start, out_len),
+                x.window(in_start, in_len),
+                out.window(out_start, out_len),
             ],
             ctx.groups_1d(n * plane_out, WORKGROUP_1D),
         );
@@ -536,7 +488,7 @@ fn gather_within(
             bytemuck::bytes_of(&p),
             &[
                 pairs.as_entire_binding(),
-                bind(table.buffer(), start, end - start),
+                table.window(start, end - start),
                 out.binding(),
             ],
             ctx.groups_1d(count * d, WORKGROUP_1D),
@@ -549,6 +501,7 @@ fn gather_within(
 mod tests {
     use super::*;
     use crate::backend::cpu::{layout as cpu, CpuStorage};
+    use crate::backend::gpu::context::GpuContext;
     use crate::backend::gpu::test_device;
     use crate::tensor::testing::{assert_ops_agree, random};
     use crate::tensor::{Device, Tensor};

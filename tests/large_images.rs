@@ -1,0 +1,61 @@
+//! A VAE decode whose activations exceed one storage binding (128 MiB on llvmpipe, and
+//! WebGPU's default): the GPU backend splits those tensors into windows and must still
+//! match the CPU backend. The VAE is tiny but has the real factor-8-style layout (six
+//! levels, factor 32) so its mid-block attention stays small while the last levels are
+//! large.
+
+use std::path::Path;
+
+use sd_wgpu::model::config::VaeConfig;
+use sd_wgpu::model::vae::VaeDecoder;
+use sd_wgpu::model::weights::Weights;
+use sd_wgpu::pipeline::noise::TorchRng;
+use sd_wgpu::tensor::Device;
+
+mod common;
+use common::assert_close;
+
+#[test]
+fn a_decode_with_activations_over_one_storage_binding_matches_the_cpu() {
+    let devices = common::devices();
+    let Some((_, gpu)) = devices.iter().find(|(name, _)| name == "gpu") else {
+        return; // common::devices() said loudly why there is no GPU run.
+    };
+    // The second level's 16 channels reach full resolution before the last block:
+    // 16 x 1536 x 1536 f32 = 151 MB.
+    let config = VaeConfig {
+        block_out_channels: vec![8, 16, 8, 8, 8, 8],
+        up_block_types: vec!["UpDecoderBlock2D".into(); 6],
+        layers_per_block: 1,
+        norm_num_groups: 8,
+        ..VaeConfig::default()
+    };
+    let (side, factor) = (1536, config.downscale_factor());
+    assert!(
+        16 * side * side * 4 > 128 << 20,
+        "the test must cross the 128 MiB binding limit"
+    );
+    let latents = TorchRng::new(3)
+        .randn_tensor(&[1, 4, side / factor, side / factor], &Device::Cpu)
+        .unwrap();
+    let decode = |device: &Device| {
+        let weights = Weights::random(7, device);
+        let vae = VaeDecoder::new(&config, &weights, Path::new("large-vae")).unwrap();
+        vae.decode(&latents.to_device(device).unwrap()).unwrap()
+    };
+    let expected = decode(&Device::Cpu);
+    let got = decode(gpu);
+    assert_eq!(got.shape(), [1, 3, side, side]);
+    let expected: Vec<f64> = expected
+        .to_vec()
+        .unwrap()
+        .into_iter()
+        .map(f64::from)
+        .collect();
+    assert_close(
+        "1536x1536 VAE decode, GPU vs CPU",
+        &got.to_vec().unwrap(),
+        &expected,
+        1e-4,
+    );
+}
