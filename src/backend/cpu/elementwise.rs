@@ -8,8 +8,9 @@ use crate::tensor::{BinaryOp, UnaryOp};
 /// Below this many elements, threads cost more than they save.
 const PAR_MIN: usize = 1 << 14;
 
-/// Row-major strides of `shape` aligned to an output of rank `rank`, with 0 for broadcast dims.
-fn broadcast_strides(shape: &[usize], out: &[usize]) -> Vec<usize> {
+/// Row-major strides of `shape` aligned to an output of shape `out`, with 0 for broadcast
+/// dims (the GPU kernels take the same description).
+pub(crate) fn broadcast_strides(shape: &[usize], out: &[usize]) -> Vec<usize> {
     let pad = out.len() - shape.len();
     let mut strides = vec![0; out.len()];
     let mut acc = 1;

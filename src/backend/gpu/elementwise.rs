@@ -6,6 +6,7 @@ use bytemuck::{Pod, Zeroable};
 use super::context::{Kernel, WORKGROUP_1D};
 use super::storage::BindLimit;
 use super::GpuStorage;
+use crate::backend::cpu::elementwise::broadcast_strides;
 use crate::error::{Error, Result};
 use crate::shader;
 use crate::tensor::{BinaryOp, UnaryOp};
@@ -114,22 +115,6 @@ fn passes(limit: &BindLimit, total: usize, unit: usize) -> Result<Vec<(usize, us
         .step_by(step)
         .map(|s| (s, step.min(total - s)))
         .collect())
-}
-
-/// Row-major strides of `shape` aligned to `out`, 0 along broadcast dimensions.
-fn broadcast_strides(shape: &[usize], out: &[usize]) -> Vec<usize> {
-    let pad = out.len() - shape.len();
-    let mut strides = vec![0; out.len()];
-    let mut acc = 1;
-    for i in (0..shape.len()).rev() {
-        strides[pad + i] = if shape[i] == 1 && out[pad + i] != 1 {
-            0
-        } else {
-            acc
-        };
-        acc *= shape[i];
-    }
-    strides
 }
 
 pub fn binary(

@@ -32,11 +32,17 @@ pub trait Scheduler: Send {
     /// Their count is the number of UNet evaluations (PNDM runs one more than the steps).
     fn timesteps(&self) -> &[f32];
 
-    /// Standard deviation of the initial noise (`init_noise_sigma`).
-    fn init_noise_sigma(&self) -> f32;
+    /// Standard deviation of the initial noise (`init_noise_sigma`; 1 unless the
+    /// scheduler works in sigma space).
+    fn init_noise_sigma(&self) -> f32 {
+        1.0
+    }
 
-    /// `scale_model_input` for the `step_index`-th timestep.
-    fn scale_model_input(&self, sample: &Tensor, step_index: usize) -> Result<Tensor>;
+    /// `scale_model_input` for the `step_index`-th timestep (the identity unless the
+    /// scheduler works in sigma space).
+    fn scale_model_input(&self, sample: &Tensor, _step_index: usize) -> Result<Tensor> {
+        Ok(sample.clone())
+    }
 
     /// `step(...).prev_sample` for the `step_index`-th timestep. Stochastic schedulers draw
     /// their noise from `rng`, which is the generator the initial latents came from.
