@@ -5,12 +5,11 @@
 //! filling workgroup memory (no column buffer). Each workgroup of [`WORKGROUP`] threads
 //! computes a [`TILE_M`] x [`TILE_N`] output tile, 4 x 4 values per thread, in K-slices of 16.
 
-use std::num::NonZeroU64;
-
 use bytemuck::{Pod, Zeroable};
 
 use super::context::{GpuContext, Kernel};
 use super::elementwise::u32_of;
+use super::storage::BindLimit;
 use super::GpuStorage;
 use crate::backend::cpu::conv::Conv2dParams;
 use crate::error::{Error, Result};
@@ -72,22 +71,16 @@ pub fn conv2d(
     bias: Option<&GpuStorage>,
     p: &Conv2dParams,
 ) -> Result<GpuStorage> {
-    conv2d_limited(
-        x,
-        weight,
-        bias,
-        p,
-        x.ctx.limits.max_storage_buffer_binding_size,
-    )
+    conv2d_limited(x, weight, bias, p, &BindLimit::of(&x.ctx))
 }
 
-/// [`conv2d`] with a binding limit of `max_bytes` (tests use small ones).
+/// [`conv2d`] binding at most `limit` of each buffer at once (tests use small limits).
 fn conv2d_limited(
     x: &GpuStorage,
     weight: &GpuStorage,
     bias: Option<&GpuStorage>,
     p: &Conv2dParams,
-    max_bytes: u64,
+    limit: &BindLimit,
 ) -> Result<GpuStorage> {
     let ctx = &x.ctx;
     let khw = p.kh * p.kw;
@@ -121,7 +114,7 @@ fn conv2d_limited(
     if out_len == 0 {
         return Ok(out);
     }
-    let max_elems = (max_bytes / 4).min(u64::from(u32::MAX)) as usize;
+    let max_elems = limit.max_elems;
     if x.len() <= max_elems && weight.len() <= max_elems && out_len <= max_elems {
         let pass = Pass {
             images: p.n,
@@ -137,24 +130,24 @@ fn conv2d_limited(
         return run(ctx, p, &pass, x, weight, bias, &out).map(|()| out);
     }
 
-    // Windowed: a window starts at an aligned offset, so it holds up to `align - 1` elements
-    // before the slice it is for.
-    let align = (u64::from(ctx.limits.min_storage_buffer_offset_alignment).max(4) / 4) as usize;
-    let span = max_elems.saturating_sub(align - 1);
+    // Windowed: a window starts at an aligned offset, so it may hold elements before the
+    // slice it is for; `span` elements fit wherever the slice starts.
+    let span = limit.span();
     let c_step = span / plane.max(1);
     let oc_step = (span / pixels).min(span / patch.max(1));
     if c_step == 0 || oc_step == 0 || p.c == 0 {
         return Err(Error::Gpu(format!(
-            "conv2d: {} needs bindings larger than this adapter's limit ({max_bytes} bytes) \
+            "conv2d: {} needs bindings larger than this adapter's limit ({} bytes) \
              even one channel at a time",
-            sizes()
+            sizes(),
+            max_elems * 4
         )));
     }
     let window = |first: usize, len: usize| {
-        let start = first / align * align;
+        let (start, len) = limit.window(first, first + len);
         Window {
             start,
-            len: first + len - start,
+            len,
             off: first - start,
         }
     };
@@ -208,11 +201,7 @@ impl Window {
             // The whole buffer (also right for an empty tensor, whose buffer is 4 bytes).
             return s.binding();
         }
-        wgpu::BindingResource::Buffer(wgpu::BufferBinding {
-            buffer: s.buffer(),
-            offset: self.start as u64 * 4,
-            size: NonZeroU64::new(self.len as u64 * 4),
-        })
+        s.window(self.start, self.len)
     }
 }
 
@@ -299,6 +288,7 @@ fn run(
 mod tests {
     use super::conv2d_limited;
     use crate::backend::cpu::conv::Conv2dParams;
+    use crate::backend::gpu::storage::BindLimit;
     use crate::backend::gpu::{test_device, GpuStorage};
     use crate::tensor::testing::{assert_ops_agree, random};
     use crate::tensor::Tensor;
@@ -394,7 +384,9 @@ mod tests {
             max_bytes < (x.numel().max(oc * c * k * k).max(expected.numel()) * 4) as u64,
             "not windowed"
         );
-        let got = conv2d_limited(&xg, &wg, bias.then_some(&bg), &p, max_bytes)
+        let limit = BindLimit::new(&gpu.0, max_bytes);
+        assert_eq!(limit.span(), span);
+        let got = conv2d_limited(&xg, &wg, bias.then_some(&bg), &p, &limit)
             .unwrap()
             .to_f32()
             .unwrap();
@@ -439,7 +431,7 @@ mod tests {
         };
         let x = GpuStorage::zeros(&gpu, 2 * 64 * 64);
         let w = GpuStorage::zeros(&gpu, 2 * 2 * 9);
-        let err = conv2d_limited(&x, &w, None, &p, 1024)
+        let err = conv2d_limited(&x, &w, None, &p, &BindLimit::new(&gpu.0, 1024))
             .unwrap_err()
             .to_string();
         assert!(

@@ -10,12 +10,11 @@
 //! Tensors whose bytes exceed the adapter's storage-binding limit are processed in batches
 //! of whole slabs, each bound as a window of the input and output buffers.
 
-use std::num::NonZeroU64;
-
 use bytemuck::{Pod, Zeroable};
 
-use super::context::Kernel;
+use super::context::{GpuContext, Kernel};
 use super::elementwise::u32_of;
+use super::storage::BindLimit;
 use super::GpuStorage;
 use crate::error::{Error, Result};
 use crate::shader;
@@ -86,8 +85,8 @@ pub fn group_norm(
         spatial,
         groups,
     };
-    let max = x.ctx.limits.max_storage_buffer_binding_size;
-    normalise("group_norm", x, gamma, beta, &layout, eps, silu, max)
+    let limit = norm_limit(&x.ctx);
+    normalise("group_norm", x, gamma, beta, &layout, eps, silu, &limit)
 }
 
 pub fn layer_norm(
@@ -114,8 +113,8 @@ pub fn layer_norm(
         spatial: 1,
         groups: 1,
     };
-    let max = x.ctx.limits.max_storage_buffer_binding_size;
-    normalise("layer_norm", x, gamma, beta, &layout, eps, false, max)
+    let limit = norm_limit(&x.ctx);
+    normalise("layer_norm", x, gamma, beta, &layout, eps, false, &limit)
 }
 
 fn check_lengths(
@@ -137,7 +136,13 @@ fn check_lengths(
     Ok(())
 }
 
-fn gcd(a: u64, b: u64) -> u64 {
+/// The adapter's binding limit, capped at [`MAX_WINDOW_BYTES`].
+fn norm_limit(ctx: &GpuContext) -> BindLimit {
+    let max = ctx.limits.max_storage_buffer_binding_size;
+    BindLimit::new(ctx, max.min(MAX_WINDOW_BYTES))
+}
+
+fn gcd(a: usize, b: usize) -> usize {
     if b == 0 {
         a
     } else {
@@ -145,7 +150,8 @@ fn gcd(a: u64, b: u64) -> u64 {
     }
 }
 
-/// Normalises every slab, binding at most `max_binding` bytes of `x` and of the output at once.
+/// Normalises every slab, binding at most `limit.max_elems` values of `x` and of the output
+/// at once.
 #[allow(clippy::too_many_arguments)]
 fn normalise(
     op: &str,
@@ -155,7 +161,7 @@ fn normalise(
     layout: &Layout,
     eps: f32,
     silu: bool,
-    max_binding: u64,
+    limit: &BindLimit,
 ) -> Result<GpuStorage> {
     let ctx = &x.ctx;
     let out = GpuStorage::output(ctx, x.len());
@@ -164,33 +170,31 @@ fn normalise(
         return Ok(out);
     }
     u32_of("elements", x.len())?;
-    let slab_bytes = len as u64 * 4;
-    let max = max_binding.min(MAX_WINDOW_BYTES);
     // Windows start on whole slabs at offsets the adapter accepts.
-    let align = u64::from(ctx.limits.min_storage_buffer_offset_alignment.max(1));
-    let step = align / gcd(slab_bytes, align);
-    let per_batch = if x.len() as u64 * 4 <= max {
+    let step = limit.align_elems / gcd(len, limit.align_elems);
+    let per_batch = if x.len() <= limit.max_elems {
         layout.slabs
     } else {
-        ((max / slab_bytes) / step * step) as usize
+        limit.max_elems / len / step * step
     };
     if per_batch == 0 {
         return Err(Error::Gpu(format!(
             "{op}: {step} group(s) of {len} values ({} bytes, the least one aligned window holds) exceed the \
-             adapter's storage binding limit of {max} bytes",
-            step * slab_bytes
+             adapter's storage binding limit of {} bytes",
+            step * len * 4,
+            limit.max_elems * 4
         )));
     }
     let whole = per_batch >= layout.slabs;
     let mut slab0 = 0;
     while slab0 < layout.slabs {
         let slabs = per_batch.min(layout.slabs - slab0);
-        let (offset, size) = (slab0 as u64 * slab_bytes, slabs as u64 * slab_bytes);
+        let (start, size) = (slab0 * len, slabs * len);
         let bind = |s| {
             if whole {
                 GpuStorage::binding(s)
             } else {
-                window(s, offset, size)
+                GpuStorage::window(s, start, size)
             }
         };
         let chunks = len.div_ceil(CHUNK);
@@ -247,15 +251,6 @@ fn normalise(
         slab0 += slabs;
     }
     Ok(out)
-}
-
-/// `size` bytes of `s` from `offset`.
-fn window(s: &GpuStorage, offset: u64, size: u64) -> wgpu::BindingResource<'_> {
-    wgpu::BindingResource::Buffer(wgpu::BufferBinding {
-        buffer: s.buffer(),
-        offset,
-        size: NonZeroU64::new(size),
-    })
 }
 
 #[cfg(test)]
@@ -378,7 +373,8 @@ mod tests {
             spatial,
             groups,
         };
-        let got = normalise("test", &gx, &gg, &gb, &layout, 1e-5, true, max_binding)
+        let limit = BindLimit::new(&dev.0, max_binding);
+        let got = normalise("test", &gx, &gg, &gb, &layout, 1e-5, true, &limit)
             .unwrap()
             .to_f32()
             .unwrap();
@@ -410,7 +406,8 @@ mod tests {
             spatial: 1024,
             groups: 1,
         };
-        let err = normalise("group_norm", &x, &w, &w, &layout, 1e-5, false, 1024).err();
+        let limit = BindLimit::new(&dev.0, 1024);
+        let err = normalise("group_norm", &x, &w, &w, &layout, 1e-5, false, &limit).err();
         assert!(err.is_some_and(|e| e.to_string().contains("group_norm")));
     }
 }
