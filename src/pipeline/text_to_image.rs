@@ -79,7 +79,9 @@ pub struct StableDiffusion {
 }
 
 fn load_weights(folder: &ModelFolder, c: Component, device: &Device) -> Result<Weights> {
-    Weights::open(&folder.weights(c)?, device)
+    let path = folder.weights(c)?;
+    tracing::info!("loading {} from {}", c.dir_name(), path.display());
+    Weights::open(&path, device)
 }
 
 impl StableDiffusion {
@@ -115,6 +117,18 @@ impl StableDiffusion {
             &load_weights(&folder, Component::Vae, device)?,
             &path,
         )?;
+        let width = text_encoder.config().hidden_size;
+        if let Some(&dim) = match &unet.config().cross_attention_dim {
+            crate::model::config::PerLevel::One(d) => Some(d),
+            crate::model::config::PerLevel::Each(dims) => dims.iter().find(|&&d| d != width),
+        }
+        .filter(|&&d| d != width)
+        {
+            return Err(Error::config(
+                folder.config(Component::Unet)?,
+                format!("the UNet attends to {dim}-wide text embeddings but the text encoder makes {width}-wide ones"),
+            ));
+        }
         if vae.config().latent_channels != unet.config().out_channels {
             return Err(Error::config(
                 path,
