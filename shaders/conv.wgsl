@@ -14,6 +14,11 @@
 // (k < K, oc < OC, col < N, and the input coordinates inside the image), so any sizes work;
 // tiles hanging over the edges load 0 and store nothing. Buffers may be windows of larger
 // ones (see Params); all addressing is relative to the offsets given there.
+//
+// The weight has element type W, read as f32(..) and accumulated in f32. The host builds this
+// file a second time with `enable f16;` and `alias W = f16;` (context::Kernel::
+// with_f16_weights) for weights kept in half precision. Everything else is f32.
+alias W = f32;
 
 const TILE_M: u32 = 64u;   // output channels per tile
 const TILE_N: u32 = 64u;   // output pixels (over the whole batch) per tile
@@ -51,7 +56,7 @@ struct Params {
 
 @group(0) @binding(0) var<storage, read> p: Params;
 @group(0) @binding(1) var<storage, read> x: array<f32>;
-@group(0) @binding(2) var<storage, read> weight: array<f32>;
+@group(0) @binding(2) var<storage, read> weight: array<W>;
 @group(0) @binding(3) var<storage, read> bias: array<f32>;   // read only when has_bias != 0
 @group(0) @binding(4) var<storage, read_write> out: array<f32>;
 
@@ -152,10 +157,10 @@ fn conv2d(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: v
 fn load_weights(ok: bool, base: u32, k: u32) -> vec4<f32> {
     var wa = vec4<f32>(0.0);
     if (ok) {
-        if (k < p.k) { wa.x = weight[base + k]; }
-        if (k + 1u < p.k) { wa.y = weight[base + k + 1u]; }
-        if (k + 2u < p.k) { wa.z = weight[base + k + 2u]; }
-        if (k + 3u < p.k) { wa.w = weight[base + k + 3u]; }
+        if (k < p.k) { wa.x = f32(weight[base + k]); }
+        if (k + 1u < p.k) { wa.y = f32(weight[base + k + 1u]); }
+        if (k + 2u < p.k) { wa.z = f32(weight[base + k + 2u]); }
+        if (k + 3u < p.k) { wa.w = f32(weight[base + k + 3u]); }
     }
     return wa;
 }

@@ -1,4 +1,5 @@
-// Elementwise kernels: unary activations, broadcasting binary ops, axpby, GEGLU.
+// Elementwise kernels: unary activations, broadcasting binary ops, axpby, GEGLU, and the
+// f16 -> f32 cast (`widen`).
 // One thread per output element, 256 per workgroup (context::WORKGROUP_1D); the flat index
 // comes from a 2-D grid (context::groups_1d) and every kernel returns past `len`. Tensors
 // larger than one storage binding run in passes over windows of their buffers, so indices
@@ -144,4 +145,20 @@ fn geglu(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: ve
     let j = i % geglu_p.half;
     let base = row * 2u * geglu_p.half;
     geglu_out[i] = geglu_x[base + j] * gelu(geglu_x[base + geglu_p.half + j]);
+}
+
+// `widen`'s input element type: the host builds this file a second time with `enable f16;`
+// and `alias W = f16;` (context::Kernel::with_f16_weights) to widen f16 weights to f32.
+alias W = f32;
+
+@group(0) @binding(0) var<storage, read> widen_p: Geglu;   // len = elements; half unused
+@group(0) @binding(1) var<storage, read> widen_x: array<W>;
+@group(0) @binding(2) var<storage, read_write> widen_out: array<f32>;
+
+@compute @workgroup_size(256)
+fn widen(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>,
+         @builtin(local_invocation_id) lid: vec3<u32>) {
+    let i = flat_index(wid, nwg, lid);
+    if (i >= widen_p.len) { return; }
+    widen_out[i] = f32(widen_x[i]);
 }

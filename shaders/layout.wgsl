@@ -96,7 +96,11 @@ fn upsample_nearest(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgrou
 
 @group(0) @binding(0) var<storage, read> gather_p: Gather;
 @group(0) @binding(1) var<storage, read> gather_pairs: array<u32>;
-@group(0) @binding(2) var<storage, read> gather_table: array<f32>;
+// The table's element type: the host builds this file a second time with `enable f16;` and
+// `alias W = f16;` (context::Kernel::with_f16_weights) for tables kept in half precision.
+alias W = f32;
+
+@group(0) @binding(2) var<storage, read> gather_table: array<W>;
 @group(0) @binding(3) var<storage, read_write> gather_out: array<f32>;
 
 @compute @workgroup_size(256)
@@ -110,6 +114,6 @@ fn gather_rows(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) n
     let di = gather_pairs[2u * k] * gather_p.d + j;
     let si = gather_pairs[2u * k + 1u] + j;
     if (si < arrayLength(&gather_table) && di < arrayLength(&gather_out)) {
-        gather_out[di] = gather_table[si];
+        gather_out[di] = f32(gather_table[si]);
     }
 }

@@ -25,6 +25,12 @@
 // host makes sure the buffers hold batch*m*k, (batch or 1)*k*n and n values and dispatches
 // nothing when m, n or batch is 0. With k == 0 no slice is loaded and the result is the
 // bias (or 0). Every write is checked against m and n.
+//
+// Element types: rhs (a weight, for nn.Linear) has element type W, read as f32(..). The host
+// builds this file a second time with `enable f16;` and `alias W = f16;`
+// (context::Kernel::with_f16_weights) for weights kept in half precision; the vec4 loads then
+// read vec4<f16>s, whose indices are the same. Everything else is f32.
+alias W = f32;
 
 const TILE: u32 = 64u;   // output rows and columns per workgroup
 const SLICE: u32 = 16u;  // K per staged slice
@@ -43,9 +49,9 @@ struct Params {
 
 @group(0) @binding(0) var<storage, read> p: Params;
 @group(0) @binding(1) var<storage, read> lhs: array<f32>;
-@group(0) @binding(2) var<storage, read> rhs: array<f32>;
+@group(0) @binding(2) var<storage, read> rhs: array<W>;
 @group(0) @binding(1) var<storage, read> lhs4: array<vec4<f32>>;
-@group(0) @binding(2) var<storage, read> rhs4: array<vec4<f32>>;
+@group(0) @binding(2) var<storage, read> rhs4: array<vec4<W>>;
 @group(0) @binding(3) var<storage, read> bias: array<f32>;   // any buffer when !has_bias
 @group(0) @binding(4) var<storage, read_write> out: array<f32>;
 
@@ -89,10 +95,10 @@ fn rhs_row4(base: u32, rows: u32, cols: u32, r: u32, c: u32) -> vec4<f32> {
     let row = base + min(r, rows - 1u) * cols;
     let inside = r < rows;
     return vec4<f32>(
-        select(0.0, rhs[row + min(c, cols - 1u)], inside && c < cols),
-        select(0.0, rhs[row + min(c + 1u, cols - 1u)], inside && c + 1u < cols),
-        select(0.0, rhs[row + min(c + 2u, cols - 1u)], inside && c + 2u < cols),
-        select(0.0, rhs[row + min(c + 3u, cols - 1u)], inside && c + 3u < cols));
+        select(0.0, f32(rhs[row + min(c, cols - 1u)]), inside && c < cols),
+        select(0.0, f32(rhs[row + min(c + 1u, cols - 1u)]), inside && c + 1u < cols),
+        select(0.0, f32(rhs[row + min(c + 2u, cols - 1u)]), inside && c + 2u < cols),
+        select(0.0, f32(rhs[row + min(c + 3u, cols - 1u)]), inside && c + 3u < cols));
 }
 
 // The same with cols % 4 == 0 and c % 4 == 0, so the vec4 is wholly inside or outside.
@@ -102,7 +108,7 @@ fn lhs4_at(base: u32, rows: u32, cols: u32, r: u32, c: u32) -> vec4<f32> {
 }
 
 fn rhs4_at(base: u32, rows: u32, cols: u32, r: u32, c: u32) -> vec4<f32> {
-    if (r < rows && c < cols) { return rhs4[(base + r * cols + c) / 4u]; }
+    if (r < rows && c < cols) { return vec4<f32>(rhs4[(base + r * cols + c) / 4u]); }
     return vec4<f32>(0.0);
 }
 

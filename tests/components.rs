@@ -221,3 +221,62 @@ fn fast512_unet_matches_diffusers() {
 fn fast512_vae_decoder_matches_diffusers() {
     check_vae("fast512");
 }
+
+/// sd2 ships only fp16 files: on a GPU that reads f16 its matrices and kernels stay f16
+/// (half the device memory), its vectors are widened; elsewhere everything is f32. Prints
+/// the device bytes of its weights both ways.
+#[test]
+fn sd2_weights_stay_f16_on_a_gpu_that_reads_f16() {
+    use sd_wgpu::model::weights::Weights;
+    use sd_wgpu::tensor::DType;
+    for (device_name, device) in common::devices() {
+        let keeps = matches!(&device, Device::Gpu(g) if g.keeps_f16());
+        let (mut as_f32, mut held, mut f16_tensors) = (0usize, 0usize, 0usize);
+        for part in [
+            "text_encoder/model",
+            "unet/diffusion_pytorch_model",
+            "vae/diffusion_pytorch_model",
+        ] {
+            let path = common::model_dir("sd2").join(format!("{part}.fp16.safetensors"));
+            let bytes = std::fs::read(&path).unwrap();
+            let file = safetensors::SafeTensors::deserialize(&bytes).unwrap();
+            let weights = Weights::open(&path, &device).unwrap();
+            for (name, view) in file.tensors() {
+                assert_eq!(view.dtype(), safetensors::Dtype::F16, "{part}: {name}");
+                let t = weights.get(&name, view.shape()).unwrap();
+                let want = if device == Device::Cpu || (keeps && t.rank() >= 2) {
+                    DType::F16
+                } else {
+                    DType::F32
+                };
+                assert_eq!(
+                    t.dtype(),
+                    want,
+                    "{device_name}: {part}: {name} {:?}",
+                    t.shape()
+                );
+                as_f32 += t.numel() * 4;
+                held += t.numel() * if t.dtype() == DType::F16 { 2 } else { 4 };
+                f16_tensors += (t.dtype() == DType::F16) as usize;
+            }
+        }
+        println!(
+            "sd2 on {device_name} (keeps f16: {keeps}): {held} bytes of weights \
+             ({f16_tensors} tensors in f16), {as_f32} bytes all in f32"
+        );
+        if keeps {
+            assert!(held * 10 < as_f32 * 6, "{held} of {as_f32} bytes");
+        }
+        // The UNet's first convolution, looked up the way the model does.
+        let unet = Weights::open(
+            &common::model_dir("sd2").join("unet/diffusion_pytorch_model.fp16.safetensors"),
+            &device,
+        )
+        .unwrap();
+        let w = unet.pp("conv_in").get("weight", &[32, 4, 3, 3]).unwrap();
+        println!("sd2 unet conv_in.weight on {device_name}: {:?}", w.dtype());
+        if keeps {
+            assert_eq!(w.dtype(), DType::F16);
+        }
+    }
+}

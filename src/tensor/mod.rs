@@ -48,7 +48,8 @@ pub enum DType {
 #[derive(Debug)]
 pub(crate) enum Storage {
     Cpu(CpuStorage),
-    /// Always f32 on the device for now: half-precision weights are widened at upload.
+    /// f32, or f16 for a weight on a device that keeps f16 weights (see
+    /// [`Tensor::from_f16`] and `backend::gpu::storage`'s rule for ops reading them).
     Gpu(GpuStorage),
 }
 
@@ -105,10 +106,20 @@ impl Tensor {
     }
 
     /// An f16 tensor (weights kept in half precision).
+    ///
+    /// On a GPU that reads f16 ([`GpuDevice::keeps_f16`]) a tensor of rank 2 or more (a
+    /// matrix, a convolution kernel, an embedding table) stays f16, read natively by the
+    /// ops that consume weights (matmul's rhs, conv2d's weight, embedding). Vectors (biases,
+    /// norm scales: a negligible share of the bytes) are widened to f32 at upload, so the
+    /// ops that take them need no per-call conversion; so is everything on a GPU without
+    /// f16 support.
     pub fn from_f16(data: Vec<f16>, shape: &[usize], device: &Device) -> Result<Self> {
         check_len("from_f16", data.len(), shape)?;
         Ok(match device {
             Device::Cpu => Self::from_storage(Storage::Cpu(CpuStorage::F16(data)), shape.to_vec()),
+            Device::Gpu(g) if shape.len() >= 2 => {
+                Self::from_storage(Storage::Gpu(GpuStorage::from_f16(g, &data)), shape.to_vec())
+            }
             Device::Gpu(_) => {
                 return Self::from_vec(data.iter().map(|v| v.to_f32()).collect(), shape, device)
             }
@@ -142,9 +153,8 @@ impl Tensor {
             return Ok(self.clone());
         }
         match (self.storage(), device) {
-            (Storage::Cpu(CpuStorage::F16(v)), Device::Cpu) => {
-                Self::from_f16(v.clone(), &self.shape, device)
-            }
+            // Half precision stays half precision where the target keeps it.
+            (Storage::Cpu(CpuStorage::F16(v)), _) => Self::from_f16(v.clone(), &self.shape, device),
             _ => Self::from_vec(self.to_vec()?, &self.shape, device),
         }
     }
@@ -169,7 +179,7 @@ impl Tensor {
     pub fn dtype(&self) -> DType {
         match self.storage() {
             Storage::Cpu(s) => s.dtype(),
-            Storage::Gpu(_) => DType::F32,
+            Storage::Gpu(g) => g.dtype(),
         }
     }
 

@@ -81,6 +81,7 @@ fn check_binding(op: &str, what: &str, x: &GpuStorage) -> Result<()> {
 
 /// Softmax over rows of `d` values (max-subtracted).
 pub fn softmax(x: &GpuStorage, d: usize) -> Result<GpuStorage> {
+    let x = &*x.as_f32()?;
     let ctx = &x.ctx;
     let out = GpuStorage::output(ctx, x.len());
     if x.is_empty() || d == 0 {
@@ -109,6 +110,7 @@ pub fn attention(
     v: &GpuStorage,
     p: &AttentionParams,
 ) -> Result<GpuStorage> {
+    let (q, k, v) = (&*q.as_f32()?, &*k.as_f32()?, &*v.as_f32()?);
     let ctx = &q.ctx;
     let inner = p.heads * p.head_dim;
     let out_len = p.batch * p.q_len * inner;
@@ -162,8 +164,23 @@ pub fn attention(
 
 #[cfg(test)]
 mod tests {
-    use crate::tensor::testing::{assert_ops_agree, random};
+    use crate::tensor::testing::{assert_ops_agree, random, random_f16};
     use crate::tensor::Tensor;
+
+    #[test]
+    fn f16_operands_are_widened() {
+        assert_ops_agree("softmax f16", &[random_f16(&[4, 77], 90)], |t| {
+            t[0].softmax()
+        });
+        let inputs = [
+            random_f16(&[2, 9, 32], 91),
+            random_f16(&[2, 7, 32], 92),
+            random_f16(&[2, 7, 32], 93),
+        ];
+        assert_ops_agree("attention f16", &inputs, |t| {
+            Tensor::attention(&t[0], &t[1], &t[2], 2, false)
+        });
+    }
 
     #[test]
     fn softmax_matches_the_cpu() {

@@ -16,13 +16,19 @@ pub const PASSES_PER_SUBMIT: usize = 256;
 /// shader that uses it declares `@workgroup_size(256)`.
 pub const WORKGROUP_1D: u32 = 256;
 
-/// What a WGSL kernel is: its file's source and the entry point.
+/// What a WGSL kernel is: its file's source, the entry point and the variant it is built as.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub struct Kernel {
     pub file: &'static str,
     pub source: &'static str,
     pub entry: &'static str,
+    /// Built with half-precision weights: see [`Kernel::with_f16_weights`].
+    pub f16_weights: bool,
 }
+
+/// The line a shader declares its weight element type with; the f16 variant replaces it.
+const WEIGHT_ALIAS_F32: &str = "alias W = f32;";
+const WEIGHT_ALIAS_F16: &str = "alias W = f16;";
 
 /// One of the shader files, by name: `shader!("elementwise")`.
 #[macro_export]
@@ -46,7 +52,37 @@ impl Kernel {
             file: file.0,
             source: file.1,
             entry,
+            f16_weights: false,
         }
+    }
+
+    /// The variant reading f16 weights: one WGSL source serves both element types. A
+    /// shader that takes weights declares their element type as `alias W = f32;` and reads
+    /// them as `f32(w[i])` (or `vec4<f32>(w4[i])`), accumulating in f32; this variant is the
+    /// same source with `enable f16;` prepended and `alias W = f16;`. Only for devices with
+    /// f16 storage (`GpuContext::f16`), the only ones that hold f16 tensors.
+    pub const fn with_f16_weights(self) -> Self {
+        Kernel {
+            f16_weights: true,
+            ..self
+        }
+    }
+
+    /// The WGSL this kernel compiles from.
+    fn wgsl(&self) -> std::borrow::Cow<'static, str> {
+        if !self.f16_weights {
+            return self.source.into();
+        }
+        assert!(
+            self.source.contains(WEIGHT_ALIAS_F32),
+            "shaders/{}.wgsl has no `{WEIGHT_ALIAS_F32}` line for its f16 variant",
+            self.file
+        );
+        format!(
+            "enable f16;\n{}",
+            self.source.replacen(WEIGHT_ALIAS_F32, WEIGHT_ALIAS_F16, 1)
+        )
+        .into()
     }
 }
 
@@ -60,9 +96,13 @@ pub(crate) struct GpuContext {
     pub queue: wgpu::Queue,
     pub info: wgpu::AdapterInfo,
     pub limits: wgpu::Limits,
+    /// Whether f16 weights stay f16 on the device (the adapter has `SHADER_F16` and
+    /// `SD_GPU_F16` is not `0`): see [`GpuDevice`].
+    pub f16: bool,
     pending: Mutex<Pending>,
     pipelines: Mutex<HashMap<Kernel, wgpu::ComputePipeline>>,
-    modules: Mutex<HashMap<&'static str, wgpu::ShaderModule>>,
+    /// Shader modules by file and variant (f16 weights or not).
+    modules: Mutex<HashMap<(&'static str, bool), wgpu::ShaderModule>>,
     /// Free kernel-output buffers by size in bytes.
     pool: Mutex<HashMap<u64, Vec<wgpu::Buffer>>>,
     /// The first error wgpu reported outside a call (validation, out of memory, device lost).
@@ -70,6 +110,13 @@ pub(crate) struct GpuContext {
 }
 
 /// A handle on one GPU; cheap to clone. Tensors on it share its queue and buffer pool.
+///
+/// Weights that are f16 in their file stay f16 on the device (half the memory) when the
+/// adapter supports `wgpu::Features::SHADER_F16`: matrix products, convolutions and
+/// embedding lookups read them directly, accumulating in f32; every other op widens an f16
+/// operand to f32 first (see `GpuStorage::as_f32`). Without the feature, or with the
+/// environment variable `SD_GPU_F16=0` (for comparisons), they are widened to f32 at upload.
+/// f32 weights always stay f32.
 #[derive(Clone)]
 pub struct GpuDevice(pub(crate) Arc<GpuContext>);
 
@@ -143,9 +190,16 @@ impl GpuDevice {
         let info = adapter.get_info();
         // The adapter's own limits, not WebGPU's defaults (128 MiB bindings, small buffers).
         let limits = adapter.limits();
+        let f16_off = std::env::var("SD_GPU_F16").is_ok_and(|v| v.trim() == "0");
+        let f16 = adapter.features().contains(wgpu::Features::SHADER_F16) && !f16_off;
+        let required_features = if f16 {
+            wgpu::Features::SHADER_F16
+        } else {
+            wgpu::Features::empty()
+        };
         let (device, queue) = pollster::block_on(adapter.request_device(&wgpu::DeviceDescriptor {
             label: Some("sd-wgpu"),
-            required_features: wgpu::Features::empty(),
+            required_features,
             required_limits: limits.clone(),
             ..Default::default()
         }))
@@ -159,16 +213,24 @@ impl GpuDevice {
             }
         }));
         tracing::info!(
-            "GPU adapter: {} ({:?}, {:?})",
+            "GPU adapter: {} ({:?}, {:?}), f16 weights: {}",
             info.name,
             info.device_type,
-            info.backend
+            info.backend,
+            if f16 {
+                "kept"
+            } else if f16_off {
+                "widened (SD_GPU_F16=0)"
+            } else {
+                "widened (no SHADER_F16)"
+            }
         );
         Ok(GpuDevice(Arc::new(GpuContext {
             device,
             queue,
             info,
             limits,
+            f16,
             pending: Mutex::new(Pending {
                 encoder: None,
                 passes: 0,
@@ -186,6 +248,11 @@ impl GpuDevice {
 
     pub fn is_software(&self) -> bool {
         is_software(&self.0.info)
+    }
+
+    /// Whether f16 weights stay f16 on this device (see the type's documentation).
+    pub fn keeps_f16(&self) -> bool {
+        self.0.f16
     }
 
     /// Submits everything recorded so far and waits for the GPU to finish it.
@@ -259,11 +326,12 @@ impl GpuContext {
         let module = {
             let mut modules = lock(&self.modules);
             modules
-                .entry(kernel.file)
+                .entry((kernel.file, kernel.f16_weights))
                 .or_insert_with(|| {
+                    debug_assert!(!kernel.f16_weights || self.f16, "an f16 kernel without f16");
                     let desc = wgpu::ShaderModuleDescriptor {
                         label: Some(kernel.file),
-                        source: wgpu::ShaderSource::Wgsl(kernel.source.into()),
+                        source: wgpu::ShaderSource::Wgsl(kernel.wgsl()),
                     };
                     // SAFETY: every kernel guards its own reads and writes against the sizes it
                     // is given (each shader file says how), so wgpu's inserted bounds checks

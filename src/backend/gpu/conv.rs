@@ -4,6 +4,9 @@
 //! kw]` times the im2col columns, which workgroups gather from the input tile by tile while
 //! filling workgroup memory (no column buffer). Each workgroup of [`WORKGROUP`] threads
 //! computes a [`TILE_M`] x [`TILE_N`] output tile, 4 x 4 values per thread, in K-slices of 16.
+//!
+//! The weight may be f16: the kernel's f16 variant reads it directly, accumulating in f32.
+//! The input and the bias are widened to f32 when they are f16.
 
 use bytemuck::{Pod, Zeroable};
 
@@ -82,6 +85,12 @@ fn conv2d_limited(
     p: &Conv2dParams,
     limit: &BindLimit,
 ) -> Result<GpuStorage> {
+    // The weight is read natively in either element type; the others as f32.
+    let x = &*x.as_f32()?;
+    let bias = bias.map(GpuStorage::as_f32).transpose()?;
+    let bias = bias.as_deref();
+    // The weight's windows are counted in its own elements.
+    let w_limit = limit.for_elem(weight.elem_bytes());
     let ctx = &x.ctx;
     let khw = p.kh * p.kw;
     let patch = p.c * khw;
@@ -115,7 +124,7 @@ fn conv2d_limited(
         return Ok(out);
     }
     let max_elems = limit.max_elems;
-    if x.len() <= max_elems && weight.len() <= max_elems && out_len <= max_elems {
+    if x.len() <= max_elems && weight.len() <= w_limit.max_elems && out_len <= max_elems {
         let pass = Pass {
             images: p.n,
             oc: p.oc,
@@ -134,16 +143,16 @@ fn conv2d_limited(
     // slice it is for; `span` elements fit wherever the slice starts.
     let span = limit.span();
     let c_step = span / plane.max(1);
-    let oc_step = (span / pixels).min(span / patch.max(1));
+    let oc_step = (span / pixels).min(w_limit.span() / patch.max(1));
     if c_step == 0 || oc_step == 0 || p.c == 0 {
         return Err(Error::Gpu(format!(
             "conv2d: {} needs bindings larger than this adapter's limit ({} bytes) \
              even one channel at a time",
             sizes(),
-            max_elems * 4
+            limit.max_bytes()
         )));
     }
-    let window = |first: usize, len: usize| {
+    let window_in = |limit: &BindLimit, first: usize, len: usize| {
         let (start, len) = limit.window(first, first + len);
         Window {
             start,
@@ -151,11 +160,12 @@ fn conv2d_limited(
             off: first - start,
         }
     };
+    let window = |first: usize, len: usize| window_in(limit, first, len);
     for b in 0..p.n {
         for oc0 in (0..p.oc).step_by(oc_step) {
             let ol = oc_step.min(p.oc - oc0);
             let out_w = window((b * p.oc + oc0) * pixels, ol * pixels);
-            let w_rows = window(oc0 * patch, ol * patch);
+            let w_rows = window_in(&w_limit, oc0 * patch, ol * patch);
             for c0 in (0..p.c).step_by(c_step) {
                 let cl = c_step.min(p.c - c0);
                 let pass = Pass {
@@ -196,12 +206,19 @@ impl Window {
         }
     }
 
+    /// The window of an f32 buffer.
     fn bind<'a>(&self, s: &'a GpuStorage) -> wgpu::BindingResource<'a> {
+        assert!(!s.is_f16(), "conv2d binds only its weight as f16");
+        self.bind_any(s)
+    }
+
+    /// The window of a buffer of either element type (the weight).
+    fn bind_any<'a>(&self, s: &'a GpuStorage) -> wgpu::BindingResource<'a> {
         if self.start == 0 && self.len == s.len() {
             // The whole buffer (also right for an empty tensor, whose buffer is 4 bytes).
-            return s.binding();
+            return s.binding_any();
         }
-        s.window(self.start, self.len)
+        s.window_any(self.start, self.len)
     }
 }
 
@@ -269,14 +286,14 @@ fn run(
         )));
     }
     let x_bind = pass.x.bind(x);
-    let w_bind = pass.weight.bind(weight);
-    // Without a bias the shader never reads binding 3; the weight window fills it.
+    let w_bind = pass.weight.bind_any(weight);
+    // Without a bias the shader never reads binding 3; the input window fills it.
     let b_bind = match bias {
         Some(b) => b.binding(),
-        None => pass.weight.bind(weight),
+        None => pass.x.bind(x),
     };
     ctx.dispatch(
-        CONV2D,
+        weight.weight_kernel(CONV2D),
         bytemuck::bytes_of(&params),
         &[x_bind, w_bind, b_bind, pass.out.bind(out)],
         [gx, gy, gz],
@@ -290,7 +307,7 @@ mod tests {
     use crate::backend::cpu::conv::Conv2dParams;
     use crate::backend::gpu::storage::BindLimit;
     use crate::backend::gpu::{test_device, GpuStorage};
-    use crate::tensor::testing::{assert_ops_agree, random};
+    use crate::tensor::testing::{assert_ops_agree, f16_values, random, random_f16};
     use crate::tensor::Tensor;
 
     /// Conv of a random `[n, c, h, w]` input with a random `[oc, c, k, k]` kernel, with and
@@ -309,6 +326,30 @@ mod tests {
         assert_ops_agree(&what, &inputs, |t| {
             t[0].conv2d(&t[1], None, stride, padding)
         });
+    }
+
+    #[test]
+    fn f16_weights_match_the_cpu() {
+        for (input, oc, k, stride, padding) in [
+            ([2, 5, 9, 7], 6, 3, 1, 1),
+            ([1, 3, 5, 5], 1, 3, 1, 0),
+            ([2, 7, 13, 11], 67, 3, 2, 1),
+            ([1, 65, 3, 3], 70, 1, 1, 0),
+            ([1, 64, 16, 16], 64, 3, 1, 1),
+        ] {
+            let inputs = [
+                random(&input, 140),
+                random_f16(&[oc, input[1], k, k], 141),
+                random(&[oc], 142),
+            ];
+            let what = format!("conv2d {input:?} -> {oc}, f16 {k}x{k} stride {stride}");
+            assert_ops_agree(&format!("{what} with bias"), &inputs, |t| {
+                t[0].conv2d(&t[1], Some(&t[2]), stride, padding)
+            });
+            assert_ops_agree(&what, &inputs, |t| {
+                t[0].conv2d(&t[1], None, stride, padding)
+            });
+        }
     }
 
     #[test]
@@ -341,6 +382,7 @@ mod tests {
 
     /// Runs the windowed path with a binding limit that holds `span` elements wherever a
     /// window starts, against the CPU backend.
+    #[allow(clippy::too_many_arguments)]
     fn check_windowed(
         input: [usize; 4],
         oc: usize,
@@ -349,16 +391,26 @@ mod tests {
         padding: usize,
         span: usize,
         bias: bool,
+        f16: bool,
     ) {
         let Some(gpu) = test_device() else {
             return;
         };
         let [n, c, h, w] = input;
-        let (x, weight, b) = (
-            random(&input, 7),
-            random(&[oc, c, k, k], 8),
-            random(&[oc], 9),
-        );
+        // With `f16`, the weight and the bias are f16 storages (the bias widened by conv2d).
+        let (x, weight, b) = if f16 {
+            (
+                random(&input, 7),
+                random_f16(&[oc, c, k, k], 8),
+                random_f16(&[oc], 9),
+            )
+        } else {
+            (
+                random(&input, 7),
+                random(&[oc, c, k, k], 8),
+                random(&[oc], 9),
+            )
+        };
         let expected = x
             .conv2d(&weight, bias.then_some(&b), stride, padding)
             .unwrap();
@@ -376,8 +428,19 @@ mod tests {
             oh,
             ow,
         };
-        let up = |t: &Tensor| GpuStorage::from_f32(&gpu, &t.to_vec().unwrap());
-        let (xg, wg, bg) = (up(&x), up(&weight), up(&b));
+        let up = |t: &Tensor| {
+            if f16 {
+                GpuStorage::from_f16(&gpu, &f16_values(t))
+            } else {
+                GpuStorage::from_f32(&gpu, &t.to_vec().unwrap())
+            }
+        };
+        let (xg, wg, bg) = (
+            GpuStorage::from_f32(&gpu, &x.to_vec().unwrap()),
+            up(&weight),
+            up(&b),
+        );
+        assert_eq!(wg.is_f16(), f16 && gpu.keeps_f16());
         let align = (gpu.0.limits.min_storage_buffer_offset_alignment.max(4) / 4) as usize;
         let max_bytes = ((span + align - 1) * 4) as u64;
         assert!(
@@ -395,20 +458,22 @@ mod tests {
         for (i, (g, e)) in got.iter().zip(&expected).enumerate() {
             assert!(
                 (g - e).abs() <= 1e-4 * scale,
-                "{input:?} -> {oc} windowed: {g} vs {e} at {i}"
+                "{input:?} -> {oc} windowed (f16 {f16}): {g} vs {e} at {i}"
             );
         }
     }
 
     #[test]
     fn tensors_beyond_the_binding_limit_are_windowed() {
-        // Two input channels and two output channels per pass.
-        check_windowed([2, 5, 9, 7], 6, 3, 1, 1, 150, true);
-        check_windowed([2, 5, 9, 7], 6, 3, 1, 1, 150, false);
-        check_windowed([1, 6, 10, 10], 9, 3, 2, 1, 250, true);
-        check_windowed([2, 7, 5, 5], 70, 1, 1, 0, 60, true);
-        // The upsampler's shape at a smaller size: [1, 256, 512, 512] is 256 MiB.
-        check_windowed([1, 16, 16, 16], 16, 3, 1, 1, 16 * 16 * 16 / 3, true);
+        for f16 in [false, true] {
+            // Two input channels and two output channels per pass.
+            check_windowed([2, 5, 9, 7], 6, 3, 1, 1, 150, true, f16);
+            check_windowed([2, 5, 9, 7], 6, 3, 1, 1, 150, false, f16);
+            check_windowed([1, 6, 10, 10], 9, 3, 2, 1, 250, true, f16);
+            check_windowed([2, 7, 5, 5], 70, 1, 1, 0, 60, true, f16);
+            // The upsampler's shape at a smaller size: [1, 256, 512, 512] is 256 MiB.
+            check_windowed([1, 16, 16, 16], 16, 3, 1, 1, 16 * 16 * 16 / 3, true, f16);
+        }
     }
 
     #[test]

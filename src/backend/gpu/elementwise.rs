@@ -1,5 +1,7 @@
 //! Elementwise kernels (`shaders/elementwise.wgsl`): unary activations, broadcasting binary
-//! ops, axpby and GEGLU. Each mirrors `backend::cpu::elementwise`.
+//! ops, axpby and GEGLU. Each mirrors `backend::cpu::elementwise`. Also the f16 -> f32 cast
+//! behind `GpuStorage::as_f32`, which every op that does not read f16 natively applies to its
+//! operands (see `storage`'s module documentation).
 
 use bytemuck::{Pod, Zeroable};
 
@@ -15,6 +17,8 @@ const UNARY: Kernel = Kernel::new(shader!("elementwise"), "unary");
 const BINARY: Kernel = Kernel::new(shader!("elementwise"), "binary");
 const AXPBY: Kernel = Kernel::new(shader!("elementwise"), "axpby");
 const GEGLU: Kernel = Kernel::new(shader!("elementwise"), "geglu");
+/// Widens its input to f32; built with f16 weights (`W`) for f16 inputs.
+const WIDEN: Kernel = Kernel::new(shader!("elementwise"), "widen");
 
 /// Highest rank the broadcasting kernel takes (`MAX_RANK` in the shader).
 const MAX_RANK: usize = 8;
@@ -67,7 +71,35 @@ pub(crate) fn u32_of(what: &str, n: usize) -> Result<u32> {
     })
 }
 
+/// An f16 storage widened to f32 on the device (`GpuStorage::as_f32`).
+pub(crate) fn widen_f16(x: &GpuStorage) -> Result<GpuStorage> {
+    widen_within(x, &BindLimit::of(&x.ctx))
+}
+
+/// [`widen_f16`] binding at most `limit` (f32 elements) at once.
+fn widen_within(x: &GpuStorage, limit: &BindLimit) -> Result<GpuStorage> {
+    let ctx = &x.ctx;
+    let out = GpuStorage::output(ctx, x.len());
+    // Windows of the output (f32) and the input (f16) start at the same element: aligned
+    // for both sizes.
+    let limit = limit.aligned_for(x.elem_bytes());
+    for (start, len) in passes(&limit, x.len(), 1)? {
+        let p = GegluParams {
+            len: u32_of("elements", len)?,
+            half: 0,
+        };
+        ctx.dispatch(
+            x.weight_kernel(WIDEN),
+            bytemuck::bytes_of(&p),
+            &[x.window_any(start, len), out.window(start, len)],
+            ctx.groups_1d(len, WORKGROUP_1D),
+        );
+    }
+    Ok(out)
+}
+
 pub fn unary(x: &GpuStorage, op: UnaryOp) -> Result<GpuStorage> {
+    let x = &*x.as_f32()?;
     let (code, a, b) = match op {
         UnaryOp::Silu => (0, 0.0, 0.0),
         UnaryOp::Gelu => (1, 0.0, 0.0),
@@ -125,6 +157,7 @@ pub fn binary(
     out_shape: &[usize],
     op: BinaryOp,
 ) -> Result<GpuStorage> {
+    let (lhs, rhs) = (&*lhs.as_f32()?, &*rhs.as_f32()?);
     if out_shape.len() > MAX_RANK {
         return Err(Error::Gpu(format!(
             "broadcasting over rank {} (at most {MAX_RANK})",
@@ -202,6 +235,7 @@ pub fn binary(
 }
 
 pub fn axpby(a: f32, x: &GpuStorage, b: f32, y: &GpuStorage) -> Result<GpuStorage> {
+    let (x, y) = (&*x.as_f32()?, &*y.as_f32()?);
     let ctx = &x.ctx;
     let out = GpuStorage::output(ctx, x.len());
     for (start, len) in passes(&BindLimit::of(ctx), x.len(), 1)? {
@@ -227,6 +261,7 @@ pub fn axpby(a: f32, x: &GpuStorage, b: f32, y: &GpuStorage) -> Result<GpuStorag
 
 /// Rows of `2 * half` values `[h, gate]` become `h * gelu(gate)`.
 pub fn geglu(x: &GpuStorage, half: usize) -> Result<GpuStorage> {
+    let x = &*x.as_f32()?;
     let ctx = &x.ctx;
     let half = half.max(1);
     let out = GpuStorage::output(ctx, x.len() / 2);
@@ -248,8 +283,54 @@ pub fn geglu(x: &GpuStorage, half: usize) -> Result<GpuStorage> {
 
 #[cfg(test)]
 mod tests {
-    use crate::tensor::testing::{assert_ops_agree, random};
+    use half::f16;
+
+    use super::widen_within;
+    use crate::backend::gpu::storage::BindLimit;
+    use crate::backend::gpu::{test_device, GpuStorage};
+    use crate::tensor::testing::{assert_ops_agree, random, random_f16};
     use crate::tensor::{Tensor, UnaryOp};
+
+    #[test]
+    fn f16_values_widen_exactly_in_windows() {
+        let Some(gpu) = test_device() else { return };
+        // Odd lengths (a padded last word), and limits that split the cast into passes
+        // (in f32 elements, a few f16 offset alignments).
+        let a = gpu.0.limits.min_storage_buffer_offset_alignment.max(4) as usize / 2;
+        for (n, limit_elems) in [
+            (1, None),
+            (1001, None),
+            (1001, Some(2 * a)),
+            (4099, Some(3 * a + 1)),
+        ] {
+            let values: Vec<f16> = (0..n)
+                .map(|i| f16::from_f32((i as f32 - 500.0) * 0.37))
+                .collect();
+            let x = GpuStorage::from_f16(&gpu, &values);
+            let limit = match limit_elems {
+                Some(e) => BindLimit::new(&gpu.0, e as u64 * 4),
+                None => BindLimit::of(&gpu.0),
+            };
+            let got = widen_within(&x, &limit).unwrap();
+            assert!(!got.is_f16());
+            let want: Vec<f32> = values.iter().map(|v| v.to_f32()).collect();
+            assert_eq!(got.to_f32().unwrap(), want, "{n} values in {limit_elems:?}");
+            // Reading the f16 storage back widens on the host.
+            assert_eq!(x.to_f32().unwrap(), want, "{n} values read back");
+        }
+    }
+
+    #[test]
+    fn elementwise_ops_widen_f16_operands() {
+        let inputs = [random_f16(&[3, 100], 20), random(&[3, 100], 21)];
+        assert_ops_agree("silu of f16", &inputs, |t| t[0].silu());
+        assert_ops_agree("f16 + f32", &inputs, |t| t[0].add(&t[1]));
+        assert_ops_agree("f32 * f16", &inputs, |t| t[1].mul(&t[0]));
+        assert_ops_agree("axpby f16", &inputs, |t| {
+            Tensor::axpby(0.3, &t[0], 2.0, &t[1])
+        });
+        assert_ops_agree("geglu f16", &inputs, |t| t[0].geglu());
+    }
 
     #[test]
     fn unary_ops_match_the_cpu() {

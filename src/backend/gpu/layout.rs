@@ -147,7 +147,7 @@ impl StridedCopy {
         if pieces.len() >= MAX_PIECES {
             return Err(Error::Gpu(format!(
                 "more than {MAX_PIECES} pieces to stay under the adapter's {} MiB binding limit",
-                (limit.max_elems * 4) >> 20
+                limit.max_bytes() >> 20
             )));
         }
         let fits = self.span(&self.in_strides) <= limit.span()
@@ -247,7 +247,7 @@ fn run_copies(
 }
 
 pub fn permute(x: &GpuStorage, shape: &[usize], axes: &[usize]) -> Result<GpuStorage> {
-    permute_within(x, shape, axes, &BindLimit::of(&x.ctx))
+    permute_within(&*x.as_f32()?, shape, axes, &BindLimit::of(&x.ctx))
 }
 
 fn permute_within(
@@ -277,7 +277,14 @@ pub fn narrow(
     start: usize,
     len: usize,
 ) -> Result<GpuStorage> {
-    narrow_within(x, shape, dim, start, len, &BindLimit::of(&x.ctx))
+    narrow_within(
+        &*x.as_f32()?,
+        shape,
+        dim,
+        start,
+        len,
+        &BindLimit::of(&x.ctx),
+    )
 }
 
 fn narrow_within(
@@ -307,7 +314,16 @@ pub fn cat(parts: &[(&GpuStorage, &[usize])], dim: usize) -> Result<GpuStorage> 
     let Some((first, _)) = parts.first() else {
         return Err(Error::Gpu("cat: no tensors".into()));
     };
-    cat_within(parts, dim, &BindLimit::of(&first.ctx))
+    let wide = parts
+        .iter()
+        .map(|(x, _)| x.as_f32())
+        .collect::<Result<Vec<_>>>()?;
+    let parts: Vec<(&GpuStorage, &[usize])> = wide
+        .iter()
+        .zip(parts)
+        .map(|(x, (_, shape))| (&**x, *shape))
+        .collect();
+    cat_within(&parts, dim, &BindLimit::of(&first.ctx))
 }
 
 fn cat_within(
@@ -358,7 +374,7 @@ pub fn upsample_nearest(
     oh: usize,
     ow: usize,
 ) -> Result<GpuStorage> {
-    upsample_within(x, planes, h, w, oh, ow, &BindLimit::of(&x.ctx))
+    upsample_within(&*x.as_f32()?, planes, h, w, oh, ow, &BindLimit::of(&x.ctx))
 }
 
 fn upsample_within(
@@ -388,7 +404,7 @@ fn upsample_within(
     if per_pass == 0 {
         return Err(Error::Gpu(format!(
             "upsample_nearest: one {h}x{w} -> {oh}x{ow} plane exceeds the adapter's {} MiB binding limit",
-            (limit.max_elems * 4) >> 20
+            limit.max_bytes() >> 20
         )));
     }
     let map: Vec<u32> = (0..oh)
@@ -432,7 +448,8 @@ pub fn gather_rows(table: &GpuStorage, d: usize, ids: &[u32]) -> Result<GpuStora
 }
 
 /// Gathers per window of the table: each pass binds one window (as large as the binding
-/// limit allows) and copies the rows of `ids` that lie wholly inside it.
+/// limit allows) and copies the rows of `ids` that lie wholly inside it. An f16 table (a
+/// token embedding kept in half precision) is read natively by the kernel's f16 variant.
 fn gather_within(
     table: &GpuStorage,
     d: usize,
@@ -450,11 +467,13 @@ fn gather_within(
             "gather_rows: id {bad} is outside the table of {rows} rows"
         )));
     }
-    if out.len() > limit.max_elems || d > limit.span() {
+    // The output is f32; the table's windows are counted in its own elements.
+    let table_limit = limit.for_elem(table.elem_bytes());
+    if out.len() > limit.max_elems || d > table_limit.span() {
         return Err(Error::Gpu(format!(
             "gather_rows: {} rows of {d} exceed the adapter's {} MiB binding limit",
             ids.len(),
-            (limit.max_elems * 4) >> 20
+            limit.max_bytes() >> 20
         )));
     }
     u32_of("elements", out.len())?;
@@ -468,8 +487,8 @@ fn gather_within(
     let mut next = 0;
     while next < order.len() {
         let first_row = order[next].0;
-        let (start, _) = limit.window(first_row * d, first_row * d);
-        let end = table.len().min(start + limit.max_elems);
+        let (start, _) = table_limit.window(first_row * d, first_row * d);
+        let end = table.len().min(start + table_limit.max_elems);
         let mut pairs = Vec::new();
         while next < order.len() && (order[next].0 + 1) * d <= end {
             let (id, row) = order[next];
@@ -484,11 +503,11 @@ fn gather_within(
         };
         let pairs = ctx.upload(bytemuck::cast_slice(&pairs));
         ctx.dispatch(
-            GATHER,
+            table.weight_kernel(GATHER),
             bytemuck::bytes_of(&p),
             &[
                 pairs.as_entire_binding(),
-                table.window(start, end - start),
+                table.window_any(start, end - start),
                 out.binding(),
             ],
             ctx.groups_1d(count * d, WORKGROUP_1D),
@@ -503,7 +522,7 @@ mod tests {
     use crate::backend::cpu::{layout as cpu, CpuStorage};
     use crate::backend::gpu::context::GpuContext;
     use crate::backend::gpu::test_device;
-    use crate::tensor::testing::{assert_ops_agree, random};
+    use crate::tensor::testing::{assert_ops_agree, random, random_f16};
     use crate::tensor::{Device, Tensor};
 
     /// Values that are all distinct, so a misplaced element never goes unnoticed.
@@ -632,6 +651,32 @@ mod tests {
         assert_ops_agree("embedding none", &[random(&[10, 8], 61)], |t| {
             t[0].embedding(&[])
         });
+        // A table kept in f16 (SD's token embedding from an fp16 file), odd row length.
+        assert_ops_agree("embedding f16", &[random_f16(&[100, 37], 62)], |t| {
+            t[0].embedding(&ids)
+        });
+        assert_ops_agree("embedding f16 even", &[random_f16(&[100, 64], 63)], |t| {
+            t[0].embedding(&ids)
+        });
+    }
+
+    #[test]
+    fn layout_ops_widen_f16_operands() {
+        let x = random_f16(&[3, 5, 7], 64);
+        assert_ops_agree("permute f16", std::slice::from_ref(&x), |t| {
+            t[0].permute(&[2, 0, 1])
+        });
+        assert_ops_agree("narrow f16", std::slice::from_ref(&x), |t| {
+            t[0].narrow(1, 1, 3)
+        });
+        assert_ops_agree(
+            "cat f16 and f32",
+            &[x.clone(), random(&[3, 2, 7], 65)],
+            |t| Tensor::cat(&[&t[0], &t[1], &t[0]], 1),
+        );
+        assert_ops_agree("upsample f16", &[random_f16(&[1, 2, 3, 5], 66)], |t| {
+            t[0].upsample_nearest(6, 10)
+        });
     }
 
     /// Every op again with a binding limit of a few hundred elements, so they split into
@@ -696,6 +741,15 @@ mod tests {
             check(
                 &format!("gather in {elems}"),
                 gather_within(&g, d, &ids, &limit).unwrap(),
+                cpu::gather_rows(&c, d, &ids),
+            );
+            // The same values as an f16 table (exact in f16), windowed in f16 elements.
+            let halves: Vec<half::f16> = data.iter().map(|&v| half::f16::from_f32(v)).collect();
+            let g16 = GpuStorage::from_f16(&device, &halves);
+            assert_eq!(g16.is_f16(), device.keeps_f16());
+            check(
+                &format!("gather f16 in {elems}"),
+                gather_within(&g16, d, &ids, &limit).unwrap(),
                 cpu::gather_rows(&c, d, &ids),
             );
         }

@@ -4,6 +4,9 @@
 //! batch entry (a 4 x 4 block per thread), walking K in slices of 16 staged in workgroup
 //! memory. The grid is column tiles x row tiles x batch entries, split into several
 //! dispatches where a dimension exceeds the adapter's limit.
+//!
+//! The rhs (`Tensor::linear`'s weight) may be f16: the kernels' f16 variant reads it
+//! directly, accumulating in f32. The lhs and the bias are widened to f32 when they are f16.
 
 use bytemuck::{Pod, Zeroable};
 
@@ -48,6 +51,10 @@ pub fn matmul(
     bias: Option<&GpuStorage>,
     dims: MatmulDims,
 ) -> Result<GpuStorage> {
+    // b is read natively in either element type; the others as f32.
+    let a = &*a.as_f32()?;
+    let bias = bias.map(GpuStorage::as_f32).transpose()?;
+    let bias = bias.as_deref();
     let MatmulDims {
         batch,
         m,
@@ -84,8 +91,11 @@ pub fn matmul(
         short("bias", bias.len(), n)?;
     }
     let limit = ctx.limits.max_storage_buffer_binding_size;
-    for (what, storage_len) in [("lhs", a.len()), ("rhs", b.len()), ("output", out_len)] {
-        let bytes = storage_len as u64 * 4;
+    for (what, bytes) in [
+        ("lhs", a.byte_len()),
+        ("rhs", b.byte_len()),
+        ("output", out_len as u64 * 4),
+    ] {
         if bytes > limit {
             return Err(Error::Gpu(format!(
                 "matmul {dims:?}: the {what} ({bytes} bytes) exceeds this adapter's largest storage binding ({limit} bytes)"
@@ -98,12 +108,12 @@ pub fn matmul(
     }
     // vec4 loads where every row a tile loads is whole vec4s (k = 0 loads nothing).
     let vec4 = k > 0 && k % 4 == 0;
-    let kernel = match (transpose_rhs, vec4) {
+    let kernel = b.weight_kernel(match (transpose_rhs, vec4) {
         (true, true) => MATMUL_NT_VEC4,
         (true, false) => MATMUL_NT,
         (false, true) if n % 4 == 0 => MATMUL_NN_VEC4,
         (false, _) => MATMUL_NN,
-    };
+    });
     let mut p = Params {
         m: m as u32,
         n: n as u32,
@@ -132,7 +142,7 @@ pub fn matmul(
                     bytemuck::bytes_of(&p),
                     &[
                         a.binding(),
-                        b.binding(),
+                        b.binding_any(),
                         // Unread without a bias; any buffer fills the slot.
                         bias.unwrap_or(a).binding(),
                         out.binding(),
@@ -147,8 +157,86 @@ pub fn matmul(
 
 #[cfg(test)]
 mod tests {
-    use crate::tensor::testing::{assert_ops_agree, random};
+    use crate::backend::cpu::matmul::MatmulDims;
+    use crate::backend::gpu::{test_device, GpuStorage};
+    use crate::tensor::testing::{assert_close, assert_ops_agree, f16_values, random, random_f16};
     use crate::tensor::Device;
+
+    #[test]
+    fn f16_weights_match_the_cpu() {
+        // Linear layers (the `nt` kernels): scalar loads (k % 4 != 0), vec4 loads, an odd
+        // number of weights (a padded last word), an SD-sized projection.
+        for (rows, inp, out) in [
+            (77, 33, 37),
+            (5, 1, 3),
+            (3, 20, 128),
+            (65, 36, 67),
+            (2 * 77, 768, 320),
+        ] {
+            let inputs = [
+                random(&[rows, inp], 700),
+                random_f16(&[out, inp], 701),
+                random(&[out], 702),
+            ];
+            let what = format!("linear [{rows}, {inp}] x f16 [{out}, {inp}]^T");
+            assert_ops_agree(&format!("{what} + bias"), &inputs, |t| {
+                t[0].linear(&t[1], Some(&t[2]))
+            });
+            assert_ops_agree(&what, &inputs, |t| t[0].linear(&t[1], None));
+        }
+        // An f16 rhs in plain products: `nn` scalar and vec4, `nt` through matmul_t, and a
+        // batched rhs.
+        for (m, n, k) in [(77, 37, 33), (65, 68, 20), (3, 129, 36), (1, 1, 1)] {
+            let a = random(&[2, m, k], 710);
+            assert_ops_agree(
+                &format!("[2, {m}, {k}] @ f16 [{k}, {n}]"),
+                &[a.clone(), random_f16(&[k, n], 711)],
+                |t| t[0].matmul(&t[1]),
+            );
+            assert_ops_agree(
+                &format!("[2, {m}, {k}] @ f16 [{n}, {k}]^T"),
+                &[a.clone(), random_f16(&[n, k], 712)],
+                |t| t[0].matmul_t(&t[1]),
+            );
+            assert_ops_agree(
+                &format!("[2, {m}, {k}] @ f16 [2, {k}, {n}]"),
+                &[a, random_f16(&[2, k, n], 713)],
+                |t| t[0].matmul(&t[1]),
+            );
+        }
+    }
+
+    #[test]
+    fn f16_lhs_and_bias_are_widened() {
+        // `Tensor::from_f16` widens vectors at upload; the kernel still takes f16 ones (and
+        // an f16 lhs) by widening them on the device.
+        let Some(gpu) = test_device() else { return };
+        let (m, n, k) = (9, 13, 11);
+        let (a, b, bias) = (
+            random_f16(&[m, k], 720),
+            random_f16(&[n, k], 721),
+            random_f16(&[n], 722),
+        );
+        let expected = a.linear(&b, Some(&bias)).unwrap().to_vec().unwrap();
+        let up = |t| GpuStorage::from_f16(&gpu, &f16_values(t));
+        let dims = MatmulDims {
+            batch: 1,
+            m,
+            n,
+            k,
+            rhs_batched: false,
+            transpose_rhs: true,
+        };
+        let (ga, gb, gbias) = (up(&a), up(&b), up(&bias));
+        assert_eq!(gbias.is_f16(), gpu.keeps_f16());
+        let got = super::matmul(&ga, &gb, Some(&gbias), dims).unwrap();
+        assert!(!got.is_f16());
+        assert_close(
+            "f16 lhs, weight and bias",
+            &got.to_f32().unwrap(),
+            &expected,
+        );
+    }
 
     /// `[batch.., m, k] @ [k, n]` or `@ [n, k]^T`, rhs batched or shared, through
     /// `Tensor::matmul`/`matmul_t`.

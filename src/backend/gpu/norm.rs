@@ -163,6 +163,7 @@ fn normalise(
     silu: bool,
     limit: &BindLimit,
 ) -> Result<GpuStorage> {
+    let (x, gamma, beta) = (&*x.as_f32()?, &*gamma.as_f32()?, &*beta.as_f32()?);
     let ctx = &x.ctx;
     let out = GpuStorage::output(ctx, x.len());
     let len = layout.per_group * layout.spatial;
@@ -182,7 +183,7 @@ fn normalise(
             "{op}: {step} group(s) of {len} values ({} bytes, the least one aligned window holds) exceed the \
              adapter's storage binding limit of {} bytes",
             step * len * 4,
-            limit.max_elems * 4
+            limit.max_bytes()
         )));
     }
     let whole = per_batch >= layout.slabs;
@@ -257,8 +258,44 @@ fn normalise(
 mod tests {
     use super::*;
     use crate::backend::cpu;
-    use crate::tensor::testing::{assert_ops_agree, random};
+    use crate::backend::gpu::test_device;
+    use crate::tensor::testing::{assert_close, assert_ops_agree, f16_values, random, random_f16};
     use crate::tensor::Tensor;
+
+    #[test]
+    fn f16_inputs_and_weights_are_widened() {
+        // An f16 activation through the Tensor API, and f16 gamma and beta (vectors, which
+        // `Tensor::from_f16` widens at upload) straight into the kernels.
+        let [g, b] = affine(8, 30);
+        let x = random_f16(&[2, 8, 3, 5], 32);
+        assert_ops_agree("group_norm f16", &[x, g, b], |t| {
+            t[0].group_norm(4, &t[1], &t[2], 1e-5, true)
+        });
+        let Some(gpu) = test_device() else { return };
+        let (x, gamma, beta) = (
+            random_f16(&[6, 40], 33),
+            random_f16(&[40], 34),
+            random_f16(&[40], 35),
+        );
+        let up = |t: &Tensor| GpuStorage::from_f16(&gpu, &f16_values(t));
+        let cpu_of = |t: &Tensor| crate::backend::cpu::CpuStorage::F16(f16_values(t));
+        let got = layer_norm(&up(&x), &up(&gamma), &up(&beta), 40, 1e-5).unwrap();
+        let want = cpu::norm::layer_norm(&cpu_of(&x), &cpu_of(&gamma), &cpu_of(&beta), 40, 1e-5);
+        assert_close("layer_norm f16", &got.to_f32().unwrap(), &want.as_f32());
+        let got = group_norm(&up(&x), &up(&gamma), &up(&beta), 2, 40, 3, 5, 1e-5, false).unwrap();
+        let want = cpu::norm::group_norm(
+            &cpu_of(&x),
+            &cpu_of(&gamma),
+            &cpu_of(&beta),
+            2,
+            40,
+            3,
+            5,
+            1e-5,
+            false,
+        );
+        assert_close("group_norm f16", &got.to_f32().unwrap(), &want.as_f32());
+    }
 
     fn affine(c: usize, seed: u64) -> [Tensor; 2] {
         [
