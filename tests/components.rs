@@ -197,6 +197,36 @@ fn sd2_unet_matches_diffusers() {
     check_unet("sd2");
 }
 
+/// The sd1 UNet with `downsample_padding: 0` in its config (same weights): diffusers'
+/// Downsample2D then pads one zero row and column after the input before its stride-2
+/// convolution (down levels 12x10 -> 6x5 -> 3x2 on this sample, not 3x3), against
+/// reference/sd1_downsample_padding0.safetensors.
+#[test]
+fn sd1_unet_with_downsample_padding_0_matches_diffusers() {
+    let (_tmp, dir) = common::copy_fixture("sd1");
+    let config_path = dir.join("unet/config.json");
+    let mut config = read_json(&config_path);
+    assert_eq!(config["downsample_padding"], 1, "sd1's own config");
+    config["downsample_padding"] = 0.into();
+    std::fs::write(&config_path, serde_json::to_string_pretty(&config).unwrap()).unwrap();
+
+    let inputs = load_tensors(&reference("sd1_components.safetensors"));
+    let expected = load_tensors(&reference("sd1_downsample_padding0.safetensors"));
+    for (device_name, device) in common::devices() {
+        let sd = StableDiffusion::load(&dir, &device).unwrap_or_else(|e| {
+            panic!("sd1 with downsample_padding 0: loading on {device} failed: {e}")
+        });
+        let sample = to_tensor(&inputs["unet_sample"], &device);
+        let context = to_tensor(&inputs["unet_encoder_hidden_states"], &device);
+        let got = sd.unet().forward(&sample, 500.0, &context).unwrap();
+        compare(
+            &format!("sd1 (downsample_padding 0) on {device_name}: unet_output_t500"),
+            &got,
+            &expected["unet_output_t500"],
+        );
+    }
+}
+
 #[test]
 fn sd1_vae_decoder_matches_diffusers() {
     check_vae("sd1");
