@@ -7,10 +7,13 @@
 //!
 //! The full-model timings are skipped on a software adapter (llvmpipe runs a few GFLOP/s and
 //! a UNet step is about 1.6 TFLOP) unless `-- --full` is given; `-- --quick` always skips them.
+//!
+//! With `SD_GPU_PROFILE=1` (and an adapter with timestamp queries) each section ends with
+//! the GPU time of each kernel entry point: the kernel runs, the UNet runs, the VAE runs.
 
 use std::time::{Duration, Instant};
 
-use sd_wgpu::backend::gpu::GpuDevice;
+use sd_wgpu::backend::gpu::{profile, GpuDevice};
 use sd_wgpu::backend::{select_device, BackendChoice};
 use sd_wgpu::model::config::{UNetConfig, VaeConfig};
 use sd_wgpu::model::unet::UNet2DConditionModel;
@@ -199,6 +202,18 @@ fn kernels(gpu: &GpuDevice, device: &Device) -> sd_wgpu::Result<()> {
     Ok(())
 }
 
+/// Prints the kernel profile gathered since the last call (when profiling), and resets it.
+fn print_profile(gpu: &GpuDevice, what: &str) {
+    let rows = gpu.profile();
+    gpu.reset_profile();
+    if !rows.is_empty() {
+        println!(
+            "\nGPU time by kernel, {what} (SD_GPU_PROFILE=1):\n{}",
+            profile::table(&rows)
+        );
+    }
+}
+
 /// Times `f` (which records work) through its completion on the GPU.
 fn timed(gpu: &GpuDevice, f: impl FnOnce() -> sd_wgpu::Result<Tensor>) -> sd_wgpu::Result<f64> {
     let t = Instant::now();
@@ -223,6 +238,7 @@ fn full_models(gpu: &GpuDevice, device: &Device) -> sd_wgpu::Result<()> {
     let weights = Weights::random(0, device);
     let here = std::path::Path::new("sd15-random");
     let mut rng = TorchRng::new(0);
+    gpu.reset_profile();
 
     println!("\nfull models (random weights uploaded to the GPU)");
     let t = Instant::now();
@@ -244,6 +260,10 @@ fn full_models(gpu: &GpuDevice, device: &Device) -> sd_wgpu::Result<()> {
         "{:<46} {:>8.1} GFLOP/s (at about 1.61 TFLOP a step)",
         "",
         1.61e12 / s / 1e9
+    );
+    print_profile(
+        gpu,
+        "UNet weight upload and step(s), batch 2, 512x512 (random weights)",
     );
     drop(unet);
 
@@ -267,6 +287,10 @@ fn full_models(gpu: &GpuDevice, device: &Device) -> sd_wgpu::Result<()> {
         let s = timed(gpu, || vae.decode(&latents))?;
         report("VAE decode, 512x512", s);
     }
+    print_profile(
+        gpu,
+        "VAE weight upload and decode(s), 512x512 (random weights)",
+    );
     Ok(())
 }
 
@@ -297,7 +321,9 @@ fn main() -> sd_wgpu::Result<()> {
         }
     );
 
+    gpu.reset_profile();
     kernels(&gpu, &device)?;
+    print_profile(&gpu, "the kernel runs above (warm-up runs included)");
 
     if quick {
         println!("\nfull-model timings skipped (--quick)");

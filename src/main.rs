@@ -243,6 +243,15 @@ fn run(cli: Cli) -> Result<()> {
                 t.denoise.as_secs_f64() / steps as f64,
                 t.vae_decode.as_secs_f64(),
             );
+            if let Device::Gpu(gpu) = &device {
+                let profile = gpu.profile();
+                if !profile.is_empty() {
+                    println!(
+                        "GPU time by kernel (SD_GPU_PROFILE=1), loading included:\n{}",
+                        sd_wgpu::backend::gpu::profile::table(&profile)
+                    );
+                }
+            }
             Ok(())
         }
     }

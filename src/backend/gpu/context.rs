@@ -6,6 +6,7 @@ use std::sync::{Arc, Mutex};
 
 use wgpu::util::DeviceExt;
 
+use super::profile::{self, Batch, Profiler};
 use crate::error::{Error, Result};
 
 /// Passes recorded before the encoder is submitted: few submits per step, but not one
@@ -89,6 +90,8 @@ impl Kernel {
 struct Pending {
     encoder: Option<wgpu::CommandEncoder>,
     passes: usize,
+    /// The timestamp queries of the encoder's passes (only when profiling).
+    timestamps: Option<Batch>,
 }
 
 pub(crate) struct GpuContext {
@@ -107,6 +110,8 @@ pub(crate) struct GpuContext {
     pool: Mutex<HashMap<u64, Vec<wgpu::Buffer>>>,
     /// The first error wgpu reported outside a call (validation, out of memory, device lost).
     error: Arc<Mutex<Option<String>>>,
+    /// The per-kernel profile, when asked for and the adapter has timestamp queries.
+    profiler: Option<Profiler>,
 }
 
 /// A handle on one GPU; cheap to clone. Tensors on it share its queue and buffer pool.
@@ -117,6 +122,13 @@ pub(crate) struct GpuContext {
 /// operand to f32 first (see `GpuStorage::as_f32`). Without the feature, or with the
 /// environment variable `SD_GPU_F16=0` (for comparisons), they are widened to f32 at upload.
 /// f32 weights always stay f32.
+///
+/// With the environment variable `SD_GPU_PROFILE=1` (read when the device opens) and an
+/// adapter that has `wgpu::Features::TIMESTAMP_QUERY`, every compute pass is timed on the
+/// GPU: [`GpuDevice::profile`] gives the calls and total time of each kernel entry point
+/// (the work finished at the last wait: `synchronize` or a read-back). Without the variable
+/// no timestamp queries are made; with it but without the feature, the log says so once and
+/// the profile stays empty.
 #[derive(Clone)]
 pub struct GpuDevice(pub(crate) Arc<GpuContext>);
 
@@ -183,20 +195,32 @@ impl GpuDevice {
                 )
             })?,
         };
-        Self::open(adapter)
+        Self::open(adapter, profile::requested())
     }
 
-    fn open(adapter: wgpu::Adapter) -> Result<Self> {
+    /// Opens `adapter`, profiling its kernels if `profile` and the adapter can (see the
+    /// type's documentation).
+    pub(crate) fn open(adapter: wgpu::Adapter, profile: bool) -> Result<Self> {
         let info = adapter.get_info();
         // The adapter's own limits, not WebGPU's defaults (128 MiB bindings, small buffers).
         let limits = adapter.limits();
         let f16_off = std::env::var("SD_GPU_F16").is_ok_and(|v| v.trim() == "0");
         let f16 = adapter.features().contains(wgpu::Features::SHADER_F16) && !f16_off;
-        let required_features = if f16 {
-            wgpu::Features::SHADER_F16
-        } else {
-            wgpu::Features::empty()
-        };
+        let timestamps = adapter.features().contains(wgpu::Features::TIMESTAMP_QUERY);
+        if profile && !timestamps {
+            tracing::warn!(
+                "SD_GPU_PROFILE: {} has no TIMESTAMP_QUERY, so there is no kernel profile",
+                info.name
+            );
+        }
+        let profile = profile && timestamps;
+        let mut required_features = wgpu::Features::empty();
+        if f16 {
+            required_features |= wgpu::Features::SHADER_F16;
+        }
+        if profile {
+            required_features |= wgpu::Features::TIMESTAMP_QUERY;
+        }
         let (device, queue) = pollster::block_on(adapter.request_device(&wgpu::DeviceDescriptor {
             label: Some("sd-wgpu"),
             required_features,
@@ -225,6 +249,13 @@ impl GpuDevice {
                 "widened (no SHADER_F16)"
             }
         );
+        let profiler = profile.then(|| Profiler::new(&queue));
+        if let Some(p) = &profiler {
+            tracing::info!(
+                "SD_GPU_PROFILE: timing every kernel (timestamp period {} ns)",
+                p.period_ns()
+            );
+        }
         Ok(GpuDevice(Arc::new(GpuContext {
             device,
             queue,
@@ -234,11 +265,13 @@ impl GpuDevice {
             pending: Mutex::new(Pending {
                 encoder: None,
                 passes: 0,
+                timestamps: None,
             }),
             pipelines: Mutex::new(HashMap::new()),
             modules: Mutex::new(HashMap::new()),
             pool: Mutex::new(HashMap::new()),
             error,
+            profiler,
         })))
     }
 
@@ -260,6 +293,30 @@ impl GpuDevice {
         self.0.flush();
         self.0.wait()
     }
+
+    /// Whether kernels are being timed (`SD_GPU_PROFILE=1` and the adapter can).
+    pub fn is_profiling(&self) -> bool {
+        self.0.profiler.is_some()
+    }
+
+    /// Each kernel entry point's calls and total GPU time, the longest total first: the
+    /// passes the GPU finished by the last wait (`synchronize` or a read-back) since the
+    /// device opened or [`GpuDevice::reset_profile`]. Empty unless profiling (see the type's
+    /// documentation).
+    pub fn profile(&self) -> Vec<(String, u64, std::time::Duration)> {
+        self.0
+            .profiler
+            .as_ref()
+            .map(Profiler::profile)
+            .unwrap_or_default()
+    }
+
+    /// Forgets the profile so far.
+    pub fn reset_profile(&self) {
+        if let Some(p) = &self.0.profiler {
+            p.reset();
+        }
+    }
 }
 
 /// The names of every adapter, for messages.
@@ -272,25 +329,46 @@ pub fn names() -> String {
     }
 }
 
-fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+pub(super) fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     // A panic while holding one of these locks leaves plain data behind; keep going.
     m.lock().unwrap_or_else(|p| p.into_inner())
 }
 
 impl GpuContext {
     /// The error wgpu reported since the last check, if any.
+    /// After an error, the work recorded but not yet submitted belongs to the failed job
+    /// (and may reference its invalid buffers): it is dropped so the next job starts clean.
     pub fn take_error(&self) -> Result<()> {
-        match lock(&self.error).take() {
-            Some(e) => Err(Error::Gpu(e)),
+        let error = lock(&self.error).take();
+        match error {
+            Some(e) => {
+                let mut pending = lock(&self.pending);
+                pending.encoder = None;
+                pending.passes = 0;
+                // The dropped passes' timestamps were never written.
+                pending.timestamps = None;
+                Err(Error::Gpu(e))
+            }
             None => Ok(()),
         }
     }
 
     /// Submits the pending encoder.
     pub fn flush(&self) {
-        let mut pending = lock(&self.pending);
-        if let Some(encoder) = pending.encoder.take() {
+        self.submit(&mut lock(&self.pending));
+    }
+
+    /// Submits `pending`'s encoder, if any, with the resolve of its passes' timestamps.
+    fn submit(&self, pending: &mut Pending) {
+        if let Some(mut encoder) = pending.encoder.take() {
+            let timestamps = pending.timestamps.take();
+            if let (Some(profiler), Some(batch)) = (&self.profiler, &timestamps) {
+                profiler.resolve(&mut encoder, batch);
+            }
             self.queue.submit([encoder.finish()]);
+            if let (Some(profiler), Some(batch)) = (&self.profiler, timestamps) {
+                profiler.submitted(batch);
+            }
         }
         pending.passes = 0;
     }
@@ -299,23 +377,40 @@ impl GpuContext {
         self.device
             .poll(wgpu::PollType::wait_indefinitely())
             .map_err(|e| Error::Gpu(format!("waiting for the GPU: {e}")))?;
+        if let Some(p) = &self.profiler {
+            let failed = lock(&self.error).is_some();
+            p.collect(failed);
+        }
         self.take_error()
     }
 
     /// Records work into the pending encoder, submitting when enough has piled up.
     pub fn record(&self, f: impl FnOnce(&mut wgpu::CommandEncoder)) {
-        let mut pending = lock(&self.pending);
+        self.record_pass(None, |encoder, _| f(encoder));
+    }
+
+    /// Records work into the pending encoder like [`GpuContext::record`]; when profiling and
+    /// `kernel` is given, `f` also gets the timestamp writes of the compute pass it records
+    /// (exactly one) for that kernel.
+    fn record_pass(
+        &self,
+        kernel: Option<&'static str>,
+        f: impl FnOnce(&mut wgpu::CommandEncoder, Option<wgpu::ComputePassTimestampWrites<'_>>),
+    ) {
+        let mut guard = lock(&self.pending);
+        let pending = &mut *guard;
         let encoder = pending.encoder.get_or_insert_with(|| {
             self.device
                 .create_command_encoder(&wgpu::CommandEncoderDescriptor { label: None })
         });
-        f(encoder);
+        let timestamp_writes = match (&self.profiler, kernel) {
+            (Some(p), Some(kernel)) => p.next_pass(&self.device, &mut pending.timestamps, kernel),
+            _ => None,
+        };
+        f(encoder, timestamp_writes);
         pending.passes += 1;
         if pending.passes >= PASSES_PER_SUBMIT {
-            if let Some(encoder) = pending.encoder.take() {
-                self.queue.submit([encoder.finish()]);
-            }
-            pending.passes = 0;
+            self.submit(pending);
         }
     }
 
@@ -378,6 +473,9 @@ impl GpuContext {
     /// Returns a buffer to the pool. Commands already recorded may still use it; anything
     /// that later writes it is recorded after them, and wgpu orders the two.
     pub fn recycle(&self, buffer: wgpu::Buffer) {
+        if buffer.size() > self.limits.max_buffer_size {
+            return; // Its creation failed (and was reported); never hand it out again.
+        }
         lock(&self.pool)
             .entry(buffer.size())
             .or_default()
@@ -433,10 +531,10 @@ impl GpuContext {
             layout: &pipeline.get_bind_group_layout(0),
             entries: &entries,
         });
-        self.record(|encoder| {
+        self.record_pass(Some(kernel.entry), |encoder, timestamp_writes| {
             let mut pass = encoder.begin_compute_pass(&wgpu::ComputePassDescriptor {
                 label: Some(kernel.entry),
-                timestamp_writes: None,
+                timestamp_writes,
             });
             pass.set_pipeline(&pipeline);
             pass.set_bind_group(0, &bind_group, &[]);

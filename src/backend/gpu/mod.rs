@@ -14,6 +14,7 @@ pub mod elementwise;
 pub mod layout;
 pub mod matmul;
 pub mod norm;
+pub mod profile;
 mod storage;
 
 pub use context::{adapters, GpuDevice};

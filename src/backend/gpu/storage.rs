@@ -312,3 +312,35 @@ impl BindLimit {
         (start, end - start)
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use crate::backend::gpu::test_device;
+    use crate::error::Error;
+    use crate::tensor::{Device, Tensor};
+
+    #[test]
+    fn an_allocation_the_device_refuses_is_an_error_and_the_device_keeps_working() {
+        let Some(gpu) = test_device() else { return };
+        let device = Device::Gpu(gpu.clone());
+        // One buffer larger than the adapter allows: wgpu reports it as an error, which
+        // must come back as Error::Gpu at the read-back, not as a panic.
+        let too_big = (gpu.0.limits.max_buffer_size / 4 + 1024) as usize;
+        let result = Tensor::zeros(&[too_big], &device)
+            .and_then(|t| t.silu())
+            .and_then(|t| t.to_vec());
+        match result {
+            Err(Error::Gpu(message)) => println!("refused as expected: {message}"),
+            other => panic!(
+                "a {too_big}-element buffer was not refused: {:?}",
+                other.map(|v| v.len())
+            ),
+        }
+        // The error is reported once; later work on the same device is unaffected.
+        let x = Tensor::from_vec(vec![1.0, -2.0, 3.0, 0.5], &[4], &device).unwrap();
+        assert_eq!(
+            x.affine(2.0, 1.0).unwrap().to_vec().unwrap(),
+            vec![3.0, -3.0, 7.0, 2.0]
+        );
+    }
+}
