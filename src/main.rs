@@ -9,6 +9,7 @@ use clap::{Args, Parser, Subcommand};
 use indicatif::{ProgressBar, ProgressStyle};
 
 use sd_wgpu::backend::{select_device, BackendChoice};
+use sd_wgpu::model::hub::resolve_model_path;
 use sd_wgpu::pipeline::noise::random_seed;
 use sd_wgpu::pipeline::{GenerateParams, StableDiffusion};
 use sd_wgpu::server::{Limits, ServerConfig};
@@ -29,7 +30,9 @@ struct Cli {
 /// Options both commands share.
 #[derive(Args)]
 struct ModelArgs {
-    /// A diffusers model folder (model_index.json, unet/, vae/, text_encoder/, tokenizer/, scheduler/).
+    /// A diffusers model folder (model_index.json, unet/, vae/, text_encoder/, tokenizer/, scheduler/),
+    /// a name under weights/, or a Hugging Face Hub id (org/name[@revision]) already in the local
+    /// Hugging Face cache (see weights/README.md).
     #[arg(long, env = "SD_MODEL")]
     model: PathBuf,
     /// auto: a hardware GPU when there is one, else the CPU.
@@ -45,6 +48,14 @@ impl ModelArgs {
         let device = select_device(self.backend, self.gpu_adapter.as_deref())?;
         tracing::info!("backend: {device}");
         Ok(device)
+    }
+
+    /// The model folder `--model` points to: the folder itself, `weights/<name>/`, or a
+    /// snapshot in the Hugging Face cache.
+    fn model_dir(&self) -> Result<PathBuf> {
+        let dir = resolve_model_path(&self.model)?;
+        tracing::info!("model `{}`: {}", self.model.display(), dir.display());
+        Ok(dir)
     }
 }
 
@@ -162,6 +173,8 @@ fn run(cli: Cli) -> Result<()> {
                     "--default-guidance {default_guidance} must be between 0 and 30"
                 )));
             }
+            // Resolved by the engine as it loads, so that a model that cannot be found
+            // leaves the service up, reporting why in /health.
             let config = ServerConfig {
                 host,
                 port,
@@ -195,11 +208,12 @@ fn run(cli: Cli) -> Result<()> {
             scheduler,
             output,
         } => {
+            let model_dir = model.model_dir()?;
             let seed = resolve_seed(seed)?;
             let device = model.device()?;
             let t0 = Instant::now();
-            tracing::info!("loading {} on {device}", model.model.display());
-            let sd = StableDiffusion::load(&model.model, &device)?;
+            tracing::info!("loading {} on {device}", model_dir.display());
+            let sd = StableDiffusion::load(&model_dir, &device)?;
             let load_time = t0.elapsed();
             let params = GenerateParams {
                 prompt,

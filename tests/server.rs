@@ -349,6 +349,29 @@ fn a_model_that_fails_to_load_is_reported_and_the_server_stays_up() {
 }
 
 #[test]
+fn a_model_that_cannot_be_found_is_reported_in_health() {
+    let mut server = Server::start(std::path::Path::new("no-such-org/no-such-model"), &[]);
+    wait_until("the load fails", Duration::from_secs(30), || {
+        server.get("/health").json()["model_state"] == "failed"
+    });
+    let error = server.get("/health").json()["model_error"]
+        .as_str()
+        .unwrap_or_default()
+        .to_string();
+    assert!(
+        error.contains("models--no-such-org--no-such-model"),
+        "{error}"
+    );
+    assert!(
+        error.contains("huggingface-cli download no-such-org/no-such-model"),
+        "{error}"
+    );
+    let r = server.post_json("/generate", SMALL_JOB);
+    assert_eq!(r.status, 503);
+    assert!(server.is_running());
+}
+
+#[test]
 fn a_failing_generation_is_a_500_and_the_next_request_works() {
     // A text encoder whose vocabulary is smaller than the tokenizer's: loading works, but
     // the end-of-text id every prompt carries is outside the embedding table.

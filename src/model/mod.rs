@@ -5,6 +5,7 @@ pub mod attention;
 pub mod clip;
 pub mod config;
 pub mod folder;
+pub mod hub;
 pub mod nn;
 pub mod resnet;
 pub mod tokenizer;

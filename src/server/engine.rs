@@ -146,7 +146,11 @@ impl Engine {
     fn run(&self, jobs: Receiver<Job>) {
         let started = Instant::now();
         tracing::info!("loading model {} on {}", self.model.display(), self.device);
-        let sd = match StableDiffusion::load(&self.model, &self.device) {
+        let loaded = crate::model::hub::resolve_model_path(&self.model).and_then(|dir| {
+            tracing::info!("model `{}`: {}", self.model.display(), dir.display());
+            StableDiffusion::load(&dir, &self.device)
+        });
+        let sd = match loaded {
             Ok(sd) => sd,
             Err(e) => {
                 tracing::error!("model failed to load: {e}");
