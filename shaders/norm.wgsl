@@ -12,7 +12,9 @@
 //  * slabs of at most one chunk: `fused`, one workgroup per slab, reads each value once;
 //  * longer slabs: `partials` (one workgroup per chunk: count, mean and M2 of the chunk),
 //    `finalize` (one workgroup per slab merges its chunks' partials with Chan's pairwise
-//    formula into mean and 1/sqrt(var + eps)) and `apply` (one thread per value).
+//    formula into mean and variance) and `apply` (one thread per value). The statistics
+//    buffer covers every slab of the tensor (indexed from `slab0`), so `apply` also serves
+//    statistics merged from several tensors (a feature map held in row bands).
 // Variance is biased (M2 / len) with eps inside the square root, as torch.
 //
 // Every read and write is guarded: offsets past `len`, slabs past `slabs`, threads past
@@ -195,12 +197,11 @@ fn finalize(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg:
         workgroupBarrier();
     }
     if (lid == 0u) {
-        let rstd = 1.0 / sqrt(red_c[0] / f32(p.len) + p.eps);
-        finalize_stats[slab] = vec2<f32>(red_b[0], rstd);
+        finalize_stats[p.slab0 + slab] = vec2<f32>(red_b[0], red_c[0] / f32(p.len));
     }
 }
 
-// ---- longer slabs: normalise, one thread per value -----------------------------------------
+// ---- longer slabs (or given statistics): normalise, one thread per value -----------------------------------------
 
 @group(0) @binding(2) var<storage, read> apply_gamma: array<f32>;
 @group(0) @binding(3) var<storage, read> apply_beta: array<f32>;
@@ -214,8 +215,9 @@ fn apply(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: ve
     if (i >= p.total) { return; }
     let slab = i / p.len;
     let j = i - slab * p.len;
-    let st = apply_stats[slab];
+    let st = apply_stats[p.slab0 + slab];
+    let rstd = 1.0 / sqrt(st.y + p.eps);
     let ch = channel(slab, j);
-    let y = (x[i] - st.x) * st.y * apply_gamma[ch] + apply_beta[ch];
+    let y = (x[i] - st.x) * rstd * apply_gamma[ch] + apply_beta[ch];
     apply_out[i] = activate(y);
 }

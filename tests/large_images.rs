@@ -59,3 +59,56 @@ fn a_decode_with_activations_over_one_storage_binding_matches_the_cpu() {
         1e-4,
     );
 }
+
+/// A decode whose up blocks would need buffers over the device's largest allocation (here
+/// a limit far below the adapter's, so the test stays small) runs in row bands and gives
+/// the image of a whole decode, on every device; one that cannot fit even one latent row
+/// per band is a clear error.
+#[test]
+fn a_decode_over_the_largest_buffer_runs_in_row_bands_with_the_same_image() {
+    let config = VaeConfig {
+        block_out_channels: vec![8, 16, 16],
+        up_block_types: vec!["UpDecoderBlock2D".into(); 3],
+        layers_per_block: 1,
+        norm_num_groups: 4,
+        ..VaeConfig::default()
+    };
+    let latents = TorchRng::new(5)
+        .randn_tensor(&[1, 4, 23, 17], &Device::Cpu)
+        .unwrap();
+    let reference = {
+        let vae =
+            VaeDecoder::new(&config, &Weights::random(9, &Device::Cpu), Path::new("vae")).unwrap();
+        vae.decode_within(&latents, None).unwrap()
+    };
+    let expected: Vec<f64> = reference
+        .to_vec()
+        .unwrap()
+        .into_iter()
+        .map(f64::from)
+        .collect();
+    // The largest map is 16 channels at 4x: 16 * 92 * 68 * 4 bytes = 400 KB. A limit of
+    // 150 KB (75 KB per band) takes 6 bands of 3 or 4 latent rows.
+    let limit = 150_000;
+    for (name, device) in common::devices() {
+        let vae = VaeDecoder::new(&config, &Weights::random(9, &device), Path::new("vae")).unwrap();
+        let got = vae
+            .decode_within(&latents.to_device(&device).unwrap(), Some(limit))
+            .unwrap();
+        assert_eq!(got.shape(), [1, 3, 92, 68]);
+        assert_close(
+            &format!("decode in row bands on {name}"),
+            &got.to_vec().unwrap(),
+            &expected,
+            1e-4,
+        );
+        let err = vae
+            .decode_within(&latents.to_device(&device).unwrap(), Some(20_000))
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("largest buffer") && err.contains("smaller image"),
+            "{err}"
+        );
+    }
+}

@@ -2,6 +2,7 @@
 //! Module and field names follow diffusers', so safetensors names map 1:1.
 
 pub mod attention;
+pub mod bands;
 pub mod clip;
 pub mod config;
 pub mod folder;

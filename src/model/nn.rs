@@ -55,6 +55,17 @@ impl Conv2d {
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
         x.conv2d(&self.weight, Some(&self.bias), self.stride, self.padding)
     }
+
+    /// Rows of zero padding above and below (and columns on each side).
+    pub fn padding(&self) -> usize {
+        self.padding
+    }
+
+    /// Whether the output has the input's height and width (stride 1, `padding` rows of
+    /// the input on each side reach every output row).
+    pub fn keeps_size(&self) -> bool {
+        self.stride == 1 && self.weight.dim(2) == 2 * self.padding + 1
+    }
 }
 
 /// torch's `nn.GroupNorm` (affine).
@@ -82,6 +93,23 @@ impl GroupNorm {
     /// `silu(group_norm(x))` in one pass.
     pub fn forward_silu(&self, x: &Tensor) -> Result<Tensor> {
         x.group_norm(self.groups, &self.weight, &self.bias, self.eps, true)
+    }
+
+    pub fn groups(&self) -> usize {
+        self.groups
+    }
+
+    /// The norm (and optionally SiLU) with statistics given as `[N, groups, 2]` means and
+    /// variances, gathered over more than `x` (see `model::bands`).
+    pub fn forward_with_moments(&self, x: &Tensor, moments: &Tensor, silu: bool) -> Result<Tensor> {
+        x.group_norm_with_moments(
+            self.groups,
+            moments,
+            &self.weight,
+            &self.bias,
+            self.eps,
+            silu,
+        )
     }
 }
 

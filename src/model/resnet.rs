@@ -1,6 +1,7 @@
 //! diffusers' `ResnetBlock2D`, `Downsample2D` and `Upsample2D`.
 
 use crate::error::Result;
+use crate::model::bands::FeatureMap;
 use crate::model::nn::{Conv2d, GroupNorm, Linear};
 use crate::model::weights::Weights;
 use crate::tensor::Tensor;
@@ -51,17 +52,17 @@ impl ResnetBlock2D {
 
     /// `temb_silu` is `silu(temb)`, `[B, temb_channels]`, computed once per UNet call
     /// (diffusers applies the SiLU inside every block; the result is the same).
-    pub fn forward(&self, x: &Tensor, temb_silu: Option<&Tensor>) -> Result<Tensor> {
+    pub fn forward<M: FeatureMap>(&self, x: &M, temb_silu: Option<&Tensor>) -> Result<M> {
         let _span = tracing::trace_span!("resnet").entered();
-        let mut h = self.conv1.forward(&self.norm1.forward_silu(x)?)?;
+        let mut h = x.group_norm(&self.norm1, true)?.conv(&self.conv1)?;
         if let (Some(proj), Some(temb)) = (&self.time_emb_proj, temb_silu) {
             let t = proj.forward(temb)?;
             let (b, c) = (t.dim(0), t.dim(1));
-            h = h.add(&t.reshape(&[b, c, 1, 1])?)?;
+            h = h.add_per_channel(&t.reshape(&[b, c, 1, 1])?)?;
         }
-        let h = self.conv2.forward(&self.norm2.forward_silu(&h)?)?;
+        let h = h.group_norm(&self.norm2, true)?.conv(&self.conv2)?;
         let shortcut = match &self.conv_shortcut {
-            Some(conv) => conv.forward(x)?,
+            Some(conv) => x.conv(conv)?,
             None => x.clone(),
         };
         let out = shortcut.add(&h)?;
@@ -114,7 +115,7 @@ impl Upsample2D {
     }
 
     /// Resizes to `size` (the skip connection's size in the UNet; 2x in the VAE).
-    pub fn forward(&self, x: &Tensor, size: (usize, usize)) -> Result<Tensor> {
-        self.conv.forward(&x.upsample_nearest(size.0, size.1)?)
+    pub fn forward<M: FeatureMap>(&self, x: &M, size: (usize, usize)) -> Result<M> {
+        x.upsample_nearest(size.0, size.1)?.conv(&self.conv)
     }
 }

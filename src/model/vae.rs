@@ -4,6 +4,7 @@ use std::path::Path;
 
 use crate::error::{Error, Result};
 use crate::model::attention::Attention;
+use crate::model::bands::{FeatureMap, RowBands};
 use crate::model::config::VaeConfig;
 use crate::model::nn::{Conv2d, GroupNorm};
 use crate::model::resnet::{ResnetBlock2D, ResnetConfig, Upsample2D};
@@ -160,6 +161,13 @@ impl VaeDecoder {
     /// `vae.decode(latents).sample`: latents (already divided by `scaling_factor`) to an
     /// image in [-1, 1] (roughly), `[B, out_channels, H * factor, W * factor]`.
     pub fn decode(&self, latents: &Tensor) -> Result<Tensor> {
+        self.decode_within(latents, latents.device().max_buffer_bytes())
+    }
+
+    /// [`VaeDecoder::decode`] keeping every activation under `max_buffer_bytes`: where the
+    /// up blocks' maps would be larger, they run in row bands (the same result; see
+    /// `model::bands`).
+    pub fn decode_within(&self, latents: &Tensor, max_buffer_bytes: Option<u64>) -> Result<Tensor> {
         let _span = tracing::debug_span!("vae_decode").entered();
         let mut h = match &self.post_quant_conv {
             Some(conv) => conv.forward(latents)?,
@@ -171,15 +179,61 @@ impl VaeDecoder {
             h = attn.forward(&h)?;
         }
         h = self.mid_resnets[1].forward(&h, None)?;
+        let bands = self.bands_needed(h.dims(), max_buffer_bytes)?;
+        if bands == 1 {
+            return self.up(h);
+        }
+        tracing::info!("decoding in {bands} row bands to stay within the device's buffer limit");
+        self.up(RowBands::split(&h, bands)?)?.join()
+    }
+
+    /// The up blocks and the output layers, on a whole map or on row bands.
+    fn up<M: FeatureMap>(&self, mut h: M) -> Result<M> {
         for block in &self.up_blocks {
             for resnet in &block.resnets {
                 h = resnet.forward(&h, None)?;
             }
             if let Some(up) = &block.upsampler {
-                let size = (2 * h.dim(2), 2 * h.dim(3));
-                h = up.forward(&h, size)?;
+                let [_, _, height, width] = h.dims();
+                h = up.forward(&h, (2 * height, 2 * width))?;
             }
         }
-        self.conv_out.forward(&self.conv_norm_out.forward_silu(&h)?)
+        h.group_norm(&self.conv_norm_out, true)?
+            .conv(&self.conv_out)
+    }
+
+    /// How many row bands the up blocks need so that no band's activation exceeds half of
+    /// `max_buffer_bytes` (the other half covers a band's halo rows and the copies a
+    /// convolution makes of them). `mid` is the mid block's output `[N, C, H, W]`.
+    fn bands_needed(&self, mid: [usize; 4], max_buffer_bytes: Option<u64>) -> Result<usize> {
+        let Some(limit) = max_buffer_bytes else {
+            return Ok(1);
+        };
+        let [n, mut channels, rows, width] = mid;
+        // The largest map, in bytes per row of the mid block's output.
+        let (mut scale, mut largest) = (1, channels);
+        for (i, block) in self.up_blocks.iter().enumerate() {
+            let out = self.config.block_out_channels[self.up_blocks.len() - 1 - i];
+            largest = largest.max(channels.max(out) * scale * scale);
+            channels = out;
+            if block.upsampler.is_some() {
+                scale *= 2;
+                largest = largest.max(channels * scale * scale);
+            }
+        }
+        let per_row = (n * largest * width * 4) as u64;
+        let budget = limit / 2;
+        let bands = (per_row * rows as u64).div_ceil(budget.max(1)) as usize;
+        if bands > rows || per_row > budget {
+            return Err(Error::InvalidArgument(format!(
+                "a {}x{} image needs {} MiB per latent row in the VAE decoder, over half of this \
+                 device's largest buffer ({} MiB); ask for a smaller image",
+                width * scale,
+                rows * scale,
+                per_row >> 20,
+                limit >> 20
+            )));
+        }
+        Ok(bands.max(1))
     }
 }

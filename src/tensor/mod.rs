@@ -37,6 +37,17 @@ impl std::fmt::Display for Device {
     }
 }
 
+impl Device {
+    /// The largest tensor the device can hold in one piece, in bytes (`None`: no limit
+    /// but memory).
+    pub fn max_buffer_bytes(&self) -> Option<u64> {
+        match self {
+            Device::Cpu => None,
+            Device::Gpu(g) => Some(g.max_buffer_bytes()),
+        }
+    }
+}
+
 /// Element type of a tensor's storage.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum DType {

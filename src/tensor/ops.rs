@@ -390,47 +390,84 @@ impl Tensor {
         eps: f32,
         silu: bool,
     ) -> Result<Tensor> {
+        let [n, c, spatial] = self.group_layout("group_norm", num_groups)?;
+        gamma.expect_shape("group_norm weight", &[c])?;
+        beta.expect_shape("group_norm bias", &[c])?;
+        let storage = match (self.storage(), gamma.storage(), beta.storage()) {
+            (Storage::Cpu(x), Storage::Cpu(g), Storage::Cpu(b)) => Storage::Cpu(
+                cpu::norm::group_norm(x, g, b, n, c, spatial, num_groups, eps, silu),
+            ),
+            (Storage::Gpu(x), Storage::Gpu(g), Storage::Gpu(b)) => Storage::Gpu(
+                gpu::norm::group_norm(x, g, b, n, c, spatial, num_groups, eps, silu)?,
+            ),
+            _ => return Err(mixed_devices("group_norm")),
+        };
+        Ok(Tensor::from_storage(storage, self.shape.clone()))
+    }
+
+    /// The statistics a group norm uses: mean and biased variance of each (sample, group),
+    /// `[N, num_groups, 2]`. With [`Tensor::group_norm_with_moments`] this normalises a
+    /// tensor held in pieces (see `model::bands`).
+    pub fn group_moments(&self, num_groups: usize) -> Result<Tensor> {
+        let [n, c, spatial] = self.group_layout("group_moments", num_groups)?;
+        let storage = match self.storage() {
+            Storage::Cpu(x) => Storage::Cpu(cpu::norm::group_moments(x, n, c, spatial, num_groups)),
+            Storage::Gpu(x) => {
+                Storage::Gpu(gpu::norm::group_moments(x, n, c, spatial, num_groups)?)
+            }
+        };
+        Ok(Tensor::from_storage(storage, vec![n, num_groups, 2]))
+    }
+
+    /// [`Tensor::group_norm`] with the given `[N, num_groups, 2]` means and variances.
+    pub fn group_norm_with_moments(
+        &self,
+        num_groups: usize,
+        moments: &Tensor,
+        gamma: &Tensor,
+        beta: &Tensor,
+        eps: f32,
+        silu: bool,
+    ) -> Result<Tensor> {
+        let op = "group_norm_with_moments";
+        let [n, c, spatial] = self.group_layout(op, num_groups)?;
+        moments.expect_shape("group_norm moments", &[n, num_groups, 2])?;
+        gamma.expect_shape("group_norm weight", &[c])?;
+        beta.expect_shape("group_norm bias", &[c])?;
+        let storage = match (
+            self.storage(),
+            moments.storage(),
+            gamma.storage(),
+            beta.storage(),
+        ) {
+            (Storage::Cpu(x), Storage::Cpu(m), Storage::Cpu(g), Storage::Cpu(b)) => {
+                Storage::Cpu(cpu::norm::group_norm_with_moments(
+                    x, m, g, b, n, c, spatial, num_groups, eps, silu,
+                ))
+            }
+            (Storage::Gpu(x), Storage::Gpu(m), Storage::Gpu(g), Storage::Gpu(b)) => {
+                Storage::Gpu(gpu::norm::group_norm_with_moments(
+                    x, m, g, b, n, c, spatial, num_groups, eps, silu,
+                )?)
+            }
+            _ => return Err(mixed_devices(op)),
+        };
+        Ok(Tensor::from_storage(storage, self.shape.clone()))
+    }
+
+    /// `[N, C, spatial]` of a tensor a group norm of `num_groups` groups can normalise.
+    fn group_layout(&self, op: &'static str, num_groups: usize) -> Result<[usize; 3]> {
         if self.rank() < 2 || num_groups == 0 || !self.shape[1].is_multiple_of(num_groups) {
             return Err(Error::shape(
-                "group_norm",
+                op,
                 format!("{:?} cannot be split into {num_groups} groups", self.shape),
             ));
         }
-        let c = self.shape[1];
-        gamma.expect_shape("group_norm weight", &[c])?;
-        beta.expect_shape("group_norm bias", &[c])?;
-        let spatial: usize = self.shape[2..].iter().product();
-        match (self.storage(), gamma.storage(), beta.storage()) {
-            (Storage::Cpu(x), Storage::Cpu(g), Storage::Cpu(b)) => Ok(Tensor::from_storage(
-                Storage::Cpu(cpu::norm::group_norm(
-                    x,
-                    g,
-                    b,
-                    self.shape[0],
-                    c,
-                    spatial,
-                    num_groups,
-                    eps,
-                    silu,
-                )),
-                self.shape.clone(),
-            )),
-            (Storage::Gpu(x), Storage::Gpu(g), Storage::Gpu(b)) => Ok(Tensor::from_storage(
-                Storage::Gpu(gpu::norm::group_norm(
-                    x,
-                    g,
-                    b,
-                    self.shape[0],
-                    c,
-                    spatial,
-                    num_groups,
-                    eps,
-                    silu,
-                )?),
-                self.shape.clone(),
-            )),
-            _ => Err(mixed_devices("group_norm")),
-        }
+        Ok([
+            self.shape[0],
+            self.shape[1],
+            self.shape[2..].iter().product(),
+        ])
     }
 
     /// Layer norm over the last dimension as torch's `nn.LayerNorm`.

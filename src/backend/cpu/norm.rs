@@ -28,18 +28,97 @@ pub fn group_norm(
     silu: bool,
 ) -> CpuStorage {
     let x = x.as_f32();
+    let stats: Vec<(f64, f64)> = x
+        .par_chunks((c / groups * spatial).max(1))
+        .map(mean_var)
+        .collect();
+    normalise(&x, &stats, gamma, beta, n, c, spatial, groups, eps, silu)
+}
+
+/// Mean and biased variance of each (sample, group) of `[n, c, spatial]`: `[n, groups, 2]`.
+pub fn group_moments(
+    x: &CpuStorage,
+    n: usize,
+    c: usize,
+    spatial: usize,
+    groups: usize,
+) -> CpuStorage {
+    let x = x.as_f32();
+    let per_slab = (c / groups * spatial).max(1);
+    let mut out = vec![0f32; n * groups * 2];
+    out.par_chunks_mut(2)
+        .zip(x.par_chunks(per_slab))
+        .for_each(|(dst, src)| {
+            let (mean, var) = mean_var(src);
+            dst.copy_from_slice(&[mean as f32, var as f32]);
+        });
+    CpuStorage::F32(out)
+}
+
+/// [`group_norm`] with given `[n, groups, 2]` means and variances (see [`group_moments`]).
+#[allow(clippy::too_many_arguments)]
+pub fn group_norm_with_moments(
+    x: &CpuStorage,
+    moments: &CpuStorage,
+    gamma: &CpuStorage,
+    beta: &CpuStorage,
+    n: usize,
+    c: usize,
+    spatial: usize,
+    groups: usize,
+    eps: f32,
+    silu: bool,
+) -> CpuStorage {
+    let stats: Vec<(f64, f64)> = moments
+        .as_f32()
+        .chunks_exact(2)
+        .map(|m| (m[0] as f64, m[1] as f64))
+        .collect();
+    normalise(
+        &x.as_f32(),
+        &stats,
+        gamma,
+        beta,
+        n,
+        c,
+        spatial,
+        groups,
+        eps,
+        silu,
+    )
+}
+
+/// Normalises each (sample, group) slab with its `(mean, variance)`, then scales and
+/// shifts per channel (and applies SiLU).
+#[allow(clippy::too_many_arguments)]
+fn normalise(
+    x: &[f32],
+    stats: &[(f64, f64)],
+    gamma: &CpuStorage,
+    beta: &CpuStorage,
+    n: usize,
+    c: usize,
+    spatial: usize,
+    groups: usize,
+    eps: f32,
+    silu: bool,
+) -> CpuStorage {
     let (gamma, beta) = (gamma.as_f32(), beta.as_f32());
     let per_group = c / groups;
     let mut out = vec![0f32; n * c * spatial];
     // A group's channels are consecutive, so each (batch, group) is one contiguous slab.
-    out.par_chunks_mut(per_group * spatial)
-        .zip(x.par_chunks(per_group * spatial))
+    out.par_chunks_mut((per_group * spatial).max(1))
+        .zip(x.par_chunks((per_group * spatial).max(1)))
+        .zip(stats.par_iter())
         .enumerate()
-        .for_each(|(slab, (dst, src))| {
-            let (mean, var) = mean_var(src);
+        .for_each(|(slab, ((dst, src), &(mean, var)))| {
             let inv = 1.0 / (var + eps as f64).sqrt();
             let first_channel = (slab % groups) * per_group;
-            for (i, (d, s)) in dst.chunks_mut(spatial).zip(src.chunks(spatial)).enumerate() {
+            for (i, (d, s)) in dst
+                .chunks_mut(spatial.max(1))
+                .zip(src.chunks(spatial.max(1)))
+                .enumerate()
+            {
                 let ch = first_channel + i;
                 let scale = gamma[ch] as f64 * inv;
                 let shift = beta[ch] as f64 - mean * scale;

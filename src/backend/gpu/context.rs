@@ -283,6 +283,11 @@ impl GpuDevice {
         is_software(&self.0.info)
     }
 
+    /// The largest buffer the device allocates, in bytes: no one tensor may be larger.
+    pub fn max_buffer_bytes(&self) -> u64 {
+        self.0.limits.max_buffer_size
+    }
+
     /// Whether f16 weights stay f16 on this device (see the type's documentation).
     pub fn keeps_f16(&self) -> bool {
         self.0.f16

@@ -73,20 +73,81 @@ pub fn group_norm(
     eps: f32,
     silu: bool,
 ) -> Result<GpuStorage> {
-    if groups == 0 || !c.is_multiple_of(groups) {
+    let layout = group_layout("group_norm", x, n, c, spatial, groups)?;
+    check_lengths("group_norm", x, gamma, beta, n * c * spatial, c)?;
+    let limit = norm_limit(&x.ctx);
+    normalise("group_norm", x, gamma, beta, &layout, eps, silu, &limit)
+}
+
+/// Mean and biased variance of each (sample, group) of `[n, c, spatial]`: `[n, groups, 2]`.
+pub fn group_moments(
+    x: &GpuStorage,
+    n: usize,
+    c: usize,
+    spatial: usize,
+    groups: usize,
+) -> Result<GpuStorage> {
+    let layout = group_layout("group_moments", x, n, c, spatial, groups)?;
+    moments("group_moments", x, &layout, &norm_limit(&x.ctx))
+}
+
+/// [`group_norm`] with given `[n, groups, 2]` means and variances (see [`group_moments`]).
+#[allow(clippy::too_many_arguments)]
+pub fn group_norm_with_moments(
+    x: &GpuStorage,
+    moments: &GpuStorage,
+    gamma: &GpuStorage,
+    beta: &GpuStorage,
+    n: usize,
+    c: usize,
+    spatial: usize,
+    groups: usize,
+    eps: f32,
+    silu: bool,
+) -> Result<GpuStorage> {
+    let op = "group_norm_with_moments";
+    let layout = group_layout(op, x, n, c, spatial, groups)?;
+    check_lengths(op, x, gamma, beta, n * c * spatial, c)?;
+    if moments.len() != n * groups * 2 {
         return Err(Error::Gpu(format!(
-            "group_norm: {c} channels cannot be split into {groups} groups"
+            "{op}: expected {} moments, got {}",
+            n * groups * 2,
+            moments.len()
         )));
     }
-    check_lengths("group_norm", x, gamma, beta, n * c * spatial, c)?;
-    let layout = Layout {
+    apply(
+        op,
+        x,
+        moments,
+        gamma,
+        beta,
+        &layout,
+        eps,
+        silu,
+        &norm_limit(&x.ctx),
+    )
+}
+
+fn group_layout(
+    op: &str,
+    x: &GpuStorage,
+    n: usize,
+    c: usize,
+    spatial: usize,
+    groups: usize,
+) -> Result<Layout> {
+    if groups == 0 || !c.is_multiple_of(groups) || x.len() != n * c * spatial {
+        return Err(Error::Gpu(format!(
+            "{op}: {} values are not [{n}, {c}, {spatial}] in {groups} groups",
+            x.len()
+        )));
+    }
+    Ok(Layout {
         slabs: n * groups,
         per_group: c / groups,
         spatial,
         groups,
-    };
-    let limit = norm_limit(&x.ctx);
-    normalise("group_norm", x, gamma, beta, &layout, eps, silu, &limit)
+    })
 }
 
 pub fn layer_norm(
@@ -150,6 +211,77 @@ fn gcd(a: usize, b: usize) -> usize {
     }
 }
 
+/// Consecutive batches of whole slabs, `(first slab, slabs)`, each binding at most
+/// `limit.max_elems` values of a tensor of `layout`'s `slabs * len` values.
+fn slab_batches(op: &str, layout: &Layout, limit: &BindLimit) -> Result<Vec<(usize, usize)>> {
+    let len = layout.per_group * layout.spatial;
+    if layout.slabs == 0 || len == 0 {
+        return Ok(Vec::new());
+    }
+    u32_of("elements", layout.slabs * len)?;
+    // Windows start on whole slabs at offsets the adapter accepts.
+    let step = limit.align_elems / gcd(len, limit.align_elems);
+    let per_batch = if layout.slabs * len <= limit.max_elems {
+        layout.slabs
+    } else {
+        limit.max_elems / len / step * step
+    };
+    if per_batch == 0 {
+        return Err(Error::Gpu(format!(
+            "{op}: {step} group(s) of {len} values ({} bytes, the least one aligned window holds) exceed the \
+             adapter's storage binding limit of {} bytes",
+            step * len * 4,
+            limit.max_bytes()
+        )));
+    }
+    Ok((0..layout.slabs)
+        .step_by(per_batch)
+        .map(|slab0| (slab0, per_batch.min(layout.slabs - slab0)))
+        .collect())
+}
+
+/// One batch of slabs: its params and how to bind `x` or the output (whole, or a window).
+struct Batch {
+    params: Params,
+    start: usize,
+    size: usize,
+    whole: bool,
+}
+
+impl Batch {
+    fn new(layout: &Layout, (slab0, slabs): (usize, usize), eps: f32, silu: bool) -> Result<Self> {
+        let len = layout.per_group * layout.spatial;
+        let chunks = len.div_ceil(CHUNK);
+        Ok(Batch {
+            params: Params {
+                slabs: u32_of("groups", slabs)?,
+                len: u32_of("group size", len)?,
+                spatial: u32_of("spatial size", layout.spatial)?,
+                per_group: u32_of("channels per group", layout.per_group)?,
+                groups: u32_of("groups", layout.groups)?,
+                chunks: u32_of("chunks", chunks)?,
+                slab0: u32_of("group index", slab0)?,
+                silu: silu as u32,
+                eps,
+                total: u32_of("elements", slabs * len)?,
+                _pad0: 0,
+                _pad1: 0,
+            },
+            start: slab0 * len,
+            size: slabs * len,
+            whole: slab0 == 0 && slabs == layout.slabs,
+        })
+    }
+
+    fn bind<'a>(&self, s: &'a GpuStorage) -> wgpu::BindingResource<'a> {
+        if self.whole {
+            s.binding()
+        } else {
+            s.window(self.start, self.size)
+        }
+    }
+}
+
 /// Normalises every slab, binding at most `limit.max_elems` values of `x` and of the output
 /// at once.
 #[allow(clippy::too_many_arguments)]
@@ -163,93 +295,83 @@ fn normalise(
     silu: bool,
     limit: &BindLimit,
 ) -> Result<GpuStorage> {
-    let (x, gamma, beta) = (&*x.as_f32()?, &*gamma.as_f32()?, &*beta.as_f32()?);
+    let x = &*x.as_f32()?;
+    if layout.per_group * layout.spatial > CHUNK {
+        let stats = moments(op, x, layout, limit)?;
+        return apply(op, x, &stats, gamma, beta, layout, eps, silu, limit);
+    }
+    let (gamma, beta) = (&*gamma.as_f32()?, &*beta.as_f32()?);
     let ctx = &x.ctx;
     let out = GpuStorage::output(ctx, x.len());
-    let len = layout.per_group * layout.spatial;
-    if x.is_empty() || len == 0 {
-        return Ok(out);
+    for batch in slab_batches(op, layout, limit)? {
+        let b = Batch::new(layout, batch, eps, silu)?;
+        ctx.dispatch(
+            FUSED,
+            bytemuck::bytes_of(&b.params),
+            &[b.bind(x), gamma.binding(), beta.binding(), b.bind(&out)],
+            ctx.groups_1d(batch.1, 1),
+        );
     }
-    u32_of("elements", x.len())?;
-    // Windows start on whole slabs at offsets the adapter accepts.
-    let step = limit.align_elems / gcd(len, limit.align_elems);
-    let per_batch = if x.len() <= limit.max_elems {
-        layout.slabs
-    } else {
-        limit.max_elems / len / step * step
-    };
-    if per_batch == 0 {
-        return Err(Error::Gpu(format!(
-            "{op}: {step} group(s) of {len} values ({} bytes, the least one aligned window holds) exceed the \
-             adapter's storage binding limit of {} bytes",
-            step * len * 4,
-            limit.max_bytes()
-        )));
+    Ok(out)
+}
+
+/// Mean and (biased) variance of every slab, `[slabs, 2]`.
+fn moments(op: &str, x: &GpuStorage, layout: &Layout, limit: &BindLimit) -> Result<GpuStorage> {
+    let x = &*x.as_f32()?;
+    let ctx = &x.ctx;
+    let stats = GpuStorage::output(ctx, layout.slabs * 2);
+    for batch in slab_batches(op, layout, limit)? {
+        let b = Batch::new(layout, batch, 0.0, false)?;
+        let params = bytemuck::bytes_of(&b.params);
+        let chunks = b.params.chunks as usize;
+        let partials = GpuStorage::output(ctx, batch.1 * chunks * 2);
+        ctx.dispatch(
+            PARTIALS,
+            params,
+            &[b.bind(x), partials.binding()],
+            ctx.groups_1d(batch.1 * chunks, 1),
+        );
+        ctx.dispatch(
+            FINALIZE,
+            params,
+            &[partials.binding(), stats.binding()],
+            ctx.groups_1d(batch.1, 1),
+        );
     }
-    let whole = per_batch >= layout.slabs;
-    let mut slab0 = 0;
-    while slab0 < layout.slabs {
-        let slabs = per_batch.min(layout.slabs - slab0);
-        let (start, size) = (slab0 * len, slabs * len);
-        let bind = |s| {
-            if whole {
-                GpuStorage::binding(s)
-            } else {
-                GpuStorage::window(s, start, size)
-            }
-        };
-        let chunks = len.div_ceil(CHUNK);
-        let p = Params {
-            slabs: u32_of("groups", slabs)?,
-            len: u32_of("group size", len)?,
-            spatial: u32_of("spatial size", layout.spatial)?,
-            per_group: u32_of("channels per group", layout.per_group)?,
-            groups: u32_of("groups", layout.groups)?,
-            chunks: u32_of("chunks", chunks)?,
-            slab0: u32_of("group index", slab0)?,
-            silu: silu as u32,
-            eps,
-            total: u32_of("elements", slabs * len)?,
-            _pad0: 0,
-            _pad1: 0,
-        };
-        let params = bytemuck::bytes_of(&p);
-        if chunks == 1 {
-            ctx.dispatch(
-                FUSED,
-                params,
-                &[bind(x), gamma.binding(), beta.binding(), bind(&out)],
-                ctx.groups_1d(slabs, 1),
-            );
-        } else {
-            let partials = GpuStorage::output(ctx, slabs * chunks * 2);
-            let stats = GpuStorage::output(ctx, slabs * 2);
-            ctx.dispatch(
-                PARTIALS,
-                params,
-                &[bind(x), partials.binding()],
-                ctx.groups_1d(slabs * chunks, 1),
-            );
-            ctx.dispatch(
-                FINALIZE,
-                params,
-                &[partials.binding(), stats.binding()],
-                ctx.groups_1d(slabs, 1),
-            );
-            ctx.dispatch(
-                APPLY,
-                params,
-                &[
-                    bind(x),
-                    gamma.binding(),
-                    beta.binding(),
-                    stats.binding(),
-                    bind(&out),
-                ],
-                ctx.groups_1d(slabs * len, WORKGROUP),
-            );
-        }
-        slab0 += slabs;
+    Ok(stats)
+}
+
+/// Normalises every slab with the given `[slabs, 2]` means and variances.
+#[allow(clippy::too_many_arguments)]
+fn apply(
+    op: &str,
+    x: &GpuStorage,
+    stats: &GpuStorage,
+    gamma: &GpuStorage,
+    beta: &GpuStorage,
+    layout: &Layout,
+    eps: f32,
+    silu: bool,
+    limit: &BindLimit,
+) -> Result<GpuStorage> {
+    let (x, stats) = (&*x.as_f32()?, &*stats.as_f32()?);
+    let (gamma, beta) = (&*gamma.as_f32()?, &*beta.as_f32()?);
+    let ctx = &x.ctx;
+    let out = GpuStorage::output(ctx, x.len());
+    for batch in slab_batches(op, layout, limit)? {
+        let b = Batch::new(layout, batch, eps, silu)?;
+        ctx.dispatch(
+            APPLY,
+            bytemuck::bytes_of(&b.params),
+            &[
+                b.bind(x),
+                gamma.binding(),
+                beta.binding(),
+                stats.binding(),
+                b.bind(&out),
+            ],
+            ctx.groups_1d(b.size, WORKGROUP),
+        );
     }
     Ok(out)
 }
@@ -331,6 +453,32 @@ mod tests {
         }
         // One group of over a million values: 256+ chunks merged by the finalize tree.
         check_group_norm("c8 g1 383x383", random(&[1, 8, 383, 383], 7), 1, false);
+    }
+
+    #[test]
+    fn moments_and_a_norm_with_given_moments_match_the_cpu() {
+        for (shape, groups) in [
+            ([2, 6, 7, 5], 3),
+            ([1, 64, 64, 64], 4),
+            ([2, 40, 33, 31], 2),
+        ] {
+            let x = random(&shape, 20).affine(0.5, 3.0).unwrap();
+            assert_ops_agree(
+                &format!("group_moments {shape:?}"),
+                std::slice::from_ref(&x),
+                |t| t[0].group_moments(groups),
+            );
+            // Moments of another tensor, so the kernel cannot be recomputing its own.
+            let other = random(&shape, 21).group_moments(groups).unwrap();
+            let [g, b] = affine(shape[1], 22);
+            for silu in [false, true] {
+                assert_ops_agree(
+                    &format!("group_norm_with_moments {shape:?} silu={silu}"),
+                    &[x.clone(), other.clone(), g.clone(), b.clone()],
+                    |t| t[0].group_norm_with_moments(groups, &t[1], &t[2], &t[3], 1e-5, silu),
+                );
+            }
+        }
     }
 
     #[test]

@@ -1,0 +1,301 @@
+//! Feature maps held in row bands, for images whose activations outgrow one device buffer.
+//!
+//! The VAE decoder's last levels hold `[N, 128..512, H, W]` maps at full image size: at
+//! 2048x2048 one of them is 2 to 4 GiB, over the largest buffer many adapters allocate. A
+//! [`RowBands`] keeps such a map as bands of rows, each an ordinary tensor, and computes
+//! exactly what the whole tensor would give: a convolution reads its halo rows from the
+//! neighbouring bands, and a group norm merges every band's mean and variance (Chan's
+//! formula) before normalising. The blocks are written once against [`FeatureMap`], which a
+//! whole [`Tensor`] implements too.
+
+use crate::error::{Error, Result};
+use crate::model::nn::{Conv2d, GroupNorm};
+use crate::tensor::Tensor;
+
+/// What a convolutional block needs of its `[N, C, H, W]` input.
+pub trait FeatureMap: Clone {
+    fn conv(&self, conv: &Conv2d) -> Result<Self>;
+    /// Group norm, followed by SiLU when `silu`.
+    fn group_norm(&self, norm: &GroupNorm, silu: bool) -> Result<Self>;
+    fn add(&self, other: &Self) -> Result<Self>;
+    /// Adds a `[N, C, 1, 1]` tensor (a per-channel bias) everywhere.
+    fn add_per_channel(&self, bias: &Tensor) -> Result<Self>;
+    fn scale(&self, factor: f32) -> Result<Self>;
+    /// Nearest-neighbour resize to `height x width`.
+    fn upsample_nearest(&self, height: usize, width: usize) -> Result<Self>;
+    /// `[N, C, H, W]`.
+    fn dims(&self) -> [usize; 4];
+}
+
+impl FeatureMap for Tensor {
+    fn conv(&self, conv: &Conv2d) -> Result<Self> {
+        conv.forward(self)
+    }
+
+    fn group_norm(&self, norm: &GroupNorm, silu: bool) -> Result<Self> {
+        if silu {
+            norm.forward_silu(self)
+        } else {
+            norm.forward(self)
+        }
+    }
+
+    fn add(&self, other: &Self) -> Result<Self> {
+        Tensor::add(self, other)
+    }
+
+    fn add_per_channel(&self, bias: &Tensor) -> Result<Self> {
+        Tensor::add(self, bias)
+    }
+
+    fn scale(&self, factor: f32) -> Result<Self> {
+        Tensor::scale(self, factor)
+    }
+
+    fn upsample_nearest(&self, height: usize, width: usize) -> Result<Self> {
+        Tensor::upsample_nearest(self, height, width)
+    }
+
+    fn dims(&self) -> [usize; 4] {
+        let s = self.shape();
+        [s[0], s[1], s[2], s[3]]
+    }
+}
+
+/// A `[N, C, H, W]` feature map as bands of consecutive rows (dimension 2).
+#[derive(Clone)]
+pub struct RowBands {
+    bands: Vec<Tensor>,
+}
+
+impl RowBands {
+    /// Splits `x` into `count` bands of nearly equal height (at most one per row).
+    pub fn split(x: &Tensor, count: usize) -> Result<Self> {
+        x.expect_rank("RowBands", 4)?;
+        let h = x.dim(2);
+        let count = count.clamp(1, h.max(1));
+        let mut bands = Vec::with_capacity(count);
+        let mut start = 0;
+        for i in 0..count {
+            let rows = h / count + usize::from(i < h % count);
+            bands.push(x.narrow(2, start, rows)?);
+            start += rows;
+        }
+        Ok(RowBands { bands })
+    }
+
+    /// The whole map: the bands concatenated.
+    pub fn join(&self) -> Result<Tensor> {
+        match self.bands.as_slice() {
+            [one] => Ok(one.clone()),
+            bands => Tensor::cat(&bands.iter().collect::<Vec<_>>(), 2),
+        }
+    }
+
+    pub fn bands(&self) -> &[Tensor] {
+        &self.bands
+    }
+
+    fn map(&self, f: impl Fn(&Tensor) -> Result<Tensor>) -> Result<Self> {
+        Ok(RowBands {
+            bands: self.bands.iter().map(f).collect::<Result<_>>()?,
+        })
+    }
+
+    /// The whole map's `[N, groups, 2]` means and variances, from each band's.
+    fn moments(&self, groups: usize) -> Result<Tensor> {
+        let rows: usize = self.bands.iter().map(|b| b.dim(2)).sum();
+        let parts = self
+            .bands
+            .iter()
+            .map(|b| {
+                let m = b.group_moments(groups)?;
+                let weight = b.dim(2) as f32 / rows as f32;
+                Ok((weight, m.narrow(2, 0, 1)?, m.narrow(2, 1, 1)?))
+            })
+            .collect::<Result<Vec<_>>>()?;
+        // mean = sum w_i mean_i;  var = sum w_i (var_i + (mean_i - mean)^2)
+        let mut mean = parts[0].1.scale(parts[0].0)?;
+        for (w, m, _) in &parts[1..] {
+            mean = Tensor::axpby(1.0, &mean, *w, m)?;
+        }
+        let mut var: Option<Tensor> = None;
+        for (w, m, v) in &parts {
+            let d = m.sub(&mean)?;
+            let term = v.add(&d.mul(&d)?)?;
+            var = Some(match var {
+                None => term.scale(*w)?,
+                Some(acc) => Tensor::axpby(1.0, &acc, *w, &term)?,
+            });
+        }
+        let var = var.expect("a RowBands has at least one band");
+        Tensor::cat(&[&mean, &var], 2)
+    }
+}
+
+impl FeatureMap for RowBands {
+    fn conv(&self, conv: &Conv2d) -> Result<Self> {
+        if !conv.keeps_size() {
+            return Err(Error::shape(
+                "RowBands::conv",
+                "only size-preserving convolutions run on row bands".to_string(),
+            ));
+        }
+        let halo = conv.padding();
+        let last = self.bands.len() - 1;
+        let mut out = Vec::with_capacity(self.bands.len());
+        for (i, band) in self.bands.iter().enumerate() {
+            // The band with `halo` rows of each neighbour; the convolution's own zero
+            // padding then stands only where the whole map ends.
+            let mut parts = Vec::with_capacity(3);
+            let above = if i > 0 {
+                halo_rows(&self.bands[i - 1], halo, true)?
+            } else {
+                None
+            };
+            let below = if i < last {
+                halo_rows(&self.bands[i + 1], halo, false)?
+            } else {
+                None
+            };
+            let top = above.as_ref().map_or(0, |t| t.dim(2));
+            parts.extend(above.iter());
+            parts.push(band);
+            parts.extend(below.iter());
+            let input = if parts.len() == 1 {
+                band.clone()
+            } else {
+                Tensor::cat(&parts, 2)?
+            };
+            out.push(conv.forward(&input)?.narrow(2, top, band.dim(2))?);
+        }
+        Ok(RowBands { bands: out })
+    }
+
+    fn group_norm(&self, norm: &GroupNorm, silu: bool) -> Result<Self> {
+        if self.bands.len() == 1 {
+            return self.map(|b| FeatureMap::group_norm(b, norm, silu));
+        }
+        let moments = self.moments(norm.groups())?;
+        self.map(|b| norm.forward_with_moments(b, &moments, silu))
+    }
+
+    fn add(&self, other: &Self) -> Result<Self> {
+        if self.bands.len() != other.bands.len() {
+            return Err(Error::shape(
+                "RowBands::add",
+                format!("{} bands and {} bands", self.bands.len(), other.bands.len()),
+            ));
+        }
+        Ok(RowBands {
+            bands: self
+                .bands
+                .iter()
+                .zip(&other.bands)
+                .map(|(a, b)| a.add(b))
+                .collect::<Result<_>>()?,
+        })
+    }
+
+    fn add_per_channel(&self, bias: &Tensor) -> Result<Self> {
+        self.map(|b| b.add(bias))
+    }
+
+    fn scale(&self, factor: f32) -> Result<Self> {
+        self.map(|b| b.scale(factor))
+    }
+
+    /// Each band scaled by the same whole factor, so rows never cross a band boundary.
+    fn upsample_nearest(&self, height: usize, width: usize) -> Result<Self> {
+        let [_, _, h, _] = self.dims();
+        if h == 0 || !height.is_multiple_of(h) {
+            return Err(Error::shape(
+                "RowBands::upsample_nearest",
+                format!("{h} rows cannot grow to {height} by a whole factor"),
+            ));
+        }
+        self.map(|b| b.upsample_nearest(b.dim(2) * (height / h), width))
+    }
+
+    fn dims(&self) -> [usize; 4] {
+        let [n, c, _, w] = self.bands[0].dims();
+        [n, c, self.bands.iter().map(|b| b.dim(2)).sum(), w]
+    }
+}
+
+/// The last (`from_end`) or first `halo` rows of a neighbouring band.
+fn halo_rows(band: &Tensor, halo: usize, from_end: bool) -> Result<Option<Tensor>> {
+    if halo == 0 {
+        return Ok(None);
+    }
+    let rows = band.dim(2);
+    if rows < halo {
+        return Err(Error::shape(
+            "RowBands::conv",
+            format!("a band of {rows} rows cannot lend a halo of {halo}"),
+        ));
+    }
+    let start = if from_end { rows - halo } else { 0 };
+    band.narrow(2, start, halo).map(Some)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::model::weights::Weights;
+    use crate::tensor::testing::random;
+    use crate::tensor::Device;
+
+    /// Every op on uneven bands (4, 3, 3, 3 rows) against the whole tensor, on the CPU and
+    /// on the test GPU.
+    #[test]
+    fn ops_on_row_bands_equal_the_whole_map() {
+        let mut devices = vec![Device::Cpu];
+        devices.extend(crate::backend::gpu::test_device().map(Device::Gpu));
+        for device in devices {
+            let w = Weights::random(5, &device);
+            let conv = Conv2d::new(&w.pp("conv"), 8, 6, 3, 1, 1).unwrap();
+            let norm = GroupNorm::new(&w.pp("norm"), 4, 8, 1e-6).unwrap();
+            let x = random(&[2, 8, 13, 5], 1)
+                .affine(0.7, 2.0)
+                .unwrap()
+                .to_device(&device)
+                .unwrap();
+            let bands = RowBands::split(&x, 4).unwrap();
+            assert_eq!(
+                bands.bands().iter().map(|b| b.dim(2)).collect::<Vec<_>>(),
+                [4, 3, 3, 3]
+            );
+            let check = |what: &str, banded: RowBands, whole: Tensor| {
+                let (got, want) = (
+                    banded.join().unwrap().to_vec().unwrap(),
+                    whole.to_vec().unwrap(),
+                );
+                crate::tensor::testing::assert_close(&format!("{what} on {device}"), &got, &want);
+            };
+            check(
+                "conv",
+                bands.conv(&conv).unwrap(),
+                conv.forward(&x).unwrap(),
+            );
+            for silu in [false, true] {
+                check(
+                    "group norm",
+                    FeatureMap::group_norm(&bands, &norm, silu).unwrap(),
+                    FeatureMap::group_norm(&x, &norm, silu).unwrap(),
+                );
+            }
+            check(
+                "upsample",
+                FeatureMap::upsample_nearest(&bands, 26, 10).unwrap(),
+                x.upsample_nearest(26, 10).unwrap(),
+            );
+            check(
+                "add",
+                FeatureMap::add(&bands, &bands).unwrap(),
+                x.add(&x).unwrap(),
+            );
+            assert_eq!(bands.dims(), [2, 8, 13, 5]);
+        }
+    }
+}
