@@ -198,6 +198,27 @@ fn kernels(gpu: &GpuDevice, device: &Device) -> sd_wgpu::Result<()> {
         let bytes = 3.0 * 4.0 * shape.iter().product::<usize>() as f64;
         bench(gpu, "add [2,320,64,64]", Work::Bytes(bytes), || a.add(&b))?;
     }
+    // ---- the fixed cost of one kernel launch ------------------------------------------
+    {
+        // Tiny adds, so the time is the host's recording plus the driver's per-pass cost:
+        // a guided SD 1.5 step records about 1400 passes.
+        let x = Tensor::from_vec(vec![1.0; 64], &[64], device)?;
+        let mut y = x.add(&x)?;
+        gpu.synchronize()?;
+        let launches = 4000;
+        let start = std::time::Instant::now();
+        for _ in 0..launches {
+            y = y.add(&x)?;
+        }
+        let recorded = start.elapsed();
+        gpu.synchronize()?;
+        println!(
+            "{:<52} {:>8.1} us each to record, {:.1} us with execution",
+            "launch overhead (tiny adds)",
+            recorded.as_secs_f64() * 1e6 / launches as f64,
+            start.elapsed().as_secs_f64() * 1e6 / launches as f64
+        );
+    }
     println!("peak host memory so far {}", peak());
     Ok(())
 }

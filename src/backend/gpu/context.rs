@@ -90,8 +90,50 @@ impl Kernel {
 struct Pending {
     encoder: Option<wgpu::CommandEncoder>,
     passes: usize,
+    /// The parameter blocks of the encoder's dispatches, in one buffer (see [`Arena`]).
+    params: Option<Arena>,
     /// The timestamp queries of the encoder's passes (only when profiling).
     timestamps: Option<Batch>,
+}
+
+/// The parameter blocks of one submit's dispatches, written into a buffer mapped at
+/// creation (one buffer per submit instead of one per dispatch), each at an offset the
+/// adapter accepts for a binding. Unmapped just before the submit.
+struct Arena {
+    buffer: wgpu::Buffer,
+    used: u64,
+}
+
+impl Arena {
+    fn new(device: &wgpu::Device, align: u64) -> Self {
+        // Room for a submit's worth of blocks of up to 256 bytes each.
+        let size = PASSES_PER_SUBMIT as u64 * align.max(256);
+        Arena {
+            buffer: device.create_buffer(&wgpu::BufferDescriptor {
+                label: Some("params"),
+                size,
+                usage: wgpu::BufferUsages::STORAGE,
+                mapped_at_creation: true,
+            }),
+            used: 0,
+        }
+    }
+
+    /// Writes `params` into the next `slot` bytes; returns their offset.
+    fn push(&mut self, params: &[u8], slot: u64) -> u64 {
+        let offset = self.used;
+        if !params.is_empty() {
+            // The arena is mapped until its submit, and each slot is mapped exactly once.
+            let end = offset + params.len() as u64;
+            self.buffer
+                .slice(offset..end)
+                .get_mapped_range_mut()
+                .expect("a fresh slot of the mapped arena")
+                .copy_from_slice(params);
+        }
+        self.used += slot;
+        offset
+    }
 }
 
 pub(crate) struct GpuContext {
@@ -103,7 +145,9 @@ pub(crate) struct GpuContext {
     /// `SD_GPU_F16` is not `0`): see [`GpuDevice`].
     pub f16: bool,
     pending: Mutex<Pending>,
-    pipelines: Mutex<HashMap<Kernel, wgpu::ComputePipeline>>,
+    /// Each kernel's pipeline and its bind group layout (fetched once: wgpu makes a new
+    /// handle on every `get_bind_group_layout`).
+    pipelines: Mutex<HashMap<Kernel, (wgpu::ComputePipeline, wgpu::BindGroupLayout)>>,
     /// Shader modules by file and variant (f16 weights or not).
     modules: Mutex<HashMap<(&'static str, bool), wgpu::ShaderModule>>,
     /// Free kernel-output buffers by size in bytes.
@@ -265,6 +309,7 @@ impl GpuDevice {
             pending: Mutex::new(Pending {
                 encoder: None,
                 passes: 0,
+                params: None,
                 timestamps: None,
             }),
             pipelines: Mutex::new(HashMap::new()),
@@ -349,6 +394,7 @@ impl GpuContext {
             Some(e) => {
                 let mut pending = lock(&self.pending);
                 pending.encoder = None;
+                pending.params = None;
                 pending.passes = 0;
                 // The dropped passes' timestamps were never written.
                 pending.timestamps = None;
@@ -369,6 +415,9 @@ impl GpuContext {
             let timestamps = pending.timestamps.take();
             if let (Some(profiler), Some(batch)) = (&self.profiler, &timestamps) {
                 profiler.resolve(&mut encoder, batch);
+            }
+            if let Some(arena) = pending.params.take() {
+                arena.buffer.unmap();
             }
             self.queue.submit([encoder.finish()]);
             if let (Some(profiler), Some(batch)) = (&self.profiler, timestamps) {
@@ -419,7 +468,7 @@ impl GpuContext {
         }
     }
 
-    fn pipeline(&self, kernel: Kernel) -> wgpu::ComputePipeline {
+    fn pipeline(&self, kernel: Kernel) -> (wgpu::ComputePipeline, wgpu::BindGroupLayout) {
         if let Some(p) = lock(&self.pipelines).get(&kernel) {
             return p.clone();
         }
@@ -455,8 +504,9 @@ impl GpuContext {
                 compilation_options: Default::default(),
                 cache: None,
             });
-        lock(&self.pipelines).insert(kernel, pipeline.clone());
-        pipeline
+        let entry = (pipeline.clone(), pipeline.get_bind_group_layout(0));
+        lock(&self.pipelines).insert(kernel, entry.clone());
+        entry
     }
 
     /// A kernel-output buffer of `bytes` bytes, from the pool when one is free.
@@ -516,11 +566,28 @@ impl GpuContext {
         buffers: &[wgpu::BindingResource<'_>],
         groups: [u32; 3],
     ) {
-        let pipeline = self.pipeline(kernel);
-        let params = self.upload(params);
+        let (pipeline, layout) = self.pipeline(kernel);
+        let mut guard = lock(&self.pending);
+        let align = u64::from(self.limits.min_storage_buffer_offset_alignment);
+        let slot = (params.len().max(4) as u64).next_multiple_of(align);
+        if guard
+            .params
+            .as_ref()
+            .is_some_and(|a| a.used + slot > a.buffer.size())
+        {
+            self.submit(&mut guard);
+        }
+        let arena = guard
+            .params
+            .get_or_insert_with(|| Arena::new(&self.device, align));
+        let offset = arena.push(params, slot);
         let mut entries = vec![wgpu::BindGroupEntry {
             binding: 0,
-            resource: params.as_entire_binding(),
+            resource: wgpu::BindingResource::Buffer(wgpu::BufferBinding {
+                buffer: &arena.buffer,
+                offset,
+                size: std::num::NonZeroU64::new((params.len().max(4) as u64).next_multiple_of(4)),
+            }),
         }];
         entries.extend(
             buffers
@@ -533,9 +600,10 @@ impl GpuContext {
         );
         let bind_group = self.device.create_bind_group(&wgpu::BindGroupDescriptor {
             label: None,
-            layout: &pipeline.get_bind_group_layout(0),
+            layout: &layout,
             entries: &entries,
         });
+        drop(guard);
         self.record_pass(Some(kernel.entry), |encoder, timestamp_writes| {
             let mut pass = encoder.begin_compute_pass(&wgpu::ComputePassDescriptor {
                 label: Some(kernel.entry),
