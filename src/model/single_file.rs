@@ -184,9 +184,7 @@ impl SingleFile {
         if file
             .file_shape("model.diffusion_model.input_blocks.10.0.skip_connection.bias")
             .is_some()
-            && !file
-                .file_shape(V2_KEY)
-                .is_some_and(|s| s.last() == Some(&1024))
+            && file.file_shape(V2_KEY).and_then(|s| s.last()) != Some(&1024)
         {
             return Err(layout_error(
                 path,
