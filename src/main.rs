@@ -32,9 +32,16 @@ struct Cli {
 struct ModelArgs {
     /// A diffusers model folder (model_index.json, unet/, vae/, text_encoder/, tokenizer/, scheduler/),
     /// a name under weights/, or a Hugging Face Hub id (org/name[@revision]) already in the local
-    /// Hugging Face cache (see weights/README.md).
+    /// Hugging Face cache (see weights/README.md); or a single-file checkpoint in the original
+    /// Stable Diffusion layout (SD 1.x / 2.x .safetensors, as for AUTOMATIC1111 or ComfyUI).
     #[arg(long, env = "SD_MODEL")]
     model: PathBuf,
+    /// For a single-file --model: the configs to use instead of the built-in preset the
+    /// checkpoint is recognised as. A preset name (sd1.5, sd2.1-base, sd2.1) or a folder in
+    /// diffusers layout (unet/, vae/, text_encoder/ config.json, scheduler/, and tokenizer/ if
+    /// any; weights not needed), like diffusers' from_single_file(..., config=DIR).
+    #[arg(long, env = "SD_MODEL_CONFIG")]
+    model_config: Option<PathBuf>,
     /// auto: a hardware GPU when there is one, else the CPU.
     #[arg(long, value_enum, default_value_t = BackendChoice::Auto, env = "SD_BACKEND")]
     backend: BackendChoice,
@@ -50,8 +57,8 @@ impl ModelArgs {
         Ok(device)
     }
 
-    /// The model folder `--model` points to: the folder itself, `weights/<name>/`, or a
-    /// snapshot in the Hugging Face cache.
+    /// The model `--model` points to: a folder or single file itself, `weights/<name>/`,
+    /// or a snapshot in the Hugging Face cache.
     fn model_dir(&self) -> Result<PathBuf> {
         let dir = resolve_model_path(&self.model)?;
         tracing::info!("model `{}`: {}", self.model.display(), dir.display());
@@ -180,6 +187,7 @@ fn run(cli: Cli) -> Result<()> {
                 port,
                 device: model.device()?,
                 model: model.model,
+                model_config: model.model_config,
                 queue_size,
                 limits: Limits {
                     max_prompt_chars,
@@ -213,7 +221,11 @@ fn run(cli: Cli) -> Result<()> {
             let device = model.device()?;
             let t0 = Instant::now();
             tracing::info!("loading {} on {device}", model_dir.display());
-            let sd = StableDiffusion::load(&model_dir, &device)?;
+            let sd = StableDiffusion::load_with_config(
+                &model_dir,
+                model.model_config.as_deref(),
+                &device,
+            )?;
             let load_time = t0.elapsed();
             let params = GenerateParams {
                 prompt,

@@ -61,6 +61,20 @@ impl ModelFolder {
         })
     }
 
+    /// A folder in diffusers layout that only needs the component configs (and possibly
+    /// `tokenizer/`), not `model_index.json` or weights: `--model-config`.
+    pub fn open_configs(root: &Path) -> Result<Self> {
+        if !root.is_dir() {
+            return Err(Error::InvalidArgument(format!(
+                "config folder {} does not exist or is not a directory",
+                root.display()
+            )));
+        }
+        Ok(ModelFolder {
+            root: root.to_path_buf(),
+        })
+    }
+
     pub fn root(&self) -> &Path {
         &self.root
     }

@@ -163,7 +163,8 @@ pub fn resolve_model_path(arg: &Path) -> Result<PathBuf> {
 /// [`resolve_model`] with the `weights/` folder and the cache folder given.
 pub fn resolve_model_in(arg: &str, weights: &Path, cache: Option<&Path>) -> Result<PathBuf> {
     let local = PathBuf::from(arg);
-    if local.is_dir() {
+    // A model folder, or a single-file checkpoint (which the loader checks).
+    if local.is_dir() || local.is_file() {
         return Ok(local);
     }
     let id = HubId::parse(arg);

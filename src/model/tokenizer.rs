@@ -15,6 +15,11 @@ use tokenizers::{AddedToken, SplitDelimiterBehavior, Tokenizer};
 
 use crate::error::{Error, Result};
 
+/// CLIP's BPE files, the same for every SD 1.x and 2.x model (`tokenizer/vocab.json` and
+/// `tokenizer/merges.txt` of the Hub repositories), for single-file checkpoints.
+const BUILTIN_VOCAB: &str = include_str!("presets/clip_tokenizer/vocab.json");
+const BUILTIN_MERGES: &str = include_str!("presets/clip_tokenizer/merges.txt");
+
 /// CLIP's pre-tokenisation pattern (from transformers' `CLIPTokenizer`).
 const CLIP_PATTERN: &str =
     r"<\|startoftext\|>|<\|endoftext\|>|'s|'t|'re|'ve|'m|'ll|'d|[\p{L}]+|[\p{N}]|[^\s\p{L}\p{N}]+";
@@ -114,20 +119,62 @@ impl ClipTokenizer {
     /// otherwise `vocab.json` + `merges.txt`, with the special tokens and length from
     /// `tokenizer_config.json` and `special_tokens_map.json`.
     pub fn from_dir(dir: &Path) -> Result<Self> {
-        let mut config = read_optional_config(&dir.join("tokenizer_config.json"))?;
+        let config = read_optional_config(&dir.join("tokenizer_config.json"))?;
         let map = read_optional_config(&dir.join("special_tokens_map.json"))?;
+        let json = dir.join("tokenizer.json");
+        let tokenizer = if json.exists() {
+            Tokenizer::from_file(&json).map_err(|e| tok_err(&json, e))?
+        } else {
+            Self::from_vocab_and_merges(dir)?
+        };
+        Self::finish(tokenizer, config, map, &dir.display().to_string())
+    }
+
+    /// The built-in copy of CLIP's BPE files (the same `vocab.json` and `merges.txt` in
+    /// every SD 1.x and 2.x repository) with a model's own `tokenizer_config.json` and
+    /// `special_tokens_map.json` (SD 2.x pads with `!`, SD 1.x with `<|endoftext|>`).
+    /// `origin` names them in errors.
+    pub fn builtin(tokenizer_config: &str, special_tokens_map: &str, origin: &str) -> Result<Self> {
+        let parse = |text: &str, file: &str| {
+            serde_json::from_str::<TokenizerConfig>(text)
+                .map_err(|e| Error::Tokenizer(format!("{origin}/{file}: {e}")))
+        };
+        let config = parse(tokenizer_config, "tokenizer_config.json")?;
+        let map = parse(special_tokens_map, "special_tokens_map.json")?;
+        let vocab: std::collections::HashMap<String, u32> = serde_json::from_str(BUILTIN_VOCAB)
+            .map_err(|e| Error::Tokenizer(format!("built-in vocab.json: {e}")))?;
+        let merges = BUILTIN_MERGES
+            .lines()
+            .filter(|l| !l.starts_with("#version") && !l.trim().is_empty())
+            .map(|l| {
+                l.split_once(' ')
+                    .map(|(a, b)| (a.to_string(), b.to_string()))
+                    .ok_or_else(|| Error::Tokenizer(format!("built-in merges.txt: bad line {l:?}")))
+            })
+            .collect::<Result<Vec<_>>>()?;
+        let bpe = BPE::builder().vocab_and_merges(
+            vocab
+                .into_iter()
+                .collect::<tokenizers::models::bpe::Vocab>(),
+            merges,
+        );
+        let tokenizer = Self::clip_pipeline(bpe, Path::new("built-in vocab.json"))?;
+        Self::finish(tokenizer, config, map, origin)
+    }
+
+    /// Special tokens, added tokens and length from the two config files, as transformers
+    /// sets them up; `origin` names the tokenizer in errors.
+    fn finish(
+        mut tokenizer: Tokenizer,
+        mut config: TokenizerConfig,
+        map: TokenizerConfig,
+        origin: &str,
+    ) -> Result<Self> {
         // special_tokens_map.json wins, as in transformers.
         config.bos_token = map.bos_token.or(config.bos_token);
         config.eos_token = map.eos_token.or(config.eos_token);
         config.unk_token = map.unk_token.or(config.unk_token);
         config.pad_token = map.pad_token.or(config.pad_token);
-
-        let json = dir.join("tokenizer.json");
-        let mut tokenizer = if json.exists() {
-            Tokenizer::from_file(&json).map_err(|e| tok_err(&json, e))?
-        } else {
-            Self::from_vocab_and_merges(dir)?
-        };
 
         let spec = |t: &Option<TokenSpec>, default: &str| {
             t.clone()
@@ -167,8 +214,7 @@ impl ClipTokenizer {
         let id = |t: &TokenSpec| {
             tokenizer.token_to_id(t.content()).ok_or_else(|| {
                 Error::Tokenizer(format!(
-                    "{}: special token {:?} is not in the vocabulary",
-                    dir.display(),
+                    "{origin}: special token {:?} is not in the vocabulary",
                     t.content()
                 ))
             })
@@ -203,13 +249,21 @@ impl ClipTokenizer {
                 .map(str::to_owned)
                 .ok_or_else(|| tok_err(p, "path is not UTF-8"))
         };
-        let bpe = BPE::from_file(&as_str(&vocab)?, &as_str(&merges)?)
+        let bpe = BPE::from_file(&as_str(&vocab)?, &as_str(&merges)?);
+        Self::clip_pipeline(bpe, &vocab)
+    }
+
+    /// CLIP's normaliser, pre-tokeniser and BPE options around `bpe`'s vocabulary;
+    /// `vocab` names it in errors.
+    fn clip_pipeline(bpe: tokenizers::models::bpe::BpeBuilder, vocab: &Path) -> Result<Tokenizer> {
+        let dir = vocab;
+        let bpe = bpe
             .continuing_subword_prefix(String::new())
             .end_of_word_suffix("</w>".into())
             .fuse_unk(false)
             .unk_token("<|endoftext|>".into())
             .build()
-            .map_err(|e| tok_err(&vocab, e))?;
+            .map_err(|e| tok_err(vocab, e))?;
         let mut tokenizer = Tokenizer::new(bpe);
         let whitespace = Replace::new(
             tokenizers::normalizers::replace::ReplacePattern::Regex(r"\s+".into()),

@@ -28,7 +28,13 @@ struct WeightFile {
 
 /// Where tensors come from.
 enum Source {
-    File(WeightFile),
+    File(Arc<WeightFile>),
+    /// A file in another layout (a single-file checkpoint): each requested name is looked up
+    /// through the map and read with its transform, one tensor at a time.
+    Mapped {
+        file: Arc<WeightFile>,
+        map: Arc<dyn TensorMap>,
+    },
     /// Deterministic random values of any requested shape: full-size architectures for
     /// benchmarks without multi-gigabyte files.
     Random {
@@ -69,13 +75,13 @@ impl Weights {
             .map(|(name, info)| (name, info.clone()))
             .collect();
         Ok(Weights {
-            source: Arc::new(Source::File(WeightFile {
+            source: Arc::new(Source::File(Arc::new(WeightFile {
                 path: path.to_path_buf(),
                 mmap,
                 data_start: 8 + header_len,
                 tensors,
                 device: device.clone(),
-            })),
+            }))),
             prefix: String::new(),
         })
     }
@@ -100,10 +106,61 @@ impl Weights {
         }
     }
 
+    /// The same file seen through `map`: `get(name)` reads the tensor `map` says holds
+    /// `name`. Only for a view of a whole file (no prefix) opened with [`Weights::open`].
+    pub fn mapped(&self, map: Arc<dyn TensorMap>) -> Result<Weights> {
+        match self.source.as_ref() {
+            Source::File(file) if self.prefix.is_empty() => Ok(Weights {
+                source: Arc::new(Source::Mapped {
+                    file: file.clone(),
+                    map,
+                }),
+                prefix: String::new(),
+            }),
+            _ => Err(Error::Other(
+                "Weights::mapped needs a whole weight file".into(),
+            )),
+        }
+    }
+
+    /// The file behind these weights (`None` for random weights).
+    pub fn path(&self) -> Option<&Path> {
+        match self.source.as_ref() {
+            Source::File(f) | Source::Mapped { file: f, .. } => Some(&f.path),
+            Source::Random { .. } => None,
+        }
+    }
+
+    /// Every tensor name in the file, as stored (unmapped), sorted.
+    pub fn file_names(&self) -> Vec<&str> {
+        let mut names: Vec<&str> = match self.source.as_ref() {
+            Source::File(f) | Source::Mapped { file: f, .. } => {
+                f.tensors.keys().map(String::as_str).collect()
+            }
+            Source::Random { .. } => Vec::new(),
+        };
+        names.sort_unstable();
+        names
+    }
+
+    /// The shape of the stored tensor `name` (unmapped, no prefix), if there is one.
+    pub fn file_shape(&self, name: &str) -> Option<&[usize]> {
+        match self.source.as_ref() {
+            Source::File(f) | Source::Mapped { file: f, .. } => {
+                f.tensors.get(name).map(|i| i.shape.as_slice())
+            }
+            Source::Random { .. } => None,
+        }
+    }
+
     /// Whether the tensor `name` exists under this prefix (always true for random weights).
     pub fn contains(&self, name: &str) -> bool {
+        let full = format!("{}{name}", self.prefix);
         match self.source.as_ref() {
-            Source::File(f) => f.tensors.contains_key(&format!("{}{name}", self.prefix)),
+            Source::File(f) => f.tensors.contains_key(&full),
+            Source::Mapped { file, map } => map
+                .locate(&full, &|n| file.tensors.contains_key(n))
+                .is_some_and(|at| file.tensors.contains_key(&at.name)),
             Source::Random { .. } => true,
         }
     }
@@ -113,7 +170,47 @@ impl Weights {
         let full = format!("{}{name}", self.prefix);
         match self.source.as_ref() {
             Source::File(f) => f.get(full, shape),
+            Source::Mapped { file, map } => file.get_mapped(map.as_ref(), &full, shape),
             Source::Random { device, seed } => random_tensor(&full, *seed, shape, device),
+        }
+    }
+}
+
+/// How a model's tensor names (diffusers') are found in a file of another layout.
+pub trait TensorMap: Send + Sync {
+    /// The stored tensor holding `name`, and which part of it; `None` when this layout has
+    /// no such tensor. `exists` says whether the file holds a stored name (for names whose
+    /// place depends on the file, like an upsampler after an optional attention).
+    fn locate(&self, name: &str, exists: &dyn Fn(&str) -> bool) -> Option<Located>;
+
+    /// What the layout is called in errors ("the original Stable Diffusion layout").
+    fn layout(&self) -> &str;
+}
+
+/// Where a model tensor is in a file: a stored tensor, or a part of one.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Located {
+    pub name: String,
+    pub part: Part,
+}
+
+#[derive(Clone, Debug, PartialEq)]
+pub enum Part {
+    /// The stored tensor as it is.
+    Whole,
+    /// The stored tensor without its trailing size-1 dimensions after the first two
+    /// (a 1x1 convolution kernel `[out, in, 1, 1]` read as a linear weight `[out, in]`).
+    DropTrailingOnes,
+    /// Rows `start..start + len` of the first dimension (to the end when `len` is `None`):
+    /// one of q, k, v in a fused `in_proj` weight.
+    Rows { start: usize, len: Option<usize> },
+}
+
+impl Located {
+    pub fn whole(name: impl Into<String>) -> Self {
+        Located {
+            name: name.into(),
+            part: Part::Whole,
         }
     }
 }
@@ -168,7 +265,77 @@ impl WeightFile {
         let (start, end) = info.data_offsets;
         // In bounds: `deserialize` checked every offset against the file length.
         let bytes = &f.mmap[f.data_start + start..f.data_start + end];
-        match info.dtype {
+        f.decode(bytes, info.dtype, shape, &full)
+    }
+
+    /// The model tensor `name` through `map`: the stored tensor, or the part of it, checked
+    /// against `shape` and copied out in the file's precision. Errors name the file, the
+    /// stored tensor and the model's name for it.
+    fn get_mapped(&self, map: &dyn TensorMap, name: &str, shape: &[usize]) -> Result<Tensor> {
+        let f = self;
+        let at = map
+            .locate(name, &|n| f.tensors.contains_key(n))
+            .ok_or_else(|| {
+                weights_error(
+                    &f.path,
+                    format!(
+                        "the model asks for `{name}`, which has no counterpart in {}",
+                        map.layout()
+                    ),
+                )
+            })?;
+        let stored = &at.name;
+        let info = f.tensors.get(stored).ok_or_else(|| {
+            weights_error(
+                &f.path,
+                format!("tensor `{stored}` is missing (it holds diffusers' `{name}`)"),
+            )
+        })?;
+        let elem = info.dtype.bitsize() / 8;
+        let (start, end) = info.data_offsets;
+        let mut bytes = &f.mmap[f.data_start + start..f.data_start + end];
+        let mut view = info.shape.clone();
+        let mut what = format!("`{stored}`");
+        match at.part {
+            Part::Whole => {}
+            Part::DropTrailingOnes => {
+                if view.len() > 2 && view[2..].iter().all(|&d| d == 1) {
+                    view.truncate(2);
+                }
+            }
+            Part::Rows { start, len } => {
+                let rows = view.first().copied().unwrap_or(0);
+                let end = len.map_or(rows, |l| start + l);
+                if view.is_empty() || end > rows || start > end {
+                    return Err(weights_error(
+                        &f.path,
+                        format!(
+                            "tensor `{stored}` has shape {:?}: no rows {start}..{end} to hold diffusers' `{name}`",
+                            info.shape
+                        ),
+                    ));
+                }
+                let row_bytes = elem * view[1..].iter().product::<usize>();
+                bytes = &bytes[start * row_bytes..end * row_bytes];
+                view[0] = end - start;
+                what = format!("rows {start}..{end} of `{stored}` {:?}", info.shape);
+            }
+        }
+        if view != shape {
+            return Err(weights_error(
+                &f.path,
+                format!(
+                    "tensor {what} (diffusers' `{name}`) has shape {view:?}, expected {shape:?}"
+                ),
+            ));
+        }
+        f.decode(bytes, info.dtype, shape, stored)
+    }
+
+    /// A tensor's bytes as a tensor of `shape`, in its stored precision.
+    fn decode(&self, bytes: &[u8], dtype: Dtype, shape: &[usize], name: &str) -> Result<Tensor> {
+        let f = self;
+        match dtype {
             Dtype::F32 => Tensor::from_vec(
                 bytes
                     .chunks_exact(4)
@@ -195,7 +362,7 @@ impl WeightFile {
             ),
             other => Err(weights_error(
                 &f.path,
-                format!("tensor `{full}` has dtype {other:?}; expected F32, F16 or BF16"),
+                format!("tensor `{name}` has dtype {other:?}; expected F32, F16 or BF16"),
             )),
         }
     }

@@ -7,12 +7,10 @@ use std::time::{Duration, Instant};
 
 use crate::error::{Error, Result};
 use crate::model::clip::ClipTextModel;
-use crate::model::config::{read_json, ClipTextConfig, UNetConfig, VaeConfig};
-use crate::model::folder::{Component, ModelFolder};
+use crate::model::source::{ModelInfo, ModelSource};
 use crate::model::tokenizer::ClipTokenizer;
 use crate::model::unet::UNet2DConditionModel;
 use crate::model::vae::VaeDecoder;
-use crate::model::weights::Weights;
 use crate::pipeline::noise::TorchRng;
 use crate::pipeline::scheduler;
 use crate::tensor::{Device, Tensor};
@@ -67,8 +65,9 @@ pub struct Generated {
     pub timings: StageTimings,
 }
 
-/// A loaded model folder, ready to generate.
+/// A loaded model, ready to generate.
 pub struct StableDiffusion {
+    info: ModelInfo,
     /// The folder's `scheduler_config.json`; each request builds its scheduler from it.
     scheduler_config: serde_json::Map<String, serde_json::Value>,
     device: Device,
@@ -78,45 +77,35 @@ pub struct StableDiffusion {
     vae: VaeDecoder,
 }
 
-fn load_weights(folder: &ModelFolder, c: Component, device: &Device) -> Result<Weights> {
-    let path = folder.weights(c)?;
-    tracing::info!("loading {} from {}", c.dir_name(), path.display());
-    Weights::open(&path, device)
-}
-
 impl StableDiffusion {
-    /// Loads every component of a diffusers model folder onto `device`.
-    pub fn load(dir: &Path, device: &Device) -> Result<Self> {
-        let folder = ModelFolder::open(dir)?;
-        // Built per request; checked now so that a bad folder fails at load time.
-        let scheduler_path = folder.config(Component::Scheduler)?;
-        scheduler::load(&scheduler_path, None, &serde_json::Map::new(), 1)?;
-        let scheduler_config = scheduler::read_config(&scheduler_path)?;
-        let tokenizer = ClipTokenizer::from_dir(&folder.dir(Component::Tokenizer)?)?;
+    /// Loads a diffusers model folder, or a single-file checkpoint with its built-in preset
+    /// configs, onto `device`.
+    pub fn load(path: &Path, device: &Device) -> Result<Self> {
+        Self::load_with_config(path, None, device)
+    }
 
-        let path = folder.config(Component::TextEncoder)?;
-        let config: ClipTextConfig = read_json(&path)?;
-        let text_encoder = ClipTextModel::new(
-            &config,
-            &load_weights(&folder, Component::TextEncoder, device)?,
-            &path,
-        )?;
+    /// [`StableDiffusion::load`] with `--model-config`: for a single-file checkpoint, a
+    /// preset name or a diffusers-layout folder whose configs (and tokenizer) are used.
+    pub fn load_with_config(path: &Path, config: Option<&Path>, device: &Device) -> Result<Self> {
+        Self::from_source(&ModelSource::open(path, config, device)?, device)
+    }
 
-        let path = folder.config(Component::Unet)?;
-        let config: UNetConfig = read_json(&path)?;
-        let unet = UNet2DConditionModel::new(
-            &config,
-            &load_weights(&folder, Component::Unet, device)?,
-            &path,
-        )?;
+    /// Builds every component from `source`'s configs and weights.
+    pub fn from_source(source: &ModelSource, device: &Device) -> Result<Self> {
+        // Built per request; checked now so that a bad config fails at load time.
+        let scheduler_config = source.scheduler_config()?;
+        let tokenizer = source.tokenizer()?;
 
-        let path = folder.config(Component::Vae)?;
-        let config: VaeConfig = read_json(&path)?;
-        let vae = VaeDecoder::new(
-            &config,
-            &load_weights(&folder, Component::Vae, device)?,
-            &path,
-        )?;
+        let p = source.text_encoder()?;
+        let text_encoder = ClipTextModel::new(&p.config, &p.weights, &p.config_path)?;
+
+        let p = source.unet()?;
+        let unet_config_path = p.config_path.clone();
+        let unet = UNet2DConditionModel::new(&p.config, &p.weights, &p.config_path)?;
+
+        let p = source.vae()?;
+        let path = p.config_path.clone();
+        let vae = VaeDecoder::new(&p.config, &p.weights, &p.config_path)?;
         let width = text_encoder.config().hidden_size;
         if let Some(&dim) = match &unet.config().cross_attention_dim {
             crate::model::config::PerLevel::One(d) => Some(d),
@@ -125,7 +114,7 @@ impl StableDiffusion {
         .filter(|&&d| d != width)
         {
             return Err(Error::config(
-                folder.config(Component::Unet)?,
+                unet_config_path,
                 format!("the UNet attends to {dim}-wide text embeddings but the text encoder makes {width}-wide ones"),
             ));
         }
@@ -140,6 +129,7 @@ impl StableDiffusion {
             ));
         }
         Ok(StableDiffusion {
+            info: source.info().clone(),
             scheduler_config,
             device: device.clone(),
             tokenizer,
@@ -147,6 +137,11 @@ impl StableDiffusion {
             unet,
             vae,
         })
+    }
+
+    /// What was loaded: a folder or a single file, and where configs and tokenizer came from.
+    pub fn info(&self) -> &ModelInfo {
+        &self.info
     }
 
     pub fn tokenizer(&self) -> &ClipTokenizer {

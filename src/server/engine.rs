@@ -13,6 +13,7 @@ use std::time::Instant;
 use tokio::sync::oneshot;
 
 use crate::error::{Error, Result};
+use crate::model::source::ModelInfo;
 use crate::pipeline::{GenerateParams, Generated, StableDiffusion};
 use crate::tensor::Device;
 
@@ -57,6 +58,9 @@ pub struct Engine {
     busy: AtomicBool,
     shutdown: AtomicBool,
     pub model: PathBuf,
+    pub model_config: Option<PathBuf>,
+    /// What was loaded (folder or single file, configs, tokenizer), once loaded.
+    info: RwLock<Option<ModelInfo>>,
     pub device: Device,
     pub queue_capacity: usize,
 }
@@ -64,7 +68,12 @@ pub struct Engine {
 impl Engine {
     /// Starts the engine thread, which loads `model` and then serves jobs; up to
     /// `queue_capacity` jobs may wait while one runs.
-    pub fn start(model: PathBuf, device: Device, queue_capacity: usize) -> Arc<Engine> {
+    pub fn start(
+        model: PathBuf,
+        model_config: Option<PathBuf>,
+        device: Device,
+        queue_capacity: usize,
+    ) -> Arc<Engine> {
         let (queue, jobs) = sync_channel(queue_capacity);
         let engine = Arc::new(Engine {
             state: RwLock::new(ModelState::Loading),
@@ -73,6 +82,8 @@ impl Engine {
             busy: AtomicBool::new(false),
             shutdown: AtomicBool::new(false),
             model,
+            model_config,
+            info: RwLock::new(None),
             device,
             queue_capacity,
         });
@@ -89,6 +100,11 @@ impl Engine {
             .read()
             .map(|s| s.clone())
             .unwrap_or(ModelState::Failed("engine state poisoned".into()))
+    }
+
+    /// What was loaded, once the model is ready.
+    pub fn info(&self) -> Option<ModelInfo> {
+        self.info.read().ok().and_then(|i| i.clone())
     }
 
     fn set_state(&self, state: ModelState) {
@@ -148,7 +164,7 @@ impl Engine {
         tracing::info!("loading model {} on {}", self.model.display(), self.device);
         let loaded = crate::model::hub::resolve_model_path(&self.model).and_then(|dir| {
             tracing::info!("model `{}`: {}", self.model.display(), dir.display());
-            StableDiffusion::load(&dir, &self.device)
+            StableDiffusion::load_with_config(&dir, self.model_config.as_deref(), &self.device)
         });
         let sd = match loaded {
             Ok(sd) => sd,
@@ -160,6 +176,9 @@ impl Engine {
             }
         };
         tracing::info!("model loaded in {:.1}s", started.elapsed().as_secs_f64());
+        if let Ok(mut info) = self.info.write() {
+            *info = Some(sd.info().clone());
+        }
         self.set_state(ModelState::Ready);
         for job in jobs {
             self.queued.fetch_sub(1, Ordering::Relaxed);

@@ -25,6 +25,8 @@ pub struct ServerConfig {
     /// 0 picks a free port (the log says which).
     pub port: u16,
     pub model: PathBuf,
+    /// `--model-config`: configs for a single-file checkpoint.
+    pub model_config: Option<PathBuf>,
     pub device: Device,
     /// Requests that may wait while one runs.
     pub queue_size: usize,
@@ -61,6 +63,7 @@ pub async fn serve(config: ServerConfig) -> Result<()> {
 
     let engine = engine::Engine::start(
         config.model.clone(),
+        config.model_config.clone(),
         config.device.clone(),
         config.queue_size,
     );

@@ -83,6 +83,10 @@ async fn health(State(app): State<Arc<AppState>>) -> Json<Value> {
     if let ModelState::Failed(reason) = state {
         body["model_error"] = Value::String(reason);
     }
+    // Folder or single file, and where its configs and tokenizer came from.
+    if let Some(info) = engine.info() {
+        body["model_info"] = serde_json::to_value(info).unwrap_or(Value::Null);
+    }
     Json(body)
 }
 

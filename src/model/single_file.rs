@@ -1,0 +1,725 @@
+//! Single-file checkpoints in the original Stable Diffusion layout (CompVis / Stability:
+//! `model.diffusion_model.*`, `first_stage_model.*`, `cond_stage_model.*`), the files
+//! AUTOMATIC1111 and ComfyUI load (v1-5-pruned-emaonly.safetensors,
+//! v2-1_512-ema-pruned.safetensors, sd_turbo.safetensors).
+//!
+//! Nothing is converted: each component gets a [`Weights`] over the one memory-mapped file
+//! whose `get(diffusers_name)` finds the original tensor by the inverse of diffusers' own
+//! mapping (`diffusers.loaders.single_file_utils`: `convert_ldm_unet_checkpoint`,
+//! `convert_ldm_vae_checkpoint`, `convert_ldm_clip_checkpoint`,
+//! `convert_open_clip_checkpoint`) and reads it as it is, as a row block of a fused q/k/v
+//! weight, or without a 1x1 convolution's trailing dimensions. Tensors keep their stored
+//! precision and are copied out one at a time.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use crate::error::{Error, Result};
+use crate::model::config::{ClipTextConfig, PerLevel, UNetConfig, VaeConfig};
+use crate::model::presets::{self, Preset};
+use crate::model::weights::{Located, Part, TensorMap, Weights};
+use crate::tensor::Device;
+
+const UNET: &str = "model.diffusion_model.";
+const CLIP: &str = "cond_stage_model.transformer.";
+const OPEN_CLIP: &str = "cond_stage_model.model.";
+/// diffusers' `LDM_VAE_KEYS`: the last one any tensor starts with is the VAE's prefix.
+const VAE_PREFIXES: [&str; 2] = ["first_stage_model.", "vae."];
+/// diffusers' `CHECKPOINT_KEY_NAMES["v2"]`: 1024 wide in SD 2.x (OpenCLIP-H context).
+const V2_KEY: &str =
+    "model.diffusion_model.input_blocks.2.1.transformer_blocks.0.attn2.to_k.weight";
+const IN_CONV_KEY: &str = "model.diffusion_model.input_blocks.0.0.weight";
+const LAYOUT: &str = "the original Stable Diffusion layout";
+
+/// Extensions of PyTorch pickle files, refused before they are opened.
+const PICKLE_EXTENSIONS: [&str; 4] = ["ckpt", "pt", "pth", "bin"];
+
+/// SD 1.x or SD 2.x, as told by the text encoder in the file.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Family {
+    /// OpenAI CLIP ViT-L/14 text encoder (`cond_stage_model.transformer.*`), 768 wide.
+    Sd1,
+    /// OpenCLIP ViT-H/14 text tower (`cond_stage_model.model.*`), 1024 wide.
+    Sd2,
+}
+
+impl Family {
+    pub fn name(self) -> &'static str {
+        match self {
+            Family::Sd1 => "SD 1.x",
+            Family::Sd2 => "SD 2.x",
+        }
+    }
+
+    /// The preset diffusers' `from_single_file` picks for this family
+    /// (`DIFFUSERS_DEFAULT_PIPELINE_PATHS`): SD 1.5, and for every SD 2.x checkpoint
+    /// SD 2.1 (768, v_prediction), since the tensors do not tell 2.1-base from 2.1.
+    pub fn default_preset(self) -> &'static Preset {
+        match self {
+            Family::Sd1 => &presets::SD15,
+            Family::Sd2 => &presets::SD21,
+        }
+    }
+}
+
+/// The refusal for a pickle checkpoint, with how to convert it.
+pub fn pickle_refusal(path: &Path) -> Error {
+    let p = path.display();
+    let out = path.with_extension("safetensors");
+    let out = out.display();
+    Error::InvalidArgument(format!(
+        "{p}: PyTorch pickle checkpoints (.ckpt, .pt, .pth, .bin) are not loaded: unpickling can run \
+         arbitrary code from the file. Convert it to safetensors once, in Python: \
+         python -c \"import torch, safetensors.torch as st; sd = torch.load('{p}', map_location='cpu', weights_only=True); \
+         sd = sd.get('state_dict', sd); st.save_file({{k: v.contiguous() for k, v in sd.items() if isinstance(v, torch.Tensor)}}, '{out}')\" \
+         (or with diffusers: StableDiffusionPipeline.from_single_file(path).save_pretrained(dir, safe_serialization=True)), \
+         and pass the .safetensors file"
+    ))
+}
+
+/// Whether `path` names a PyTorch pickle by its extension.
+pub fn is_pickle_path(path: &Path) -> bool {
+    path.extension()
+        .and_then(|e| e.to_str())
+        .is_some_and(|e| PICKLE_EXTENSIONS.contains(&e.to_ascii_lowercase().as_str()))
+}
+
+/// A single-file checkpoint, opened and recognised.
+pub struct SingleFile {
+    path: PathBuf,
+    file: Weights,
+    family: Family,
+    vae_prefix: &'static str,
+}
+
+fn layout_error(path: &Path, message: impl Into<String>) -> Error {
+    Error::Weights {
+        path: path.to_path_buf(),
+        message: message.into(),
+    }
+}
+
+impl SingleFile {
+    /// Maps the file and recognises what it holds; anything but an SD 1.x / 2.x
+    /// text-to-image checkpoint with all three components is an error saying what was found.
+    pub fn open(path: &Path, device: &Device) -> Result<Self> {
+        if is_pickle_path(path) {
+            return Err(pickle_refusal(path));
+        }
+        let file = match Weights::open(path, device) {
+            Ok(file) => file,
+            Err(e) => {
+                // A pickle under another name: torch.save's zip, or a bare pickle stream.
+                let mut head = [0u8; 4];
+                let sniffed = std::fs::File::open(path)
+                    .and_then(|mut f| std::io::Read::read_exact(&mut f, &mut head))
+                    .is_ok();
+                if sniffed && (head == *b"PK\x03\x04" || head[0] == 0x80) {
+                    return Err(pickle_refusal(path));
+                }
+                return Err(e);
+            }
+        };
+        let names = file.file_names();
+        let has = |prefix: &str| names.iter().any(|n| n.starts_with(prefix));
+        let found = || summarize(&names);
+
+        if has("conditioner.embedders.") {
+            return Err(layout_error(
+                path,
+                format!(
+                    "this is an SDXL checkpoint (conditioner.embedders.* text encoders), which is not supported; \
+                     only SD 1.x and SD 2.x are. Found: {}",
+                    found()
+                ),
+            ));
+        }
+        if has("control_model.") {
+            return Err(layout_error(
+                path,
+                format!(
+                    "this is a ControlNet checkpoint, which is not supported. Found: {}",
+                    found()
+                ),
+            ));
+        }
+        if !has(UNET) {
+            let hint = if has("down_blocks.") || has("text_model.") || has("decoder.up_blocks.") {
+                " (its names are diffusers' own: this looks like one component of a diffusers model \
+                 folder; pass the folder, the one holding model_index.json)"
+            } else {
+                ""
+            };
+            return Err(layout_error(
+                path,
+                format!(
+                    "not a Stable Diffusion checkpoint in {LAYOUT}: no UNet (no `{UNET}*` tensors){hint}. Found: {}",
+                    found()
+                ),
+            ));
+        }
+        match file.file_shape(IN_CONV_KEY) {
+            Some(s) if s.len() == 4 && s[1] == 9 => {
+                return Err(layout_error(
+                    path,
+                    format!(
+                        "this is an inpainting checkpoint (`{IN_CONV_KEY}` takes 9 channels), which is not supported"
+                    ),
+                ))
+            }
+            Some(s) if s.len() == 4 && s[1] == 4 => {}
+            Some(s) => {
+                return Err(layout_error(
+                    path,
+                    format!("tensor `{IN_CONV_KEY}` has shape {s:?}: expected a UNet taking 4 latent channels"),
+                ))
+            }
+            None => {
+                return Err(layout_error(
+                    path,
+                    format!("tensor `{IN_CONV_KEY}` (the UNet's conv_in) is missing"),
+                ))
+            }
+        }
+        if file
+            .file_shape("model.diffusion_model.input_blocks.10.0.skip_connection.bias")
+            .is_some()
+            && file.file_shape(V2_KEY).and_then(|s| s.last()) != Some(&1024)
+        {
+            return Err(layout_error(
+                path,
+                "this is the x4 upscaler's checkpoint, which is not supported",
+            ));
+        }
+        let family = if has(CLIP) {
+            Family::Sd1
+        } else if has(OPEN_CLIP) {
+            Family::Sd2
+        } else {
+            return Err(layout_error(
+                path,
+                format!(
+                    "the checkpoint has no text encoder: neither CLIP (`{CLIP}*`, SD 1.x) nor OpenCLIP \
+                     (`{OPEN_CLIP}*`, SD 2.x). Found: {}",
+                    found()
+                ),
+            ));
+        };
+        let Some(vae_prefix) = VAE_PREFIXES.iter().rev().copied().find(|p| has(p)) else {
+            return Err(layout_error(
+                path,
+                format!(
+                    "the checkpoint has no VAE (no `first_stage_model.*` or `vae.*` tensors). Found: {}",
+                    found()
+                ),
+            ));
+        };
+        // diffusers recognises SD 2.x by the UNet's cross-attention width instead (1024;
+        // SD 1.x: 768); say so when the two disagree.
+        let by_unet = match file.file_shape(V2_KEY).and_then(|s| s.last()) {
+            Some(1024) => Some(Family::Sd2),
+            Some(768) => Some(Family::Sd1),
+            _ => None,
+        };
+        if let Some(by_unet) = by_unet.filter(|&f| f != family) {
+            tracing::warn!(
+                "{}: the text encoder says {} but the UNet's cross-attention width (`{V2_KEY}`) says {}",
+                path.display(),
+                family.name(),
+                by_unet.name()
+            );
+        }
+        Ok(SingleFile {
+            path: path.to_path_buf(),
+            file,
+            family,
+            vae_prefix,
+        })
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    pub fn family(&self) -> Family {
+        self.family
+    }
+
+    /// The UNet's weights, laid out for `config` (its `layers_per_block` places the blocks).
+    pub fn unet(&self, config: &UNetConfig, config_path: &Path) -> Result<Weights> {
+        let layers_per_block = match &config.layers_per_block {
+            PerLevel::One(n) => *n,
+            PerLevel::Each(_) => {
+                return Err(Error::config(
+                    config_path,
+                    "single-file checkpoints need one `layers_per_block` for all blocks (as diffusers' conversion does)",
+                ))
+            }
+        };
+        self.file.mapped(Arc::new(UnetMap { layers_per_block }))
+    }
+
+    /// The VAE's weights, laid out for `config` (its number of up blocks).
+    pub fn vae(&self, config: &VaeConfig) -> Result<Weights> {
+        self.file.mapped(Arc::new(VaeMap {
+            prefix: self.vae_prefix,
+            up_blocks: config.up_block_types.len(),
+        }))
+    }
+
+    /// The text encoder's weights.
+    pub fn text_encoder(&self, config: &ClipTextConfig) -> Result<Weights> {
+        match self.family {
+            Family::Sd1 => self.file.mapped(Arc::new(ClipMap)),
+            Family::Sd2 => {
+                // diffusers splits the fused q/k/v at text_projection's first dimension,
+                // or at the text encoder's width when there is none.
+                let split = self
+                    .file
+                    .file_shape(&format!("{OPEN_CLIP}text_projection"))
+                    .and_then(|s| s.first().copied())
+                    .unwrap_or(config.hidden_size);
+                self.file.mapped(Arc::new(OpenClipMap { split }))
+            }
+        }
+    }
+}
+
+/// "1234 tensors: 600 under model.diffusion_model., ..." for layout errors.
+fn summarize(names: &[&str]) -> String {
+    let mut groups: Vec<(String, usize)> = Vec::new();
+    for n in names {
+        let parts: Vec<&str> = n.split('.').collect();
+        let depth = if parts.len() > 2 { 2 } else { parts.len() - 1 };
+        let group = if depth == 0 {
+            n.to_string()
+        } else {
+            format!("{}.*", parts[..depth].join("."))
+        };
+        match groups.iter_mut().find(|(g, _)| *g == group) {
+            Some((_, count)) => *count += 1,
+            None => groups.push((group, 1)),
+        }
+    }
+    groups.sort_by(|a, b| b.1.cmp(&a.1).then(a.0.cmp(&b.0)));
+    let shown: Vec<String> = groups
+        .iter()
+        .take(6)
+        .map(|(g, c)| format!("{c} x {g}"))
+        .collect();
+    let more = if groups.len() > 6 { ", ..." } else { "" };
+    format!("{} tensors ({}{more})", names.len(), shown.join(", "))
+}
+
+/// A ResnetBlock2D's diffusers names in the original UNet's `ResBlock`.
+fn unet_resnet(rest: &str) -> Option<String> {
+    let (head, tail) = rest.split_once('.')?;
+    let old = match head {
+        "norm1" => "in_layers.0",
+        "conv1" => "in_layers.2",
+        "norm2" => "out_layers.0",
+        "conv2" => "out_layers.3",
+        "time_emb_proj" => "emb_layers.1",
+        "conv_shortcut" => "skip_connection",
+        _ => return None,
+    };
+    Some(format!("{old}.{tail}"))
+}
+
+/// `down_blocks.0.resnets.1.conv1.weight` → (0, "resnets", 1, "conv1.weight").
+fn block_parts(rest: &str) -> Option<(usize, &str, usize, &str)> {
+    let mut it = rest.splitn(4, '.');
+    let block = it.next()?.parse().ok()?;
+    let kind = it.next()?;
+    let index = it.next()?.parse().ok()?;
+    Some((block, kind, index, it.next()?))
+}
+
+/// The UNet: diffusers' `convert_ldm_unet_checkpoint`, inverted.
+struct UnetMap {
+    layers_per_block: usize,
+}
+
+impl UnetMap {
+    fn original(&self, name: &str, exists: &dyn Fn(&str) -> bool) -> Option<String> {
+        let lpb = self.layers_per_block;
+        for (new, old) in [
+            ("time_embedding.linear_1.", "time_embed.0."),
+            ("time_embedding.linear_2.", "time_embed.2."),
+            ("conv_in.", "input_blocks.0.0."),
+            ("conv_norm_out.", "out.0."),
+            ("conv_out.", "out.2."),
+        ] {
+            if let Some(rest) = name.strip_prefix(new) {
+                return Some(format!("{old}{rest}"));
+            }
+        }
+        if let Some(rest) = name.strip_prefix("down_blocks.") {
+            let (b, kind, j, rest) = block_parts(rest)?;
+            let first = 1 + b * (lpb + 1);
+            return match kind {
+                "resnets" if j < lpb => Some(format!(
+                    "input_blocks.{}.0.{}",
+                    first + j,
+                    unet_resnet(rest)?
+                )),
+                "attentions" if j < lpb => Some(format!("input_blocks.{}.1.{rest}", first + j)),
+                "downsamplers" if j == 0 => {
+                    let rest = rest.strip_prefix("conv.")?;
+                    Some(format!("input_blocks.{}.0.op.{rest}", first + lpb))
+                }
+                _ => None,
+            };
+        }
+        if let Some(rest) = name.strip_prefix("mid_block.") {
+            let (kind, rest) = rest.split_once('.')?;
+            let (k, rest) = rest.split_once('.')?;
+            return match (kind, k) {
+                ("resnets", "0") => Some(format!("middle_block.0.{}", unet_resnet(rest)?)),
+                ("attentions", "0") => Some(format!("middle_block.1.{rest}")),
+                ("resnets", "1") => Some(format!("middle_block.2.{}", unet_resnet(rest)?)),
+                _ => None,
+            };
+        }
+        if let Some(rest) = name.strip_prefix("up_blocks.") {
+            let (b, kind, j, rest) = block_parts(rest)?;
+            let first = b * (lpb + 1);
+            return match kind {
+                "resnets" if j <= lpb => Some(format!(
+                    "output_blocks.{}.0.{}",
+                    first + j,
+                    unet_resnet(rest)?
+                )),
+                "attentions" if j <= lpb => Some(format!("output_blocks.{}.1.{rest}", first + j)),
+                "upsamplers" if j == 0 => {
+                    // After the resnet (.0) and, in a cross-attention block, the attention
+                    // (.1): diffusers takes `.2.conv` when there is one, else `.1.conv`.
+                    let rest = rest.strip_prefix("conv.")?;
+                    let i = first + lpb;
+                    let two = format!("output_blocks.{i}.2.conv.{rest}");
+                    Some(if exists(&format!("{UNET}{two}")) {
+                        two
+                    } else {
+                        format!("output_blocks.{i}.1.conv.{rest}")
+                    })
+                }
+                _ => None,
+            };
+        }
+        None
+    }
+}
+
+impl TensorMap for UnetMap {
+    fn locate(&self, name: &str, exists: &dyn Fn(&str) -> bool) -> Option<Located> {
+        self.original(name, exists)
+            .map(|n| Located::whole(format!("{UNET}{n}")))
+    }
+
+    fn layout(&self) -> &str {
+        LAYOUT
+    }
+}
+
+/// The VAE (decoder and post_quant_conv; the encoder too, though generation never reads
+/// it): diffusers' `convert_ldm_vae_checkpoint`, inverted.
+struct VaeMap {
+    prefix: &'static str,
+    up_blocks: usize,
+}
+
+fn vae_resnet(rest: &str) -> String {
+    match rest.strip_prefix("conv_shortcut.") {
+        Some(tail) => format!("nin_shortcut.{tail}"),
+        None => rest.to_string(),
+    }
+}
+
+impl VaeMap {
+    fn original(&self, name: &str) -> Option<(String, Part)> {
+        let whole = |n: String| Some((n, Part::Whole));
+        if name.starts_with("post_quant_conv.") || name.starts_with("quant_conv.") {
+            return whole(name.to_string());
+        }
+        let (side, rest) = name.split_once('.')?;
+        if side != "decoder" && side != "encoder" {
+            return None;
+        }
+        if rest.starts_with("conv_in.") || rest.starts_with("conv_out.") {
+            return whole(name.to_string());
+        }
+        if let Some(tail) = rest.strip_prefix("conv_norm_out.") {
+            return whole(format!("{side}.norm_out.{tail}"));
+        }
+        if let Some(mid) = rest.strip_prefix("mid_block.") {
+            if let Some(r) = mid.strip_prefix("resnets.") {
+                let (k, tail) = r.split_once('.')?;
+                let k: usize = k.parse().ok()?;
+                return (k < 2).then(|| {
+                    (
+                        format!("{side}.mid.block_{}.{}", k + 1, vae_resnet(tail)),
+                        Part::Whole,
+                    )
+                });
+            }
+            let tail = mid.strip_prefix("attentions.0.")?;
+            let (module, param) = tail.rsplit_once('.')?;
+            let old = match module {
+                "group_norm" => "norm",
+                "to_q" => "q",
+                "to_k" => "k",
+                "to_v" => "v",
+                "to_out.0" => "proj_out",
+                _ => return None,
+            };
+            // The original attention's projections are 1x1 convolutions.
+            let part = if module == "group_norm" {
+                Part::Whole
+            } else {
+                Part::DropTrailingOnes
+            };
+            return Some((format!("{side}.mid.attn_1.{old}.{param}"), part));
+        }
+        if side == "decoder" {
+            let (i, kind, j, tail) = block_parts(rest.strip_prefix("up_blocks.")?)?;
+            let level = self.up_blocks.checked_sub(i + 1)?;
+            return match kind {
+                "resnets" => whole(format!("decoder.up.{level}.block.{j}.{}", vae_resnet(tail))),
+                "upsamplers" if j == 0 => whole(format!("decoder.up.{level}.upsample.{}", tail)),
+                _ => None,
+            };
+        }
+        let (i, kind, j, tail) = block_parts(rest.strip_prefix("down_blocks.")?)?;
+        match kind {
+            "resnets" => whole(format!("encoder.down.{i}.block.{j}.{}", vae_resnet(tail))),
+            "downsamplers" if j == 0 => whole(format!("encoder.down.{i}.downsample.{tail}")),
+            _ => None,
+        }
+    }
+}
+
+impl TensorMap for VaeMap {
+    fn locate(&self, name: &str, _exists: &dyn Fn(&str) -> bool) -> Option<Located> {
+        self.original(name).map(|(n, part)| Located {
+            name: format!("{}{n}", self.prefix),
+            part,
+        })
+    }
+
+    fn layout(&self) -> &str {
+        LAYOUT
+    }
+}
+
+/// SD 1.x's CLIP text encoder: stored with transformers' own names under
+/// `cond_stage_model.transformer.` (diffusers' `convert_ldm_clip_checkpoint`).
+struct ClipMap;
+
+impl TensorMap for ClipMap {
+    fn locate(&self, name: &str, _exists: &dyn Fn(&str) -> bool) -> Option<Located> {
+        name.starts_with("text_model.")
+            .then(|| Located::whole(format!("{CLIP}{name}")))
+    }
+
+    fn layout(&self) -> &str {
+        LAYOUT
+    }
+}
+
+/// SD 2.x's OpenCLIP text tower as diffusers' `convert_open_clip_checkpoint` reads it:
+/// renamed layers, q/k/v fused in `in_proj_*`. The tower's last layer (SD 2.x conditions on
+/// the penultimate one) has no diffusers counterpart and is never asked for.
+struct OpenClipMap {
+    /// Rows per q, k, v block of `in_proj_weight`.
+    split: usize,
+}
+
+impl TensorMap for OpenClipMap {
+    fn locate(&self, name: &str, _exists: &dyn Fn(&str) -> bool) -> Option<Located> {
+        let rest = name.strip_prefix("text_model.")?;
+        let whole = |n: String| Some(Located::whole(format!("{OPEN_CLIP}{n}")));
+        match rest {
+            "embeddings.token_embedding.weight" => return whole("token_embedding.weight".into()),
+            "embeddings.position_embedding.weight" => return whole("positional_embedding".into()),
+            "final_layer_norm.weight" => return whole("ln_final.weight".into()),
+            "final_layer_norm.bias" => return whole("ln_final.bias".into()),
+            _ => {}
+        }
+        let rest = rest.strip_prefix("encoder.layers.")?;
+        let (i, tail) = rest.split_once('.')?;
+        let i: usize = i.parse().ok()?;
+        let block = format!("transformer.resblocks.{i}.");
+        let (module, param) = tail.rsplit_once('.')?;
+        if param != "weight" && param != "bias" {
+            return None;
+        }
+        let qkv = match module {
+            "self_attn.q_proj" => Some(0),
+            "self_attn.k_proj" => Some(1),
+            "self_attn.v_proj" => Some(2),
+            _ => None,
+        };
+        if let Some(k) = qkv {
+            return Some(Located {
+                name: format!("{OPEN_CLIP}{block}attn.in_proj_{param}"),
+                part: Part::Rows {
+                    start: k * self.split,
+                    // diffusers' `weight[2 * dim:]`: v runs to the end.
+                    len: (k < 2).then_some(self.split),
+                },
+            });
+        }
+        let old = match module {
+            "self_attn.out_proj" => "attn.out_proj",
+            "layer_norm1" => "ln_1",
+            "layer_norm2" => "ln_2",
+            "mlp.fc1" => "mlp.c_fc",
+            "mlp.fc2" => "mlp.c_proj",
+            _ => return None,
+        };
+        whole(format!("{block}{old}.{param}"))
+    }
+
+    fn layout(&self) -> &str {
+        LAYOUT
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn unet(name: &str) -> Option<String> {
+        UnetMap {
+            layers_per_block: 2,
+        }
+        .locate(name, &|_| false)
+        .map(|l| l.name)
+    }
+
+    #[test]
+    fn unet_names_follow_diffusers() {
+        let cases = [
+            ("conv_in.weight", "input_blocks.0.0.weight"),
+            ("time_embedding.linear_2.bias", "time_embed.2.bias"),
+            (
+                "down_blocks.0.resnets.0.norm1.weight",
+                "input_blocks.1.0.in_layers.0.weight",
+            ),
+            (
+                "down_blocks.0.attentions.1.proj_in.weight",
+                "input_blocks.2.1.proj_in.weight",
+            ),
+            (
+                "down_blocks.0.downsamplers.0.conv.weight",
+                "input_blocks.3.0.op.weight",
+            ),
+            (
+                "down_blocks.1.resnets.0.conv_shortcut.bias",
+                "input_blocks.4.0.skip_connection.bias",
+            ),
+            (
+                "down_blocks.3.resnets.1.time_emb_proj.weight",
+                "input_blocks.11.0.emb_layers.1.weight",
+            ),
+            (
+                "mid_block.resnets.1.conv2.weight",
+                "middle_block.2.out_layers.3.weight",
+            ),
+            (
+                "mid_block.attentions.0.transformer_blocks.0.attn2.to_k.weight",
+                "middle_block.1.transformer_blocks.0.attn2.to_k.weight",
+            ),
+            (
+                "up_blocks.0.resnets.2.conv1.weight",
+                "output_blocks.2.0.in_layers.2.weight",
+            ),
+            (
+                "up_blocks.0.upsamplers.0.conv.weight",
+                "output_blocks.2.1.conv.weight",
+            ),
+            (
+                "up_blocks.3.attentions.2.norm.bias",
+                "output_blocks.11.1.norm.bias",
+            ),
+            ("conv_out.bias", "out.2.bias"),
+        ];
+        for (d, o) in cases {
+            assert_eq!(
+                unet(d).as_deref(),
+                Some(format!("{UNET}{o}").as_str()),
+                "{d}"
+            );
+        }
+        assert_eq!(unet("down_blocks.0.resnets.2.norm1.weight"), None);
+        assert_eq!(unet("up_blocks.0.upsamplers.0.weight"), None);
+        let with_attention = UnetMap {
+            layers_per_block: 2,
+        }
+        .locate("up_blocks.1.upsamplers.0.conv.bias", &|n| {
+            n == "model.diffusion_model.output_blocks.5.2.conv.bias"
+        });
+        assert_eq!(
+            with_attention.unwrap().name,
+            "model.diffusion_model.output_blocks.5.2.conv.bias"
+        );
+    }
+
+    #[test]
+    fn vae_and_text_names_follow_diffusers() {
+        let vae = VaeMap {
+            prefix: "first_stage_model.",
+            up_blocks: 4,
+        };
+        let v = |n: &str| vae.locate(n, &|_| false).unwrap();
+        assert_eq!(
+            v("decoder.up_blocks.0.resnets.1.conv_shortcut.weight").name,
+            "first_stage_model.decoder.up.3.block.1.nin_shortcut.weight"
+        );
+        assert_eq!(
+            v("decoder.up_blocks.2.upsamplers.0.conv.bias").name,
+            "first_stage_model.decoder.up.1.upsample.conv.bias"
+        );
+        let q = v("decoder.mid_block.attentions.0.to_out.0.weight");
+        assert_eq!(
+            q.name,
+            "first_stage_model.decoder.mid.attn_1.proj_out.weight"
+        );
+        assert_eq!(q.part, Part::DropTrailingOnes);
+        assert_eq!(
+            v("decoder.mid_block.resnets.1.norm2.bias").name,
+            "first_stage_model.decoder.mid.block_2.norm2.bias"
+        );
+        assert_eq!(
+            v("decoder.conv_norm_out.weight").name,
+            "first_stage_model.decoder.norm_out.weight"
+        );
+
+        let clip = OpenClipMap { split: 1024 };
+        let k = clip
+            .locate("text_model.encoder.layers.3.self_attn.k_proj.bias", &|_| {
+                false
+            })
+            .unwrap();
+        assert_eq!(
+            k.name,
+            "cond_stage_model.model.transformer.resblocks.3.attn.in_proj_bias"
+        );
+        assert_eq!(
+            k.part,
+            Part::Rows {
+                start: 1024,
+                len: Some(1024)
+            }
+        );
+        assert_eq!(
+            clip.locate("text_model.encoder.layers.0.mlp.fc2.weight", &|_| false)
+                .unwrap()
+                .name,
+            "cond_stage_model.model.transformer.resblocks.0.mlp.c_proj.weight"
+        );
+        assert!(clip
+            .locate("embeddings.token_embedding.weight", &|_| false)
+            .is_none());
+    }
+}
