@@ -219,6 +219,33 @@ fn family_is_recognised_and_presets_check_the_shapes() {
         os("sd2.1-base"),
     ]);
     assert_mentions(&err, &["built-in preset sd2.1-base"]);
+    // Where the checkpoint has the probe bias (full-size SD 2.x UNets do), its spread picks
+    // v_prediction (2.1) or epsilon (2.x-base, SD-Turbo), as ComfyUI tells them apart.
+    let tmp = tempfile::tempdir().unwrap();
+    let bytes = std::fs::read(single("sd2")).unwrap();
+    let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
+    for (spread, preset) in [
+        (0.2f32, "v_prediction: SD 2.1 768x768"),
+        (0.01, "epsilon: SD 2.1-base 512x512"),
+    ] {
+        let mut tensors: Vec<_> = st
+            .tensors()
+            .into_iter()
+            .map(|(n, v)| (n, v.dtype(), v.shape().to_vec(), v.data().to_vec()))
+            .collect();
+        let probe: Vec<u8> = (0..320)
+            .flat_map(|i| (if i % 2 == 0 { spread } else { -spread }).to_le_bytes())
+            .collect();
+        tensors.push((
+            "model.diffusion_model.output_blocks.11.1.transformer_blocks.0.norm1.bias".into(),
+            Dtype::F32,
+            vec![320],
+            probe,
+        ));
+        let path = tmp.path().join(format!("probe_{spread}.safetensors"));
+        write_safetensors(&path, &tensors);
+        assert_mentions(&failure(&[os("--model"), os(&path)]), &[preset]);
+    }
     let err = failure(&[
         os("--model"),
         os(&single("sd1")),

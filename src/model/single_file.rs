@@ -50,17 +50,13 @@ impl Family {
             Family::Sd2 => "SD 2.x",
         }
     }
-
-    /// The preset diffusers' `from_single_file` picks for this family
-    /// (`DIFFUSERS_DEFAULT_PIPELINE_PATHS`): SD 1.5, and for every SD 2.x checkpoint
-    /// SD 2.1 (768, v_prediction), since the tensors do not tell 2.1-base from 2.1.
-    pub fn default_preset(self) -> &'static Preset {
-        match self {
-            Family::Sd1 => &presets::SD15,
-            Family::Sd2 => &presets::SD21,
-        }
-    }
 }
+
+/// A UNet norm bias whose spread tells SD 2.x v_prediction checkpoints (2.0-v, 2.1) from
+/// epsilon ones (2.x-base, SD-Turbo): ComfyUI's test, std above [`V_PREDICTION_STD`].
+const V_PREDICTION_PROBE: &str =
+    "model.diffusion_model.output_blocks.11.1.transformer_blocks.0.norm1.bias";
+const V_PREDICTION_STD: f64 = 0.09;
 
 /// The refusal for a pickle checkpoint, with how to convert it.
 pub fn pickle_refusal(path: &Path) -> Error {
@@ -234,6 +230,49 @@ impl SingleFile {
             file,
             family,
             vae_prefix,
+        })
+    }
+
+    /// The built-in preset for this checkpoint: SD 1.5 for SD 1.x; for SD 2.x, 2.1
+    /// (768, v_prediction) or 2.1-base (512, epsilon) as the probe bias says, and 2.1 (what
+    /// diffusers' `from_single_file` assumes for every 2.x file) when it is absent.
+    pub fn default_preset(&self) -> Result<&'static Preset> {
+        if self.family == Family::Sd1 {
+            return Ok(&presets::SD15);
+        }
+        let Some(shape) = self
+            .file
+            .file_shape(V_PREDICTION_PROBE)
+            .map(<[usize]>::to_vec)
+        else {
+            tracing::info!(
+                "{}: no `{V_PREDICTION_PROBE}` to tell v_prediction from epsilon; assuming SD 2.1 \
+                 (768x768, v_prediction) like diffusers' from_single_file; for a 2.x-base, SD-Turbo \
+                 or other epsilon checkpoint pass --model-config sd2.1-base",
+                self.path.display()
+            );
+            return Ok(&presets::SD21);
+        };
+        let values = self.file.get(V_PREDICTION_PROBE, &shape)?.to_vec()?;
+        let n = values.len().max(1) as f64;
+        let mean = values.iter().map(|&v| v as f64).sum::<f64>() / n;
+        let std = (values
+            .iter()
+            .map(|&v| (v as f64 - mean).powi(2))
+            .sum::<f64>()
+            / n)
+            .sqrt();
+        let v_prediction = std > V_PREDICTION_STD;
+        tracing::info!(
+            "{}: SD 2.x, {} (std of `{V_PREDICTION_PROBE}` is {std:.3}; over {V_PREDICTION_STD} means \
+             v_prediction); pass --model-config to choose otherwise",
+            self.path.display(),
+            if v_prediction { "v_prediction: SD 2.1 768x768" } else { "epsilon: SD 2.1-base 512x512" },
+        );
+        Ok(if v_prediction {
+            &presets::SD21
+        } else {
+            &presets::SD21_BASE
         })
     }
 

@@ -110,7 +110,7 @@ impl ModelSource {
         let (configs, preset, config_info) = match config {
             Some(dir) if dir.is_dir() => (
                 Configs::Folder(ModelFolder::open_configs(dir)?),
-                family.default_preset(),
+                file.default_preset()?,
                 format!("--model-config folder {}", dir.display()),
             ),
             Some(name) => match name.to_str().and_then(Preset::by_name) {
@@ -124,15 +124,7 @@ impl ModelSource {
                 }
             },
             None => {
-                let p = family.default_preset();
-                if family == Family::Sd2 {
-                    tracing::info!(
-                        "the tensors of an SD 2.x checkpoint do not tell 2.1-base (512x512, epsilon) from 2.1 \
-                         (768x768, v_prediction): using {} like diffusers' from_single_file; for a 2.x-base, \
-                         SD-Turbo or other epsilon checkpoint pass --model-config sd2.1-base or a diffusers config folder",
-                        p.name
-                    );
-                }
+                let p = file.default_preset()?;
                 (Configs::Preset(p), p, describe(p))
             }
         };
