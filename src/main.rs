@@ -9,7 +9,7 @@ use clap::{Args, Parser, Subcommand};
 use indicatif::{ProgressBar, ProgressStyle};
 
 use sd_wgpu::backend::{select_device, BackendChoice};
-use sd_wgpu::model::hub::resolve_model_path;
+use sd_wgpu::model::hub::{resolve_model_path, DEFAULT_MODEL};
 use sd_wgpu::pipeline::noise::random_seed;
 use sd_wgpu::pipeline::{GenerateParams, StableDiffusion};
 use sd_wgpu::server::{Limits, ServerConfig};
@@ -31,9 +31,9 @@ struct Cli {
 #[derive(Args)]
 struct ModelArgs {
     /// A diffusers model folder (model_index.json, unet/, vae/, text_encoder/, tokenizer/, scheduler/),
-    /// a name under weights/, or a Hugging Face Hub id (org/name[@revision]) already in the local
-    /// Hugging Face cache (see weights/README.md).
-    #[arg(long, env = "SD_MODEL")]
+    /// a name under weights/, or a Hugging Face Hub id (org/name[@revision]), read from the local
+    /// Hugging Face cache or downloaded into it on first use (see weights/README.md).
+    #[arg(long, env = "SD_MODEL", default_value = DEFAULT_MODEL)]
     model: PathBuf,
     /// auto: a hardware GPU when there is one, else the CPU.
     #[arg(long, value_enum, default_value_t = BackendChoice::Auto, env = "SD_BACKEND")]
@@ -51,7 +51,7 @@ impl ModelArgs {
     }
 
     /// The model folder `--model` points to: the folder itself, `weights/<name>/`, or a
-    /// snapshot in the Hugging Face cache.
+    /// snapshot in the Hugging Face cache, downloaded there first if need be.
     fn model_dir(&self) -> Result<PathBuf> {
         let dir = resolve_model_path(&self.model)?;
         tracing::info!("model `{}`: {}", self.model.display(), dir.display());
