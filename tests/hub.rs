@@ -635,7 +635,7 @@ fn a_hub_id_is_downloaded_once_fp16_first_and_gives_the_folder_image() {
     hub.clear();
     let (png, _) = success("org/name", &cwd, &env);
     assert!(png == reference(), "completed model: another image");
-    assert_eq!(hub.downloads(), [unet.name.clone()]);
+    assert_eq!(hub.downloads(), std::slice::from_ref(&unet.name));
     assert!(snapshot.join("vae/config.json").is_file());
     assert!(
         hub.requests()
@@ -821,4 +821,35 @@ fn a_repo_with_only_pickles_is_refused_by_name() {
     );
     assert!(stderr.contains("pickles"), "{stderr}");
     assert!(hub.downloads().is_empty());
+}
+
+#[test]
+fn the_default_model_is_sd15_from_the_hub() {
+    let tmp = tempfile::tempdir().unwrap();
+    let output = Command::new(env!("CARGO_BIN_EXE_sd-wgpu"))
+        .current_dir(tmp.path())
+        .args([
+            "generate",
+            "--backend",
+            "cpu",
+            "--prompt",
+            "x",
+            "-o",
+            "out.png",
+        ])
+        .env_remove("SD_MODEL")
+        .env("HF_HUB_CACHE", tmp.path())
+        .env("HF_HUB_OFFLINE", "1")
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(!output.status.success(), "{stderr}");
+    assert!(
+        stderr.contains("model `stable-diffusion-v1-5/stable-diffusion-v1-5`"),
+        "{stderr}"
+    );
+    assert!(
+        stderr.contains("models--stable-diffusion-v1-5--stable-diffusion-v1-5"),
+        "{stderr}"
+    );
 }

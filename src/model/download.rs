@@ -109,9 +109,9 @@ pub fn missing_in_snapshot(dir: &Path) -> Vec<String> {
             missing.push(config.to_string());
         }
     }
-    if !has("tokenizer/tokenizer.json")
-        && !(has("tokenizer/vocab.json") && has("tokenizer/merges.txt"))
-    {
+    let tokenizer = has("tokenizer/tokenizer.json")
+        || has("tokenizer/vocab.json") && has("tokenizer/merges.txt");
+    if !tokenizer {
         missing.push(
             "tokenizer/ (vocab.json, merges.txt, tokenizer_config.json, special_tokens_map.json)"
                 .to_string(),
