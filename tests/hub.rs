@@ -257,7 +257,9 @@ struct Request {
 /// HTTP on 127.0.0.1: the model API (`/api/models/{id}/revision/{rev}`, with `blobs=true`
 /// sizes and LFS hashes) and `/{id}/resolve/{rev}/{file}` with the headers huggingface_hub
 /// clients read (`x-repo-commit`, `etag` / `x-linked-etag`, `content-range`) and `Range`
-/// support. Every request is recorded.
+/// support. As on the real Hub, an LFS file's `resolve` answers 302 to a storage URL
+/// (`/cdn/<sha256>` here, absolute), which serves the bytes without the repository headers
+/// and without asking for a token. Every request is recorded.
 struct FakeHub {
     url: String,
     requests: Arc<Mutex<Vec<Request>>>,
@@ -298,15 +300,26 @@ impl FakeHub {
         let listener = TcpListener::bind("127.0.0.1:0").unwrap();
         let url = format!("http://{}", listener.local_addr().unwrap());
         let requests = Arc::new(Mutex::new(Vec::new()));
-        let shared = Arc::new((repo.to_string(), files, token.map(str::to_string)));
+        let shared = Arc::new((
+            repo.to_string(),
+            files,
+            token.map(str::to_string),
+            url.clone(),
+        ));
         let log = requests.clone();
         std::thread::spawn(move || {
             for stream in listener.incoming() {
                 let Ok(stream) = stream else { continue };
                 let (shared, log) = (shared.clone(), log.clone());
                 std::thread::spawn(move || {
-                    let (repo, files, token) = &*shared;
-                    let _ = serve_connection(stream, repo, files, token.as_deref(), &log);
+                    let (repo, files, token, base) = &*shared;
+                    let hub = Served {
+                        repo,
+                        files,
+                        token: token.as_deref(),
+                        base,
+                    };
+                    let _ = serve_connection(stream, &hub, &log);
                 });
             }
         });
@@ -358,11 +371,18 @@ impl FakeHub {
     }
 }
 
+/// What the fake Hub serves.
+struct Served<'a> {
+    repo: &'a str,
+    files: &'a [RepoFile],
+    token: Option<&'a str>,
+    /// Its own `http://127.0.0.1:<port>`, for redirects.
+    base: &'a str,
+}
+
 fn serve_connection(
     stream: TcpStream,
-    repo: &str,
-    files: &[RepoFile],
-    token: Option<&str>,
+    hub: &Served,
     log: &Mutex<Vec<Request>>,
 ) -> std::io::Result<()> {
     let mut reader = BufReader::new(stream.try_clone()?);
@@ -396,7 +416,7 @@ fn serve_connection(
             authorization: authorization.clone(),
             range: range.clone(),
         });
-        let (status, headers, body) = answer(repo, files, token, &path, authorization, range);
+        let (status, headers, body) = answer(hub, &path, authorization, range);
         let mut head = format!("HTTP/1.1 {status}\r\ncontent-length: {}\r\n", body.len());
         for (k, v) in headers {
             head.push_str(&format!("{k}: {v}\r\n"));
@@ -411,13 +431,12 @@ fn serve_connection(
 type Answer = (&'static str, Vec<(&'static str, String)>, Vec<u8>);
 
 fn answer(
-    repo: &str,
-    files: &[RepoFile],
-    token: Option<&str>,
+    hub: &Served,
     path: &str,
     authorization: Option<String>,
     range: Option<String>,
 ) -> Answer {
+    let (repo, files) = (hub.repo, hub.files);
     let not_found = |code: &str| {
         (
             "404 Not Found",
@@ -425,7 +444,13 @@ fn answer(
             b"{\"error\": \"not found\"}".to_vec(),
         )
     };
-    if let Some(token) = token {
+    if let Some(blob) = path.strip_prefix("/cdn/") {
+        return match files.iter().find(|f| f.is_lfs() && f.blob() == blob) {
+            Some(file) => ranged(file, Vec::new(), range),
+            None => not_found("NoSuchKey"),
+        };
+    }
+    if let Some(token) = hub.token {
         if authorization.as_deref() != Some(&format!("Bearer {token}")) {
             return (
                 "401 Unauthorized",
@@ -472,13 +497,24 @@ fn answer(
     };
     let mut headers = vec![
         ("x-repo-commit", HASH.to_string()),
-        ("accept-ranges", "bytes".to_string()),
         ("etag", format!("\"{}\"", &file.blob()[..40])),
     ];
     if file.is_lfs() {
         headers.push(("x-linked-etag", format!("\"{}\"", file.blob())));
         headers.push(("x-linked-size", file.bytes.len().to_string()));
+        headers.push(("location", format!("{}/cdn/{}", hub.base, file.blob())));
+        return ("302 Found", headers, Vec::new());
     }
+    ranged(file, headers, range)
+}
+
+/// The file, or the part of it `range` asks for.
+fn ranged(
+    file: &RepoFile,
+    mut headers: Vec<(&'static str, String)>,
+    range: Option<String>,
+) -> Answer {
+    headers.push(("accept-ranges", "bytes".to_string()));
     let len = file.bytes.len();
     match range.as_deref().and_then(|r| r.strip_prefix("bytes=")) {
         Some(r) => {
@@ -644,6 +680,14 @@ fn a_hub_id_is_downloaded_once_fp16_first_and_gives_the_folder_image() {
         "the .part file is resumed: {:?}",
         hub.requests()
     );
+    assert!(
+        hub.requests()
+            .iter()
+            .any(|r| r.path == format!("/cdn/{}", unet.blob())
+                && r.range.as_deref() == Some("bytes=1000-")),
+        "the range follows the redirect to storage: {:?}",
+        hub.requests()
+    );
 }
 
 #[test]
@@ -703,7 +747,11 @@ fn hf_token_is_sent_and_a_refusal_says_to_accept_the_licence() {
     let (png, stderr) = success("org/gated", tmp.path(), &with_token);
     assert!(png == reference(), "{stderr}");
     assert!(!hub.requests().is_empty());
-    for r in hub.requests() {
+    for r in hub
+        .requests()
+        .iter()
+        .filter(|r| !r.path.starts_with("/cdn/"))
+    {
         assert_eq!(
             r.authorization.as_deref(),
             Some("Bearer hf_secret"),
