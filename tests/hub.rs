@@ -703,6 +703,20 @@ fn full_precision_when_the_repo_has_no_fp16_and_blobs_are_reused() {
     assert!(png == reference());
     assert_eq!(hub.downloads(), wanted(false));
 
+    // A commit pinned with @ is fetched the same, and no refs/ file is written for it.
+    let pinned = tmp.path().join("pinned");
+    let pinned_env = [
+        ("HF_ENDPOINT", os(&hub.url)),
+        ("HF_HUB_CACHE", pinned.as_os_str()),
+    ];
+    let (png, _) = success(&format!("org/name@{HASH}"), tmp.path(), &pinned_env);
+    assert!(png == reference());
+    let refs = pinned.join("models--org--name/refs");
+    assert!(
+        !refs.exists() || std::fs::read_dir(&refs).unwrap().next().is_none(),
+        "no refs for a commit"
+    );
+
     // Blobs already in the cache (another revision, or Python) are linked, not fetched.
     let repo = cache.join("models--org--name");
     std::fs::remove_dir_all(repo.join("snapshots")).unwrap();

@@ -557,8 +557,8 @@ pub fn fetch(id: &HubId, cache: &Path, weights: &Path, access: &HubAccess) -> Re
     }
     bar.finish_and_clear();
     // hf-hub records every download's commit as refs/<commit>, which huggingface_hub
-    // never writes for a commit hash.
-    if !had_commit_ref && id.revision() != commit {
+    // never writes.
+    if !had_commit_ref {
         let _ = std::fs::remove_file(&refs_commit);
     }
     result?;
