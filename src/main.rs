@@ -9,7 +9,7 @@ use clap::{Args, Parser, Subcommand};
 use indicatif::{ProgressBar, ProgressStyle};
 
 use sd_wgpu::backend::{select_device, BackendChoice};
-use sd_wgpu::model::hub::resolve_model_path;
+use sd_wgpu::model::hub::{resolve_model_path, DEFAULT_MODEL};
 use sd_wgpu::pipeline::noise::random_seed;
 use sd_wgpu::pipeline::{GenerateParams, StableDiffusion};
 use sd_wgpu::server::{Limits, ServerConfig};
@@ -31,10 +31,11 @@ struct Cli {
 #[derive(Args)]
 struct ModelArgs {
     /// A diffusers model folder (model_index.json, unet/, vae/, text_encoder/, tokenizer/, scheduler/),
-    /// a name under weights/, or a Hugging Face Hub id (org/name[@revision]) already in the local
-    /// Hugging Face cache (see weights/README.md); or a single-file checkpoint in the original
-    /// Stable Diffusion layout (SD 1.x / 2.x .safetensors, as for AUTOMATIC1111 or ComfyUI).
-    #[arg(long, env = "SD_MODEL")]
+    /// a name under weights/, or a Hugging Face Hub id (org/name[@revision]), read from the local
+    /// Hugging Face cache or downloaded into it on first use (see weights/README.md); or a
+    /// single-file checkpoint in the original Stable Diffusion layout (SD 1.x / 2.x
+    /// .safetensors, as for AUTOMATIC1111 or ComfyUI).
+    #[arg(long, env = "SD_MODEL", default_value = DEFAULT_MODEL)]
     model: PathBuf,
     /// For a single-file --model: the configs to use instead of the built-in preset the
     /// checkpoint is recognised as. A preset name (sd1.5, sd2.1-base, sd2.1) or a folder in
@@ -58,7 +59,7 @@ impl ModelArgs {
     }
 
     /// The model `--model` points to: a folder or single file itself, `weights/<name>/`,
-    /// or a snapshot in the Hugging Face cache.
+    /// or a snapshot in the Hugging Face cache, downloaded there first if need be.
     fn model_dir(&self) -> Result<PathBuf> {
         let dir = resolve_model_path(&self.model)?;
         tracing::info!("model `{}`: {}", self.model.display(), dir.display());

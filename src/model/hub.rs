@@ -11,14 +11,20 @@
 //!
 //! `<cache>` is `$HF_HUB_CACHE`, else `$HF_HOME/hub`, else `~/.cache/huggingface/hub`
 //! (with huggingface_hub's `HUGGINGFACE_HUB_CACHE` and `XDG_CACHE_HOME` fallbacks).
-//! Nothing is downloaded here.
+//! A Hub id that is not there, or only partly, is downloaded into it by
+//! [`resolve_model`] (see [`super::download`]).
 
 use std::path::{Path, PathBuf};
 
+use super::download::{fetch, missing_in_snapshot, HubAccess};
 use crate::error::{Error, Result};
 
+/// The model `serve` and `generate` use when `--model` is not given: SD 1.5, which the API
+/// guide's defaults (50 steps, guidance 7.5) are made for.
+pub const DEFAULT_MODEL: &str = "stable-diffusion-v1-5/stable-diffusion-v1-5";
+
 /// The files a text-to-image pipeline reads, as `huggingface-cli download --include` patterns.
-const INCLUDE: &str = r#""model_index.json" "*/config.json" "scheduler/*" "tokenizer/*" "text_encoder/model.fp16.safetensors" "unet/diffusion_pytorch_model.fp16.safetensors" "vae/diffusion_pytorch_model.fp16.safetensors""#;
+pub(crate) const INCLUDE: &str = r#""model_index.json" "*/config.json" "scheduler/*" "tokenizer/*" "text_encoder/model.fp16.safetensors" "unet/diffusion_pytorch_model.fp16.safetensors" "vae/diffusion_pytorch_model.fp16.safetensors""#;
 
 /// The longest repository id the Hub accepts (huggingface_hub's `validate_repo_id`).
 const MAX_ID_LEN: usize = 96;
@@ -106,33 +112,50 @@ pub fn hub_cache_dir() -> Option<PathBuf> {
 }
 
 fn hub_cache_dir_from(var: impl Fn(&str) -> Option<std::ffi::OsString>) -> Option<PathBuf> {
-    let home = || {
-        var("HOME")
-            .or_else(|| var("USERPROFILE"))
-            .map(PathBuf::from)
-    };
-    let expand = |v: std::ffi::OsString| -> PathBuf {
-        // huggingface_hub applies `os.path.expanduser` to these variables.
-        match v.to_str() {
-            Some("~") => home().unwrap_or_else(|| PathBuf::from(&v)),
-            Some(s) if s.starts_with("~/") => match home() {
-                Some(h) => h.join(&s[2..]),
-                None => PathBuf::from(&v),
-            },
-            _ => PathBuf::from(v),
-        }
-    };
     if let Some(dir) = var("HF_HUB_CACHE").or_else(|| var("HUGGINGFACE_HUB_CACHE")) {
-        return Some(expand(dir));
+        return Some(expand_home(dir, &var));
     }
-    let hf_home = match var("HF_HOME") {
-        Some(dir) => expand(dir),
+    Some(hf_home_dir_from(&var)?.join("hub"))
+}
+
+/// huggingface_hub's home folder, where `huggingface-cli login` writes its `token`:
+/// `$HF_HOME`, else `$XDG_CACHE_HOME/huggingface`, else `~/.cache/huggingface`.
+pub fn hf_home_dir() -> Option<PathBuf> {
+    hf_home_dir_from(|key| std::env::var_os(key).filter(|v| !v.is_empty()))
+}
+
+pub(crate) fn hf_home_dir_from(
+    var: impl Fn(&str) -> Option<std::ffi::OsString>,
+) -> Option<PathBuf> {
+    let home = || home_dir(&var);
+    Some(match var("HF_HOME") {
+        Some(dir) => expand_home(dir, &var),
         None => match var("XDG_CACHE_HOME") {
-            Some(dir) => expand(dir).join("huggingface"),
+            Some(dir) => expand_home(dir, &var).join("huggingface"),
             None => home()?.join(".cache").join("huggingface"),
         },
-    };
-    Some(hf_home.join("hub"))
+    })
+}
+
+fn home_dir(var: &impl Fn(&str) -> Option<std::ffi::OsString>) -> Option<PathBuf> {
+    var("HOME")
+        .or_else(|| var("USERPROFILE"))
+        .map(PathBuf::from)
+}
+
+/// huggingface_hub applies `os.path.expanduser` to these variables.
+fn expand_home(
+    v: std::ffi::OsString,
+    var: &impl Fn(&str) -> Option<std::ffi::OsString>,
+) -> PathBuf {
+    match v.to_str() {
+        Some("~") => home_dir(var).unwrap_or_else(|| PathBuf::from(&v)),
+        Some(s) if s.starts_with("~/") => match home_dir(var) {
+            Some(h) => h.join(&s[2..]),
+            None => PathBuf::from(&v),
+        },
+        _ => PathBuf::from(v),
+    }
 }
 
 /// Where a `--model` argument points, in this order:
@@ -142,13 +165,39 @@ fn hub_cache_dir_from(var: impl Fn(&str) -> Option<std::ffi::OsString>) -> Optio
 ///    component of `org/name` (not when a `@revision` is given);
 /// 3. for `org/name[@revision]`, the snapshot in the local Hugging Face cache
 ///    (see [`hub_cache_dir`]): `refs/<revision>` names the commit, or the revision is a
-///    snapshot's commit hash itself.
+///    snapshot's commit hash itself;
+/// 4. for `org/name[@revision]` not in the cache, or only partly (a file the pipeline reads
+///    is missing from the snapshot), the missing files are downloaded from the Hub into the
+///    cache ([`super::download::fetch`]), unless `HF_HUB_OFFLINE` is set.
 ///
-/// The folder's contents are not checked here: `ModelFolder` reports a missing component
-/// by name. When nothing is found the error names every place looked at and the command
-/// that fetches the model.
+/// The contents of a folder of 1 or 2 are not checked here: `ModelFolder` reports a
+/// missing component by name. When nothing is found the error names every place looked at
+/// and the command that fetches the model.
 pub fn resolve_model(arg: &str) -> Result<PathBuf> {
-    resolve_model_in(arg, Path::new("weights"), hub_cache_dir().as_deref())
+    resolve_or_fetch(
+        arg,
+        Path::new("weights"),
+        hub_cache_dir().as_deref(),
+        &HubAccess::from_env(),
+    )
+}
+
+/// [`resolve_model`] with the `weights/` folder, the cache folder and the Hub given.
+pub fn resolve_or_fetch(
+    arg: &str,
+    weights: &Path,
+    cache: Option<&Path>,
+    access: &HubAccess,
+) -> Result<PathBuf> {
+    let local = resolve_model_in(arg, weights, cache);
+    let (Some(id), Some(cache)) = (HubId::parse(arg), cache) else {
+        return local;
+    };
+    let repo_dir = cache.join(id.cache_dir_name());
+    match local {
+        Ok(dir) if !dir.starts_with(&repo_dir) || missing_in_snapshot(&dir).is_empty() => Ok(dir),
+        _ => fetch(&id, cache, weights, access),
+    }
 }
 
 /// [`resolve_model`] for a command-line path; one that is not UTF-8 cannot be a Hub id,
@@ -213,8 +262,7 @@ pub fn resolve_model_in(arg: &str, weights: &Path, cache: Option<&Path>) -> Resu
     Err(Error::InvalidArgument(format!(
         "model `{arg}` not found: {}. Fetch it into the Hugging Face cache with the Python CLI \
          (pip install huggingface_hub):\n  huggingface-cli download {}{revision} --include {INCLUDE}\n\
-         or put a diffusers model folder at {}/ (add `--local-dir {}` to the command above). \
-         Downloading from sd-wgpu itself is not implemented yet.",
+         or put a diffusers model folder at {}/ (add `--local-dir {}` to the command above).",
         looked.join(", "),
         id.repo_id(),
         weights.join(&id.name).display(),
@@ -459,7 +507,6 @@ mod tests {
             err.contains("huggingface-cli download org/missing --include"),
             "{err}"
         );
-        assert!(err.contains("not implemented yet"), "{err}");
 
         let err = resolve_model_in("org/missing@v2", &weights, Some(&cache))
             .unwrap_err()

@@ -5,6 +5,7 @@ pub mod attention;
 pub mod bands;
 pub mod clip;
 pub mod config;
+pub mod download;
 pub mod folder;
 pub mod hub;
 pub mod nn;

@@ -17,8 +17,8 @@ pub struct Server {
 }
 
 impl Server {
-    /// Starts `sd-wgpu serve --model <model> --port 0 --backend cpu <extra...>` and waits
-    /// until it listens (not until the model is loaded).
+    /// Starts `sd-wgpu serve --model <model> --port 0 --backend cpu <extra...>` with
+    /// `HF_HUB_OFFLINE=1` and waits until it listens (not until the model is loaded).
     pub fn start(model: &Path, extra: &[&str]) -> Server {
         let mut child = Command::new(env!("CARGO_BIN_EXE_sd-wgpu"))
             .arg("serve")
@@ -29,6 +29,8 @@ impl Server {
             .env("RUST_LOG", "info")
             // Tests run side by side on few cores: one compute thread per server.
             .env("RAYON_NUM_THREADS", "1")
+            // A Hub id that is not found locally is never fetched: no test uses the network.
+            .env("HF_HUB_OFFLINE", "1")
             .stdout(Stdio::null())
             .stderr(Stdio::piped())
             .spawn()
