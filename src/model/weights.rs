@@ -248,6 +248,32 @@ fn random_tensor(name: &str, seed: u64, shape: &[usize], device: &Device) -> Res
 }
 
 impl WeightFile {
+    /// Drops the mapping's pages of bytes `start..end` (whole pages inside it) from this
+    /// process's memory once a tensor has been copied out of them, so loading holds one copy
+    /// of the weights (the tensors), not two (the tensors and the touched file pages). A
+    /// later read of the range faults the same bytes back in from the file.
+    fn release(&self, start: usize, end: usize) {
+        #[cfg(unix)]
+        {
+            const PAGE: usize = 4096;
+            let (first, last) = (start.next_multiple_of(PAGE), end / PAGE * PAGE);
+            if last > first {
+                // SAFETY: the mapping is read-only and file-backed, so dropping its pages
+                // only makes the next access read the file again; no slice into the range
+                // is alive here. A page size other than 4 KiB makes madvise fail, harmlessly.
+                let _ = unsafe {
+                    self.mmap.unchecked_advise_range(
+                        memmap2::UncheckedAdvice::DontNeed,
+                        first,
+                        last - first,
+                    )
+                };
+            }
+        }
+        #[cfg(not(unix))]
+        let _ = (start, end);
+    }
+
     fn get(&self, full: String, shape: &[usize]) -> Result<Tensor> {
         let f = self;
         let info = f.tensors.get(&full).ok_or_else(|| Error::MissingTensor {
@@ -265,7 +291,9 @@ impl WeightFile {
         let (start, end) = info.data_offsets;
         // In bounds: `deserialize` checked every offset against the file length.
         let bytes = &f.mmap[f.data_start + start..f.data_start + end];
-        f.decode(bytes, info.dtype, shape, &full)
+        let tensor = f.decode(bytes, info.dtype, shape, &full);
+        f.release(f.data_start + start, f.data_start + end);
+        tensor
     }
 
     /// The model tensor `name` through `map`: the stored tensor, or the part of it, checked
@@ -329,7 +357,13 @@ impl WeightFile {
                 ),
             ));
         }
-        f.decode(bytes, info.dtype, shape, stored)
+        let range = (
+            bytes.as_ptr() as usize - f.mmap.as_ptr() as usize,
+            bytes.len(),
+        );
+        let tensor = f.decode(bytes, info.dtype, shape, stored);
+        f.release(range.0, range.0 + range.1);
+        tensor
     }
 
     /// A tensor's bytes as a tensor of `shape`, in its stored precision.
