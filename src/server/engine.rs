@@ -61,7 +61,8 @@ pub struct Engine {
     pub model_config: Option<PathBuf>,
     /// What was loaded (folder or single file, configs, tokenizer), once loaded.
     info: RwLock<Option<ModelInfo>>,
-    pub device: Device,
+    /// Replaced when a lost GPU is opened again.
+    device: RwLock<Device>,
     pub queue_capacity: usize,
 }
 
@@ -84,7 +85,7 @@ impl Engine {
             model,
             model_config,
             info: RwLock::new(None),
-            device,
+            device: RwLock::new(device),
             queue_capacity,
         });
         let worker = engine.clone();
@@ -100,6 +101,14 @@ impl Engine {
             .read()
             .map(|s| s.clone())
             .unwrap_or(ModelState::Failed("engine state poisoned".into()))
+    }
+
+    /// The device the model runs on.
+    pub fn device(&self) -> Device {
+        self.device
+            .read()
+            .map(|d| d.clone())
+            .unwrap_or_else(|p| p.into_inner().clone())
     }
 
     /// What was loaded, once the model is ready.
@@ -160,26 +169,10 @@ impl Engine {
     }
 
     fn run(&self, jobs: Receiver<Job>) {
-        let started = Instant::now();
-        tracing::info!("loading model {} on {}", self.model.display(), self.device);
-        let loaded = crate::model::hub::resolve_model_path(&self.model).and_then(|dir| {
-            tracing::info!("model `{}`: {}", self.model.display(), dir.display());
-            StableDiffusion::load_with_config(&dir, self.model_config.as_deref(), &self.device)
-        });
-        let sd = match loaded {
-            Ok(sd) => sd,
-            Err(e) => {
-                tracing::error!("model failed to load: {e}");
-                self.set_state(ModelState::Failed(e.to_string()));
-                // Jobs are refused while not Ready, so nothing waits on the queue.
-                return;
-            }
+        let Some(mut sd) = self.load() else {
+            // Jobs are refused while not Ready, so nothing waits on the queue.
+            return;
         };
-        tracing::info!("model loaded in {:.1}s", started.elapsed().as_secs_f64());
-        if let Ok(mut info) = self.info.write() {
-            *info = Some(sd.info().clone());
-        }
-        self.set_state(ModelState::Ready);
         for job in jobs {
             self.queued.fetch_sub(1, Ordering::Relaxed);
             if self.shutdown.load(Ordering::Relaxed) {
@@ -196,7 +189,65 @@ impl Engine {
             if matches!(result, Err(Error::Cancelled)) {
                 tracing::info!("stopped a running job: its client is gone, its time ran out or the server is stopping");
             }
+            let lost = match self.device() {
+                Device::Gpu(gpu) if gpu.is_lost() => Some(gpu),
+                _ => None,
+            };
+            if lost.is_some() {
+                // Before the failed job's answer, so nothing is taken for the lost device.
+                self.set_state(ModelState::Loading);
+            }
             let _ = job.reply.send(result);
+            if let Some(gpu) = lost {
+                drop(sd);
+                let Some(reloaded) = self.reload_after_losing(&gpu) else {
+                    return;
+                };
+                sd = reloaded;
+            }
+        }
+    }
+
+    /// Opens the lost GPU's adapter again and loads the model onto it; the queue waits.
+    fn reload_after_losing(&self, gpu: &crate::backend::gpu::GpuDevice) -> Option<StableDiffusion> {
+        match crate::backend::gpu::GpuDevice::new(Some(&gpu.name())) {
+            Ok(fresh) => {
+                tracing::warn!("the GPU was lost; loading the model again on a new device");
+                *self.device.write().unwrap_or_else(|p| p.into_inner()) = Device::Gpu(fresh);
+                self.load()
+            }
+            Err(e) => {
+                let why = format!("the GPU was lost and cannot be opened again: {e}");
+                tracing::error!("{why}");
+                self.set_state(ModelState::Failed(why));
+                None
+            }
+        }
+    }
+
+    /// Loads the model onto the engine's device: Ready, or Failed with the reason.
+    fn load(&self) -> Option<StableDiffusion> {
+        let started = Instant::now();
+        let device = self.device();
+        tracing::info!("loading model {} on {device}", self.model.display());
+        let loaded = crate::model::hub::resolve_model_path(&self.model).and_then(|dir| {
+            tracing::info!("model `{}`: {}", self.model.display(), dir.display());
+            StableDiffusion::load_with_config(&dir, self.model_config.as_deref(), &device)
+        });
+        match loaded {
+            Ok(sd) => {
+                tracing::info!("model loaded in {:.1}s", started.elapsed().as_secs_f64());
+                if let Ok(mut info) = self.info.write() {
+                    *info = Some(sd.info().clone());
+                }
+                self.set_state(ModelState::Ready);
+                Some(sd)
+            }
+            Err(e) => {
+                tracing::error!("model failed to load: {e}");
+                self.set_state(ModelState::Failed(e.to_string()));
+                None
+            }
         }
     }
 
@@ -223,5 +274,74 @@ impl Engine {
                 Err(Error::Other(format!("internal error: {what}")))
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use super::*;
+
+    fn wait_until_ready(engine: &Engine) {
+        let deadline = Instant::now() + Duration::from_secs(120);
+        loop {
+            match engine.state() {
+                ModelState::Ready => return,
+                ModelState::Failed(why) => panic!("the model failed to load: {why}"),
+                ModelState::Loading if Instant::now() < deadline => {
+                    std::thread::sleep(Duration::from_millis(20))
+                }
+                ModelState::Loading => panic!("the model did not load in time"),
+            }
+        }
+    }
+
+    fn run_job(engine: &Engine) -> Result<Generated> {
+        let params = GenerateParams {
+            prompt: "a lost device".into(),
+            negative_prompt: None,
+            steps: 2,
+            guidance_scale: 7.5,
+            width: 32,
+            height: 32,
+            seed: 3,
+            scheduler: None,
+            scheduler_overrides: Default::default(),
+        };
+        let Ok((reply, _guard)) = engine.submit(params) else {
+            panic!("the engine refused a job while ready");
+        };
+        reply.blocking_recv().expect("the engine answers every job")
+    }
+
+    /// A GPU lost during a job fails that job with an error that says so; the engine opens
+    /// the adapter again, reloads the model and serves the next job with the same image.
+    #[test]
+    fn a_lost_gpu_fails_its_job_and_the_engine_recovers() {
+        let Some(shared) = crate::backend::gpu::test_device() else {
+            return;
+        };
+        let gpu = crate::backend::gpu::GpuDevice::new(Some(&shared.name())).unwrap();
+        let model = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/models/sd1");
+        let engine = Engine::start(model, None, Device::Gpu(gpu.clone()), 2);
+        wait_until_ready(&engine);
+        let before = run_job(&engine)
+            .expect("a job on a working GPU")
+            .image
+            .pixels;
+
+        gpu.lose_for_test();
+        match run_job(&engine) {
+            Err(Error::Gpu(message)) => assert!(message.contains("lost"), "{message}"),
+            other => panic!("a job on a lost GPU gave {:?}", other.map(|g| g.seed)),
+        }
+        wait_until_ready(&engine);
+        let Device::Gpu(fresh) = engine.device() else {
+            panic!("the engine left the GPU")
+        };
+        assert!(!fresh.is_lost() && fresh.name() == gpu.name());
+        let after = run_job(&engine).expect("a job after recovery").image.pixels;
+        assert_eq!(before, after, "the reloaded model makes the same image");
     }
 }

@@ -75,7 +75,7 @@ async fn health(State(app): State<Arc<AppState>>) -> Json<Value> {
             ModelState::Failed(_) => "failed",
         },
         "model": engine.model.display().to_string(),
-        "backend": engine.device.to_string(),
+        "backend": engine.device().to_string(),
         "busy": engine.busy(),
         "queue_length": engine.queued(),
         "queue_capacity": engine.queue_capacity,

@@ -4,8 +4,6 @@
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 
-use wgpu::util::DeviceExt;
-
 use super::profile::{self, Batch, Profiler};
 use crate::error::{Error, Result};
 
@@ -119,20 +117,20 @@ impl Arena {
         }
     }
 
-    /// Writes `params` into the next `slot` bytes; returns their offset.
-    fn push(&mut self, params: &[u8], slot: u64) -> u64 {
+    /// Writes `params` into the next `slot` bytes; returns their offset. Fails only where
+    /// the buffer is invalid (its creation failed, or the device is lost).
+    fn push(&mut self, params: &[u8], slot: u64) -> std::result::Result<u64, String> {
         let offset = self.used;
         if !params.is_empty() {
-            // The arena is mapped until its submit, and each slot is mapped exactly once.
             let end = offset + params.len() as u64;
             self.buffer
                 .slice(offset..end)
                 .get_mapped_range_mut()
-                .expect("a fresh slot of the mapped arena")
+                .map_err(|e| format!("writing kernel parameters: {e}"))?
                 .copy_from_slice(params);
         }
         self.used += slot;
-        offset
+        Ok(offset)
     }
 }
 
@@ -154,6 +152,8 @@ pub(crate) struct GpuContext {
     pool: Mutex<HashMap<u64, Vec<wgpu::Buffer>>>,
     /// The first error wgpu reported outside a call (validation, out of memory, device lost).
     error: Arc<Mutex<Option<String>>>,
+    /// Why the device was lost, once it is (set by wgpu's device-lost callback).
+    lost: Arc<Mutex<Option<String>>>,
     /// The per-kernel profile, when asked for and the adapter has timestamp queries.
     profiler: Option<Profiler>,
 }
@@ -272,6 +272,12 @@ impl GpuDevice {
             ..Default::default()
         }))
         .map_err(|e| Error::Gpu(format!("{}: cannot open the device: {e}", info.name)))?;
+        let lost = Arc::new(Mutex::new(None));
+        let lost_sink = lost.clone();
+        device.set_device_lost_callback(move |reason, message| {
+            tracing::error!("GPU device lost ({reason:?}): {message}");
+            *lock(&lost_sink) = Some(format!("{reason:?}: {message}"));
+        });
         let error = Arc::new(Mutex::new(None));
         let sink = error.clone();
         device.on_uncaptured_error(Arc::new(move |e: wgpu::Error| {
@@ -316,6 +322,7 @@ impl GpuDevice {
             modules: Mutex::new(HashMap::new()),
             pool: Mutex::new(HashMap::new()),
             error,
+            lost,
             profiler,
         })))
     }
@@ -331,6 +338,18 @@ impl GpuDevice {
     /// The largest buffer the device allocates, in bytes: no one tensor may be larger.
     pub fn max_buffer_bytes(&self) -> u64 {
         self.0.limits.max_buffer_size
+    }
+
+    /// Whether the device is gone (driver reset, GPU removed, or [`Self::lose_for_test`]):
+    /// every later job on it fails, so the model must be loaded onto a new device.
+    pub fn is_lost(&self) -> bool {
+        lock(&self.0.lost).is_some()
+    }
+
+    /// Destroys the device, as a driver reset would: for tests of what follows.
+    #[doc(hidden)]
+    pub fn lose_for_test(&self) {
+        self.0.device.destroy();
     }
 
     /// Whether f16 weights stay f16 on this device (see the type's documentation).
@@ -389,6 +408,23 @@ impl GpuContext {
     /// After an error, the work recorded but not yet submitted belongs to the failed job
     /// (and may reference its invalid buffers): it is dropped so the next job starts clean.
     pub fn take_error(&self) -> Result<()> {
+        if lock(&self.error).is_some() {
+            // A lost device shows first as errors of the work on it; let wgpu run the
+            // device-lost callback so that the job's error says so.
+            let _ = self.device.poll(wgpu::PollType::Poll);
+        }
+        if let Some(why) = lock(&self.lost).clone() {
+            lock(&self.error).take();
+            let mut pending = lock(&self.pending);
+            pending.encoder = None;
+            pending.params = None;
+            pending.passes = 0;
+            pending.timestamps = None;
+            return Err(Error::Gpu(format!(
+                "the GPU device {} was lost ({why}); the model must be loaded again",
+                self.info.name
+            )));
+        }
         let error = lock(&self.error).take();
         match error {
             Some(e) => {
@@ -547,14 +583,28 @@ impl GpuContext {
         } else {
             data
         };
-        self.device
-            .create_buffer_init(&wgpu::util::BufferInitDescriptor {
-                label: None,
-                contents,
-                usage: wgpu::BufferUsages::STORAGE
-                    | wgpu::BufferUsages::COPY_SRC
-                    | wgpu::BufferUsages::COPY_DST,
-            })
+        let size = (contents.len() as u64).next_multiple_of(4);
+        let buffer = self.device.create_buffer(&wgpu::BufferDescriptor {
+            label: None,
+            size,
+            usage: wgpu::BufferUsages::STORAGE
+                | wgpu::BufferUsages::COPY_SRC
+                | wgpu::BufferUsages::COPY_DST,
+            mapped_at_creation: true,
+        });
+        // wgpu's create_buffer_init panics where the buffer is invalid (a lost device, a
+        // refused allocation); that is a job's error, reported at its read-back.
+        match buffer.slice(..).get_mapped_range_mut() {
+            Ok(mut view) => {
+                view.slice(..contents.len()).copy_from_slice(contents);
+                drop(view);
+                buffer.unmap();
+            }
+            Err(e) => {
+                lock(&self.error).get_or_insert(format!("uploading {size} bytes: {e}"));
+            }
+        }
+        buffer
     }
 
     /// Records one compute pass: `kernel` with its parameter block at binding 0 and
@@ -580,7 +630,14 @@ impl GpuContext {
         let arena = guard
             .params
             .get_or_insert_with(|| Arena::new(&self.device, align));
-        let offset = arena.push(params, slot);
+        let offset = match arena.push(params, slot) {
+            Ok(offset) => offset,
+            Err(e) => {
+                // Reported at the job's read-back like any other wgpu error.
+                lock(&self.error).get_or_insert(e);
+                return;
+            }
+        };
         let mut entries = vec![wgpu::BindGroupEntry {
             binding: 0,
             resource: wgpu::BindingResource::Buffer(wgpu::BufferBinding {

@@ -343,4 +343,25 @@ mod tests {
             vec![3.0, -3.0, 7.0, 2.0]
         );
     }
+
+    #[test]
+    fn work_on_a_lost_device_fails_with_an_error_not_a_panic_or_a_hang() {
+        let Some(gpu) = test_device() else { return };
+        // A device of its own: the shared test device must survive.
+        let gpu = crate::backend::gpu::GpuDevice::new(Some(&gpu.name())).unwrap();
+        let device = Device::Gpu(gpu.clone());
+        let x = Tensor::from_vec(vec![1.0; 4096], &[64, 64], &device).unwrap();
+        let y = x.matmul(&x).unwrap();
+        gpu.lose_for_test();
+        for attempt in 0..2 {
+            let result = y.silu().and_then(|t| t.to_vec());
+            match result {
+                Err(Error::Gpu(message)) => {
+                    assert!(message.contains("lost"), "attempt {attempt}: {message}")
+                }
+                other => panic!("attempt {attempt}: work on a lost device gave {other:?}"),
+            }
+        }
+        assert!(gpu.is_lost());
+    }
 }
