@@ -223,45 +223,34 @@ impl ModelSource {
         Weights::open(&path, &self.device)
     }
 
-    pub fn text_encoder(&self) -> Result<ComponentParts<ClipTextConfig>> {
-        let c = Component::TextEncoder;
-        let (config, config_path) = self.config::<ClipTextConfig>(c)?;
+    /// A component's config and weights: from the folder, or read from the single file
+    /// by `from_single_file` under the config's shapes.
+    fn component<C: DeserializeOwned>(
+        &self,
+        c: Component,
+        from_single_file: impl FnOnce(&SingleFile, &C, &Path) -> Result<Weights>,
+    ) -> Result<ComponentParts<C>> {
+        let (config, config_path) = self.config::<C>(c)?;
         let weights = match &self.weights {
             WeightsFrom::Folder(f) => self.folder_weights(f, c)?,
-            WeightsFrom::SingleFile(s) => s.text_encoder(&config)?,
+            WeightsFrom::SingleFile(s) => from_single_file(s, &config, &config_path)?,
         };
         Ok(ComponentParts {
             config,
             config_path,
             weights,
         })
+    }
+
+    pub fn text_encoder(&self) -> Result<ComponentParts<ClipTextConfig>> {
+        self.component(Component::TextEncoder, |s, config, _| s.text_encoder(config))
     }
 
     pub fn unet(&self) -> Result<ComponentParts<UNetConfig>> {
-        let c = Component::Unet;
-        let (config, config_path) = self.config::<UNetConfig>(c)?;
-        let weights = match &self.weights {
-            WeightsFrom::Folder(f) => self.folder_weights(f, c)?,
-            WeightsFrom::SingleFile(s) => s.unet(&config, &config_path)?,
-        };
-        Ok(ComponentParts {
-            config,
-            config_path,
-            weights,
-        })
+        self.component(Component::Unet, |s, config, path| s.unet(config, path))
     }
 
     pub fn vae(&self) -> Result<ComponentParts<VaeConfig>> {
-        let c = Component::Vae;
-        let (config, config_path) = self.config::<VaeConfig>(c)?;
-        let weights = match &self.weights {
-            WeightsFrom::Folder(f) => self.folder_weights(f, c)?,
-            WeightsFrom::SingleFile(s) => s.vae(&config)?,
-        };
-        Ok(ComponentParts {
-            config,
-            config_path,
-            weights,
-        })
+        self.component(Component::Vae, |s, config, _| s.vae(config))
     }
 }
