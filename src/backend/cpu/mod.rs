@@ -11,7 +11,9 @@ pub mod norm;
 
 use std::borrow::Cow;
 
+use half::slice::HalfFloatSliceExt;
 use half::{bf16, f16};
+use rayon::prelude::*;
 
 use crate::tensor::DType;
 
@@ -33,14 +35,29 @@ impl CpuStorage {
         }
     }
 
-    /// The values as f32, borrowed when they already are.
+    /// The values as f32, borrowed when they already are. Half-precision weights are
+    /// widened on every use (they stay half in memory): with the CPU's F16C instructions
+    /// where it has them (`half`'s slice conversion detects them at run time), in parallel
+    /// chunks, since a UNet step widens every weight once.
     pub fn as_f32(&self) -> Cow<'_, [f32]> {
         match self {
             CpuStorage::F32(v) => Cow::Borrowed(v),
-            CpuStorage::F16(v) => Cow::Owned(v.iter().map(|x| x.to_f32()).collect()),
-            CpuStorage::BF16(v) => Cow::Owned(v.iter().map(|x| x.to_f32()).collect()),
+            CpuStorage::F16(v) => Cow::Owned(widen(v)),
+            CpuStorage::BF16(v) => Cow::Owned(widen(v)),
         }
     }
+}
+
+fn widen<T: Sync>(values: &[T]) -> Vec<f32>
+where
+    [T]: HalfFloatSliceExt,
+{
+    const CHUNK: usize = 1 << 16;
+    let mut out = vec![0f32; values.len()];
+    out.par_chunks_mut(CHUNK)
+        .zip(values.par_chunks(CHUNK))
+        .for_each(|(dst, src)| src.convert_to_f32_slice(dst));
+    out
 }
 
 /// A raw pointer that rayon tasks may share because each task writes a disjoint region.
