@@ -17,6 +17,8 @@
 //!   as f32 safetensors, to compare with another implementation.
 //! * `--runs N` (1) timed runs after `--warmup W` (0) untimed ones; the median is reported.
 //! * `--json`: one JSON object on stdout instead of the table.
+//! * `--profile`: also the wall time of each op kind per run of each stage (the same as
+//!   `SD_CPU_PROFILE=1`; see `sd_wgpu::tensor::profile`).
 //! * `--image`: a whole generation through `StableDiffusion::generate` instead (needs
 //!   `--model`/`--tiny`): `--steps N` (2), `--size PX` (512), `--seed S` (0),
 //!   `--prompt TEXT`, guidance 7.5; reports each stage's time and the peak memory.
@@ -37,7 +39,7 @@ use sd_wgpu::model::vae::VaeDecoder;
 use sd_wgpu::model::weights::Weights;
 use sd_wgpu::pipeline::noise::TorchRng;
 use sd_wgpu::pipeline::{GenerateParams, StableDiffusion};
-use sd_wgpu::tensor::{Device, Tensor};
+use sd_wgpu::tensor::{profile, Device, Tensor};
 use sd_wgpu::{Error, Result};
 
 /// The process's peak resident memory (VmHWM), in MiB, where /proc has it.
@@ -62,6 +64,7 @@ struct Options {
     runs: usize,
     warmup: usize,
     json: bool,
+    profile: bool,
     image: bool,
     steps: usize,
     size: usize,
@@ -74,7 +77,7 @@ struct Options {
 fn usage(message: String) -> Error {
     Error::InvalidArgument(format!(
         "{message}\nusage: sd15_cpu [--quick] [--model DIR | --tiny] [--inputs FILE] [--outputs FILE] \
-         [--runs N] [--warmup W] [--json] [--image [--steps N] [--size PX] [--seed S] [--prompt TEXT]]"
+         [--runs N] [--warmup W] [--json] [--profile] [--image [--steps N] [--size PX] [--seed S] [--prompt TEXT]]"
     ))
 }
 
@@ -87,6 +90,7 @@ fn parse_args() -> Result<Options> {
         runs: 1,
         warmup: 0,
         json: false,
+        profile: false,
         image: false,
         steps: 2,
         size: 512,
@@ -109,6 +113,7 @@ fn parse_args() -> Result<Options> {
             "--bench" => {}
             "--quick" => o.quick = true,
             "--json" => o.json = true,
+            "--profile" => o.profile = true,
             "--image" => o.image = true,
             "--tiny" => {
                 o.model =
@@ -266,16 +271,21 @@ impl Inputs {
     }
 }
 
-/// Median seconds of `runs` timed calls after `warmup` untimed ones, each run's seconds,
-/// and the last result.
-fn time(
-    warmup: usize,
-    runs: usize,
-    mut f: impl FnMut() -> Result<Tensor>,
-) -> Result<(f64, Vec<f64>, Tensor)> {
+/// One stage's result: median seconds, each run's seconds, the last output, and the op
+/// profile of the timed runs (empty unless profiling).
+struct Timed {
+    median: f64,
+    runs: Vec<f64>,
+    output: Tensor,
+    ops: Vec<profile::OpTime>,
+}
+
+/// `runs` timed calls after `warmup` untimed ones.
+fn time(warmup: usize, runs: usize, mut f: impl FnMut() -> Result<Tensor>) -> Result<Timed> {
     for _ in 0..warmup {
         f()?;
     }
+    profile::take();
     let mut seconds = Vec::with_capacity(runs);
     let mut last = None;
     for _ in 0..runs {
@@ -292,7 +302,12 @@ fn time(
     } else {
         (sorted[n / 2 - 1] + sorted[n / 2]) / 2.0
     };
-    Ok((median, seconds, last.expect("runs >= 1")))
+    Ok(Timed {
+        median,
+        runs: seconds,
+        output: last.expect("runs >= 1"),
+        ops: profile::take(),
+    })
 }
 
 fn write_outputs(path: &Path, outputs: &[(&str, &Tensor)]) -> Result<()> {
@@ -414,16 +429,31 @@ fn main() -> Result<()> {
         );
     }
 
-    let mut stages: Vec<(&str, String, f64, Vec<f64>, Tensor)> = Vec::new();
-    let mut report = |key: &'static str, label: String, r: (f64, Vec<f64>, Tensor)| {
+    if o.profile {
+        profile::set_enabled(true);
+    }
+    let runs = o.runs as f64;
+    let mut stages: Vec<(&str, String, Timed)> = Vec::new();
+    let mut report = |key: &'static str, label: String, r: Timed| {
         if !o.json {
             println!(
                 "{label:<32} {:>8.2} s   peak memory so far {}",
-                r.0,
+                r.median,
                 peak_text()
             );
+            let total: f64 = r.ops.iter().map(|op| op.time.as_secs_f64()).sum();
+            for op in &r.ops {
+                let s = op.time.as_secs_f64();
+                println!(
+                    "    {:<32} {:>8.3} s {:>5.1}%  {:>6} calls  (per run)",
+                    op.op,
+                    s / runs,
+                    100.0 * s / total,
+                    op.calls as f64 / runs
+                );
+            }
         }
-        stages.push((key, label, r.0, r.1, r.2));
+        stages.push((key, label, r));
     };
 
     let clip = models.clip();
@@ -448,7 +478,7 @@ fn main() -> Result<()> {
     if !o.quick {
         let vae = models.vae();
         let r = time(o.warmup, o.runs, || vae.decode(&inputs.vae_latents))?;
-        let s = r.2.shape().to_vec();
+        let s = r.output.shape().to_vec();
         report("vae", format!("VAE decode, {}x{}", s[2], s[3]), r);
     }
 
@@ -459,16 +489,30 @@ fn main() -> Result<()> {
             ("vae", "image"),
         ]
         .into();
-        let outs: Vec<(&str, &Tensor)> = stages.iter().map(|s| (names[s.0], &s.4)).collect();
+        let outs: Vec<(&str, &Tensor)> = stages
+            .iter()
+            .map(|(key, _, r)| (names[key], &r.output))
+            .collect();
         write_outputs(path, &outs)?;
     }
     if o.json {
         let stage_json: serde_json::Map<String, Value> = stages
             .iter()
-            .map(|(key, label, median, runs, _)| {
+            .map(|(key, label, r)| {
+                let ops: Vec<Value> = r
+                    .ops
+                    .iter()
+                    .map(|op| {
+                        json!({
+                            "op": op.op,
+                            "s_per_run": op.time.as_secs_f64() / runs,
+                            "calls_per_run": op.calls as f64 / runs,
+                        })
+                    })
+                    .collect();
                 (
                     key.to_string(),
-                    json!({"label": label, "median_s": median, "runs_s": runs}),
+                    json!({"label": label, "median_s": r.median, "runs_s": r.runs, "ops": ops}),
                 )
             })
             .collect();

@@ -459,6 +459,16 @@ def print_report(r):
         print(f"{label:<30} {pt:>10.3f} {rs:>10.3f} {ratio:>7.2f} {'<= ' + str(TARGETS[key]):>7}  {ok:<3} {diff:>22}")
     print(f"{'peak memory, stages (f32)':<30} {r['torch']['peak_mib'] / 1024:>8.2f} G {r['rust']['peak_mib'] / 1024:>8.2f} G"
           f"   (GiB; after load: {r['torch']['peak_after_load_mib'] / 1024:.2f} / {r['rust']['peak_after_load_mib'] / 1024:.2f})")
+    for key, label, _ in rows:
+        stage = r["rust"]["stages"].get(key, {})
+        ops = stage.get("ops", [])
+        if key == "text_encoder" or not ops:
+            continue
+        total = sum(op["s_per_run"] for op in ops)
+        print(f"\nsd-wgpu {label}, wall time by op kind (per run):")
+        for op in ops:
+            if op["s_per_run"] / total >= 0.005:
+                print(f"  {op['op']:<32} {op['s_per_run']:>8.3f} s {100 * op['s_per_run'] / total:>5.1f}%  {op['calls_per_run']:>5.0f} calls")
     img = r.get("image")
     if img:
         ri, ti = img["rust"], img.get("torch")
@@ -540,7 +550,9 @@ def main():
     rust_out = os.path.join(work, "outputs-rust.safetensors")
     torch_r = run_torch("stages", model, inputs, torch_out, a)
     log("sd-wgpu: the same")
-    rust_args = ["--model", model, "--inputs", inputs, "--outputs", rust_out, "--runs", str(a.runs), "--warmup", str(a.warmup)]
+    # --profile: wall time by op kind (a mutex per op: negligible next to the ops).
+    rust_args = ["--model", model, "--inputs", inputs, "--outputs", rust_out, "--runs", str(a.runs),
+                 "--warmup", str(a.warmup), "--profile"]
     if a.quick:
         rust_args.append("--quick")
     rust_r = run_rust(exe, rust_args, a)
