@@ -17,11 +17,13 @@
 //!   as f32 safetensors, to compare with another implementation.
 //! * `--runs N` (1) timed runs after `--warmup W` (0) untimed ones; the median is reported.
 //! * `--json`: one JSON object on stdout instead of the table.
-//! * `--profile`: also the wall time of each op kind per run of each stage (the same as
-//!   `SD_CPU_PROFILE=1`; see `sd_wgpu::tensor::profile`).
+//! * `--profile`: also the wall time of each op kind per run of each stage, or over the
+//!   whole generation with `--image` (the same as `SD_CPU_PROFILE=1`; see
+//!   `sd_wgpu::tensor::profile`).
 //! * `--image`: a whole generation through `StableDiffusion::generate` instead (needs
 //!   `--model`/`--tiny`): `--steps N` (2), `--size PX` (512), `--seed S` (0),
-//!   `--prompt TEXT`, guidance 7.5; reports each stage's time and the peak memory.
+//!   `--prompt TEXT`, guidance 7.5; reports each stage's time (the denoising time also per
+//!   UNet evaluation: PNDM makes `steps + 1`) and the peak memory.
 
 use std::collections::HashMap;
 use std::ops::ControlFlow;
@@ -346,7 +348,20 @@ fn whole_image(o: &Options, dir: &Path, device: &Device) -> Result<Value> {
         scheduler: None,
         scheduler_overrides: Default::default(),
     };
-    let generated = sd.generate(&params, &mut |_| ControlFlow::Continue(()))?;
+    if o.profile {
+        profile::set_enabled(true);
+    }
+    // Denoising steps as the scheduler counts them: PNDM runs one more UNet evaluation
+    // than `steps` (its PLMS warm-up repeats a timestep).
+    let mut evaluations = 0;
+    let generated = sd.generate(&params, &mut |_| {
+        evaluations += 1;
+        ControlFlow::Continue(())
+    })?;
+    let ops: Vec<Value> = profile::take()
+        .iter()
+        .map(|op| json!({"op": op.op, "s": op.time.as_secs_f64(), "calls": op.calls}))
+        .collect();
     let t = generated.timings;
     if let Some(path) = &o.outputs {
         let png = generated.image.to_png()?;
@@ -361,11 +376,13 @@ fn whole_image(o: &Options, dir: &Path, device: &Device) -> Result<Value> {
         "load_s": load_s,
         "text_encoder_s": t.text_encoder.as_secs_f64(),
         "denoise_s": t.denoise.as_secs_f64(),
-        "step_s": t.denoise.as_secs_f64() / o.steps as f64,
+        "unet_evaluations": evaluations,
+        "step_s": t.denoise.as_secs_f64() / evaluations.max(1) as f64,
         "vae_decode_s": t.vae_decode.as_secs_f64(),
         "total_s": t.total.as_secs_f64(),
         "peak_after_load_mib": peak_after_load,
         "peak_mib": peak_memory_mib(),
+        "ops": ops,
     }))
 }
 
@@ -389,7 +406,8 @@ fn main() -> Result<()> {
             for (label, key) in [
                 ("load", "load_s"),
                 ("text encoder (2 prompts)", "text_encoder_s"),
-                ("denoise per step", "step_s"),
+                ("denoise", "denoise_s"),
+                ("per UNet evaluation", "step_s"),
                 ("VAE decode + to RGB", "vae_decode_s"),
                 ("total", "total_s"),
             ] {
@@ -403,6 +421,14 @@ fn main() -> Result<()> {
                 result["peak_after_load_mib"].as_f64().unwrap_or(f64::NAN),
                 result["peak_mib"].as_f64().unwrap_or(f64::NAN)
             );
+            for op in result["ops"].as_array().into_iter().flatten() {
+                println!(
+                    "    {:<32} {:>8.3} s  {:>6} calls",
+                    op["op"].as_str().unwrap_or("?"),
+                    op["s"].as_f64().unwrap_or(f64::NAN),
+                    op["calls"]
+                );
+            }
         }
         return Ok(());
     }

@@ -442,6 +442,8 @@ def print_report(r):
     print(f"machine: {m['cpu']}, {m['cores']} cores ({', '.join(m.get('simd', []))}), "
           f"{m.get('memory_gb', '?')} GB; {m['threads']} threads each side; torch {m['torch']}")
     print(f"weights: {r['model']}; median of {r['runs']} runs after {r['warmup']} warm-up(s)")
+    print(f"1-minute load average {m['loadavg_start']:.2f} at the start, {m['loadavg_end']:.2f} at the end "
+          f"(another busy process on these cores skews the times: compare with the runs' spread above)")
     print()
     rows = [("text_encoder", "text encoder (77 tokens)", "text_embeddings"),
             ("unet", "UNet step, batch 2 (guided)", "unet_out"),
@@ -478,7 +480,8 @@ def print_report(r):
         ok = "yes" if peak_gb <= IMAGE_PEAK_TARGET_GB else "no"
         print(f"  sd-wgpu (weights as stored; f16 stays f16): peak {ri['peak_mib']:.0f} MiB = {peak_gb:.2f} GB "
               f"(target <= {IMAGE_PEAK_TARGET_GB} GB: {ok}; {ri['peak_after_load_mib']:.0f} MiB after load); "
-              f"text {ri['text_encoder_s']:.2f} s, {ri['step_s']:.2f} s/step, VAE {ri['vae_decode_s']:.2f} s, "
+              f"text {ri['text_encoder_s']:.2f} s, denoise {ri['denoise_s']:.1f} s = {ri['unet_evaluations']} UNet evaluations "
+              f"x {ri['step_s']:.2f} s, VAE {ri['vae_decode_s']:.2f} s, "
               f"total {ri['total_s']:.1f} s")
         if ti:
             print(f"  PyTorch (weights loaded as f32): peak {ti['peak_mib']:.0f} MiB = {ti['peak_mib'] * 1048576 / 1e9:.2f} GB "
@@ -544,6 +547,7 @@ def main():
     shapes = write_inputs(model, inputs, latent, a.seed)
     log(f"inputs {shapes} in {inputs}")
     machine = machine_info(a.threads)
+    machine["loadavg_start"] = os.getloadavg()[0]
 
     log(f"PyTorch: text encoder, UNet step, VAE decode ({a.warmup} warm-up + {a.runs} runs each)")
     torch_out = os.path.join(work, "outputs-torch.safetensors")
@@ -592,6 +596,7 @@ def main():
                 pass
         report["image"] = image
 
+    machine["loadavg_end"] = os.getloadavg()[0]
     print_report(report)
     if a.json:
         write_json(a.json, report)
