@@ -1,10 +1,38 @@
-//! Full-size SD 1.5 on the CPU backend with random weights (no model download): times the
-//! text encoder, one guided UNet step (batch 2) at 512x512 and one VAE decode at 512x512,
-//! and prints seconds and the process's peak memory.
+//! Full-size SD 1.5 on the CPU backend: times the text encoder, one guided UNet step
+//! (batch 2) at 512x512 and one VAE decode at 512x512, and prints seconds and the
+//! process's peak memory.
 //!
+//! With no options it builds the architecture with random weights (no download, no Python):
 //! `cargo bench --bench sd15_cpu` (add `-- --quick` to skip the VAE decode).
+//!
+//! Options (after `--`):
+//!
+//! * `--model DIR`: load a diffusers folder (any precision its files have) instead;
+//!   `--tiny` is `--model tests/fixtures/models/sd1` (a seconds-long smoke run).
+//! * `--inputs FILE`: a safetensors file with `ids` `[L]` (token ids as f32), `context`
+//!   `[B, L, D]`, `latents` `[B, C, h, w]`, `timestep` `[1]` and `vae_latents`
+//!   `[1, C, h, w]` (already divided by the VAE's scaling factor), so that another
+//!   implementation can be timed on the same inputs (tools/bench_vs_pytorch.py writes it).
+//! * `--outputs FILE`: write the stages' results (`text_embeddings`, `unet_out`, `image`)
+//!   as f32 safetensors, to compare with another implementation.
+//! * `--runs N` (1) timed runs after `--warmup W` (0) untimed ones; the median is reported.
+//! * `--json`: one JSON object on stdout instead of the table.
+//! * `--profile`: also the wall time of each op kind per run of each stage, or over the
+//!   whole generation with `--image` (the same as `SD_CPU_PROFILE=1`; see
+//!   `sd_wgpu::tensor::profile`).
+//! * `--image`: a whole generation through `StableDiffusion::generate` instead (needs
+//!   `--model`/`--tiny`): `--steps N` (2), `--size PX` (512), `--seed S` (0),
+//!   `--prompt TEXT`, guidance 7.5; reports each stage's time (the denoising time also per
+//!   UNet evaluation: PNDM makes `steps + 1`) and the peak memory.
 
+use std::collections::HashMap;
+use std::ops::ControlFlow;
+use std::path::{Path, PathBuf};
 use std::time::Instant;
+
+use safetensors::tensor::{Dtype, TensorView};
+use safetensors::SafeTensors;
+use serde_json::{json, Value};
 
 use sd_wgpu::model::clip::ClipTextModel;
 use sd_wgpu::model::config::{ClipTextConfig, UNetConfig, VaeConfig};
@@ -12,7 +40,9 @@ use sd_wgpu::model::unet::UNet2DConditionModel;
 use sd_wgpu::model::vae::VaeDecoder;
 use sd_wgpu::model::weights::Weights;
 use sd_wgpu::pipeline::noise::TorchRng;
-use sd_wgpu::tensor::Device;
+use sd_wgpu::pipeline::{GenerateParams, StableDiffusion};
+use sd_wgpu::tensor::{profile, Device, Tensor};
+use sd_wgpu::{Error, Result};
 
 /// The process's peak resident memory (VmHWM), in MiB, where /proc has it.
 fn peak_memory_mib() -> Option<f64> {
@@ -22,58 +52,510 @@ fn peak_memory_mib() -> Option<f64> {
     Some(kib / 1024.0)
 }
 
-fn report(stage: &str, seconds: f64) {
-    let peak = peak_memory_mib()
+fn peak_text() -> String {
+    peak_memory_mib()
         .map(|m| format!("{m:.0} MiB"))
-        .unwrap_or_else(|| "n/a".into());
-    println!("{stage:<28} {seconds:>8.2} s   peak memory so far {peak}");
+        .unwrap_or_else(|| "n/a".into())
 }
 
-fn main() -> sd_wgpu::Result<()> {
-    let quick = std::env::args().any(|a| a == "--quick");
-    let device = Device::Cpu;
-    let weights = Weights::random(0, &device);
-    let here = std::path::Path::new("sd15-random");
-    println!(
-        "SD 1.5 architecture, random f32 weights, CPU backend, {} threads",
-        rayon::current_num_threads()
-    );
+struct Options {
+    quick: bool,
+    model: Option<PathBuf>,
+    inputs: Option<PathBuf>,
+    outputs: Option<PathBuf>,
+    runs: usize,
+    warmup: usize,
+    json: bool,
+    profile: bool,
+    image: bool,
+    steps: usize,
+    size: usize,
+    seed: u64,
+    prompt: String,
+    /// Latent side of the generated inputs (64: 512x512 for SD 1.5; 16 with `--tiny`).
+    latent_size: usize,
+}
 
-    let clip_config = ClipTextConfig {
-        hidden_size: 768,
-        intermediate_size: 3072,
-        num_hidden_layers: 12,
-        num_attention_heads: 12,
-        ..ClipTextConfig::default()
+fn usage(message: String) -> Error {
+    Error::InvalidArgument(format!(
+        "{message}\nusage: sd15_cpu [--quick] [--model DIR | --tiny] [--inputs FILE] [--outputs FILE] \
+         [--runs N] [--warmup W] [--json] [--profile] [--image [--steps N] [--size PX] [--seed S] [--prompt TEXT]]"
+    ))
+}
+
+fn parse_args() -> Result<Options> {
+    let mut o = Options {
+        quick: false,
+        model: None,
+        inputs: None,
+        outputs: None,
+        runs: 1,
+        warmup: 0,
+        json: false,
+        profile: false,
+        image: false,
+        steps: 2,
+        size: 512,
+        seed: 0,
+        prompt: "a photograph of an astronaut riding a horse".into(),
+        latent_size: 64,
     };
-    let clip = ClipTextModel::new(&clip_config, &weights, here)?;
-    let ids: Vec<u32> = (0..77)
-        .map(|i| if i == 0 { 49406 } else { 320 + i })
-        .collect();
-    let t = Instant::now();
-    clip.forward(&ids)?;
-    report("text encoder (77 tokens)", t.elapsed().as_secs_f64());
+    let mut args = std::env::args().skip(1);
+    while let Some(arg) = args.next() {
+        let mut value = |name: &str| {
+            args.next()
+                .ok_or_else(|| usage(format!("{name} needs a value")))
+        };
+        fn number<T: std::str::FromStr>(name: &str, v: String) -> Result<T> {
+            v.parse()
+                .map_err(|_| usage(format!("{name}: `{v}` is not a number")))
+        }
+        match arg.as_str() {
+            // `cargo bench` passes `--bench` to harness-less benches.
+            "--bench" => {}
+            "--quick" => o.quick = true,
+            "--json" => o.json = true,
+            "--profile" => o.profile = true,
+            "--image" => o.image = true,
+            "--tiny" => {
+                o.model =
+                    Some(Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/models/sd1"));
+                o.latent_size = 16;
+            }
+            "--model" => o.model = Some(value("--model")?.into()),
+            "--inputs" => o.inputs = Some(value("--inputs")?.into()),
+            "--outputs" => o.outputs = Some(value("--outputs")?.into()),
+            "--prompt" => o.prompt = value("--prompt")?,
+            "--runs" => o.runs = number("--runs", value("--runs")?)?,
+            "--warmup" => o.warmup = number("--warmup", value("--warmup")?)?,
+            "--steps" => o.steps = number("--steps", value("--steps")?)?,
+            "--size" => o.size = number("--size", value("--size")?)?,
+            "--seed" => o.seed = number("--seed", value("--seed")?)?,
+            other => return Err(usage(format!("unknown option `{other}`"))),
+        }
+    }
+    if o.runs == 0 {
+        return Err(usage("--runs must be at least 1".into()));
+    }
+    if o.image && o.model.is_none() {
+        return Err(usage("--image needs --model DIR or --tiny".into()));
+    }
+    Ok(o)
+}
 
-    let unet = UNet2DConditionModel::new(&UNetConfig::default(), &weights, here)?;
-    let mut rng = TorchRng::new(0);
-    let sample = rng.randn_tensor(&[2, 4, 64, 64], &device)?;
-    let context = rng.randn_tensor(&[2, 77, 768], &device)?;
-    let t = Instant::now();
-    unet.forward(&sample, 999.0, &context)?;
-    report("UNet step, batch 2, 512x512", t.elapsed().as_secs_f64());
+/// The three networks, from a folder or with random weights.
+enum Models {
+    Loaded(Box<StableDiffusion>),
+    Random {
+        clip: Box<ClipTextModel>,
+        unet: Box<UNet2DConditionModel>,
+        vae: Box<VaeDecoder>,
+    },
+}
 
-    if !quick {
+impl Models {
+    fn random(device: &Device) -> Result<Self> {
+        let weights = Weights::random(0, device);
+        let here = Path::new("sd15-random");
+        let clip_config = ClipTextConfig {
+            hidden_size: 768,
+            intermediate_size: 3072,
+            num_hidden_layers: 12,
+            num_attention_heads: 12,
+            ..ClipTextConfig::default()
+        };
         let vae_config = VaeConfig {
             block_out_channels: vec![128, 256, 512, 512],
             up_block_types: vec!["UpDecoderBlock2D".into(); 4],
             layers_per_block: 2,
             ..VaeConfig::default()
         };
-        let vae = VaeDecoder::new(&vae_config, &weights, here)?;
-        let latents = rng.randn_tensor(&[1, 4, 64, 64], &device)?;
+        Ok(Models::Random {
+            clip: Box::new(ClipTextModel::new(&clip_config, &weights, here)?),
+            unet: Box::new(UNet2DConditionModel::new(
+                &UNetConfig::default(),
+                &weights,
+                here,
+            )?),
+            vae: Box::new(VaeDecoder::new(&vae_config, &weights, here)?),
+        })
+    }
+
+    fn clip(&self) -> &ClipTextModel {
+        match self {
+            Models::Loaded(sd) => sd.text_encoder(),
+            Models::Random { clip, .. } => clip,
+        }
+    }
+
+    fn unet(&self) -> &UNet2DConditionModel {
+        match self {
+            Models::Loaded(sd) => sd.unet(),
+            Models::Random { unet, .. } => unet,
+        }
+    }
+
+    fn vae(&self) -> &VaeDecoder {
+        match self {
+            Models::Loaded(sd) => sd.vae(),
+            Models::Random { vae, .. } => vae,
+        }
+    }
+}
+
+/// What each stage runs on.
+struct Inputs {
+    ids: Vec<u32>,
+    context: Tensor,
+    latents: Tensor,
+    timestep: f32,
+    vae_latents: Tensor,
+}
+
+impl Inputs {
+    /// Seeded inputs shaped for `models`, `latent_size` latents a side (64: 512x512).
+    fn generated(models: &Models, latent_size: usize, device: &Device) -> Result<Self> {
+        let ids: Vec<u32> = (0..77)
+            .map(|i| if i == 0 { 49406 } else { 320 + i })
+            .collect();
+        let mut rng = TorchRng::new(0);
+        let channels = models.unet().config().in_channels;
+        let width = models.clip().config().hidden_size;
+        let latents = rng.randn_tensor(&[2, channels, latent_size, latent_size], device)?;
+        let context = rng.randn_tensor(&[2, 77, width], device)?;
+        let vae_channels = models.vae().config().latent_channels;
+        let vae_latents = rng.randn_tensor(&[1, vae_channels, latent_size, latent_size], device)?;
+        Ok(Inputs {
+            ids,
+            context,
+            latents,
+            timestep: 999.0,
+            vae_latents,
+        })
+    }
+
+    /// The inputs another implementation wrote (see the module docs).
+    fn read(path: &Path, device: &Device) -> Result<Self> {
+        let bytes = std::fs::read(path).map_err(|e| Error::io(path, e))?;
+        let file = SafeTensors::deserialize(&bytes)
+            .map_err(|e| Error::Other(format!("{}: {e}", path.display())))?;
+        let get = |name: &str| -> Result<(Vec<f32>, Vec<usize>)> {
+            let view = file
+                .tensor(name)
+                .map_err(|e| Error::Other(format!("{}: `{name}`: {e}", path.display())))?;
+            if view.dtype() != Dtype::F32 {
+                return Err(Error::Other(format!(
+                    "{}: `{name}` is {:?}; expected F32",
+                    path.display(),
+                    view.dtype()
+                )));
+            }
+            let data = view
+                .data()
+                .chunks_exact(4)
+                .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
+                .collect();
+            Ok((data, view.shape().to_vec()))
+        };
+        let tensor = |name: &str| -> Result<Tensor> {
+            let (data, shape) = get(name)?;
+            Tensor::from_vec(data, &shape, device)
+        };
+        let (ids, _) = get("ids")?;
+        let (timestep, _) = get("timestep")?;
+        Ok(Inputs {
+            ids: ids.iter().map(|&v| v as u32).collect(),
+            context: tensor("context")?,
+            latents: tensor("latents")?,
+            timestep: timestep[0],
+            vae_latents: tensor("vae_latents")?,
+        })
+    }
+}
+
+/// One stage's result: median seconds, each run's seconds, the last output, and the op
+/// profile of the timed runs (empty unless profiling).
+struct Timed {
+    median: f64,
+    runs: Vec<f64>,
+    output: Tensor,
+    ops: Vec<profile::OpTime>,
+}
+
+/// `runs` timed calls after `warmup` untimed ones.
+fn time(warmup: usize, runs: usize, mut f: impl FnMut() -> Result<Tensor>) -> Result<Timed> {
+    for _ in 0..warmup {
+        f()?;
+    }
+    profile::take();
+    let mut seconds = Vec::with_capacity(runs);
+    let mut last = None;
+    for _ in 0..runs {
         let t = Instant::now();
-        vae.decode(&latents)?;
-        report("VAE decode, 512x512", t.elapsed().as_secs_f64());
+        let out = f()?;
+        seconds.push(t.elapsed().as_secs_f64());
+        last = Some(out);
+    }
+    let mut sorted = seconds.clone();
+    sorted.sort_by(f64::total_cmp);
+    let n = sorted.len();
+    let median = if n % 2 == 1 {
+        sorted[n / 2]
+    } else {
+        (sorted[n / 2 - 1] + sorted[n / 2]) / 2.0
+    };
+    Ok(Timed {
+        median,
+        runs: seconds,
+        output: last.expect("runs >= 1"),
+        ops: profile::take(),
+    })
+}
+
+fn write_outputs(path: &Path, outputs: &[(&str, &Tensor)]) -> Result<()> {
+    let data: Vec<(String, Vec<u8>, Vec<usize>)> = outputs
+        .iter()
+        .map(|(name, t)| {
+            let bytes = t.to_vec()?.iter().flat_map(|v| v.to_le_bytes()).collect();
+            Ok((name.to_string(), bytes, t.shape().to_vec()))
+        })
+        .collect::<Result<_>>()?;
+    let views = data
+        .iter()
+        .map(|(name, bytes, shape)| {
+            TensorView::new(Dtype::F32, shape.clone(), bytes)
+                .map(|v| (name.clone(), v))
+                .map_err(|e| Error::Other(format!("{name}: {e}")))
+        })
+        .collect::<Result<Vec<_>>>()?;
+    safetensors::tensor::serialize_to_file(views, None, path)
+        .map_err(|e| Error::Other(format!("{}: {e}", path.display())))
+}
+
+fn whole_image(o: &Options, dir: &Path, device: &Device) -> Result<Value> {
+    let t = Instant::now();
+    let sd = StableDiffusion::load(dir, device)?;
+    let load_s = t.elapsed().as_secs_f64();
+    let peak_after_load = peak_memory_mib();
+    let params = GenerateParams {
+        prompt: o.prompt.clone(),
+        negative_prompt: None,
+        steps: o.steps,
+        guidance_scale: 7.5,
+        width: o.size,
+        height: o.size,
+        seed: o.seed,
+        scheduler: None,
+        scheduler_overrides: Default::default(),
+    };
+    if o.profile {
+        profile::set_enabled(true);
+    }
+    // Denoising steps as the scheduler counts them: PNDM runs one more UNet evaluation
+    // than `steps` (its PLMS warm-up repeats a timestep).
+    let mut evaluations = 0;
+    let generated = sd.generate(&params, &mut |_| {
+        evaluations += 1;
+        ControlFlow::Continue(())
+    })?;
+    let ops: Vec<Value> = profile::take()
+        .iter()
+        .map(|op| json!({"op": op.op, "s": op.time.as_secs_f64(), "calls": op.calls}))
+        .collect();
+    let t = generated.timings;
+    if let Some(path) = &o.outputs {
+        let png = generated.image.to_png()?;
+        std::fs::write(path, png).map_err(|e| Error::io(path, e))?;
+    }
+    Ok(json!({
+        "mode": "image",
+        "model": dir.display().to_string(),
+        "threads": rayon::current_num_threads(),
+        "size": o.size,
+        "steps": o.steps,
+        "load_s": load_s,
+        "text_encoder_s": t.text_encoder.as_secs_f64(),
+        "denoise_s": t.denoise.as_secs_f64(),
+        "unet_evaluations": evaluations,
+        "step_s": t.denoise.as_secs_f64() / evaluations.max(1) as f64,
+        "vae_decode_s": t.vae_decode.as_secs_f64(),
+        "total_s": t.total.as_secs_f64(),
+        "peak_after_load_mib": peak_after_load,
+        "peak_mib": peak_memory_mib(),
+        "ops": ops,
+    }))
+}
+
+fn main() -> Result<()> {
+    let o = parse_args()?;
+    let device = Device::Cpu;
+    let threads = rayon::current_num_threads();
+
+    if o.image {
+        let dir = o.model.as_deref().expect("checked in parse_args");
+        let result = whole_image(&o, dir, &device)?;
+        if o.json {
+            println!("{result}");
+        } else {
+            println!(
+                "whole {0}x{0} image, {1} steps, {threads} threads, {2}",
+                o.size,
+                o.steps,
+                dir.display()
+            );
+            for (label, key) in [
+                ("load", "load_s"),
+                ("text encoder (2 prompts)", "text_encoder_s"),
+                ("denoise", "denoise_s"),
+                ("per UNet evaluation", "step_s"),
+                ("VAE decode + to RGB", "vae_decode_s"),
+                ("total", "total_s"),
+            ] {
+                println!(
+                    "{label:<28} {:>8.2} s",
+                    result[key].as_f64().unwrap_or(f64::NAN)
+                );
+            }
+            println!(
+                "peak memory: {:.0} MiB after load, {:.0} MiB in all",
+                result["peak_after_load_mib"].as_f64().unwrap_or(f64::NAN),
+                result["peak_mib"].as_f64().unwrap_or(f64::NAN)
+            );
+            for op in result["ops"].as_array().into_iter().flatten() {
+                println!(
+                    "    {:<32} {:>8.3} s  {:>6} calls",
+                    op["op"].as_str().unwrap_or("?"),
+                    op["s"].as_f64().unwrap_or(f64::NAN),
+                    op["calls"]
+                );
+            }
+        }
+        return Ok(());
+    }
+
+    let t = Instant::now();
+    let (models, source) = match &o.model {
+        Some(dir) => (
+            Models::Loaded(Box::new(StableDiffusion::load(dir, &device)?)),
+            dir.display().to_string(),
+        ),
+        None => (Models::random(&device)?, "random f32 weights".to_string()),
+    };
+    let load_s = t.elapsed().as_secs_f64();
+    let peak_after_load = peak_memory_mib();
+    let inputs = match &o.inputs {
+        Some(path) => Inputs::read(path, &device)?,
+        None => Inputs::generated(&models, o.latent_size, &device)?,
+    };
+    if !o.json {
+        println!(
+            "SD 1.5 architecture, {source}, CPU backend, {threads} threads; \
+             median of {} run(s) after {} warm-up(s)",
+            o.runs, o.warmup
+        );
+    }
+
+    if o.profile {
+        profile::set_enabled(true);
+    }
+    let runs = o.runs as f64;
+    let mut stages: Vec<(&str, String, Timed)> = Vec::new();
+    let mut report = |key: &'static str, label: String, r: Timed| {
+        if !o.json {
+            println!(
+                "{label:<32} {:>8.2} s   peak memory so far {}",
+                r.median,
+                peak_text()
+            );
+            let total: f64 = r.ops.iter().map(|op| op.time.as_secs_f64()).sum();
+            for op in &r.ops {
+                let s = op.time.as_secs_f64();
+                println!(
+                    "    {:<32} {:>8.3} s {:>5.1}%  {:>6} calls  (per run)",
+                    op.op,
+                    s / runs,
+                    100.0 * s / total,
+                    op.calls as f64 / runs
+                );
+            }
+        }
+        stages.push((key, label, r));
+    };
+
+    let clip = models.clip();
+    let r = time(o.warmup, o.runs, || clip.forward(&inputs.ids))?;
+    report(
+        "text_encoder",
+        format!("text encoder ({} tokens)", inputs.ids.len()),
+        r,
+    );
+
+    let unet = models.unet();
+    let r = time(o.warmup, o.runs, || {
+        unet.forward(&inputs.latents, inputs.timestep, &inputs.context)
+    })?;
+    let s = inputs.latents.shape();
+    report(
+        "unet",
+        format!("UNet step, batch {}, {}x{} latents", s[0], s[2], s[3]),
+        r,
+    );
+
+    if !o.quick {
+        let vae = models.vae();
+        let r = time(o.warmup, o.runs, || vae.decode(&inputs.vae_latents))?;
+        let s = r.output.shape().to_vec();
+        report("vae", format!("VAE decode, {}x{}", s[2], s[3]), r);
+    }
+
+    if let Some(path) = &o.outputs {
+        let names: HashMap<&str, &str> = [
+            ("text_encoder", "text_embeddings"),
+            ("unet", "unet_out"),
+            ("vae", "image"),
+        ]
+        .into();
+        let outs: Vec<(&str, &Tensor)> = stages
+            .iter()
+            .map(|(key, _, r)| (names[key], &r.output))
+            .collect();
+        write_outputs(path, &outs)?;
+    }
+    if o.json {
+        let stage_json: serde_json::Map<String, Value> = stages
+            .iter()
+            .map(|(key, label, r)| {
+                let ops: Vec<Value> = r
+                    .ops
+                    .iter()
+                    .map(|op| {
+                        json!({
+                            "op": op.op,
+                            "s_per_run": op.time.as_secs_f64() / runs,
+                            "calls_per_run": op.calls as f64 / runs,
+                        })
+                    })
+                    .collect();
+                (
+                    key.to_string(),
+                    json!({"label": label, "median_s": r.median, "runs_s": r.runs, "ops": ops}),
+                )
+            })
+            .collect();
+        println!(
+            "{}",
+            json!({
+                "mode": "stages",
+                "model": source,
+                "threads": threads,
+                "runs": o.runs,
+                "warmup": o.warmup,
+                "load_s": load_s,
+                "stages": stage_json,
+                "peak_after_load_mib": peak_after_load,
+                "peak_mib": peak_memory_mib(),
+            })
+        );
     }
     Ok(())
 }

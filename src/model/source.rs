@@ -243,7 +243,9 @@ impl ModelSource {
     }
 
     pub fn text_encoder(&self) -> Result<ComponentParts<ClipTextConfig>> {
-        self.component(Component::TextEncoder, |s, config, _| s.text_encoder(config))
+        self.component(Component::TextEncoder, |s, config, _| {
+            s.text_encoder(config)
+        })
     }
 
     pub fn unet(&self) -> Result<ComponentParts<UNetConfig>> {

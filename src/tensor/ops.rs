@@ -1,7 +1,7 @@
 //! The op list. Each op checks shapes here, once, then dispatches to the backend that
 //! holds the data. Model code only ever calls these methods.
 
-use super::{Device, Storage, Tensor};
+use super::{profile, DType, Device, Storage, Tensor};
 use crate::backend::{cpu, gpu};
 use crate::error::{Error, Result};
 
@@ -83,6 +83,12 @@ impl Tensor {
     // ---- elementwise ----------------------------------------------------------------
 
     pub fn binary(&self, rhs: &Tensor, op: BinaryOp) -> Result<Tensor> {
+        let _p = profile::scope(match op {
+            BinaryOp::Add => "add",
+            BinaryOp::Sub => "sub",
+            BinaryOp::Mul => "mul",
+            BinaryOp::Div => "div",
+        });
         self.same_device(rhs, "binary")?;
         let shape = broadcast_shape(&self.shape, &rhs.shape)?;
         match (self.storage(), rhs.storage()) {
@@ -115,6 +121,14 @@ impl Tensor {
     }
 
     pub fn unary(&self, op: UnaryOp) -> Result<Tensor> {
+        let _p = profile::scope(match op {
+            UnaryOp::Silu => "silu",
+            UnaryOp::Gelu => "gelu",
+            UnaryOp::QuickGelu => "quick_gelu",
+            UnaryOp::Affine { .. } => "affine",
+            UnaryOp::Clamp { .. } => "clamp",
+            UnaryOp::Sqrt => "sqrt",
+        });
         match self.storage() {
             Storage::Cpu(a) => Ok(Tensor::from_storage(
                 Storage::Cpu(cpu::elementwise::unary(a, op)),
@@ -158,6 +172,7 @@ impl Tensor {
 
     /// `a * x + b * y` for two tensors of one shape: the workhorse of scheduler updates.
     pub fn axpby(a: f32, x: &Tensor, b: f32, y: &Tensor) -> Result<Tensor> {
+        let _p = profile::scope("axpby");
         x.same_device(y, "axpby")?;
         if x.shape != y.shape {
             return Err(Error::shape(
@@ -180,6 +195,7 @@ impl Tensor {
 
     /// GEGLU: splits the last dimension into halves `[h, gate]` and returns `h * gelu(gate)`.
     pub fn geglu(&self) -> Result<Tensor> {
+        let _p = profile::scope("geglu");
         let last = *self.shape.last().unwrap_or(&0);
         if !last.is_multiple_of(2) {
             return Err(Error::shape(
@@ -214,6 +230,7 @@ impl Tensor {
     }
 
     fn matmul_impl(&self, rhs: &Tensor, transpose_rhs: bool) -> Result<Tensor> {
+        let _p = profile::scope("matmul");
         self.same_device(rhs, "matmul")?;
         if self.rank() < 2 || rhs.rank() < 2 {
             return Err(Error::shape(
@@ -270,6 +287,11 @@ impl Tensor {
     /// A fully connected layer as torch's `nn.Linear`: `self @ weight^T + bias`,
     /// self `[.., in]`, weight `[out, in]`, bias `[out]`.
     pub fn linear(&self, weight: &Tensor, bias: Option<&Tensor>) -> Result<Tensor> {
+        let _p = profile::scope(if weight.dtype() == DType::F32 {
+            "linear"
+        } else {
+            "linear (f16/bf16 weight)"
+        });
         weight.expect_rank("linear", 2)?;
         let (out_f, in_f) = (weight.shape[0], weight.shape[1]);
         if self.shape.last() != Some(&in_f) {
@@ -321,6 +343,14 @@ impl Tensor {
         stride: usize,
         padding: usize,
     ) -> Result<Tensor> {
+        let _p = profile::scope(match (weight.shape.get(2), weight.dtype() == DType::F32) {
+            (Some(1), true) => "conv2d 1x1",
+            (Some(1), false) => "conv2d 1x1 (f16/bf16 weight)",
+            (Some(3), true) => "conv2d 3x3",
+            (Some(3), false) => "conv2d 3x3 (f16/bf16 weight)",
+            (_, true) => "conv2d other",
+            (_, false) => "conv2d other (f16/bf16 weight)",
+        });
         self.expect_rank("conv2d", 4)?;
         weight.expect_rank("conv2d weight", 4)?;
         let [n, c, h, w] = [self.shape[0], self.shape[1], self.shape[2], self.shape[3]];
@@ -390,6 +420,7 @@ impl Tensor {
         eps: f32,
         silu: bool,
     ) -> Result<Tensor> {
+        let _p = profile::scope("group_norm");
         let [n, c, spatial] = self.group_layout("group_norm", num_groups)?;
         gamma.expect_shape("group_norm weight", &[c])?;
         beta.expect_shape("group_norm bias", &[c])?;
@@ -409,6 +440,7 @@ impl Tensor {
     /// `[N, num_groups, 2]`. With [`Tensor::group_norm_with_moments`] this normalises a
     /// tensor held in pieces (see `model::bands`).
     pub fn group_moments(&self, num_groups: usize) -> Result<Tensor> {
+        let _p = profile::scope("group_norm");
         let [n, c, spatial] = self.group_layout("group_moments", num_groups)?;
         let storage = match self.storage() {
             Storage::Cpu(x) => Storage::Cpu(cpu::norm::group_moments(x, n, c, spatial, num_groups)),
@@ -429,6 +461,7 @@ impl Tensor {
         eps: f32,
         silu: bool,
     ) -> Result<Tensor> {
+        let _p = profile::scope("group_norm");
         let op = "group_norm_with_moments";
         let [n, c, spatial] = self.group_layout(op, num_groups)?;
         moments.expect_shape("group_norm moments", &[n, num_groups, 2])?;
@@ -472,6 +505,7 @@ impl Tensor {
 
     /// Layer norm over the last dimension as torch's `nn.LayerNorm`.
     pub fn layer_norm(&self, gamma: &Tensor, beta: &Tensor, eps: f32) -> Result<Tensor> {
+        let _p = profile::scope("layer_norm");
         let d = *self.shape.last().unwrap_or(&0);
         gamma.expect_shape("layer_norm weight", &[d])?;
         beta.expect_shape("layer_norm bias", &[d])?;
@@ -490,6 +524,7 @@ impl Tensor {
 
     /// Softmax over the last dimension.
     pub fn softmax(&self) -> Result<Tensor> {
+        let _p = profile::scope("softmax");
         let d = *self.shape.last().unwrap_or(&0);
         match self.storage() {
             Storage::Cpu(x) => Ok(Tensor::from_storage(
@@ -516,6 +551,11 @@ impl Tensor {
         heads: usize,
         causal: bool,
     ) -> Result<Tensor> {
+        let _p = profile::scope(if q.shape.get(1) == k.shape.get(1) {
+            "attention (self)"
+        } else {
+            "attention (cross)"
+        });
         q.same_device(k, "attention")?;
         q.same_device(v, "attention")?;
         q.expect_rank("attention q", 3)?;
@@ -556,6 +596,7 @@ impl Tensor {
 
     /// Axes reordered as torch's `permute(..).contiguous()`.
     pub fn permute(&self, axes: &[usize]) -> Result<Tensor> {
+        let _p = profile::scope("permute");
         let mut seen = vec![false; self.rank()];
         if axes.len() != self.rank()
             || axes
@@ -585,6 +626,7 @@ impl Tensor {
 
     /// `len` entries of dimension `dim` starting at `start`.
     pub fn narrow(&self, dim: usize, start: usize, len: usize) -> Result<Tensor> {
+        let _p = profile::scope("narrow");
         if dim >= self.rank() || start + len > self.shape[dim] {
             return Err(Error::shape(
                 "narrow",
@@ -607,6 +649,7 @@ impl Tensor {
 
     /// Concatenation along `dim`; all other dimensions must agree.
     pub fn cat(tensors: &[&Tensor], dim: usize) -> Result<Tensor> {
+        let _p = profile::scope("cat");
         let first = tensors
             .first()
             .ok_or_else(|| Error::shape("cat", "no tensors"))?;
@@ -662,6 +705,7 @@ impl Tensor {
 
     /// Nearest-neighbour resize of an NCHW tensor, as torch's `F.interpolate(mode="nearest")`.
     pub fn upsample_nearest(&self, out_h: usize, out_w: usize) -> Result<Tensor> {
+        let _p = profile::scope("upsample_nearest");
         self.expect_rank("upsample_nearest", 4)?;
         let [n, c, h, w] = [self.shape[0], self.shape[1], self.shape[2], self.shape[3]];
         match self.storage() {
@@ -678,6 +722,7 @@ impl Tensor {
 
     /// Rows `ids` of a `[vocab, dim]` table: an embedding lookup.
     pub fn embedding(&self, ids: &[u32]) -> Result<Tensor> {
+        let _p = profile::scope("embedding");
         self.expect_rank("embedding", 2)?;
         let (rows, d) = (self.shape[0], self.shape[1]);
         if let Some(bad) = ids.iter().find(|&&i| i as usize >= rows) {
