@@ -218,6 +218,8 @@ fn kernels(gpu: &GpuDevice, device: &Device) -> sd_wgpu::Result<()> {
             recorded.as_secs_f64() * 1e6 / launches as f64,
             start.elapsed().as_secs_f64() * 1e6 / launches as f64
         );
+        let (hits, misses) = gpu.bind_group_reuse();
+        println!("bind groups so far: {hits} reused, {misses} made");
     }
     println!("peak host memory so far {}", peak());
     Ok(())

@@ -271,6 +271,8 @@ fn run(cli: Cli) -> Result<()> {
                 t.vae_decode.as_secs_f64(),
             );
             if let Device::Gpu(gpu) = &device {
+                let (reused, made) = gpu.bind_group_reuse();
+                tracing::info!("GPU bind groups: {reused} reused from the cache, {made} made");
                 let profile = gpu.profile();
                 if !profile.is_empty() {
                     println!(

@@ -88,50 +88,31 @@ impl Kernel {
 struct Pending {
     encoder: Option<wgpu::CommandEncoder>,
     passes: usize,
-    /// The parameter blocks of the encoder's dispatches, in one buffer (see [`Arena`]).
-    params: Option<Arena>,
     /// The timestamp queries of the encoder's passes (only when profiling).
     timestamps: Option<Batch>,
 }
 
-/// The parameter blocks of one submit's dispatches, written into a buffer mapped at
-/// creation (one buffer per submit instead of one per dispatch), each at an offset the
-/// adapter accepts for a binding. Unmapped just before the submit.
-struct Arena {
-    buffer: wgpu::Buffer,
-    used: u64,
+/// A bind group's identity: the kernel and each binding's (buffer, offset, size).
+#[derive(Clone, PartialEq, Eq, Hash)]
+struct BindKey {
+    kernel: Kernel,
+    bindings: Vec<(wgpu::Buffer, u64, Option<u64>)>,
 }
 
-impl Arena {
-    fn new(device: &wgpu::Device, align: u64) -> Self {
-        // Room for a submit's worth of blocks of up to 256 bytes each.
-        let size = PASSES_PER_SUBMIT as u64 * align.max(256);
-        Arena {
-            buffer: device.create_buffer(&wgpu::BufferDescriptor {
-                label: Some("params"),
-                size,
-                usage: wgpu::BufferUsages::STORAGE,
-                mapped_at_creation: true,
-            }),
-            used: 0,
-        }
-    }
+/// The most parameter blocks and bind groups kept; past it both caches start over (a
+/// generation of a given size needs a few hundred of each, steady from step to step).
+const MAX_CACHED: usize = 8192;
 
-    /// Writes `params` into the next `slot` bytes; returns their offset. Fails only where
-    /// the buffer is invalid (its creation failed, or the device is lost).
-    fn push(&mut self, params: &[u8], slot: u64) -> std::result::Result<u64, String> {
-        let offset = self.used;
-        if !params.is_empty() {
-            let end = offset + params.len() as u64;
-            self.buffer
-                .slice(offset..end)
-                .get_mapped_range_mut()
-                .map_err(|e| format!("writing kernel parameters: {e}"))?
-                .copy_from_slice(params);
-        }
-        self.used += slot;
-        Ok(offset)
-    }
+/// Parameter buffers by content and bind groups by their bindings: a denoising step
+/// repeats the previous step's launches with the same shapes, and the buffer pool hands
+/// out the same buffers in the same order, so after the first step nearly every launch
+/// reuses both instead of creating them.
+#[derive(Default)]
+struct BindCache {
+    params: HashMap<Vec<u8>, wgpu::Buffer>,
+    groups: HashMap<BindKey, wgpu::BindGroup>,
+    hits: u64,
+    misses: u64,
 }
 
 pub(crate) struct GpuContext {
@@ -143,13 +124,17 @@ pub(crate) struct GpuContext {
     /// `SD_GPU_F16` is not `0`): see [`GpuDevice`].
     pub f16: bool,
     pending: Mutex<Pending>,
+    binds: Mutex<BindCache>,
     /// Each kernel's pipeline and its bind group layout (fetched once: wgpu makes a new
     /// handle on every `get_bind_group_layout`).
     pipelines: Mutex<HashMap<Kernel, (wgpu::ComputePipeline, wgpu::BindGroupLayout)>>,
     /// Shader modules by file and variant (f16 weights or not).
     modules: Mutex<HashMap<(&'static str, bool), wgpu::ShaderModule>>,
-    /// Free kernel-output buffers by size in bytes.
-    pool: Mutex<HashMap<u64, Vec<wgpu::Buffer>>>,
+    /// Free kernel-output buffers by size in bytes. The first in wgpu's buffer order is
+    /// handed out (not the last freed), so the buffers a step gets depend only on which
+    /// are free, not on the order earlier steps freed them: each step binds the same
+    /// buffers as the one before, and its bind groups come from the cache.
+    pool: Mutex<HashMap<u64, std::collections::BTreeSet<wgpu::Buffer>>>,
     /// The first error wgpu reported outside a call (validation, out of memory, device lost).
     error: Arc<Mutex<Option<String>>>,
     /// Why the device was lost, once it is (set by wgpu's device-lost callback).
@@ -315,10 +300,10 @@ impl GpuDevice {
             pending: Mutex::new(Pending {
                 encoder: None,
                 passes: 0,
-                params: None,
                 timestamps: None,
             }),
             pipelines: Mutex::new(HashMap::new()),
+            binds: Mutex::new(BindCache::default()),
             modules: Mutex::new(HashMap::new()),
             pool: Mutex::new(HashMap::new()),
             error,
@@ -338,6 +323,13 @@ impl GpuDevice {
     /// The largest buffer the device allocates, in bytes: no one tensor may be larger.
     pub fn max_buffer_bytes(&self) -> u64 {
         self.0.limits.max_buffer_size
+    }
+
+    /// Kernel launches so far whose bind group came from the cache, and those that made
+    /// one.
+    pub fn bind_group_reuse(&self) -> (u64, u64) {
+        let cache = lock(&self.0.binds);
+        (cache.hits, cache.misses)
     }
 
     /// Whether the device is gone (driver reset, GPU removed, or [`Self::lose_for_test`]):
@@ -417,7 +409,6 @@ impl GpuContext {
             lock(&self.error).take();
             let mut pending = lock(&self.pending);
             pending.encoder = None;
-            pending.params = None;
             pending.passes = 0;
             pending.timestamps = None;
             return Err(Error::Gpu(format!(
@@ -430,7 +421,6 @@ impl GpuContext {
             Some(e) => {
                 let mut pending = lock(&self.pending);
                 pending.encoder = None;
-                pending.params = None;
                 pending.passes = 0;
                 // The dropped passes' timestamps were never written.
                 pending.timestamps = None;
@@ -451,9 +441,6 @@ impl GpuContext {
             let timestamps = pending.timestamps.take();
             if let (Some(profiler), Some(batch)) = (&self.profiler, &timestamps) {
                 profiler.resolve(&mut encoder, batch);
-            }
-            if let Some(arena) = pending.params.take() {
-                arena.buffer.unmap();
             }
             self.queue.submit([encoder.finish()]);
             if let (Some(profiler), Some(batch)) = (&self.profiler, timestamps) {
@@ -548,7 +535,10 @@ impl GpuContext {
     /// A kernel-output buffer of `bytes` bytes, from the pool when one is free.
     pub fn alloc(&self, bytes: u64) -> wgpu::Buffer {
         let bytes = bytes.max(4);
-        if let Some(b) = lock(&self.pool).get_mut(&bytes).and_then(Vec::pop) {
+        if let Some(b) = lock(&self.pool)
+            .get_mut(&bytes)
+            .and_then(std::collections::BTreeSet::pop_first)
+        {
             return b;
         }
         self.device.create_buffer(&wgpu::BufferDescriptor {
@@ -570,7 +560,7 @@ impl GpuContext {
         lock(&self.pool)
             .entry(buffer.size())
             .or_default()
-            .push(buffer);
+            .insert(buffer);
     }
 
     /// A buffer holding `data`, created mapped (not through the queue, whose staged writes
@@ -617,50 +607,7 @@ impl GpuContext {
         groups: [u32; 3],
     ) {
         let (pipeline, layout) = self.pipeline(kernel);
-        let mut guard = lock(&self.pending);
-        let align = u64::from(self.limits.min_storage_buffer_offset_alignment);
-        let slot = (params.len().max(4) as u64).next_multiple_of(align);
-        if guard
-            .params
-            .as_ref()
-            .is_some_and(|a| a.used + slot > a.buffer.size())
-        {
-            self.submit(&mut guard);
-        }
-        let arena = guard
-            .params
-            .get_or_insert_with(|| Arena::new(&self.device, align));
-        let offset = match arena.push(params, slot) {
-            Ok(offset) => offset,
-            Err(e) => {
-                // Reported at the job's read-back like any other wgpu error.
-                lock(&self.error).get_or_insert(e);
-                return;
-            }
-        };
-        let mut entries = vec![wgpu::BindGroupEntry {
-            binding: 0,
-            resource: wgpu::BindingResource::Buffer(wgpu::BufferBinding {
-                buffer: &arena.buffer,
-                offset,
-                size: std::num::NonZeroU64::new((params.len().max(4) as u64).next_multiple_of(4)),
-            }),
-        }];
-        entries.extend(
-            buffers
-                .iter()
-                .enumerate()
-                .map(|(i, r)| wgpu::BindGroupEntry {
-                    binding: i as u32 + 1,
-                    resource: r.clone(),
-                }),
-        );
-        let bind_group = self.device.create_bind_group(&wgpu::BindGroupDescriptor {
-            label: None,
-            layout: &layout,
-            entries: &entries,
-        });
-        drop(guard);
+        let bind_group = self.bind_group(kernel, &layout, params, buffers);
         self.record_pass(Some(kernel.entry), |encoder, timestamp_writes| {
             let mut pass = encoder.begin_compute_pass(&wgpu::ComputePassDescriptor {
                 label: Some(kernel.entry),
@@ -670,6 +617,67 @@ impl GpuContext {
             pass.set_bind_group(0, &bind_group, &[]);
             pass.dispatch_workgroups(groups[0], groups[1], groups[2]);
         });
+    }
+
+    /// The bind group of `params` (binding 0) and `buffers` (1, 2, ...) for `kernel`: from
+    /// the cache, or made and kept.
+    fn bind_group(
+        &self,
+        kernel: Kernel,
+        layout: &wgpu::BindGroupLayout,
+        params: &[u8],
+        buffers: &[wgpu::BindingResource<'_>],
+    ) -> wgpu::BindGroup {
+        let mut cache = lock(&self.binds);
+        if cache.params.len() >= MAX_CACHED || cache.groups.len() >= MAX_CACHED {
+            cache.params.clear();
+            cache.groups.clear();
+        }
+        let params_buffer = match cache.params.get(params) {
+            Some(b) => b.clone(),
+            None => {
+                let b = self.upload(params);
+                cache.params.insert(params.to_vec(), b.clone());
+                b
+            }
+        };
+        let mut bindings = Vec::with_capacity(buffers.len() + 1);
+        bindings.push((params_buffer, 0, None));
+        for resource in buffers {
+            match resource {
+                wgpu::BindingResource::Buffer(b) => {
+                    bindings.push((b.buffer.clone(), b.offset, b.size.map(|s| s.get())))
+                }
+                _ => unreachable!("kernels bind only storage buffers"),
+            }
+        }
+        let key = BindKey { kernel, bindings };
+        if let Some(group) = cache.groups.get(&key) {
+            let group = group.clone();
+            cache.hits += 1;
+            return group;
+        }
+        cache.misses += 1;
+        let entries: Vec<wgpu::BindGroupEntry> = key
+            .bindings
+            .iter()
+            .enumerate()
+            .map(|(i, (buffer, offset, size))| wgpu::BindGroupEntry {
+                binding: i as u32,
+                resource: wgpu::BindingResource::Buffer(wgpu::BufferBinding {
+                    buffer,
+                    offset: *offset,
+                    size: size.and_then(std::num::NonZeroU64::new),
+                }),
+            })
+            .collect();
+        let group = self.device.create_bind_group(&wgpu::BindGroupDescriptor {
+            label: None,
+            layout,
+            entries: &entries,
+        });
+        cache.groups.insert(key, group.clone());
+        group
     }
 
     /// Workgroup counts covering `items` with `per_group` each, spread over x and y so no
@@ -708,5 +716,44 @@ impl GpuContext {
             .to_vec();
         staging.unmap();
         Ok(data[..bytes as usize].to_vec())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use crate::tensor::testing::random;
+    use crate::tensor::{Device, Tensor};
+
+    /// The same work three times, as consecutive denoising steps do: once the buffer pool
+    /// has settled (the first round allocates, the second reuses what the first freed), a
+    /// round makes no bind group (every launch finds its own in the cache) and gives the
+    /// same values.
+    #[test]
+    fn a_repeated_step_reuses_every_bind_group() {
+        let Some(shared) = super::super::test_device() else {
+            return;
+        };
+        // A device of its own, so other tests' launches do not count.
+        let gpu = super::GpuDevice::new(Some(&shared.name())).unwrap();
+        let device = Device::Gpu(gpu.clone());
+        let up = |t: Tensor| t.to_device(&device).unwrap();
+        let weight = up(random(&[8, 8, 3, 3], 1));
+        let (gamma, beta) = (up(random(&[8], 2)), up(random(&[8], 3)));
+        let step = |x: &Tensor| -> Vec<f32> {
+            let h = x.conv2d(&weight, None, 1, 1).unwrap();
+            let h = h.group_norm(4, &gamma, &beta, 1e-5, true).unwrap();
+            let h = h.add(x).unwrap().reshape(&[2, 8, 36]).unwrap();
+            let h = h.matmul_t(&h).unwrap().softmax().unwrap();
+            h.to_vec().unwrap()
+        };
+        let x = up(random(&[2, 8, 6, 6], 4));
+        let first = step(&x);
+        step(&x);
+        let (_, made) = gpu.bind_group_reuse();
+        let second = step(&x);
+        let (reused, made_after) = gpu.bind_group_reuse();
+        assert_eq!(first, second);
+        assert_eq!(made_after, made, "the third round made bind groups");
+        assert!(reused >= made, "{reused} reused, {made} made");
     }
 }

@@ -32,6 +32,10 @@ pub struct GpuStorage {
     len: usize,
     /// `F32`, or `F16` on a device that keeps f16 weights.
     dtype: DType,
+    /// A kernel output from the pool, which goes back there when dropped. Uploads are
+    /// freed instead: the pool then holds only buffers that kernels allocate, in the same
+    /// order every denoising step, so their bind groups come from the cache.
+    pooled: bool,
     pub(crate) ctx: Arc<GpuContext>,
 }
 
@@ -48,7 +52,9 @@ impl std::fmt::Debug for GpuStorage {
 impl Drop for GpuStorage {
     fn drop(&mut self) {
         if let Some(b) = self.buffer.take() {
-            self.ctx.recycle(b);
+            if self.pooled {
+                self.ctx.recycle(b);
+            }
         }
     }
 }
@@ -77,6 +83,7 @@ impl GpuStorage {
             buffer: Some(device.0.upload(bytemuck::cast_slice(data))),
             len: data.len(),
             dtype: DType::F32,
+            pooled: false,
             ctx: device.0.clone(),
         }
     }
@@ -95,6 +102,7 @@ impl GpuStorage {
             buffer: Some(device.0.upload(&bytes)),
             len: data.len(),
             dtype: DType::F16,
+            pooled: false,
             ctx: device.0.clone(),
         }
     }
@@ -105,6 +113,7 @@ impl GpuStorage {
             buffer: Some(ctx.alloc(len as u64 * 4)),
             len,
             dtype: DType::F32,
+            pooled: true,
             ctx: ctx.clone(),
         }
     }
