@@ -237,3 +237,42 @@ impl VaeDecoder {
         Ok(bands.max(1))
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::tensor::Device;
+
+    /// The real SD VAE's up blocks at 2048x2048 hold a 4 GiB map (256 channels at full
+    /// size): on an adapter allocating at most 2 GiB they take 4 bands, at 256 MiB 32;
+    /// a 512x512 image needs none.
+    #[test]
+    fn sd_vae_band_counts() {
+        let config = VaeConfig {
+            block_out_channels: vec![128, 256, 512, 512],
+            up_block_types: vec!["UpDecoderBlock2D".into(); 4],
+            layers_per_block: 2,
+            ..VaeConfig::default()
+        };
+        let vae = VaeDecoder::new(
+            &config,
+            &Weights::random(0, &Device::Cpu),
+            Path::new("sd-vae"),
+        )
+        .unwrap();
+        let gib = 1u64 << 30;
+        assert_eq!(
+            vae.bands_needed([1, 512, 256, 256], Some(2 * gib)).unwrap(),
+            4
+        );
+        assert_eq!(
+            vae.bands_needed([1, 512, 256, 256], Some(gib / 4)).unwrap(),
+            32
+        );
+        assert_eq!(
+            vae.bands_needed([1, 512, 64, 64], Some(2 * gib)).unwrap(),
+            1
+        );
+        assert_eq!(vae.bands_needed([1, 512, 256, 256], None).unwrap(), 1);
+    }
+}
