@@ -43,78 +43,17 @@ ROOT = os.path.abspath(os.path.join(os.path.dirname(__file__), ".."))
 FIXTURE_SD1 = os.path.join(ROOT, "tests", "fixtures", "models", "sd1")
 PROMPT = "a photograph of an astronaut riding a horse"
 
-# The configs of stable-diffusion-v1-5/stable-diffusion-v1-5 on the Hugging Face Hub.
-SD15_UNET = {
-    "act_fn": "silu",
-    "attention_head_dim": 8,
-    "block_out_channels": [320, 640, 1280, 1280],
-    "center_input_sample": False,
-    "cross_attention_dim": 768,
-    "down_block_types": ["CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"],
-    "downsample_padding": 1,
-    "flip_sin_to_cos": True,
-    "freq_shift": 0,
-    "in_channels": 4,
-    "layers_per_block": 2,
-    "mid_block_scale_factor": 1,
-    "norm_eps": 1e-05,
-    "norm_num_groups": 32,
-    "out_channels": 4,
-    "sample_size": 64,
-    "up_block_types": ["UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"],
-}
-SD15_VAE = {
-    "act_fn": "silu",
-    "block_out_channels": [128, 256, 512, 512],
-    "down_block_types": ["DownEncoderBlock2D"] * 4,
-    "in_channels": 3,
-    "latent_channels": 4,
-    "layers_per_block": 2,
-    "norm_num_groups": 32,
-    "out_channels": 3,
-    "sample_size": 512,
-    "scaling_factor": 0.18215,
-    "up_block_types": ["UpDecoderBlock2D"] * 4,
-}
-SD15_TEXT = {  # openai/clip-vit-large-patch14's text tower
-    "vocab_size": 49408,
-    "hidden_size": 768,
-    "intermediate_size": 3072,
-    "num_hidden_layers": 12,
-    "num_attention_heads": 12,
-    "max_position_embeddings": 77,
-    "hidden_act": "quick_gelu",
-    "layer_norm_eps": 1e-05,
-    "projection_dim": 768,
-    "bos_token_id": 0,
-    "eos_token_id": 2,
-    "pad_token_id": 1,
-}
-SD15_SCHEDULER = {
-    "_class_name": "PNDMScheduler",
-    "_diffusers_version": "0.6.0",
-    "beta_end": 0.012,
-    "beta_schedule": "scaled_linear",
-    "beta_start": 0.00085,
-    "num_train_timesteps": 1000,
-    "set_alpha_to_one": False,
-    "skip_prk_steps": True,
-    "steps_offset": 1,
-    "trained_betas": None,
-    "clip_sample": False,
-}
-MODEL_INDEX = {
-    "_class_name": "StableDiffusionPipeline",
-    "_diffusers_version": "0.6.0",
-    "feature_extractor": [None, None],
-    "requires_safety_checker": False,
-    "safety_checker": [None, None],
-    "scheduler": ["diffusers", "PNDMScheduler"],
-    "text_encoder": ["transformers", "CLIPTextModel"],
-    "tokenizer": ["transformers", "CLIPTokenizer"],
-    "unet": ["diffusers", "UNet2DConditionModel"],
-    "vae": ["diffusers", "AutoencoderKL"],
-}
+# The configs of stable-diffusion-v1-5/stable-diffusion-v1-5, as sd-wgpu's built-in
+# single-file preset keeps them (one copy in the repo), and the CLIP BPE files.
+PRESET = os.path.join(ROOT, "src", "model", "presets", "sd15")
+CLIP_BPE = os.path.join(ROOT, "src", "model", "presets", "clip_tokenizer")
+
+
+def preset_config(component):
+    with open(os.path.join(PRESET, component, "config.json")) as f:
+        return {k: v for k, v in json.load(f).items() if not k.startswith("_")}
+
+
 # The issue's targets: sd-wgpu's time / PyTorch's time at most this.
 TARGETS = {"text_encoder": 1.0, "unet": 0.8, "vae": 0.7}
 IMAGE_PEAK_TARGET_GB = 4.0
@@ -157,15 +96,12 @@ def folder_complete(folder, fp16):
 
 
 def write_folder_files(folder):
-    os.makedirs(folder, exist_ok=True)
-    write_json(os.path.join(folder, "model_index.json"), MODEL_INDEX)
-    os.makedirs(os.path.join(folder, "scheduler"), exist_ok=True)
-    write_json(os.path.join(folder, "scheduler", "scheduler_config.json"), SD15_SCHEDULER)
-    tok = os.path.join(folder, "tokenizer")
-    if os.path.exists(tok):
-        shutil.rmtree(tok)
-    # The real CLIP vocabulary and merges, as the SD repos ship them.
-    shutil.copytree(os.path.join(FIXTURE_SD1, "tokenizer"), tok)
+    """The preset's model_index, scheduler and tokenizer files (weights are added later)."""
+    if os.path.exists(folder):
+        shutil.rmtree(folder)
+    shutil.copytree(PRESET, folder)
+    for name in ("vocab.json", "merges.txt"):
+        shutil.copy(os.path.join(CLIP_BPE, name), os.path.join(folder, "tokenizer", name))
 
 
 def save_component(model, folder, comp, fp16):
@@ -196,13 +132,11 @@ def build_random_sd15(cache, want_fp16, seed):
     torch.set_num_threads(all_cores())
     folders = [f32] + ([f16] if want_fp16 else [])
     for folder in folders:
-        if os.path.exists(folder):
-            shutil.rmtree(folder)
         write_folder_files(folder)
     makers = [
-        ("text_encoder", lambda: CLIPTextModel(CLIPTextConfig(**SD15_TEXT))),
-        ("unet", lambda: UNet2DConditionModel(**SD15_UNET)),
-        ("vae", lambda: AutoencoderKL(**SD15_VAE)),
+        ("text_encoder", lambda: CLIPTextModel(CLIPTextConfig(**preset_config("text_encoder")))),
+        ("unet", lambda: UNet2DConditionModel.from_config(preset_config("unet"))),
+        ("vae", lambda: AutoencoderKL.from_config(preset_config("vae"))),
     ]
     for i, (comp, make) in enumerate(makers):
         t = time.perf_counter()
