@@ -3,6 +3,8 @@
 //! so the column buffer stays small (a 512x512 VAE layer would otherwise need gigabytes of
 //! columns).
 
+use std::sync::OnceLock;
+
 use rayon::prelude::*;
 
 use super::matmul::{sgemm, MatRef};
@@ -47,9 +49,13 @@ pub fn conv2d(
 
 /// Whether Winograd F(2x2, 3x3) beats im2col: it needs a 3x3 stride-1 kernel, and enough
 /// channels and tiles that its transforms stay small next to the products.
+/// Below 256 tiles (a batch of two 16x16 images) the per-call weight transform costs about
+/// what the smaller products save. `SD_CPU_WINOGRAD=0` turns the path off (to compare).
 fn winograd_pays(p: &Conv2dParams) -> bool {
+    static ENABLED: OnceLock<bool> = OnceLock::new();
+    let enabled = *ENABLED.get_or_init(|| std::env::var("SD_CPU_WINOGRAD").as_deref() != Ok("0"));
     let tiles = p.n * p.oh.div_ceil(2) * p.ow.div_ceil(2);
-    winograd::applies(p) && p.c >= 16 && p.oc >= 16 && tiles >= 64
+    enabled && winograd::applies(p) && p.c >= 16 && p.oc >= 16 && tiles >= 256
 }
 
 /// The convolution as im2col + GEMM.

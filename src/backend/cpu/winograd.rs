@@ -72,9 +72,9 @@ pub(crate) const F4: Transform<6, 4> = Transform {
     ],
 };
 
-/// Upper bound on the transformed input and product buffers of one chunk, in f32 elements
-/// (32 MiB, like im2col's column buffer).
-const MAX_CHUNK_ELEMS: usize = 8 << 20;
+/// Upper bound on the transformed input and product buffers of one chunk together, in f32
+/// elements (8 MiB; larger chunks measured no faster).
+const MAX_CHUNK_ELEMS: usize = 2 << 20;
 
 /// Whether a convolution can take this path: a 3x3 kernel at stride 1 (any padding).
 pub fn applies(p: &Conv2dParams) -> bool {
@@ -186,6 +186,9 @@ impl<const A: usize, const M: usize> Transform<A, M> {
 
     /// `V = B^T d B` of channel `ci` for the tiles of global tile rows `r0..r0 + rows`,
     /// into `dst` (`[position][tile]`, tiles numbered from `r0`'s first).
+    ///
+    /// Rows are kept split by phase (padded column `X` at `[X % M][X / M]`) so that both
+    /// passes run over contiguous slices.
     fn input_tiles(
         &self,
         x: &[f32],
@@ -198,48 +201,55 @@ impl<const A: usize, const M: usize> Transform<A, M> {
         let th = p.oh.div_ceil(M);
         let tw = p.ow.div_ceil(M);
         let tiles = rows * tw;
-        // Padded width: column X reads input column X - padding.
-        let width = tw * M + A - M;
-        let (lo, hi) = (p.padding.min(width), (p.padding + p.w).min(width));
+        // Each phase holds tw + 1 columns: a tile reads A <= 2 M of them.
+        let len = tw + 1;
+        let width = M * len;
+        let mut d = vec![0f32; A * width];
         let mut t = vec![0f32; A * width];
         for row in 0..rows {
             let r = r0 + row;
             let (b, ty) = (r / th, r % th);
             let plane = &x[(b * p.c + ci) * p.h * p.w..][..p.h * p.w];
-            // Columns first: t[i] = sum_k B^T[i][k] row(k), over the whole padded width.
-            t.fill(0.0);
-            for k in 0..A {
+            // The A input rows, split by phase; the padding stays 0.
+            for (k, line) in d.chunks_exact_mut(width).enumerate() {
                 let iy = (ty * M + k) as isize - p.padding as isize;
                 if iy < 0 || iy as usize >= p.h {
+                    line.fill(0.0);
                     continue;
                 }
-                let src = &plane[iy as usize * p.w..][..hi - lo];
-                for i in 0..A {
+                let src = &plane[iy as usize * p.w..][..p.w];
+                line.fill(0.0);
+                // Padded column X = ix + padding sits at [X % M][X / M].
+                for (ix, &v) in src.iter().enumerate().take(width - p.padding.min(width)) {
+                    let col = ix + p.padding;
+                    line[(col % M) * len + col / M] = v;
+                }
+            }
+            // Columns: t[i] = sum_k B^T[i][k] d[k].
+            for (i, line) in t.chunks_exact_mut(width).enumerate() {
+                line.fill(0.0);
+                for (k, src) in d.chunks_exact(width).enumerate() {
                     let coef = self.bt[i][k];
-                    if coef == 0.0 {
-                        continue;
-                    }
-                    let line = &mut t[i * width + lo..i * width + hi];
-                    for (d, s) in line.iter_mut().zip(src) {
-                        *d += coef * s;
+                    if coef != 0.0 {
+                        for (o, &s) in line.iter_mut().zip(src) {
+                            *o += coef * s;
+                        }
                     }
                 }
             }
-            // Then rows within each tile: V[i * A + j] = sum_l t[i][tx * M + l] B^T[j][l].
-            for i in 0..A {
-                let line = &t[i * width..(i + 1) * width];
+            // Rows within each tile: V[i * A + j][tx] = sum_l B^T[j][l] t[i][tx * M + l].
+            for (i, line) in t.chunks_exact(width).enumerate() {
                 for j in 0..A {
                     let out = &mut dst[(i * A + j) * tiles + row * tw..][..tw];
-                    for (tx, o) in out.iter_mut().enumerate() {
-                        let window = &line[tx * M..tx * M + A];
-                        let mut sum = 0.0;
-                        for (l, &value) in window.iter().enumerate() {
-                            let coef = self.bt[j][l];
-                            if coef != 0.0 {
-                                sum += coef * value;
+                    out.fill(0.0);
+                    for l in 0..A {
+                        let coef = self.bt[j][l];
+                        if coef != 0.0 {
+                            let src = &line[(l % M) * len + l / M..][..tw];
+                            for (o, &s) in out.iter_mut().zip(src) {
+                                *o += coef * s;
                             }
                         }
-                        *o = sum;
                     }
                 }
             }
@@ -262,42 +272,45 @@ impl<const A: usize, const M: usize> Transform<A, M> {
         dst: &mut [f32],
     ) {
         let tw = p.ow.div_ceil(M);
-        let width = tw * M;
-        let mut h = vec![0f32; A * width];
+        // h[i][jo][tx] and y[jo][tx]: split by output phase, contiguous over tiles.
+        let mut h = vec![0f32; A * M * tw];
+        let mut y = vec![0f32; M * tw];
         for row in 0..rows {
             let tile0 = (first + row) * tw;
-            // Rows of each tile first: h[i][tx * M + jo] = sum_j M[i * A + j] A^T[jo][j].
-            for i in 0..A {
-                let line = &mut h[i * width..(i + 1) * width];
-                line.fill(0.0);
-                for j in 0..A {
-                    let src = &m[((i * A + j) * p.oc + oc) * tiles + tile0..][..tw];
-                    for jo in 0..M {
+            // Rows of each tile: h[i][jo] = sum_j A^T[jo][j] M[i * A + j].
+            for (i, hi) in h.chunks_exact_mut(M * tw).enumerate() {
+                for (jo, line) in hi.chunks_exact_mut(tw).enumerate() {
+                    line.fill(0.0);
+                    for j in 0..A {
                         let coef = self.at[jo][j];
-                        if coef == 0.0 {
-                            continue;
-                        }
-                        for (tx, &s) in src.iter().enumerate() {
-                            line[tx * M + jo] += coef * s;
+                        if coef != 0.0 {
+                            let src = &m[((i * A + j) * p.oc + oc) * tiles + tile0..][..tw];
+                            for (o, &s) in line.iter_mut().zip(src) {
+                                *o += coef * s;
+                            }
                         }
                     }
                 }
             }
-            // Then columns: y[io] = bias + sum_i A^T[io][i] h[i].
+            // Columns: output row io = bias + sum_i A^T[io][i] h[i].
             for io in 0..M {
-                let y = (ty0 + row) * M + io;
-                if y >= p.oh {
+                let oy = (ty0 + row) * M + io;
+                if oy >= p.oh {
                     break;
                 }
-                let out = &mut dst[y * p.ow..(y + 1) * p.ow];
-                out.fill(bias);
-                for i in 0..A {
+                y.fill(bias);
+                for (i, hi) in h.chunks_exact(M * tw).enumerate() {
                     let coef = self.at[io][i];
-                    if coef == 0.0 {
-                        continue;
+                    if coef != 0.0 {
+                        for (o, &s) in y.iter_mut().zip(hi) {
+                            *o += coef * s;
+                        }
                     }
-                    for (o, &s) in out.iter_mut().zip(&h[i * width..]) {
-                        *o += coef * s;
+                }
+                let out = &mut dst[oy * p.ow..(oy + 1) * p.ow];
+                for (tx, tile) in out.chunks_mut(M).enumerate() {
+                    for (jo, o) in tile.iter_mut().enumerate() {
+                        *o = y[jo * tw + tx];
                     }
                 }
             }
