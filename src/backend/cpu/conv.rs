@@ -1,9 +1,14 @@
-//! 2-D convolution as im2col + GEMM, in chunks of output pixels so the column buffer stays
-//! small (a 512x512 VAE layer would otherwise need gigabytes of columns).
+//! 2-D convolution: 3x3 stride-1 layers large enough to pay through Winograd F(2x2, 3x3)
+//! (see [`super::winograd`]), everything else as im2col + GEMM, in chunks of output pixels
+//! so the column buffer stays small (a 512x512 VAE layer would otherwise need gigabytes of
+//! columns).
+
+use std::sync::OnceLock;
 
 use rayon::prelude::*;
 
 use super::matmul::{sgemm, MatRef};
+use super::winograd::{self, F2};
 use super::CpuStorage;
 
 /// Sizes of one convolution; `oh`/`ow` are the output's spatial size.
@@ -33,18 +38,39 @@ pub fn conv2d(
 ) -> CpuStorage {
     let x = x.as_f32();
     let weight = weight.as_f32();
+    let bias = bias.map(|b| b.as_f32());
+    let out = if winograd_pays(p) {
+        F2.conv(&x, &weight, bias.as_deref(), p)
+    } else {
+        im2col_conv(&x, &weight, bias.as_deref(), p)
+    };
+    CpuStorage::F32(out)
+}
+
+/// Whether Winograd F(2x2, 3x3) beats im2col: it needs a 3x3 stride-1 kernel, and enough
+/// channels and tiles that its transforms stay small next to the products.
+/// Below 256 tiles (a batch of two 16x16 images) the per-call weight transform costs about
+/// what the smaller products save. `SD_CPU_WINOGRAD=0` turns the path off (to compare).
+fn winograd_pays(p: &Conv2dParams) -> bool {
+    static ENABLED: OnceLock<bool> = OnceLock::new();
+    let enabled = *ENABLED.get_or_init(|| std::env::var("SD_CPU_WINOGRAD").as_deref() != Ok("0"));
+    let tiles = p.n * p.oh.div_ceil(2) * p.ow.div_ceil(2);
+    enabled && winograd::applies(p) && p.c >= 16 && p.oc >= 16 && tiles >= 256
+}
+
+/// The convolution as im2col + GEMM.
+fn im2col_conv(x: &[f32], weight: &[f32], bias: Option<&[f32]>, p: &Conv2dParams) -> Vec<f32> {
     let pixels = p.oh * p.ow;
     let patch = p.c * p.kh * p.kw;
     let mut out = vec![0f32; p.n * p.oc * pixels];
     if let Some(bias) = bias {
-        let bias = bias.as_f32();
         out.par_chunks_mut(pixels)
             .enumerate()
             .for_each(|(i, plane)| plane.fill(bias[i % p.oc]));
     }
     let accumulate = bias.is_some();
     let w_view = MatRef {
-        data: &weight,
+        data: weight,
         row_stride: patch,
         col_stride: 1,
     };
@@ -93,7 +119,7 @@ pub fn conv2d(
             start += len;
         }
     }
-    CpuStorage::F32(out)
+    out
 }
 
 /// Columns for output pixels `start..start + len`: row `(ci, ky, kx)` holds the input value
@@ -119,4 +145,119 @@ fn im2col(image: &[f32], p: &Conv2dParams, start: usize, len: usize, columns: &m
                 };
             }
         });
+}
+
+#[cfg(test)]
+mod tests {
+    use super::winograd::{F2, F4};
+    use super::{im2col_conv, Conv2dParams};
+    use crate::tensor::testing::random;
+
+    fn values(shape: &[usize], seed: u64) -> Vec<f32> {
+        random(shape, seed).to_vec().unwrap()
+    }
+
+    fn params(n: usize, c: usize, h: usize, w: usize, oc: usize, padding: usize) -> Conv2dParams {
+        Conv2dParams {
+            n,
+            c,
+            h,
+            w,
+            oc,
+            kh: 3,
+            kw: 3,
+            stride: 1,
+            padding,
+            oh: h + 2 * padding - 2,
+            ow: w + 2 * padding - 2,
+        }
+    }
+
+    /// Largest difference between Winograd and im2col, relative to the largest |output|.
+    fn worst(p: &Conv2dParams, seed: u64, f4: bool) -> (f32, f32) {
+        let x = values(&[p.n, p.c, p.h, p.w], seed);
+        let weight = values(&[p.oc, p.c, 3, 3], seed + 1);
+        let bias = values(&[p.oc], seed + 2);
+        let want = im2col_conv(&x, &weight, Some(&bias), p);
+        let got = if f4 {
+            F4.conv(&x, &weight, Some(&bias), p)
+        } else {
+            F2.conv(&x, &weight, Some(&bias), p)
+        };
+        assert_eq!(got.len(), want.len(), "{p:?}");
+        let scale = want.iter().fold(0f32, |m, v| m.max(v.abs()));
+        let diff = got
+            .iter()
+            .zip(&want)
+            .fold(0f32, |m, (a, b)| m.max((a - b).abs()));
+        (diff, diff / scale)
+    }
+
+    #[test]
+    fn winograd_matches_im2col_at_awkward_shapes() {
+        for (n, c, h, w, oc, padding) in [
+            (1, 1, 1, 1, 1, 1),
+            (1, 3, 5, 5, 1, 0),
+            (2, 5, 9, 7, 6, 1),
+            (1, 7, 13, 11, 67, 1),
+            (2, 17, 6, 10, 19, 1),
+            (2, 33, 15, 17, 35, 1),
+            (1, 16, 3, 4, 16, 2),
+            (3, 9, 8, 8, 5, 1),
+        ] {
+            let p = params(n, c, h, w, oc, padding);
+            for f4 in [false, true] {
+                let (abs, rel) = worst(&p, 7 * (c + h) as u64, f4);
+                assert!(
+                    rel < 2e-6 || (f4 && rel < 2e-5),
+                    "{p:?} f4 {f4}: {abs} ({rel} of max)"
+                );
+            }
+        }
+    }
+
+    /// Timing and error at SD-sized layers:
+    /// `cargo test --release --lib winograd_at_sd_sizes -- --ignored --nocapture`
+    /// (`SD_WINOGRAD_SHAPES=n,c,h,oc;...` picks the layers).
+    #[test]
+    #[ignore]
+    fn winograd_at_sd_sizes() {
+        use std::time::Instant;
+        let shapes = std::env::var("SD_WINOGRAD_SHAPES").unwrap_or_else(|_| {
+            "2,320,64,320;2,640,32,640;2,1280,16,1280;2,1280,8,1280;1,512,64,512;1,512,128,512;1,256,256,256;1,128,512,128;1,512,256,512".into()
+        });
+        for shape in shapes.split(';') {
+            let d: Vec<usize> = shape.split(',').map(|v| v.parse().unwrap()).collect();
+            let p = params(d[0], d[1], d[2], d[2], d[3], 1);
+            let x = values(&[p.n, p.c, p.h, p.w], 1);
+            let weight: Vec<f32> = values(&[p.oc, p.c, 3, 3], 2)
+                .iter()
+                .map(|v| v / (p.c as f32 * 9.0).sqrt())
+                .collect();
+            let bias = values(&[p.oc], 3);
+            let time = |f: &dyn Fn() -> Vec<f32>| {
+                let start = Instant::now();
+                let out = f();
+                (out, start.elapsed().as_secs_f64())
+            };
+            let (want, t0) = time(&|| im2col_conv(&x, &weight, Some(&bias), &p));
+            let (f2, t2) = time(&|| F2.conv(&x, &weight, Some(&bias), &p));
+            let (f4, t4) = time(&|| F4.conv(&x, &weight, Some(&bias), &p));
+            let err = |got: &[f32]| {
+                let mut abs = 0f32;
+                let mut rel = 0f32;
+                for (a, b) in got.iter().zip(&want) {
+                    abs = abs.max((a - b).abs());
+                    rel = rel.max((a - b).abs() / b.abs().max(1e-3));
+                }
+                let scale = want.iter().fold(0f32, |m, v| m.max(v.abs()));
+                format!("abs {abs:.2e} (max |y| {scale:.2}) rel {rel:.2e}")
+            };
+            println!(
+                "{shape}: im2col {t0:.3}s  F2 {t2:.3}s [{}]  F4 {t4:.3}s [{}]",
+                err(&f2),
+                err(&f4)
+            );
+        }
+    }
 }

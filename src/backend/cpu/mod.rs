@@ -8,6 +8,7 @@ pub mod elementwise;
 pub mod layout;
 pub mod matmul;
 pub mod norm;
+pub mod winograd;
 
 use std::borrow::Cow;
 
