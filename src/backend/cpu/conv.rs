@@ -215,49 +215,4 @@ mod tests {
             }
         }
     }
-
-    /// Timing and error at SD-sized layers:
-    /// `cargo test --release --lib winograd_at_sd_sizes -- --ignored --nocapture`
-    /// (`SD_WINOGRAD_SHAPES=n,c,h,oc;...` picks the layers).
-    #[test]
-    #[ignore]
-    fn winograd_at_sd_sizes() {
-        use std::time::Instant;
-        let shapes = std::env::var("SD_WINOGRAD_SHAPES").unwrap_or_else(|_| {
-            "2,320,64,320;2,640,32,640;2,1280,16,1280;2,1280,8,1280;1,512,64,512;1,512,128,512;1,256,256,256;1,128,512,128;1,512,256,512".into()
-        });
-        for shape in shapes.split(';') {
-            let d: Vec<usize> = shape.split(',').map(|v| v.parse().unwrap()).collect();
-            let p = params(d[0], d[1], d[2], d[2], d[3], 1);
-            let x = values(&[p.n, p.c, p.h, p.w], 1);
-            let weight: Vec<f32> = values(&[p.oc, p.c, 3, 3], 2)
-                .iter()
-                .map(|v| v / (p.c as f32 * 9.0).sqrt())
-                .collect();
-            let bias = values(&[p.oc], 3);
-            let time = |f: &dyn Fn() -> Vec<f32>| {
-                let start = Instant::now();
-                let out = f();
-                (out, start.elapsed().as_secs_f64())
-            };
-            let (want, t0) = time(&|| im2col_conv(&x, &weight, Some(&bias), &p));
-            let (f2, t2) = time(&|| F2.conv(&x, &weight, Some(&bias), &p));
-            let (f4, t4) = time(&|| F4.conv(&x, &weight, Some(&bias), &p));
-            let err = |got: &[f32]| {
-                let mut abs = 0f32;
-                let mut rel = 0f32;
-                for (a, b) in got.iter().zip(&want) {
-                    abs = abs.max((a - b).abs());
-                    rel = rel.max((a - b).abs() / b.abs().max(1e-3));
-                }
-                let scale = want.iter().fold(0f32, |m, v| m.max(v.abs()));
-                format!("abs {abs:.2e} (max |y| {scale:.2}) rel {rel:.2e}")
-            };
-            println!(
-                "{shape}: im2col {t0:.3}s  F2 {t2:.3}s [{}]  F4 {t4:.3}s [{}]",
-                err(&f2),
-                err(&f4)
-            );
-        }
-    }
 }
