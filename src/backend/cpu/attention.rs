@@ -397,21 +397,37 @@ mod tests {
         }
     }
 
+    /// The dispatched kernel and both portable forms (the fallback without FMA, and the
+    /// generic code the AVX2/AVX-512 builds compile) agree with f64.
     #[test]
     fn softmax_matches_f64() {
-        for d in [1, 7, 16, 77, 1000] {
-            let x: Vec<f32> = values(3 * d, d as u64).iter().map(|v| v * 20.0).collect();
-            let got = softmax(&CpuStorage::F32(x.clone()), d);
-            for (row, out) in x.chunks(d).zip(got.as_f32().chunks(d)) {
-                let max = row.iter().fold(f64::MIN, |m, &v| m.max(v as f64));
-                let sum: f64 = row.iter().map(|&v| (v as f64 - max).exp()).sum();
-                for (&v, &o) in row.iter().zip(out) {
-                    let e = (v as f64 - max).exp() / sum;
-                    // f32's v - max is off by up to half an ulp of |v - max|.
-                    let tol = (1e-6 + 1e-7 * (v as f64 - max).abs()) * e + 1e-38;
-                    assert!((o as f64 - e).abs() <= tol, "d {d}: {o} vs {e}");
+        type Kernel = fn(&mut [f32], usize);
+        let kernels: [(&str, Kernel); 3] = [
+            ("dispatched", softmax_rows_simd),
+            ("portable", softmax_rows::<false>),
+            ("portable fma", softmax_rows::<true>),
+        ];
+        for (name, kernel) in kernels {
+            for d in [1, 7, 16, 77, 1000] {
+                let x: Vec<f32> = values(3 * d, d as u64).iter().map(|v| v * 20.0).collect();
+                let mut got = x.clone();
+                kernel(&mut got, d);
+                for (row, out) in x.chunks(d).zip(got.chunks(d)) {
+                    let max = row.iter().fold(f64::MIN, |m, &v| m.max(v as f64));
+                    let sum: f64 = row.iter().map(|&v| (v as f64 - max).exp()).sum();
+                    for (&v, &o) in row.iter().zip(out) {
+                        let e = (v as f64 - max).exp() / sum;
+                        // f32's v - max is off by up to half an ulp of |v - max|.
+                        let tol = (1e-6 + 1e-7 * (v as f64 - max).abs()) * e + 1e-38;
+                        assert!((o as f64 - e).abs() <= tol, "{name}, d {d}: {o} vs {e}");
+                    }
                 }
             }
         }
+        // The op itself splits rows across threads.
+        let x: Vec<f32> = values(40 * 1000, 9).iter().map(|v| v * 20.0).collect();
+        let mut expected = x.clone();
+        softmax_rows_simd(&mut expected, 1000);
+        assert_eq!(*softmax(&CpuStorage::F32(x), 1000).as_f32(), expected[..]);
     }
 }
