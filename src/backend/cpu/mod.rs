@@ -5,6 +5,7 @@
 pub mod attention;
 pub mod conv;
 pub mod elementwise;
+pub(crate) mod exp;
 pub mod layout;
 pub mod matmul;
 pub mod norm;
