@@ -58,7 +58,35 @@ pub(crate) fn sgemm(
             "gemm rhs out of bounds"
         );
     }
-    let parallelism = if parallel && m * n * k >= 1 << 18 {
+    let threads = rayon::current_num_threads();
+    let big = m * n * k >= 1 << 18;
+    if parallel && big && m < SMALL_M && n >= threads * 64 {
+        // Few rows (77 text tokens): gemm's own threading splits rows, so the threads
+        // would share little; give each thread its own band of columns instead.
+        let band = n.div_ceil(threads).next_multiple_of(16);
+        let dst_ptr = super::SharedMut(dst.as_mut_ptr());
+        (0..n.div_ceil(band)).into_par_iter().for_each(|i| {
+            let (j0, cols) = (i * band, band.min(n - i * band));
+            // SAFETY: as below; the bands' columns are disjoint, so no two tasks write
+            // the same element of dst.
+            unsafe {
+                gemm_raw(
+                    m,
+                    cols,
+                    k,
+                    dst_ptr.ptr().add(j0),
+                    dst_row_stride,
+                    accumulate,
+                    lhs,
+                    rhs,
+                    j0,
+                    gemm::Parallelism::None,
+                )
+            };
+        });
+        return;
+    }
+    let parallelism = if parallel && big {
         gemm::Parallelism::Rayon(0)
     } else {
         gemm::Parallelism::None
@@ -66,18 +94,59 @@ pub(crate) fn sgemm(
     // SAFETY: the asserts above keep every access of the three strided matrices inside
     // their slices, and dst is borrowed mutably so nothing else aliases it.
     unsafe {
-        gemm::gemm(
+        gemm_raw(
             m,
             n,
             k,
             dst.as_mut_ptr(),
+            dst_row_stride,
+            accumulate,
+            lhs,
+            rhs,
+            0,
+            parallelism,
+        )
+    };
+}
+
+/// Products with fewer rows than this split their columns across threads.
+const SMALL_M: usize = 256;
+
+/// `gemm::gemm` of `lhs` by columns `first_col..first_col + n` of `rhs` into `dst`.
+///
+/// # Safety
+/// `lhs` and those columns of `rhs` must lie inside their slices, `dst` must point at an
+/// `m x n` region (row stride `dst_row_stride`) that no other thread writes.
+#[allow(clippy::too_many_arguments)]
+unsafe fn gemm_raw(
+    m: usize,
+    n: usize,
+    k: usize,
+    dst: *mut f32,
+    dst_row_stride: usize,
+    accumulate: bool,
+    lhs: MatRef,
+    rhs: MatRef,
+    first_col: usize,
+    parallelism: gemm::Parallelism,
+) {
+    let (lhs_ptr, rhs_ptr) = (
+        lhs.data.as_ptr(),
+        rhs.data[first_col * rhs.col_stride..].as_ptr(),
+    );
+    unsafe {
+        gemm::gemm(
+            m,
+            n,
+            k,
+            dst,
             1,
             dst_row_stride as isize,
             accumulate,
-            lhs.data.as_ptr(),
+            lhs_ptr,
             lhs.col_stride as isize,
             lhs.row_stride as isize,
-            rhs.data.as_ptr(),
+            rhs_ptr,
             rhs.col_stride as isize,
             rhs.row_stride as isize,
             1.0,
@@ -86,7 +155,7 @@ pub(crate) fn sgemm(
             false,
             false,
             parallelism,
-        );
+        )
     }
 }
 
