@@ -59,6 +59,41 @@ pub(crate) fn exp<const FMA: bool>(x: f32) -> f32 {
     }
 }
 
+/// Compiles the generic kernels for the best vector extension this CPU has (checked at run
+/// time: the build targets baseline x86-64), with a portable fallback.
+macro_rules! dispatch {
+    ($name:ident, $generic:ident($($arg:ident: $ty:ty),*)) => {
+        fn $name($($arg: $ty),*) {
+            #[cfg(target_arch = "x86_64")]
+            {
+                #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx2,fma")]
+                fn avx512($($arg: $ty),*) {
+                    $generic::<true>($($arg),*)
+                }
+                #[target_feature(enable = "avx2,fma")]
+                fn avx2($($arg: $ty),*) {
+                    $generic::<true>($($arg),*)
+                }
+                if is_x86_feature_detected!("avx512f")
+                    && is_x86_feature_detected!("avx512bw")
+                    && is_x86_feature_detected!("avx512vl")
+                    && is_x86_feature_detected!("avx2")
+                    && is_x86_feature_detected!("fma")
+                {
+                    // SAFETY: the CPU has every feature avx512 is compiled with.
+                    return unsafe { avx512($($arg),*) };
+                }
+                if is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma") {
+                    // SAFETY: the CPU has every feature avx2 is compiled with.
+                    return unsafe { avx2($($arg),*) };
+                }
+            }
+            $generic::<false>($($arg),*)
+        }
+    };
+}
+pub(crate) use dispatch;
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -2,17 +2,60 @@
 
 use rayon::prelude::*;
 
+use super::exp::{dispatch, exp, madd};
 use super::CpuStorage;
+
+/// One channel of a group norm in vector registers: `dst = (src - mean) * scale + beta`,
+/// then SiLU when `silu`. The f64 mean comes as `mean_hi + mean_lo` (its f32 rounding and
+/// the rest), so subtracting it costs no precision under a large mean.
+#[inline(always)]
+fn normalise_row<const FMA: bool>(dst: &mut [f32], src: &[f32], m: RowAffine, silu: bool) {
+    let y = |s: f32| madd::<FMA>(s - m.mean_hi - m.mean_lo, m.scale, m.beta);
+    if silu {
+        for (d, &s) in dst.iter_mut().zip(src) {
+            let y = y(s);
+            *d = y / (1.0 + exp::<FMA>(-y));
+        }
+    } else {
+        for (d, &s) in dst.iter_mut().zip(src) {
+            *d = y(s);
+        }
+    }
+}
+
+#[derive(Clone, Copy)]
+struct RowAffine {
+    mean_hi: f32,
+    mean_lo: f32,
+    scale: f32,
+    beta: f32,
+}
+
+dispatch!(
+    normalise_row_simd,
+    normalise_row(dst: &mut [f32], src: &[f32], m: RowAffine, silu: bool)
+);
 
 fn mean_var(values: &[f32]) -> (f64, f64) {
     let n = values.len().max(1) as f64;
-    let mean = values.iter().map(|&v| v as f64).sum::<f64>() / n;
-    let var = values
-        .iter()
-        .map(|&v| (v as f64 - mean).powi(2))
-        .sum::<f64>()
-        / n;
+    let mean = lane_sum(values, |v| v as f64) / n;
+    let var = lane_sum(values, |v| (v as f64 - mean).powi(2)) / n;
     (mean, var)
+}
+
+/// The sum of `f` over `values` in f64, in eight running sums so that it vectorises (a
+/// single running sum is one long chain of dependent additions).
+#[inline(always)]
+fn lane_sum(values: &[f32], f: impl Fn(f32) -> f64) -> f64 {
+    let mut lanes = [0f64; 8];
+    let chunks = values.chunks_exact(8);
+    let tail: f64 = chunks.remainder().iter().map(|&v| f(v)).sum();
+    for chunk in chunks {
+        for (lane, &v) in lanes.iter_mut().zip(chunk) {
+            *lane += f(v);
+        }
+    }
+    lanes.iter().sum::<f64>() + tail
 }
 
 #[allow(clippy::too_many_arguments)]
@@ -120,12 +163,14 @@ fn normalise(
                 .enumerate()
             {
                 let ch = first_channel + i;
-                let scale = gamma[ch] as f64 * inv;
-                let shift = beta[ch] as f64 - mean * scale;
-                for (d, &s) in d.iter_mut().zip(s) {
-                    let y = (s as f64 * scale + shift) as f32;
-                    *d = if silu { y / (1.0 + (-y).exp()) } else { y };
-                }
+                let mean_hi = mean as f32;
+                let m = RowAffine {
+                    mean_hi,
+                    mean_lo: (mean - mean_hi as f64) as f32,
+                    scale: (gamma[ch] as f64 * inv) as f32,
+                    beta: beta[ch],
+                };
+                normalise_row_simd(d, s, m, silu);
             }
         });
     CpuStorage::F32(out)
