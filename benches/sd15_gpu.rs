@@ -28,19 +28,8 @@ const TARGET: Duration = Duration::from_millis(1500);
 /// The most timed runs of one kernel.
 const MAX_RUNS: usize = 200;
 
-/// The process's peak resident memory (VmHWM), in MiB, where /proc has it.
-fn peak_memory_mib() -> Option<f64> {
-    let status = std::fs::read_to_string("/proc/self/status").ok()?;
-    let line = status.lines().find(|l| l.starts_with("VmHWM:"))?;
-    let kib: f64 = line.split_whitespace().nth(1)?.parse().ok()?;
-    Some(kib / 1024.0)
-}
-
-fn peak() -> String {
-    peak_memory_mib()
-        .map(|m| format!("{m:.0} MiB"))
-        .unwrap_or_else(|| "n/a".into())
-}
+mod common;
+use common::peak_text;
 
 /// What one run of a kernel does: FLOPs (compute-bound) or bytes moved (memory-bound).
 #[derive(Clone, Copy)]
@@ -221,7 +210,7 @@ fn kernels(gpu: &GpuDevice, device: &Device) -> sd_wgpu::Result<()> {
         let (hits, misses) = gpu.bind_group_reuse();
         println!("bind groups so far: {hits} reused, {misses} made");
     }
-    println!("peak host memory so far {}", peak());
+    println!("peak host memory so far {}", peak_text());
     Ok(())
 }
 
@@ -250,7 +239,7 @@ fn timed(gpu: &GpuDevice, f: impl FnOnce() -> sd_wgpu::Result<Tensor>) -> sd_wgp
 fn report(stage: &str, seconds: f64) {
     println!(
         "{stage:<46} {seconds:>8.2} s   peak host memory so far {}",
-        peak()
+        peak_text()
     );
 }
 
@@ -359,6 +348,6 @@ fn main() -> sd_wgpu::Result<()> {
     } else {
         full_models(&gpu, &device)?;
     }
-    println!("peak host memory {}", peak());
+    println!("peak host memory {}", peak_text());
     Ok(())
 }

@@ -29,6 +29,7 @@ use base64::Engine as _;
 use serde_json::{json, Value};
 
 use common::server::Server;
+use common::without_proxies;
 
 const CURL_EXAMPLE: &str = include_str!("fixtures/api_guide/curl_example.sh");
 const PYTHON_EXAMPLE: &str = include_str!("fixtures/api_guide/python_example.py");
@@ -92,22 +93,6 @@ fn require(program: &str, install: &str) {
         Ok(_) => {}
         Err(e) => panic!("`{program}` cannot be run ({e}); these tests need it: {install}"),
     }
-}
-
-/// A command that talks to a loopback server must not go through a proxy from the
-/// environment.
-fn without_proxies(command: &mut Command) -> &mut Command {
-    for var in [
-        "http_proxy",
-        "https_proxy",
-        "all_proxy",
-        "HTTP_PROXY",
-        "HTTPS_PROXY",
-        "ALL_PROXY",
-    ] {
-        command.env_remove(var);
-    }
-    command.env("no_proxy", "*").env("NO_PROXY", "*")
 }
 
 /// Runs `command` to completion, killing it after `timeout`.

@@ -11,6 +11,8 @@ use std::process::{Command, Output};
 use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
+mod common;
+
 const HASH: &str = "1d0c4ebf6ff58a5caecab40fa1406526bca4b5b9";
 
 fn fixture() -> PathBuf {
@@ -77,15 +79,10 @@ fn generate(model: &str, cwd: &Path, env: &[(&str, &OsStr)]) -> (Output, Option<
         "HUGGING_FACE_HUB_TOKEN",
         "HF_TOKEN_PATH",
         "HF_HUB_OFFLINE",
-        "http_proxy",
-        "https_proxy",
-        "all_proxy",
-        "HTTP_PROXY",
-        "HTTPS_PROXY",
-        "ALL_PROXY",
     ] {
         cmd.env_remove(var);
     }
+    common::without_proxies(&mut cmd);
     if !env.iter().any(|(k, _)| *k == "HF_ENDPOINT") {
         cmd.env("HF_HUB_OFFLINE", "1");
     }

@@ -155,3 +155,19 @@ pub fn devices() -> Vec<(String, sd_wgpu::tensor::Device)> {
 }
 
 pub mod server;
+
+/// A command that talks to a loopback server must not go through a proxy from the
+/// environment.
+pub fn without_proxies(command: &mut std::process::Command) -> &mut std::process::Command {
+    for var in [
+        "http_proxy",
+        "https_proxy",
+        "all_proxy",
+        "HTTP_PROXY",
+        "HTTPS_PROXY",
+        "ALL_PROXY",
+    ] {
+        command.env_remove(var);
+    }
+    command.env("no_proxy", "*").env("NO_PROXY", "*")
+}

@@ -68,7 +68,8 @@ pub fn cat(parts: &[(&CpuStorage, &[usize])], dim: usize) -> CpuStorage {
 }
 
 /// Source index of output index `i` under torch's "nearest" rule (scale = in / out, in f32).
-fn nearest_source(i: usize, input: usize, output: usize) -> usize {
+/// The GPU's upsample uses it too, so both backends pick the same pixels.
+pub(crate) fn nearest_source(i: usize, input: usize, output: usize) -> usize {
     if input == output {
         i
     } else if output == 2 * input {

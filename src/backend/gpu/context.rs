@@ -339,8 +339,8 @@ impl GpuDevice {
     }
 
     /// Destroys the device, as a driver reset would: for tests of what follows.
-    #[doc(hidden)]
-    pub fn lose_for_test(&self) {
+    #[cfg(test)]
+    pub(crate) fn lose_for_test(&self) {
         self.0.device.destroy();
     }
 

@@ -19,6 +19,7 @@ use super::context::{Kernel, WORKGROUP_1D};
 use super::elementwise::u32_of;
 use super::storage::BindLimit;
 use super::GpuStorage;
+use crate::backend::cpu::layout::nearest_source;
 use crate::error::{Error, Result};
 use crate::shader;
 
@@ -351,19 +352,6 @@ fn cat_within(
         run_copies("cat", x, &out, vec![copy], limit)?;
     }
     Ok(out)
-}
-
-/// Source index of output index `i` under torch's "nearest" rule (scale = in / out, in f32):
-/// `backend::cpu::layout`'s rule, kept identical so both backends pick the same pixels.
-fn nearest_source(i: usize, input: usize, output: usize) -> usize {
-    if input == output {
-        i
-    } else if output == 2 * input {
-        i / 2
-    } else {
-        let scale = input as f32 / output as f32;
-        ((i as f32 * scale).floor() as usize).min(input - 1)
-    }
 }
 
 pub fn upsample_nearest(
