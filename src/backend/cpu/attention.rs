@@ -10,8 +10,9 @@ use std::cell::RefCell;
 
 use rayon::prelude::*;
 
-use super::exp::{dispatch, exp, madd};
+use super::exp::exp;
 use super::matmul::{sgemm, MatRef};
+use super::simd::{dispatch, madd};
 use super::{CpuStorage, SharedMut};
 
 /// Queries per task. 64 to 512 queries and 256 to 1024 keys all run within 10% at SD 1.5's

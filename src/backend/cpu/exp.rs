@@ -9,21 +9,12 @@
 //! it saturates at exp(88.37) ≈ 2.4e38 instead of reaching `f32::MAX` or infinity (the
 //! softmax only passes arguments ≤ 0). NaN stays NaN.
 
+use super::simd::madd;
+
 /// ln(2^-126): below it the result would be subnormal; 0 is returned.
 const MIN_ARG: f32 = -87.336_54;
 /// Arguments above this are clamped, so that 2^n stays a normal f32 (n ≤ 127).
 const MAX_ARG: f32 = 88.376_26;
-
-/// `a * b + c`, fused where the caller is compiled with FMA (`FMA = true`): without the
-/// instruction `mul_add` is a slow library call, so the plain form is used instead.
-#[inline(always)]
-pub(crate) fn madd<const FMA: bool>(a: f32, b: f32, c: f32) -> f32 {
-    if FMA {
-        a.mul_add(b, c)
-    } else {
-        a * b + c
-    }
-}
 
 /// e^x (see the module notes for range and accuracy).
 #[inline(always)]
@@ -58,41 +49,6 @@ pub(crate) fn exp<const FMA: bool>(x: f32) -> f32 {
         e
     }
 }
-
-/// Compiles the generic kernels for the best vector extension this CPU has (checked at run
-/// time: the build targets baseline x86-64), with a portable fallback.
-macro_rules! dispatch {
-    ($name:ident, $generic:ident($($arg:ident: $ty:ty),*)) => {
-        fn $name($($arg: $ty),*) {
-            #[cfg(target_arch = "x86_64")]
-            {
-                #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx2,fma")]
-                fn avx512($($arg: $ty),*) {
-                    $generic::<true>($($arg),*)
-                }
-                #[target_feature(enable = "avx2,fma")]
-                fn avx2($($arg: $ty),*) {
-                    $generic::<true>($($arg),*)
-                }
-                if is_x86_feature_detected!("avx512f")
-                    && is_x86_feature_detected!("avx512bw")
-                    && is_x86_feature_detected!("avx512vl")
-                    && is_x86_feature_detected!("avx2")
-                    && is_x86_feature_detected!("fma")
-                {
-                    // SAFETY: the CPU has every feature avx512 is compiled with.
-                    return unsafe { avx512($($arg),*) };
-                }
-                if is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma") {
-                    // SAFETY: the CPU has every feature avx2 is compiled with.
-                    return unsafe { avx2($($arg),*) };
-                }
-            }
-            $generic::<false>($($arg),*)
-        }
-    };
-}
-pub(crate) use dispatch;
 
 #[cfg(test)]
 mod tests {

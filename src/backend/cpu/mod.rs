@@ -9,6 +9,7 @@ pub(crate) mod exp;
 pub mod layout;
 pub mod matmul;
 pub mod norm;
+pub(crate) mod simd;
 pub mod winograd;
 
 use std::borrow::Cow;

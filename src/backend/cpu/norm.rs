@@ -2,7 +2,8 @@
 
 use rayon::prelude::*;
 
-use super::exp::{dispatch, exp, madd};
+use super::exp::exp;
+use super::simd::{dispatch, madd};
 use super::CpuStorage;
 
 /// One channel of a group norm in vector registers: `dst = (src - mean) * scale + beta`,

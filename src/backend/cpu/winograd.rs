@@ -15,6 +15,7 @@ use rayon::prelude::*;
 
 use super::conv::Conv2dParams;
 use super::matmul::{sgemm, MatRef};
+use super::simd::{dispatch, madd};
 
 /// The matrices of one F(m x m, 3x3) algorithm; `A` is the input tile side `m + 2`.
 pub(crate) struct Transform<const A: usize, const M: usize> {
@@ -44,31 +45,34 @@ pub(crate) const F2: Transform<4, 2> = Transform {
     at: [[1.0, 1.0, 1.0, 0.0], [0.0, 1.0, -1.0, -1.0]],
 };
 
-/// F(4x4, 3x3) with the points 0, +-1, +-2, infinity: 36 multiplies per 16 outputs (4x
-/// fewer than im2col), at the price of larger coefficients and so larger rounding errors.
-#[allow(dead_code)]
+/// F(4x4, 3x3): 36 multiplies per 16 outputs (4x fewer than im2col). Built (Cook-Toom)
+/// on the points 0, 1, -1, 1/2, -2 and infinity rather than the usual 0, +-1, +-2: the
+/// smaller spread of coefficients measured 2-3x less rounding error (Barabasz et al. 2020,
+/// "Error analysis and improving the accuracy of Winograd convolution"), which leaves it
+/// about 5x the error of im2col in f32 (relative 3e-6 at 512 channels; f16 weights alone
+/// carry 5e-4).
 pub(crate) const F4: Transform<6, 4> = Transform {
     bt: [
-        [4.0, 0.0, -5.0, 0.0, 1.0, 0.0],
-        [0.0, -4.0, -4.0, 1.0, 1.0, 0.0],
-        [0.0, 4.0, -4.0, -1.0, 1.0, 0.0],
+        [1.0, -3.0 / 2.0, -2.0, 3.0 / 2.0, 1.0, 0.0],
+        [0.0, -1.0, 1.0 / 2.0, 5.0 / 2.0, 1.0, 0.0],
+        [0.0, 1.0, -5.0 / 2.0, 1.0 / 2.0, 1.0, 0.0],
         [0.0, -2.0, -1.0, 2.0, 1.0, 0.0],
-        [0.0, 2.0, -1.0, -2.0, 1.0, 0.0],
-        [0.0, 4.0, 0.0, -5.0, 0.0, 1.0],
+        [0.0, 1.0 / 2.0, -1.0, -1.0 / 2.0, 1.0, 0.0],
+        [0.0, 1.0, -3.0 / 2.0, -2.0, 3.0 / 2.0, 1.0],
     ],
     g: [
-        [1.0 / 4.0, 0.0, 0.0],
-        [-1.0 / 6.0, -1.0 / 6.0, -1.0 / 6.0],
-        [-1.0 / 6.0, 1.0 / 6.0, -1.0 / 6.0],
-        [1.0 / 24.0, 1.0 / 12.0, 1.0 / 6.0],
-        [1.0 / 24.0, -1.0 / 12.0, 1.0 / 6.0],
+        [1.0, 0.0, 0.0],
+        [1.0 / 3.0, 1.0 / 3.0, 1.0 / 3.0],
+        [-1.0 / 3.0, 1.0 / 3.0, -1.0 / 3.0],
+        [-16.0 / 15.0, -8.0 / 15.0, -4.0 / 15.0],
+        [1.0 / 15.0, -2.0 / 15.0, 4.0 / 15.0],
         [0.0, 0.0, 1.0],
     ],
     at: [
         [1.0, 1.0, 1.0, 1.0, 1.0, 0.0],
-        [0.0, 1.0, -1.0, 2.0, -2.0, 0.0],
-        [0.0, 1.0, 1.0, 4.0, 4.0, 0.0],
-        [0.0, 1.0, -1.0, 8.0, -8.0, 1.0],
+        [0.0, 1.0, -1.0, 1.0 / 2.0, -2.0, 0.0],
+        [0.0, 1.0, 1.0, 1.0 / 4.0, 4.0, 0.0],
+        [0.0, 1.0, -1.0, 1.0 / 8.0, -8.0, 1.0],
     ],
 };
 
@@ -112,7 +116,7 @@ impl<const A: usize, const M: usize> Transform<A, M> {
             // V: [c][position][tile].
             v.par_chunks_mut(positions * tiles)
                 .enumerate()
-                .for_each(|(ci, dst)| self.input_tiles(x, p, ci, r0, rows, dst));
+                .for_each(|(ci, dst)| input_tiles_simd(self, x, p, ci, r0, rows, dst));
             // M[p] = U[p] V[p]: [position][oc][tile].
             let inner = positions < rayon::current_num_threads();
             m.par_chunks_mut(p.oc * tiles)
@@ -140,7 +144,8 @@ impl<const A: usize, const M: usize> Transform<A, M> {
                     let end = (r0 + rows).min((b + 1) * th);
                     if first < end {
                         let shift = bias.map_or(0.0, |bias| bias[oc]);
-                        self.output_tiles(
+                        output_tiles_simd(
+                            self,
                             m,
                             p,
                             oc,
@@ -160,107 +165,178 @@ impl<const A: usize, const M: usize> Transform<A, M> {
 
     /// `U = G g G^T` for every (oc, c) pair, as `[oc][position][c]`.
     fn weights(&self, weight: &[f32], c: usize, oc: usize) -> Vec<f32> {
-        let positions = A * A;
-        let mut u = vec![0f32; oc * positions * c];
-        u.par_chunks_mut(positions * c)
+        let mut u = vec![0f32; oc * A * A * c];
+        u.par_chunks_mut(A * A * c)
             .zip(weight.par_chunks(c * 9))
-            .for_each(|(dst, kernels)| {
-                for (ci, g) in kernels.chunks_exact(9).enumerate() {
-                    // t = G g (A x 3), then U = t G^T (A x A).
-                    let mut t = [[0f32; 3]; A];
-                    for (i, row) in t.iter_mut().enumerate() {
-                        for (l, value) in row.iter_mut().enumerate() {
-                            *value = (0..3).map(|k| self.g[i][k] * g[k * 3 + l]).sum();
-                        }
-                    }
-                    for (i, row) in t.iter().enumerate() {
-                        for j in 0..A {
-                            let value: f32 = (0..3).map(|l| row[l] * self.g[j][l]).sum();
-                            dst[(i * A + j) * c + ci] = value;
-                        }
-                    }
-                }
-            });
+            .for_each(|(dst, kernels)| weight_tiles_simd(self, kernels, dst));
         u
     }
+}
 
-    /// `V = B^T d B` of channel `ci` for the tiles of global tile rows `r0..r0 + rows`,
-    /// into `dst` (`[position][tile]`, tiles numbered from `r0`'s first).
-    ///
-    /// Rows are kept split by phase (padded column `X` at `[X % M][X / M]`) so that both
-    /// passes run over contiguous slices.
-    fn input_tiles(
-        &self,
+/// `V = B^T d B` of channel `ci` for the tiles of global tile rows `r0..r0 + rows`, into
+/// `dst` (`[position][tile]`, tiles numbered from `r0`'s first).
+///
+/// Per tile row: the vertical pass combines whole input rows (contiguous, and the padding
+/// rows are skipped), its results are split by column phase (padded column `X` to
+/// `[X % M][X / M]`), and the horizontal pass then reads contiguous slices too.
+#[inline(always)]
+fn input_tiles<const A: usize, const M: usize, const FMA: bool>(
+    t: &Transform<A, M>,
+    x: &[f32],
+    p: &Conv2dParams,
+    ci: usize,
+    r0: usize,
+    rows: usize,
+    dst: &mut [f32],
+) {
+    let th = p.oh.div_ceil(M);
+    let tw = p.ow.div_ceil(M);
+    let tiles = rows * tw;
+    // Each phase holds tw + 1 columns: a tile reads A <= 2 M of them.
+    let len = tw + 1;
+    let width = M * len;
+    // Padded rows: columns outside `padding..padding + w` stay 0.
+    let mut vertical = vec![0f32; A * width];
+    let mut phases = vec![0f32; A * width];
+    for row in 0..rows {
+        let r = r0 + row;
+        let (b, ty) = (r / th, r % th);
+        let plane = &x[(b * p.c + ci) * p.h * p.w..][..p.h * p.w];
+        let input_row = |k: usize| {
+            let iy = (ty * M + k).checked_sub(p.padding)?;
+            (iy < p.h).then(|| &plane[iy * p.w..][..p.w])
+        };
+        for (coefs, line) in t.bt.iter().zip(vertical.chunks_exact_mut(width)) {
+            let line = &mut line[p.padding..p.padding + p.w];
+            let terms = coefs
+                .iter()
+                .enumerate()
+                .filter_map(|(k, &c)| Some((c, input_row(k)?)));
+            combine::<FMA>(line, 0.0, terms.filter(|(c, _)| *c != 0.0));
+        }
+        for (line, split) in vertical
+            .chunks_exact(width)
+            .zip(phases.chunks_exact_mut(width))
+        {
+            deinterleave::<M>(line, split);
+        }
+        for (i, split) in phases.chunks_exact(width).enumerate() {
+            for (j, coefs) in t.bt.iter().enumerate() {
+                let out = &mut dst[(i * A + j) * tiles + row * tw..][..tw];
+                let terms = coefs
+                    .iter()
+                    .enumerate()
+                    .filter(|(_, &c)| c != 0.0)
+                    .map(|(l, &c)| (c, &split[(l % M) * len + l / M..][..tw]));
+                combine::<FMA>(out, 0.0, terms);
+            }
+        }
+    }
+}
+
+/// `Y = A^T M A + bias` of output channel `oc` for `rows` tile rows of one image (chunk
+/// tile row `first` onwards, image tile row `ty0` onwards), into its output plane.
+#[allow(clippy::too_many_arguments)]
+#[inline(always)]
+fn output_tiles<const A: usize, const M: usize, const FMA: bool>(
+    t: &Transform<A, M>,
+    m: &[f32],
+    p: &Conv2dParams,
+    oc: usize,
+    tiles: usize,
+    first: usize,
+    ty0: usize,
+    rows: usize,
+    bias: f32,
+    dst: &mut [f32],
+) {
+    let tw = p.ow.div_ceil(M);
+    // Rows of the vertical pass, `[io][j][tx]`, and of one output row split by phase,
+    // `[jo][tx]`: contiguous over tiles.
+    let mut vertical = vec![0f32; M * A * tw];
+    let mut split = vec![0f32; M * tw];
+    for row in 0..rows {
+        let tile0 = (first + row) * tw;
+        let product = |i: usize, j: usize| &m[((i * A + j) * p.oc + oc) * tiles + tile0..][..tw];
+        for (io, coefs) in t.at.iter().enumerate() {
+            let oy = (ty0 + row) * M + io;
+            if oy >= p.oh {
+                break;
+            }
+            let vertical = &mut vertical[io * A * tw..][..A * tw];
+            for (j, line) in vertical.chunks_exact_mut(tw).enumerate() {
+                let terms = coefs.iter().enumerate().filter(|(_, &c)| c != 0.0);
+                combine::<FMA>(line, 0.0, terms.map(|(i, &c)| (c, product(i, j))));
+            }
+            for (jo, line) in split.chunks_exact_mut(tw).enumerate() {
+                let terms = t.at[jo].iter().enumerate().filter(|(_, &c)| c != 0.0);
+                let terms = terms.map(|(j, &c)| (c, &vertical[j * tw..][..tw]));
+                combine::<FMA>(line, bias, terms);
+            }
+            interleave::<M>(&split, &mut dst[oy * p.ow..(oy + 1) * p.ow]);
+        }
+    }
+}
+
+/// `U = G g G^T` of one output channel's kernels (`[c][3][3]`) into `dst` (`[position][c]`),
+/// vectorised over the input channels.
+#[inline(always)]
+fn weight_tiles<const A: usize, const M: usize, const FMA: bool>(
+    t: &Transform<A, M>,
+    kernels: &[f32],
+    dst: &mut [f32],
+) {
+    let c = kernels.len() / 9;
+    // taps[k * 3 + l][ci] = g[ci][k][l].
+    let mut taps = vec![0f32; 9 * c];
+    for (ci, kernel) in kernels.chunks_exact(9).enumerate() {
+        for (tap, &v) in kernel.iter().enumerate() {
+            taps[tap * c + ci] = v;
+        }
+    }
+    // Columns: half[i][l] = sum_k G[i][k] g[k][l]; then U[i][j] = sum_l G[j][l] half[i][l].
+    let mut half = vec![0f32; A * 3 * c];
+    for (i, rows) in half.chunks_exact_mut(3 * c).enumerate() {
+        for (l, line) in rows.chunks_exact_mut(c).enumerate() {
+            let terms = t.g[i].iter().enumerate().filter(|(_, &g)| g != 0.0);
+            combine::<FMA>(
+                line,
+                0.0,
+                terms.map(|(k, &g)| (g, &taps[(k * 3 + l) * c..][..c])),
+            );
+        }
+    }
+    for (pos, line) in dst.chunks_exact_mut(c).enumerate() {
+        let (i, j) = (pos / A, pos % A);
+        let terms = t.g[j].iter().enumerate().filter(|(_, &g)| g != 0.0);
+        combine::<FMA>(
+            line,
+            0.0,
+            terms.map(|(l, &g)| (g, &half[(i * 3 + l) * c..][..c])),
+        );
+    }
+}
+
+dispatch!(
+    weight_tiles_simd<const A: usize, const M: usize>,
+    weight_tiles(t: &Transform<A, M>, kernels: &[f32], dst: &mut [f32])
+);
+dispatch!(
+    input_tiles_simd<const A: usize, const M: usize>,
+    input_tiles(
+        t: &Transform<A, M>,
         x: &[f32],
         p: &Conv2dParams,
         ci: usize,
         r0: usize,
         rows: usize,
-        dst: &mut [f32],
-    ) {
-        let th = p.oh.div_ceil(M);
-        let tw = p.ow.div_ceil(M);
-        let tiles = rows * tw;
-        // Each phase holds tw + 1 columns: a tile reads A <= 2 M of them.
-        let len = tw + 1;
-        let width = M * len;
-        let mut d = vec![0f32; A * width];
-        let mut t = vec![0f32; A * width];
-        for row in 0..rows {
-            let r = r0 + row;
-            let (b, ty) = (r / th, r % th);
-            let plane = &x[(b * p.c + ci) * p.h * p.w..][..p.h * p.w];
-            // The A input rows, split by phase; the padding stays 0.
-            for (k, line) in d.chunks_exact_mut(width).enumerate() {
-                let iy = (ty * M + k) as isize - p.padding as isize;
-                if iy < 0 || iy as usize >= p.h {
-                    line.fill(0.0);
-                    continue;
-                }
-                let src = &plane[iy as usize * p.w..][..p.w];
-                line.fill(0.0);
-                // Padded column X = ix + padding sits at [X % M][X / M].
-                for (ix, &v) in src.iter().enumerate().take(width - p.padding.min(width)) {
-                    let col = ix + p.padding;
-                    line[(col % M) * len + col / M] = v;
-                }
-            }
-            // Columns: t[i] = sum_k B^T[i][k] d[k].
-            for (i, line) in t.chunks_exact_mut(width).enumerate() {
-                line.fill(0.0);
-                for (k, src) in d.chunks_exact(width).enumerate() {
-                    let coef = self.bt[i][k];
-                    if coef != 0.0 {
-                        for (o, &s) in line.iter_mut().zip(src) {
-                            *o += coef * s;
-                        }
-                    }
-                }
-            }
-            // Rows within each tile: V[i * A + j][tx] = sum_l B^T[j][l] t[i][tx * M + l].
-            for (i, line) in t.chunks_exact(width).enumerate() {
-                for j in 0..A {
-                    let out = &mut dst[(i * A + j) * tiles + row * tw..][..tw];
-                    out.fill(0.0);
-                    for l in 0..A {
-                        let coef = self.bt[j][l];
-                        if coef != 0.0 {
-                            let src = &line[(l % M) * len + l / M..][..tw];
-                            for (o, &s) in out.iter_mut().zip(src) {
-                                *o += coef * s;
-                            }
-                        }
-                    }
-                }
-            }
-        }
-    }
-
-    /// `Y = A^T M A + bias` of output channel `oc` for `rows` tile rows of one image (chunk
-    /// tile row `first` onwards, image tile row `ty0` onwards), into its output plane.
-    #[allow(clippy::too_many_arguments)]
-    fn output_tiles(
-        &self,
+        dst: &mut [f32]
+    )
+);
+dispatch!(
+    output_tiles_simd<const A: usize, const M: usize>,
+    output_tiles(
+        t: &Transform<A, M>,
         m: &[f32],
         p: &Conv2dParams,
         oc: usize,
@@ -269,51 +345,61 @@ impl<const A: usize, const M: usize> Transform<A, M> {
         ty0: usize,
         rows: usize,
         bias: f32,
-        dst: &mut [f32],
-    ) {
-        let tw = p.ow.div_ceil(M);
-        // h[i][jo][tx] and y[jo][tx]: split by output phase, contiguous over tiles.
-        let mut h = vec![0f32; A * M * tw];
-        let mut y = vec![0f32; M * tw];
-        for row in 0..rows {
-            let tile0 = (first + row) * tw;
-            // Rows of each tile: h[i][jo] = sum_j A^T[jo][j] M[i * A + j].
-            for (i, hi) in h.chunks_exact_mut(M * tw).enumerate() {
-                for (jo, line) in hi.chunks_exact_mut(tw).enumerate() {
-                    line.fill(0.0);
-                    for j in 0..A {
-                        let coef = self.at[jo][j];
-                        if coef != 0.0 {
-                            let src = &m[((i * A + j) * p.oc + oc) * tiles + tile0..][..tw];
-                            for (o, &s) in line.iter_mut().zip(src) {
-                                *o += coef * s;
-                            }
-                        }
-                    }
-                }
+        dst: &mut [f32]
+    )
+);
+
+/// `out = shift + sum coef * src` over `terms`, one pass per term over contiguous slices.
+#[inline(always)]
+fn combine<'a, const FMA: bool>(
+    out: &mut [f32],
+    shift: f32,
+    terms: impl Iterator<Item = (f32, &'a [f32])>,
+) {
+    let mut started = false;
+    for (coef, src) in terms {
+        let src = &src[..out.len()];
+        if started {
+            for (o, &s) in out.iter_mut().zip(src) {
+                *o = madd::<FMA>(coef, s, *o);
             }
-            // Columns: output row io = bias + sum_i A^T[io][i] h[i].
-            for io in 0..M {
-                let oy = (ty0 + row) * M + io;
-                if oy >= p.oh {
-                    break;
-                }
-                y.fill(bias);
-                for (i, hi) in h.chunks_exact(M * tw).enumerate() {
-                    let coef = self.at[io][i];
-                    if coef != 0.0 {
-                        for (o, &s) in y.iter_mut().zip(hi) {
-                            *o += coef * s;
-                        }
-                    }
-                }
-                let out = &mut dst[oy * p.ow..(oy + 1) * p.ow];
-                for (tx, tile) in out.chunks_mut(M).enumerate() {
-                    for (jo, o) in tile.iter_mut().enumerate() {
-                        *o = y[jo * tw + tx];
-                    }
-                }
+        } else {
+            for (o, &s) in out.iter_mut().zip(src) {
+                *o = madd::<FMA>(coef, s, shift);
             }
+            started = true;
         }
+    }
+    if !started {
+        out.fill(shift);
+    }
+}
+
+/// `split[ph * len + k] = line[k * M + ph]` for `len = line.len() / M`: each phase's
+/// columns side by side.
+#[inline(always)]
+fn deinterleave<const M: usize>(line: &[f32], split: &mut [f32]) {
+    let len = line.len() / M;
+    for (ph, out) in split.chunks_exact_mut(len).enumerate() {
+        for (o, group) in out.iter_mut().zip(line.chunks_exact(M)) {
+            *o = group[ph];
+        }
+    }
+}
+
+/// The inverse of [`deinterleave`] into a row that may end part-way into the last group:
+/// `row[k * M + ph] = split[ph * len + k]`.
+#[inline(always)]
+fn interleave<const M: usize>(split: &[f32], row: &mut [f32]) {
+    let len = split.len() / M;
+    let k = row.len() / M;
+    let mut groups = row.chunks_exact_mut(M);
+    for (k, group) in groups.by_ref().enumerate() {
+        for (ph, o) in group.iter_mut().enumerate() {
+            *o = split[ph * len + k];
+        }
+    }
+    for (ph, o) in groups.into_remainder().iter_mut().enumerate() {
+        *o = split[ph * len + k];
     }
 }
