@@ -280,32 +280,20 @@ mod tests {
 
     #[test]
     fn algorithm_follows_the_layer_size() {
-        // SD's VAE at 512x512: F4 from 128x128 up, F2 at the 64x64 latent.
-        assert_eq!(
-            algorithm(&params(1, 128, 512, 512, 128, 1)),
-            Algorithm::WinogradF4
-        );
-        assert_eq!(
-            algorithm(&params(1, 512, 128, 128, 512, 1)),
-            Algorithm::WinogradF4
-        );
-        assert_eq!(
-            algorithm(&params(1, 512, 64, 64, 512, 1)),
-            Algorithm::WinogradF2
-        );
-        // The UNet (batch 2): F2 at 64x64 and 32x32, im2col below, and for few channels.
-        assert_eq!(
-            algorithm(&params(2, 320, 64, 64, 320, 1)),
-            Algorithm::WinogradF2
-        );
-        assert_eq!(
-            algorithm(&params(2, 640, 32, 32, 640, 1)),
-            Algorithm::WinogradF2
-        );
-        assert_eq!(
-            algorithm(&params(2, 1280, 16, 16, 1280, 1)),
-            Algorithm::Im2col
-        );
-        assert_eq!(algorithm(&params(2, 4, 64, 64, 320, 1)), Algorithm::Im2col);
+        use Algorithm::*;
+        for ((n, c, side, oc), want) in [
+            // SD's VAE at 512x512: F4 from 128x128 up, F2 at the 64x64 latent.
+            ((1, 128, 512, 128), WinogradF4),
+            ((1, 512, 128, 512), WinogradF4),
+            ((1, 512, 64, 512), WinogradF2),
+            // The UNet (batch 2): F2 at 64x64 and 32x32, im2col below and for few channels.
+            ((2, 320, 64, 320), WinogradF2),
+            ((2, 640, 32, 640), WinogradF2),
+            ((2, 1280, 16, 1280), Im2col),
+            ((2, 4, 64, 320), Im2col),
+        ] {
+            let p = params(n, c, side, side, oc, 1);
+            assert_eq!(algorithm(&p), want, "{p:?}");
+        }
     }
 }

@@ -143,19 +143,15 @@ impl<const A: usize, const M: usize> Transform<A, M> {
                     let first = r0.max(b * th);
                     let end = (r0 + rows).min((b + 1) * th);
                     if first < end {
-                        let shift = bias.map_or(0.0, |bias| bias[oc]);
-                        output_tiles_simd(
-                            self,
-                            m,
-                            p,
+                        let r = PlaneRows {
                             oc,
+                            bias: bias.map_or(0.0, |bias| bias[oc]),
                             tiles,
-                            first - r0,
-                            first - b * th,
-                            end - first,
-                            shift,
-                            dst,
-                        );
+                            first: first - r0,
+                            ty0: first - b * th,
+                            rows: end - first,
+                        };
+                        output_tiles_simd(self, m, p, r, dst);
                     }
                 });
             r0 += rows;
@@ -234,22 +230,37 @@ fn input_tiles<const A: usize, const M: usize, const FMA: bool>(
     }
 }
 
-/// `Y = A^T M A + bias` of output channel `oc` for `rows` tile rows of one image (chunk
-/// tile row `first` onwards, image tile row `ty0` onwards), into its output plane.
-#[allow(clippy::too_many_arguments)]
+/// Which tile rows of one output plane a chunk's products hold.
+#[derive(Clone, Copy)]
+struct PlaneRows {
+    /// The output channel, and its bias.
+    oc: usize,
+    bias: f32,
+    /// Tiles in the chunk (the products' row length).
+    tiles: usize,
+    /// The first of them in chunk tile rows, and in this image's tile rows.
+    first: usize,
+    ty0: usize,
+    rows: usize,
+}
+
+/// `Y = A^T M A + bias` of the tile rows `r` of one output plane, into that plane.
 #[inline(always)]
 fn output_tiles<const A: usize, const M: usize, const FMA: bool>(
     t: &Transform<A, M>,
     m: &[f32],
     p: &Conv2dParams,
-    oc: usize,
-    tiles: usize,
-    first: usize,
-    ty0: usize,
-    rows: usize,
-    bias: f32,
+    r: PlaneRows,
     dst: &mut [f32],
 ) {
+    let PlaneRows {
+        oc,
+        bias,
+        tiles,
+        first,
+        ty0,
+        rows,
+    } = r;
     let tw = p.ow.div_ceil(M);
     // Rows of the vertical pass, `[io][j][tx]`, and of one output row split by phase,
     // `[jo][tx]`: contiguous over tiles.
@@ -335,18 +346,7 @@ dispatch!(
 );
 dispatch!(
     output_tiles_simd<const A: usize, const M: usize>,
-    output_tiles(
-        t: &Transform<A, M>,
-        m: &[f32],
-        p: &Conv2dParams,
-        oc: usize,
-        tiles: usize,
-        first: usize,
-        ty0: usize,
-        rows: usize,
-        bias: f32,
-        dst: &mut [f32]
-    )
+    output_tiles(t: &Transform<A, M>, m: &[f32], p: &Conv2dParams, r: PlaneRows, dst: &mut [f32])
 );
 
 /// `out = shift + sum coef * src` over `terms`, one pass per term over contiguous slices.
