@@ -2,6 +2,9 @@
 
 use rayon::prelude::*;
 
+use super::exp::exp;
+use super::gelu::gelu;
+use super::simd::dispatch;
 use super::CpuStorage;
 use crate::tensor::{BinaryOp, UnaryOp};
 
@@ -82,31 +85,40 @@ pub fn binary(
     CpuStorage::F32(out)
 }
 
-/// The exact GELU, `x * Φ(x)`, as torch's default `F.gelu`.
-pub(crate) fn gelu(x: f32) -> f32 {
-    let x = x as f64;
-    (0.5 * x * (1.0 + libm::erf(x / std::f64::consts::SQRT_2))) as f32
-}
-
-fn sigmoid(x: f32) -> f32 {
-    1.0 / (1.0 + (-x).exp())
-}
-
-fn unary_fn(op: UnaryOp) -> impl Fn(f32) -> f32 + Sync {
-    move |x| match op {
-        UnaryOp::Silu => x * sigmoid(x),
-        UnaryOp::Gelu => gelu(x),
-        UnaryOp::QuickGelu => x * sigmoid(1.702 * x),
-        UnaryOp::Affine { mul, add } => x * mul + add,
-        UnaryOp::Clamp { min, max } => x.max(min).min(max),
-        UnaryOp::Sqrt => x.sqrt(),
+/// `dst = op(src)`, one loop per op so that each vectorises (see [`super::simd`]).
+#[inline(always)]
+fn unary_rows<const FMA: bool>(dst: &mut [f32], src: &[f32], op: UnaryOp) {
+    let sigmoid = |x: f32| 1.0 / (1.0 + exp::<FMA>(-x));
+    let pairs = dst.iter_mut().zip(src);
+    match op {
+        UnaryOp::Silu => pairs.for_each(|(d, &x)| *d = x * sigmoid(x)),
+        UnaryOp::Gelu => pairs.for_each(|(d, &x)| *d = gelu::<FMA>(x)),
+        UnaryOp::QuickGelu => pairs.for_each(|(d, &x)| *d = x * sigmoid(1.702 * x)),
+        // Two roundings, as torch's `x * mul + add`.
+        UnaryOp::Affine { mul, add } => pairs.for_each(|(d, &x)| *d = x * mul + add),
+        UnaryOp::Clamp { min, max } => pairs.for_each(|(d, &x)| *d = x.max(min).min(max)),
+        UnaryOp::Sqrt => pairs.for_each(|(d, &x)| *d = x.sqrt()),
     }
 }
 
+/// `o = h * gelu(gate)`.
+#[inline(always)]
+fn geglu_row<const FMA: bool>(o: &mut [f32], h: &[f32], gate: &[f32]) {
+    for ((o, &h), &g) in o.iter_mut().zip(h).zip(gate) {
+        *o = h * gelu::<FMA>(g);
+    }
+}
+
+dispatch!(unary_rows_simd, unary_rows(dst: &mut [f32], src: &[f32], op: UnaryOp));
+dispatch!(geglu_row_simd, geglu_row(o: &mut [f32], h: &[f32], gate: &[f32]));
+
 pub fn unary(x: &CpuStorage, op: UnaryOp) -> CpuStorage {
     let x = x.as_f32();
-    let f = unary_fn(op);
-    CpuStorage::F32(x.par_iter().with_min_len(PAR_MIN).map(|&v| f(v)).collect())
+    let mut out = vec![0f32; x.len()];
+    out.par_chunks_mut(PAR_MIN)
+        .zip(x.par_chunks(PAR_MIN))
+        .for_each(|(dst, src)| unary_rows_simd(dst, src, op));
+    CpuStorage::F32(out)
 }
 
 pub fn axpby(a: f32, x: &CpuStorage, b: f32, y: &CpuStorage) -> CpuStorage {
@@ -129,9 +141,7 @@ pub fn geglu(x: &CpuStorage, half: usize) -> CpuStorage {
         .zip(x.par_chunks(2 * half))
         .for_each(|(o, row)| {
             let (h, gate) = row.split_at(half);
-            for ((o, &h), &g) in o.iter_mut().zip(h).zip(gate) {
-                *o = h * gelu(g);
-            }
+            geglu_row_simd(o, h, gate);
         });
     CpuStorage::F32(out)
 }

@@ -6,6 +6,7 @@ pub mod attention;
 pub mod conv;
 pub mod elementwise;
 pub(crate) mod exp;
+pub(crate) mod gelu;
 pub mod layout;
 pub mod matmul;
 pub mod norm;
