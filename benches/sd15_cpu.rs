@@ -376,6 +376,7 @@ fn whole_image(o: &Options, dir: &Path, device: &Device) -> Result<Value> {
 }
 
 fn main() -> Result<()> {
+    sd_wgpu::backend::cpu::keep_freed_memory();
     let o = parse_args()?;
     let device = Device::Cpu;
     let threads = rayon::current_num_threads();
