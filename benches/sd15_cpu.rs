@@ -22,8 +22,7 @@
 //!   `sd_wgpu::tensor::profile`).
 //! * `--image`: a whole generation through `StableDiffusion::generate` instead (needs
 //!   `--model`/`--tiny`): `--steps N` (2), `--size PX` (512), `--seed S` (0),
-//!   `--prompt TEXT`, guidance 7.5, on a thread of its own like the service's engine;
-//!   reports each stage's time (the denoising time also per
+//!   `--prompt TEXT`, guidance 7.5; reports each stage's time (the denoising time also per
 //!   UNet evaluation: PNDM makes `steps + 1`) and the peak memory.
 
 use std::collections::HashMap;
@@ -384,13 +383,8 @@ fn main() -> Result<()> {
 
     if o.image {
         let dir = o.model.as_deref().expect("checked in parse_args");
-        // On a thread of its own, as the service's engine runs it (malloc treats threads
-        // other than the main one differently; see keep_freed_memory).
-        let result = std::thread::scope(|s| {
-            s.spawn(|| whole_image(&o, dir, &device))
-                .join()
-                .unwrap_or_else(|panic| std::panic::resume_unwind(panic))
-        })?;
+        // On the main thread, like the service's engine (see src/main.rs).
+        let result = whole_image(&o, dir, &device)?;
         if o.json {
             println!("{result}");
         } else {

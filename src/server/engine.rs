@@ -66,15 +66,30 @@ pub struct Engine {
     pub queue_capacity: usize,
 }
 
+/// The side of the engine that owns the model: loads it, then runs jobs one at a time.
+pub struct EngineWorker {
+    engine: Arc<Engine>,
+    jobs: Receiver<Job>,
+}
+
+impl EngineWorker {
+    /// Loads the model and serves jobs; returns only if the model cannot be loaded (the
+    /// engine then reports the failure).
+    pub fn run(self) {
+        self.engine.run(self.jobs)
+    }
+}
+
 impl Engine {
-    /// Starts the engine thread, which loads `model` and then serves jobs; up to
-    /// `queue_capacity` jobs may wait while one runs.
-    pub fn start(
+    /// The engine and its worker, which loads `model` and then serves jobs on whichever
+    /// thread calls [`EngineWorker::run`]; up to `queue_capacity` jobs may wait while one
+    /// runs.
+    pub fn new(
         model: PathBuf,
         model_config: Option<PathBuf>,
         device: Device,
         queue_capacity: usize,
-    ) -> Arc<Engine> {
+    ) -> (Arc<Engine>, EngineWorker) {
         let (queue, jobs) = sync_channel(queue_capacity);
         let engine = Arc::new(Engine {
             state: RwLock::new(ModelState::Loading),
@@ -88,10 +103,24 @@ impl Engine {
             device: RwLock::new(device),
             queue_capacity,
         });
-        let worker = engine.clone();
+        let worker = EngineWorker {
+            engine: engine.clone(),
+            jobs,
+        };
+        (engine, worker)
+    }
+
+    /// [`Engine::new`] with the worker on a thread of its own.
+    pub fn start(
+        model: PathBuf,
+        model_config: Option<PathBuf>,
+        device: Device,
+        queue_capacity: usize,
+    ) -> Arc<Engine> {
+        let (engine, worker) = Engine::new(model, model_config, device, queue_capacity);
         std::thread::Builder::new()
             .name("engine".into())
-            .spawn(move || worker.run(jobs))
+            .spawn(move || worker.run())
             .expect("spawning the engine thread");
         engine
     }

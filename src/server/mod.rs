@@ -1,5 +1,5 @@
 //! The HTTP service of the API guide (`../shared/API.md`): axum routes in front of one
-//! engine thread and its bounded queue.
+//! engine (one worker thread that owns the model) and its bounded queue.
 
 mod engine;
 mod error;
@@ -13,6 +13,7 @@ use std::time::Duration;
 
 use axum::http::HeaderValue;
 
+pub use engine::{Engine, EngineWorker};
 pub use request::Limits;
 
 use crate::error::{Error, Result};
@@ -39,9 +40,10 @@ pub struct ServerConfig {
     pub body_limit: usize,
 }
 
-/// Binds, starts loading the model in the background and serves until SIGINT or SIGTERM;
-/// then stops accepting, cancels what runs and waits for open requests to be answered.
-pub async fn serve(config: ServerConfig) -> Result<()> {
+/// Binds and serves `engine` (whose worker runs elsewhere, see [`engine::Engine::new`])
+/// until SIGINT or SIGTERM; then stops accepting, cancels what runs and waits for open
+/// requests to be answered.
+pub async fn serve(config: ServerConfig, engine: Arc<engine::Engine>) -> Result<()> {
     let origins = config
         .cors_origins
         .iter()
@@ -61,12 +63,6 @@ pub async fn serve(config: ServerConfig) -> Result<()> {
         .map_err(|e| Error::Other(format!("{address}: {e}")))?;
     tracing::info!("listening on http://{local}");
 
-    let engine = engine::Engine::start(
-        config.model.clone(),
-        config.model_config.clone(),
-        config.device.clone(),
-        config.queue_size,
-    );
     let state = Arc::new(routes::AppState {
         engine: engine.clone(),
         limits: config.limits.clone(),

@@ -27,8 +27,9 @@ use crate::tensor::DType;
 /// zeroes its pages again, step after step. With blocks up to 1 GiB served from the heap
 /// and the heap trimmed only above 2 GiB of free memory at its top, a guided SD 1.5 UNet
 /// step on 2 EPYC cores went from 4.4 s to 3.7 s and a 512x512 VAE decode from 4.9 s to
-/// 3.5 s, for about 3% more peak memory. (Threads other than the main one allocate from
-/// arenas whose heaps are at most 64 MiB, so their larger blocks are still mapped anew.)
+/// 3.5 s, for about 3% more peak memory. Threads other than the main one allocate from
+/// arenas whose heaps are at most 64 MiB, so their larger blocks are still mapped anew:
+/// the service runs the model on the main thread for that reason.
 ///
 /// Process-wide, so binaries call it first thing in `main`; elsewhere it does nothing.
 pub fn keep_freed_memory() {
