@@ -25,6 +25,10 @@ impl Linear {
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
         x.linear(&self.weight, self.bias.as_ref())
     }
+
+    pub fn out_features(&self) -> usize {
+        self.weight.shape()[0]
+    }
 }
 
 /// torch's `nn.Conv2d` with square kernel, stride and padding.
