@@ -227,6 +227,11 @@ impl Engine {
                 self.set_state(ModelState::Loading);
             }
             let _ = job.reply.send(result);
+            if self.queued() == 0 {
+                // Idle: what the generation freed goes back to the system (it is kept for
+                // reuse while jobs run; see keep_freed_memory).
+                crate::backend::cpu::release_freed_memory();
+            }
             if let Some(gpu) = lost {
                 drop(sd);
                 let Some(reloaded) = self.reload_after_losing(&gpu) else {

@@ -42,6 +42,16 @@ pub fn keep_freed_memory() {
     }
 }
 
+/// Hands the memory [`keep_freed_memory`] keeps back to the system: for when a server goes
+/// idle, so that its resident size falls back between requests.
+pub fn release_freed_memory() {
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    // SAFETY: malloc_trim only returns free pages of malloc's own heaps to the kernel.
+    unsafe {
+        libc::malloc_trim(0);
+    }
+}
+
 /// Host memory behind a CPU tensor. Weights may stay in their file's half precision;
 /// ops widen them to f32 when they read them.
 #[derive(Debug)]
