@@ -1,6 +1,7 @@
 //! The `sd-wgpu` command line: `serve` (the HTTP API) and `generate` (one image to a file).
 
 use std::ops::ControlFlow;
+use std::panic::AssertUnwindSafe;
 use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::{Duration, Instant};
@@ -217,12 +218,17 @@ fn run(cli: Cli) -> Result<()> {
             std::thread::Builder::new()
                 .name("http".into())
                 .spawn(move || {
-                    let code = match runtime.block_on(sd_wgpu::server::serve(config, engine)) {
-                        Ok(()) => 0,
-                        Err(e) => {
+                    let served = std::panic::catch_unwind(AssertUnwindSafe(|| {
+                        runtime.block_on(sd_wgpu::server::serve(config, engine))
+                    }));
+                    let code = match served {
+                        Ok(Ok(())) => 0,
+                        Ok(Err(e)) => {
                             eprintln!("error: {e}");
                             1
                         }
+                        // The panic message is already on stderr.
+                        Err(_) => 101,
                     };
                     std::process::exit(code)
                 })
@@ -315,7 +321,6 @@ fn run(cli: Cli) -> Result<()> {
 }
 
 fn main() -> ExitCode {
-    sd_wgpu::backend::cpu::keep_freed_memory();
     tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_default_env()
@@ -324,6 +329,8 @@ fn main() -> ExitCode {
         .with_writer(std::io::stderr)
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();
+    // Before any other thread starts.
+    sd_wgpu::backend::cpu::keep_freed_memory();
     match run(Cli::parse()) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {

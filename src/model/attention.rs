@@ -69,7 +69,7 @@ impl FeedForward {
     }
 
     /// [`FeedForward::forward`] keeping the GEGLU projection (`[B, L, 8 dim]` f32, the
-    /// largest activation of a UNet: 2.7 GB at 2048x2048 in SD 1.5) under half of
+    /// largest activation of a UNet: 1.34 GB at 2048x2048 in SD 1.5) under half of
     /// `max_buffer_bytes`: tokens are independent here, so they run in chunks (diffusers'
     /// `_chunked_feed_forward`), with the same result.
     pub fn forward_within(&self, x: &Tensor, max_buffer_bytes: Option<u64>) -> Result<Tensor> {
@@ -86,7 +86,8 @@ impl FeedForward {
         }
         if per_token > budget {
             return Err(Error::InvalidArgument(format!(
-                "one token of the UNet's feed-forward needs {per_token} bytes, over half of                  this device's largest buffer ({} bytes)",
+                "one token of the UNet's feed-forward needs {per_token} bytes, over half of \
+                 this device's largest buffer ({} bytes)",
                 max_buffer_bytes.unwrap_or(0)
             )));
         }

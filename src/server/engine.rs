@@ -6,7 +6,7 @@ use std::ops::ControlFlow;
 use std::panic::AssertUnwindSafe;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
-use std::sync::mpsc::{sync_channel, Receiver, SyncSender, TrySendError};
+use std::sync::mpsc::{sync_channel, Receiver, SyncSender, TryRecvError, TrySendError};
 use std::sync::{Arc, RwLock};
 use std::time::Instant;
 
@@ -202,7 +202,20 @@ impl Engine {
             // Jobs are refused while not Ready, so nothing waits on the queue.
             return;
         };
-        for job in jobs {
+        loop {
+            let job = match jobs.try_recv() {
+                Ok(job) => job,
+                Err(TryRecvError::Empty) => {
+                    // Idle: what the last generation (or the load) freed goes back to the
+                    // system; it is kept for reuse while jobs run (see keep_freed_memory).
+                    crate::backend::cpu::release_freed_memory();
+                    match jobs.recv() {
+                        Ok(job) => job,
+                        Err(_) => return,
+                    }
+                }
+                Err(TryRecvError::Disconnected) => return,
+            };
             self.queued.fetch_sub(1, Ordering::Relaxed);
             if self.shutdown.load(Ordering::Relaxed) {
                 let _ = job.reply.send(Err(Error::Cancelled));
@@ -227,11 +240,6 @@ impl Engine {
                 self.set_state(ModelState::Loading);
             }
             let _ = job.reply.send(result);
-            if self.queued() == 0 {
-                // Idle: what the generation freed goes back to the system (it is kept for
-                // reuse while jobs run; see keep_freed_memory).
-                crate::backend::cpu::release_freed_memory();
-            }
             if let Some(gpu) = lost {
                 drop(sd);
                 let Some(reloaded) = self.reload_after_losing(&gpu) else {
@@ -264,9 +272,17 @@ impl Engine {
         let started = Instant::now();
         let device = self.device();
         tracing::info!("loading model {} on {device}", self.model.display());
-        let loaded = crate::model::hub::resolve_model_path(&self.model).and_then(|dir| {
+        let load = || {
+            let dir = crate::model::hub::resolve_model_path(&self.model)?;
             tracing::info!("model `{}`: {}", self.model.display(), dir.display());
             StableDiffusion::load_with_config(&dir, self.model_config.as_deref(), &device)
+        };
+        // A panic while loading fails the model (reported by /health), not the process.
+        let loaded = std::panic::catch_unwind(AssertUnwindSafe(load)).unwrap_or_else(|panic| {
+            Err(Error::Other(format!(
+                "internal error: {}",
+                panic_message(&*panic)
+            )))
         });
         match loaded {
             Ok(sd) => {
@@ -299,16 +315,21 @@ impl Engine {
         {
             Ok(result) => result,
             Err(panic) => {
-                let what = panic
-                    .downcast_ref::<&str>()
-                    .map(|s| s.to_string())
-                    .or_else(|| panic.downcast_ref::<String>().cloned())
-                    .unwrap_or_else(|| "unknown panic".into());
+                let what = panic_message(&*panic);
                 tracing::error!("generation panicked: {what}");
                 Err(Error::Other(format!("internal error: {what}")))
             }
         }
     }
+}
+
+/// The message a panic was raised with.
+fn panic_message(panic: &(dyn std::any::Any + Send)) -> String {
+    panic
+        .downcast_ref::<&str>()
+        .map(|s| s.to_string())
+        .or_else(|| panic.downcast_ref::<String>().cloned())
+        .unwrap_or_else(|| "unknown panic".into())
 }
 
 #[cfg(test)]

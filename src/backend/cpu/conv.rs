@@ -57,13 +57,19 @@ enum Algorithm {
 /// The fastest way to run a convolution, by its shape. Winograd needs a 3x3 stride-1
 /// kernel, and enough channels and tiles that its transforms stay small next to the
 /// products: the weight transform runs on every call and writes 16 (F2) or 36 (F4) values
-/// per (oc, c) pair, so a layer needs about 256 2x2 tiles (a batch of two 16x16 images) for
+/// per (oc, c) pair, so a layer needs about 256 2x2 tiles (one 32x32 image) for
 /// F2 to beat im2col, and 1024 4x4 tiles (a 128x128 image) for F4 to beat F2; measured on
 /// the shapes of SD's UNet and VAE. `SD_CPU_WINOGRAD=0` turns Winograd off, `=2` keeps it
 /// to F(2x2) (to compare speed or rounding).
 fn algorithm(p: &Conv2dParams) -> Algorithm {
     static SETTING: OnceLock<Option<String>> = OnceLock::new();
-    let setting = SETTING.get_or_init(|| std::env::var("SD_CPU_WINOGRAD").ok());
+    let setting = SETTING.get_or_init(|| {
+        let value = std::env::var("SD_CPU_WINOGRAD").ok();
+        if let Some(other) = value.as_deref().filter(|v| !["0", "2"].contains(v)) {
+            tracing::warn!("SD_CPU_WINOGRAD={other:?} is not 0 or 2: ignored");
+        }
+        value
+    });
     let tiles = |m: usize| p.n * p.oh.div_ceil(m) * p.ow.div_ceil(m);
     if setting.as_deref() == Some("0") || !winograd::applies(p) || p.c < 16 || p.oc < 16 {
         Algorithm::Im2col

@@ -7,7 +7,8 @@
 //! Accuracy: within 2 ulp of the exact value for `x` in [-87.3, 88.3] (the tests check
 //! against f64). Below -87.3 (where the result would be subnormal) it returns 0; above 88.37
 //! it saturates at exp(88.37) ≈ 2.4e38 instead of reaching `f32::MAX` or infinity (the
-//! softmax only passes arguments ≤ 0). NaN stays NaN.
+//! softmax only passes arguments ≤ 0; a sigmoid's 1 / (1 + e^-x) is then about 4e-39
+//! instead of 0 for x < -88.4, which makes no difference to SiLU). NaN stays NaN.
 
 use super::simd::madd;
 

@@ -37,8 +37,11 @@ pub fn keep_freed_memory() {
     // SAFETY: mallopt only changes malloc's tuning parameters; called before other threads
     // exist, it races with no allocation.
     unsafe {
-        libc::mallopt(libc::M_MMAP_THRESHOLD, 1 << 30);
-        libc::mallopt(libc::M_TRIM_THRESHOLD, i32::MAX);
+        let accepted = libc::mallopt(libc::M_MMAP_THRESHOLD, 1 << 30) == 1
+            && libc::mallopt(libc::M_TRIM_THRESHOLD, i32::MAX) == 1;
+        if !accepted {
+            tracing::warn!("this glibc refused the malloc settings; large CPU buffers will be mapped afresh per op (slower)");
+        }
     }
 }
 

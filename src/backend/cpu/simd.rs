@@ -38,7 +38,11 @@ pub fn level() -> Level {
         let cap = match std::env::var("SD_CPU_SIMD").as_deref() {
             Ok("baseline") => Level::Baseline,
             Ok("avx2") => Level::Avx2,
-            _ => Level::Avx512,
+            Ok("avx512") | Err(_) => Level::Avx512,
+            Ok(other) => {
+                tracing::warn!("SD_CPU_SIMD={other:?} is not baseline, avx2 or avx512: ignored");
+                Level::Avx512
+            }
         };
         detected().min(cap)
     })

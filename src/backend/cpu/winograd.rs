@@ -95,6 +95,19 @@ impl<const A: usize, const M: usize> Transform<A, M> {
         bias: Option<&[f32]>,
         p: &Conv2dParams,
     ) -> Vec<f32> {
+        self.conv_in_chunks(x, weight, bias, p, MAX_CHUNK_ELEMS)
+    }
+
+    /// [`Transform::conv`] with chunks of about `max_chunk_elems` transformed values (at
+    /// least one tile row each).
+    fn conv_in_chunks(
+        &self,
+        x: &[f32],
+        weight: &[f32],
+        bias: Option<&[f32]>,
+        p: &Conv2dParams,
+        max_chunk_elems: usize,
+    ) -> Vec<f32> {
         assert!(applies(p), "winograd conv of {p:?}");
         assert_eq!(p.oh + 2, p.h + 2 * p.padding, "winograd conv of {p:?}");
         assert_eq!(p.ow + 2, p.w + 2 * p.padding, "winograd conv of {p:?}");
@@ -103,7 +116,7 @@ impl<const A: usize, const M: usize> Transform<A, M> {
         let tile_rows = p.n * th;
         let u = self.weights(weight, p.c, p.oc);
         let per_row = positions * (p.c + p.oc) * tw;
-        let chunk_rows = (MAX_CHUNK_ELEMS / per_row.max(1)).clamp(1, tile_rows);
+        let chunk_rows = (max_chunk_elems / per_row.max(1)).clamp(1, tile_rows);
         let mut v = vec![0f32; positions * p.c * chunk_rows * tw];
         let mut m = vec![0f32; positions * p.oc * chunk_rows * tw];
         let mut out = vec![0f32; p.n * p.oc * p.oh * p.ow];
@@ -401,5 +414,50 @@ fn interleave<const M: usize>(split: &[f32], row: &mut [f32]) {
     }
     for (ph, o) in groups.into_remainder().iter_mut().enumerate() {
         *o = split[ph * len + k];
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::tensor::testing::random;
+
+    /// Chunks of one tile row, and chunks that straddle two images of the batch, give the
+    /// result of a single chunk.
+    #[test]
+    fn chunking_tile_rows_keeps_the_result() {
+        let p = Conv2dParams {
+            n: 3,
+            c: 5,
+            h: 11,
+            w: 9,
+            oc: 4,
+            kh: 3,
+            kw: 3,
+            stride: 1,
+            padding: 1,
+            oh: 11,
+            ow: 9,
+        };
+        let x = random(&[3, 5, 11, 9], 1).to_vec().unwrap();
+        let weight = random(&[4, 5, 3, 3], 2).to_vec().unwrap();
+        let bias = random(&[4], 3).to_vec().unwrap();
+        fn check<const A: usize, const M: usize>(
+            t: &Transform<A, M>,
+            x: &[f32],
+            weight: &[f32],
+            bias: &[f32],
+            p: &Conv2dParams,
+        ) {
+            let whole = t.conv_in_chunks(x, weight, Some(bias), p, usize::MAX);
+            // 1: one tile row per chunk; 2000 and 3000: two to four rows, so that some
+            // chunks cross from one image to the next for each transform.
+            for limit in [1, 2000, 3000] {
+                let chunked = t.conv_in_chunks(x, weight, Some(bias), p, limit);
+                assert_eq!(chunked, whole, "F({M}x{M}), chunks of {limit} values");
+            }
+        }
+        check(&F2, &x, &weight, &bias, &p);
+        check(&F4, &x, &weight, &bias, &p);
     }
 }
