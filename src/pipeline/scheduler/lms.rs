@@ -73,12 +73,8 @@ impl Scheduler for LmsDiscrete {
         &self.table.timesteps
     }
 
-    fn init_noise_sigma(&self) -> f32 {
-        self.table.init_noise_sigma()
-    }
-
-    fn scale_model_input(&self, sample: &Tensor, step_index: usize) -> Result<Tensor> {
-        self.table.scale_model_input(sample, step_index)
+    fn sigma_table(&self) -> Option<&SigmaTable> {
+        Some(&self.table)
     }
 
     fn step(

@@ -32,16 +32,26 @@ pub trait Scheduler: Send {
     /// Their count is the number of UNet evaluations (PNDM runs one more than the steps).
     fn timesteps(&self) -> &[f32];
 
+    /// The sigmas of a scheduler that works in sigma space (Euler, Euler ancestral, LMS),
+    /// which set its initial noise and input scaling.
+    fn sigma_table(&self) -> Option<&schedule::SigmaTable> {
+        None
+    }
+
     /// Standard deviation of the initial noise (`init_noise_sigma`; 1 unless the
     /// scheduler works in sigma space).
     fn init_noise_sigma(&self) -> f32 {
-        1.0
+        self.sigma_table()
+            .map_or(1.0, schedule::SigmaTable::init_noise_sigma)
     }
 
     /// `scale_model_input` for the `step_index`-th timestep (the identity unless the
     /// scheduler works in sigma space).
-    fn scale_model_input(&self, sample: &Tensor, _step_index: usize) -> Result<Tensor> {
-        Ok(sample.clone())
+    fn scale_model_input(&self, sample: &Tensor, step_index: usize) -> Result<Tensor> {
+        match self.sigma_table() {
+            Some(table) => table.scale_model_input(sample, step_index),
+            None => Ok(sample.clone()),
+        }
     }
 
     /// `step(...).prev_sample` for the `step_index`-th timestep. Stochastic schedulers draw
