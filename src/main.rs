@@ -183,15 +183,13 @@ fn run(cli: Cli) -> Result<()> {
                     "--default-guidance {default_guidance} must be between 0 and 30"
                 )));
             }
-            // Resolved by the engine as it loads, so that a model that cannot be found
-            // leaves the service up, reporting why in /health.
+            // The model is resolved by the engine as it loads, so that a model that cannot
+            // be found leaves the service up, reporting why in /health.
+            let device = model.device()?;
+            let (engine, worker) = Engine::new(model.model, model.model_config, device, queue_size);
             let config = ServerConfig {
                 host,
                 port,
-                device: model.device()?,
-                model: model.model,
-                model_config: model.model_config,
-                queue_size,
                 limits: Limits {
                     max_prompt_chars,
                     max_steps,
@@ -205,12 +203,6 @@ fn run(cli: Cli) -> Result<()> {
             };
             let runtime = tokio::runtime::Runtime::new()
                 .map_err(|e| Error::Other(format!("tokio runtime: {e}")))?;
-            let (engine, worker) = Engine::new(
-                config.model.clone(),
-                config.model_config.clone(),
-                config.device.clone(),
-                config.queue_size,
-            );
             // The model runs on this, the main thread, and HTTP on another: glibc serves the
             // main thread's large blocks from a heap it reuses and other threads' from fresh
             // mappings (see keep_freed_memory), which made CPU generation 8-25% slower.

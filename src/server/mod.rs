@@ -7,7 +7,6 @@ mod request;
 mod routes;
 
 use std::net::SocketAddr;
-use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -17,7 +16,6 @@ pub use engine::{Engine, EngineWorker};
 pub use request::Limits;
 
 use crate::error::{Error, Result};
-use crate::tensor::Device;
 
 /// How to run the service.
 #[derive(Clone, Debug)]
@@ -25,12 +23,6 @@ pub struct ServerConfig {
     pub host: String,
     /// 0 picks a free port (the log says which).
     pub port: u16,
-    pub model: PathBuf,
-    /// `--model-config`: configs for a single-file checkpoint.
-    pub model_config: Option<PathBuf>,
-    pub device: Device,
-    /// Requests that may wait while one runs.
-    pub queue_size: usize,
     pub limits: Limits,
     /// Per-request limit, queueing included; `None` for none.
     pub time_limit: Option<Duration>,
