@@ -171,3 +171,4 @@ pub fn without_proxies(command: &mut std::process::Command) -> &mut std::process
     }
     command.env("no_proxy", "*").env("NO_PROXY", "*")
 }
+pub mod image_cases;

@@ -16,13 +16,35 @@ pub const PASSES_PER_SUBMIT: usize = 256;
 pub const WORKGROUP_1D: u32 = 256;
 
 /// What a WGSL kernel is: its file's source, the entry point and the variant it is built as.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+/// Compared and hashed by (file, entry point, variant), never by the source text: the
+/// pipeline cache looks a kernel up on every launch.
+#[derive(Clone, Copy, Debug)]
 pub struct Kernel {
     pub file: &'static str,
     pub source: &'static str,
     pub entry: &'static str,
     /// Built with half-precision weights: see [`Kernel::with_f16_weights`].
     pub f16_weights: bool,
+}
+
+impl Kernel {
+    fn identity(&self) -> (&'static str, &'static str, bool) {
+        (self.file, self.entry, self.f16_weights)
+    }
+}
+
+impl PartialEq for Kernel {
+    fn eq(&self, other: &Self) -> bool {
+        self.identity() == other.identity()
+    }
+}
+
+impl Eq for Kernel {}
+
+impl std::hash::Hash for Kernel {
+    fn hash<H: std::hash::Hasher>(&self, state: &mut H) {
+        self.identity().hash(state)
+    }
 }
 
 /// The line a shader declares its weight element type with; the f16 variant replaces it.
@@ -120,6 +142,10 @@ pub(crate) struct GpuContext {
     pub queue: wgpu::Queue,
     pub info: wgpu::AdapterInfo,
     pub limits: wgpu::Limits,
+    /// Everything the adapter offers (the device itself enables only what is used).
+    pub adapter_features: wgpu::Features,
+    /// The cooperative-matrix (tensor core) shapes and types the adapter reports.
+    pub cooperative_matrices: Vec<wgpu::CooperativeMatrixProperties>,
     /// Whether f16 weights stay f16 on the device (the adapter has `SHADER_F16` and
     /// `SD_GPU_F16` is not `0`): see [`GpuDevice`].
     pub f16: bool,
@@ -141,6 +167,8 @@ pub(crate) struct GpuContext {
     lost: Arc<Mutex<Option<String>>>,
     /// The per-kernel profile, when asked for and the adapter has timestamp queries.
     profiler: Option<Profiler>,
+    /// Kernel launches recorded since the device opened (for the bench's per-step count).
+    launches: std::sync::atomic::AtomicU64,
 }
 
 /// A handle on one GPU; cheap to clone. Tensors on it share its queue and buffer pool.
@@ -296,6 +324,8 @@ impl GpuDevice {
             queue,
             info,
             limits,
+            adapter_features: adapter.features(),
+            cooperative_matrices: adapter.cooperative_matrix_properties(),
             f16,
             pending: Mutex::new(Pending {
                 encoder: None,
@@ -309,6 +339,7 @@ impl GpuDevice {
             error,
             lost,
             profiler,
+            launches: Default::default(),
         })))
     }
 
@@ -318,6 +349,51 @@ impl GpuDevice {
 
     pub fn is_software(&self) -> bool {
         is_software(&self.0.info)
+    }
+
+    /// What the adapter is and offers, for benchmarks and logs: name, backend, driver,
+    /// device type, the features the kernels can use (SHADER_F16, SUBGROUP, cooperative
+    /// matrices, timestamps), subgroup sizes, the cooperative-matrix shapes, and the limits
+    /// that decide windowing and banding.
+    pub fn describe(&self) -> serde_json::Value {
+        let c = &self.0;
+        let f = c.adapter_features;
+        let coop: Vec<String> = c
+            .cooperative_matrices
+            .iter()
+            .map(|m| {
+                format!(
+                    "{}x{}x{} {:?}->{:?}",
+                    m.m_size, m.n_size, m.k_size, m.ab_type, m.cr_type
+                )
+            })
+            .collect();
+        serde_json::json!({
+            "name": c.info.name,
+            "backend": format!("{:?}", c.info.backend),
+            "device_type": format!("{:?}", c.info.device_type),
+            "vendor": format!("{:#06x}", c.info.vendor),
+            "device": format!("{:#06x}", c.info.device),
+            "driver": c.info.driver,
+            "driver_info": c.info.driver_info,
+            "features": {
+                "shader_f16": f.contains(wgpu::Features::SHADER_F16),
+                "subgroup": f.contains(wgpu::Features::SUBGROUP),
+                "cooperative_matrix": f.contains(wgpu::Features::EXPERIMENTAL_COOPERATIVE_MATRIX),
+                "timestamp_query": f.contains(wgpu::Features::TIMESTAMP_QUERY),
+            },
+            "f16_weights_kept": c.f16,
+            "subgroup_size": [c.info.subgroup_min_size, c.info.subgroup_max_size],
+            "cooperative_matrix_shapes": coop,
+            "limits": {
+                "max_buffer_size": c.limits.max_buffer_size,
+                "max_storage_buffer_binding_size": c.limits.max_storage_buffer_binding_size,
+                "max_compute_workgroup_storage_size": c.limits.max_compute_workgroup_storage_size,
+                "max_compute_invocations_per_workgroup": c.limits.max_compute_invocations_per_workgroup,
+                "max_compute_workgroups_per_dimension": c.limits.max_compute_workgroups_per_dimension,
+                "max_storage_buffers_per_shader_stage": c.limits.max_storage_buffers_per_shader_stage,
+            },
+        })
     }
 
     /// The largest buffer the device allocates, in bytes: no one tensor may be larger.
@@ -330,6 +406,11 @@ impl GpuDevice {
     pub fn bind_group_reuse(&self) -> (u64, u64) {
         let cache = lock(&self.0.binds);
         (cache.hits, cache.misses)
+    }
+
+    /// Kernel launches recorded since the device opened.
+    pub fn launches(&self) -> u64 {
+        self.0.launches.load(std::sync::atomic::Ordering::Relaxed)
     }
 
     /// Whether the device is gone (driver reset, GPU removed, or [`Self::lose_for_test`]):
@@ -606,6 +687,8 @@ impl GpuContext {
         buffers: &[wgpu::BindingResource<'_>],
         groups: [u32; 3],
     ) {
+        self.launches
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         let (pipeline, layout) = self.pipeline(kernel);
         let bind_group = self.bind_group(kernel, &layout, params, buffers);
         self.record_pass(Some(kernel.entry), |encoder, timestamp_writes| {

@@ -1,0 +1,149 @@
+//! The whole-image cases of `reference/images.json` (written by
+//! tools/fixtures/make_fixtures.py with diffusers' `StableDiffusionPipeline`) and the rule an
+//! image must meet to match diffusers'. Shared by tests/images.rs and the GPU bench
+//! (`sd15_gpu --images`), which runs them on a real GPU outside the tests.
+
+use std::ops::ControlFlow;
+use std::path::Path;
+
+use sd_wgpu::pipeline::{GenerateParams, StableDiffusion};
+
+/// No pixel channel may differ from diffusers' by more than this many levels of 255.
+pub const MAX_PIXEL_DIFF: u8 = 3;
+/// The mean absolute difference over all channels of an image must stay within this.
+pub const MEAN_PIXEL_DIFF: f64 = 0.5;
+
+/// The cases of `<reference>/images.json`.
+pub fn read_cases(reference: &Path) -> Result<Vec<serde_json::Value>, String> {
+    let path = reference.join("images.json");
+    let text = std::fs::read_to_string(&path).map_err(|e| format!("{}: {e}", path.display()))?;
+    let cases: serde_json::Value =
+        serde_json::from_str(&text).map_err(|e| format!("{}: {e}", path.display()))?;
+    cases
+        .as_array()
+        .cloned()
+        .ok_or_else(|| format!("{}: not a list of cases", path.display()))
+}
+
+/// The pipeline arguments of one case, as the fixture generator passed them.
+pub fn params(case: &serde_json::Value) -> Result<GenerateParams, String> {
+    let int = |name: &str| {
+        case[name]
+            .as_u64()
+            .ok_or_else(|| format!("case field {name} is not an integer: {case}"))
+    };
+    Ok(GenerateParams {
+        prompt: case["prompt"]
+            .as_str()
+            .ok_or("case has no prompt")?
+            .to_string(),
+        negative_prompt: case["negative_prompt"].as_str().map(str::to_string),
+        steps: int("steps")? as usize,
+        guidance_scale: case["guidance"].as_f64().ok_or("case has no guidance")?,
+        width: int("width")? as usize,
+        height: int("height")? as usize,
+        seed: int("seed")?,
+        scheduler: case["scheduler"].as_str().map(str::to_string),
+        scheduler_overrides: case["scheduler_overrides"]
+            .as_object()
+            .cloned()
+            .unwrap_or_default(),
+    })
+}
+
+/// A short name for the log: `07 sd1 DPMSolverMultistepScheduler {...} 32x32 seed 7`.
+pub fn describe(index: usize, case: &serde_json::Value) -> String {
+    let scheduler = case["scheduler"].as_str().unwrap_or("default");
+    let overrides = match case["scheduler_overrides"].as_object() {
+        Some(o) if !o.is_empty() => format!(" {}", serde_json::Value::Object(o.clone())),
+        _ => String::new(),
+    };
+    format!(
+        "{index:02} {} {scheduler}{overrides} {}x{} steps {} guidance {} seed {}",
+        case["fixture"].as_str().unwrap_or("?"),
+        case["width"],
+        case["height"],
+        case["steps"],
+        case["guidance"],
+        case["seed"],
+    )
+}
+
+/// How far one generated image is from diffusers'.
+pub struct PixelDiff {
+    pub max: u8,
+    pub mean: f64,
+}
+
+/// Runs one case and compares its image with the PNG under `reference`; `Err` says why it
+/// does not match (or could not run). `Ok` carries the difference, within the limits.
+pub fn run_case(
+    sd: &StableDiffusion,
+    case: &serde_json::Value,
+    reference: &Path,
+    name: &str,
+) -> Result<PixelDiff, String> {
+    let p = params(case).map_err(|e| format!("{name}: {e}"))?;
+    let mut evaluations = 0;
+    let generated = sd
+        .generate(&p, &mut |_| {
+            evaluations += 1;
+            ControlFlow::Continue(())
+        })
+        .map_err(|e| format!("{name}: generate failed: {e}"))?;
+
+    // The pipeline runs the UNet once per entry of the scheduler's timesteps.
+    if let Some(timesteps) = case["timesteps"].as_array() {
+        if evaluations != timesteps.len() {
+            return Err(format!(
+                "{name}: {evaluations} denoising steps, diffusers ran {}",
+                timesteps.len()
+            ));
+        }
+    }
+
+    let png = reference.join(case["png"].as_str().ok_or("case has no png")?);
+    let expected = image::open(&png)
+        .map_err(|e| format!("{}: {e}", png.display()))?
+        .to_rgb8();
+    let image = &generated.image;
+    if (image.width, image.height) != (expected.width() as usize, expected.height() as usize) {
+        return Err(format!(
+            "{name}: image is {}x{}, expected {}x{}",
+            image.width,
+            image.height,
+            expected.width(),
+            expected.height()
+        ));
+    }
+    let expected = expected.as_raw();
+    if image.pixels.len() != expected.len() {
+        return Err(format!(
+            "{name}: {} pixel values, expected {}",
+            image.pixels.len(),
+            expected.len()
+        ));
+    }
+    let (mut max, mut at, mut sum) = (0u8, 0, 0u64);
+    for (i, (a, e)) in image.pixels.iter().zip(expected).enumerate() {
+        let d = a.abs_diff(*e);
+        sum += d as u64;
+        if d > max {
+            max = d;
+            at = i;
+        }
+    }
+    let mean = sum as f64 / expected.len() as f64;
+    println!("{name}: max diff {max}, mean diff {mean:.4}");
+    if max > MAX_PIXEL_DIFF || mean > MEAN_PIXEL_DIFF {
+        let (pixel, channel) = (at / 3, at % 3);
+        return Err(format!(
+            "{name}: max diff {max} (limit {MAX_PIXEL_DIFF}) at pixel ({}, {}) channel {channel}: got {}, expected {}; mean diff {mean:.4} (limit {MEAN_PIXEL_DIFF})",
+            pixel % image.width,
+            pixel / image.width,
+            image.pixels[at],
+            expected[at],
+        ));
+    }
+    Ok(PixelDiff { max, mean })
+}
