@@ -15,10 +15,9 @@
 // tiles hanging over the edges load 0 and store nothing. Buffers may be windows of larger
 // ones (see Params); all addressing is relative to the offsets given there.
 //
-// The weight has element type W, read as f32(..) and accumulated in f32. The host builds this
-// file a second time with `enable f16;` and `alias W = f16;` (context::Kernel::
-// with_f16_weights) for weights kept in half precision. Everything else is f32.
-alias W = f32;
+// The weight has element type W, read as f32(..) and accumulated in f32: `alias W = f32;` or,
+// for weights kept in half precision, `enable f16; alias W = f16;`, in the header the host
+// generates (context::Kernel::header). Everything else is f32.
 
 const TILE_M: u32 = 64u;   // output channels per tile
 const TILE_N: u32 = 64u;   // output pixels (over the whole batch) per tile
@@ -205,4 +204,83 @@ fn store_row(m: u32, acc: vec4<f32>, base: vec4<u32>, ok: vec4<bool>, pixels: u3
     if (ok.y) { out[at.y] = row.y; }
     if (ok.z) { out[at.z] = row.z; }
     if (ok.w) { out[at.w] = row.w; }
+}
+
+// ---- im2col + a product: the convolution on devices with cooperative matrices ----------
+// There the matrix product kernel (gemm_coop.wgsl's matmul_nt_coop) runs far faster than
+// any gather inside the product, so conv.rs writes the im2col rows of a range of output
+// pixels to a buffer (`im2col`), multiplies them by the weight (rows x K @ [oc, K]^T, plus
+// the bias), and moves the [pixel][oc] result into the NCHW output (`rows_to_nchw`). Both
+// are one thread per element over a 2-D grid (context::groups_1d); threads past the end
+// return at once. Every read is inside the buffers by the sizes given (checked by the host).
+
+struct Im2col {
+    h: u32,
+    w: u32,
+    kh: u32,
+    kw: u32,
+    stride: u32,
+    padding: u32,
+    oh: u32,
+    ow: u32,
+    k: u32,      // c * kh * kw: one row's length
+    row0: u32,   // the first output pixel (over the batch) of this range
+    rows: u32,   // output pixels in this range
+    x_img: u32,  // input elements per image
+}
+
+@group(0) @binding(0) var<storage, read> ip: Im2col;
+@group(0) @binding(1) var<storage, read> ix: array<f32>;
+@group(0) @binding(2) var<storage, read_write> icols: array<f32>;
+
+@compute @workgroup_size(256)
+fn im2col(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>,
+          @builtin(local_invocation_id) lid: vec3<u32>) {
+    let i = (wid.y * nwg.x + wid.x) * 256u + lid.x;
+    if (i >= ip.rows * ip.k) { return; }
+    let r = i / ip.k;
+    let kk = i - r * ip.k;
+    let row = ip.row0 + r;
+    let pixels = ip.oh * ip.ow;
+    let img = row / pixels;
+    let pix = row - img * pixels;
+    let oy = pix / ip.ow;
+    let ox = pix - oy * ip.ow;
+    let khw = ip.kh * ip.kw;
+    let ci = kk / khw;
+    let rem = kk - ci * khw;
+    let ky = rem / ip.kw;
+    let kx = rem - ky * ip.kw;
+    let iy = i32(oy * ip.stride + ky) - i32(ip.padding);
+    let ixx = i32(ox * ip.stride + kx) - i32(ip.padding);
+    var v = 0.0;
+    if (iy >= 0 && iy < i32(ip.h) && ixx >= 0 && ixx < i32(ip.w)) {
+        v = ix[img * ip.x_img + ci * ip.h * ip.w + u32(iy) * ip.w + u32(ixx)];
+    }
+    icols[i] = v;
+}
+
+struct ToNchw {
+    oc: u32,
+    pixels: u32,  // output pixels per image
+    row0: u32,    // the range's first output pixel over the batch
+    rows: u32,
+}
+
+@group(0) @binding(0) var<storage, read> tp: ToNchw;
+@group(0) @binding(1) var<storage, read> trows: array<f32>;   // [rows][oc]
+@group(0) @binding(2) var<storage, read_write> tout: array<f32>; // [n][oc][pixels]
+
+// One thread per output value, pixels fastest, so the writes are contiguous.
+@compute @workgroup_size(256)
+fn rows_to_nchw(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>,
+                @builtin(local_invocation_id) lid: vec3<u32>) {
+    let i = (wid.y * nwg.x + wid.x) * 256u + lid.x;
+    if (i >= tp.rows * tp.oc) { return; }
+    let o = i / tp.rows;
+    let r = i - o * tp.rows;
+    let row = tp.row0 + r;
+    let img = row / tp.pixels;
+    let at = img * tp.oc * tp.pixels + o * tp.pixels + (row - img * tp.pixels);
+    tout[at] = trows[r * tp.oc + o];
 }

@@ -147,9 +147,8 @@ fn geglu(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: ve
     geglu_out[i] = geglu_x[base + j] * gelu(geglu_x[base + geglu_p.half + j]);
 }
 
-// `widen`'s input element type: the host builds this file a second time with `enable f16;`
-// and `alias W = f16;` (context::Kernel::with_f16_weights) to widen f16 weights to f32.
-alias W = f32;
+// `widen`'s input element type W: f16 in the variant that widens f16 weights to f32 (the
+// header the host generates declares it: context::Kernel::header).
 
 @group(0) @binding(0) var<storage, read> widen_p: Geglu;   // len = elements; half unused
 @group(0) @binding(1) var<storage, read> widen_x: array<W>;

@@ -96,9 +96,8 @@ fn upsample_nearest(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgrou
 
 @group(0) @binding(0) var<storage, read> gather_p: Gather;
 @group(0) @binding(1) var<storage, read> gather_pairs: array<u32>;
-// The table's element type: the host builds this file a second time with `enable f16;` and
-// `alias W = f16;` (context::Kernel::with_f16_weights) for tables kept in half precision.
-alias W = f32;
+// The table's element type W: f16 for tables kept in half precision (declared by the header
+// the host generates: context::Kernel::header).
 
 @group(0) @binding(2) var<storage, read> gather_table: array<W>;
 @group(0) @binding(3) var<storage, read_write> gather_out: array<f32>;

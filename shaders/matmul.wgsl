@@ -26,11 +26,10 @@
 // nothing when m, n or batch is 0. With k == 0 no slice is loaded and the result is the
 // bias (or 0). Every write is checked against m and n.
 //
-// Element types: rhs (a weight, for nn.Linear) has element type W, read as f32(..). The host
-// builds this file a second time with `enable f16;` and `alias W = f16;`
-// (context::Kernel::with_f16_weights) for weights kept in half precision; the vec4 loads then
-// read vec4<f16>s, whose indices are the same. Everything else is f32.
-alias W = f32;
+// Element types: rhs (a weight, for nn.Linear) has element type W, read as f32(..): f32, or
+// f16 for weights kept in half precision (the header the host generates declares it:
+// context::Kernel::header); the vec4 loads then read vec4<f16>s, whose indices are the same.
+// Everything else is f32.
 
 const TILE: u32 = 64u;   // output rows and columns per workgroup
 const SLICE: u32 = 16u;  // K per staged slice
@@ -245,4 +244,41 @@ fn matmul_nt_vec4(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocati
         workgroupBarrier();
     }
     store(t, lx, ly, t.col0 + lx, 16u, acc);
+}
+
+// ---- split_sum ---------------------------------------------------------------------------
+// The product of a K split into `splits` parts (gemm_coop.wgsl's matmul_nt_coop): out[b][i]
+// = sum over s of parts[b * splits + s][i], plus bias[i % n]; one thread per output value
+// over a 2-D grid (context::groups_1d), in a fixed order, so the sum does not depend on
+// timing. Reads stay below batch * splits * m * n (checked by the host).
+
+struct SplitSum {
+    mn: u32,      // m * n: one slab
+    n: u32,
+    splits: u32,
+    total: u32,   // batch * m * n
+    has_bias: u32,
+    _pad0: u32,
+    _pad1: u32,
+    _pad2: u32,
+}
+
+@group(0) @binding(0) var<storage, read> sp: SplitSum;
+@group(0) @binding(1) var<storage, read> parts: array<f32>;
+@group(0) @binding(2) var<storage, read> sbias: array<f32>;   // any buffer when !has_bias
+@group(0) @binding(3) var<storage, read_write> sout: array<f32>;
+
+@compute @workgroup_size(256)
+fn split_sum(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>,
+             @builtin(local_invocation_id) lid: vec3<u32>) {
+    let i = (wid.y * nwg.x + wid.x) * 256u + lid.x;
+    if (i >= sp.total) { return; }
+    let b = i / sp.mn;
+    let at = i - b * sp.mn;
+    var v = 0.0;
+    for (var s = 0u; s < sp.splits; s = s + 1u) {
+        v = v + parts[(b * sp.splits + s) * sp.mn + at];
+    }
+    if (sp.has_bias != 0u) { v = v + sbias[at % sp.n]; }
+    sout[i] = v;
 }

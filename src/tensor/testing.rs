@@ -14,6 +14,16 @@ pub(crate) fn random(shape: &[usize], seed: u64) -> Tensor {
         .expect("a valid shape")
 }
 
+/// A CPU f32 tensor of standard normal values rounded to values f16 holds exactly: the
+/// operands of matrix products and convolutions in their tests, so that kernels staging
+/// operands in f16 (cooperative matrices) see exactly the CPU's inputs and both sides
+/// differ only in the order of their f32 sums, as the SIMT kernels do.
+pub(crate) fn random_f16_exact(shape: &[usize], seed: u64) -> Tensor {
+    let values = random(shape, seed).to_vec().expect("cpu values");
+    let rounded = values.iter().map(|&v| f16::from_f32(v).to_f32()).collect();
+    Tensor::from_vec(rounded, shape, &Device::Cpu).expect("a valid shape")
+}
+
 /// A CPU tensor of standard normal values rounded to f16 and kept in f16 (as a weight from
 /// an f16 file): on a GPU that keeps f16 it is uploaded as f16 (rank 2 and more).
 pub(crate) fn random_f16(shape: &[usize], seed: u64) -> Tensor {

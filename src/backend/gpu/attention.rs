@@ -22,6 +22,29 @@ const ATTENTION: Kernel = Kernel::new(shader!("attention"), "attention");
 const ATTENTION_W40: Kernel = Kernel::new(shader!("attention"), "attention_w40");
 const ATTENTION_W64: Kernel = Kernel::new(shader!("attention"), "attention_w64");
 
+/// `attention_coop.wgsl`, per head width: `NC` 16-dim chunks (the head zero-padded).
+const ATTENTION_COOP: [Kernel; 10] = {
+    let k = Kernel::cooperative(shader!("attention_coop"), "attention_coop");
+    [
+        k.with_constant("NC", 1),
+        k.with_constant("NC", 2),
+        k.with_constant("NC", 3),
+        k.with_constant("NC", 4),
+        k.with_constant("NC", 5),
+        k.with_constant("NC", 6),
+        k.with_constant("NC", 7),
+        k.with_constant("NC", 8),
+        k.with_constant("NC", 9),
+        k.with_constant("NC", 10),
+    ]
+};
+/// The widest head `ATTENTION_COOP` takes: its q fragments and outputs live in registers.
+const COOP_MAX_HEAD_DIM: usize = 160;
+/// Queries per `ATTENTION_COOP` workgroup (`AQ`; 128 threads, 16 queries per subgroup).
+const COOP_QUERY_BLOCK: usize = 64;
+/// Threads per `ATTENTION_COOP` workgroup.
+const COOP_WORKGROUP: u32 = 128;
+
 /// Threads per softmax workgroup: the shader's `@workgroup_size(256)` on `softmax` (`WG`).
 const SOFTMAX_WORKGROUP: u32 = 256;
 /// Queries per attention workgroup, one per thread: the shader's `@workgroup_size(64)` on
@@ -130,8 +153,23 @@ pub fn attention(
     for (what, x) in [("q", q), ("k", k), ("v", v)] {
         check_binding("attention", what, x)?;
     }
-    let q_blocks = p.q_len.div_ceil(QUERY_BLOCK as usize);
-    let (kernel, slab) = attention_kernel(p.head_dim);
+    // Cooperative matrices where the device has them and the head fits; else the SIMT
+    // kernel for this head width.
+    let coop = ctx.coop && p.head_dim <= COOP_MAX_HEAD_DIM;
+    let (kernel, slab, query_block, workgroup) = if coop {
+        // head_dim >= 1: an empty head made out_len 0 above.
+        let chunks = p.head_dim.div_ceil(16);
+        (
+            ATTENTION_COOP[chunks - 1],
+            p.head_dim,
+            COOP_QUERY_BLOCK,
+            COOP_WORKGROUP,
+        )
+    } else {
+        let (kernel, slab) = attention_kernel(p.head_dim);
+        (kernel, slab, QUERY_BLOCK as usize, QUERY_BLOCK)
+    };
+    let q_blocks = p.q_len.div_ceil(query_block);
     let dim_slabs = p.head_dim.div_ceil(slab);
     let groups = p.batch * p.heads * q_blocks * dim_slabs;
     // Element indices, and the kernel's query and key counters (which run a block past the
@@ -157,14 +195,17 @@ pub fn attention(
         kernel,
         bytemuck::bytes_of(&params),
         &[q.binding(), k.binding(), v.binding(), out.binding()],
-        ctx.groups_1d(groups * QUERY_BLOCK as usize, QUERY_BLOCK),
+        ctx.groups_1d(groups * workgroup as usize, workgroup),
     );
     Ok(out)
 }
 
 #[cfg(test)]
 mod tests {
-    use crate::tensor::testing::{assert_ops_agree, random, random_f16};
+    // Attention's operands are values f16 holds exactly (random_f16_exact): on a device with
+    // cooperative matrices the kernel stages q, k and v in f16, and sees exactly the CPU's
+    // inputs; its probabilities keep f32 precision (see attention_coop.wgsl).
+    use crate::tensor::testing::{assert_ops_agree, random, random_f16, random_f16_exact};
     use crate::tensor::Tensor;
 
     #[test]
@@ -203,9 +244,9 @@ mod tests {
     /// Attention of random q `[b, lq, h*d]` and k, v `[b, lk, h*d]`, causal and not.
     fn check(b: usize, lq: usize, lk: usize, h: usize, d: usize, seed: u64) {
         let inputs = [
-            random(&[b, lq, h * d], seed),
-            random(&[b, lk, h * d], seed + 1),
-            random(&[b, lk, h * d], seed + 2),
+            random_f16_exact(&[b, lq, h * d], seed),
+            random_f16_exact(&[b, lk, h * d], seed + 1),
+            random_f16_exact(&[b, lk, h * d], seed + 2),
         ];
         for causal in [false, true] {
             assert_ops_agree(
@@ -255,9 +296,9 @@ mod tests {
     fn sd15_self_attention_4096_tokens() {
         let h = 8;
         let inputs = [
-            random(&[1, 4096, h * 40], 80),
-            random(&[1, 4096, h * 40], 81),
-            random(&[1, 4096, h * 40], 82),
+            random_f16_exact(&[1, 4096, h * 40], 80),
+            random_f16_exact(&[1, 4096, h * 40], 81),
+            random_f16_exact(&[1, 4096, h * 40], 82),
         ];
         assert_ops_agree("attention 4096 tokens", &inputs, |t| {
             Tensor::attention(&t[0], &t[1], &t[2], h, false)

@@ -18,6 +18,10 @@ pub const WORKGROUP_1D: u32 = 256;
 /// What a WGSL kernel is: its file's source, the entry point and the variant it is built as.
 /// Compared and hashed by (file, entry point, variant), never by the source text: the
 /// pipeline cache looks a kernel up on every launch.
+///
+/// Variants come from one mechanism: the module is the file's source after a header the
+/// host generates ([`Kernel::header`]) with the `enable` directives and type aliases the
+/// variant needs. Every shader reads weights through `alias W`.
 #[derive(Clone, Copy, Debug)]
 pub struct Kernel {
     pub file: &'static str,
@@ -25,11 +29,23 @@ pub struct Kernel {
     pub entry: &'static str,
     /// Built with half-precision weights: see [`Kernel::with_f16_weights`].
     pub f16_weights: bool,
+    /// Uses cooperative matrices (and f16): only for devices with `GpuContext::coop`.
+    pub cooperative: bool,
+    /// A pipeline-overridable constant (`override NAME: u32`) and its value: loop lengths
+    /// fixed per variant when the pipeline is built, so the driver can unroll them.
+    pub constant: Option<(&'static str, u32)>,
 }
 
 impl Kernel {
-    fn identity(&self) -> (&'static str, &'static str, bool) {
-        (self.file, self.entry, self.f16_weights)
+    fn identity(
+        &self,
+    ) -> (
+        &'static str,
+        &'static str,
+        bool,
+        Option<(&'static str, u32)>,
+    ) {
+        (self.file, self.entry, self.f16_weights, self.constant)
     }
 }
 
@@ -46,10 +62,6 @@ impl std::hash::Hash for Kernel {
         self.identity().hash(state)
     }
 }
-
-/// The line a shader declares its weight element type with; the f16 variant replaces it.
-const WEIGHT_ALIAS_F32: &str = "alias W = f32;";
-const WEIGHT_ALIAS_F16: &str = "alias W = f16;";
 
 /// One of the shader files, by name: `shader!("elementwise")`.
 #[macro_export]
@@ -74,14 +86,33 @@ impl Kernel {
             source: file.1,
             entry,
             f16_weights: false,
+            cooperative: false,
+            constant: None,
+        }
+    }
+
+    /// This kernel with `override name: u32` set to `value`.
+    pub const fn with_constant(self, name: &'static str, value: u32) -> Self {
+        Kernel {
+            constant: Some((name, value)),
+            ..self
+        }
+    }
+
+    /// A kernel on cooperative matrices (f16 x f16 -> f32 blocks of 16 x 16): its module is
+    /// built with `enable f16; enable wgpu_cooperative_matrix;`.
+    pub const fn cooperative(file: (&'static str, &'static str), entry: &'static str) -> Self {
+        Kernel {
+            cooperative: true,
+            ..Kernel::new(file, entry)
         }
     }
 
     /// The variant reading f16 weights: one WGSL source serves both element types. A
-    /// shader that takes weights declares their element type as `alias W = f32;` and reads
-    /// them as `f32(w[i])` (or `vec4<f32>(w4[i])`), accumulating in f32; this variant is the
-    /// same source with `enable f16;` prepended and `alias W = f16;`. Only for devices with
-    /// f16 storage (`GpuContext::f16`), the only ones that hold f16 tensors.
+    /// shader that takes weights reads them as `f32(w[i])` (or `vec4<f32>(w4[i])`) through
+    /// `alias W`, accumulating in f32; this variant's header enables f16 and declares
+    /// `alias W = f16;`. Only for devices with f16 storage (`GpuContext::f16`), the only
+    /// ones that hold f16 tensors.
     pub const fn with_f16_weights(self) -> Self {
         Kernel {
             f16_weights: true,
@@ -89,21 +120,26 @@ impl Kernel {
         }
     }
 
-    /// The WGSL this kernel compiles from.
-    fn wgsl(&self) -> std::borrow::Cow<'static, str> {
-        if !self.f16_weights {
-            return self.source.into();
+    /// The lines the module starts with: `enable` directives, then `alias W`.
+    pub fn header(&self) -> String {
+        let mut h = String::new();
+        if self.f16_weights || self.cooperative {
+            h.push_str("enable f16;\n");
         }
-        assert!(
-            self.source.contains(WEIGHT_ALIAS_F32),
-            "shaders/{}.wgsl has no `{WEIGHT_ALIAS_F32}` line for its f16 variant",
-            self.file
-        );
-        format!(
-            "enable f16;\n{}",
-            self.source.replacen(WEIGHT_ALIAS_F32, WEIGHT_ALIAS_F16, 1)
-        )
-        .into()
+        if self.cooperative {
+            h.push_str("enable wgpu_cooperative_matrix;\n");
+        }
+        h.push_str(if self.f16_weights {
+            "alias W = f16;\n"
+        } else {
+            "alias W = f32;\n"
+        });
+        h
+    }
+
+    /// The WGSL this kernel compiles from.
+    pub fn wgsl(&self) -> String {
+        format!("{}{}", self.header(), self.source)
     }
 }
 
@@ -146,6 +182,9 @@ pub(crate) struct GpuContext {
     pub adapter_features: wgpu::Features,
     /// The cooperative-matrix (tensor core) shapes and types the adapter reports.
     pub cooperative_matrices: Vec<wgpu::CooperativeMatrixProperties>,
+    /// Whether the matrix products and convolutions run on cooperative matrices
+    /// (gemm_coop.wgsl): see [`cooperative_matrices_usable`].
+    pub coop: bool,
     /// Whether f16 weights stay f16 on the device (the adapter has `SHADER_F16` and
     /// `SD_GPU_F16` is not `0`): see [`GpuDevice`].
     pub f16: bool,
@@ -231,6 +270,27 @@ fn rank(info: &wgpu::AdapterInfo) -> u8 {
     }
 }
 
+/// Whether gemm_coop.wgsl's kernels can run on `adapter`, and are wanted: it has
+/// cooperative matrices with 16x16x16 f16 -> f32 blocks, f16 and subgroups, and its
+/// subgroups are always 32 wide (the kernels split a 256-thread workgroup into 8
+/// subgroups); `SD_GPU_COOP=0` turns them off (the SIMT kernels then run, all in f32).
+pub fn cooperative_matrices_usable(adapter: &wgpu::Adapter) -> bool {
+    let off = std::env::var("SD_GPU_COOP").is_ok_and(|v| v.trim() == "0");
+    let needed = wgpu::Features::EXPERIMENTAL_COOPERATIVE_MATRIX
+        | wgpu::Features::SHADER_F16
+        | wgpu::Features::SUBGROUP;
+    let info = adapter.get_info();
+    let shape = adapter.cooperative_matrix_properties().iter().any(|m| {
+        (m.m_size, m.n_size, m.k_size) == (16, 16, 16)
+            && m.ab_type == wgpu::CooperativeScalarType::F16
+            && m.cr_type == wgpu::CooperativeScalarType::F32
+    });
+    !off && adapter.features().contains(needed)
+        && shape
+        && info.subgroup_min_size == 32
+        && info.subgroup_max_size == 32
+}
+
 /// Whether an adapter is a software rasteriser (llvmpipe, SwiftShader, WARP).
 pub fn is_software(info: &wgpu::AdapterInfo) -> bool {
     info.device_type == wgpu::DeviceType::Cpu
@@ -271,9 +331,14 @@ impl GpuDevice {
             );
         }
         let profile = profile && timestamps;
+        let coop = cooperative_matrices_usable(&adapter);
         let mut required_features = wgpu::Features::empty();
-        if f16 {
+        if f16 || coop {
             required_features |= wgpu::Features::SHADER_F16;
+        }
+        if coop {
+            required_features |=
+                wgpu::Features::EXPERIMENTAL_COOPERATIVE_MATRIX | wgpu::Features::SUBGROUP;
         }
         if profile {
             required_features |= wgpu::Features::TIMESTAMP_QUERY;
@@ -282,6 +347,14 @@ impl GpuDevice {
             label: Some("sd-wgpu"),
             required_features,
             required_limits: limits.clone(),
+            // SAFETY: the one experimental feature asked for is cooperative matrices, used
+            // only by gemm_coop.wgsl's kernels within the shapes the adapter reports
+            // (16x16x16 f16 -> f32), which the GPU bench checks against the CPU backend.
+            experimental_features: if coop {
+                unsafe { wgpu::ExperimentalFeatures::enabled() }
+            } else {
+                wgpu::ExperimentalFeatures::disabled()
+            },
             ..Default::default()
         }))
         .map_err(|e| Error::Gpu(format!("{}: cannot open the device: {e}", info.name)))?;
@@ -300,10 +373,11 @@ impl GpuDevice {
             }
         }));
         tracing::info!(
-            "GPU adapter: {} ({:?}, {:?}), f16 weights: {}",
+            "GPU adapter: {} ({:?}, {:?}), cooperative matrices: {}, f16 weights: {}",
             info.name,
             info.device_type,
             info.backend,
+            if coop { "used" } else { "no" },
             if f16 {
                 "kept"
             } else if f16_off {
@@ -325,6 +399,7 @@ impl GpuDevice {
             info,
             limits,
             adapter_features: adapter.features(),
+            coop,
             cooperative_matrices: adapter.cooperative_matrix_properties(),
             f16,
             pending: Mutex::new(Pending {
@@ -383,6 +458,7 @@ impl GpuDevice {
                 "timestamp_query": f.contains(wgpu::Features::TIMESTAMP_QUERY),
             },
             "f16_weights_kept": c.f16,
+            "cooperative_matrices_used": c.coop,
             "subgroup_size": [c.info.subgroup_min_size, c.info.subgroup_max_size],
             "cooperative_matrix_shapes": coop,
             "limits": {
@@ -423,6 +499,11 @@ impl GpuDevice {
     #[cfg(test)]
     pub(crate) fn lose_for_test(&self) {
         self.0.device.destroy();
+    }
+
+    /// Whether matrix products and convolutions run on cooperative matrices.
+    pub fn uses_cooperative_matrices(&self) -> bool {
+        self.0.coop
     }
 
     /// Whether f16 weights stay f16 on this device (see the type's documentation).
@@ -584,7 +665,7 @@ impl GpuContext {
                     debug_assert!(!kernel.f16_weights || self.f16, "an f16 kernel without f16");
                     let desc = wgpu::ShaderModuleDescriptor {
                         label: Some(kernel.file),
-                        source: wgpu::ShaderSource::Wgsl(kernel.wgsl()),
+                        source: wgpu::ShaderSource::Wgsl(kernel.wgsl().into()),
                     };
                     // SAFETY: every kernel guards its own reads and writes against the sizes it
                     // is given (each shader file says how), so wgpu's inserted bounds checks
@@ -598,6 +679,11 @@ impl GpuContext {
                 })
                 .clone()
         };
+        let constants: Vec<(&str, f64)> = kernel
+            .constant
+            .iter()
+            .map(|&(name, value)| (name, value as f64))
+            .collect();
         let pipeline = self
             .device
             .create_compute_pipeline(&wgpu::ComputePipelineDescriptor {
@@ -605,7 +691,10 @@ impl GpuContext {
                 layout: None,
                 module: &module,
                 entry_point: Some(kernel.entry),
-                compilation_options: Default::default(),
+                compilation_options: wgpu::PipelineCompilationOptions {
+                    constants: &constants,
+                    ..Default::default()
+                },
                 cache: None,
             });
         let entry = (pipeline.clone(), pipeline.get_bind_group_layout(0));
@@ -838,5 +927,66 @@ mod tests {
         assert_eq!(first, second);
         assert_eq!(made_after, made, "the third round made bind groups");
         assert!(reused >= made, "{reused} reused, {made} made");
+    }
+
+    /// Every shader file in every variant the host builds (f32 and f16 weights; the
+    /// cooperative-matrix ones with their header) parses, validates with every capability
+    /// and translates to SPIR-V: checked here, where no adapter may run them.
+    #[test]
+    fn every_kernel_variant_compiles_to_spirv() {
+        use super::Kernel;
+        let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("shaders");
+        let mut files: Vec<_> = std::fs::read_dir(&dir)
+            .unwrap()
+            .map(|e| e.unwrap().path())
+            .filter(|p| p.extension().is_some_and(|e| e == "wgsl"))
+            .collect();
+        files.sort();
+        assert!(files.len() >= 7, "{files:?}");
+        for path in files {
+            let source: &'static str =
+                Box::leak(std::fs::read_to_string(&path).unwrap().into_boxed_str());
+            let name = path.file_name().unwrap().to_string_lossy().to_string();
+            let cooperative = source.contains("coop_mat");
+            for f16 in [false, true] {
+                let mut kernel = if cooperative {
+                    Kernel::cooperative(("test", source), "")
+                } else {
+                    Kernel::new(("test", source), "")
+                };
+                if f16 {
+                    kernel = kernel.with_f16_weights();
+                }
+                let what = format!("{name} (f16 weights: {f16})");
+                let module = naga::front::wgsl::parse_str(&kernel.wgsl())
+                    .unwrap_or_else(|e| panic!("{what}: {}", e.emit_to_string(source)));
+                let info = naga::valid::Validator::new(
+                    naga::valid::ValidationFlags::all(),
+                    naga::valid::Capabilities::all(),
+                )
+                .validate(&module)
+                .unwrap_or_else(|e| panic!("{what}: {e:?}"));
+                let options = naga::back::spv::Options {
+                    lang_version: (1, 6),
+                    ..Default::default()
+                };
+                // Overrides at their defaults (the host sets them per variant).
+                let (module, info) = naga::back::pipeline_constants::process_overrides(
+                    &module,
+                    &info,
+                    None,
+                    &Default::default(),
+                )
+                .unwrap_or_else(|e| panic!("{what}: {e}"));
+                for entry in &module.entry_points {
+                    let pipeline = naga::back::spv::PipelineOptions {
+                        shader_stage: naga::ShaderStage::Compute,
+                        entry_point: entry.name.clone(),
+                    };
+                    naga::back::spv::write_vec(&module, &info, &options, Some(&pipeline))
+                        .unwrap_or_else(|e| panic!("{what}: {}: {e}", entry.name));
+                }
+            }
+        }
     }
 }

@@ -5,20 +5,69 @@
 //! filling workgroup memory (no column buffer). Each workgroup of [`WORKGROUP`] threads
 //! computes a [`TILE_M`] x [`TILE_N`] output tile, 4 x 4 values per thread, in K-slices of 16.
 //!
+//! On devices with cooperative matrices a convolution that fits one pass is instead an
+//! explicit product: the im2col rows of a range of output pixels are written to a buffer
+//! and multiplied by the weight with the matrix-product kernel (gemm_coop.wgsl's
+//! `matmul_nt_coop`), and the result moved into the NCHW output. On the H200 the gather
+//! inside `conv2d_coop` cost more integer work than its tensor-core products (16 TFLOP/s at
+//! [2,320,64,64], against 43-95 TFLOP/s for products of similar size), while the im2col
+//! buffer's write and read cost little next to the product.
+//!
 //! The weight may be f16: the kernel's f16 variant reads it directly, accumulating in f32.
 //! The input and the bias are widened to f32 when they are f16.
 
 use bytemuck::{Pod, Zeroable};
 
-use super::context::{GpuContext, Kernel};
+use super::context::{GpuContext, Kernel, WORKGROUP_1D};
 use super::elementwise::u32_of;
 use super::storage::BindLimit;
 use super::GpuStorage;
 use crate::backend::cpu::conv::Conv2dParams;
+use crate::backend::cpu::matmul::MatmulDims;
 use crate::error::{Error, Result};
 use crate::shader;
 
 const CONV2D: Kernel = Kernel::new(shader!("conv"), "conv2d");
+/// The same on cooperative matrices (gemm_coop.wgsl), where the device has them
+/// (`GpuContext::coop`): 128 x 128 tiles, operands rounded to f16, f32 sums.
+const CONV2D_COOP: Kernel = Kernel::cooperative(shader!("gemm_coop"), "conv2d_coop");
+/// Output channels and pixels per workgroup tile of `CONV2D_COOP`.
+const COOP_TILE: usize = 128;
+/// The im2col rows of a range of output pixels (see the module documentation).
+const IM2COL: Kernel = Kernel::new(shader!("conv"), "im2col");
+/// A `[pixel][oc]` product's rows into the NCHW output.
+const ROWS_TO_NCHW: Kernel = Kernel::new(shader!("conv"), "rows_to_nchw");
+/// The most elements of one im2col buffer (256 MiB of f32): the product's rows are taken in
+/// ranges that stay under it (and under the binding limit).
+const COLUMN_BUDGET: usize = 64 << 20;
+/// Rows per `matmul_nt_coop` tile: ranges of output pixels are whole tiles where they can be.
+const PRODUCT_ROWS: usize = 128;
+
+#[repr(C)]
+#[derive(Clone, Copy, Pod, Zeroable)]
+struct Im2colParams {
+    h: u32,
+    w: u32,
+    kh: u32,
+    kw: u32,
+    stride: u32,
+    padding: u32,
+    oh: u32,
+    ow: u32,
+    k: u32,
+    row0: u32,
+    rows: u32,
+    x_img: u32,
+}
+
+#[repr(C)]
+#[derive(Clone, Copy, Pod, Zeroable)]
+struct ToNchwParams {
+    oc: u32,
+    pixels: u32,
+    row0: u32,
+    rows: u32,
+}
 
 /// Output channels per workgroup tile (`TILE_M` in the shader).
 const TILE_M: usize = 64;
@@ -74,16 +123,20 @@ pub fn conv2d(
     bias: Option<&GpuStorage>,
     p: &Conv2dParams,
 ) -> Result<GpuStorage> {
-    conv2d_limited(x, weight, bias, p, &BindLimit::of(&x.ctx))
+    conv2d_limited(x, weight, bias, p, &BindLimit::of(&x.ctx), None)
 }
 
 /// [`conv2d`] binding at most `limit` of each buffer at once (tests use small limits).
+/// `product`: `Some(budget)` runs a convolution that fits one pass as im2col + product with
+/// im2col buffers of at most `budget` elements, as devices with cooperative matrices do
+/// (tests reach it on any device); `None` chooses by the device.
 fn conv2d_limited(
     x: &GpuStorage,
     weight: &GpuStorage,
     bias: Option<&GpuStorage>,
     p: &Conv2dParams,
     limit: &BindLimit,
+    product: Option<usize>,
 ) -> Result<GpuStorage> {
     // The weight is read natively in either element type; the others as f32.
     let x = &*x.as_f32()?;
@@ -125,6 +178,11 @@ fn conv2d_limited(
     }
     let max_elems = limit.max_elems;
     if x.len() <= max_elems && weight.len() <= w_limit.max_elems && out_len <= max_elems {
+        let product = product.or(ctx.coop.then_some(COLUMN_BUDGET));
+        if let Some(budget) = product {
+            conv2d_as_product(ctx, p, x, weight, bias, &out, budget.min(max_elems))?;
+            return Ok(out);
+        }
         let pass = Pass {
             images: p.n,
             oc: p.oc,
@@ -189,6 +247,78 @@ fn conv2d_limited(
     Ok(out)
 }
 
+/// The convolution as im2col + product (see the module documentation): output pixels in
+/// ranges whose im2col rows and product rows take at most `budget` elements. Every buffer
+/// is bound whole (the caller checked `x`, `weight` and `out` fit one binding).
+fn conv2d_as_product(
+    ctx: &std::sync::Arc<GpuContext>,
+    p: &Conv2dParams,
+    x: &GpuStorage,
+    weight: &GpuStorage,
+    bias: Option<&GpuStorage>,
+    out: &GpuStorage,
+    budget: usize,
+) -> Result<()> {
+    let k = p.c * p.kh * p.kw;
+    let pixels = p.oh * p.ow;
+    let total = p.n * pixels;
+    let mut range = (budget / k.max(p.oc).max(1)).max(1);
+    if range >= PRODUCT_ROWS {
+        range -= range % PRODUCT_ROWS;
+    }
+    // Every value below is at most an element count already checked to fit 32 bits.
+    let u = |v: usize| v as u32;
+    for row0 in (0..total).step_by(range) {
+        let rows = range.min(total - row0);
+        let cols = GpuStorage::output(ctx, rows * k);
+        if rows * k > 0 {
+            let params = Im2colParams {
+                h: u(p.h),
+                w: u(p.w),
+                kh: u(p.kh),
+                kw: u(p.kw),
+                stride: u32_of("conv2d stride", p.stride)?,
+                padding: u32_of("conv2d padding", p.padding)?,
+                oh: u(p.oh),
+                ow: u(p.ow),
+                k: u(k),
+                row0: u(row0),
+                rows: u(rows),
+                x_img: u(p.c * p.h * p.w),
+            };
+            ctx.dispatch(
+                IM2COL,
+                bytemuck::bytes_of(&params),
+                &[x.binding(), cols.binding()],
+                ctx.groups_1d(rows * k, WORKGROUP_1D),
+            );
+        }
+        let dims = MatmulDims {
+            batch: 1,
+            m: rows,
+            n: p.oc,
+            k,
+            rhs_batched: false,
+            transpose_rhs: true,
+        };
+        let y = super::matmul::matmul(&cols, weight, bias, dims)?;
+        drop(cols);
+        let params = ToNchwParams {
+            oc: u(p.oc),
+            pixels: u(pixels),
+            row0: u(row0),
+            rows: u(rows),
+        };
+        ctx.dispatch(
+            ROWS_TO_NCHW,
+            bytemuck::bytes_of(&params),
+            &[y.binding(), out.binding()],
+            ctx.groups_1d(rows * p.oc, WORKGROUP_1D),
+        );
+    }
+    Ok(())
+}
+
 /// Elements `start..start + len` of a buffer, bound; the pass's data begins `off` in.
 #[derive(Clone, Copy)]
 struct Window {
@@ -246,8 +376,13 @@ fn run(
 ) -> Result<()> {
     let pixels = p.oh * p.ow;
     let cols = pass.images * pixels;
-    let tiles_n = cols.div_ceil(TILE_N);
-    let tiles_m = pass.oc.div_ceil(TILE_M);
+    let (kernel, tile_m, tile_n) = if ctx.coop {
+        (CONV2D_COOP, COOP_TILE, COOP_TILE)
+    } else {
+        (CONV2D, TILE_M, TILE_N)
+    };
+    let tiles_n = cols.div_ceil(tile_n);
+    let tiles_m = pass.oc.div_ceil(tile_m);
     // Every value below is at most an element count already checked to fit 32 bits.
     let u = |v: usize| v as u32;
     let params = ConvParams {
@@ -293,7 +428,7 @@ fn run(
         None => pass.x.bind(x),
     };
     ctx.dispatch(
-        weight.weight_kernel(CONV2D),
+        weight.weight_kernel(kernel),
         bytemuck::bytes_of(&params),
         &[x_bind, w_bind, b_bind, pass.out.bind(out)],
         [gx, gy, gz],
@@ -307,7 +442,7 @@ mod tests {
     use crate::backend::cpu::conv::Conv2dParams;
     use crate::backend::gpu::storage::BindLimit;
     use crate::backend::gpu::{test_device, GpuStorage};
-    use crate::tensor::testing::{assert_ops_agree, f16_values, random, random_f16};
+    use crate::tensor::testing::{assert_ops_agree, f16_values, random_f16, random_f16_exact};
     use crate::tensor::Tensor;
 
     /// Conv of a random `[n, c, h, w]` input with a random `[oc, c, k, k]` kernel, with and
@@ -315,9 +450,9 @@ mod tests {
     fn check(input: [usize; 4], oc: usize, k: usize, stride: usize, padding: usize, seed: u64) {
         let [_, c, _, _] = input;
         let inputs = [
-            random(&input, seed),
-            random(&[oc, c, k, k], seed + 1),
-            random(&[oc], seed + 2),
+            random_f16_exact(&input, seed),
+            random_f16_exact(&[oc, c, k, k], seed + 1),
+            random_f16_exact(&[oc], seed + 2),
         ];
         let what = format!("conv2d {input:?} -> {oc}, {k}x{k} stride {stride} padding {padding}");
         assert_ops_agree(&format!("{what} with bias"), &inputs, |t| {
@@ -338,9 +473,9 @@ mod tests {
             ([1, 64, 16, 16], 64, 3, 1, 1),
         ] {
             let inputs = [
-                random(&input, 140),
+                random_f16_exact(&input, 140),
                 random_f16(&[oc, input[1], k, k], 141),
-                random(&[oc], 142),
+                random_f16_exact(&[oc], 142),
             ];
             let what = format!("conv2d {input:?} -> {oc}, f16 {k}x{k} stride {stride}");
             assert_ops_agree(&format!("{what} with bias"), &inputs, |t| {
@@ -380,16 +515,25 @@ mod tests {
         check([1, 4, 8, 8], 128, 3, 1, 1, 120);
     }
 
-    /// Runs the windowed path with a binding limit that holds `span` elements wherever a
-    /// window starts, against the CPU backend.
+    /// How [`check_path`] runs the convolution.
+    #[derive(Clone, Copy, Debug)]
+    enum Path {
+        /// Windowed, with a binding limit that holds this many elements wherever a window
+        /// starts.
+        Windowed(usize),
+        /// As im2col + product, with im2col buffers of at most this many elements.
+        Product(usize),
+    }
+
+    /// Runs `path` against the CPU backend.
     #[allow(clippy::too_many_arguments)]
-    fn check_windowed(
+    fn check_path(
         input: [usize; 4],
         oc: usize,
         k: usize,
         stride: usize,
         padding: usize,
-        span: usize,
+        path: Path,
         bias: bool,
         f16: bool,
     ) {
@@ -400,15 +544,15 @@ mod tests {
         // With `f16`, the weight and the bias are f16 storages (the bias widened by conv2d).
         let (x, weight, b) = if f16 {
             (
-                random(&input, 7),
+                random_f16_exact(&input, 7),
                 random_f16(&[oc, c, k, k], 8),
                 random_f16(&[oc], 9),
             )
         } else {
             (
-                random(&input, 7),
-                random(&[oc, c, k, k], 8),
-                random(&[oc], 9),
+                random_f16_exact(&input, 7),
+                random_f16_exact(&[oc, c, k, k], 8),
+                random_f16_exact(&[oc], 9),
             )
         };
         let expected = x
@@ -441,15 +585,21 @@ mod tests {
             up(&b),
         );
         assert_eq!(wg.is_f16(), f16 && gpu.keeps_f16());
-        let align = (gpu.0.limits.min_storage_buffer_offset_alignment.max(4) / 4) as usize;
-        let max_bytes = ((span + align - 1) * 4) as u64;
-        assert!(
-            max_bytes < (x.numel().max(oc * c * k * k).max(expected.numel()) * 4) as u64,
-            "not windowed"
-        );
-        let limit = BindLimit::new(&gpu.0, max_bytes);
-        assert_eq!(limit.span(), span);
-        let got = conv2d_limited(&xg, &wg, bias.then_some(&bg), &p, &limit)
+        let (limit, product) = match path {
+            Path::Windowed(span) => {
+                let align = (gpu.0.limits.min_storage_buffer_offset_alignment.max(4) / 4) as usize;
+                let max_bytes = ((span + align - 1) * 4) as u64;
+                assert!(
+                    max_bytes < (x.numel().max(oc * c * k * k).max(expected.numel()) * 4) as u64,
+                    "not windowed"
+                );
+                let limit = BindLimit::new(&gpu.0, max_bytes);
+                assert_eq!(limit.span(), span);
+                (limit, None)
+            }
+            Path::Product(budget) => (BindLimit::of(&gpu.0), Some(budget)),
+        };
+        let got = conv2d_limited(&xg, &wg, bias.then_some(&bg), &p, &limit, product)
             .unwrap()
             .to_f32()
             .unwrap();
@@ -458,7 +608,7 @@ mod tests {
         for (i, (g, e)) in got.iter().zip(&expected).enumerate() {
             assert!(
                 (g - e).abs() <= 1e-4 * scale,
-                "{input:?} -> {oc} windowed (f16 {f16}): {g} vs {e} at {i}"
+                "{input:?} -> {oc} {path:?} (f16 {f16}): {g} vs {e} at {i}"
             );
         }
     }
@@ -467,12 +617,29 @@ mod tests {
     fn tensors_beyond_the_binding_limit_are_windowed() {
         for f16 in [false, true] {
             // Two input channels and two output channels per pass.
-            check_windowed([2, 5, 9, 7], 6, 3, 1, 1, 150, true, f16);
-            check_windowed([2, 5, 9, 7], 6, 3, 1, 1, 150, false, f16);
-            check_windowed([1, 6, 10, 10], 9, 3, 2, 1, 250, true, f16);
-            check_windowed([2, 7, 5, 5], 70, 1, 1, 0, 60, true, f16);
+            let w = Path::Windowed;
+            check_path([2, 5, 9, 7], 6, 3, 1, 1, w(150), true, f16);
+            check_path([2, 5, 9, 7], 6, 3, 1, 1, w(150), false, f16);
+            check_path([1, 6, 10, 10], 9, 3, 2, 1, w(250), true, f16);
+            check_path([2, 7, 5, 5], 70, 1, 1, 0, w(60), true, f16);
             // The upsampler's shape at a smaller size: [1, 256, 512, 512] is 256 MiB.
-            check_windowed([1, 16, 16, 16], 16, 3, 1, 1, 16 * 16 * 16 / 3, true, f16);
+            check_path([1, 16, 16, 16], 16, 3, 1, 1, w(16 * 16 * 16 / 3), true, f16);
+        }
+    }
+
+    #[test]
+    fn im2col_and_a_product_match_the_cpu() {
+        // What devices with cooperative matrices run for a convolution that fits one pass:
+        // one range of pixels, ranges of whole 128-row tiles and a ragged last one, ranges
+        // of a row or two, across images; strided, 1x1, no bias, f16 weights.
+        for f16 in [false, true] {
+            let pr = Path::Product;
+            check_path([2, 5, 9, 7], 6, 3, 1, 1, pr(1 << 20), true, f16);
+            check_path([2, 4, 16, 20], 8, 3, 1, 1, pr(128 * 36), true, f16);
+            check_path([2, 5, 9, 7], 6, 3, 1, 1, pr(50), false, f16);
+            check_path([1, 6, 10, 10], 9, 3, 2, 1, pr(54 * 7), true, f16);
+            check_path([2, 7, 5, 5], 70, 1, 1, 0, pr(1 << 20), true, f16);
+            check_path([1, 3, 8, 8], 4, 1, 2, 0, pr(10), true, f16);
         }
     }
 
@@ -496,7 +663,7 @@ mod tests {
         };
         let x = GpuStorage::zeros(&gpu, 2 * 64 * 64);
         let w = GpuStorage::zeros(&gpu, 2 * 2 * 9);
-        let err = conv2d_limited(&x, &w, None, &p, &BindLimit::new(&gpu.0, 1024))
+        let err = conv2d_limited(&x, &w, None, &p, &BindLimit::new(&gpu.0, 1024), None)
             .unwrap_err()
             .to_string();
         assert!(

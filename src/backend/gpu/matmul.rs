@@ -26,6 +26,25 @@ const MATMUL_NT: Kernel = Kernel::new(shader!("matmul"), "matmul_nt");
 /// `lhs @ rhs^T` with vec4 loads: k % 4 == 0.
 const MATMUL_NT_VEC4: Kernel = Kernel::new(shader!("matmul"), "matmul_nt_vec4");
 
+/// `lhs @ rhs^T` on cooperative matrices (gemm_coop.wgsl), 128 x 128 tiles, where the
+/// device has them (`GpuContext::coop`).
+const MATMUL_NT_COOP: Kernel = Kernel::cooperative(shader!("gemm_coop"), "matmul_nt_coop");
+/// Output rows and columns per workgroup of `MATMUL_NT_COOP` (`TM`, `TN` in the shader).
+const COOP_TILE: usize = 128;
+/// `MATMUL_NT_COOP`'s K slice (`TK`): a split of K is a multiple of it.
+const COOP_SLICE: usize = 32;
+/// Adds the partial products of a split K (and the bias).
+const SPLIT_SUM: Kernel = Kernel::new(shader!("matmul"), "split_sum");
+/// Workgroups a cooperative product should have before K is split: about two per
+/// multiprocessor of a large GPU (132 on the H200). Measured there: products with 40
+/// workgroups and K = 11520 (the UNet's 1280-channel convolutions at 16x16) ran at 8 TFLOP/s,
+/// with 192 at 32 TFLOP/s, with 1280 at 43-52 TFLOP/s.
+const SPLIT_TARGET: usize = 256;
+/// The least K one split takes (16 slices), so that each still amortises its tile's setup.
+const SPLIT_MIN_K: usize = 512;
+/// The most splits of one product.
+const MAX_SPLITS: usize = 16;
+
 /// Output rows and columns per workgroup (`TILE` in the shader).
 pub const TILE: usize = 64;
 /// Threads per workgroup: `@workgroup_size(16, 16)` in the shader, each owning 4 x 4 outputs.
@@ -42,6 +61,33 @@ struct Params {
     col_tile_base: u32,
     row_tile_base: u32,
     batch_base: u32,
+    /// K per split and the splits (gemm_coop.wgsl); the SIMT kernels read neither.
+    k_split: u32,
+    splits: u32,
+    _pad: [u32; 2],
+}
+
+#[repr(C)]
+#[derive(Clone, Copy, Pod, Zeroable)]
+struct SplitSumParams {
+    mn: u32,
+    n: u32,
+    splits: u32,
+    total: u32,
+    has_bias: u32,
+    _pad: [u32; 3],
+}
+
+/// How many parts to split K into for a cooperative product with `tiles` output tiles:
+/// enough for [`SPLIT_TARGET`] workgroups, each part at least [`SPLIT_MIN_K`] long.
+fn k_splits(tiles: usize, k: usize) -> usize {
+    if tiles >= SPLIT_TARGET {
+        return 1;
+    }
+    SPLIT_TARGET
+        .div_ceil(tiles.max(1))
+        .min(k / SPLIT_MIN_K)
+        .clamp(1, MAX_SPLITS)
 }
 
 /// Batched `a @ b` (or `a @ b^T`) plus an optional bias row, as `cpu::matmul::matmul`.
@@ -106,14 +152,40 @@ pub fn matmul(
     if out_len == 0 {
         return Ok(out);
     }
-    // vec4 loads where every row a tile loads is whole vec4s (k = 0 loads nothing).
+    // Cooperative matrices for nn.Linear's products where the device has them; else vec4
+    // loads where every row a tile loads is whole vec4s (k = 0 loads nothing).
     let vec4 = k > 0 && k % 4 == 0;
+    let coop = ctx.coop && transpose_rhs;
     let kernel = b.weight_kernel(match (transpose_rhs, vec4) {
+        _ if coop => MATMUL_NT_COOP,
         (true, true) => MATMUL_NT_VEC4,
         (true, false) => MATMUL_NT,
         (false, true) if n % 4 == 0 => MATMUL_NN_VEC4,
         (false, _) => MATMUL_NN,
     });
+    let tile = if coop { COOP_TILE } else { TILE };
+    let (col_tiles, row_tiles) = (n.div_ceil(tile), m.div_ceil(tile));
+    let mut splits = if coop {
+        k_splits(col_tiles * row_tiles * batch, k)
+    } else {
+        1
+    };
+    let max = ctx.limits.max_compute_workgroups_per_dimension.max(1) as usize;
+    let parts_len = splits * out_len;
+    if splits > 1
+        && (batch * splits > max
+            || parts_len as u64 * 4 > limit
+            || u32::try_from(parts_len).is_err())
+    {
+        splits = 1;
+    }
+    let k_split = k
+        .div_ceil(splits)
+        .next_multiple_of(COOP_SLICE)
+        .max(COOP_SLICE);
+    // With a split K the kernel writes partial products, which split_sum adds up.
+    let parts = (splits > 1).then(|| GpuStorage::output(ctx, parts_len));
+    let target = parts.as_ref().unwrap_or(&out);
     let mut p = Params {
         m: m as u32,
         n: n as u32,
@@ -123,10 +195,12 @@ pub fn matmul(
         col_tile_base: 0,
         row_tile_base: 0,
         batch_base: 0,
+        k_split: k_split as u32,
+        splits: splits as u32,
+        _pad: [0; 2],
     };
-    let max = ctx.limits.max_compute_workgroups_per_dimension.max(1) as usize;
-    let (col_tiles, row_tiles) = (n.div_ceil(TILE), m.div_ceil(TILE));
-    for batch_base in (0..batch).step_by(max) {
+    let zs = batch * splits;
+    for batch_base in (0..zs).step_by(max) {
         for row_base in (0..row_tiles).step_by(max) {
             for col_base in (0..col_tiles).step_by(max) {
                 p.batch_base = batch_base as u32;
@@ -135,7 +209,7 @@ pub fn matmul(
                 let groups = [
                     (col_tiles - col_base).min(max) as u32,
                     (row_tiles - row_base).min(max) as u32,
-                    (batch - batch_base).min(max) as u32,
+                    (zs - batch_base).min(max) as u32,
                 ];
                 ctx.dispatch(
                     kernel,
@@ -145,12 +219,28 @@ pub fn matmul(
                         b.binding_any(),
                         // Unread without a bias; any buffer fills the slot.
                         bias.unwrap_or(a).binding(),
-                        out.binding(),
+                        target.binding(),
                     ],
                     groups,
                 );
             }
         }
+    }
+    if let Some(parts) = parts {
+        let sp = SplitSumParams {
+            mn: (m * n) as u32,
+            n: n as u32,
+            splits: splits as u32,
+            total: out_len as u32,
+            has_bias: bias.is_some() as u32,
+            _pad: [0; 3],
+        };
+        ctx.dispatch(
+            SPLIT_SUM,
+            bytemuck::bytes_of(&sp),
+            &[parts.binding(), bias.unwrap_or(a).binding(), out.binding()],
+            ctx.groups_1d(out_len, super::context::WORKGROUP_1D),
+        );
     }
     Ok(out)
 }
@@ -159,7 +249,9 @@ pub fn matmul(
 mod tests {
     use crate::backend::cpu::matmul::MatmulDims;
     use crate::backend::gpu::{test_device, GpuStorage};
-    use crate::tensor::testing::{assert_close, assert_ops_agree, f16_values, random, random_f16};
+    use crate::tensor::testing::{
+        assert_close, assert_ops_agree, f16_values, random_f16, random_f16_exact,
+    };
     use crate::tensor::Device;
 
     #[test]
@@ -174,9 +266,9 @@ mod tests {
             (2 * 77, 768, 320),
         ] {
             let inputs = [
-                random(&[rows, inp], 700),
+                random_f16_exact(&[rows, inp], 700),
                 random_f16(&[out, inp], 701),
-                random(&[out], 702),
+                random_f16_exact(&[out], 702),
             ];
             let what = format!("linear [{rows}, {inp}] x f16 [{out}, {inp}]^T");
             assert_ops_agree(&format!("{what} + bias"), &inputs, |t| {
@@ -187,7 +279,7 @@ mod tests {
         // An f16 rhs in plain products: `nn` scalar and vec4, `nt` through matmul_t, and a
         // batched rhs.
         for (m, n, k) in [(77, 37, 33), (65, 68, 20), (3, 129, 36), (1, 1, 1)] {
-            let a = random(&[2, m, k], 710);
+            let a = random_f16_exact(&[2, m, k], 710);
             assert_ops_agree(
                 &format!("[2, {m}, {k}] @ f16 [{k}, {n}]"),
                 &[a.clone(), random_f16(&[k, n], 711)],
@@ -257,7 +349,10 @@ mod tests {
             "{a_shape:?} @ {b_shape:?}{}",
             if transpose { "^T" } else { "" }
         );
-        let inputs = [random(&a_shape, seed), random(&b_shape, seed + 1)];
+        let inputs = [
+            random_f16_exact(&a_shape, seed),
+            random_f16_exact(&b_shape, seed + 1),
+        ];
         if transpose {
             assert_ops_agree(&what, &inputs, |t| t[0].matmul_t(&t[1]));
         } else {
@@ -300,9 +395,9 @@ mod tests {
     fn linear_with_and_without_bias_matches_the_cpu() {
         for (rows, inp, out) in [(77, 33, 37), (1, 64, 10), (5, 1, 3), (3, 20, 128)] {
             let inputs = [
-                random(&[rows, inp], 200),
-                random(&[out, inp], 201),
-                random(&[out], 202),
+                random_f16_exact(&[rows, inp], 200),
+                random_f16_exact(&[out, inp], 201),
+                random_f16_exact(&[out], 202),
             ];
             assert_ops_agree("linear + bias", &inputs, |t| {
                 t[0].linear(&t[1], Some(&t[2]))
@@ -310,9 +405,9 @@ mod tests {
             assert_ops_agree("linear", &inputs, |t| t[0].linear(&t[1], None));
         }
         let inputs = [
-            random(&[2, 7, 48], 203),
-            random(&[24, 48], 204),
-            random(&[24], 205),
+            random_f16_exact(&[2, 7, 48], 203),
+            random_f16_exact(&[24, 48], 204),
+            random_f16_exact(&[24], 205),
         ];
         assert_ops_agree("3-D linear + bias", &inputs, |t| {
             t[0].linear(&t[1], Some(&t[2]))
@@ -325,9 +420,9 @@ mod tests {
         // 64 x 64-latent projection ([2 * 4096, 320] x [320, 320]^T).
         for (rows, inp, out) in [(2 * 77, 768, 3072), (2 * 4096, 320, 320)] {
             let inputs = [
-                random(&[rows, inp], 300),
-                random(&[out, inp], 301),
-                random(&[out], 302),
+                random_f16_exact(&[rows, inp], 300),
+                random_f16_exact(&[out, inp], 301),
+                random_f16_exact(&[out], 302),
             ];
             assert_ops_agree(
                 &format!("linear [{rows}, {inp}] x [{out}, {inp}]^T"),
@@ -335,6 +430,36 @@ mod tests {
                 |t| t[0].linear(&t[1], Some(&t[2])),
             );
         }
+    }
+
+    #[test]
+    fn k_is_split_only_for_few_tiles_and_long_reductions() {
+        use super::{k_splits, MAX_SPLITS, SPLIT_TARGET};
+        assert_eq!(k_splits(SPLIT_TARGET, 100_000), 1);
+        assert_eq!(k_splits(10, 300), 1);
+        // The UNet's 1280-channel 3x3 convolution at 8x8, batch 2: 10 tiles, K = 11520.
+        assert_eq!(k_splits(10, 11520), MAX_SPLITS.min(11520 / 512).min(26));
+        assert_eq!(k_splits(1, 2048), 4);
+        assert_eq!(k_splits(200, 4096), 2);
+    }
+
+    #[test]
+    fn long_reductions_match_the_cpu() {
+        // Few output tiles and a long K: on devices with cooperative matrices K is split
+        // and the parts summed by split_sum (with the bias, and per batch entry).
+        let inputs = [
+            random_f16_exact(&[64, 2048], 800),
+            random_f16(&[96, 2048], 801),
+            random_f16_exact(&[96], 802),
+        ];
+        assert_ops_agree("linear [64, 2048] x [96, 2048]^T + bias", &inputs, |t| {
+            t[0].linear(&t[1], Some(&t[2]))
+        });
+        assert_ops_agree("linear [64, 2048] x [96, 2048]^T", &inputs, |t| {
+            t[0].linear(&t[1], None)
+        });
+        check(&[3], 40, 70, 1560, true, true, 804);
+        check(&[2], 130, 20, 4000, false, true, 806);
     }
 
     #[test]
@@ -355,8 +480,12 @@ mod tests {
         }
         let (m, n) = (8192, (limit as usize / 4).div_ceil(8192) + 1);
         let device = Device::Gpu(gpu);
-        let a = random(&[m, 1], 600).to_device(&device).expect("upload");
-        let b = random(&[1, n], 601).to_device(&device).expect("upload");
+        let a = random_f16_exact(&[m, 1], 600)
+            .to_device(&device)
+            .expect("upload");
+        let b = random_f16_exact(&[1, n], 601)
+            .to_device(&device)
+            .expect("upload");
         let err = a.matmul(&b).expect_err("an output past the binding limit");
         assert!(err.to_string().contains("matmul"), "{err}");
     }
@@ -366,9 +495,9 @@ mod tests {
         check(&[], 0, 5, 3, false, false, 400);
         check(&[2], 4, 5, 0, true, true, 402);
         let inputs = [
-            random(&[3, 0], 404),
-            random(&[6, 0], 405),
-            random(&[6], 406),
+            random_f16_exact(&[3, 0], 404),
+            random_f16_exact(&[6, 0], 405),
+            random_f16_exact(&[6], 406),
         ];
         assert_ops_agree("linear with no inputs", &inputs, |t| {
             t[0].linear(&t[1], Some(&t[2]))
