@@ -14,9 +14,11 @@
 // 1. scores S = q k^T (16 x 32 per subgroup per tile, f32 sums) give each query's running
 //    max and sum of exp (online, two lanes per query, f32);
 // 2. the scores again, p = exp(s * scale - max) / sum, and out += p v. p is split into
-//    p_hi = f16(p) and p_lo = f16((p - p_hi) * LO), both multiplied (p_lo's product scaled
-//    back by 1 / LO), so the product keeps f32's precision (unscaled, p - p_hi would be an
-//    f16 subnormal for most p, and lose its bits); q, k and v are rounded to f16 as they are staged (as PyTorch's fp16
+//    p_hi (p with its low 13 mantissa bits cleared, which f16 holds exactly) and
+//    p_lo = (p - p_hi) * LO, each multiplied into an accumulator of its own, added as
+//    out_hi + out_lo / LO at the end, so the product keeps f32's precision (unscaled,
+//    p - p_hi would be an f16 subnormal for most p, and lose its bits; the split is done on
+//    the bits so that no compiler folds f32(f16(p)) into p); q, k and v are rounded to f16 as they are staged (as PyTorch's fp16
 //    attention does). Nothing of size Lq x Lk is stored; the output is final after pass 2
 //    (no rescaling, which cooperative matrices cannot do per row).
 //
@@ -174,8 +176,10 @@ fn attention_coop(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups
 
     // Pass 2: the probabilities and their weighted sum of v.
     var o: array<coop_mat16x16<f32, C>, 10>;
+    var o_lo: array<coop_mat16x16<f32, C>, 10>;
     for (var c = 0u; c < NC; c = c + 1u) {
         o[c] = coop_mat16x16<f32, C>();
+        o_lo[c] = coop_mat16x16<f32, C>();
     }
     let prow = sg * 16u * LDP + row * LDP + 16u * half;
     for (var k0 = 0u; k0 < kv_end; k0 = k0 + AK) {
@@ -187,9 +191,9 @@ fn attention_coop(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups
             let key = k0 + 16u * half + n;
             let ok = key < kv_end && (!causal || key <= qi);
             let p = select(0.0, exp(s_s[srow + n] * scale - m) * inv, ok);
-            let hi = f16(p);
-            p_hi[prow + n] = hi;
-            p_lo[prow + n] = f16((p - f32(hi)) * LO);
+            let hi = bitcast<f32>(bitcast<u32>(p) & 0xFFFFE000u);
+            p_hi[prow + n] = f16(hi);
+            p_lo[prow + n] = f16((p - hi) * LO);
         }
         workgroupBarrier();
         for (var j = 0u; j < AK / 16u; j = j + 1u) {
@@ -197,23 +201,25 @@ fn attention_coop(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups
             let pl = coopLoadT<coop_mat16x16<f16, A>>(&p_lo[sg * 16u * LDP + 16u * j], LDP);
             for (var c = 0u; c < NC; c = c + 1u) {
                 let vb = coopLoadT<coop_mat16x16<f16, B>>(&v_s[16u * j * LDD + 16u * c], LDD);
-                o[c] = coopMultiplyAdd(ph, vb, o[c])
-                    + coopMultiplyAdd(pl, vb, coop_mat16x16<f32, C>()) * (1.0 / LO);
+                o[c] = coopMultiplyAdd(ph, vb, o[c]);
+                o_lo[c] = coopMultiplyAdd(pl, vb, o_lo[c]);
             }
         }
         workgroupBarrier();
     }
 
-    // The output, 16 dims at a time through this subgroup's part of s_s.
+    // The output, 16 dims at a time through this subgroup's part of s_s (hi, then lo).
+    let so = sg * 16u * AK;
     for (var c = 0u; c < NC; c = c + 1u) {
-        coopStoreT(o[c], &s_s[sg * 16u * AK], 16u);
+        coopStoreT(o[c], &s_s[so], 16u);
+        coopStoreT(o_lo[c], &s_s[so + 256u], 16u);
         workgroupBarrier();
         for (var e = lane; e < 256u; e = e + 32u) {
             let r = e / 16u;
             let d = 16u * c + e % 16u;
             let q = q0 + 16u * sg + r;
             if (q < q_len && d < hd) {
-                at_out[q_base + q * inner + d] = s_s[sg * 16u * AK + e];
+                at_out[q_base + q * inner + d] = s_s[so + e] + s_s[so + 256u + e] * (1.0 / LO);
             }
         }
         workgroupBarrier();

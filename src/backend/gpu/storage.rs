@@ -331,6 +331,10 @@ mod tests {
     #[test]
     fn an_allocation_the_device_refuses_is_an_error_and_the_device_keeps_working() {
         let Some(gpu) = test_device() else { return };
+        // A device of its own: the error would otherwise reach whichever test reads back
+        // next from the shared device (and its pending work would be dropped), as it did
+        // on the H200 with tests in parallel.
+        let gpu = crate::backend::gpu::GpuDevice::new(Some(&gpu.name())).unwrap();
         let device = Device::Gpu(gpu.clone());
         // One buffer larger than the adapter allows: wgpu reports it as an error, which
         // must come back as Error::Gpu at the read-back, not as a panic.
