@@ -70,159 +70,96 @@ struct MatmulParams {
 @group(0) @binding(3) var<storage, read> mbias: array<f32>;   // any buffer when !has_bias
 @group(0) @binding(4) var<storage, read_write> mout: array<f32>;
 
-// Where one workgroup's tile of a (split) product sits.
-struct NtTile {
-    row0: u32,
-    col0: u32,
-    z: u32,         // batch entry * splits + split
-    k_begin: u32,
-    k_end: u32,
-    lhs_base: u32,
-    rhs_base: u32,
-}
-
-fn nt_tile(wid: vec3<u32>) -> NtTile {
-    var t: NtTile;
-    t.row0 = (wid.y + mp.row_tile_base) * TM;
-    t.col0 = (wid.x + mp.col_tile_base) * TN;
-    t.z = wid.z + mp.batch_base;
-    let batch = t.z / mp.splits;
-    t.k_begin = (t.z % mp.splits) * mp.k_split;
-    t.k_end = min(mp.k, t.k_begin + mp.k_split);
-    t.lhs_base = batch * mp.m * mp.k;
-    t.rhs_base = select(0u, batch * mp.k * mp.n, mp.rhs_batched != 0u);
-    return t;
-}
-
-// One staged K slice for `nt`: subgroup sg's 2 x 4 blocks (rows 32 (sg / 2) .., columns
-// 64 (sg % 2) .. of the tile) multiply-add the slice's two 16-wide steps.
-fn mma_nt(sg: u32, acc: ptr<function, array<coop_mat16x16<f32, C>, 8>>) {
-    let ar = 32u * (sg / 2u) * LDK;
-    let bc = 64u * (sg % 2u) * LDK;
-    for (var kk = 0u; kk < TK; kk = kk + 16u) {
-        let a0 = coopLoadT<coop_mat16x16<f16, A>>(&sa[ar + kk], LDK);
-        let a1 = coopLoadT<coop_mat16x16<f16, A>>(&sa[ar + 16u * LDK + kk], LDK);
-        for (var j = 0u; j < 4u; j = j + 1u) {
-            let b = coopLoad<coop_mat16x16<f16, B>>(&sb[bc + 16u * j * LDK + kk], LDK);
-            (*acc)[j] = coopMultiplyAdd(a0, b, (*acc)[j]);
-            (*acc)[4u + j] = coopMultiplyAdd(a1, b, (*acc)[4u + j]);
-        }
-    }
-}
-
-// The tile's output (each (batch entry, split) has its own slab; without splits z is the
-// batch entry), plus the bias.
-fn store_tile_nt(t: NtTile, sg: u32, lane: u32, acc: ptr<function, array<coop_mat16x16<f32, C>, 8>>) {
-    let r = t.row0 + 32u * (sg / 2u);
-    let c = t.col0 + 64u * (sg % 2u);
-    let out_base = t.z * mp.m * mp.n;
-    for (var j = 0u; j < 4u; j = j + 1u) {
-        store_nt((*acc)[j], sg, lane, r, c + 16u * j, out_base);
-        store_nt((*acc)[4u + j], sg, lane, r + 16u, c + 16u * j, out_base);
-    }
-}
-
 @compute @workgroup_size(256)
 fn matmul_nt_coop(@builtin(workgroup_id) wid: vec3<u32>,
                   @builtin(local_invocation_index) t: u32,
                   @builtin(subgroup_id) sg: u32,
                   @builtin(subgroup_invocation_id) lane: u32) {
-    let tile = nt_tile(wid);
+    let row0 = (wid.y + mp.row_tile_base) * TM;
+    let col0 = (wid.x + mp.col_tile_base) * TN;
+    let z = wid.z + mp.batch_base;
+    let batch = z / mp.splits;
+    let split = z % mp.splits;
+    let m = mp.m;
+    let n = mp.n;
+    let k = mp.k;
+    let k_begin = split * mp.k_split;
+    let k_end = min(k, k_begin + mp.k_split);
+    let lhs_base = batch * m * k;
+    let rhs_base = select(0u, batch * k * n, mp.rhs_batched != 0u);
+
     // Thread t stages reduction index kt of rows (A) and columns (B) r8 + 8q, q = 0..15:
     // 32 neighbouring threads read 32 neighbouring values of one row.
     let kt = t % 32u;
     let r8 = t / 32u;
     var va: array<f32, 16>;
     var vb: array<f32, 16>;
-    load_nt(&va, &vb, tile, r8, tile.k_begin + kt);
-    var acc: array<coop_mat16x16<f32, C>, 8>;
-    for (var j = 0u; j < 8u; j = j + 1u) {
-        acc[j] = coop_mat16x16<f32, C>();
-    }
-    for (var k0 = tile.k_begin; k0 < tile.k_end; k0 = k0 + TK) {
+    load_nt(&va, &vb, row0, col0, r8, k_begin + kt, k_end, lhs_base, rhs_base);
+
+    let sm = sg / 2u;
+    let sn = sg % 2u;
+    var acc00 = coop_mat16x16<f32, C>();
+    var acc01 = coop_mat16x16<f32, C>();
+    var acc02 = coop_mat16x16<f32, C>();
+    var acc03 = coop_mat16x16<f32, C>();
+    var acc10 = coop_mat16x16<f32, C>();
+    var acc11 = coop_mat16x16<f32, C>();
+    var acc12 = coop_mat16x16<f32, C>();
+    var acc13 = coop_mat16x16<f32, C>();
+    let ar = 32u * sm * LDK;
+    let bc = 64u * sn * LDK;
+    for (var k0 = k_begin; k0 < k_end; k0 = k0 + TK) {
         for (var q = 0u; q < 16u; q = q + 1u) {
             sa[(r8 + 8u * q) * LDK + kt] = f16(va[q]);
             sb[(r8 + 8u * q) * LDK + kt] = f16(vb[q]);
         }
         workgroupBarrier();
-        load_nt(&va, &vb, tile, r8, k0 + TK + kt);
-        mma_nt(sg, &acc);
-        workgroupBarrier();
-    }
-    store_tile_nt(tile, sg, lane, &acc);
-}
-
-// Reduction index kk (of the tile's split) of lhs rows and rhs rows (the tile's columns)
-// r8 + 8q, 0 outside.
-fn load_nt(va: ptr<function, array<f32, 16>>, vb: ptr<function, array<f32, 16>>,
-           t: NtTile, r8: u32, kk: u32) {
-    let k_ok = kk < t.k_end;
-    for (var q = 0u; q < 16u; q = q + 1u) {
-        let row = t.row0 + r8 + 8u * q;
-        let col = t.col0 + r8 + 8u * q;
-        var a = 0.0;
-        var b = 0.0;
-        if (k_ok && row < mp.m) { a = lhs[t.lhs_base + row * mp.k + kk]; }
-        if (k_ok && col < mp.n) { b = f32(rhs[t.rhs_base + col * mp.k + kk]); }
-        (*va)[q] = a;
-        (*vb)[q] = b;
-    }
-}
-
-// The same product reading both operands as vec4s: for k % 4 == 0 (so every quad lies
-// inside one row and one split, whose lengths are multiples of 4, and every base is too).
-// Thread t stages reduction indices 4 (t % 8) .. + 3 of rows and columns t / 8 + 32q,
-// q = 0..3: 8 neighbouring threads read 32 neighbouring values of one row.
-@group(0) @binding(1) var<storage, read> lhs4: array<vec4<f32>>;
-@group(0) @binding(2) var<storage, read> rhs4: array<vec4<W>>;
-
-@compute @workgroup_size(256)
-fn matmul_nt_coop_vec4(@builtin(workgroup_id) wid: vec3<u32>,
-                       @builtin(local_invocation_index) t: u32,
-                       @builtin(subgroup_id) sg: u32,
-                       @builtin(subgroup_invocation_id) lane: u32) {
-    let tile = nt_tile(wid);
-    let kq = 4u * (t % 8u);
-    let r32 = t / 8u;
-    var va: array<vec4<f32>, 4>;
-    var vb: array<vec4<f32>, 4>;
-    load_nt4(&va, &vb, tile, r32, tile.k_begin + kq);
-    var acc: array<coop_mat16x16<f32, C>, 8>;
-    for (var j = 0u; j < 8u; j = j + 1u) {
-        acc[j] = coop_mat16x16<f32, C>();
-    }
-    for (var k0 = tile.k_begin; k0 < tile.k_end; k0 = k0 + TK) {
-        for (var q = 0u; q < 4u; q = q + 1u) {
-            let at = (r32 + 32u * q) * LDK + kq;
-            let a = vec4<f16>(va[q]);
-            let b = vec4<f16>(vb[q]);
-            sa[at] = a.x;
-            sa[at + 1u] = a.y;
-            sa[at + 2u] = a.z;
-            sa[at + 3u] = a.w;
-            sb[at] = b.x;
-            sb[at + 1u] = b.y;
-            sb[at + 2u] = b.z;
-            sb[at + 3u] = b.w;
+        load_nt(&va, &vb, row0, col0, r8, k0 + TK + kt, k_end, lhs_base, rhs_base);
+        for (var kk = 0u; kk < TK; kk = kk + 16u) {
+            let a0 = coopLoadT<coop_mat16x16<f16, A>>(&sa[ar + kk], LDK);
+            let a1 = coopLoadT<coop_mat16x16<f16, A>>(&sa[ar + 16u * LDK + kk], LDK);
+            let b0 = coopLoad<coop_mat16x16<f16, B>>(&sb[bc + kk], LDK);
+            let b1 = coopLoad<coop_mat16x16<f16, B>>(&sb[bc + 16u * LDK + kk], LDK);
+            let b2 = coopLoad<coop_mat16x16<f16, B>>(&sb[bc + 32u * LDK + kk], LDK);
+            let b3 = coopLoad<coop_mat16x16<f16, B>>(&sb[bc + 48u * LDK + kk], LDK);
+            acc00 = coopMultiplyAdd(a0, b0, acc00);
+            acc01 = coopMultiplyAdd(a0, b1, acc01);
+            acc02 = coopMultiplyAdd(a0, b2, acc02);
+            acc03 = coopMultiplyAdd(a0, b3, acc03);
+            acc10 = coopMultiplyAdd(a1, b0, acc10);
+            acc11 = coopMultiplyAdd(a1, b1, acc11);
+            acc12 = coopMultiplyAdd(a1, b2, acc12);
+            acc13 = coopMultiplyAdd(a1, b3, acc13);
         }
         workgroupBarrier();
-        load_nt4(&va, &vb, tile, r32, k0 + TK + kq);
-        mma_nt(sg, &acc);
-        workgroupBarrier();
     }
-    store_tile_nt(tile, sg, lane, &acc);
+
+    let r = row0 + 32u * sm;
+    let c = col0 + 64u * sn;
+    // Each (batch entry, split) has its own slab; without splits, z is the batch entry.
+    let out_base = z * m * n;
+    store_nt(acc00, sg, lane, r, c, out_base);
+    store_nt(acc01, sg, lane, r, c + 16u, out_base);
+    store_nt(acc02, sg, lane, r, c + 32u, out_base);
+    store_nt(acc03, sg, lane, r, c + 48u, out_base);
+    store_nt(acc10, sg, lane, r + 16u, c, out_base);
+    store_nt(acc11, sg, lane, r + 16u, c + 16u, out_base);
+    store_nt(acc12, sg, lane, r + 16u, c + 32u, out_base);
+    store_nt(acc13, sg, lane, r + 16u, c + 48u, out_base);
 }
 
-fn load_nt4(va: ptr<function, array<vec4<f32>, 4>>, vb: ptr<function, array<vec4<f32>, 4>>,
-            t: NtTile, r32: u32, kk: u32) {
-    let k_ok = kk < t.k_end;
-    for (var q = 0u; q < 4u; q = q + 1u) {
-        let row = t.row0 + r32 + 32u * q;
-        let col = t.col0 + r32 + 32u * q;
-        var a = vec4<f32>(0.0);
-        var b = vec4<f32>(0.0);
-        if (k_ok && row < mp.m) { a = lhs4[(t.lhs_base + row * mp.k + kk) / 4u]; }
-        if (k_ok && col < mp.n) { b = vec4<f32>(rhs4[(t.rhs_base + col * mp.k + kk) / 4u]); }
+// Reduction index kk (of the split ending at k_end) of lhs rows and rhs rows (the tile's
+// columns) r8 + 8q, 0 outside.
+fn load_nt(va: ptr<function, array<f32, 16>>, vb: ptr<function, array<f32, 16>>,
+           row0: u32, col0: u32, r8: u32, kk: u32, k_end: u32, lhs_base: u32, rhs_base: u32) {
+    let k_ok = kk < k_end;
+    for (var q = 0u; q < 16u; q = q + 1u) {
+        let row = row0 + r8 + 8u * q;
+        let col = col0 + r8 + 8u * q;
+        var a = 0.0;
+        var b = 0.0;
+        if (k_ok && row < mp.m) { a = lhs[lhs_base + row * mp.k + kk]; }
+        if (k_ok && col < mp.n) { b = f32(rhs[rhs_base + col * mp.k + kk]); }
         (*va)[q] = a;
         (*vb)[q] = b;
     }

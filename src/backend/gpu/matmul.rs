@@ -29,9 +29,6 @@ const MATMUL_NT_VEC4: Kernel = Kernel::new(shader!("matmul"), "matmul_nt_vec4");
 /// `lhs @ rhs^T` on cooperative matrices (gemm_coop.wgsl), 128 x 128 tiles, where the
 /// device has them (`GpuContext::coop`).
 const MATMUL_NT_COOP: Kernel = Kernel::cooperative(shader!("gemm_coop"), "matmul_nt_coop");
-/// The same reading both operands as vec4s: k % 4 == 0.
-const MATMUL_NT_COOP_VEC4: Kernel =
-    Kernel::cooperative(shader!("gemm_coop"), "matmul_nt_coop_vec4");
 /// Output rows and columns per workgroup of `MATMUL_NT_COOP` (`TM`, `TN` in the shader).
 const COOP_TILE: usize = 128;
 /// `MATMUL_NT_COOP`'s K slice (`TK`): a split of K is a multiple of it.
@@ -160,7 +157,6 @@ pub fn matmul(
     let vec4 = k > 0 && k % 4 == 0;
     let coop = ctx.coop && transpose_rhs;
     let kernel = b.weight_kernel(match (transpose_rhs, vec4) {
-        _ if coop && vec4 => MATMUL_NT_COOP_VEC4,
         _ if coop => MATMUL_NT_COOP,
         (true, true) => MATMUL_NT_VEC4,
         (true, false) => MATMUL_NT,
