@@ -7,6 +7,7 @@
 //! and are widened by the op that consumes them.
 
 mod ops;
+pub mod params;
 pub mod profile;
 #[cfg(test)]
 pub(crate) mod testing;

@@ -1,6 +1,7 @@
 //! The op list. Each op checks shapes here, once, then dispatches to the backend that
 //! holds the data. Model code only ever calls these methods.
 
+use super::params::{AttentionParams, Conv2dParams, MatmulDims};
 use super::{profile, DType, Device, Storage, Tensor};
 use crate::backend::{cpu, gpu};
 use crate::error::{Error, Result};
@@ -263,7 +264,7 @@ impl Tensor {
         let batch: usize = batch_shape.iter().product();
         let mut shape = batch_shape.to_vec();
         shape.extend([m, n]);
-        let dims = cpu::matmul::MatmulDims {
+        let dims = MatmulDims {
             batch,
             m,
             n,
@@ -306,7 +307,7 @@ impl Tensor {
         let m = self.numel() / in_f.max(1);
         let mut shape = self.shape.clone();
         *shape.last_mut().expect("rank >= 1 checked above") = out_f;
-        let dims = cpu::matmul::MatmulDims {
+        let dims = MatmulDims {
             batch: 1,
             m,
             n: out_f,
@@ -374,7 +375,7 @@ impl Tensor {
         }
         let oh = (h + 2 * padding - kh) / stride + 1;
         let ow = (w + 2 * padding - kw) / stride + 1;
-        let p = cpu::conv::Conv2dParams {
+        let p = Conv2dParams {
             n,
             c,
             h,
@@ -571,7 +572,7 @@ impl Tensor {
                 ),
             ));
         }
-        let p = cpu::attention::AttentionParams {
+        let p = AttentionParams {
             batch: b,
             heads,
             q_len: lq,

@@ -14,6 +14,7 @@ use super::exp::exp;
 use super::matmul::{sgemm, MatRef};
 use super::simd::{dispatch, madd};
 use super::{CpuStorage, SharedMut};
+use crate::tensor::params::AttentionParams;
 
 /// Queries per task. 64 to 512 queries and 256 to 1024 keys all run within 10% at SD 1.5's
 /// shapes on a 2-core EPYC (1 MB L2 each); 256 x 512 was best.
@@ -22,16 +23,6 @@ const QUERY_BLOCK: usize = 256;
 const KV_BLOCK: usize = 512;
 /// Lanes of the partial maxima and sums: one AVX-512 register, two AVX2 ones.
 const LANES: usize = 16;
-
-#[derive(Clone, Copy, Debug)]
-pub struct AttentionParams {
-    pub batch: usize,
-    pub heads: usize,
-    pub q_len: usize,
-    pub kv_len: usize,
-    pub head_dim: usize,
-    pub causal: bool,
-}
 
 /// The largest value of `row` (-inf when empty), in `LANES` partial maxima.
 #[inline(always)]

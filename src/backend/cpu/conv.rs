@@ -10,22 +10,7 @@ use rayon::prelude::*;
 use super::matmul::{sgemm, MatRef};
 use super::winograd::{self, F2, F4};
 use super::CpuStorage;
-
-/// Sizes of one convolution; `oh`/`ow` are the output's spatial size.
-#[derive(Clone, Copy, Debug)]
-pub struct Conv2dParams {
-    pub n: usize,
-    pub c: usize,
-    pub h: usize,
-    pub w: usize,
-    pub oc: usize,
-    pub kh: usize,
-    pub kw: usize,
-    pub stride: usize,
-    pub padding: usize,
-    pub oh: usize,
-    pub ow: usize,
-}
+use crate::tensor::params::Conv2dParams;
 
 /// Upper bound on the column buffer, in f32 elements (32 MiB).
 const MAX_COLUMN_ELEMS: usize = 8 << 20;

@@ -6,27 +6,11 @@ use super::exp::exp;
 use super::gelu::gelu;
 use super::simd::dispatch;
 use super::CpuStorage;
+use crate::tensor::params::broadcast_strides;
 use crate::tensor::{BinaryOp, UnaryOp};
 
 /// Below this many elements, threads cost more than they save.
 const PAR_MIN: usize = 1 << 14;
-
-/// Row-major strides of `shape` aligned to an output of shape `out`, with 0 for broadcast
-/// dims (the GPU kernels take the same description).
-pub(crate) fn broadcast_strides(shape: &[usize], out: &[usize]) -> Vec<usize> {
-    let pad = out.len() - shape.len();
-    let mut strides = vec![0; out.len()];
-    let mut acc = 1;
-    for i in (0..shape.len()).rev() {
-        strides[pad + i] = if shape[i] == 1 && out[pad + i] != 1 {
-            0
-        } else {
-            acc
-        };
-        acc *= shape[i];
-    }
-    strides
-}
 
 fn apply(op: BinaryOp, a: f32, b: f32) -> f32 {
     match op {

@@ -3,6 +3,7 @@
 use rayon::prelude::*;
 
 use super::CpuStorage;
+use crate::tensor::params::nearest_source;
 
 fn strides(shape: &[usize]) -> Vec<usize> {
     let mut s = vec![1; shape.len()];
@@ -65,19 +66,6 @@ pub fn cat(parts: &[(&CpuStorage, &[usize])], dim: usize) -> CpuStorage {
         }
     }
     CpuStorage::F32(out)
-}
-
-/// Source index of output index `i` under torch's "nearest" rule (scale = in / out, in f32).
-/// The GPU's upsample uses it too, so both backends pick the same pixels.
-pub(crate) fn nearest_source(i: usize, input: usize, output: usize) -> usize {
-    if input == output {
-        i
-    } else if output == 2 * input {
-        i / 2
-    } else {
-        let scale = input as f32 / output as f32;
-        ((i as f32 * scale).floor() as usize).min(input - 1)
-    }
 }
 
 pub fn upsample_nearest(

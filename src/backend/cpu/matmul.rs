@@ -3,19 +3,7 @@
 use rayon::prelude::*;
 
 use super::CpuStorage;
-
-/// Shape of a (batched) product `lhs[b] @ rhs[b]` (or `rhs[b]^T`).
-#[derive(Clone, Copy, Debug)]
-pub struct MatmulDims {
-    pub batch: usize,
-    pub m: usize,
-    pub n: usize,
-    pub k: usize,
-    /// rhs has one matrix per batch entry; otherwise one matrix shared by all.
-    pub rhs_batched: bool,
-    /// rhs is stored `[n, k]` and used transposed.
-    pub transpose_rhs: bool,
-}
+use crate::tensor::params::MatmulDims;
 
 /// A strided view of a row-major matrix inside a slice.
 #[derive(Clone, Copy)]

@@ -13,9 +13,9 @@
 
 use rayon::prelude::*;
 
-use super::conv::Conv2dParams;
 use super::matmul::{sgemm, MatRef};
 use super::simd::{dispatch, madd};
+use crate::tensor::params::Conv2dParams;
 
 /// The matrices of one F(m x m, 3x3) algorithm; `A` is the input tile side `m + 2`.
 pub(crate) struct Transform<const A: usize, const M: usize> {

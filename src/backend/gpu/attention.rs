@@ -13,9 +13,9 @@ use bytemuck::{Pod, Zeroable};
 use super::context::Kernel;
 use super::elementwise::u32_of;
 use super::GpuStorage;
-use crate::backend::cpu::attention::AttentionParams;
 use crate::error::{Error, Result};
 use crate::shader;
+use crate::tensor::params::AttentionParams;
 
 const SOFTMAX: Kernel = Kernel::new(shader!("attention"), "softmax");
 const ATTENTION: Kernel = Kernel::new(shader!("attention"), "attention");

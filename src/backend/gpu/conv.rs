@@ -22,10 +22,10 @@ use super::context::{GpuContext, Kernel, WORKGROUP_1D};
 use super::elementwise::u32_of;
 use super::storage::BindLimit;
 use super::GpuStorage;
-use crate::backend::cpu::conv::Conv2dParams;
-use crate::backend::cpu::matmul::MatmulDims;
 use crate::error::{Error, Result};
 use crate::shader;
+use crate::tensor::params::Conv2dParams;
+use crate::tensor::params::MatmulDims;
 
 const CONV2D: Kernel = Kernel::new(shader!("conv"), "conv2d");
 /// The same on cooperative matrices (gemm_coop.wgsl), where the device has them
@@ -439,9 +439,9 @@ fn run(
 #[cfg(test)]
 mod tests {
     use super::conv2d_limited;
-    use crate::backend::cpu::conv::Conv2dParams;
     use crate::backend::gpu::storage::BindLimit;
     use crate::backend::gpu::{test_device, GpuStorage};
+    use crate::tensor::params::Conv2dParams;
     use crate::tensor::testing::{assert_ops_agree, f16_values, random_f16, random_f16_exact};
     use crate::tensor::Tensor;
 

@@ -8,9 +8,9 @@ use bytemuck::{Pod, Zeroable};
 use super::context::{Kernel, WORKGROUP_1D};
 use super::storage::BindLimit;
 use super::GpuStorage;
-use crate::backend::cpu::elementwise::broadcast_strides;
 use crate::error::{Error, Result};
 use crate::shader;
+use crate::tensor::params::broadcast_strides;
 use crate::tensor::{BinaryOp, UnaryOp};
 
 const UNARY: Kernel = Kernel::new(shader!("elementwise"), "unary");

@@ -19,9 +19,9 @@ use super::context::{Kernel, WORKGROUP_1D};
 use super::elementwise::u32_of;
 use super::storage::BindLimit;
 use super::GpuStorage;
-use crate::backend::cpu::layout::nearest_source;
 use crate::error::{Error, Result};
 use crate::shader;
+use crate::tensor::params::nearest_source;
 
 const STRIDED_COPY: Kernel = Kernel::new(shader!("layout"), "strided_copy");
 const UPSAMPLE: Kernel = Kernel::new(shader!("layout"), "upsample_nearest");

@@ -13,9 +13,9 @@ use bytemuck::{Pod, Zeroable};
 use super::context::Kernel;
 use super::elementwise::u32_of;
 use super::GpuStorage;
-use crate::backend::cpu::matmul::MatmulDims;
 use crate::error::{Error, Result};
 use crate::shader;
+use crate::tensor::params::MatmulDims;
 
 /// `lhs @ rhs`, any shape (scalar loads).
 const MATMUL_NN: Kernel = Kernel::new(shader!("matmul"), "matmul_nn");
@@ -247,8 +247,8 @@ pub fn matmul(
 
 #[cfg(test)]
 mod tests {
-    use crate::backend::cpu::matmul::MatmulDims;
     use crate::backend::gpu::{test_device, GpuStorage};
+    use crate::tensor::params::MatmulDims;
     use crate::tensor::testing::{
         assert_close, assert_ops_agree, f16_values, random_f16, random_f16_exact,
     };

@@ -1,0 +1,75 @@
+//! The parameters of the ops both backends run (sizes of products, convolutions and
+//! attention, broadcast strides, the nearest-neighbour index rule), worked out by the tensor
+//! layer from the operands' shapes and read by `backend::cpu` and `backend::gpu` alike:
+//! neither backend imports the other.
+
+/// Shape of a (batched) product `lhs[b] @ rhs[b]` (or `rhs[b]^T`).
+#[derive(Clone, Copy, Debug)]
+pub struct MatmulDims {
+    pub batch: usize,
+    pub m: usize,
+    pub n: usize,
+    pub k: usize,
+    /// rhs has one matrix per batch entry; otherwise one matrix shared by all.
+    pub rhs_batched: bool,
+    /// rhs is stored `[n, k]` and used transposed.
+    pub transpose_rhs: bool,
+}
+
+/// Sizes of one convolution; `oh`/`ow` are the output's spatial size.
+#[derive(Clone, Copy, Debug)]
+pub struct Conv2dParams {
+    pub n: usize,
+    pub c: usize,
+    pub h: usize,
+    pub w: usize,
+    pub oc: usize,
+    pub kh: usize,
+    pub kw: usize,
+    pub stride: usize,
+    pub padding: usize,
+    pub oh: usize,
+    pub ow: usize,
+}
+
+/// Sizes of one multi-head attention: q `[batch, q_len, heads * head_dim]`, k and v
+/// `[batch, kv_len, heads * head_dim]`; `causal` masks keys after each query.
+#[derive(Clone, Copy, Debug)]
+pub struct AttentionParams {
+    pub batch: usize,
+    pub heads: usize,
+    pub q_len: usize,
+    pub kv_len: usize,
+    pub head_dim: usize,
+    pub causal: bool,
+}
+
+/// Row-major strides of `shape` aligned to an output of shape `out`, with 0 for broadcast
+/// dims (both backends take the same description).
+pub fn broadcast_strides(shape: &[usize], out: &[usize]) -> Vec<usize> {
+    let pad = out.len() - shape.len();
+    let mut strides = vec![0; out.len()];
+    let mut acc = 1;
+    for i in (0..shape.len()).rev() {
+        strides[pad + i] = if shape[i] == 1 && out[pad + i] != 1 {
+            0
+        } else {
+            acc
+        };
+        acc *= shape[i];
+    }
+    strides
+}
+
+/// Source index of output index `i` under torch's "nearest" rule (scale = in / out, in f32).
+/// Both backends' upsampling use it, so they pick the same pixels.
+pub fn nearest_source(i: usize, input: usize, output: usize) -> usize {
+    if input == output {
+        i
+    } else if output == 2 * input {
+        i / 2
+    } else {
+        let scale = input as f32 / output as f32;
+        ((i as f32 * scale).floor() as usize).min(input - 1)
+    }
+}
