@@ -1,9 +1,8 @@
 // Matrix products on cooperative matrices (tensor cores): `matmul_nt_coop` for
-// out[b] = lhs[b] (m x k) @ rhs^T (rhs [n, k], nn.Linear's weight) + bias, and `conv2d_coop`,
-// the convolution's implicit GEMM (out[oc, col] = weight[oc, k] * columns[k, col], see
-// conv.wgsl). Same parameter blocks, bindings and grids as matmul.wgsl's and conv.wgsl's
-// kernels, with 128 x 128 output tiles; the host (matmul.rs, conv.rs) picks these where the
-// device has cooperative matrices (context::GpuContext::coop).
+// out[b] = lhs[b] (m x k) @ rhs^T (rhs [n, k], nn.Linear's weight) + bias, with matmul.wgsl's
+// parameter block (plus a split of K), bindings and grid and 128 x 128 output tiles. The
+// host (matmul.rs) picks it where the device has cooperative matrices
+// (context::GpuContext::coop); convolutions reach it as im2col + product (conv.rs).
 //
 // The header the host generates (context::Kernel) enables f16 and wgpu_cooperative_matrix
 // and sets `alias W` to the weights' element type.
@@ -19,11 +18,13 @@
 // of 16 x 16. K is walked in slices of 32: every thread loads its 16 values of each operand
 // for the next slice into registers while the subgroups multiply the current one out of
 // workgroup memory (one barrier pair per slice). The epilogue goes block by block through a
-// per-subgroup 16 x 16 staging area, where each lane adds the bias (and, for conv, the
-// accumulated output) and writes with bounds checks.
+// per-subgroup 16 x 16 staging area, where each lane adds the bias and writes with bounds
+// checks. (An implicit-GEMM convolution on cooperative matrices, gathering its operand in
+// the kernel, ran no faster than the SIMT one on the H200: 16 TFLOP/s at [2,320,64,64],
+// its gather's integer work outweighing the products.)
 //
 // Guards: every global read is checked against the sizes in the parameter block (0 outside);
-// every write against m/n (oc/cols). Workgroup arrays are indexed below their sizes.
+// every write against m and n. Workgroup arrays are indexed below their sizes.
 
 const TM: u32 = 128u;   // output rows per workgroup
 const TN: u32 = 128u;   // output columns per workgroup
@@ -31,14 +32,11 @@ const TK: u32 = 32u;    // reduction slice
 // Row stride (in f16) of staged K-major tiles: TK plus padding, a multiple of 8 so every
 // 16 x 16 block starts 16-byte aligned.
 const LDK: u32 = 40u;
-// Row stride of staged N-major tiles (conv's columns: [k][col]).
-const LDN: u32 = 136u;
 
 // A: the tile's rows, K-major: sa[row * LDK + k].
 var<workgroup> sa: array<f16, 5120>;       // TM * LDK
-// B: nt: the tile's columns, K-major (sb[col * LDK + k]); conv: K rows of columns
-// (sb[k * LDN + col]).
-var<workgroup> sb: array<f16, 5120>;       // max(TN * LDK, TK * LDN) = 5120, 4352
+// B: the tile's columns, K-major: sb[col * LDK + k].
+var<workgroup> sb: array<f16, 5120>;       // TN * LDK
 // One 16 x 16 f32 block per subgroup, for the epilogue.
 var<workgroup> stage: array<f32, 2048>;
 
@@ -177,179 +175,6 @@ fn store_nt(acc: coop_mat16x16<f32, C>, sg: u32, lane: u32, r: u32, c: u32, out_
             var v = stage[sg * 256u + e];
             if (mp.has_bias != 0u && mp.splits == 1u) { v = v + mbias[col]; }
             mout[out_base + row * mp.n + col] = v;
-        }
-    }
-    workgroupBarrier();
-}
-
-// ---- conv2d_coop --------------------------------------------------------------------------
-
-// conv.wgsl's parameter block (one pass: see there).
-struct ConvParams {
-    n: u32,
-    h: u32,
-    w: u32,
-    oc: u32,
-    kh: u32,
-    kw: u32,
-    stride: u32,
-    padding: u32,
-    oh: u32,
-    ow: u32,
-    k: u32,
-    cols: u32,
-    tiles_n: u32,
-    x_off: u32,
-    x_img: u32,
-    w_off: u32,
-    w_row: u32,
-    out_off: u32,
-    out_img: u32,
-    bias_off: u32,
-    has_bias: u32,
-    accumulate: u32,
-    _pad0: u32,
-    _pad1: u32,
-}
-
-@group(0) @binding(0) var<storage, read> cp: ConvParams;
-@group(0) @binding(1) var<storage, read> x: array<f32>;
-@group(0) @binding(2) var<storage, read> weight: array<W>;
-@group(0) @binding(3) var<storage, read> cbias: array<f32>;   // read only when has_bias != 0
-@group(0) @binding(4) var<storage, read_write> cout: array<f32>;
-
-@compute @workgroup_size(256)
-fn conv2d_coop(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>,
-               @builtin(local_invocation_index) t: u32,
-               @builtin(subgroup_id) sg: u32,
-               @builtin(subgroup_invocation_id) lane: u32) {
-    // Column tiles over x and y, output-channel tiles over z (as conv2d). Leaving before
-    // the barriers is uniform across the workgroup.
-    let tile_n = wid.y * nwg.x + wid.x;
-    if (tile_n >= cp.tiles_n) { return; }
-    let m0 = wid.z * TM;
-    let n0 = tile_n * TN;
-    let khw = cp.kh * cp.kw;
-    let pixels = cp.oh * cp.ow;
-    let plane = cp.h * cp.w;
-
-    // Weights: thread t stages reduction index kt of rows r8 + 8q (like load_nt's lhs).
-    let kt = t % 32u;
-    let r8 = t / 32u;
-    // Columns: thread t stages column n0 + t % 128 at reduction rows t / 128 + 2q; that
-    // column's image and top-left input tap are worked out once.
-    let jc = t % 128u;
-    let k2 = t / 128u;
-    let col = n0 + jc;
-    let col_ok = col < cp.cols;
-    let img = col / pixels;
-    let pix = col - img * pixels;
-    let oy = pix / cp.ow;
-    let ox = pix - oy * cp.ow;
-    let col_base = cp.x_off + img * cp.x_img;
-    // A column past the end gets a row no tap reaches, so every bounds test fails.
-    let iy0 = select(-2147483647, i32(oy * cp.stride) - i32(cp.padding), col_ok);
-    let ix0 = i32(ox * cp.stride) - i32(cp.padding);
-
-    var va: array<f32, 16>;
-    var vb: array<f32, 16>;
-    load_conv(&va, &vb, m0, r8, kt, k2, khw, plane, col_base, iy0, ix0, 0u);
-
-    let sm = sg / 2u;
-    let sn = sg % 2u;
-    var acc00 = coop_mat16x16<f32, C>();
-    var acc01 = coop_mat16x16<f32, C>();
-    var acc02 = coop_mat16x16<f32, C>();
-    var acc03 = coop_mat16x16<f32, C>();
-    var acc10 = coop_mat16x16<f32, C>();
-    var acc11 = coop_mat16x16<f32, C>();
-    var acc12 = coop_mat16x16<f32, C>();
-    var acc13 = coop_mat16x16<f32, C>();
-    let ar = 32u * sm * LDK;
-    let bc = 64u * sn;
-    for (var k0 = 0u; k0 < cp.k; k0 = k0 + TK) {
-        for (var q = 0u; q < 16u; q = q + 1u) {
-            sa[(r8 + 8u * q) * LDK + kt] = f16(va[q]);
-            sb[(k2 + 2u * q) * LDN + jc] = f16(vb[q]);
-        }
-        workgroupBarrier();
-        load_conv(&va, &vb, m0, r8, kt, k2, khw, plane, col_base, iy0, ix0, k0 + TK);
-        for (var kk = 0u; kk < TK; kk = kk + 16u) {
-            let a0 = coopLoadT<coop_mat16x16<f16, A>>(&sa[ar + kk], LDK);
-            let a1 = coopLoadT<coop_mat16x16<f16, A>>(&sa[ar + 16u * LDK + kk], LDK);
-            let b0 = coopLoadT<coop_mat16x16<f16, B>>(&sb[kk * LDN + bc], LDN);
-            let b1 = coopLoadT<coop_mat16x16<f16, B>>(&sb[kk * LDN + bc + 16u], LDN);
-            let b2 = coopLoadT<coop_mat16x16<f16, B>>(&sb[kk * LDN + bc + 32u], LDN);
-            let b3 = coopLoadT<coop_mat16x16<f16, B>>(&sb[kk * LDN + bc + 48u], LDN);
-            acc00 = coopMultiplyAdd(a0, b0, acc00);
-            acc01 = coopMultiplyAdd(a0, b1, acc01);
-            acc02 = coopMultiplyAdd(a0, b2, acc02);
-            acc03 = coopMultiplyAdd(a0, b3, acc03);
-            acc10 = coopMultiplyAdd(a1, b0, acc10);
-            acc11 = coopMultiplyAdd(a1, b1, acc11);
-            acc12 = coopMultiplyAdd(a1, b2, acc12);
-            acc13 = coopMultiplyAdd(a1, b3, acc13);
-        }
-        workgroupBarrier();
-    }
-
-    let r = m0 + 32u * sm;
-    let c = n0 + bc;
-    store_conv(acc00, sg, lane, r, c, pixels);
-    store_conv(acc01, sg, lane, r, c + 16u, pixels);
-    store_conv(acc02, sg, lane, r, c + 32u, pixels);
-    store_conv(acc03, sg, lane, r, c + 48u, pixels);
-    store_conv(acc10, sg, lane, r + 16u, c, pixels);
-    store_conv(acc11, sg, lane, r + 16u, c + 16u, pixels);
-    store_conv(acc12, sg, lane, r + 16u, c + 32u, pixels);
-    store_conv(acc13, sg, lane, r + 16u, c + 48u, pixels);
-}
-
-// The weights of rows m0 + r8 + 8q at reduction index k0 + kt, and the im2col values of
-// this thread's column at reduction rows k0 + k2 + 2q; 0 outside the matrices and in the
-// padding.
-fn load_conv(va: ptr<function, array<f32, 16>>, vb: ptr<function, array<f32, 16>>,
-             m0: u32, r8: u32, kt: u32, k2: u32, khw: u32, plane: u32,
-             col_base: u32, iy0: i32, ix0: i32, k0: u32) {
-    let ka = k0 + kt;
-    for (var q = 0u; q < 16u; q = q + 1u) {
-        let row = m0 + r8 + 8u * q;
-        var a = 0.0;
-        if (ka < cp.k && row < cp.oc) { a = f32(weight[cp.w_off + row * cp.w_row + ka]); }
-        (*va)[q] = a;
-
-        let kb = k0 + k2 + 2u * q;
-        var b = 0.0;
-        if (kb < cp.k) {
-            let ci = kb / khw;
-            let rem = kb - ci * khw;
-            let ky = rem / cp.kw;
-            let kx = rem - ky * cp.kw;
-            let iy = iy0 + i32(ky);
-            let ix = ix0 + i32(kx);
-            if (iy >= 0 && iy < i32(cp.h) && ix >= 0 && ix < i32(cp.w)) {
-                b = x[col_base + ci * plane + u32(iy) * cp.w + u32(ix)];
-            }
-        }
-        (*vb)[q] = b;
-    }
-}
-
-// Writes one 16 x 16 accumulator at output channels r.., columns c.. (plus the bias, plus
-// what the output holds when accumulating). Uniform barriers, as store_nt.
-fn store_conv(acc: coop_mat16x16<f32, C>, sg: u32, lane: u32, r: u32, c: u32, pixels: u32) {
-    coopStoreT(acc, &stage[sg * 256u], 16u);
-    workgroupBarrier();
-    for (var e = lane; e < 256u; e = e + 32u) {
-        let oc = r + e / 16u;
-        let col = c + e % 16u;
-        if (oc < cp.oc && col < cp.cols) {
-            var v = stage[sg * 256u + e];
-            if (cp.has_bias != 0u) { v = v + cbias[cp.bias_off + oc]; }
-            let img = col / pixels;
-            let at = cp.out_off + img * cp.out_img + oc * pixels + (col - img * pixels);
-            if (cp.accumulate != 0u) { v = v + cout[at]; }
-            cout[at] = v;
         }
     }
     workgroupBarrier();

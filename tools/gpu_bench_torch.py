@@ -25,25 +25,13 @@ ratios (sd-wgpu time / PyTorch time).
 import argparse
 import json
 import os
-import shutil
 import statistics
 import sys
 import time
 
-ROOT = os.path.abspath(os.path.join(os.path.dirname(__file__), ".."))
-PRESET = os.path.join(ROOT, "src", "model", "presets", "sd15")
-CLIP_BPE = os.path.join(ROOT, "src", "model", "presets", "clip_tokenizer")
-PROMPT = "a photograph of an astronaut riding a horse"
-WEIGHT_FILES = {"text_encoder": "model", "unet": "diffusion_pytorch_model", "vae": "diffusion_pytorch_model"}
-
-
-def log(*a):
-    print(*a, file=sys.stderr, flush=True)
-
-
-def preset_config(component):
-    with open(os.path.join(PRESET, component, "config.json")) as f:
-        return {k: v for k, v in json.load(f).items() if not k.startswith("_")}
+# The SD 1.5 configs, the folder layout and the prompt are the CPU comparison's (one copy).
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from bench_vs_pytorch import PROMPT, WEIGHT_FILES, log, preset_config, write_folder_files  # noqa: E402
 
 
 def device_name():
@@ -89,11 +77,7 @@ def build(folder, seed):
         log(f"reusing the random SD 1.5 folder {folder}")
         return
     log(f"building random full-size SD 1.5 fp16 weights in {folder}")
-    if os.path.exists(folder):
-        shutil.rmtree(folder)
-    shutil.copytree(PRESET, folder)
-    for name in ("vocab.json", "merges.txt"):
-        shutil.copy(os.path.join(CLIP_BPE, name), os.path.join(folder, "tokenizer", name))
+    write_folder_files(folder)
     dev = device_name() or "cpu"
     makers = [
         ("text_encoder", lambda: CLIPTextModel(CLIPTextConfig(**preset_config("text_encoder")))),

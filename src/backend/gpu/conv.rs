@@ -8,10 +8,11 @@
 //! On devices with cooperative matrices a convolution that fits one pass is instead an
 //! explicit product: the im2col rows of a range of output pixels are written to a buffer
 //! and multiplied by the weight with the matrix-product kernel (gemm_coop.wgsl's
-//! `matmul_nt_coop`), and the result moved into the NCHW output. On the H200 the gather
-//! inside `conv2d_coop` cost more integer work than its tensor-core products (16 TFLOP/s at
-//! [2,320,64,64], against 43-95 TFLOP/s for products of similar size), while the im2col
-//! buffer's write and read cost little next to the product.
+//! `matmul_nt_coop`), and the result moved into the NCHW output. On the H200 a gather
+//! inside a cooperative-matrix kernel cost more integer work than its tensor-core products
+//! (16 TFLOP/s at [2,320,64,64], against 43-95 TFLOP/s for products of similar size), while
+//! the im2col buffer's write and read cost little next to the product: 25.7 TFLOP/s there.
+//! Windowed passes (tensors beyond one binding) keep the SIMT kernel.
 //!
 //! The weight may be f16: the kernel's f16 variant reads it directly, accumulating in f32.
 //! The input and the bias are widened to f32 when they are f16.
@@ -28,11 +29,6 @@ use crate::tensor::params::Conv2dParams;
 use crate::tensor::params::MatmulDims;
 
 const CONV2D: Kernel = Kernel::new(shader!("conv"), "conv2d");
-/// The same on cooperative matrices (gemm_coop.wgsl), where the device has them
-/// (`GpuContext::coop`): 128 x 128 tiles, operands rounded to f16, f32 sums.
-const CONV2D_COOP: Kernel = Kernel::cooperative(shader!("gemm_coop"), "conv2d_coop");
-/// Output channels and pixels per workgroup tile of `CONV2D_COOP`.
-const COOP_TILE: usize = 128;
 /// The im2col rows of a range of output pixels (see the module documentation).
 const IM2COL: Kernel = Kernel::new(shader!("conv"), "im2col");
 /// A `[pixel][oc]` product's rows into the NCHW output.
@@ -376,13 +372,8 @@ fn run(
 ) -> Result<()> {
     let pixels = p.oh * p.ow;
     let cols = pass.images * pixels;
-    let (kernel, tile_m, tile_n) = if ctx.coop {
-        (CONV2D_COOP, COOP_TILE, COOP_TILE)
-    } else {
-        (CONV2D, TILE_M, TILE_N)
-    };
-    let tiles_n = cols.div_ceil(tile_n);
-    let tiles_m = pass.oc.div_ceil(tile_m);
+    let tiles_n = cols.div_ceil(TILE_N);
+    let tiles_m = pass.oc.div_ceil(TILE_M);
     // Every value below is at most an element count already checked to fit 32 bits.
     let u = |v: usize| v as u32;
     let params = ConvParams {
@@ -428,7 +419,7 @@ fn run(
         None => pass.x.bind(x),
     };
     ctx.dispatch(
-        weight.weight_kernel(kernel),
+        weight.weight_kernel(CONV2D),
         bytemuck::bytes_of(&params),
         &[x_bind, w_bind, b_bind, pass.out.bind(out)],
         [gx, gy, gz],
