@@ -10,11 +10,11 @@ use clap::{Args, Parser, Subcommand};
 use indicatif::{ProgressBar, ProgressStyle};
 
 use sd_wgpu::backend::{select_device, BackendChoice};
+use sd_wgpu::engine::Engine;
 use sd_wgpu::model::hub::{resolve_model_path, DEFAULT_MODEL};
 use sd_wgpu::pipeline::noise::random_seed;
 use sd_wgpu::pipeline::{GenerateParams, StableDiffusion};
-use sd_wgpu::server::Engine;
-use sd_wgpu::server::{Limits, ServerConfig};
+use sd_wgpu::server::{ConnectionLimits, Limits, ServerConfig};
 use sd_wgpu::tensor::Device;
 use sd_wgpu::{Error, Result};
 
@@ -86,7 +86,8 @@ enum Command {
         /// Seconds one request may take, queueing included (0: no limit).
         #[arg(long, default_value_t = 3600, env = "SD_REQUEST_TIMEOUT")]
         request_timeout: u64,
-        /// Origins allowed to call the API from a browser, comma-separated; "*" for any.
+        /// Origins allowed to call the API from a browser, comma-separated (such as
+        /// http://localhost:3000); "*" for any.
         #[arg(
             long,
             default_value = "*",
@@ -94,6 +95,21 @@ enum Command {
             env = "SD_CORS_ORIGINS"
         )]
         cors_origins: Vec<String>,
+        /// Host names answered besides localhost, 127.0.0.1 and [::1], comma-separated; "*" for
+        /// any. Bound to a loopback address, requests naming another host get 403 (against DNS
+        /// rebinding); bound to another address, any host is answered unless this lists some.
+        #[arg(long, value_delimiter = ',', env = "SD_ALLOWED_HOSTS")]
+        allowed_hosts: Vec<String>,
+        /// Connections open at once; more are answered 503 and closed.
+        #[arg(long, default_value_t = ConnectionLimits::default().max_connections, env = "SD_MAX_CONNECTIONS")]
+        max_connections: usize,
+        /// Seconds a client may take to send a request's head or body, and a keep-alive
+        /// connection may stay idle.
+        #[arg(long, default_value_t = ConnectionLimits::default().header_timeout.as_secs(), env = "SD_CLIENT_TIMEOUT")]
+        client_timeout: u64,
+        /// Seconds shutdown waits for open requests to be answered before closing them.
+        #[arg(long, default_value_t = ConnectionLimits::default().shutdown_timeout.as_secs(), env = "SD_SHUTDOWN_TIMEOUT")]
+        shutdown_timeout: u64,
         /// Largest request body in bytes.
         #[arg(long, default_value_t = 64 * 1024, env = "SD_BODY_LIMIT")]
         body_limit: usize,
@@ -166,6 +182,10 @@ fn run(cli: Cli) -> Result<()> {
             queue_size,
             request_timeout,
             cors_origins,
+            allowed_hosts,
+            max_connections,
+            client_timeout,
+            shutdown_timeout,
             body_limit,
             max_prompt_chars,
             max_steps,
@@ -199,7 +219,13 @@ fn run(cli: Cli) -> Result<()> {
                 },
                 time_limit: (request_timeout > 0).then(|| Duration::from_secs(request_timeout)),
                 cors_origins,
+                allowed_hosts,
                 body_limit,
+                connections: ConnectionLimits {
+                    max_connections,
+                    header_timeout: Duration::from_secs(client_timeout.max(1)),
+                    shutdown_timeout: Duration::from_secs(shutdown_timeout),
+                },
             };
             let runtime = tokio::runtime::Runtime::new()
                 .map_err(|e| Error::Other(format!("tokio runtime: {e}")))?;

@@ -3,46 +3,14 @@
 
 use std::io::Write;
 use std::net::TcpStream;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 mod common;
-use common::server::{request, send_raw, Server};
+use common::server::{
+    busy, post_on_connection, request, send_raw, start_long_job, wait_until, Server, LONG_JOB,
+    SMALL_JOB,
+};
 use common::{copy_fixture, model_dir};
-
-/// A request that keeps the engine busy for tens of seconds on the sd1 fixture (0.3 s a
-/// step on 2 cores); tests cancel it long before it ends.
-const LONG_JOB: &str =
-    r#"{"prompt": "a long job", "width": 64, "height": 64, "num_inference_steps": 150, "seed": 1}"#;
-const SMALL_JOB: &str =
-    r#"{"prompt": "a small job", "width": 64, "height": 64, "num_inference_steps": 2, "seed": 2}"#;
-
-fn wait_until(what: &str, timeout: Duration, mut done: impl FnMut() -> bool) {
-    let deadline = Instant::now() + timeout;
-    while !done() {
-        assert!(Instant::now() < deadline, "timed out waiting until {what}");
-        std::thread::sleep(Duration::from_millis(20));
-    }
-}
-
-fn busy(server: &Server) -> bool {
-    server.get("/health").json()["busy"] == true
-}
-
-/// Starts a long job on a raw connection and waits until the engine runs it.
-fn start_long_job(server: &Server) -> TcpStream {
-    let mut stream = TcpStream::connect(server.addr).unwrap();
-    let head = format!(
-        "POST /generate HTTP/1.1\r\nHost: {}\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n",
-        server.addr,
-        LONG_JOB.len()
-    );
-    stream.write_all(head.as_bytes()).unwrap();
-    stream.write_all(LONG_JOB.as_bytes()).unwrap();
-    wait_until("the long job runs", Duration::from_secs(30), || {
-        busy(server)
-    });
-    stream
-}
 
 fn png_size(b64: &str) -> (u32, u32) {
     use base64::Engine as _;
@@ -275,7 +243,7 @@ fn every_error_is_json_with_the_right_status() {
     assert!(r.error().contains("2048 bytes"));
     // Without a Content-Length (chunked), the limit still holds.
     let chunked = format!(
-        "POST /generate HTTP/1.1\r\nHost: x\r\nConnection: close\r\nTransfer-Encoding: chunked\r\n\r\n{:x}\r\n{big}\r\n0\r\n\r\n",
+        "POST /generate HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\nContent-Type: application/json\r\nTransfer-Encoding: chunked\r\n\r\n{:x}\r\n{big}\r\n0\r\n\r\n",
         big.len()
     );
     let r = send_raw(server.addr, chunked.as_bytes());
@@ -305,6 +273,7 @@ fn health_says_loading_until_the_model_is_ready() {
     assert_eq!(health["status"], "healthy");
     assert_eq!(health["model_loaded"], false);
     assert_eq!(health["model_state"], "loading");
+    assert_eq!(server.get("/readyz").status, 503);
     let r = server.post_json("/generate", SMALL_JOB);
     assert_eq!(r.status, 503);
     assert!(r.header("retry-after").is_some());
@@ -317,6 +286,7 @@ fn health_says_loading_until_the_model_is_ready() {
         .write_all(&content)
         .unwrap();
     server.wait_ready();
+    assert_eq!(server.get("/readyz").json()["ready"], true);
     let r = server.post_json("/generate", SMALL_JOB);
     assert_eq!(r.status, 200, "{}", r.text());
 }
@@ -335,6 +305,11 @@ fn a_model_that_fails_to_load_is_reported_and_the_server_stays_up() {
     });
     let health = server.get("/health").json();
     assert_eq!(health["model_loaded"], false);
+    assert_eq!(health["status"], "unhealthy");
+    assert_eq!(health["ready"], false);
+    let ready = server.get("/readyz");
+    assert_eq!(ready.status, 503);
+    assert!(ready.error().contains("failed to load"));
     assert!(
         health["model_error"]
             .as_str()
@@ -453,24 +428,18 @@ fn a_client_that_disconnects_frees_the_engine() {
 
     // Gone while waiting: dropped from the queue without running.
     let running = start_long_job(&server);
-    let mut queued = TcpStream::connect(server.addr).unwrap();
-    write!(
-        queued,
-        "POST /generate HTTP/1.1\r\nHost: x\r\nContent-Length: {}\r\n\r\n{SMALL_JOB}",
-        SMALL_JOB.len()
-    )
-    .unwrap();
+    let queued = post_on_connection(&server, SMALL_JOB);
     wait_until("a job is queued", Duration::from_secs(10), || {
         server.get("/health").json()["queue_length"] == 1
     });
     drop(queued);
-    // Gone while running: stopped at the next step.
+    // Gone while running: stopped within one op.
     drop(running);
     wait_until("the engine is free", Duration::from_secs(10), || {
         !busy(&server)
     });
     let log = server.log();
-    assert!(log.contains("dropped a queued job"), "{log}");
+    assert!(log.contains("a waiting job left the queue"), "{log}");
     assert!(log.contains("stopped a running job"), "{log}");
 
     let r = server.post_json("/generate", SMALL_JOB);

@@ -28,10 +28,19 @@ pub struct ModelInfo {
     #[serde(skip_serializing_if = "Option::is_none")]
     pub family: Option<&'static str>,
     /// Where the configs came from: the folder, `built-in preset <name> (<repo>)`, or the
-    /// `--model-config` folder.
+    /// `--model-config` folder (by its name, not its path, as for all of these).
     pub config: String,
     /// Where the tokenizer came from.
     pub tokenizer: String,
+}
+
+/// A folder's own name: [`ModelInfo`] is shown to API clients, who need not see the
+/// server's file system.
+fn last_component(path: &Path) -> String {
+    path.file_name()
+        .unwrap_or(path.as_os_str())
+        .to_string_lossy()
+        .into_owned()
 }
 
 /// Where component configs come from.
@@ -86,8 +95,8 @@ impl ModelSource {
             let info = ModelInfo {
                 format: "diffusers_folder",
                 family: None,
-                config: folder.root().display().to_string(),
-                tokenizer: folder.root().join("tokenizer").display().to_string(),
+                config: "the model folder".into(),
+                tokenizer: "the model folder's tokenizer/".into(),
             };
             Ok(ModelSource {
                 tokenizer: Tokenizer::Dir(folder.dir(Component::Tokenizer)?),
@@ -111,7 +120,7 @@ impl ModelSource {
             Some(dir) if dir.is_dir() => (
                 Configs::Folder(ModelFolder::open_configs(dir)?),
                 file.default_preset()?,
-                format!("--model-config folder {}", dir.display()),
+                format!("--model-config folder {}", last_component(dir)),
             ),
             Some(name) => match name.to_str().and_then(Preset::by_name) {
                 Some(p) => (Configs::Preset(p), p, describe(p)),
@@ -137,11 +146,11 @@ impl ModelSource {
         let (tokenizer, tokenizer_info) = match (&configs, beside) {
             (Configs::Folder(f), _) if f.root().join("tokenizer").is_dir() => {
                 let dir = f.root().join("tokenizer");
-                let info = format!("{} (--model-config)", dir.display());
+                let info = format!("{}/tokenizer (--model-config)", last_component(f.root()));
                 (Tokenizer::Dir(dir), info)
             }
             (_, Some(dir)) => {
-                let info = format!("{} (beside the checkpoint)", dir.display());
+                let info = "tokenizer/ beside the checkpoint".to_string();
                 (Tokenizer::Dir(dir), info)
             }
             (_, None) => (

@@ -1,12 +1,12 @@
-//! The routes of the API guide (`POST /generate`, `GET /health`) plus the page at `/`, and
-//! the middleware every response passes: CORS, one log line per request, JSON errors.
+//! The routes of the API guide (`POST /generate`, `GET /health`) plus the page at `/` and
+//! `GET /readyz`, and the middleware every response passes: one log line per request, the
+//! `Host` check, CORS, JSON errors.
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use axum::body::{Body, Bytes};
-use axum::extract::rejection::BytesRejection;
-use axum::extract::{DefaultBodyLimit, Request, State};
+use axum::body::Body;
+use axum::extract::{Request, State};
 use axum::http::{header, HeaderValue, Method, StatusCode};
 use axum::middleware::{self, Next};
 use axum::response::{Html, IntoResponse, Response};
@@ -16,9 +16,11 @@ use base64::Engine as _;
 use serde_json::{json, Value};
 use tower_http::cors::{AllowOrigin, Any, CorsLayer};
 
-use super::engine::{Engine, ModelState, SubmitError};
+use super::body::{too_large, JsonBody};
 use super::error::ApiError;
+use super::hosts::{check_host, AllowedHosts};
 use super::request::{self, Limits};
+use crate::engine::{Engine, ModelState, SubmitError};
 use crate::pipeline::noise::random_seed;
 use crate::pipeline::GenerateParams;
 
@@ -30,10 +32,16 @@ pub struct AppState {
     pub time_limit: Option<Duration>,
     /// Largest request body, in bytes.
     pub body_limit: usize,
+    /// How long a client may take to send a request body.
+    pub client_timeout: Duration,
 }
 
 /// The HTTP service. `cors_origins` empty means any origin.
-pub fn router(state: Arc<AppState>, cors_origins: &[HeaderValue]) -> Router {
+pub fn router(
+    state: Arc<AppState>,
+    cors_origins: &[HeaderValue],
+    allowed_hosts: AllowedHosts,
+) -> Router {
     let body_limit = state.body_limit;
     let origins = if cors_origins.is_empty() {
         AllowOrigin::from(Any)
@@ -48,13 +56,14 @@ pub fn router(state: Arc<AppState>, cors_origins: &[HeaderValue]) -> Router {
     Router::new()
         .route("/", get(page))
         .route("/health", get(health))
+        .route("/readyz", get(readyz))
         .route("/generate", post(generate))
         .with_state(state)
-        .layer(DefaultBodyLimit::max(body_limit))
         .layer(middleware::from_fn(move |req, next| {
             json_errors(req, next, body_limit)
         }))
         .layer(cors)
+        .layer(middleware::from_fn_with_state(allowed_hosts, check_host))
         // Outermost, so CORS preflights are logged too.
         .layer(middleware::from_fn(log_request))
 }
@@ -63,22 +72,26 @@ async fn page() -> Html<&'static str> {
     Html(include_str!("page.html"))
 }
 
+/// The guide's `status` and `model_loaded`, and what an operator needs besides: why the
+/// model failed, what was loaded, the queue. Always 200 while the process serves; `status`
+/// is `unhealthy` (and `ready` false) when the model cannot be used, see also /readyz.
 async fn health(State(app): State<Arc<AppState>>) -> Json<Value> {
     let engine = &app.engine;
     let state = engine.state();
     let mut body = json!({
-        "status": "healthy",
+        "status": if matches!(state, ModelState::Failed(_)) { "unhealthy" } else { "healthy" },
         "model_loaded": matches!(state, ModelState::Ready),
+        "ready": matches!(state, ModelState::Ready),
         "model_state": match state {
             ModelState::Loading => "loading",
             ModelState::Ready => "ready",
             ModelState::Failed(_) => "failed",
         },
-        "model": engine.model.display().to_string(),
+        "model": engine.model_name(),
         "backend": engine.device().to_string(),
         "busy": engine.busy(),
         "queue_length": engine.queued(),
-        "queue_capacity": engine.queue_capacity,
+        "queue_capacity": engine.queue_capacity(),
     });
     if let ModelState::Failed(reason) = state {
         body["model_error"] = Value::String(reason);
@@ -90,14 +103,26 @@ async fn health(State(app): State<Arc<AppState>>) -> Json<Value> {
     Json(body)
 }
 
+/// Readiness for load balancers and orchestrators: 200 once the model can take requests,
+/// 503 while it loads, after it failed, and while the server shuts down.
+async fn readyz(State(app): State<Arc<AppState>>) -> Result<Json<Value>, ApiError> {
+    match app.engine.state() {
+        _ if app.engine.is_shutting_down() => {
+            Err(ApiError::unavailable("the server is shutting down", None))
+        }
+        ModelState::Ready => Ok(Json(json!({ "ready": true }))),
+        ModelState::Loading => Err(ApiError::unavailable("the model is still loading", Some(5))),
+        ModelState::Failed(reason) => Err(ApiError::unavailable(
+            format!("the model failed to load: {reason}"),
+            None,
+        )),
+    }
+}
+
 async fn generate(
     State(app): State<Arc<AppState>>,
-    body: Result<Bytes, BytesRejection>,
+    JsonBody(body): JsonBody,
 ) -> Result<Json<Value>, ApiError> {
-    let body = body.map_err(|e| match e.status() {
-        StatusCode::PAYLOAD_TOO_LARGE => ApiError::new(e.status(), too_large(app.body_limit)),
-        status => ApiError::new(status, e.body_text()),
-    })?;
     let req = request::parse(&body, &app.limits)?;
     let seed = req.seed.unwrap_or_else(random_seed);
     let params = GenerateParams {
@@ -112,8 +137,8 @@ async fn generate(
         scheduler_overrides: Default::default(),
     };
     let started = Instant::now();
-    // `_cancel` cancels the job if this future is dropped (client gone) or times out.
-    let (result, _cancel) = app.engine.submit(params.clone()).map_err(|e| match e {
+    // `_ticket` cancels the job if this future is dropped (client gone) or times out.
+    let (result, _ticket) = app.engine.submit(params.clone()).map_err(|e| match e {
         SubmitError::NotReady(ModelState::Failed(reason)) => {
             ApiError::unavailable(format!("the model failed to load: {reason}"), None)
         }
@@ -123,7 +148,7 @@ async fn generate(
         SubmitError::QueueFull => ApiError::unavailable(
             format!(
                 "the queue is full ({} requests waiting); try again later",
-                app.engine.queue_capacity
+                app.engine.queue_capacity()
             ),
             Some(10),
         ),
@@ -191,7 +216,7 @@ async fn json_errors(req: Request, next: Next, body_limit: usize) -> Response {
             format!("no such endpoint: {method} {path} (try POST /generate or GET /health)")
         }
         StatusCode::METHOD_NOT_ALLOWED => format!("{method} is not allowed on {path}"),
-        StatusCode::PAYLOAD_TOO_LARGE => too_large(body_limit),
+        StatusCode::PAYLOAD_TOO_LARGE => too_large(body_limit).message,
         other => other.canonical_reason().unwrap_or("error").to_string(),
     };
     let (mut parts, _) = response.into_parts();
@@ -202,8 +227,4 @@ async fn json_errors(req: Request, next: Next, body_limit: usize) -> Response {
         HeaderValue::from_static("application/json"),
     );
     Response::from_parts(parts, Body::new(json.into_body()))
-}
-
-fn too_large(limit: usize) -> String {
-    format!("the request body is larger than this server's limit of {limit} bytes")
 }

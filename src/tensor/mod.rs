@@ -6,6 +6,7 @@
 //! Activations are always f32; weights may stay in the f16/bf16 precision of their file
 //! and are widened by the op that consumes them.
 
+pub mod interrupt;
 mod ops;
 pub mod params;
 pub mod profile;

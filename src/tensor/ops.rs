@@ -2,7 +2,7 @@
 //! holds the data. Model code only ever calls these methods.
 
 use super::params::{AttentionParams, Conv2dParams, MatmulDims};
-use super::{profile, DType, Device, Storage, Tensor};
+use super::{interrupt, profile, DType, Device, Storage, Tensor};
 use crate::backend::{cpu, gpu};
 use crate::error::{Error, Result};
 
@@ -65,6 +65,13 @@ fn broadcast_shape(lhs: &[usize], rhs: &[usize]) -> Result<Vec<usize>> {
     Ok(out)
 }
 
+/// Where every op starts: stops with `Error::Cancelled` once the job it runs for is
+/// cancelled (see [`interrupt`]), and times the op when profiling.
+fn begin(op: &'static str) -> Result<profile::Scope> {
+    interrupt::check()?;
+    Ok(profile::scope(op))
+}
+
 /// Operands on two devices: the model code moved one tensor and not the other.
 fn mixed_devices(op: &'static str) -> Error {
     Error::shape(op, "operands live on different devices")
@@ -84,12 +91,12 @@ impl Tensor {
     // ---- elementwise ----------------------------------------------------------------
 
     pub fn binary(&self, rhs: &Tensor, op: BinaryOp) -> Result<Tensor> {
-        let _p = profile::scope(match op {
+        let _p = begin(match op {
             BinaryOp::Add => "add",
             BinaryOp::Sub => "sub",
             BinaryOp::Mul => "mul",
             BinaryOp::Div => "div",
-        });
+        })?;
         self.same_device(rhs, "binary")?;
         let shape = broadcast_shape(&self.shape, &rhs.shape)?;
         match (self.storage(), rhs.storage()) {
@@ -122,14 +129,14 @@ impl Tensor {
     }
 
     pub fn unary(&self, op: UnaryOp) -> Result<Tensor> {
-        let _p = profile::scope(match op {
+        let _p = begin(match op {
             UnaryOp::Silu => "silu",
             UnaryOp::Gelu => "gelu",
             UnaryOp::QuickGelu => "quick_gelu",
             UnaryOp::Affine { .. } => "affine",
             UnaryOp::Clamp { .. } => "clamp",
             UnaryOp::Sqrt => "sqrt",
-        });
+        })?;
         match self.storage() {
             Storage::Cpu(a) => Ok(Tensor::from_storage(
                 Storage::Cpu(cpu::elementwise::unary(a, op)),
@@ -173,7 +180,7 @@ impl Tensor {
 
     /// `a * x + b * y` for two tensors of one shape: the workhorse of scheduler updates.
     pub fn axpby(a: f32, x: &Tensor, b: f32, y: &Tensor) -> Result<Tensor> {
-        let _p = profile::scope("axpby");
+        let _p = begin("axpby")?;
         x.same_device(y, "axpby")?;
         if x.shape != y.shape {
             return Err(Error::shape(
@@ -196,7 +203,7 @@ impl Tensor {
 
     /// GEGLU: splits the last dimension into halves `[h, gate]` and returns `h * gelu(gate)`.
     pub fn geglu(&self) -> Result<Tensor> {
-        let _p = profile::scope("geglu");
+        let _p = begin("geglu")?;
         let last = *self.shape.last().unwrap_or(&0);
         if !last.is_multiple_of(2) {
             return Err(Error::shape(
@@ -231,7 +238,7 @@ impl Tensor {
     }
 
     fn matmul_impl(&self, rhs: &Tensor, transpose_rhs: bool) -> Result<Tensor> {
-        let _p = profile::scope("matmul");
+        let _p = begin("matmul")?;
         self.same_device(rhs, "matmul")?;
         if self.rank() < 2 || rhs.rank() < 2 {
             return Err(Error::shape(
@@ -288,11 +295,11 @@ impl Tensor {
     /// A fully connected layer as torch's `nn.Linear`: `self @ weight^T + bias`,
     /// self `[.., in]`, weight `[out, in]`, bias `[out]`.
     pub fn linear(&self, weight: &Tensor, bias: Option<&Tensor>) -> Result<Tensor> {
-        let _p = profile::scope(if weight.dtype() == DType::F32 {
+        let _p = begin(if weight.dtype() == DType::F32 {
             "linear"
         } else {
             "linear (f16/bf16 weight)"
-        });
+        })?;
         weight.expect_rank("linear", 2)?;
         let (out_f, in_f) = (weight.shape[0], weight.shape[1]);
         if self.shape.last() != Some(&in_f) {
@@ -344,14 +351,14 @@ impl Tensor {
         stride: usize,
         padding: usize,
     ) -> Result<Tensor> {
-        let _p = profile::scope(match (weight.shape.get(2), weight.dtype() == DType::F32) {
+        let _p = begin(match (weight.shape.get(2), weight.dtype() == DType::F32) {
             (Some(1), true) => "conv2d 1x1",
             (Some(1), false) => "conv2d 1x1 (f16/bf16 weight)",
             (Some(3), true) => "conv2d 3x3",
             (Some(3), false) => "conv2d 3x3 (f16/bf16 weight)",
             (_, true) => "conv2d other",
             (_, false) => "conv2d other (f16/bf16 weight)",
-        });
+        })?;
         self.expect_rank("conv2d", 4)?;
         weight.expect_rank("conv2d weight", 4)?;
         let [n, c, h, w] = [self.shape[0], self.shape[1], self.shape[2], self.shape[3]];
@@ -421,7 +428,7 @@ impl Tensor {
         eps: f32,
         silu: bool,
     ) -> Result<Tensor> {
-        let _p = profile::scope("group_norm");
+        let _p = begin("group_norm")?;
         let [n, c, spatial] = self.group_layout("group_norm", num_groups)?;
         gamma.expect_shape("group_norm weight", &[c])?;
         beta.expect_shape("group_norm bias", &[c])?;
@@ -441,7 +448,7 @@ impl Tensor {
     /// `[N, num_groups, 2]`. With [`Tensor::group_norm_with_moments`] this normalises a
     /// tensor held in pieces (see `model::bands`).
     pub fn group_moments(&self, num_groups: usize) -> Result<Tensor> {
-        let _p = profile::scope("group_norm");
+        let _p = begin("group_norm")?;
         let [n, c, spatial] = self.group_layout("group_moments", num_groups)?;
         let storage = match self.storage() {
             Storage::Cpu(x) => Storage::Cpu(cpu::norm::group_moments(x, n, c, spatial, num_groups)),
@@ -462,7 +469,7 @@ impl Tensor {
         eps: f32,
         silu: bool,
     ) -> Result<Tensor> {
-        let _p = profile::scope("group_norm");
+        let _p = begin("group_norm")?;
         let op = "group_norm_with_moments";
         let [n, c, spatial] = self.group_layout(op, num_groups)?;
         moments.expect_shape("group_norm moments", &[n, num_groups, 2])?;
@@ -506,7 +513,7 @@ impl Tensor {
 
     /// Layer norm over the last dimension as torch's `nn.LayerNorm`.
     pub fn layer_norm(&self, gamma: &Tensor, beta: &Tensor, eps: f32) -> Result<Tensor> {
-        let _p = profile::scope("layer_norm");
+        let _p = begin("layer_norm")?;
         let d = *self.shape.last().unwrap_or(&0);
         gamma.expect_shape("layer_norm weight", &[d])?;
         beta.expect_shape("layer_norm bias", &[d])?;
@@ -525,7 +532,7 @@ impl Tensor {
 
     /// Softmax over the last dimension.
     pub fn softmax(&self) -> Result<Tensor> {
-        let _p = profile::scope("softmax");
+        let _p = begin("softmax")?;
         let d = *self.shape.last().unwrap_or(&0);
         match self.storage() {
             Storage::Cpu(x) => Ok(Tensor::from_storage(
@@ -552,11 +559,11 @@ impl Tensor {
         heads: usize,
         causal: bool,
     ) -> Result<Tensor> {
-        let _p = profile::scope(if q.shape.get(1) == k.shape.get(1) {
+        let _p = begin(if q.shape.get(1) == k.shape.get(1) {
             "attention (self)"
         } else {
             "attention (cross)"
-        });
+        })?;
         q.same_device(k, "attention")?;
         q.same_device(v, "attention")?;
         q.expect_rank("attention q", 3)?;
@@ -597,7 +604,7 @@ impl Tensor {
 
     /// Axes reordered as torch's `permute(..).contiguous()`.
     pub fn permute(&self, axes: &[usize]) -> Result<Tensor> {
-        let _p = profile::scope("permute");
+        let _p = begin("permute")?;
         let mut seen = vec![false; self.rank()];
         if axes.len() != self.rank()
             || axes
@@ -627,7 +634,7 @@ impl Tensor {
 
     /// `len` entries of dimension `dim` starting at `start`.
     pub fn narrow(&self, dim: usize, start: usize, len: usize) -> Result<Tensor> {
-        let _p = profile::scope("narrow");
+        let _p = begin("narrow")?;
         if dim >= self.rank() || start + len > self.shape[dim] {
             return Err(Error::shape(
                 "narrow",
@@ -650,7 +657,7 @@ impl Tensor {
 
     /// Concatenation along `dim`; all other dimensions must agree.
     pub fn cat(tensors: &[&Tensor], dim: usize) -> Result<Tensor> {
-        let _p = profile::scope("cat");
+        let _p = begin("cat")?;
         let first = tensors
             .first()
             .ok_or_else(|| Error::shape("cat", "no tensors"))?;
@@ -706,7 +713,7 @@ impl Tensor {
 
     /// Nearest-neighbour resize of an NCHW tensor, as torch's `F.interpolate(mode="nearest")`.
     pub fn upsample_nearest(&self, out_h: usize, out_w: usize) -> Result<Tensor> {
-        let _p = profile::scope("upsample_nearest");
+        let _p = begin("upsample_nearest")?;
         self.expect_rank("upsample_nearest", 4)?;
         let [n, c, h, w] = [self.shape[0], self.shape[1], self.shape[2], self.shape[3]];
         match self.storage() {
@@ -723,7 +730,7 @@ impl Tensor {
 
     /// Rows `ids` of a `[vocab, dim]` table: an embedding lookup.
     pub fn embedding(&self, ids: &[u32]) -> Result<Tensor> {
-        let _p = profile::scope("embedding");
+        let _p = begin("embedding")?;
         self.expect_rank("embedding", 2)?;
         let (rows, d) = (self.shape[0], self.shape[1]);
         if let Some(bad) = ids.iter().find(|&&i| i as usize >= rows) {

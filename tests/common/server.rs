@@ -8,6 +8,47 @@ use std::process::{Child, Command, Stdio};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+/// A request that keeps the engine busy for tens of seconds on the sd1 fixture (0.3 s a
+/// step on 2 cores); tests cancel it long before it ends.
+pub const LONG_JOB: &str =
+    r#"{"prompt": "a long job", "width": 64, "height": 64, "num_inference_steps": 150, "seed": 1}"#;
+pub const SMALL_JOB: &str =
+    r#"{"prompt": "a small job", "width": 64, "height": 64, "num_inference_steps": 2, "seed": 2}"#;
+
+pub fn wait_until(what: &str, timeout: Duration, mut done: impl FnMut() -> bool) {
+    let deadline = Instant::now() + timeout;
+    while !done() {
+        assert!(Instant::now() < deadline, "timed out waiting until {what}");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+pub fn busy(server: &Server) -> bool {
+    server.get("/health").json()["busy"] == true
+}
+
+/// Sends `body` to POST /generate on a raw connection it returns, without reading the answer.
+pub fn post_on_connection(server: &Server, body: &str) -> TcpStream {
+    let mut stream = TcpStream::connect(server.addr).unwrap();
+    let head = format!(
+        "POST /generate HTTP/1.1\r\nHost: {}\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n",
+        server.addr,
+        body.len()
+    );
+    stream.write_all(head.as_bytes()).unwrap();
+    stream.write_all(body.as_bytes()).unwrap();
+    stream
+}
+
+/// Starts a long job on a raw connection and waits until the engine runs it.
+pub fn start_long_job(server: &Server) -> TcpStream {
+    let stream = post_on_connection(server, LONG_JOB);
+    wait_until("the long job runs", Duration::from_secs(30), || {
+        busy(server)
+    });
+    stream
+}
+
 /// A running server; killed when dropped.
 pub struct Server {
     child: Child,
@@ -99,6 +140,10 @@ impl Server {
             &[("Content-Type", "application/json")],
             body.as_bytes(),
         )
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.id()
     }
 
     /// Whether the process is still running.

@@ -1,13 +1,16 @@
-//! The engine worker: one thread owns the model and runs one generation at a time; requests
-//! wait in a bounded FIFO queue. A job whose client has gone (or whose time ran out) is
-//! skipped if it has not started and stopped at its next denoising step if it has.
+//! The engine: one worker thread owns the model and runs one generation at a time while
+//! requests wait in a bounded FIFO ([`queue`]). It knows nothing of HTTP: the server (and
+//! anything else) submits [`GenerateParams`] and gets a [`Generated`] back. A job whose
+//! submitter has gone (or whose time ran out) leaves the line at once if it is waiting, and
+//! stops within one tensor op if it is running (see `tensor::interrupt`).
+
+pub mod queue;
 
 use std::ops::ControlFlow;
 use std::panic::AssertUnwindSafe;
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
-use std::sync::mpsc::{sync_channel, Receiver, SyncSender, TryRecvError, TrySendError};
-use std::sync::{Arc, RwLock};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, RwLock};
 use std::time::Instant;
 
 use tokio::sync::oneshot;
@@ -15,7 +18,9 @@ use tokio::sync::oneshot;
 use crate::error::{Error, Result};
 use crate::model::source::ModelInfo;
 use crate::pipeline::{GenerateParams, Generated, StableDiffusion};
+use crate::tensor::interrupt::{self, Interrupt};
 use crate::tensor::Device;
+use queue::{JobQueue, PushError};
 
 /// Where the model is in its life.
 #[derive(Clone, Debug)]
@@ -28,17 +33,25 @@ pub enum ModelState {
 /// A request to generate one image.
 struct Job {
     params: GenerateParams,
-    cancel: Arc<AtomicBool>,
+    interrupt: Interrupt,
     reply: oneshot::Sender<Result<Generated>>,
 }
 
-/// Sets its flag when dropped: a handler future that is dropped (the client disconnected,
-/// or its time ran out) cancels its job.
-pub struct CancelOnDrop(Arc<AtomicBool>);
+/// A submitted job's handle: dropping it before the result arrives (the client
+/// disconnected, or its time ran out) cancels the job, and frees its place in the line at
+/// once if it has not started.
+pub struct JobTicket {
+    id: u64,
+    interrupt: Interrupt,
+    queue: Arc<JobQueue<Job>>,
+}
 
-impl Drop for CancelOnDrop {
+impl Drop for JobTicket {
     fn drop(&mut self) {
-        self.0.store(true, Ordering::Relaxed);
+        self.interrupt.cancel();
+        if self.queue.remove(self.id).is_some() {
+            tracing::info!("a waiting job left the queue: its client is gone");
+        }
     }
 }
 
@@ -49,12 +62,12 @@ pub enum SubmitError {
     ShuttingDown,
 }
 
-/// The server's handle on the engine thread.
+/// The handle on the engine thread that submitters share.
 pub struct Engine {
     state: RwLock<ModelState>,
-    queue: SyncSender<Job>,
-    /// Jobs waiting (not running).
-    queued: AtomicUsize,
+    queue: Arc<JobQueue<Job>>,
+    /// The running job's interrupt, for shutting down.
+    running: Mutex<Option<Interrupt>>,
     busy: AtomicBool,
     shutdown: AtomicBool,
     pub model: PathBuf,
@@ -63,20 +76,18 @@ pub struct Engine {
     info: RwLock<Option<ModelInfo>>,
     /// Replaced when a lost GPU is opened again.
     device: RwLock<Device>,
-    pub queue_capacity: usize,
 }
 
 /// The side of the engine that owns the model: loads it, then runs jobs one at a time.
 pub struct EngineWorker {
     engine: Arc<Engine>,
-    jobs: Receiver<Job>,
 }
 
 impl EngineWorker {
-    /// Loads the model and serves jobs; returns only if the model cannot be loaded (the
-    /// engine then reports the failure).
+    /// Loads the model and serves jobs until the engine shuts down; returns early if the
+    /// model cannot be loaded (the engine then reports the failure).
     pub fn run(self) {
-        self.engine.run(self.jobs)
+        self.engine.run()
     }
 }
 
@@ -90,22 +101,19 @@ impl Engine {
         device: Device,
         queue_capacity: usize,
     ) -> (Arc<Engine>, EngineWorker) {
-        let (queue, jobs) = sync_channel(queue_capacity);
         let engine = Arc::new(Engine {
             state: RwLock::new(ModelState::Loading),
-            queue,
-            queued: AtomicUsize::new(0),
+            queue: Arc::new(JobQueue::new(queue_capacity)),
+            running: Mutex::new(None),
             busy: AtomicBool::new(false),
             shutdown: AtomicBool::new(false),
             model,
             model_config,
             info: RwLock::new(None),
             device: RwLock::new(device),
-            queue_capacity,
         });
         let worker = EngineWorker {
             engine: engine.clone(),
-            jobs,
         };
         (engine, worker)
     }
@@ -151,8 +159,28 @@ impl Engine {
         }
     }
 
+    /// Jobs waiting (not the running one).
     pub fn queued(&self) -> usize {
-        self.queued.load(Ordering::Relaxed)
+        self.queue.len()
+    }
+
+    pub fn queue_capacity(&self) -> usize {
+        self.queue.capacity()
+    }
+
+    /// The model as it was named, without the file system around it: a folder's or file's
+    /// own name for a path, a Hub id or `weights/` name as given.
+    pub fn model_name(&self) -> String {
+        let given = &self.model;
+        let is_path = given.is_absolute() || given.starts_with(".") || given.starts_with("..");
+        match given.file_name() {
+            Some(name) if is_path => name.to_string_lossy().into_owned(),
+            _ => given.display().to_string(),
+        }
+    }
+
+    pub fn is_shutting_down(&self) -> bool {
+        self.shutdown.load(Ordering::Relaxed)
     }
 
     pub fn busy(&self) -> bool {
@@ -160,11 +188,11 @@ impl Engine {
     }
 
     /// Queues a job; the receiver gets its result. The job is cancelled when the returned
-    /// guard is dropped before the result arrives.
+    /// ticket is dropped before the result arrives.
     pub fn submit(
         &self,
         params: GenerateParams,
-    ) -> Result<(oneshot::Receiver<Result<Generated>>, CancelOnDrop), SubmitError> {
+    ) -> Result<(oneshot::Receiver<Result<Generated>>, JobTicket), SubmitError> {
         if self.shutdown.load(Ordering::Relaxed) {
             return Err(SubmitError::ShuttingDown);
         }
@@ -172,61 +200,67 @@ impl Engine {
             ModelState::Ready => {}
             other => return Err(SubmitError::NotReady(other)),
         }
-        let cancel = Arc::new(AtomicBool::new(false));
+        let interrupt = Interrupt::new();
         let (reply, result) = oneshot::channel();
-        self.queued.fetch_add(1, Ordering::Relaxed);
         let job = Job {
             params,
-            cancel: cancel.clone(),
+            interrupt: interrupt.clone(),
             reply,
         };
-        match self.queue.try_send(job) {
-            Ok(()) => Ok((result, CancelOnDrop(cancel))),
-            Err(e) => {
-                self.queued.fetch_sub(1, Ordering::Relaxed);
-                Err(match e {
-                    TrySendError::Full(_) => SubmitError::QueueFull,
-                    TrySendError::Disconnected(_) => SubmitError::ShuttingDown,
-                })
-            }
+        match self.queue.push(job) {
+            Ok(id) => Ok((
+                result,
+                JobTicket {
+                    id,
+                    interrupt,
+                    queue: self.queue.clone(),
+                },
+            )),
+            Err(PushError::Full) => Err(SubmitError::QueueFull),
+            Err(PushError::Closed) => Err(SubmitError::ShuttingDown),
         }
     }
 
-    /// Stops taking jobs and cancels the running one and those waiting.
+    /// Stops taking jobs, answers those waiting as cancelled and stops the running one.
     pub fn shut_down(&self) {
         self.shutdown.store(true, Ordering::Relaxed);
+        for job in self.queue.close() {
+            let _ = job.reply.send(Err(Error::Cancelled));
+        }
+        if let Some(running) = &*self.running.lock().unwrap_or_else(|p| p.into_inner()) {
+            running.cancel();
+        }
     }
 
-    fn run(&self, jobs: Receiver<Job>) {
+    fn run(&self) {
         let Some(mut sd) = self.load() else {
             // Jobs are refused while not Ready, so nothing waits on the queue.
             return;
         };
         loop {
-            let job = match jobs.try_recv() {
-                Ok(job) => job,
-                Err(TryRecvError::Empty) => {
+            let job = match self.queue.try_pop() {
+                Some(job) => job,
+                None => {
                     // Idle: what the last generation (or the load) freed goes back to the
                     // system; it is kept for reuse while jobs run (see keep_freed_memory).
                     crate::backend::cpu::release_freed_memory();
-                    match jobs.recv() {
-                        Ok(job) => job,
-                        Err(_) => return,
+                    match self.queue.pop() {
+                        Some(job) => job,
+                        None => return,
                     }
                 }
-                Err(TryRecvError::Disconnected) => return,
             };
-            self.queued.fetch_sub(1, Ordering::Relaxed);
-            if self.shutdown.load(Ordering::Relaxed) {
-                let _ = job.reply.send(Err(Error::Cancelled));
-                continue;
-            }
-            if job.cancel.load(Ordering::Relaxed) {
-                tracing::info!("dropped a queued job: its client is gone");
+            if job.interrupt.is_cancelled() {
                 continue;
             }
             self.busy.store(true, Ordering::Relaxed);
+            *self.running.lock().unwrap_or_else(|p| p.into_inner()) = Some(job.interrupt.clone());
+            // A shutdown that came between the pop and the line above.
+            if self.shutdown.load(Ordering::Relaxed) {
+                job.interrupt.cancel();
+            }
             let result = self.generate(&sd, &job);
+            *self.running.lock().unwrap_or_else(|p| p.into_inner()) = None;
             self.busy.store(false, Ordering::Relaxed);
             if matches!(result, Err(Error::Cancelled)) {
                 tracing::info!("stopped a running job: its client is gone, its time ran out or the server is stopping");
@@ -304,15 +338,15 @@ impl Engine {
     fn generate(&self, sd: &StableDiffusion, job: &Job) -> Result<Generated> {
         let mut on_step = |ev: crate::pipeline::StepEvent| {
             tracing::debug!("step {}/{}", ev.step + 1, ev.total);
-            if job.cancel.load(Ordering::Relaxed) || self.shutdown.load(Ordering::Relaxed) {
+            if job.interrupt.is_cancelled() {
                 ControlFlow::Break(())
             } else {
                 ControlFlow::Continue(())
             }
         };
+        let run = || interrupt::scope(&job.interrupt, || sd.generate(&job.params, &mut on_step));
         // A panic in the engine fails this job, not the server.
-        match std::panic::catch_unwind(AssertUnwindSafe(|| sd.generate(&job.params, &mut on_step)))
-        {
+        match std::panic::catch_unwind(AssertUnwindSafe(run)) {
             Ok(result) => result,
             Err(panic) => {
                 let what = panic_message(&*panic);
