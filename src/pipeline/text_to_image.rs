@@ -98,6 +98,18 @@ impl StableDiffusion {
 
         let p = source.text_encoder()?;
         let text_encoder = ClipTextModel::new(&p.config, &p.weights, &p.config_path)?;
+        // Every prompt is padded to the tokenizer's length: the encoder needs that many positions.
+        let positions = p.config.max_position_embeddings;
+        if tokenizer.max_length() > positions {
+            return Err(Error::config(
+                &p.config_path,
+                format!(
+                    "`max_position_embeddings` {positions} is less than the {} tokens per prompt of the tokenizer ({}, `model_max_length`)",
+                    tokenizer.max_length(),
+                    source.info().tokenizer
+                ),
+            ));
+        }
 
         let p = source.unet()?;
         let unet_config_path = p.config_path.clone();
