@@ -44,6 +44,11 @@ pub enum Error {
     #[error("shape error in {op}: {message}")]
     Shape { op: &'static str, message: String },
 
+    /// A generation produced NaN or infinity (`what`: "the denoised latents", "the decoded
+    /// image"): the weights or configs are broken, and the image would be black.
+    #[error("{what} contain NaN or infinite values: the model's weights or configs produce non-finite numbers")]
+    NonFinite { what: &'static str },
+
     #[error("generation cancelled")]
     Cancelled,
 

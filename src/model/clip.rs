@@ -4,7 +4,7 @@
 use std::path::Path;
 
 use crate::error::{Error, Result};
-use crate::model::config::ClipTextConfig;
+use crate::model::config::{ClipTextConfig, ComponentConfig};
 use crate::model::nn::{LayerNorm, Linear};
 use crate::model::weights::Weights;
 use crate::tensor::Tensor;
@@ -55,16 +55,9 @@ impl ClipTextModel {
                 ))
             }
         };
+        // Also checked where configs are read; a config built in code comes straight here.
+        c.validate(config_path)?;
         let d = c.hidden_size;
-        if c.num_attention_heads == 0 || !d.is_multiple_of(c.num_attention_heads) {
-            return Err(Error::config(
-                config_path,
-                format!(
-                    "hidden_size {d} is not divisible by num_attention_heads {}",
-                    c.num_attention_heads
-                ),
-            ));
-        }
         let eps = c.layer_norm_eps;
         // transformers up to 4.x names the weights `text_model.embeddings...` (every SD
         // repo); 5.x saves `CLIPTextModel` without that level (`embeddings...`).

@@ -14,6 +14,63 @@ pub fn read_json<T: DeserializeOwned>(path: &Path) -> Result<T> {
     serde_json::from_str(&text).map_err(|e| Error::config(path, e.to_string()))
 }
 
+/// A component config that is checked where it is parsed, so that folder loads,
+/// single-file presets and `--model-config` folders all go through the same checks.
+pub trait ComponentConfig: DeserializeOwned {
+    /// Rejects values the model code cannot work with (zero sizes, channel counts that
+    /// do not split into the groups or heads, non-finite factors...), naming the field;
+    /// `path` is the file the config came from.
+    fn validate(&self, path: &Path) -> Result<()>;
+}
+
+/// `Ok` when `ok`, else a config error on `path` with `message` (which names the field).
+fn require(path: &Path, ok: bool, message: impl FnOnce() -> String) -> Result<()> {
+    if ok {
+        Ok(())
+    } else {
+        Err(Error::config(path, message()))
+    }
+}
+
+fn nonzero(path: &Path, field: &str, value: usize) -> Result<()> {
+    require(path, value > 0, || {
+        format!("`{field}` must be at least 1, got 0")
+    })
+}
+
+fn each_nonzero(path: &Path, field: &str, values: &[usize]) -> Result<()> {
+    require(path, !values.contains(&0), || {
+        format!("every entry of `{field}` must be at least 1, got {values:?}")
+    })
+}
+
+fn has_levels(path: &Path, block_out_channels: &[usize]) -> Result<()> {
+    require(path, !block_out_channels.is_empty(), || {
+        "`block_out_channels` is empty: a model needs at least one level".into()
+    })
+}
+
+/// A norm's epsilon: added to a variance, so finite and not negative.
+fn epsilon(path: &Path, field: &str, value: f64) -> Result<()> {
+    require(path, value.is_finite() && value >= 0.0, || {
+        format!("`{field}` must be a finite number >= 0, got {value}")
+    })
+}
+
+/// GroupNorm splits every channel count of these blocks into `groups` equal groups.
+fn groups_divide(path: &Path, groups: usize, channels: &[usize]) -> Result<()> {
+    nonzero(path, "norm_num_groups", groups)?;
+    require(
+        path,
+        channels.iter().all(|c| c.is_multiple_of(groups)),
+        || {
+            format!(
+                "`norm_num_groups` {groups} does not divide every entry of `block_out_channels` {channels:?}"
+            )
+        },
+    )
+}
+
 /// A value diffusers accepts either once for all levels or as one entry per level.
 #[derive(Clone, Debug, Deserialize, PartialEq)]
 #[serde(untagged)]
@@ -49,6 +106,31 @@ pub struct ClipTextConfig {
     /// "quick_gelu" (SD 1.x) or "gelu" (SD 2.x).
     pub hidden_act: String,
     pub layer_norm_eps: f64,
+}
+
+impl ComponentConfig for ClipTextConfig {
+    fn validate(&self, path: &Path) -> Result<()> {
+        for (field, value) in [
+            ("vocab_size", self.vocab_size),
+            ("hidden_size", self.hidden_size),
+            ("intermediate_size", self.intermediate_size),
+            ("num_attention_heads", self.num_attention_heads),
+            ("max_position_embeddings", self.max_position_embeddings),
+        ] {
+            nonzero(path, field, value)?;
+        }
+        require(
+            path,
+            self.hidden_size.is_multiple_of(self.num_attention_heads),
+            || {
+                format!(
+                    "`hidden_size` {} is not divisible by `num_attention_heads` {}",
+                    self.hidden_size, self.num_attention_heads
+                )
+            },
+        )?;
+        epsilon(path, "layer_norm_eps", self.layer_norm_eps)
+    }
 }
 
 impl Default for ClipTextConfig {
@@ -107,6 +189,77 @@ pub struct UNetConfig {
     pub conv_out_kernel: usize,
     pub resnet_out_scale_factor: f64,
     pub attention_type: String,
+}
+
+impl ComponentConfig for UNetConfig {
+    fn validate(&self, path: &Path) -> Result<()> {
+        let channels = &self.block_out_channels;
+        let levels = channels.len();
+        has_levels(path, channels)?;
+        for (field, types) in [
+            ("down_block_types", &self.down_block_types),
+            ("up_block_types", &self.up_block_types),
+        ] {
+            require(path, types.len() == levels, || {
+                format!(
+                    "`{field}` has {} entries but `block_out_channels` has {levels}",
+                    types.len()
+                )
+            })?;
+        }
+        each_nonzero(path, "block_out_channels", channels)?;
+        nonzero(path, "in_channels", self.in_channels)?;
+        nonzero(path, "out_channels", self.out_channels)?;
+        // `null` is an unsupported option, which the UNet rejects as such.
+        if let Some(groups) = self.norm_num_groups {
+            groups_divide(path, groups, channels)?;
+        }
+        for (field, per_level) in [
+            ("layers_per_block", &self.layers_per_block),
+            (
+                "transformer_layers_per_block",
+                &self.transformer_layers_per_block,
+            ),
+            ("cross_attention_dim", &self.cross_attention_dim),
+        ] {
+            each_nonzero(path, field, &per_level.expand(levels, field, path)?)?;
+        }
+        self.only_cross_attention
+            .expand(levels, "only_cross_attention", path)?;
+        // diffusers: `num_attention_heads or attention_head_dim` (in SD configs the latter
+        // is the head count); each level's channels split evenly into its heads.
+        let heads = match (&self.num_attention_heads, &self.attention_head_dim) {
+            (Some(h), _) => Some(("num_attention_heads", h)),
+            (None, Some(h)) => Some(("attention_head_dim", h)),
+            (None, None) => None,
+        };
+        if let Some((field, heads)) = heads {
+            let heads = heads.expand(levels, field, path)?;
+            each_nonzero(path, field, &heads)?;
+            require(
+                path,
+                channels
+                    .iter()
+                    .zip(&heads)
+                    .all(|(c, h)| c.is_multiple_of(*h)),
+                || {
+                    format!(
+                        "`{field}` {heads:?} does not divide `block_out_channels` {channels:?} into whole heads"
+                    )
+                },
+            )?;
+        }
+        epsilon(path, "norm_eps", self.norm_eps)?;
+        for (field, value) in [
+            ("freq_shift", self.freq_shift),
+            ("mid_block_scale_factor", self.mid_block_scale_factor),
+        ] {
+            require(path, value.is_finite(), || {
+                format!("`{field}` must be a finite number, got {value}")
+            })?;
+        }
+        Ok(())
+    }
 }
 
 impl Default for UNetConfig {
@@ -194,6 +347,35 @@ impl Default for VaeConfig {
             use_post_quant_conv: true,
             mid_block_add_attention: true,
         }
+    }
+}
+
+impl ComponentConfig for VaeConfig {
+    fn validate(&self, path: &Path) -> Result<()> {
+        let channels = &self.block_out_channels;
+        has_levels(path, channels)?;
+        require(path, self.up_block_types.len() == channels.len(), || {
+            format!(
+                "`up_block_types` has {} entries but `block_out_channels` has {}",
+                self.up_block_types.len(),
+                channels.len()
+            )
+        })?;
+        each_nonzero(path, "block_out_channels", channels)?;
+        nonzero(path, "latent_channels", self.latent_channels)?;
+        nonzero(path, "out_channels", self.out_channels)?;
+        groups_divide(path, self.norm_num_groups, channels)?;
+        // The latents are divided by it before decoding.
+        require(
+            path,
+            self.scaling_factor.is_finite() && self.scaling_factor > 0.0,
+            || {
+                format!(
+                    "`scaling_factor` must be a finite number > 0, got {}",
+                    self.scaling_factor
+                )
+            },
+        )
     }
 }
 

@@ -3,7 +3,10 @@
 
 use std::path::{Path, PathBuf};
 
+use serde::Deserialize;
+
 use crate::error::{Error, Result};
+use crate::model::config::read_json;
 
 /// The components a text-to-image pipeline reads.
 #[derive(Clone, Copy, Debug)]
@@ -35,6 +38,13 @@ impl Component {
     }
 }
 
+/// What `model_index.json` must hold.
+#[derive(Deserialize)]
+struct ModelIndex {
+    #[serde(rename = "_class_name")]
+    _class_name: String,
+}
+
 /// A diffusers model folder (the directory holding `model_index.json`).
 #[derive(Clone, Debug)]
 pub struct ModelFolder {
@@ -56,6 +66,9 @@ impl ModelFolder {
                 root.display()
             )));
         }
+        // Only the pipeline class is read (diffusers needs it too); a file that is not
+        // JSON, or not an object naming it, is a broken download or a hand-made mistake.
+        read_json::<ModelIndex>(&index)?;
         Ok(ModelFolder {
             root: root.to_path_buf(),
         })

@@ -123,14 +123,19 @@ impl Preset {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::model::config::{ClipTextConfig, UNetConfig, VaeConfig};
+    use crate::model::config::{ClipTextConfig, ComponentConfig, UNetConfig, VaeConfig};
+
+    fn parse_valid<T: ComponentConfig>(p: &Preset, c: Component) {
+        let config: T = serde_json::from_str(p.config_text(c).unwrap()).unwrap();
+        config.validate(&p.config_path(c)).unwrap();
+    }
 
     #[test]
-    fn presets_parse_and_tokenize() {
+    fn presets_parse_validate_and_tokenize() {
         for p in ALL {
-            let _: UNetConfig = serde_json::from_str(p.unet).unwrap();
-            let _: VaeConfig = serde_json::from_str(p.vae).unwrap();
-            let _: ClipTextConfig = serde_json::from_str(p.text_encoder).unwrap();
+            parse_valid::<UNetConfig>(p, Component::Unet);
+            parse_valid::<VaeConfig>(p, Component::Vae);
+            parse_valid::<ClipTextConfig>(p, Component::TextEncoder);
             let t = p.tokenizer().unwrap();
             let ids = t.encode("a photo of a cat").unwrap().ids;
             assert_eq!(&ids[..7], &[49406, 320, 1125, 539, 320, 2368, 49407]);

@@ -10,7 +10,7 @@ use serde::de::DeserializeOwned;
 use serde_json::{Map, Value};
 
 use crate::error::{Error, Result};
-use crate::model::config::{read_json, ClipTextConfig, UNetConfig, VaeConfig};
+use crate::model::config::{read_json, ClipTextConfig, ComponentConfig, UNetConfig, VaeConfig};
 use crate::model::folder::{Component, ModelFolder};
 use crate::model::presets::Preset;
 use crate::model::single_file::{is_pickle_path, pickle_refusal, Family, SingleFile};
@@ -188,7 +188,8 @@ impl ModelSource {
         &self.info
     }
 
-    fn config<T: DeserializeOwned>(&self, c: Component) -> Result<(T, PathBuf)> {
+    /// A component's config file as `T`, parsed but not checked.
+    fn parse_config<T: DeserializeOwned>(&self, c: Component) -> Result<(T, PathBuf)> {
         match &self.configs {
             Configs::Folder(f) => {
                 let path = f.config(c)?;
@@ -203,6 +204,13 @@ impl ModelSource {
         }
     }
 
+    /// A component's config, parsed and validated: the one way configs come in.
+    fn config<T: ComponentConfig>(&self, c: Component) -> Result<(T, PathBuf)> {
+        let (config, path) = self.parse_config::<T>(c)?;
+        config.validate(&path)?;
+        Ok((config, path))
+    }
+
     /// The scheduler config every request starts from, checked to build.
     pub fn scheduler_config(&self) -> Result<Map<String, Value>> {
         let (map, path): (Map<String, Value>, PathBuf) = match &self.configs {
@@ -210,7 +218,7 @@ impl ModelSource {
                 let path = f.config(Component::Scheduler)?;
                 (scheduler::read_config(&path)?, path)
             }
-            Configs::Preset(_) => self.config(Component::Scheduler)?,
+            Configs::Preset(_) => self.parse_config(Component::Scheduler)?,
         };
         scheduler::from_config_with(&map, None, &Map::new(), 1).map_err(|e| match e {
             Error::InvalidArgument(message) => Error::config(&path, message),
@@ -234,7 +242,7 @@ impl ModelSource {
 
     /// A component's config and weights: from the folder, or read from the single file
     /// by `from_single_file` under the config's shapes.
-    fn component<C: DeserializeOwned>(
+    fn component<C: ComponentConfig>(
         &self,
         c: Component,
         from_single_file: impl FnOnce(&SingleFile, &C, &Path) -> Result<Weights>,

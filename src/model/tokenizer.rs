@@ -6,7 +6,7 @@
 use std::path::Path;
 
 use serde::Deserialize;
-use tokenizers::models::bpe::BPE;
+use tokenizers::models::bpe::{self, BPE};
 use tokenizers::normalizers::{Lowercase, Replace, Sequence as NormalizerSequence, NFC};
 use tokenizers::pre_tokenizers::byte_level::ByteLevel;
 use tokenizers::pre_tokenizers::sequence::Sequence as PreTokenizerSequence;
@@ -114,6 +114,53 @@ fn tok_err(path: &Path, e: impl std::fmt::Display) -> Error {
     Error::Tokenizer(format!("{}: {e}", path.display()))
 }
 
+/// The text of `vocab.json` or `merges.txt` and where it came from, for errors.
+struct BpeFile<'a> {
+    origin: &'a Path,
+    text: &'a str,
+}
+
+impl<'a> BpeFile<'a> {
+    fn new(origin: &'a (impl AsRef<Path> + ?Sized), text: &'a str) -> Self {
+        BpeFile {
+            origin: origin.as_ref(),
+            text,
+        }
+    }
+
+    /// `vocab.json`: token → id.
+    fn vocab(&self) -> Result<bpe::Vocab> {
+        let vocab: std::collections::HashMap<String, u32> =
+            serde_json::from_str(self.text).map_err(|e| tok_err(self.origin, e))?;
+        Ok(vocab.into_iter().collect())
+    }
+
+    /// `merges.txt`: one `left right` pair a line, by rank, after an optional `#version`
+    /// line. Without merges BPE would split every word into bytes: a broken file.
+    fn merges(&self) -> Result<bpe::Merges> {
+        let merges = self
+            .text
+            .lines()
+            .enumerate()
+            .filter(|(_, l)| !l.starts_with("#version") && !l.trim().is_empty())
+            .map(|(i, l)| match l.split(' ').collect::<Vec<_>>()[..] {
+                [a, b] if !a.is_empty() && !b.is_empty() => Ok((a.to_string(), b.to_string())),
+                _ => Err(tok_err(
+                    self.origin,
+                    format!(
+                        "line {} is not a merge (two tokens separated by a space): {l:?}",
+                        i + 1
+                    ),
+                )),
+            })
+            .collect::<Result<bpe::Merges>>()?;
+        if merges.is_empty() {
+            return Err(tok_err(self.origin, "has no merges"));
+        }
+        Ok(merges)
+    }
+}
+
 impl ClipTokenizer {
     /// Loads `tokenizer/` of a diffusers model folder: `tokenizer.json` when present,
     /// otherwise `vocab.json` + `merges.txt`, with the special tokens and length from
@@ -141,24 +188,10 @@ impl ClipTokenizer {
         };
         let config = parse(tokenizer_config, "tokenizer_config.json")?;
         let map = parse(special_tokens_map, "special_tokens_map.json")?;
-        let vocab: std::collections::HashMap<String, u32> = serde_json::from_str(BUILTIN_VOCAB)
-            .map_err(|e| Error::Tokenizer(format!("built-in vocab.json: {e}")))?;
-        let merges = BUILTIN_MERGES
-            .lines()
-            .filter(|l| !l.starts_with("#version") && !l.trim().is_empty())
-            .map(|l| {
-                l.split_once(' ')
-                    .map(|(a, b)| (a.to_string(), b.to_string()))
-                    .ok_or_else(|| Error::Tokenizer(format!("built-in merges.txt: bad line {l:?}")))
-            })
-            .collect::<Result<Vec<_>>>()?;
-        let bpe = BPE::builder().vocab_and_merges(
-            vocab
-                .into_iter()
-                .collect::<tokenizers::models::bpe::Vocab>(),
-            merges,
-        );
-        let tokenizer = Self::clip_pipeline(bpe, Path::new("built-in vocab.json"))?;
+        let tokenizer = Self::clip_pipeline(
+            BpeFile::new("built-in vocab.json", BUILTIN_VOCAB),
+            BpeFile::new("built-in merges.txt", BUILTIN_MERGES),
+        )?;
         Self::finish(tokenizer, config, map, origin)
     }
 
@@ -244,26 +277,35 @@ impl ClipTokenizer {
                 )));
             }
         }
-        let as_str = |p: &Path| {
-            p.to_str()
-                .map(str::to_owned)
-                .ok_or_else(|| tok_err(p, "path is not UTF-8"))
-        };
-        let bpe = BPE::from_file(&as_str(&vocab)?, &as_str(&merges)?);
-        Self::clip_pipeline(bpe, &vocab)
+        let read = |p: &Path| std::fs::read_to_string(p).map_err(|e| tok_err(p, e));
+        let (vocab_text, merges_text) = (read(&vocab)?, read(&merges)?);
+        Self::clip_pipeline(
+            BpeFile::new(&vocab, &vocab_text),
+            BpeFile::new(&merges, &merges_text),
+        )
     }
 
-    /// CLIP's normaliser, pre-tokeniser and BPE options around `bpe`'s vocabulary;
-    /// `vocab` names it in errors.
-    fn clip_pipeline(bpe: tokenizers::models::bpe::BpeBuilder, vocab: &Path) -> Result<Tokenizer> {
-        let dir = vocab;
-        let bpe = bpe
+    /// CLIP's normaliser, pre-tokeniser and BPE options around the BPE files; errors name
+    /// the file that is wrong.
+    fn clip_pipeline(vocab: BpeFile, merges: BpeFile) -> Result<Tokenizer> {
+        let bpe = BPE::builder()
+            .vocab_and_merges(vocab.vocab()?, merges.merges()?)
             .continuing_subword_prefix(String::new())
             .end_of_word_suffix("</w>".into())
             .fuse_unk(false)
             .unk_token("<|endoftext|>".into())
             .build()
-            .map_err(|e| tok_err(vocab, e))?;
+            .map_err(|e| match e.downcast_ref::<bpe::Error>() {
+                Some(bpe::Error::MergeTokenOutOfVocabulary(token)) => tok_err(
+                    merges.origin,
+                    format!(
+                        "the merge token {token:?} is not in {}",
+                        vocab.origin.display()
+                    ),
+                ),
+                _ => tok_err(vocab.origin, e),
+            })?;
+        let dir = vocab.origin;
         let mut tokenizer = Tokenizer::new(bpe);
         let whitespace = Replace::new(
             tokenizers::normalizers::replace::ReplacePattern::Regex(r"\s+".into()),

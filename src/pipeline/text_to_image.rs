@@ -98,6 +98,18 @@ impl StableDiffusion {
 
         let p = source.text_encoder()?;
         let text_encoder = ClipTextModel::new(&p.config, &p.weights, &p.config_path)?;
+        // Every prompt is padded to the tokenizer's length: the encoder needs that many positions.
+        let positions = p.config.max_position_embeddings;
+        if tokenizer.max_length() > positions {
+            return Err(Error::config(
+                &p.config_path,
+                format!(
+                    "`max_position_embeddings` {positions} is less than the {} tokens per prompt of the tokenizer ({}, `model_max_length`)",
+                    tokenizer.max_length(),
+                    source.info().tokenizer
+                ),
+            ));
+        }
 
         let p = source.unet()?;
         let unet_config_path = p.config_path.clone();
@@ -266,6 +278,8 @@ impl StableDiffusion {
             }
             latents = scheduler.step(&noise, i, &latents, &mut rng)?;
         }
+        // One read-back of the small latent tensor: NaN here would decode to black.
+        ensure_finite(&latents.to_vec()?, "the denoised latents")?;
         timings.denoise = t0.elapsed();
 
         let t0 = Instant::now();
@@ -293,11 +307,14 @@ pub fn to_rgb8(decoded: &Tensor) -> Result<RgbImage> {
             format!("expected [1, 3, H, W], got {:?}", decoded.shape()),
         ));
     }
-    let values = decoded.affine(0.5, 0.5)?.clamp(0.0, 1.0)?.to_vec()?;
+    // Clamped here, not on the device, so that NaN is seen before it becomes a black pixel
+    // (clamping is exact, so the pixels are the same).
+    let values = decoded.affine(0.5, 0.5)?.to_vec()?;
+    ensure_finite(&values, "the decoded image's pixels")?;
     let mut pixels = vec![0u8; h * w * 3];
     for ch in 0..3 {
         for (i, v) in values[ch * h * w..(ch + 1) * h * w].iter().enumerate() {
-            pixels[i * 3 + ch] = (v * 255.0).round_ties_even() as u8;
+            pixels[i * 3 + ch] = (v.clamp(0.0, 1.0) * 255.0).round_ties_even() as u8;
         }
     }
     Ok(RgbImage {
@@ -305,6 +322,14 @@ pub fn to_rgb8(decoded: &Tensor) -> Result<RgbImage> {
         height: h,
         pixels,
     })
+}
+
+fn ensure_finite(values: &[f32], what: &'static str) -> Result<()> {
+    if values.iter().all(|v| v.is_finite()) {
+        Ok(())
+    } else {
+        Err(Error::NonFinite { what })
+    }
 }
 
 impl RgbImage {

@@ -135,6 +135,46 @@ pub fn copy_fixture(name: &str) -> (tempfile::TempDir, PathBuf) {
     (tmp, dir)
 }
 
+/// Sets `field` of a JSON config file to `value`.
+pub fn set_json_field(path: &Path, field: &str, value: serde_json::Value) {
+    let mut config = read_json(path);
+    config[field] = value;
+    std::fs::write(path, config.to_string()).unwrap();
+}
+
+/// Rewrites a safetensors file with every value of the f32 tensor `name` set to NaN: a
+/// file that loads (names, shapes and dtypes are right) but cannot compute.
+pub fn poison_tensor(path: &Path, name: &str) {
+    let bytes = std::fs::read(path).unwrap();
+    let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
+    let nan = f32::NAN.to_le_bytes();
+    let tensors: Vec<(String, safetensors::Dtype, Vec<usize>, Vec<u8>)> = st
+        .tensors()
+        .into_iter()
+        .map(|(n, view)| {
+            let mut data = view.data().to_vec();
+            if n == name {
+                assert_eq!(view.dtype(), safetensors::Dtype::F32, "{name}");
+                data = nan.repeat(data.len() / 4);
+            }
+            (n, view.dtype(), view.shape().to_vec(), data)
+        })
+        .collect();
+    assert!(
+        tensors.iter().any(|(n, ..)| n == name),
+        "{}: no tensor {name}",
+        path.display()
+    );
+    let views: Vec<(&str, safetensors::tensor::TensorView)> = tensors
+        .iter()
+        .map(|(n, dtype, shape, data)| {
+            let view = safetensors::tensor::TensorView::new(*dtype, shape.clone(), data).unwrap();
+            (n.as_str(), view)
+        })
+        .collect();
+    std::fs::write(path, safetensors::serialize(views, None).unwrap()).unwrap();
+}
+
 /// The devices the pipeline tests run on: the CPU, and the GPU wherever wgpu finds an
 /// adapter (CI has Mesa's llvmpipe). Without one the GPU runs are skipped, loudly.
 pub fn devices() -> Vec<(String, sd_wgpu::tensor::Device)> {

@@ -361,13 +361,71 @@ pub fn merge_config(
 }
 
 impl SchedulerConfig {
-    /// Parses a merged config (see [`merge_config`]) and rejects the options this crate
-    /// does not implement, naming them.
+    /// Parses a merged config (see [`merge_config`]) and rejects values that would give
+    /// a broken schedule and the options this crate does not implement, naming them.
     pub fn from_map(class: SchedulerClass, map: &Map<String, Value>) -> Result<Self> {
         let config: SchedulerConfig = serde_json::from_value(Value::Object(map.clone()))
             .map_err(|e| Error::InvalidArgument(format!("{} config: {e}", class.class_name())))?;
-        config.check_supported(class)?;
+        config.validate(class)?;
         Ok(config)
+    }
+
+    fn validate(&self, class: SchedulerClass) -> Result<()> {
+        self.check_values()
+            .map_err(|what| Error::InvalidArgument(format!("{}: {what}", class.class_name())))?;
+        self.check_supported(class)
+    }
+
+    /// Values the schedule arithmetic needs: betas in (0, 1) (each alpha = 1 - beta is a
+    /// probability, and a beta of 1 or more makes `alphas_cumprod` 0 or negative, hence
+    /// NaN sigmas), finite bounds and scales.
+    fn check_values(&self) -> std::result::Result<(), String> {
+        let beta = |b: f64| b.is_finite() && 0.0 < b && b < 1.0;
+        match &self.trained_betas {
+            Some(betas) => {
+                if let Some((i, b)) = betas.iter().enumerate().find(|(_, b)| !beta(**b)) {
+                    return Err(format!(
+                        "`trained_betas`[{i}] is {b}; every beta must be in 0 < beta < 1"
+                    ));
+                }
+            }
+            // The cosine schedule computes its own betas.
+            None if self.beta_schedule == "squaredcos_cap_v2" => {}
+            None => {
+                let (start, end) = (self.beta_start, self.beta_end);
+                if !(beta(start) && beta(end) && start <= end) {
+                    return Err(format!(
+                        "`beta_start` {start} and `beta_end` {end} must satisfy 0 < beta_start <= beta_end < 1"
+                    ));
+                }
+            }
+        }
+        if self.clip_sample && !(self.clip_sample_range.is_finite() && self.clip_sample_range > 0.0)
+        {
+            return Err(format!(
+                "`clip_sample_range` must be a finite number > 0, got {}",
+                self.clip_sample_range
+            ));
+        }
+        for (field, value) in [("sigma_min", self.sigma_min), ("sigma_max", self.sigma_max)] {
+            if let Some(v) = value.filter(|v| !(v.is_finite() && *v > 0.0)) {
+                return Err(format!("`{field}` must be a finite number > 0, got {v}"));
+            }
+        }
+        if let (Some(min), Some(max)) = (self.sigma_min, self.sigma_max) {
+            if min >= max {
+                return Err(format!(
+                    "`sigma_min` {min} must be less than `sigma_max` {max}"
+                ));
+            }
+        }
+        if !self.timestep_scaling.is_finite() {
+            return Err(format!(
+                "`timestep_scaling` must be a finite number, got {}",
+                self.timestep_scaling
+            ));
+        }
+        Ok(())
     }
 
     fn check_supported(&self, class: SchedulerClass) -> Result<()> {
