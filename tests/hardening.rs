@@ -278,3 +278,91 @@ fn health_names_the_model_without_the_file_system() {
     let root = model_dir("sd1").parent().unwrap().display().to_string();
     assert!(!health.to_string().contains(&root), "{health}");
 }
+
+/// A 512x512 step of the sd1 fixture runs minutes on one thread (its attention has 4096
+/// tokens and 4-wide heads), far longer than any op should keep a cancelled job running.
+const LARGE_JOB: &str = r#"{"prompt": "a large job", "width": 512, "height": 512, "num_inference_steps": 1, "seed": 3}"#;
+
+/// The lower bound the server measured for one 512x512 step, in seconds.
+fn min_step_seconds_512(server: &Server) -> f64 {
+    let health = server.get("/health").json();
+    health["min_step_seconds"]["512x512"]
+        .as_f64()
+        .unwrap_or_else(|| panic!("no measured step time in {health}"))
+}
+
+/// How long the engine stays busy after `cancel` runs.
+fn time_to_free(server: &Server, cancel: impl FnOnce()) -> Duration {
+    cancel();
+    let started = Instant::now();
+    wait_until("the engine is free", Duration::from_secs(600), || {
+        !common::server::busy(server)
+    });
+    started.elapsed()
+}
+
+#[test]
+fn a_large_image_stops_within_a_fraction_of_a_step_when_its_client_leaves() {
+    let server = Server::start(&model_dir("sd1"), &[]);
+    server.wait_ready();
+    let step = min_step_seconds_512(&server);
+    let client = post_on_connection(&server, LARGE_JOB);
+    wait_until("the job runs", Duration::from_secs(30), || {
+        common::server::busy(&server)
+    });
+    // Well into the UNet's first attention.
+    std::thread::sleep(Duration::from_secs(2));
+    let latency = time_to_free(&server, || drop(client));
+    assert!(
+        latency.as_secs_f64() < step / 4.0,
+        "freed {latency:?} after the client left; a step takes at least {step} s"
+    );
+    assert!(server.log().contains("stopped a running job"));
+    let r = server.post_json("/generate", SMALL_JOB);
+    assert_eq!(r.status, 200, "{}", r.text());
+}
+
+#[test]
+fn a_large_image_stops_within_a_fraction_of_a_step_when_its_time_runs_out() {
+    let server = Server::start(&model_dir("sd1"), &["--request-timeout", "30"]);
+    server.wait_ready();
+    let step = min_step_seconds_512(&server);
+    // The cost check lets it through: one step at 512x512 is measured well under 30 s.
+    assert!(step < 30.0, "{step}");
+    let addr = server.addr;
+    let client = std::thread::spawn(move || {
+        request(
+            addr,
+            "POST",
+            "/generate",
+            &[("Content-Type", "application/json")],
+            LARGE_JOB.as_bytes(),
+        )
+    });
+    let r = client.join().unwrap();
+    assert_eq!(r.status, 504, "{}", r.text());
+    let latency = time_to_free(&server, || {});
+    assert!(
+        latency.as_secs_f64() < step / 4.0,
+        "busy {latency:?} after the 504; a step takes at least {step} s"
+    );
+}
+
+#[test]
+fn requests_that_cannot_finish_within_the_time_limit_are_refused_up_front() {
+    let server = Server::start(&model_dir("sd1"), &["--request-timeout", "60"]);
+    server.wait_ready();
+    let r = server.post_json(
+        "/generate",
+        r#"{"prompt": "a", "width": 2048, "height": 2048, "num_inference_steps": 50}"#,
+    );
+    assert_eq!(r.status, 400, "{}", r.text());
+    let error = r.error();
+    assert!(
+        error.contains("needs at least") && error.contains("limit of 60 s"),
+        "{error}"
+    );
+    assert!(!common::server::busy(&server));
+    let r = server.post_json("/generate", SMALL_JOB);
+    assert_eq!(r.status, 200, "{}", r.text());
+}

@@ -17,6 +17,7 @@ use tokio::sync::oneshot;
 
 use crate::error::{Error, Result};
 use crate::model::source::ModelInfo;
+use crate::pipeline::cost::StepCost;
 use crate::pipeline::{GenerateParams, Generated, StableDiffusion};
 use crate::tensor::interrupt::{self, Interrupt};
 use crate::tensor::Device;
@@ -76,6 +77,8 @@ pub struct Engine {
     info: RwLock<Option<ModelInfo>>,
     /// Replaced when a lost GPU is opened again.
     device: RwLock<Device>,
+    /// What a step costs, measured at load.
+    cost: RwLock<Option<StepCost>>,
 }
 
 /// The side of the engine that owns the model: loads it, then runs jobs one at a time.
@@ -111,6 +114,7 @@ impl Engine {
             model_config,
             info: RwLock::new(None),
             device: RwLock::new(device),
+            cost: RwLock::new(None),
         });
         let worker = EngineWorker {
             engine: engine.clone(),
@@ -146,6 +150,12 @@ impl Engine {
             .read()
             .map(|d| d.clone())
             .unwrap_or_else(|p| p.into_inner().clone())
+    }
+
+    /// What a denoising step costs at least, once the model is ready (`None` if it could
+    /// not be timed).
+    pub fn step_cost(&self) -> Option<StepCost> {
+        self.cost.read().ok().and_then(|c| c.clone())
     }
 
     /// What was loaded, once the model is ready.
@@ -324,6 +334,24 @@ impl Engine {
                 if let Ok(mut info) = self.info.write() {
                     *info = Some(sd.info().clone());
                 }
+                // Before Ready, so that every request is checked against it.
+                let cost = match std::panic::catch_unwind(AssertUnwindSafe(|| {
+                    StepCost::measure(&sd)
+                })) {
+                    Ok(Ok(cost)) => {
+                        tracing::info!("measured on {device}: {cost}");
+                        Some(cost)
+                    }
+                    Ok(Err(e)) => {
+                        tracing::warn!("could not time a UNet step ({e}); requests are not checked against the time limit");
+                        None
+                    }
+                    Err(panic) => {
+                        tracing::warn!("timing a UNet step panicked: {}", panic_message(&*panic));
+                        None
+                    }
+                };
+                *self.cost.write().unwrap_or_else(|p| p.into_inner()) = cost;
                 self.set_state(ModelState::Ready);
                 Some(sd)
             }

@@ -1,5 +1,6 @@
 //! The text-to-image loop and what it needs besides the networks: noise and schedulers.
 
+pub mod cost;
 pub mod noise;
 pub mod scheduler;
 pub mod text_to_image;

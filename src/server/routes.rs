@@ -96,6 +96,13 @@ async fn health(State(app): State<Arc<AppState>>) -> Json<Value> {
     if let ModelState::Failed(reason) = state {
         body["model_error"] = Value::String(reason);
     }
+    // Measured at load; requests that surely exceed the time limit are refused from it.
+    if let Some(cost) = engine.step_cost() {
+        body["min_step_seconds"] = json!({
+            "512x512": cost.step_at_least(512, 512).as_secs_f64(),
+            "1024x1024": cost.step_at_least(1024, 1024).as_secs_f64(),
+        });
+    }
     // Folder or single file, and where its configs and tokenizer came from.
     if let Some(info) = engine.info() {
         body["model_info"] = serde_json::to_value(info).unwrap_or(Value::Null);
@@ -136,6 +143,7 @@ async fn generate(
         scheduler: req.scheduler,
         scheduler_overrides: Default::default(),
     };
+    check_cost(&app, &params)?;
     let started = Instant::now();
     // `_ticket` cancels the job if this future is dropped (client gone) or times out.
     let (result, _ticket) = app.engine.submit(params.clone()).map_err(|e| match e {
@@ -183,6 +191,28 @@ async fn generate(
             "vae_decode": generated.timings.vae_decode.as_secs_f64(),
         },
     })))
+}
+
+/// Refuses a request that cannot finish within the time limit on this backend, whatever
+/// the queue: its denoising steps alone take longer (see `pipeline::cost`).
+fn check_cost(app: &AppState, params: &GenerateParams) -> Result<(), ApiError> {
+    let (Some(limit), Some(cost)) = (app.time_limit, app.engine.step_cost()) else {
+        return Ok(());
+    };
+    let (w, h, steps) = (params.width, params.height, params.steps);
+    let needed = cost.generation_at_least(w, h, steps);
+    if needed <= limit {
+        return Ok(());
+    }
+    Err(ApiError::bad_request(format!(
+        "a {w}x{h} image at {steps} steps needs at least {:.0} s on this server's {} ({:.1} s a \
+         step), over its limit of {} s per request; ask for fewer `num_inference_steps` or a \
+         smaller `width` x `height`",
+        needed.as_secs_f64(),
+        app.engine.device(),
+        cost.step_at_least(w, h).as_secs_f64(),
+        limit.as_secs()
+    )))
 }
 
 /// One log line per request: method, path, status, duration.

@@ -46,6 +46,22 @@ pub fn scope<R>(interrupt: &Interrupt, f: impl FnOnce() -> R) -> R {
     f()
 }
 
+/// The interrupts this thread runs under, to be checked from other threads: an op whose
+/// one call runs long (CPU attention at large sizes takes tens of seconds) takes a watch
+/// before spreading its work and skips the rest once cancelled, then [`check`] fails it.
+#[derive(Clone, Debug, Default)]
+pub struct Watch(Vec<Interrupt>);
+
+impl Watch {
+    pub fn is_cancelled(&self) -> bool {
+        self.0.iter().any(Interrupt::is_cancelled)
+    }
+}
+
+pub fn watch() -> Watch {
+    Watch(CURRENT.with(|c| c.borrow().clone()))
+}
+
 /// `Err(Error::Cancelled)` once a scope this thread runs in was cancelled.
 pub fn check() -> Result<()> {
     let cancelled = CURRENT.with(|c| c.borrow().iter().any(Interrupt::is_cancelled));
@@ -68,8 +84,12 @@ mod tests {
             assert!(check().is_ok());
             job.cancel();
             assert!(matches!(check(), Err(Error::Cancelled)));
+            let seen_elsewhere = watch();
             std::thread::scope(|s| {
-                s.spawn(|| assert!(check().is_ok()));
+                s.spawn(|| {
+                    assert!(check().is_ok());
+                    assert!(seen_elsewhere.is_cancelled());
+                });
             });
         });
         assert!(check().is_ok(), "the scope ended with its closure");

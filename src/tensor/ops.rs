@@ -588,10 +588,12 @@ impl Tensor {
             causal,
         };
         match (q.storage(), k.storage(), v.storage()) {
-            (Storage::Cpu(qs), Storage::Cpu(ks), Storage::Cpu(vs)) => Ok(Tensor::from_storage(
-                Storage::Cpu(cpu::attention::attention(qs, ks, vs, &p)),
-                q.shape.clone(),
-            )),
+            (Storage::Cpu(qs), Storage::Cpu(ks), Storage::Cpu(vs)) => {
+                let out = cpu::attention::attention(qs, ks, vs, &p);
+                // It stops part-way when cancelled (the one op that runs that long).
+                interrupt::check()?;
+                Ok(Tensor::from_storage(Storage::Cpu(out), q.shape.clone()))
+            }
             (Storage::Gpu(qs), Storage::Gpu(ks), Storage::Gpu(vs)) => Ok(Tensor::from_storage(
                 Storage::Gpu(gpu::attention::attention(qs, ks, vs, &p)?),
                 q.shape.clone(),
