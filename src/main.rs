@@ -10,7 +10,7 @@ use clap::{Args, Parser, Subcommand};
 use indicatif::{ProgressBar, ProgressStyle};
 
 use sd_wgpu::backend::{select_device, BackendChoice};
-use sd_wgpu::engine::Engine;
+use sd_wgpu::engine::{Engine, EngineConfig};
 use sd_wgpu::model::hub::{resolve_model_path, DEFAULT_MODEL};
 use sd_wgpu::pipeline::noise::random_seed;
 use sd_wgpu::pipeline::{GenerateParams, StableDiffusion};
@@ -206,7 +206,13 @@ fn run(cli: Cli) -> Result<()> {
             // The model is resolved by the engine as it loads, so that a model that cannot
             // be found leaves the service up, reporting why in /health.
             let device = model.device()?;
-            let (engine, worker) = Engine::new(model.model, model.model_config, device, queue_size);
+            let (engine, worker) = Engine::new(EngineConfig {
+                model: model.model,
+                model_config: model.model_config,
+                device,
+                queue_capacity: queue_size,
+                measure_step_cost: request_timeout > 0,
+            });
             let config = ServerConfig {
                 host,
                 port,

@@ -185,7 +185,7 @@ fn unusable_config_values_are_named_with_their_file_and_field() {
         &[
             TEXT_ENCODER_CONFIG,
             "max_position_embeddings",
-            "sd1/tokenizer",
+            "tokenizer/",
             "model_max_length",
         ],
     );

@@ -366,3 +366,37 @@ fn requests_that_cannot_finish_within_the_time_limit_are_refused_up_front() {
     let r = server.post_json("/generate", SMALL_JOB);
     assert_eq!(r.status, 200, "{}", r.text());
 }
+
+#[test]
+fn steps_past_the_schedule_are_refused_before_queueing_and_prompts_stay_out_of_the_log() {
+    let server = Server::start(&model_dir("sd1"), &["--max-steps", "1000"]);
+    server.wait_ready();
+    // The fixture's PNDM ("leading" spacing, steps_offset 1) would reach timestep 1000 at
+    // 1000 steps. The answer comes while another job runs: it was never queued.
+    let _running = start_long_job(&server);
+    let r = server.post_json(
+        "/generate",
+        r#"{"prompt": "a", "width": 64, "height": 64, "num_inference_steps": 1000}"#,
+    );
+    assert_eq!(r.status, 400, "{}", r.text());
+    let error = r.error();
+    assert!(
+        error.contains("num_inference_steps 1000") && error.contains("at most 999"),
+        "{error}"
+    );
+    assert_eq!(server.get("/health").json()["queue_length"], 0);
+    drop(_running);
+    wait_until("the engine is free", Duration::from_secs(30), || {
+        !common::server::busy(&server)
+    });
+
+    // The words past CLIP's 77 tokens are the user's; the log gets their count.
+    let prompt = format!("{} zanzibarite", "cat ".repeat(80));
+    let body = serde_json::json!({"prompt": prompt, "width": 64, "height": 64,
+        "num_inference_steps": 1});
+    let r = server.post_json("/generate", &body.to_string());
+    assert_eq!(r.status, 200, "{}", r.text());
+    let log = server.log();
+    assert!(log.contains("the prompt was cut: its last "), "{log}");
+    assert!(!log.contains("zanzibar"), "{log}");
+}

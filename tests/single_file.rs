@@ -267,7 +267,7 @@ fn a_tokenizer_folder_beside_the_checkpoint_is_used() {
     let log = stderr(&out);
     assert!(out.status.success(), "{log}");
     assert!(png.is_some());
-    assert_mentions(&log, &["(beside the checkpoint)"]);
+    assert_mentions(&log, &["tokenizer: tokenizer/ beside the checkpoint"]);
     // A broken one is reported, not skipped.
     std::fs::remove_file(tmp.path().join("tokenizer/merges.txt")).unwrap();
     let err = failure(&[os("--model"), os(&file), os("--model-config"), os(&config)]);

@@ -18,7 +18,7 @@ use tokio::sync::oneshot;
 use crate::error::{Error, Result};
 use crate::model::source::ModelInfo;
 use crate::pipeline::cost::StepCost;
-use crate::pipeline::{GenerateParams, Generated, StableDiffusion};
+use crate::pipeline::{GenerateParams, Generated, ParamsCheck, StableDiffusion};
 use crate::tensor::interrupt::{self, Interrupt};
 use crate::tensor::Device;
 use queue::{JobQueue, PushError};
@@ -58,6 +58,8 @@ impl Drop for JobTicket {
 
 /// Why a job could not be queued.
 pub enum SubmitError {
+    /// The parameters do not suit the loaded model (its size multiple, its scheduler).
+    Invalid(Error),
     NotReady(ModelState),
     QueueFull,
     ShuttingDown,
@@ -77,8 +79,24 @@ pub struct Engine {
     info: RwLock<Option<ModelInfo>>,
     /// Replaced when a lost GPU is opened again.
     device: RwLock<Device>,
+    /// Whether to time a UNet step after loading (only worth its seconds when requests
+    /// are checked against a time limit).
+    measure_step_cost: bool,
     /// What a step costs, measured at load.
     cost: RwLock<Option<StepCost>>,
+    /// The loaded model's rules for parameters.
+    params_check: RwLock<Option<ParamsCheck>>,
+}
+
+/// What an engine serves, and how.
+pub struct EngineConfig {
+    pub model: PathBuf,
+    pub model_config: Option<PathBuf>,
+    pub device: Device,
+    /// Jobs that may wait while one runs.
+    pub queue_capacity: usize,
+    /// Time a UNet step once loaded, for [`Engine::step_cost`].
+    pub measure_step_cost: bool,
 }
 
 /// The side of the engine that owns the model: loads it, then runs jobs one at a time.
@@ -95,15 +113,16 @@ impl EngineWorker {
 }
 
 impl Engine {
-    /// The engine and its worker, which loads `model` and then serves jobs on whichever
-    /// thread calls [`EngineWorker::run`]; up to `queue_capacity` jobs may wait while one
-    /// runs.
-    pub fn new(
-        model: PathBuf,
-        model_config: Option<PathBuf>,
-        device: Device,
-        queue_capacity: usize,
-    ) -> (Arc<Engine>, EngineWorker) {
+    /// The engine and its worker, which loads the model and then serves jobs on whichever
+    /// thread calls [`EngineWorker::run`].
+    pub fn new(config: EngineConfig) -> (Arc<Engine>, EngineWorker) {
+        let EngineConfig {
+            model,
+            model_config,
+            device,
+            queue_capacity,
+            measure_step_cost,
+        } = config;
         let engine = Arc::new(Engine {
             state: RwLock::new(ModelState::Loading),
             queue: Arc::new(JobQueue::new(queue_capacity)),
@@ -114,7 +133,9 @@ impl Engine {
             model_config,
             info: RwLock::new(None),
             device: RwLock::new(device),
+            measure_step_cost,
             cost: RwLock::new(None),
+            params_check: RwLock::new(None),
         });
         let worker = EngineWorker {
             engine: engine.clone(),
@@ -123,13 +144,8 @@ impl Engine {
     }
 
     /// [`Engine::new`] with the worker on a thread of its own.
-    pub fn start(
-        model: PathBuf,
-        model_config: Option<PathBuf>,
-        device: Device,
-        queue_capacity: usize,
-    ) -> Arc<Engine> {
-        let (engine, worker) = Engine::new(model, model_config, device, queue_capacity);
+    pub fn start(config: EngineConfig) -> Arc<Engine> {
+        let (engine, worker) = Engine::new(config);
         std::thread::Builder::new()
             .name("engine".into())
             .spawn(move || worker.run())
@@ -209,6 +225,9 @@ impl Engine {
         match self.state() {
             ModelState::Ready => {}
             other => return Err(SubmitError::NotReady(other)),
+        }
+        if let Some(check) = &*self.params_check.read().unwrap_or_else(|p| p.into_inner()) {
+            check.check(&params).map_err(SubmitError::Invalid)?;
         }
         let interrupt = Interrupt::new();
         let (reply, result) = oneshot::channel();
@@ -334,23 +353,13 @@ impl Engine {
                 if let Ok(mut info) = self.info.write() {
                     *info = Some(sd.info().clone());
                 }
+                *self.params_check.write().unwrap_or_else(|p| p.into_inner()) =
+                    Some(sd.params_check());
                 // Before Ready, so that every request is checked against it.
-                let cost = match std::panic::catch_unwind(AssertUnwindSafe(|| {
-                    StepCost::measure(&sd)
-                })) {
-                    Ok(Ok(cost)) => {
-                        tracing::info!("measured on {device}: {cost}");
-                        Some(cost)
-                    }
-                    Ok(Err(e)) => {
-                        tracing::warn!("could not time a UNet step ({e}); requests are not checked against the time limit");
-                        None
-                    }
-                    Err(panic) => {
-                        tracing::warn!("timing a UNet step panicked: {}", panic_message(&*panic));
-                        None
-                    }
-                };
+                let cost = self
+                    .measure_step_cost
+                    .then(|| self.measure(&sd, &device))
+                    .flatten();
                 *self.cost.write().unwrap_or_else(|p| p.into_inner()) = cost;
                 self.set_state(ModelState::Ready);
                 Some(sd)
@@ -358,6 +367,26 @@ impl Engine {
             Err(e) => {
                 tracing::error!("model failed to load: {e}");
                 self.set_state(ModelState::Failed(e.to_string()));
+                None
+            }
+        }
+    }
+
+    /// Times a UNet step; `None` (logged) if that fails, which leaves requests unchecked.
+    fn measure(&self, sd: &StableDiffusion, device: &Device) -> Option<StepCost> {
+        match std::panic::catch_unwind(AssertUnwindSafe(|| StepCost::measure(sd))) {
+            Ok(Ok(cost)) => {
+                tracing::info!("measured on {device}: {cost}");
+                Some(cost)
+            }
+            Ok(Err(e)) => {
+                tracing::warn!(
+                    "could not time a UNet step ({e}); requests are not checked against the time limit"
+                );
+                None
+            }
+            Err(panic) => {
+                tracing::warn!("timing a UNet step panicked: {}", panic_message(&*panic));
                 None
             }
         }
@@ -441,7 +470,14 @@ mod tests {
         };
         let gpu = crate::backend::gpu::GpuDevice::new(Some(&shared.name())).unwrap();
         let model = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/models/sd1");
-        let engine = Engine::start(model, None, Device::Gpu(gpu.clone()), 2);
+        // Timing a step is left out: on llvmpipe it costs ~10 s a load, and this loads twice.
+        let engine = Engine::start(EngineConfig {
+            model,
+            model_config: None,
+            device: Device::Gpu(gpu.clone()),
+            queue_capacity: 2,
+            measure_step_cost: false,
+        });
         wait_until_ready(&engine);
         let before = run_job(&engine)
             .expect("a job on a working GPU")

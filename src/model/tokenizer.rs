@@ -98,8 +98,8 @@ fn read_optional_config(path: &Path) -> Result<TokenizerConfig> {
 #[derive(Clone, Debug, PartialEq)]
 pub struct Tokenized {
     pub ids: Vec<u32>,
-    /// The text that did not fit, if the prompt was cut.
-    pub truncated: Option<String>,
+    /// How many of the prompt's tokens did not fit (0 if none were cut).
+    pub dropped: usize,
 }
 
 pub struct ClipTokenizer {
@@ -344,20 +344,12 @@ impl ClipTokenizer {
         let body = encoding.get_ids();
         let room = self.max_length - 2;
         let kept = &body[..body.len().min(room)];
-        let truncated = if body.len() > room {
-            let text = self
-                .tokenizer
-                .decode(&body[room..], true)
-                .map_err(|e| Error::Tokenizer(e.to_string()))?;
-            Some(text.replace("</w>", " ").trim().to_string())
-        } else {
-            None
-        };
+        let dropped = body.len() - kept.len();
         let mut ids = Vec::with_capacity(self.max_length);
         ids.push(self.bos);
         ids.extend_from_slice(kept);
         ids.push(self.eos);
         ids.resize(self.max_length, self.pad);
-        Ok(Tokenized { ids, truncated })
+        Ok(Tokenized { ids, dropped })
     }
 }

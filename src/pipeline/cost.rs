@@ -20,17 +20,24 @@ const MEASURED_SIDES: [usize; 2] = [64, 128];
 /// The share of the extrapolated time claimed as the lower bound: repeated measurements on
 /// a loaded 2-core machine varied by up to 40%.
 const NOISE_MARGIN: f64 = 0.5;
+/// A step at the smaller side slower than this is not followed by the larger side, whose
+/// four calls would cost some 10x as much: on llvmpipe the tiny test model takes 4.7 s at
+/// 64x64 and 58 s at 128x128 (2 cores). SD 1.5 on a CPU takes 0.1 s.
+const SLOW_STEP_SECONDS: f64 = 0.5;
 
-/// One batch-1 UNet step at two image sizes.
+/// Batch-1 UNet steps at one or two image sizes.
 #[derive(Clone, Debug)]
 pub struct StepCost {
-    /// (pixels, seconds), smaller size first.
-    measured: [(f64, f64); 2],
+    /// (pixels, seconds) at the smaller size.
+    small: (f64, f64),
+    /// (pixels, seconds) at the larger size, unless the smaller was already slow; without
+    /// it the bound is flat (a larger image never costs less).
+    large: Option<(f64, f64)>,
 }
 
 impl StepCost {
-    /// Times the UNet (batch 1, after a warm-up call) at [`MEASURED_SIDES`]; the best of
-    /// two calls each.
+    /// Times the UNet (batch 1, after a warm-up call) at [`MEASURED_SIDES`], the best of
+    /// two calls each, or only once at the smaller side when that is slow.
     pub fn measure(sd: &StableDiffusion) -> Result<StepCost> {
         let context = sd.encode_prompt("")?;
         let factor = sd.vae_scale_factor();
@@ -44,25 +51,40 @@ impl StepCost {
             sd.unet().forward(&sample, 500.0, &context)?.to_vec()?;
             Ok(started.elapsed().as_secs_f64())
         };
-        step(MEASURED_SIDES[0])?;
-        let mut measured = [(0.0, 0.0); 2];
-        for (slot, side) in measured.iter_mut().zip(MEASURED_SIDES) {
-            let best = step(side)?.min(step(side)?);
-            *slot = ((side * side) as f64, best);
+        let [small_side, large_side] = MEASURED_SIDES;
+        let pixels = |side: usize| (side * side) as f64;
+        step(small_side)?;
+        let first = step(small_side)?;
+        if first > SLOW_STEP_SECONDS {
+            return Ok(StepCost {
+                small: (pixels(small_side), first),
+                large: None,
+            });
         }
-        Ok(StepCost { measured })
+        let small = first.min(step(small_side)?);
+        let large = step(large_side)?.min(step(large_side)?);
+        Ok(StepCost {
+            small: (pixels(small_side), small),
+            large: Some((pixels(large_side), large)),
+        })
     }
 
     /// At least how long one denoising step takes at `width` x `height` (guided or not:
     /// the measured batch of 1 is the cheaper case).
     pub fn step_at_least(&self, width: usize, height: usize) -> Duration {
-        let [(p0, t0), (p1, t1)] = self.measured;
         let pixels = (width * height) as f64;
-        if pixels < p1 {
-            return Duration::ZERO;
-        }
-        let slope = ((t1 - t0) / (p1 - p0)).max(0.0);
-        Duration::from_secs_f64(NOISE_MARGIN * (t1 + slope * (pixels - p1)))
+        let (p0, t0) = self.small;
+        let seconds = match self.large {
+            _ if pixels < p0 => 0.0,
+            // A larger image never costs less.
+            None => t0,
+            Some((p1, _)) if pixels < p1 => t0,
+            Some((p1, t1)) => {
+                let slope = ((t1 - t0) / (p1 - p0)).max(0.0);
+                t1 + slope * (pixels - p1)
+            }
+        };
+        Duration::from_secs_f64(NOISE_MARGIN * seconds)
     }
 
     /// At least how long `steps` denoising steps take at `width` x `height`.
@@ -73,12 +95,14 @@ impl StepCost {
 
 impl std::fmt::Display for StepCost {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        let [(_, t0), (_, t1)] = self.measured;
         let [s0, s1] = MEASURED_SIDES;
+        write!(f, "UNet step (batch 1) {:.3} s at {s0}x{s0}", self.small.1)?;
+        if let Some((_, t1)) = self.large {
+            write!(f, ", {t1:.3} s at {s1}x{s1}")?;
+        }
         write!(
             f,
-            "UNet step (batch 1) {t0:.3} s at {s0}x{s0}, {t1:.3} s at {s1}x{s1}; so at least \
-             {:.2} s at 512x512 and {:.1} s at 1024x1024",
+            "; so at least {:.2} s at 512x512 and {:.1} s at 1024x1024",
             self.step_at_least(512, 512).as_secs_f64(),
             self.step_at_least(1024, 1024).as_secs_f64()
         )
@@ -92,9 +116,12 @@ mod tests {
     #[test]
     fn the_bound_extends_the_line_through_the_measurements_halved() {
         let cost = StepCost {
-            measured: [(4096.0, 0.1), (16384.0, 0.3)],
+            small: (4096.0, 0.1),
+            large: Some((16384.0, 0.3)),
         };
-        assert_eq!(cost.step_at_least(64, 64), Duration::ZERO);
+        assert_eq!(cost.step_at_least(32, 32), Duration::ZERO);
+        assert_eq!(cost.step_at_least(64, 64), Duration::from_secs_f64(0.05));
+        assert_eq!(cost.step_at_least(100, 100), Duration::from_secs_f64(0.05));
         let at_512 = cost.step_at_least(512, 512).as_secs_f64();
         let line = 0.3 + 0.2 / 12288.0 * (262144.0 - 16384.0);
         assert!((at_512 - 0.5 * line).abs() < 1e-9, "{at_512}");
@@ -104,8 +131,20 @@ mod tests {
         );
         // Noise that makes the larger size faster gives a flat bound, never a negative one.
         let flat = StepCost {
-            measured: [(4096.0, 0.3), (16384.0, 0.2)],
+            small: (4096.0, 0.3),
+            large: Some((16384.0, 0.2)),
         };
         assert!((flat.step_at_least(2048, 2048).as_secs_f64() - 0.1).abs() < 1e-9);
+    }
+
+    #[test]
+    fn one_slow_measurement_bounds_every_larger_size_by_itself() {
+        let cost = StepCost {
+            small: (4096.0, 4.0),
+            large: None,
+        };
+        assert_eq!(cost.step_at_least(32, 32), Duration::ZERO);
+        assert_eq!(cost.step_at_least(64, 64), Duration::from_secs(2));
+        assert_eq!(cost.step_at_least(2048, 2048), Duration::from_secs(2));
     }
 }

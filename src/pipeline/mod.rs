@@ -6,5 +6,5 @@ pub mod scheduler;
 pub mod text_to_image;
 
 pub use text_to_image::{
-    GenerateParams, Generated, RgbImage, StableDiffusion, StageTimings, StepEvent,
+    GenerateParams, Generated, ParamsCheck, RgbImage, StableDiffusion, StageTimings, StepEvent,
 };

@@ -184,36 +184,23 @@ impl StableDiffusion {
     /// `[1, L, D]` embeddings of one prompt, warning when the prompt was cut.
     pub fn encode_prompt(&self, prompt: &str) -> Result<Tensor> {
         let tokens = self.tokenizer.encode(prompt)?;
-        if let Some(dropped) = &tokens.truncated {
+        // The count, not the words: prompts are the users' and logs are the operator's.
+        if tokens.dropped > 0 {
             tracing::warn!(
-                "The following part of your input was truncated because CLIP can only handle sequences up to {} tokens: {dropped:?}",
+                "the prompt was cut: its last {} tokens are beyond the {} that CLIP reads",
+                tokens.dropped,
                 self.tokenizer.max_length()
             );
         }
         self.text_encoder.forward(&tokens.ids)
     }
 
-    fn validate(&self, p: &GenerateParams) -> Result<()> {
-        let f = self.vae_scale_factor();
-        if p.steps == 0 {
-            return Err(Error::InvalidArgument("steps must be at least 1".into()));
+    /// What a request is checked against before it is queued.
+    pub fn params_check(&self) -> ParamsCheck {
+        ParamsCheck {
+            vae_scale_factor: self.vae_scale_factor(),
+            scheduler_config: self.scheduler_config.clone(),
         }
-        if p.width == 0
-            || p.height == 0
-            || !p.width.is_multiple_of(f)
-            || !p.height.is_multiple_of(f)
-        {
-            return Err(Error::InvalidArgument(format!(
-                "width and height must be positive multiples of {f} (the VAE's downscale factor), got {}x{}",
-                p.width, p.height
-            )));
-        }
-        if !p.guidance_scale.is_finite() {
-            return Err(Error::InvalidArgument(
-                "guidance_scale must be a finite number".into(),
-            ));
-        }
-        Ok(())
     }
 
     /// Runs the whole pipeline. `on_step` is called before each denoising step.
@@ -222,15 +209,9 @@ impl StableDiffusion {
         p: &GenerateParams,
         on_step: &mut dyn FnMut(StepEvent) -> ControlFlow<()>,
     ) -> Result<Generated> {
-        self.validate(p)?;
+        let mut scheduler = checked_scheduler(p, self.vae_scale_factor(), &self.scheduler_config)?;
         let start = Instant::now();
         let mut timings = StageTimings::default();
-        let mut scheduler = scheduler::from_config_with(
-            &self.scheduler_config,
-            p.scheduler.as_deref(),
-            &p.scheduler_overrides,
-            p.steps,
-        )?;
 
         // diffusers: guidance only when > 1 (and the UNet has no guidance embedding).
         let guided = p.guidance_scale > 1.0;
@@ -330,6 +311,47 @@ fn ensure_finite(values: &[f32], what: &'static str) -> Result<()> {
     } else {
         Err(Error::NonFinite { what })
     }
+}
+
+/// A model's rules for a request's parameters, without its weights: what the engine checks
+/// before queueing, so that a request it cannot run is refused at once.
+#[derive(Clone, Debug)]
+pub struct ParamsCheck {
+    vae_scale_factor: usize,
+    scheduler_config: serde_json::Map<String, serde_json::Value>,
+}
+
+impl ParamsCheck {
+    pub fn check(&self, p: &GenerateParams) -> Result<()> {
+        checked_scheduler(p, self.vae_scale_factor, &self.scheduler_config).map(drop)
+    }
+}
+
+/// The scheduler `p` asks for, once its size, guidance and step count are known to suit
+/// the model (building the scheduler is what checks the steps against its schedule).
+fn checked_scheduler(
+    p: &GenerateParams,
+    vae_scale_factor: usize,
+    scheduler_config: &serde_json::Map<String, serde_json::Value>,
+) -> Result<Box<dyn scheduler::Scheduler>> {
+    let f = vae_scale_factor;
+    if p.width == 0 || p.height == 0 || !p.width.is_multiple_of(f) || !p.height.is_multiple_of(f) {
+        return Err(Error::InvalidArgument(format!(
+            "width and height must be positive multiples of {f} (the VAE's downscale factor), got {}x{}",
+            p.width, p.height
+        )));
+    }
+    if !p.guidance_scale.is_finite() {
+        return Err(Error::InvalidArgument(
+            "guidance_scale must be a finite number".into(),
+        ));
+    }
+    scheduler::from_config_with(
+        scheduler_config,
+        p.scheduler.as_deref(),
+        &p.scheduler_overrides,
+        p.steps,
+    )
 }
 
 impl RgbImage {

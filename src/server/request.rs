@@ -105,7 +105,8 @@ pub fn parse(body: &[u8], limits: &Limits) -> Result<GenerateRequest, ApiError> 
     };
     if !guidance_scale.is_finite() || !(0.0..=MAX_GUIDANCE).contains(&guidance_scale) {
         return Err(ApiError::bad_request(format!(
-            "`guidance_scale` must be a number between 0 and {MAX_GUIDANCE}, got {guidance_scale}"
+            "`guidance_scale` must be a number between 0 and {MAX_GUIDANCE}, got {}",
+            short_number(guidance_scale)
         )));
     }
     let width = side(&fields, "width")?;
@@ -217,6 +218,15 @@ fn side(fields: &Map<String, Value>, field: &str) -> Result<u64, ApiError> {
     Ok(value)
 }
 
+/// `x` as written by people: 1e308 as `1e308`, not as its 309 digits.
+fn short_number(x: f64) -> String {
+    if x != 0.0 && !(1e-4..1e6).contains(&x.abs()) {
+        format!("{x:e}")
+    } else {
+        x.to_string()
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -286,6 +296,8 @@ mod tests {
             let message = parse_str(body).expect_err(body);
             assert!(message.contains(&format!("`{field}`")), "{body}: {message}");
         }
+        let huge = parse_str(r#"{"prompt": "a", "guidance_scale": 1e308}"#).unwrap_err();
+        assert!(huge.ends_with("got 1e308"), "{huge}");
         let long = format!(r#"{{"prompt": "{}"}}"#, "a".repeat(2001));
         assert!(parse_str(&long).unwrap_err().contains("`prompt`"));
     }

@@ -147,6 +147,7 @@ async fn generate(
     let started = Instant::now();
     // `_ticket` cancels the job if this future is dropped (client gone) or times out.
     let (result, _ticket) = app.engine.submit(params.clone()).map_err(|e| match e {
+        SubmitError::Invalid(e) => ApiError::from(e),
         SubmitError::NotReady(ModelState::Failed(reason)) => {
             ApiError::unavailable(format!("the model failed to load: {reason}"), None)
         }

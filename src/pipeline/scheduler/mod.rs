@@ -118,30 +118,15 @@ pub fn from_config(
     from_config_with(file, choice, &Map::new(), steps)
 }
 
-/// The scheduler of a model folder's `scheduler_config.json` (see [`from_config_with`]);
-/// errors name the file.
-pub fn load(
-    path: &Path,
-    choice: Option<&str>,
-    overrides: &Map<String, Value>,
-    steps: usize,
-) -> Result<Box<dyn Scheduler>> {
-    let file = read_config(path)?;
-    from_config_with(&file, choice, overrides, steps).map_err(|e| match e {
-        Error::InvalidArgument(message) if choice.is_none() => Error::config(path, message),
-        other => other,
-    })
-}
-
 fn check_steps(steps: usize, train: usize) -> Result<()> {
     if steps == 0 {
         return Err(Error::InvalidArgument(
-            "the number of inference steps must be at least 1".into(),
+            "num_inference_steps must be at least 1".into(),
         ));
     }
     if steps > train {
         return Err(Error::InvalidArgument(format!(
-            "{steps} inference steps is more than the scheduler's {train} training timesteps"
+            "num_inference_steps {steps} is more than the scheduler's {train} training timesteps"
         )));
     }
     Ok(())

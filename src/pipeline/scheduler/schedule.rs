@@ -175,16 +175,7 @@ pub fn spaced_timesteps(
     round_linspace: bool,
 ) -> Result<Vec<f64>> {
     let train = c.num_train_timesteps;
-    if steps == 0 {
-        return Err(Error::InvalidArgument(
-            "the number of inference steps must be at least 1".into(),
-        ));
-    }
-    if steps > train {
-        return Err(Error::InvalidArgument(format!(
-            "{steps} inference steps is more than the scheduler's {train} training timesteps"
-        )));
-    }
+    super::check_steps(steps, train)?;
     let mut ts = match c.timestep_spacing.as_str() {
         "linspace" => {
             let mut ts = linspace(0.0, (train - 1) as f64, steps);
@@ -198,6 +189,19 @@ pub fn spaced_timesteps(
             ts
         }
         "leading" => {
+            // steps_offset can push the last timestep past the schedule (PNDM's offset 1
+            // at 1000 steps asks for timestep 1000, an IndexError in diffusers too).
+            let last = |steps: usize| (steps - 1) * (train / steps) + c.steps_offset;
+            if last(steps) >= train {
+                let most = (1..steps).rev().find(|&s| last(s) < train).unwrap_or(0);
+                return Err(Error::InvalidArgument(format!(
+                    "num_inference_steps {steps} is too many for this scheduler: with \
+                     \"leading\" spacing and steps_offset {} its last timestep would be {}, \
+                     past its {train} training timesteps; at most {most}",
+                    c.steps_offset,
+                    last(steps)
+                )));
+            }
             let ratio = train / steps;
             (0..steps)
                 .rev()
