@@ -396,14 +396,16 @@ impl Tensor {
             ow,
         };
         match (self.storage(), weight.storage(), bias.map(|b| b.storage())) {
-            (Storage::Cpu(x), Storage::Cpu(wt), None) => Ok(Tensor::from_storage(
-                Storage::Cpu(cpu::conv::conv2d(x, wt, None, &p)),
-                vec![n, oc, oh, ow],
-            )),
-            (Storage::Cpu(x), Storage::Cpu(wt), Some(Storage::Cpu(b))) => Ok(Tensor::from_storage(
-                Storage::Cpu(cpu::conv::conv2d(x, wt, Some(b), &p)),
-                vec![n, oc, oh, ow],
-            )),
+            (Storage::Cpu(x), Storage::Cpu(wt), bias @ (None | Some(Storage::Cpu(_)))) => {
+                let bias = match bias {
+                    Some(Storage::Cpu(b)) => Some(b),
+                    _ => None,
+                };
+                let out = cpu::conv::conv2d(x, wt, bias, &p);
+                // Large convolutions stop between chunks when cancelled.
+                interrupt::check()?;
+                Ok(Tensor::from_storage(Storage::Cpu(out), vec![n, oc, oh, ow]))
+            }
             (Storage::Gpu(x), Storage::Gpu(wt), None) => Ok(Tensor::from_storage(
                 Storage::Gpu(gpu::conv::conv2d(x, wt, None, &p)?),
                 vec![n, oc, oh, ow],
@@ -590,7 +592,7 @@ impl Tensor {
         match (q.storage(), k.storage(), v.storage()) {
             (Storage::Cpu(qs), Storage::Cpu(ks), Storage::Cpu(vs)) => {
                 let out = cpu::attention::attention(qs, ks, vs, &p);
-                // It stops part-way when cancelled (the one op that runs that long).
+                // It stops part-way when cancelled.
                 interrupt::check()?;
                 Ok(Tensor::from_storage(Storage::Cpu(out), q.shape.clone()))
             }

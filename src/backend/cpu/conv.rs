@@ -10,6 +10,7 @@ use rayon::prelude::*;
 use super::matmul::{sgemm, MatRef};
 use super::winograd::{self, F2, F4};
 use super::CpuStorage;
+use crate::tensor::interrupt;
 use crate::tensor::params::Conv2dParams;
 
 /// Upper bound on the column buffer, in f32 elements (32 MiB).
@@ -90,6 +91,7 @@ fn im2col_conv(x: &[f32], weight: &[f32], bias: Option<&[f32]>, p: &Conv2dParams
     } else {
         vec![0f32; patch * chunk.min(pixels)]
     };
+    let watch = interrupt::watch();
     for b in 0..p.n {
         let image = &x[b * p.c * p.h * p.w..(b + 1) * p.c * p.h * p.w];
         let dst = &mut out[b * p.oc * pixels..(b + 1) * p.oc * pixels];
@@ -106,7 +108,8 @@ fn im2col_conv(x: &[f32], weight: &[f32], bias: Option<&[f32]>, p: &Conv2dParams
             continue;
         }
         let mut start = 0;
-        while start < pixels {
+        // Skips the rest once cancelled, as the Winograd path does.
+        while start < pixels && !watch.is_cancelled() {
             let len = chunk.min(pixels - start);
             im2col(image, p, start, len, &mut columns[..patch * len]);
             let rhs = MatRef {
@@ -179,6 +182,33 @@ mod tests {
             padding,
             oh: h + 2 * padding - 2,
             ow: w + 2 * padding - 2,
+        }
+    }
+
+    /// Inside a cancelled scope both paths skip their chunks (leaving zeros, which the op
+    /// never returns: Tensor::conv2d then fails with Cancelled).
+    #[test]
+    fn cancelled_convolutions_skip_their_chunks() {
+        use crate::tensor::interrupt::{scope, Interrupt};
+        let p = params(1, 8, 40, 40, 8, 1);
+        let x = values(&[p.n, p.c, p.h, p.w], 1);
+        let weight = values(&[p.oc, p.c, 3, 3], 2);
+        let job = Interrupt::new();
+        let run = || {
+            scope(&job, || {
+                [
+                    im2col_conv(&x, &weight, None, &p),
+                    F2.conv(&x, &weight, None, &p),
+                    F4.conv(&x, &weight, None, &p),
+                ]
+            })
+        };
+        for out in run() {
+            assert!(out.iter().any(|&v| v != 0.0));
+        }
+        job.cancel();
+        for out in run() {
+            assert!(out.iter().all(|&v| v == 0.0));
         }
     }
 
