@@ -11,7 +11,8 @@ use std::time::{Duration, Instant};
 mod common;
 use common::model_dir;
 use common::server::{
-    post_on_connection, request, send_raw, start_long_job, wait_until, Server, SMALL_JOB,
+    post_json_in_background, post_on_connection, request, send_raw, start_long_job, wait_until,
+    Server, SMALL_JOB,
 };
 
 /// Reads until the server closes the connection; what it sent, and after how long.
@@ -231,16 +232,7 @@ fn a_queued_client_that_leaves_frees_its_place_at_once() {
         server.get("/health").json()["queue_length"] == 0
     });
     // A new client takes the place while the long job still runs.
-    let addr = server.addr;
-    let next = std::thread::spawn(move || {
-        request(
-            addr,
-            "POST",
-            "/generate",
-            &[("Content-Type", "application/json")],
-            SMALL_JOB.as_bytes(),
-        )
-    });
+    let next = post_json_in_background(&server, "/generate", SMALL_JOB);
     wait_until("the new job is queued", Duration::from_secs(10), || {
         server.get("/health").json()["queue_length"] == 1
     });
@@ -329,23 +321,18 @@ fn a_large_image_stops_within_a_fraction_of_a_step_when_its_time_runs_out() {
     let step = min_step_seconds_512(&server);
     // The cost check lets it through: one step at 512x512 is measured well under 30 s.
     assert!(step < 30.0, "{step}");
-    let addr = server.addr;
-    let client = std::thread::spawn(move || {
-        request(
-            addr,
-            "POST",
-            "/generate",
-            &[("Content-Type", "application/json")],
-            LARGE_JOB.as_bytes(),
-        )
-    });
+    let client = post_json_in_background(&server, "/generate", LARGE_JOB);
     let r = client.join().unwrap();
     assert_eq!(r.status, 504, "{}", r.text());
+    assert!(r.error().contains("limit of 30 s"), "{}", r.error());
     let latency = time_to_free(&server, || {});
     assert!(
         latency.as_secs_f64() < step / 4.0,
         "busy {latency:?} after the 504; a step takes at least {step} s"
     );
+    assert!(server.log().contains("stopped a running job"));
+    let r = server.post_json("/generate", SMALL_JOB);
+    assert_eq!(r.status, 200, "{}", r.text());
 }
 
 #[test]
@@ -385,6 +372,14 @@ fn steps_past_the_schedule_are_refused_before_queueing_and_prompts_stay_out_of_t
         "{error}"
     );
     assert_eq!(server.get("/health").json()["queue_length"], 0);
+    // Numbers out of range are quoted as written, not as 309 digits.
+    let r = server.post_json("/generate", r#"{"prompt": "a", "guidance_scale": 1e308}"#);
+    assert_eq!(r.status, 400, "{}", r.text());
+    assert!(
+        r.error().contains("guidance_scale") && r.error().ends_with("got 1e308"),
+        "{}",
+        r.error()
+    );
     drop(_running);
     wait_until("the engine is free", Duration::from_secs(30), || {
         !common::server::busy(&server)

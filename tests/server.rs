@@ -7,8 +7,8 @@ use std::time::Duration;
 
 mod common;
 use common::server::{
-    busy, post_on_connection, request, send_raw, start_long_job, wait_until, Server, LONG_JOB,
-    SMALL_JOB,
+    busy, post_json_in_background, post_on_connection, request, send_raw, start_long_job,
+    wait_until, Server, LONG_JOB, SMALL_JOB,
 };
 use common::{copy_fixture, model_dir};
 
@@ -397,16 +397,7 @@ fn a_full_queue_answers_503_with_retry_after() {
     server.wait_ready();
     let running = start_long_job(&server);
     // One more may wait...
-    let addr = server.addr;
-    let waiting = std::thread::spawn(move || {
-        request(
-            addr,
-            "POST",
-            "/generate",
-            &[("Content-Type", "application/json")],
-            SMALL_JOB.as_bytes(),
-        )
-    });
+    let waiting = post_json_in_background(&server, "/generate", SMALL_JOB);
     wait_until("the second job is queued", Duration::from_secs(10), || {
         server.get("/health").json()["queue_length"] == 1
     });
@@ -442,22 +433,6 @@ fn a_client_that_disconnects_frees_the_engine() {
     assert!(log.contains("a waiting job left the queue"), "{log}");
     assert!(log.contains("stopped a running job"), "{log}");
 
-    let r = server.post_json("/generate", SMALL_JOB);
-    assert_eq!(r.status, 200, "{}", r.text());
-}
-
-#[test]
-fn the_time_limit_stops_a_job_with_a_json_error() {
-    // The long job needs 45 s or more; the small one about one.
-    let server = Server::start(&model_dir("sd1"), &["--request-timeout", "10"]);
-    server.wait_ready();
-    let r = server.post_json("/generate", LONG_JOB);
-    assert_eq!(r.status, 504, "{}", r.text());
-    assert!(r.error().contains("limit of 10 s"));
-    wait_until("the engine is free", Duration::from_secs(10), || {
-        !busy(&server)
-    });
-    assert!(server.log().contains("stopped a running job"));
     let r = server.post_json("/generate", SMALL_JOB);
     assert_eq!(r.status, 200, "{}", r.text());
 }
@@ -509,16 +484,7 @@ fn many_clients_at_once_get_200_or_503_and_nothing_breaks() {
 fn sigterm_cancels_the_running_job_and_exits_cleanly() {
     let mut server = Server::start(&model_dir("sd1"), &[]);
     server.wait_ready();
-    let addr = server.addr;
-    let client = std::thread::spawn(move || {
-        request(
-            addr,
-            "POST",
-            "/generate",
-            &[("Content-Type", "application/json")],
-            LONG_JOB.as_bytes(),
-        )
-    });
+    let client = post_json_in_background(&server, "/generate", LONG_JOB);
     wait_until("the long job runs", Duration::from_secs(30), || {
         busy(&server)
     });
@@ -530,7 +496,7 @@ fn sigterm_cancels_the_running_job_and_exits_cleanly() {
     assert_eq!(r.status, 503, "{}", r.text());
     assert!(r.error().contains("shutting down"));
     assert!(
-        TcpStream::connect(addr).is_err(),
+        TcpStream::connect(server.addr).is_err(),
         "still accepting after shutdown"
     );
 }

@@ -40,6 +40,24 @@ pub fn post_on_connection(server: &Server, body: &str) -> TcpStream {
     stream
 }
 
+/// POSTs `body` as JSON to `path` from another thread; join it for the response.
+pub fn post_json_in_background(
+    server: &Server,
+    path: &'static str,
+    body: &'static str,
+) -> std::thread::JoinHandle<Response> {
+    let addr = server.addr;
+    std::thread::spawn(move || {
+        request(
+            addr,
+            "POST",
+            path,
+            &[("Content-Type", "application/json")],
+            body.as_bytes(),
+        )
+    })
+}
+
 /// Starts a long job on a raw connection and waits until the engine runs it.
 pub fn start_long_job(server: &Server) -> TcpStream {
     let stream = post_on_connection(server, LONG_JOB);
