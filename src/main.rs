@@ -14,7 +14,7 @@ use sd_wgpu::engine::{Engine, EngineConfig};
 use sd_wgpu::model::hub::{resolve_model_path, DEFAULT_MODEL};
 use sd_wgpu::pipeline::noise::random_seed;
 use sd_wgpu::pipeline::{GenerateParams, StableDiffusion};
-use sd_wgpu::server::{ConnectionLimits, Limits, ServerConfig};
+use sd_wgpu::server::{ConnectionLimits, JobRetention, Limits, ServerConfig};
 use sd_wgpu::tensor::Device;
 use sd_wgpu::{Error, Result};
 
@@ -110,6 +110,12 @@ enum Command {
         /// Seconds shutdown waits for open requests to be answered before closing them.
         #[arg(long, default_value_t = ConnectionLimits::default().shutdown_timeout.as_secs(), env = "SD_SHUTDOWN_TIMEOUT")]
         shutdown_timeout: u64,
+        /// Seconds a finished job (POST /jobs) stays readable.
+        #[arg(long, default_value_t = JobRetention::default().keep_for.as_secs(), env = "SD_JOBS_KEPT_FOR")]
+        jobs_kept_for: u64,
+        /// Finished jobs kept at most; the oldest go first.
+        #[arg(long, default_value_t = JobRetention::default().keep_count, env = "SD_JOBS_KEPT")]
+        jobs_kept: usize,
         /// Largest request body in bytes.
         #[arg(long, default_value_t = 64 * 1024, env = "SD_BODY_LIMIT")]
         body_limit: usize,
@@ -186,6 +192,8 @@ fn run(cli: Cli) -> Result<()> {
             max_connections,
             client_timeout,
             shutdown_timeout,
+            jobs_kept_for,
+            jobs_kept,
             body_limit,
             max_prompt_chars,
             max_steps,
@@ -231,6 +239,10 @@ fn run(cli: Cli) -> Result<()> {
                     max_connections,
                     header_timeout: Duration::from_secs(client_timeout.max(1)),
                     shutdown_timeout: Duration::from_secs(shutdown_timeout),
+                },
+                job_retention: JobRetention {
+                    keep_for: Duration::from_secs(jobs_kept_for),
+                    keep_count: jobs_kept,
                 },
             };
             let runtime = tokio::runtime::Runtime::new()

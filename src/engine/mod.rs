@@ -13,7 +13,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::Instant;
 
-use tokio::sync::oneshot;
+use tokio::sync::{oneshot, watch};
 
 use crate::error::{Error, Result};
 use crate::model::source::ModelInfo;
@@ -31,10 +31,20 @@ pub enum ModelState {
     Failed(String),
 }
 
+/// How far a submitted job has come, as its watchers see it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Progress {
+    /// Waiting for the engine.
+    Queued,
+    /// `step` of `steps` denoising steps done (0 when it has just started).
+    Running { step: usize, steps: usize },
+}
+
 /// A request to generate one image.
 struct Job {
     params: GenerateParams,
     interrupt: Interrupt,
+    progress: watch::Sender<Progress>,
     reply: oneshot::Sender<Result<Generated>>,
 }
 
@@ -45,6 +55,19 @@ pub struct JobTicket {
     id: u64,
     interrupt: Interrupt,
     queue: Arc<JobQueue<Job>>,
+    progress: watch::Receiver<Progress>,
+}
+
+impl JobTicket {
+    /// Follows the job's progress; the sender goes away when the job ends or leaves.
+    pub fn progress(&self) -> watch::Receiver<Progress> {
+        self.progress.clone()
+    }
+
+    /// 0-based place in the line while the job waits.
+    pub fn queue_position(&self) -> Option<usize> {
+        self.queue.position(self.id)
+    }
 }
 
 impl Drop for JobTicket {
@@ -231,9 +254,11 @@ impl Engine {
         }
         let interrupt = Interrupt::new();
         let (reply, result) = oneshot::channel();
+        let (progress, watcher) = watch::channel(Progress::Queued);
         let job = Job {
             params,
             interrupt: interrupt.clone(),
+            progress,
             reply,
         };
         match self.queue.push(job) {
@@ -243,6 +268,7 @@ impl Engine {
                     id,
                     interrupt,
                     queue: self.queue.clone(),
+                    progress: watcher,
                 },
             )),
             Err(PushError::Full) => Err(SubmitError::QueueFull),
@@ -393,8 +419,16 @@ impl Engine {
     }
 
     fn generate(&self, sd: &StableDiffusion, job: &Job) -> Result<Generated> {
+        job.progress.send_replace(Progress::Running {
+            step: 0,
+            steps: job.params.steps,
+        });
         let mut on_step = |ev: crate::pipeline::StepEvent| {
-            tracing::debug!("step {}/{}", ev.step + 1, ev.total);
+            tracing::debug!("{}/{} steps done", ev.step, ev.total);
+            job.progress.send_replace(Progress::Running {
+                step: ev.step,
+                steps: ev.total,
+            });
             if job.interrupt.is_cancelled() {
                 ControlFlow::Break(())
             } else {

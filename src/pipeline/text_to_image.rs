@@ -34,9 +34,11 @@ pub struct GenerateParams {
     pub scheduler_overrides: serde_json::Map<String, serde_json::Value>,
 }
 
-/// Reported before each denoising step; returning `ControlFlow::Break` cancels the job.
+/// Reported before each denoising step and once after the last (before the VAE decode);
+/// returning `ControlFlow::Break` cancels the job.
 #[derive(Clone, Copy, Debug)]
 pub struct StepEvent {
+    /// Denoising steps done.
     pub step: usize,
     pub total: usize,
 }
@@ -258,6 +260,10 @@ impl StableDiffusion {
                     .add(&uncond)?;
             }
             latents = scheduler.step(&noise, i, &latents, &mut rng)?;
+        }
+        let total = timesteps.len();
+        if on_step(StepEvent { step: total, total }).is_break() {
+            return Err(Error::Cancelled);
         }
         // One read-back of the small latent tensor: NaN here would decode to black.
         ensure_finite(&latents.to_vec()?, "the denoised latents")?;

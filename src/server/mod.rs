@@ -4,6 +4,7 @@
 mod body;
 mod error;
 mod hosts;
+mod jobs;
 mod listen;
 mod request;
 mod routes;
@@ -15,6 +16,7 @@ use std::time::Duration;
 use axum::http::HeaderValue;
 
 pub use hosts::AllowedHosts;
+pub use jobs::JobRetention;
 pub use listen::ConnectionLimits;
 pub use request::Limits;
 
@@ -37,6 +39,7 @@ pub struct ServerConfig {
     /// Largest request body, in bytes.
     pub body_limit: usize,
     pub connections: ConnectionLimits,
+    pub job_retention: JobRetention,
 }
 
 /// Binds and serves `engine` (whose worker runs elsewhere, see [`Engine::new`]) until
@@ -71,6 +74,7 @@ pub async fn serve(config: ServerConfig, engine: Arc<Engine>) -> Result<()> {
         time_limit: config.time_limit,
         body_limit: config.body_limit,
         client_timeout: config.connections.header_timeout,
+        jobs: jobs::Jobs::new(config.job_retention),
     });
     let app = routes::router(state, &origins, allowed_hosts);
     listen::serve(listener, app, &config.connections, async move {

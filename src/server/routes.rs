@@ -19,10 +19,11 @@ use tower_http::cors::{AllowOrigin, Any, CorsLayer};
 use super::body::{too_large, JsonBody};
 use super::error::ApiError;
 use super::hosts::{check_host, AllowedHosts};
+use super::jobs;
 use super::request::{self, Limits};
 use crate::engine::{Engine, ModelState, SubmitError};
 use crate::pipeline::noise::random_seed;
-use crate::pipeline::GenerateParams;
+use crate::pipeline::{GenerateParams, Generated};
 
 /// What every handler sees.
 pub struct AppState {
@@ -34,6 +35,7 @@ pub struct AppState {
     pub body_limit: usize,
     /// How long a client may take to send a request body.
     pub client_timeout: Duration,
+    pub jobs: super::jobs::Jobs,
 }
 
 /// The HTTP service. `cors_origins` empty means any origin.
@@ -50,7 +52,7 @@ pub fn router(
     };
     let cors = CorsLayer::new()
         .allow_origin(origins)
-        .allow_methods([Method::GET, Method::POST, Method::OPTIONS])
+        .allow_methods([Method::GET, Method::POST, Method::DELETE, Method::OPTIONS])
         .allow_headers([header::CONTENT_TYPE])
         .max_age(Duration::from_secs(3600));
     Router::new()
@@ -58,6 +60,9 @@ pub fn router(
         .route("/health", get(health))
         .route("/readyz", get(readyz))
         .route("/generate", post(generate))
+        .route("/jobs", post(jobs::create))
+        .route("/jobs/{id}", get(jobs::status).delete(jobs::cancel))
+        .route("/jobs/{id}/events", get(jobs::events))
         .with_state(state)
         .layer(middleware::from_fn(move |req, next| {
             json_errors(req, next, body_limit)
@@ -130,7 +135,32 @@ async fn generate(
     State(app): State<Arc<AppState>>,
     JsonBody(body): JsonBody,
 ) -> Result<Json<Value>, ApiError> {
-    let req = request::parse(&body, &app.limits)?;
+    let params = prepare(&app, &body)?;
+    let started = Instant::now();
+    // `_ticket` cancels the job if this future is dropped (client gone) or times out.
+    let (result, _ticket) = app
+        .engine
+        .submit(params.clone())
+        .map_err(|e| submit_error(&app, e))?;
+    let outcome = match app.time_limit {
+        Some(limit) => tokio::time::timeout(limit, result)
+            .await
+            .map_err(|_| over_time_limit(limit))?,
+        None => result.await,
+    };
+    let generated = outcome
+        .map_err(|_| ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "the engine stopped"))??;
+    Ok(Json(generated_body(
+        &params,
+        &generated,
+        started.elapsed(),
+    )?))
+}
+
+/// A request body (the guide's fields) as the engine's parameters, refused with a 400
+/// when it is malformed or cannot finish within the time limit.
+pub(super) fn prepare(app: &AppState, body: &[u8]) -> Result<GenerateParams, ApiError> {
+    let req = request::parse(body, &app.limits)?;
     let seed = req.seed.unwrap_or_else(random_seed);
     let params = GenerateParams {
         prompt: req.prompt,
@@ -143,10 +173,13 @@ async fn generate(
         scheduler: req.scheduler,
         scheduler_overrides: Default::default(),
     };
-    check_cost(&app, &params)?;
-    let started = Instant::now();
-    // `_ticket` cancels the job if this future is dropped (client gone) or times out.
-    let (result, _ticket) = app.engine.submit(params.clone()).map_err(|e| match e {
+    check_cost(app, &params)?;
+    Ok(params)
+}
+
+/// Why the engine did not take a job, as an HTTP answer.
+pub(super) fn submit_error(app: &AppState, e: SubmitError) -> ApiError {
+    match e {
         SubmitError::Invalid(e) => ApiError::from(e),
         SubmitError::NotReady(ModelState::Failed(reason)) => {
             ApiError::unavailable(format!("the model failed to load: {reason}"), None)
@@ -162,36 +195,40 @@ async fn generate(
             Some(10),
         ),
         SubmitError::ShuttingDown => ApiError::unavailable("the server is shutting down", None),
-    })?;
-    let outcome = match app.time_limit {
-        Some(limit) => tokio::time::timeout(limit, result).await.map_err(|_| {
-            ApiError::new(
-                StatusCode::GATEWAY_TIMEOUT,
-                format!(
-                    "generation took longer than this server's limit of {} s and was stopped",
-                    limit.as_secs()
-                ),
-            )
-        })?,
-        None => result.await,
-    };
-    let generated = outcome
-        .map_err(|_| ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "the engine stopped"))??;
+    }
+}
+
+pub(super) fn over_time_limit(limit: Duration) -> ApiError {
+    ApiError::new(
+        StatusCode::GATEWAY_TIMEOUT,
+        format!(
+            "generation took longer than this server's limit of {} s and was stopped",
+            limit.as_secs()
+        ),
+    )
+}
+
+/// The guide's /generate answer: the PNG in base64 and the parameters it was made with.
+pub(super) fn generated_body(
+    params: &GenerateParams,
+    generated: &Generated,
+    elapsed: Duration,
+) -> Result<Value, ApiError> {
     let png = generated.image.to_png()?;
-    Ok(Json(json!({
+    Ok(json!({
         "image": base64::engine::general_purpose::STANDARD.encode(png),
         "seed": generated.seed,
         "width": params.width,
         "height": params.height,
         "num_inference_steps": params.steps,
         "guidance_scale": params.guidance_scale,
-        "time_taken": started.elapsed().as_secs_f64(),
+        "time_taken": elapsed.as_secs_f64(),
         "timings": {
             "text_encoder": generated.timings.text_encoder.as_secs_f64(),
             "denoise": generated.timings.denoise.as_secs_f64(),
             "vae_decode": generated.timings.vae_decode.as_secs_f64(),
         },
-    })))
+    }))
 }
 
 /// Refuses a request that cannot finish within the time limit on this backend, whatever
