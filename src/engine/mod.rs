@@ -79,6 +79,20 @@ impl Drop for JobTicket {
     }
 }
 
+struct RunningJob {
+    interrupt: Interrupt,
+    progress: watch::Receiver<Progress>,
+    started: Instant,
+}
+
+/// What the engine is doing now.
+#[derive(Clone, Copy, Debug)]
+pub struct Activity {
+    /// Denoising steps done and in all, and how long ago it started, for the running job.
+    pub running: Option<(usize, usize, std::time::Duration)>,
+    pub queued: usize,
+}
+
 /// Why a job could not be queued.
 pub enum SubmitError {
     /// The parameters do not suit the loaded model (its size multiple, its scheduler).
@@ -92,8 +106,8 @@ pub enum SubmitError {
 pub struct Engine {
     state: RwLock<ModelState>,
     queue: Arc<JobQueue<Job>>,
-    /// The running job's interrupt, for shutting down.
-    running: Mutex<Option<Interrupt>>,
+    /// The running job, for shutting down, interrupting and reporting progress.
+    running: Mutex<Option<RunningJob>>,
     busy: AtomicBool,
     shutdown: AtomicBool,
     pub model: PathBuf,
@@ -282,9 +296,39 @@ impl Engine {
         for job in self.queue.close() {
             let _ = job.reply.send(Err(Error::Cancelled));
         }
-        if let Some(running) = &*self.running.lock().unwrap_or_else(|p| p.into_inner()) {
-            running.cancel();
+        self.cancel_running();
+    }
+
+    /// Stops the running job within one tensor op (its submitter sees it cancelled);
+    /// false when none runs.
+    pub fn cancel_running(&self) -> bool {
+        match &*self.running() {
+            Some(running) => {
+                running.interrupt.cancel();
+                true
+            }
+            None => false,
         }
+    }
+
+    /// The running job's progress and the line's length.
+    pub fn activity(&self) -> Activity {
+        let running = self.running().as_ref().map(|job| {
+            let (step, steps) = match *job.progress.borrow() {
+                Progress::Running { step, steps } => (step, steps),
+                Progress::Queued => (0, 0),
+            };
+            (step, steps, job.started.elapsed())
+        });
+        Activity {
+            running,
+            queued: self.queued(),
+        }
+    }
+
+    /// Set and cleared whole, so a poisoned lock holds a consistent value.
+    fn running(&self) -> std::sync::MutexGuard<'_, Option<RunningJob>> {
+        self.running.lock().unwrap_or_else(|p| p.into_inner())
     }
 
     fn run(&self) {
@@ -309,16 +353,20 @@ impl Engine {
                 continue;
             }
             self.busy.store(true, Ordering::Relaxed);
-            *self.running.lock().unwrap_or_else(|p| p.into_inner()) = Some(job.interrupt.clone());
+            *self.running() = Some(RunningJob {
+                interrupt: job.interrupt.clone(),
+                progress: job.progress.subscribe(),
+                started: Instant::now(),
+            });
             // A shutdown that came between the pop and the line above.
             if self.shutdown.load(Ordering::Relaxed) {
                 job.interrupt.cancel();
             }
             let result = self.generate(&sd, &job);
-            *self.running.lock().unwrap_or_else(|p| p.into_inner()) = None;
+            *self.running() = None;
             self.busy.store(false, Ordering::Relaxed);
             if matches!(result, Err(Error::Cancelled)) {
-                tracing::info!("stopped a running job: its client is gone, its time ran out or the server is stopping");
+                tracing::info!("stopped a running job: its client is gone, its time ran out, it was interrupted or the server is stopping");
             }
             let lost = match self.device() {
                 Device::Gpu(gpu) if gpu.is_lost() => Some(gpu),

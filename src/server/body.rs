@@ -6,7 +6,8 @@
 use std::sync::Arc;
 
 use axum::body::Bytes;
-use axum::extract::{FromRequest, Request};
+use axum::extract::{FromRequest, FromRequestParts, Request};
+use axum::http::request::Parts;
 use axum::http::{header, StatusCode};
 use http_body_util::{BodyExt, LengthLimitError, Limited};
 
@@ -62,6 +63,31 @@ impl FromRequest<Arc<AppState>> for JsonBody {
                 ),
             )),
         }
+    }
+}
+
+/// A POST that carries no data (A1111's `interrupt` and `skip`, which its clients send with
+/// no body and no `Content-Type`). A browser sends `Origin` with every POST; from one, the
+/// request must still say JSON, so a cross-origin page is preflighted like any other POST.
+pub struct BodilessPost;
+
+impl<S: Sync> FromRequestParts<S> for BodilessPost {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(parts: &mut Parts, _: &S) -> Result<Self, ApiError> {
+        let from_browser = parts.headers.contains_key(header::ORIGIN);
+        let content_type = parts
+            .headers
+            .get(header::CONTENT_TYPE)
+            .and_then(|v| v.to_str().ok())
+            .unwrap_or("");
+        if from_browser && !is_json(content_type) {
+            return Err(ApiError::new(
+                StatusCode::UNSUPPORTED_MEDIA_TYPE,
+                "from a browser, this POST must be sent as `Content-Type: application/json`",
+            ));
+        }
+        Ok(BodilessPost)
     }
 }
 

@@ -56,9 +56,10 @@ impl From<crate::Error> for ApiError {
     fn from(e: crate::Error) -> Self {
         match e {
             crate::Error::InvalidArgument(message) => ApiError::bad_request(message),
-            crate::Error::Cancelled => {
-                ApiError::unavailable("the job was cancelled (the server is shutting down)", None)
-            }
+            crate::Error::Cancelled => ApiError::unavailable(
+                "the job was cancelled: the server is shutting down, or a client interrupted it",
+                None,
+            ),
             other => ApiError::new(
                 StatusCode::INTERNAL_SERVER_ERROR,
                 format!("generation failed: {other}"),

@@ -1,11 +1,13 @@
 //! The HTTP service of the API guide (`../shared/API.md`): axum routes in front of the
 //! [`Engine`] (one worker thread that owns the model) and its bounded queue.
 
+mod a1111;
 mod body;
 mod error;
 mod hosts;
 mod jobs;
 mod listen;
+mod openai;
 mod request;
 mod routes;
 
@@ -75,6 +77,7 @@ pub async fn serve(config: ServerConfig, engine: Arc<Engine>) -> Result<()> {
         body_limit: config.body_limit,
         client_timeout: config.connections.header_timeout,
         jobs: jobs::Jobs::new(config.job_retention),
+        a1111: Default::default(),
     });
     let app = routes::router(state, &origins, allowed_hosts);
     listen::serve(listener, app, &config.connections, async move {

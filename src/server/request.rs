@@ -1,5 +1,7 @@
 //! The body of `POST /generate`: parsed field by field so every mistake names its field,
-//! with the API guide's defaults and the deployment's limits.
+//! with the API guide's defaults and the deployment's limits. The other dialects (A1111's
+//! txt2img, OpenAI's images) name some fields differently and go through the same checks
+//! with their own names ([`Dialect`]).
 
 use serde_json::{Map, Value};
 
@@ -50,19 +52,46 @@ pub struct GenerateRequest {
     pub scheduler: Option<String>,
 }
 
-const FIELDS: [&str; 8] = [
-    "prompt",
-    "negative_prompt",
-    "num_inference_steps",
-    "guidance_scale",
-    "width",
-    "height",
-    "seed",
-    "scheduler",
-];
+/// How a dialect names the fields the checks read.
+pub struct Dialect {
+    pub steps: &'static str,
+    pub guidance: &'static str,
+    /// `None` where the dialect picks the scheduler its own way.
+    pub scheduler: Option<&'static str>,
+    /// Whether a field the dialect does not know is an error (ours) or ignored (A1111's,
+    /// whose clients send many options this server has no use for).
+    pub refuse_unknown: bool,
+    /// The steps assumed when the field is absent (`None`: the deployment's default).
+    pub default_steps: Option<u64>,
+    pub default_guidance: Option<f64>,
+}
 
-/// Parses and validates a request body.
+/// The API guide's dialect.
+pub const NATIVE: Dialect = Dialect {
+    steps: "num_inference_steps",
+    guidance: "guidance_scale",
+    scheduler: Some("scheduler"),
+    refuse_unknown: true,
+    default_steps: None,
+    default_guidance: None,
+};
+
+impl Dialect {
+    fn fields(&self) -> Vec<&'static str> {
+        let mut fields = vec!["prompt", "negative_prompt", self.steps, self.guidance];
+        fields.extend(["width", "height", "seed"]);
+        fields.extend(self.scheduler);
+        fields
+    }
+}
+
+/// Parses and validates a request body of the guide's dialect.
 pub fn parse(body: &[u8], limits: &Limits) -> Result<GenerateRequest, ApiError> {
+    parse_as(&json_object(body)?, limits, &NATIVE)
+}
+
+/// A request body as a JSON object, or a 400 that says what is wrong with it.
+pub fn json_object(body: &[u8]) -> Result<Map<String, Value>, ApiError> {
     let value: Value = serde_json::from_slice(body).map_err(|e| {
         if body.iter().all(u8::is_ascii_whitespace) {
             ApiError::bad_request(
@@ -72,17 +101,31 @@ pub fn parse(body: &[u8], limits: &Limits) -> Result<GenerateRequest, ApiError> 
             ApiError::bad_request(format!("the request body is not valid JSON: {e}"))
         }
     })?;
-    let Value::Object(fields) = value else {
-        return Err(ApiError::bad_request(
+    match value {
+        Value::Object(fields) => Ok(fields),
+        _ => Err(ApiError::bad_request(
             "the request body must be a JSON object such as {\"prompt\": \"a cat\"}",
-        ));
-    };
-    if let Some(unknown) = fields.keys().find(|k| !FIELDS.contains(&k.as_str())) {
+        )),
+    }
+}
+
+/// Validates the fields of a request in `dialect`'s names.
+pub fn parse_as(
+    fields: &Map<String, Value>,
+    limits: &Limits,
+    dialect: &Dialect,
+) -> Result<GenerateRequest, ApiError> {
+    let known = dialect.fields();
+    if let Some(unknown) = fields
+        .keys()
+        .find(|k| dialect.refuse_unknown && !known.contains(&k.as_str()))
+    {
         return Err(ApiError::bad_request(format!(
             "unknown field `{unknown}`; the fields are {}",
-            FIELDS.join(", ")
+            known.join(", ")
         )));
     }
+    let fields = &fields;
     let prompt = match fields.get("prompt") {
         None | Some(Value::Null) => return Err(ApiError::bad_request("`prompt` is required")),
         Some(_) => text(&fields, "prompt", limits)?.unwrap_or_default(),
@@ -90,27 +133,31 @@ pub fn parse(body: &[u8], limits: &Limits) -> Result<GenerateRequest, ApiError> 
     if prompt.trim().is_empty() {
         return Err(ApiError::bad_request("`prompt` must not be empty"));
     }
-    let negative_prompt = text(&fields, "negative_prompt", limits)?;
-    let steps = integer(&fields, "num_inference_steps")?.unwrap_or(limits.default_steps);
+    let negative_prompt = text(fields, "negative_prompt", limits)?;
+    let steps_field = dialect.steps;
+    let steps = integer(fields, steps_field)?
+        .or(dialect.default_steps)
+        .unwrap_or(limits.default_steps);
     if !(1..=limits.max_steps).contains(&steps) {
         return Err(ApiError::bad_request(format!(
-            "`num_inference_steps` must be between 1 and {}, got {steps}",
+            "`{steps_field}` must be between 1 and {}, got {steps}",
             limits.max_steps
         )));
     }
-    let guidance_scale = match fields.get("guidance_scale") {
-        None | Some(Value::Null) => limits.default_guidance,
+    let guidance_field = dialect.guidance;
+    let guidance_scale = match fields.get(guidance_field) {
+        None | Some(Value::Null) => dialect.default_guidance.unwrap_or(limits.default_guidance),
         Some(Value::Number(n)) => n.as_f64().unwrap_or(f64::NAN),
-        Some(other) => return Err(type_error("guidance_scale", "a number", other)),
+        Some(other) => return Err(type_error(guidance_field, "a number", other)),
     };
     if !guidance_scale.is_finite() || !(0.0..=MAX_GUIDANCE).contains(&guidance_scale) {
         return Err(ApiError::bad_request(format!(
-            "`guidance_scale` must be a number between 0 and {MAX_GUIDANCE}, got {}",
+            "`{guidance_field}` must be a number between 0 and {MAX_GUIDANCE}, got {}",
             short_number(guidance_scale)
         )));
     }
-    let width = side(&fields, "width")?;
-    let height = side(&fields, "height")?;
+    let width = side(fields, "width")?;
+    let height = side(fields, "height")?;
     if width * height > limits.max_pixels {
         return Err(ApiError::bad_request(format!(
             "`width` x `height` = {width}x{height} = {} pixels is over this server's limit of {} pixels",
@@ -129,10 +176,10 @@ pub fn parse(body: &[u8], limits: &Limits) -> Result<GenerateRequest, ApiError> 
         }
         Some(other) => return Err(type_error("seed", "an integer (-1 for random)", other)),
     };
-    let scheduler = match fields.get("scheduler") {
-        None | Some(Value::Null) => None,
-        Some(Value::String(s)) => Some(s.clone()),
-        Some(other) => return Err(type_error("scheduler", "a string", other)),
+    let scheduler = match dialect.scheduler.map(|field| (field, fields.get(field))) {
+        None | Some((_, None | Some(Value::Null))) => None,
+        Some((_, Some(Value::String(s)))) => Some(s.clone()),
+        Some((field, Some(other))) => return Err(type_error(field, "a string", other)),
     };
     Ok(GenerateRequest {
         prompt,
@@ -163,7 +210,7 @@ fn describe(value: &Value) -> String {
     }
 }
 
-fn type_error(field: &str, expected: &str, got: &Value) -> ApiError {
+pub fn type_error(field: &str, expected: &str, got: &Value) -> ApiError {
     ApiError::bad_request(format!(
         "`{field}` must be {expected}, got {}",
         describe(got)

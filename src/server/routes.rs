@@ -19,8 +19,8 @@ use tower_http::cors::{AllowOrigin, Any, CorsLayer};
 use super::body::{too_large, JsonBody};
 use super::error::ApiError;
 use super::hosts::{check_host, AllowedHosts};
-use super::jobs;
 use super::request::{self, Limits};
+use super::{a1111, jobs, openai};
 use crate::engine::{Engine, ModelState, SubmitError};
 use crate::pipeline::noise::random_seed;
 use crate::pipeline::{GenerateParams, Generated};
@@ -36,6 +36,7 @@ pub struct AppState {
     /// How long a client may take to send a request body.
     pub client_timeout: Duration,
     pub jobs: super::jobs::Jobs,
+    pub a1111: super::a1111::A1111State,
 }
 
 /// The HTTP service. `cors_origins` empty means any origin.
@@ -63,6 +64,8 @@ pub fn router(
         .route("/jobs", post(jobs::create))
         .route("/jobs/{id}", get(jobs::status).delete(jobs::cancel))
         .route("/jobs/{id}/events", get(jobs::events))
+        .nest("/sdapi/v1", a1111::routes())
+        .nest("/v1", openai::routes())
         .with_state(state)
         .layer(middleware::from_fn(move |req, next| {
             json_errors(req, next, body_limit)
@@ -137,24 +140,59 @@ async fn generate(
 ) -> Result<Json<Value>, ApiError> {
     let params = prepare(&app, &body)?;
     let started = Instant::now();
-    // `_ticket` cancels the job if this future is dropped (client gone) or times out.
-    let (result, _ticket) = app
-        .engine
-        .submit(params.clone())
-        .map_err(|e| submit_error(&app, e))?;
-    let outcome = match app.time_limit {
-        Some(limit) => tokio::time::timeout(limit, result)
+    let images = generate_images(&app, &params, 1, None).await?;
+    let (_, generated) = images
+        .first()
+        .ok_or_else(|| ApiError::from(crate::Error::Cancelled))?;
+    Ok(Json(generated_body(&params, generated, started.elapsed())?))
+}
+
+/// Generates `count` images of `params`, with seeds `params.seed`, +1, ..., one engine job
+/// each, within the time limit (for all of them). A job stopped by a client (A1111's
+/// interrupt or skip) fails the request unless `interrupted` is given: it then tells an
+/// interrupt (stop here, answer with the images so far: true) from a skip (go on: false).
+pub(super) async fn generate_images(
+    app: &AppState,
+    params: &GenerateParams,
+    count: u64,
+    interrupted: Option<&(dyn Fn() -> bool + Sync)>,
+) -> Result<Vec<(u64, Generated)>, ApiError> {
+    let run = async {
+        let mut images = Vec::new();
+        for i in 0..count {
+            let params = GenerateParams {
+                seed: params.seed.wrapping_add(i),
+                ..params.clone()
+            };
+            let seed = params.seed;
+            // `_ticket` cancels the job if this future is dropped (client gone) or times out.
+            let (result, _ticket) = app
+                .engine
+                .submit(params)
+                .map_err(|e| submit_error(app, e))?;
+            let outcome = result.await.map_err(|_| {
+                ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "the engine stopped")
+            })?;
+            match (outcome, interrupted) {
+                (Ok(generated), _) => images.push((seed, generated)),
+                (Err(crate::Error::Cancelled), Some(interrupted))
+                    if !app.engine.is_shutting_down() =>
+                {
+                    if interrupted() {
+                        break;
+                    }
+                }
+                (Err(e), _) => return Err(ApiError::from(e)),
+            }
+        }
+        Ok(images)
+    };
+    match app.time_limit {
+        Some(limit) => tokio::time::timeout(limit, run)
             .await
             .map_err(|_| over_time_limit(limit))?,
-        None => result.await,
-    };
-    let generated = outcome
-        .map_err(|_| ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "the engine stopped"))??;
-    Ok(Json(generated_body(
-        &params,
-        &generated,
-        started.elapsed(),
-    )?))
+        None => run.await,
+    }
 }
 
 /// A request body (the guide's fields) as the engine's parameters, refused with a 400
@@ -173,7 +211,7 @@ pub(super) fn prepare(app: &AppState, body: &[u8]) -> Result<GenerateParams, Api
         scheduler: req.scheduler,
         scheduler_overrides: Default::default(),
     };
-    check_cost(app, &params)?;
+    check_cost(app, &params, 1)?;
     Ok(params)
 }
 
@@ -231,21 +269,29 @@ pub(super) fn generated_body(
     }))
 }
 
-/// Refuses a request that cannot finish within the time limit on this backend, whatever
-/// the queue: its denoising steps alone take longer (see `pipeline::cost`).
-fn check_cost(app: &AppState, params: &GenerateParams) -> Result<(), ApiError> {
+/// Refuses a request for `images` images that cannot finish within the time limit on this
+/// backend, whatever the queue: its denoising steps alone take longer (see
+/// `pipeline::cost`).
+pub(super) fn check_cost(
+    app: &AppState,
+    params: &GenerateParams,
+    images: usize,
+) -> Result<(), ApiError> {
     let (Some(limit), Some(cost)) = (app.time_limit, app.engine.step_cost()) else {
         return Ok(());
     };
     let (w, h, steps) = (params.width, params.height, params.steps);
-    let needed = cost.generation_at_least(w, h, steps);
+    let needed = cost.generation_at_least(w, h, steps * images);
     if needed <= limit {
         return Ok(());
     }
+    let what = match images {
+        1 => format!("a {w}x{h} image at {steps} steps"),
+        n => format!("{n} {w}x{h} images at {steps} steps"),
+    };
     Err(ApiError::bad_request(format!(
-        "a {w}x{h} image at {steps} steps needs at least {:.0} s on this server's {} ({:.1} s a \
-         step), over its limit of {} s per request; ask for fewer `num_inference_steps` or a \
-         smaller `width` x `height`",
+        "{what} needs at least {:.0} s on this server's {} ({:.1} s a step), over its limit of \
+         {} s per request; ask for fewer steps or images, or a smaller width x height",
         needed.as_secs_f64(),
         app.engine.device(),
         cost.step_at_least(w, h).as_secs_f64(),

@@ -1,0 +1,422 @@
+//! AUTOMATIC1111's web UI API, the part its clients use (the `webuiapi` package, Open
+//! WebUI, SillyTavern): `txt2img`, the model/sampler/scheduler lists, options, progress,
+//! `interrupt` and `skip`, under `/sdapi/v1`. A txt2img image is the /generate image for the
+//! same parameters: each image of a batch is one engine job with seed, seed+1, ...
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::Instant;
+
+use axum::extract::State;
+use axum::http::StatusCode;
+use axum::routing::{get, post};
+use axum::{Json, Router};
+use base64::Engine as _;
+use serde_json::{json, Map, Value};
+
+use super::body::{BodilessPost, JsonBody};
+use super::error::ApiError;
+use super::request::{self, type_error, Dialect};
+use super::routes::{check_cost, generate_images, AppState};
+use crate::pipeline::noise::random_seed;
+use crate::pipeline::GenerateParams;
+
+/// txt2img's fields as A1111 names them, with its defaults; the many options this server
+/// has no use for (hires fix, face restoration, scripts...) are ignored, as A1111 ignores
+/// what it does not know.
+const A1111: Dialect = Dialect {
+    steps: "steps",
+    guidance: "cfg_scale",
+    scheduler: None,
+    refuse_unknown: false,
+    default_steps: Some(50),
+    default_guidance: Some(7.0),
+};
+
+/// Most images one txt2img request may ask for (`batch_size` x `n_iter`).
+const MAX_IMAGES: u64 = 16;
+
+/// A1111's samplers that this server has, with the scheduler each one is here.
+struct Sampler {
+    name: &'static str,
+    aliases: &'static [&'static str],
+    /// The scheduler name (see `scheduler::resolve_name`).
+    scheduler: &'static str,
+    /// Whether A1111's "Karras" schedule applies (`<scheduler>_karras`).
+    karras: bool,
+}
+
+const SAMPLERS: [Sampler; 7] = [
+    Sampler {
+        name: "Euler a",
+        aliases: &["k_euler_a", "k_euler_ancestral"],
+        scheduler: "euler_a",
+        karras: false,
+    },
+    Sampler {
+        name: "Euler",
+        aliases: &["k_euler"],
+        scheduler: "euler",
+        karras: true,
+    },
+    Sampler {
+        name: "LMS",
+        aliases: &["k_lms"],
+        scheduler: "lms",
+        karras: true,
+    },
+    Sampler {
+        name: "DPM++ 2M",
+        aliases: &["k_dpmpp_2m"],
+        scheduler: "dpm++2m",
+        karras: true,
+    },
+    Sampler {
+        name: "DDIM",
+        aliases: &["ddim"],
+        scheduler: "ddim",
+        karras: false,
+    },
+    Sampler {
+        name: "PLMS",
+        aliases: &["plms"],
+        scheduler: "pndm",
+        karras: false,
+    },
+    Sampler {
+        name: "LCM",
+        aliases: &["lcm"],
+        scheduler: "lcm",
+        karras: false,
+    },
+];
+
+/// A1111 runs "Euler" when a request names no sampler.
+const DEFAULT_SAMPLER: &str = "Euler";
+
+/// A1111's schedules (name, label) that this server has: the sampler's own, and Karras.
+const SCHEDULES: [(&str, &str); 2] = [("automatic", "Automatic"), ("karras", "Karras")];
+
+/// What the dialect keeps between requests.
+#[derive(Default)]
+pub struct A1111State {
+    /// Counts `POST interrupt`s, so that a batch can tell an interrupt (stop the batch)
+    /// from a skip (go on with the next image).
+    interrupts: AtomicU64,
+}
+
+pub fn routes() -> Router<Arc<AppState>> {
+    Router::new()
+        .route("/txt2img", post(txt2img))
+        .route("/img2img", post(img2img))
+        .route("/progress", get(progress))
+        .route("/interrupt", post(interrupt))
+        .route("/skip", post(skip))
+        .route("/options", get(options).post(set_options))
+        .route("/sd-models", get(sd_models))
+        .route("/samplers", get(samplers))
+        .route("/schedulers", get(schedulers))
+        .route("/sd-vae", get(|| async { Json(json!([])) }))
+        .route("/upscalers", get(upscalers))
+        .route("/latent-upscale-modes", get(|| async { Json(json!([])) }))
+        .route(
+            "/scripts",
+            get(|| async { Json(json!({"txt2img": [], "img2img": []})) }),
+        )
+}
+
+/// The sampler and schedule a request names, as this server's scheduler name and A1111's
+/// labels for the answer. A legacy combined name ("DPM++ 2M Karras") sets the schedule.
+fn choose_sampler(
+    fields: &Map<String, Value>,
+) -> Result<(String, &'static str, &'static str), ApiError> {
+    let text = |field: &str| match fields.get(field) {
+        None | Some(Value::Null) => Ok(None),
+        Some(Value::String(s)) if s.trim().is_empty() => Ok(None),
+        Some(Value::String(s)) => Ok(Some(s.trim().to_string())),
+        Some(other) => Err(type_error(field, "a string", other)),
+    };
+    let named = text("sampler_name")?
+        .or(text("sampler_index")?)
+        .unwrap_or_else(|| DEFAULT_SAMPLER.to_string());
+    let (base, legacy_karras) = match named.strip_suffix(" Karras") {
+        Some(base) => (base.to_string(), true),
+        None => (named.clone(), false),
+    };
+    let sampler = SAMPLERS
+        .iter()
+        .find(|s| s.name.eq_ignore_ascii_case(&base) || s.aliases.contains(&base.as_str()))
+        .ok_or_else(|| {
+            let names: Vec<&str> = SAMPLERS.iter().map(|s| s.name).collect();
+            ApiError::bad_request(format!(
+                "`sampler_name` {named:?} is not available here; the samplers are {}",
+                names.join(", ")
+            ))
+        })?;
+    let schedule = text("scheduler")?.unwrap_or_else(|| "automatic".to_string());
+    let (schedule, label) = SCHEDULES
+        .iter()
+        .find(|(name, label)| schedule.eq_ignore_ascii_case(name) || schedule == *label)
+        .copied()
+        .ok_or_else(|| {
+            let names: Vec<&str> = SCHEDULES.iter().map(|(name, _)| *name).collect();
+            ApiError::bad_request(format!(
+                "`scheduler` {schedule:?} is not available here; the schedulers are {}",
+                names.join(", ")
+            ))
+        })?;
+    let karras = legacy_karras || schedule == "karras";
+    if karras && !sampler.karras {
+        return Err(ApiError::bad_request(format!(
+            "`scheduler` Karras does not apply to the sampler {:?}; it applies to {}",
+            sampler.name,
+            SAMPLERS
+                .iter()
+                .filter(|s| s.karras)
+                .map(|s| s.name)
+                .collect::<Vec<_>>()
+                .join(", ")
+        )));
+    }
+    let scheduler = match karras {
+        true => format!("{}_karras", sampler.scheduler),
+        false => sampler.scheduler.to_string(),
+    };
+    Ok((
+        scheduler,
+        sampler.name,
+        if karras { "Karras" } else { label },
+    ))
+}
+
+/// A positive count field (`batch_size`, `n_iter`), 1 when absent.
+fn count(fields: &Map<String, Value>, field: &str) -> Result<u64, ApiError> {
+    match fields.get(field) {
+        None | Some(Value::Null) => Ok(1),
+        Some(Value::Number(n)) => match n.as_u64() {
+            Some(v) if (1..=MAX_IMAGES).contains(&v) => Ok(v),
+            _ => Err(ApiError::bad_request(format!(
+                "`{field}` must be an integer between 1 and {MAX_IMAGES}, got {n}"
+            ))),
+        },
+        Some(other) => Err(type_error(field, "an integer", other)),
+    }
+}
+
+/// `POST /sdapi/v1/txt2img`.
+async fn txt2img(
+    State(app): State<Arc<AppState>>,
+    JsonBody(body): JsonBody,
+) -> Result<Json<Value>, ApiError> {
+    let fields = request::json_object(&body)?;
+    let req = request::parse_as(&fields, &app.limits, &A1111)?;
+    let (scheduler, sampler_name, schedule_label) = choose_sampler(&fields)?;
+    let (batch_size, n_iter) = (count(&fields, "batch_size")?, count(&fields, "n_iter")?);
+    let images = batch_size * n_iter;
+    if images > MAX_IMAGES {
+        return Err(ApiError::bad_request(format!(
+            "`batch_size` x `n_iter` = {images} images; this server makes at most {MAX_IMAGES} per request"
+        )));
+    }
+    let seed = req.seed.unwrap_or_else(random_seed);
+    let params = GenerateParams {
+        prompt: req.prompt.clone(),
+        negative_prompt: req.negative_prompt.clone(),
+        steps: req.steps as usize,
+        guidance_scale: req.guidance_scale,
+        width: req.width as usize,
+        height: req.height as usize,
+        seed,
+        scheduler: Some(scheduler),
+        scheduler_overrides: Default::default(),
+    };
+    check_cost(&app, &params, images as usize)?;
+
+    let interrupts_before = app.a1111.interrupts.load(Ordering::SeqCst);
+    let interrupted = || app.a1111.interrupts.load(Ordering::SeqCst) != interrupts_before;
+    let started = Instant::now();
+    let generated = generate_images(&app, &params, images, Some(&interrupted)).await?;
+    let seeds: Vec<u64> = generated.iter().map(|(seed, _)| *seed).collect();
+    let pngs = generated
+        .iter()
+        .map(|(_, image)| image.image.to_png())
+        .collect::<crate::error::Result<Vec<_>>>()?;
+
+    let negative = req.negative_prompt.clone().unwrap_or_default();
+    let info = json!({
+        "prompt": req.prompt,
+        "all_prompts": vec![&req.prompt; seeds.len()],
+        "negative_prompt": negative,
+        "all_negative_prompts": vec![&negative; seeds.len()],
+        "seed": seeds.first().copied().unwrap_or(seed),
+        "all_seeds": seeds,
+        "subseed": -1,
+        "all_subseeds": vec![-1; seeds.len()],
+        "steps": req.steps,
+        "cfg_scale": req.guidance_scale,
+        "sampler_name": sampler_name,
+        "scheduler": schedule_label,
+        "width": req.width,
+        "height": req.height,
+        "batch_size": batch_size,
+        "n_iter": n_iter,
+        "sd_model_name": app.engine.model_name(),
+        "index_of_first_image": 0,
+        "time_taken": started.elapsed().as_secs_f64(),
+    });
+    // A1111 answers with the request it ran, its defaults filled in.
+    let mut parameters = fields;
+    for (key, value) in [
+        ("prompt", json!(req.prompt)),
+        ("negative_prompt", json!(negative)),
+        ("seed", json!(seed)),
+        ("steps", json!(req.steps)),
+        ("cfg_scale", json!(req.guidance_scale)),
+        ("width", json!(req.width)),
+        ("height", json!(req.height)),
+        ("sampler_name", json!(sampler_name)),
+        ("scheduler", json!(schedule_label)),
+        ("batch_size", json!(batch_size)),
+        ("n_iter", json!(n_iter)),
+    ] {
+        parameters.insert(key.to_string(), value);
+    }
+    let images: Vec<String> = pngs
+        .iter()
+        .map(|png| base64::engine::general_purpose::STANDARD.encode(png))
+        .collect();
+    Ok(Json(json!({
+        "images": images,
+        "parameters": parameters,
+        "info": info.to_string(),
+    })))
+}
+
+/// `POST /sdapi/v1/img2img`: not yet (image-to-image is its own piece of work).
+async fn img2img() -> ApiError {
+    ApiError::new(
+        StatusCode::NOT_IMPLEMENTED,
+        "img2img is not available on this server yet; txt2img is",
+    )
+}
+
+/// `GET /sdapi/v1/progress`: the running job's share done and time left; 0 and job_count
+/// 0 when idle (clients poll for that to know the server is free).
+async fn progress(State(app): State<Arc<AppState>>) -> Json<Value> {
+    let activity = app.engine.activity();
+    let (progress, eta, step, steps) = match activity.running {
+        Some((step, steps, elapsed)) if steps > 0 => {
+            let done = step as f64 / steps as f64;
+            let elapsed = elapsed.as_secs_f64();
+            let eta = if done > 0.0 {
+                elapsed / done - elapsed
+            } else {
+                0.0
+            };
+            (done, eta, step, steps)
+        }
+        _ => (0.0, 0.0, 0, 0),
+    };
+    let job_count = activity.queued + usize::from(activity.running.is_some());
+    Json(json!({
+        "progress": progress,
+        "eta_relative": eta,
+        "state": {
+            "skipped": false,
+            "interrupted": false,
+            "job": "",
+            "job_count": job_count,
+            "job_timestamp": "0",
+            "job_no": 0,
+            "sampling_step": step,
+            "sampling_steps": steps,
+        },
+        "current_image": null,
+        "textinfo": null,
+    }))
+}
+
+/// `POST /sdapi/v1/interrupt`: stops the running job, and the rest of its batch.
+async fn interrupt(State(app): State<Arc<AppState>>, _: BodilessPost) -> Json<Value> {
+    app.a1111.interrupts.fetch_add(1, Ordering::SeqCst);
+    app.engine.cancel_running();
+    Json(json!({}))
+}
+
+/// `POST /sdapi/v1/skip`: stops the running job; its batch goes on with the next image.
+async fn skip(State(app): State<Arc<AppState>>, _: BodilessPost) -> Json<Value> {
+    app.engine.cancel_running();
+    Json(json!({}))
+}
+
+/// `GET /sdapi/v1/options`: the settings clients read (the checkpoint above all).
+async fn options(State(app): State<Arc<AppState>>) -> Json<Value> {
+    Json(json!({
+        "sd_model_checkpoint": app.engine.model_name(),
+        "sd_checkpoint_hash": null,
+        "sd_vae": "Automatic",
+        "samples_format": "png",
+        "CLIP_stop_at_last_layers": 1,
+    }))
+}
+
+/// `POST /sdapi/v1/options`: this server serves one model; choosing it is accepted, as are
+/// settings it has no use for, and choosing another is an error.
+async fn set_options(
+    State(app): State<Arc<AppState>>,
+    JsonBody(body): JsonBody,
+) -> Result<Json<Value>, ApiError> {
+    let fields = request::json_object(&body)?;
+    let served = app.engine.model_name();
+    match fields.get("sd_model_checkpoint") {
+        None | Some(Value::Null) => {}
+        Some(Value::String(name)) if *name == served => {}
+        Some(other) => {
+            return Err(ApiError::bad_request(format!(
+                "`sd_model_checkpoint` {other}: this server serves only {served:?}"
+            )))
+        }
+    }
+    Ok(Json(json!(true)))
+}
+
+async fn sd_models(State(app): State<Arc<AppState>>) -> Json<Value> {
+    let name = app.engine.model_name();
+    Json(json!([{
+        "title": name,
+        "model_name": name,
+        "hash": null,
+        "sha256": null,
+        "filename": name,
+        "config": null,
+    }]))
+}
+
+async fn samplers() -> Json<Value> {
+    let list: Vec<Value> = SAMPLERS
+        .iter()
+        .map(|s| json!({"name": s.name, "aliases": s.aliases, "options": {}}))
+        .collect();
+    Json(Value::Array(list))
+}
+
+async fn schedulers() -> Json<Value> {
+    let list: Vec<Value> = SCHEDULES
+        .iter()
+        .map(|(name, label)| {
+            json!({"name": name, "label": label, "aliases": null, "default_rho": -1.0,
+                   "need_inner_model": false})
+        })
+        .collect();
+    Json(Value::Array(list))
+}
+
+async fn upscalers() -> Json<Value> {
+    Json(json!([{
+        "name": "None",
+        "model_name": null,
+        "model_path": null,
+        "model_url": null,
+        "scale": 4.0,
+    }]))
+}
