@@ -152,7 +152,8 @@ async fn generations(
     let req = request::parse_as(&fields, &app.limits, &OPENAI).map_err(|e| {
         // Width and height came from `size`, unless sent as such.
         let mut e = OpenAiError::from(e);
-        if matches!(e.param.as_deref(), Some("width" | "height")) && fields.contains_key("size") {
+        if let (Some("width" | "height"), Some(size)) = (e.param.as_deref(), fields.get("size")) {
+            e.error.message = format!("`size` {size}: {}", e.error.message);
             e.param = Some("size".into());
         }
         e

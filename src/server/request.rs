@@ -125,10 +125,10 @@ pub fn parse_as(
             known.join(", ")
         )));
     }
-    let fields = &fields;
+
     let prompt = match fields.get("prompt") {
         None | Some(Value::Null) => return Err(ApiError::bad_request("`prompt` is required")),
-        Some(_) => text(&fields, "prompt", limits)?.unwrap_or_default(),
+        Some(_) => text(fields, "prompt", limits)?.unwrap_or_default(),
     };
     if prompt.trim().is_empty() {
         return Err(ApiError::bad_request("`prompt` must not be empty"));

@@ -194,6 +194,7 @@ pub fn devices() -> Vec<(String, sd_wgpu::tensor::Device)> {
     devices
 }
 
+pub mod programs;
 pub mod server;
 
 /// A command that talks to a loopback server must not go through a proxy from the
