@@ -4,42 +4,20 @@
 
 mod common;
 
-use std::path::Path;
-use std::process::Command;
-use std::time::Duration;
-
 use serde_json::{json, Value};
 
 use common::model_dir;
-use common::programs::{run, tail};
+use common::programs::python_script;
 use common::server::{request, Server};
 
-const PIP_INSTALL: &str = "python3 -m pip install webuiapi openai";
-
-/// Runs tests/clients/`script` with the server's port and `args`; its stdout is one JSON
-/// object.
+/// Runs tests/clients/`script` with the server's port and `args`.
 fn python_client(server: &Server, script: &str, args: &[&str]) -> Value {
-    let path = Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("tests/clients")
-        .join(script);
     let port = server.addr.port().to_string();
-    let output = run(
-        common::without_proxies(Command::new("python3").arg(&path).arg(&port).args(args)),
-        Duration::from_secs(300),
-    );
-    let stderr = String::from_utf8_lossy(&output.stderr);
-    assert!(
-        output.status.success(),
-        "{script} {args:?} failed ({}); it needs: {PIP_INSTALL}\n{}\nserver log:\n{}",
-        output.status,
-        tail(&stderr, 4000),
-        tail(&server.log(), 4000)
-    );
-    // The last line: webuiapi prints its own messages before it.
-    let stdout = String::from_utf8_lossy(&output.stdout);
-    let last = stdout.lines().last().unwrap_or_default();
-    serde_json::from_str(last)
-        .unwrap_or_else(|e| panic!("{script} printed no JSON ({e}): {}", tail(&stdout, 2000)))
+    let args: Vec<&str> = [port.as_str()]
+        .into_iter()
+        .chain(args.iter().copied())
+        .collect();
+    python_script(script, &args, &server.log())
 }
 
 /// The base64 PNG /generate answers for `body`.

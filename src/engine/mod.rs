@@ -5,6 +5,7 @@
 //! stops within one tensor op if it is running (see `tensor::interrupt`).
 
 pub mod queue;
+pub mod stats;
 
 use std::ops::ControlFlow;
 use std::panic::AssertUnwindSafe;
@@ -22,6 +23,7 @@ use crate::pipeline::{GenerateParams, Generated, ParamsCheck, StableDiffusion};
 use crate::tensor::interrupt::{self, Interrupt};
 use crate::tensor::Device;
 use queue::{JobQueue, PushError};
+use stats::{GenerationStats, Outcome, Stats};
 
 /// Where the model is in its life.
 #[derive(Clone, Debug)]
@@ -123,6 +125,7 @@ pub struct Engine {
     cost: RwLock<Option<StepCost>>,
     /// The loaded model's rules for parameters.
     params_check: RwLock<Option<ParamsCheck>>,
+    stats: Stats,
 }
 
 /// What an engine serves, and how.
@@ -173,6 +176,7 @@ impl Engine {
             measure_step_cost,
             cost: RwLock::new(None),
             params_check: RwLock::new(None),
+            stats: Stats::default(),
         });
         let worker = EngineWorker {
             engine: engine.clone(),
@@ -362,7 +366,9 @@ impl Engine {
             if self.shutdown.load(Ordering::Relaxed) {
                 job.interrupt.cancel();
             }
+            let started = Instant::now();
             let result = self.generate(&sd, &job);
+            self.record(&job, &result, started.elapsed());
             *self.running() = None;
             self.busy.store(false, Ordering::Relaxed);
             if matches!(result, Err(Error::Cancelled)) {
@@ -464,6 +470,24 @@ impl Engine {
                 None
             }
         }
+    }
+
+    fn record(&self, job: &Job, result: &Result<Generated>, took: std::time::Duration) {
+        let (outcome, denoise) = match result {
+            Ok(generated) => (Outcome::Succeeded, generated.timings.denoise),
+            Err(Error::Cancelled) => (Outcome::Cancelled, Default::default()),
+            Err(_) => (Outcome::Failed, Default::default()),
+        };
+        let steps = match *job.progress.borrow() {
+            Progress::Running { steps, .. } => steps,
+            Progress::Queued => 0,
+        };
+        self.stats.record(outcome, took, steps, denoise);
+    }
+
+    /// Generations so far, by outcome and time.
+    pub fn stats(&self) -> GenerationStats {
+        self.stats.snapshot()
     }
 
     fn generate(&self, sd: &StableDiffusion, job: &Job) -> Result<Generated> {

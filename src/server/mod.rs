@@ -7,6 +7,7 @@ mod error;
 mod hosts;
 mod jobs;
 mod listen;
+mod metrics;
 mod openai;
 mod request;
 mod routes;
@@ -78,6 +79,7 @@ pub async fn serve(config: ServerConfig, engine: Arc<Engine>) -> Result<()> {
         client_timeout: config.connections.header_timeout,
         jobs: jobs::Jobs::new(config.job_retention),
         a1111: Default::default(),
+        http_counts: Default::default(),
     });
     let app = routes::router(state, &origins, allowed_hosts);
     listen::serve(listener, app, &config.connections, async move {

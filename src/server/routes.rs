@@ -20,7 +20,7 @@ use super::body::{too_large, JsonBody};
 use super::error::ApiError;
 use super::hosts::{check_host, AllowedHosts};
 use super::request::{self, Limits};
-use super::{a1111, jobs, openai};
+use super::{a1111, jobs, metrics, openai};
 use crate::engine::{Engine, ModelState, SubmitError};
 use crate::pipeline::noise::random_seed;
 use crate::pipeline::{GenerateParams, Generated};
@@ -37,6 +37,7 @@ pub struct AppState {
     pub client_timeout: Duration,
     pub jobs: super::jobs::Jobs,
     pub a1111: super::a1111::A1111State,
+    pub http_counts: super::metrics::HttpCounts,
 }
 
 /// The HTTP service. `cors_origins` empty means any origin.
@@ -60,12 +61,18 @@ pub fn router(
         .route("/", get(page))
         .route("/health", get(health))
         .route("/readyz", get(readyz))
+        .route("/livez", get(livez))
+        .route("/metrics", get(metrics::metrics))
         .route("/generate", post(generate))
         .route("/jobs", post(jobs::create))
         .route("/jobs/{id}", get(jobs::status).delete(jobs::cancel))
         .route("/jobs/{id}/events", get(jobs::events))
         .nest("/sdapi/v1", a1111::routes())
         .nest("/v1", openai::routes())
+        .layer(middleware::from_fn_with_state(
+            state.clone(),
+            metrics::count_requests,
+        ))
         .with_state(state)
         .layer(middleware::from_fn(move |req, next| {
             json_errors(req, next, body_limit)
@@ -132,6 +139,12 @@ async fn readyz(State(app): State<Arc<AppState>>) -> Result<Json<Value>, ApiErro
             None,
         )),
     }
+}
+
+/// Liveness: 200 while the process serves HTTP, whatever the model's state (a failed
+/// model is for /readyz to report; restarting the process would not mend it).
+async fn livez() -> Json<Value> {
+    Json(json!({ "alive": true }))
 }
 
 async fn generate(

@@ -65,3 +65,31 @@ pub fn tail(text: &str, max: usize) -> &str {
     }
     &text[start..]
 }
+
+/// What the Python clients need (`.ci/run` installs them).
+pub const PIP_INSTALL: &str = "python3 -m pip install webuiapi openai prometheus_client";
+
+/// Runs tests/clients/`script` with `args`; the last line it prints is one JSON value (the
+/// clients may print their own messages before it). `context` (a server log) is shown if
+/// it fails.
+pub fn python_script(script: &str, args: &[&str], context: &str) -> serde_json::Value {
+    let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("tests/clients")
+        .join(script);
+    let output = run(
+        super::without_proxies(Command::new("python3").arg(&path).args(args)),
+        Duration::from_secs(300),
+    );
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(
+        output.status.success(),
+        "{script} {args:?} failed ({}); it needs: {PIP_INSTALL}\n{}\nserver log:\n{}",
+        output.status,
+        tail(&stderr, 4000),
+        tail(context, 4000)
+    );
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    let last = stdout.lines().last().unwrap_or_default();
+    serde_json::from_str(last)
+        .unwrap_or_else(|e| panic!("{script} printed no JSON ({e}): {}", tail(&stdout, 2000)))
+}
