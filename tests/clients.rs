@@ -119,6 +119,11 @@ fn generations_logged(server: &Server) -> usize {
     server.log().matches("POST /generate 200").count()
 }
 
+/// Jobs the page started.
+fn jobs_logged(server: &Server) -> usize {
+    server.log().matches("POST /jobs 202").count()
+}
+
 /// The guide's curl example, run by `bash` with the real `curl`.
 #[test]
 fn guide_curl_example() {
@@ -846,7 +851,30 @@ fn page_generates_an_image_in_chromium() {
     ] {
         browser.type_into(&page, id, text);
     }
+    // The scheduler list comes from the server.
+    let schedulers = browser.eval(
+        &page,
+        "Array.from(document.getElementById('scheduler').options).map(o => o.value)",
+    );
+    assert_eq!(schedulers[0], "", "{schedulers}");
+    assert!(
+        schedulers.as_array().unwrap().contains(&json!("euler_a")),
+        "{schedulers}"
+    );
     browser.click(&page, "generate");
+    // The progress bar moves with the job's events.
+    let progress = browser.wait_for(
+        &page,
+        "the progress bar moves",
+        "(() => { const t = document.getElementById('progress-text').textContent; \
+         const m = t.match(/^step (\\d+)\\/(\\d+)/); \
+         return m && +m[1] > 0 ? {text: t, max: document.getElementById('progress').max} : null; })()",
+        GENERATION_TIMEOUT,
+    );
+    assert!(
+        progress["text"].as_str().unwrap().contains("s left"),
+        "{progress}"
+    );
     let shown = browser.wait_for(
         &page,
         "the image appears",
@@ -896,8 +924,67 @@ fn page_generates_an_image_in_chromium() {
         "the page reported errors: {:#?}",
         browser.page_errors()
     );
+    let history = browser.eval(
+        &page,
+        "Array.from(document.querySelectorAll('#history figcaption')).map(f => f.textContent)",
+    );
+    assert_eq!(history, json!([format!("seed 4242: {prompt}")]));
     let log = server.log();
     assert!(log.contains("GET / 200"), "server log:\n{log}");
     assert!(log.contains("GET /health 200"), "server log:\n{log}");
-    assert_eq!(generations_logged(&server), 1, "server log:\n{log}");
+    assert_eq!(jobs_logged(&server), 1, "server log:\n{log}");
+    assert!(
+        log.contains("/events 200"),
+        "the page follows the job's events; server log:\n{log}"
+    );
+}
+
+/// The page's Cancel button stops a long generation and frees the engine.
+#[test]
+fn page_cancels_a_generation_in_chromium() {
+    let _serial = one_at_a_time();
+    let server = start_server();
+    let mut browser = Browser::launch();
+    let page = browser.attach_to_page();
+    browser.call(Some(&page), "Runtime.enable", json!({}));
+    browser.call(
+        Some(&page),
+        "Page.navigate",
+        json!({ "url": server.url("/") }),
+    );
+    browser.wait_for(
+        &page,
+        "the page loads and reports the model",
+        "document.getElementById('health') !== null && \
+         document.getElementById('health').textContent.startsWith('model ')",
+        Duration::from_secs(60),
+    );
+    browser.type_into(&page, "num_inference_steps", "150");
+    browser.click(&page, "generate");
+    browser.wait_for(
+        &page,
+        "the job runs",
+        "/^step [1-9]/.test(document.getElementById('progress-text').textContent)",
+        GENERATION_TIMEOUT,
+    );
+    browser.click(&page, "cancel");
+    let status = browser.wait_for(
+        &page,
+        "the page says the job was cancelled",
+        "(() => { const s = document.getElementById('status'); \
+         return s.className === 'error' ? s.textContent : null; })()",
+        Duration::from_secs(60),
+    );
+    assert!(status.as_str().unwrap().contains("cancelled"), "{status}");
+    assert_eq!(
+        browser.eval(&page, "document.getElementById('generate').disabled"),
+        false
+    );
+    assert_eq!(server.get("/health").json()["busy"], false);
+    assert!(server.log().contains("DELETE /jobs/"), "{}", server.log());
+    assert!(
+        browser.page_errors().is_empty(),
+        "{:#?}",
+        browser.page_errors()
+    );
 }

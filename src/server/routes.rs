@@ -107,6 +107,8 @@ async fn health(State(app): State<Arc<AppState>>) -> Json<Value> {
         "busy": engine.busy(),
         "queue_length": engine.queued(),
         "queue_capacity": engine.queue_capacity(),
+        // What `scheduler` may name besides diffusers' class names.
+        "schedulers": crate::pipeline::scheduler::SHORT_NAMES,
     });
     if let ModelState::Failed(reason) = state {
         body["model_error"] = Value::String(reason);

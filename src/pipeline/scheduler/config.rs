@@ -300,6 +300,21 @@ pub fn resolve_name(name: &str) -> Option<(SchedulerClass, Map<String, Value>)> 
     Some((class, overrides))
 }
 
+/// The short names [`resolve_name`] accepts besides class names, one per choice people
+/// make (for lists in front ends).
+pub const SHORT_NAMES: [&str; 10] = [
+    "pndm",
+    "ddim",
+    "euler",
+    "euler_karras",
+    "euler_a",
+    "dpm++2m",
+    "dpm++2m_karras",
+    "lms",
+    "lms_karras",
+    "lcm",
+];
+
 /// Every name [`resolve_name`] accepts, for error messages and `--help`.
 pub const KNOWN_NAMES: &str = "PNDMScheduler, DDIMScheduler, EulerDiscreteScheduler, EulerAncestralDiscreteScheduler, \
     DPMSolverMultistepScheduler, LMSDiscreteScheduler, LCMScheduler, or pndm, ddim, euler, euler_karras, euler_a, \
@@ -557,4 +572,20 @@ pub fn sanitize_python_json(text: &str) -> String {
         }
     }
     out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_short_name_resolves_and_is_listed() {
+        for name in SHORT_NAMES {
+            assert!(resolve_name(name).is_some(), "{name}");
+            assert!(
+                KNOWN_NAMES.split([',', ' ']).any(|n| n == name),
+                "{name} missing from KNOWN_NAMES"
+            );
+        }
+    }
 }

@@ -20,7 +20,7 @@ use std::path::Path;
 
 use serde_json::{Map, Value};
 
-pub use config::{SchedulerClass, SchedulerConfig, KNOWN_NAMES};
+pub use config::{SchedulerClass, SchedulerConfig, KNOWN_NAMES, SHORT_NAMES};
 
 use crate::error::{Error, Result};
 use crate::pipeline::noise::TorchRng;
