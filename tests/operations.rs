@@ -161,3 +161,61 @@ fn liveness_holds_while_readiness_follows_the_model() {
         1.0
     );
 }
+
+#[test]
+fn the_openapi_document_is_valid_and_lists_what_the_server_answers() {
+    let server = Server::start(&model_dir("sd1"), &[]);
+    server.wait_ready();
+    let r = server.get("/openapi.json");
+    assert_eq!(r.status, 200);
+    let file = tempfile::NamedTempFile::new().unwrap();
+    std::fs::write(file.path(), r.text()).unwrap();
+    let doc = python_script(
+        "openapi_validate.py",
+        &[file.path().to_str().unwrap()],
+        &server.log(),
+    );
+    assert!(doc["openapi"].as_str().unwrap().starts_with("3."), "{doc}");
+
+    // Every documented operation is routed: none of them is the fallback's 404 or a 405.
+    let operations = doc["operations"].as_object().unwrap();
+    for path in [
+        "/generate",
+        "/health",
+        "/jobs/{id}/events",
+        "/sdapi/v1/txt2img",
+        "/v1/images/generations",
+        "/metrics",
+    ] {
+        assert!(operations.contains_key(path), "{path} is not documented");
+    }
+    for (path, methods) in operations {
+        let concrete = path.replace("{id}", "0123456789abcdef");
+        for method in methods.as_array().unwrap() {
+            let method = method.as_str().unwrap().to_ascii_uppercase();
+            // An empty JSON object: POSTs answer 400 or 200, never "no such endpoint".
+            let (headers, body): (&[(&str, &str)], &[u8]) = match method.as_str() {
+                "POST" => (&[("Content-Type", "application/json")], b"{}"),
+                _ => (&[], b""),
+            };
+            let answer = common::server::request(server.addr, &method, &concrete, headers, body);
+            let status = answer.status;
+            assert!(
+                status != 405 && !(status == 404 && answer.text().contains("no such endpoint")),
+                "{method} {path}: {status} {}",
+                answer.text()
+            );
+        }
+    }
+
+    // The answers have the documented fields.
+    let documented = |schema: &str| doc["schemas"][schema]["properties"].clone();
+    let answer = server.post_json("/generate", SMALL_JOB).json();
+    let mut fields: Vec<&String> = answer.as_object().unwrap().keys().collect();
+    fields.sort();
+    assert_eq!(json!(fields), documented("GenerateResponse"));
+    assert_eq!(
+        doc["schemas"]["GenerateBody"]["required"],
+        json!(["prompt"])
+    );
+}

@@ -12,10 +12,12 @@ use axum::http::StatusCode;
 use axum::routing::{get, post};
 use axum::{Json, Router};
 use base64::Engine as _;
+use serde::Serialize;
 use serde_json::{json, Map, Value};
+use utoipa::ToSchema;
 
 use super::body::{BodilessPost, JsonBody};
-use super::error::ApiError;
+use super::error::{ApiError, ErrorBody};
 use super::request::{self, type_error, Dialect};
 use super::routes::{check_cost, generate_images, AppState};
 use crate::pipeline::noise::random_seed;
@@ -32,6 +34,43 @@ const A1111: Dialect = Dialect {
     default_steps: Some(50),
     default_guidance: Some(7.0),
 };
+
+/// txt2img's body as the OpenAPI document describes it (the fields this server reads; any
+/// other is ignored).
+#[derive(ToSchema)]
+#[allow(dead_code)] // describes the wire format only
+pub struct Txt2ImgBody {
+    prompt: String,
+    negative_prompt: Option<String>,
+    /// Default 50.
+    steps: Option<u64>,
+    /// Default 7.0.
+    cfg_scale: Option<f64>,
+    width: Option<u64>,
+    height: Option<u64>,
+    /// -1 for random.
+    seed: Option<i64>,
+    /// "Euler a", "Euler", "LMS", "DPM++ 2M", "DDIM", "PLMS", "LCM" (or "... Karras");
+    /// default "Euler".
+    sampler_name: Option<String>,
+    /// "automatic" or "Karras".
+    scheduler: Option<String>,
+    /// Images per batch (1 to 16, with n_iter).
+    batch_size: Option<u64>,
+    n_iter: Option<u64>,
+}
+
+/// txt2img's answer.
+#[derive(Serialize, ToSchema)]
+pub struct Txt2ImgResponse {
+    /// PNGs, base64-encoded (no data: prefix).
+    images: Vec<String>,
+    /// The request with its defaults filled in.
+    parameters: Map<String, Value>,
+    /// A JSON string: seed, all_seeds, prompt, negative_prompt, steps, cfg_scale,
+    /// sampler_name, scheduler, width, height...
+    info: String,
+}
 
 /// Most images one txt2img request may ask for (`batch_size` x `n_iter`).
 const MAX_IMAGES: u64 = 16;
@@ -116,13 +155,10 @@ pub fn routes() -> Router<Arc<AppState>> {
         .route("/sd-models", get(sd_models))
         .route("/samplers", get(samplers))
         .route("/schedulers", get(schedulers))
-        .route("/sd-vae", get(|| async { Json(json!([])) }))
+        .route("/sd-vae", get(sd_vaes))
         .route("/upscalers", get(upscalers))
-        .route("/latent-upscale-modes", get(|| async { Json(json!([])) }))
-        .route(
-            "/scripts",
-            get(|| async { Json(json!({"txt2img": [], "img2img": []})) }),
-        )
+        .route("/latent-upscale-modes", get(latent_upscale_modes))
+        .route("/scripts", get(scripts))
 }
 
 /// The sampler and schedule a request names, as this server's scheduler name and A1111's
@@ -204,10 +240,14 @@ fn count(fields: &Map<String, Value>, field: &str) -> Result<u64, ApiError> {
 }
 
 /// `POST /sdapi/v1/txt2img`.
+#[utoipa::path(post, path = "/sdapi/v1/txt2img", tag = "automatic1111", request_body = Txt2ImgBody,
+    responses((status = 200, description = "The images", body = Txt2ImgResponse),
+              (status = 400, description = "A field is wrong", body = ErrorBody),
+              (status = 503, description = "Not ready or the queue is full", body = ErrorBody)))]
 async fn txt2img(
     State(app): State<Arc<AppState>>,
     JsonBody(body): JsonBody,
-) -> Result<Json<Value>, ApiError> {
+) -> Result<Json<Txt2ImgResponse>, ApiError> {
     let fields = request::json_object(&body)?;
     let req = request::parse_as(&fields, &app.limits, &A1111)?;
     let (scheduler, sampler_name, schedule_label) = choose_sampler(&fields)?;
@@ -285,14 +325,16 @@ async fn txt2img(
         .iter()
         .map(|png| base64::engine::general_purpose::STANDARD.encode(png))
         .collect();
-    Ok(Json(json!({
-        "images": images,
-        "parameters": parameters,
-        "info": info.to_string(),
-    })))
+    Ok(Json(Txt2ImgResponse {
+        images,
+        parameters,
+        info: info.to_string(),
+    }))
 }
 
 /// `POST /sdapi/v1/img2img`: not yet (image-to-image is its own piece of work).
+#[utoipa::path(post, path = "/sdapi/v1/img2img", tag = "automatic1111",
+    responses((status = 501, description = "Not available yet", body = ErrorBody)))]
 async fn img2img() -> ApiError {
     ApiError::new(
         StatusCode::NOT_IMPLEMENTED,
@@ -302,6 +344,8 @@ async fn img2img() -> ApiError {
 
 /// `GET /sdapi/v1/progress`: the running job's share done and time left; 0 and job_count
 /// 0 when idle (clients poll for that to know the server is free).
+#[utoipa::path(get, path = "/sdapi/v1/progress", tag = "automatic1111",
+    responses((status = 200, description = "progress 0..1, eta_relative, state.job_count, sampling_step, sampling_steps", body = serde_json::Value)))]
 async fn progress(State(app): State<Arc<AppState>>) -> Json<Value> {
     let activity = app.engine.activity();
     let (progress, eta, step, steps) = match activity.running {
@@ -337,6 +381,8 @@ async fn progress(State(app): State<Arc<AppState>>) -> Json<Value> {
 }
 
 /// `POST /sdapi/v1/interrupt`: stops the running job, and the rest of its batch.
+#[utoipa::path(post, path = "/sdapi/v1/interrupt", tag = "automatic1111",
+    responses((status = 200, description = "The running job stops, and the rest of its batch", body = serde_json::Value)))]
 async fn interrupt(State(app): State<Arc<AppState>>, _: BodilessPost) -> Json<Value> {
     app.a1111.interrupts.fetch_add(1, Ordering::SeqCst);
     app.engine.cancel_running();
@@ -344,12 +390,16 @@ async fn interrupt(State(app): State<Arc<AppState>>, _: BodilessPost) -> Json<Va
 }
 
 /// `POST /sdapi/v1/skip`: stops the running job; its batch goes on with the next image.
+#[utoipa::path(post, path = "/sdapi/v1/skip", tag = "automatic1111",
+    responses((status = 200, description = "The running job stops; its batch goes on", body = serde_json::Value)))]
 async fn skip(State(app): State<Arc<AppState>>, _: BodilessPost) -> Json<Value> {
     app.engine.cancel_running();
     Json(json!({}))
 }
 
 /// `GET /sdapi/v1/options`: the settings clients read (the checkpoint above all).
+#[utoipa::path(get, path = "/sdapi/v1/options", tag = "automatic1111",
+    responses((status = 200, description = "sd_model_checkpoint and other settings", body = serde_json::Value)))]
 async fn options(State(app): State<Arc<AppState>>) -> Json<Value> {
     Json(json!({
         "sd_model_checkpoint": app.engine.model_name(),
@@ -362,6 +412,9 @@ async fn options(State(app): State<Arc<AppState>>) -> Json<Value> {
 
 /// `POST /sdapi/v1/options`: this server serves one model; choosing it is accepted, as are
 /// settings it has no use for, and choosing another is an error.
+#[utoipa::path(post, path = "/sdapi/v1/options", tag = "automatic1111", request_body = serde_json::Value,
+    responses((status = 200, description = "Accepted", body = bool),
+              (status = 400, description = "Another checkpoint than the served one", body = ErrorBody)))]
 async fn set_options(
     State(app): State<Arc<AppState>>,
     JsonBody(body): JsonBody,
@@ -380,6 +433,8 @@ async fn set_options(
     Ok(Json(json!(true)))
 }
 
+#[utoipa::path(get, path = "/sdapi/v1/sd-models", tag = "automatic1111",
+    responses((status = 200, description = "The served model", body = serde_json::Value)))]
 async fn sd_models(State(app): State<Arc<AppState>>) -> Json<Value> {
     let name = app.engine.model_name();
     Json(json!([{
@@ -392,6 +447,8 @@ async fn sd_models(State(app): State<Arc<AppState>>) -> Json<Value> {
     }]))
 }
 
+#[utoipa::path(get, path = "/sdapi/v1/samplers", tag = "automatic1111",
+    responses((status = 200, description = "The samplers", body = serde_json::Value)))]
 async fn samplers() -> Json<Value> {
     let list: Vec<Value> = SAMPLERS
         .iter()
@@ -400,6 +457,8 @@ async fn samplers() -> Json<Value> {
     Json(Value::Array(list))
 }
 
+#[utoipa::path(get, path = "/sdapi/v1/schedulers", tag = "automatic1111",
+    responses((status = 200, description = "The schedules", body = serde_json::Value)))]
 async fn schedulers() -> Json<Value> {
     let list: Vec<Value> = SCHEDULES
         .iter()
@@ -411,6 +470,8 @@ async fn schedulers() -> Json<Value> {
     Json(Value::Array(list))
 }
 
+#[utoipa::path(get, path = "/sdapi/v1/upscalers", tag = "automatic1111",
+    responses((status = 200, description = "None only", body = serde_json::Value)))]
 async fn upscalers() -> Json<Value> {
     Json(json!([{
         "name": "None",
@@ -419,4 +480,22 @@ async fn upscalers() -> Json<Value> {
         "model_url": null,
         "scale": 4.0,
     }]))
+}
+
+#[utoipa::path(get, path = "/sdapi/v1/sd-vae", tag = "automatic1111",
+    responses((status = 200, description = "None: the model's own VAE", body = serde_json::Value)))]
+async fn sd_vaes() -> Json<Value> {
+    Json(json!([]))
+}
+
+#[utoipa::path(get, path = "/sdapi/v1/latent-upscale-modes", tag = "automatic1111",
+    responses((status = 200, description = "None", body = serde_json::Value)))]
+async fn latent_upscale_modes() -> Json<Value> {
+    Json(json!([]))
+}
+
+#[utoipa::path(get, path = "/sdapi/v1/scripts", tag = "automatic1111",
+    responses((status = 200, description = "No scripts", body = serde_json::Value)))]
+async fn scripts() -> Json<Value> {
+    Json(json!({"txt2img": [], "img2img": []}))
 }

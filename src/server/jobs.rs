@@ -21,10 +21,14 @@ use futures_util::stream::{self, Stream};
 use serde::Serialize;
 use serde_json::{json, Value};
 use tokio::sync::{oneshot, watch};
+use utoipa::ToSchema;
 
 use super::body::JsonBody;
-use super::error::ApiError;
-use super::routes::{generated_body, over_time_limit, prepare, submit_error, AppState};
+use super::error::{ApiError, ErrorBody};
+use super::request::GenerateBody;
+use super::routes::{
+    generated_body, over_time_limit, prepare, submit_error, AppState, GenerateResponse,
+};
 use crate::engine::{JobTicket, Progress};
 use crate::error::{Error, Result};
 use crate::pipeline::{GenerateParams, Generated};
@@ -47,7 +51,7 @@ impl Default for JobRetention {
     }
 }
 
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, ToSchema)]
 #[serde(rename_all = "lowercase")]
 pub enum JobStatus {
     Queued,
@@ -67,7 +71,7 @@ impl JobStatus {
 }
 
 /// What `GET /jobs/{id}` answers, and what each event is made from.
-#[derive(Clone, Debug, Serialize)]
+#[derive(Clone, Debug, Serialize, ToSchema)]
 pub struct JobView {
     pub id: String,
     pub status: JobStatus,
@@ -78,7 +82,7 @@ pub struct JobView {
     pub steps: usize,
     /// The /generate answer, once succeeded.
     #[serde(skip_serializing_if = "Option::is_none")]
-    pub result: Option<Value>,
+    pub result: Option<GenerateResponse>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub error: Option<String>,
     /// Counts the changes, for the events' `id:`.
@@ -164,6 +168,17 @@ impl Jobs {
     }
 }
 
+/// What `POST /jobs` answers.
+#[derive(Serialize, ToSchema)]
+pub struct JobCreated {
+    id: String,
+    status: JobStatus,
+    /// Where `GET` gives the job's state.
+    status_url: String,
+    /// Where its Server-Sent Events are.
+    events_url: String,
+}
+
 /// A job id: 128 random bits in hex, so that one client cannot guess (and cancel)
 /// another's job.
 fn new_job_id() -> String {
@@ -186,6 +201,10 @@ fn new_job_id() -> String {
 }
 
 /// `POST /jobs`: the /generate body; 202 with where to follow the job.
+#[utoipa::path(post, path = "/jobs", tag = "jobs", request_body = GenerateBody,
+    responses((status = 202, description = "Queued", body = JobCreated),
+              (status = 400, description = "A field is wrong", body = ErrorBody),
+              (status = 503, description = "The queue is full (Retry-After), or the model is not ready", body = ErrorBody)))]
 pub async fn create(
     State(app): State<Arc<AppState>>,
     JsonBody(body): JsonBody,
@@ -220,12 +239,12 @@ pub async fn create(
         progress,
         result,
     ));
-    let body = json!({
-        "id": id,
-        "status": JobStatus::Queued,
-        "status_url": format!("/jobs/{id}"),
-        "events_url": format!("/jobs/{id}/events"),
-    });
+    let body = JobCreated {
+        status_url: format!("/jobs/{id}"),
+        events_url: format!("/jobs/{id}/events"),
+        id,
+        status: JobStatus::Queued,
+    };
     Ok((StatusCode::ACCEPTED, Json(body)))
 }
 
@@ -327,6 +346,9 @@ async fn follow(
 }
 
 /// `GET /jobs/{id}`.
+#[utoipa::path(get, path = "/jobs/{id}", tag = "jobs", params(("id" = String, Path, description = "The job's id")),
+    responses((status = 200, description = "The job", body = JobView),
+              (status = 404, description = "No such job, or it finished too long ago", body = ErrorBody)))]
 pub async fn status(
     State(app): State<Arc<AppState>>,
     Path(id): Path<String>,
@@ -339,6 +361,9 @@ pub async fn status(
 /// `DELETE /jobs/{id}`: cancels a queued or running job (a running one stops within one
 /// tensor op) and answers with its status once it has stopped; a finished job is left as
 /// it is.
+#[utoipa::path(delete, path = "/jobs/{id}", tag = "jobs", params(("id" = String, Path, description = "The job's id")),
+    responses((status = 200, description = "The job once stopped (a finished job as it was)", body = JobView),
+              (status = 404, description = "No such job", body = ErrorBody)))]
 pub async fn cancel(
     State(app): State<Arc<AppState>>,
     Path(id): Path<String>,
@@ -363,6 +388,9 @@ pub async fn cancel(
 /// `GET /jobs/{id}/events`: Server-Sent Events, the current state first, then each change
 /// until the job ends: `queued` (its place), `progress` (steps), then `completed` (the
 /// /generate answer), `failed` or `cancelled` (the error).
+#[utoipa::path(get, path = "/jobs/{id}/events", tag = "jobs", params(("id" = String, Path, description = "The job's id")),
+    responses((status = 200, description = "Server-Sent Events: `queued` {queue_position}, `progress` {step, steps}, then `completed` (a GenerateResponse), `failed` or `cancelled` {error}", content_type = "text/event-stream", body = String),
+              (status = 404, description = "No such job", body = ErrorBody)))]
 pub async fn events(
     State(app): State<Arc<AppState>>,
     Path(id): Path<String>,
@@ -390,7 +418,10 @@ fn event_of(view: &JobView) -> Event {
             "progress",
             json!({ "step": view.step, "steps": view.steps }),
         ),
-        JobStatus::Succeeded => ("completed", view.result.clone().unwrap_or(Value::Null)),
+        JobStatus::Succeeded => (
+            "completed",
+            serde_json::to_value(&view.result).unwrap_or(Value::Null),
+        ),
         JobStatus::Failed => ("failed", json!({ "error": view.error })),
         JobStatus::Cancelled => ("cancelled", json!({ "error": view.error })),
     };

@@ -51,6 +51,8 @@ pub async fn count_requests(
 }
 
 /// `GET /metrics`.
+#[utoipa::path(get, path = "/metrics", tag = "operations",
+    responses((status = 200, description = "Prometheus text format 0.0.4", content_type = "text/plain", body = String)))]
 pub async fn metrics(State(app): State<Arc<AppState>>) -> impl IntoResponse {
     let engine = &app.engine;
     let mut out = String::new();

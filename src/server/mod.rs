@@ -9,6 +9,7 @@ mod jobs;
 mod listen;
 mod metrics;
 mod openai;
+mod openapi;
 mod request;
 mod routes;
 
@@ -21,6 +22,7 @@ use axum::http::HeaderValue;
 pub use hosts::AllowedHosts;
 pub use jobs::JobRetention;
 pub use listen::ConnectionLimits;
+pub use openapi::openapi;
 pub use request::Limits;
 
 use crate::engine::Engine;

@@ -12,7 +12,9 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
 use base64::Engine as _;
+use serde::Serialize;
 use serde_json::{json, Map, Value};
+use utoipa::ToSchema;
 
 use super::body::JsonBody;
 use super::error::ApiError;
@@ -28,6 +30,62 @@ const OPENAI: Dialect = Dialect {
     refuse_unknown: false,
     ..request::NATIVE
 };
+
+/// The request body as the OpenAPI document describes it; OpenAI's fields that do not
+/// apply here (quality, style, user...) are ignored.
+#[derive(ToSchema)]
+#[allow(dead_code)] // describes the wire format only
+pub struct ImagesRequest {
+    prompt: String,
+    /// 1 to 10; default 1. The images have seeds seed, seed+1, ...
+    n: Option<u64>,
+    /// "WIDTHxHEIGHT", e.g. "512x512" (the default, also for "auto").
+    size: Option<String>,
+    /// "b64_json" only.
+    response_format: Option<String>,
+    /// Accepted; this server serves one model.
+    model: Option<String>,
+    negative_prompt: Option<String>,
+    num_inference_steps: Option<u64>,
+    guidance_scale: Option<f64>,
+    /// -1 for random.
+    seed: Option<i64>,
+    scheduler: Option<String>,
+}
+
+#[derive(Serialize, ToSchema)]
+pub struct ImagesResponse {
+    /// Unix seconds.
+    created: u64,
+    data: Vec<ImageData>,
+}
+
+#[derive(Serialize, ToSchema)]
+pub struct ImageData {
+    /// The PNG, base64-encoded.
+    b64_json: String,
+    /// Always null: prompts are used as given.
+    revised_prompt: Option<String>,
+    /// This server's extension: the image's seed.
+    seed: u64,
+}
+
+/// OpenAI's error body.
+#[derive(Serialize, ToSchema)]
+pub struct OpenAiErrorBody {
+    error: OpenAiErrorDetail,
+}
+
+#[derive(Serialize, ToSchema)]
+pub struct OpenAiErrorDetail {
+    message: String,
+    /// "invalid_request_error" or "server_error".
+    #[serde(rename = "type")]
+    kind: String,
+    /// The request field the error is about.
+    param: Option<String>,
+    code: Option<String>,
+}
 
 /// Most images one request may ask for (`n`), as OpenAI's dall-e-2.
 const MAX_IMAGES: u64 = 10;
@@ -71,12 +129,16 @@ impl IntoResponse for OpenAiError {
         } else {
             "server_error"
         };
-        let body = json!({"error": {
-            "message": self.error.message,
-            "type": kind,
-            "param": self.param,
-            "code": status.canonical_reason().map(|r| r.to_ascii_lowercase().replace(' ', "_")),
-        }});
+        let body = OpenAiErrorBody {
+            error: OpenAiErrorDetail {
+                message: self.error.message,
+                kind: kind.to_string(),
+                param: self.param,
+                code: status
+                    .canonical_reason()
+                    .map(|r| r.to_ascii_lowercase().replace(' ', "_")),
+            },
+        };
         let mut response = (status, Json(body)).into_response();
         if let Some(seconds) = self.error.retry_after {
             response
@@ -117,10 +179,14 @@ fn apply_size(fields: &mut Map<String, Value>) -> Result<(), OpenAiError> {
 }
 
 /// `POST /v1/images/generations`.
+#[utoipa::path(post, path = "/v1/images/generations", tag = "openai", request_body = ImagesRequest,
+    responses((status = 200, description = "The images", body = ImagesResponse),
+              (status = 400, description = "A field is wrong (`param` names it)", body = OpenAiErrorBody),
+              (status = 503, description = "Not ready or the queue is full", body = OpenAiErrorBody)))]
 async fn generations(
     State(app): State<Arc<AppState>>,
     body: Result<JsonBody, ApiError>,
-) -> Result<Json<Value>, OpenAiError> {
+) -> Result<Json<ImagesResponse>, OpenAiError> {
     let JsonBody(body) = body?;
     let mut fields = request::json_object(&body)?;
     match fields.get("response_format") {
@@ -174,19 +240,21 @@ async fn generations(
     let mut data = Vec::with_capacity(images.len());
     for (seed, generated) in &images {
         let png = generated.image.to_png()?;
-        data.push(json!({
-            "b64_json": base64::engine::general_purpose::STANDARD.encode(png),
-            "revised_prompt": null,
-            "seed": seed,
-        }));
+        data.push(ImageData {
+            b64_json: base64::engine::general_purpose::STANDARD.encode(png),
+            revised_prompt: None,
+            seed: *seed,
+        });
     }
     let created = SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .map_or(0, |d| d.as_secs());
-    Ok(Json(json!({ "created": created, "data": data })))
+    Ok(Json(ImagesResponse { created, data }))
 }
 
 /// `GET /v1/models`: the one model this server serves.
+#[utoipa::path(get, path = "/v1/models", tag = "openai",
+    responses((status = 200, description = "The served model", body = serde_json::Value)))]
 async fn models(State(app): State<Arc<AppState>>) -> Json<Value> {
     Json(json!({
         "object": "list",

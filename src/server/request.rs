@@ -4,6 +4,7 @@
 //! with their own names ([`Dialect`]).
 
 use serde_json::{Map, Value};
+use utoipa::ToSchema;
 
 use super::error::ApiError;
 
@@ -50,6 +51,31 @@ pub struct GenerateRequest {
     pub seed: Option<u64>,
     /// Additive: a scheduler class name or alias replacing the model's own.
     pub scheduler: Option<String>,
+}
+
+/// The body of `POST /generate` and `POST /jobs` as the OpenAPI document describes it;
+/// [`parse`] reads it field by field (a test keeps the two in step).
+#[derive(ToSchema)]
+#[schema(example = json!({"prompt": "A serene mountain landscape at sunset", "num_inference_steps": 30}))]
+#[allow(dead_code)] // describes the wire format only
+pub struct GenerateBody {
+    /// Text description of the image to generate.
+    prompt: String,
+    /// What to avoid in the image.
+    negative_prompt: Option<String>,
+    /// Denoising steps (1 to the server's `--max-steps`, 150 by default); default 50.
+    num_inference_steps: Option<u64>,
+    /// How closely to follow the prompt, 0 to 30; default 7.5.
+    guidance_scale: Option<f64>,
+    /// Pixels, a multiple of 8 from 64 to 2048; default 512.
+    width: Option<u64>,
+    /// Pixels, a multiple of 8 from 64 to 2048; default 512.
+    height: Option<u64>,
+    /// -1 (the default) for a random seed.
+    seed: Option<i64>,
+    /// A diffusers scheduler class name or a short name (see /health's `schedulers`)
+    /// replacing the model's own.
+    scheduler: Option<String>,
 }
 
 /// How a dialect names the fields the checks read.
@@ -277,9 +303,27 @@ fn short_number(x: f64) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use serde_json::json;
 
     fn parse_str(body: &str) -> Result<GenerateRequest, String> {
         parse(body.as_bytes(), &Limits::default()).map_err(|e| e.message)
+    }
+
+    #[test]
+    fn the_documented_body_has_the_parsed_fields() {
+        let schema =
+            serde_json::to_value(<GenerateBody as utoipa::PartialSchema>::schema()).unwrap();
+        let mut documented: Vec<&str> = schema["properties"]
+            .as_object()
+            .unwrap()
+            .keys()
+            .map(String::as_str)
+            .collect();
+        let mut parsed = NATIVE.fields();
+        documented.sort();
+        parsed.sort();
+        assert_eq!(documented, parsed);
+        assert_eq!(schema["required"], json!(["prompt"]));
     }
 
     #[test]

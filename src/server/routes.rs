@@ -13,14 +13,16 @@ use axum::response::{Html, IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
 use base64::Engine as _;
+use serde::Serialize;
 use serde_json::{json, Value};
 use tower_http::cors::{AllowOrigin, Any, CorsLayer};
+use utoipa::ToSchema;
 
 use super::body::{too_large, JsonBody};
-use super::error::ApiError;
+use super::error::{ApiError, ErrorBody};
 use super::hosts::{check_host, AllowedHosts};
-use super::request::{self, Limits};
-use super::{a1111, jobs, metrics, openai};
+use super::request::{self, GenerateBody, Limits};
+use super::{a1111, jobs, metrics, openai, openapi};
 use crate::engine::{Engine, ModelState, SubmitError};
 use crate::pipeline::noise::random_seed;
 use crate::pipeline::{GenerateParams, Generated};
@@ -63,6 +65,7 @@ pub fn router(
         .route("/readyz", get(readyz))
         .route("/livez", get(livez))
         .route("/metrics", get(metrics::metrics))
+        .route("/openapi.json", get(openapi::document))
         .route("/generate", post(generate))
         .route("/jobs", post(jobs::create))
         .route("/jobs/{id}", get(jobs::status).delete(jobs::cancel))
@@ -83,6 +86,8 @@ pub fn router(
         .layer(middleware::from_fn(log_request))
 }
 
+#[utoipa::path(get, path = "/", tag = "native",
+    responses((status = 200, description = "The page: a form, a progress bar and the session's images", content_type = "text/html", body = String)))]
 async fn page() -> Html<&'static str> {
     Html(include_str!("page.html"))
 }
@@ -90,6 +95,8 @@ async fn page() -> Html<&'static str> {
 /// The guide's `status` and `model_loaded`, and what an operator needs besides: why the
 /// model failed, what was loaded, the queue. Always 200 while the process serves; `status`
 /// is `unhealthy` (and `ready` false) when the model cannot be used, see also /readyz.
+#[utoipa::path(get, path = "/health", tag = "native",
+    responses((status = 200, description = "`status`, `model_loaded` (the guide's), and the model, backend, queue and schedulers", body = serde_json::Value)))]
 async fn health(State(app): State<Arc<AppState>>) -> Json<Value> {
     let engine = &app.engine;
     let state = engine.state();
@@ -129,6 +136,9 @@ async fn health(State(app): State<Arc<AppState>>) -> Json<Value> {
 
 /// Readiness for load balancers and orchestrators: 200 once the model can take requests,
 /// 503 while it loads, after it failed, and while the server shuts down.
+#[utoipa::path(get, path = "/readyz", tag = "operations",
+    responses((status = 200, description = "The model is loaded", body = serde_json::Value),
+              (status = 503, description = "Loading, failed, or shutting down", body = ErrorBody)))]
 async fn readyz(State(app): State<Arc<AppState>>) -> Result<Json<Value>, ApiError> {
     match app.engine.state() {
         _ if app.engine.is_shutting_down() => {
@@ -145,14 +155,24 @@ async fn readyz(State(app): State<Arc<AppState>>) -> Result<Json<Value>, ApiErro
 
 /// Liveness: 200 while the process serves HTTP, whatever the model's state (a failed
 /// model is for /readyz to report; restarting the process would not mend it).
+#[utoipa::path(get, path = "/livez", tag = "operations",
+    responses((status = 200, description = "The process serves HTTP", body = serde_json::Value)))]
 async fn livez() -> Json<Value> {
     Json(json!({ "alive": true }))
 }
 
+#[utoipa::path(post, path = "/generate", tag = "native", request_body = GenerateBody,
+    responses((status = 200, description = "The image", body = GenerateResponse),
+              (status = 400, description = "A field is wrong (the message names it), or the request cannot finish within the time limit", body = ErrorBody),
+              (status = 413, description = "The body is over the limit", body = ErrorBody),
+              (status = 415, description = "The body is not sent as application/json", body = ErrorBody),
+              (status = 500, description = "The generation failed", body = ErrorBody),
+              (status = 503, description = "The model is loading or failed, the queue is full (Retry-After), or the server is stopping", body = ErrorBody),
+              (status = 504, description = "The time limit ran out", body = ErrorBody)))]
 async fn generate(
     State(app): State<Arc<AppState>>,
     JsonBody(body): JsonBody,
-) -> Result<Json<Value>, ApiError> {
+) -> Result<Json<GenerateResponse>, ApiError> {
     let params = prepare(&app, &body)?;
     let started = Instant::now();
     let images = generate_images(&app, &params, 1, None).await?;
@@ -262,26 +282,49 @@ pub(super) fn over_time_limit(limit: Duration) -> ApiError {
 }
 
 /// The guide's /generate answer: the PNG in base64 and the parameters it was made with.
+#[derive(Clone, Debug, Serialize, ToSchema)]
+pub struct GenerateResponse {
+    /// The PNG image, base64-encoded.
+    pub image: String,
+    /// The seed used (the one picked, when the request asked for a random one).
+    pub seed: u64,
+    pub width: usize,
+    pub height: usize,
+    pub num_inference_steps: usize,
+    pub guidance_scale: f64,
+    /// Seconds from the request's arrival to its answer, queueing included.
+    pub time_taken: f64,
+    pub timings: StageSeconds,
+}
+
+/// Seconds spent in each stage of the generation.
+#[derive(Clone, Debug, Serialize, ToSchema)]
+pub struct StageSeconds {
+    pub text_encoder: f64,
+    pub denoise: f64,
+    pub vae_decode: f64,
+}
+
 pub(super) fn generated_body(
     params: &GenerateParams,
     generated: &Generated,
     elapsed: Duration,
-) -> Result<Value, ApiError> {
+) -> Result<GenerateResponse, ApiError> {
     let png = generated.image.to_png()?;
-    Ok(json!({
-        "image": base64::engine::general_purpose::STANDARD.encode(png),
-        "seed": generated.seed,
-        "width": params.width,
-        "height": params.height,
-        "num_inference_steps": params.steps,
-        "guidance_scale": params.guidance_scale,
-        "time_taken": elapsed.as_secs_f64(),
-        "timings": {
-            "text_encoder": generated.timings.text_encoder.as_secs_f64(),
-            "denoise": generated.timings.denoise.as_secs_f64(),
-            "vae_decode": generated.timings.vae_decode.as_secs_f64(),
+    Ok(GenerateResponse {
+        image: base64::engine::general_purpose::STANDARD.encode(png),
+        seed: generated.seed,
+        width: params.width,
+        height: params.height,
+        num_inference_steps: params.steps,
+        guidance_scale: params.guidance_scale,
+        time_taken: elapsed.as_secs_f64(),
+        timings: StageSeconds {
+            text_encoder: generated.timings.text_encoder.as_secs_f64(),
+            denoise: generated.timings.denoise.as_secs_f64(),
+            vae_decode: generated.timings.vae_decode.as_secs_f64(),
         },
-    }))
+    })
 }
 
 /// Refuses a request for `images` images that cannot finish within the time limit on this

@@ -67,7 +67,8 @@ pub fn tail(text: &str, max: usize) -> &str {
 }
 
 /// What the Python clients need (`.ci/run` installs them).
-pub const PIP_INSTALL: &str = "python3 -m pip install webuiapi openai prometheus_client";
+pub const PIP_INSTALL: &str =
+    "python3 -m pip install webuiapi openai prometheus_client openapi-spec-validator";
 
 /// Runs tests/clients/`script` with `args`; the last line it prints is one JSON value (the
 /// clients may print their own messages before it). `context` (a server log) is shown if
