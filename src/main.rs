@@ -11,7 +11,7 @@ use indicatif::{ProgressBar, ProgressStyle};
 
 use sd_wgpu::backend::{select_device, BackendChoice};
 use sd_wgpu::engine::{Engine, EngineConfig};
-use sd_wgpu::model::hub::{resolve_model_path, DEFAULT_MODEL};
+use sd_wgpu::model::hub::DEFAULT_MODEL;
 use sd_wgpu::pipeline::noise::random_seed;
 use sd_wgpu::pipeline::{GenerateParams, StableDiffusion};
 use sd_wgpu::server::{ConnectionLimits, JobRetention, Limits, ServerConfig};
@@ -58,14 +58,6 @@ impl ModelArgs {
         let device = select_device(self.backend, self.gpu_adapter.as_deref())?;
         tracing::info!("backend: {device}");
         Ok(device)
-    }
-
-    /// The model `--model` points to: a folder or single file itself, `weights/<name>/`,
-    /// or a snapshot in the Hugging Face cache, downloaded there first if need be.
-    fn model_dir(&self) -> Result<PathBuf> {
-        let dir = resolve_model_path(&self.model)?;
-        tracing::info!("model `{}`: {}", self.model.display(), dir.display());
-        Ok(dir)
     }
 }
 
@@ -287,16 +279,12 @@ fn run(cli: Cli) -> Result<()> {
             scheduler,
             output,
         } => {
-            let model_dir = model.model_dir()?;
             let seed = resolve_seed(seed)?;
             let device = model.device()?;
             let t0 = Instant::now();
-            tracing::info!("loading {} on {device}", model_dir.display());
-            let sd = StableDiffusion::load_with_config(
-                &model_dir,
-                model.model_config.as_deref(),
-                &device,
-            )?;
+            tracing::info!("loading {} on {device}", model.model.display());
+            let sd =
+                StableDiffusion::load_named(&model.model, model.model_config.as_deref(), &device)?;
             let load_time = t0.elapsed();
             let params = GenerateParams {
                 prompt,

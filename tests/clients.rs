@@ -695,6 +695,27 @@ impl Browser {
         }
     }
 
+    /// A browser showing the page at `GET /` of `server` once it reports the model, and the
+    /// page's session id.
+    fn open_page(server: &Server) -> (Browser, String) {
+        let mut browser = Browser::launch();
+        let page = browser.attach_to_page();
+        browser.call(Some(&page), "Runtime.enable", json!({}));
+        browser.call(
+            Some(&page),
+            "Page.navigate",
+            json!({ "url": server.url("/") }),
+        );
+        browser.wait_for(
+            &page,
+            "the page loads and reports the model",
+            "document.readyState === 'complete' && document.getElementById('health') !== null && \
+             document.getElementById('health').textContent.startsWith('model ')",
+            Duration::from_secs(60),
+        );
+        (browser, page)
+    }
+
     /// Attaches to the page the browser opened with and returns the session id.
     fn attach_to_page(&mut self) -> String {
         let targets = self.call(None, "Target.getTargets", json!({}));
@@ -825,21 +846,7 @@ impl Drop for Browser {
 fn page_generates_an_image_in_chromium() {
     let _serial = one_at_a_time();
     let server = start_server();
-    let mut browser = Browser::launch();
-    let page = browser.attach_to_page();
-    browser.call(Some(&page), "Runtime.enable", json!({}));
-    browser.call(
-        Some(&page),
-        "Page.navigate",
-        json!({ "url": server.url("/") }),
-    );
-    browser.wait_for(
-        &page,
-        "the page loads and reports the model",
-        "document.readyState === 'complete' && document.getElementById('health') !== null && \
-         document.getElementById('health').textContent.startsWith('model ')",
-        Duration::from_secs(60),
-    );
+    let (mut browser, page) = Browser::open_page(&server);
     let prompt = "A lighthouse on a rocky coast, oil painting";
     for (id, text) in [
         ("prompt", prompt),
@@ -944,21 +951,7 @@ fn page_generates_an_image_in_chromium() {
 fn page_cancels_a_generation_in_chromium() {
     let _serial = one_at_a_time();
     let server = start_server();
-    let mut browser = Browser::launch();
-    let page = browser.attach_to_page();
-    browser.call(Some(&page), "Runtime.enable", json!({}));
-    browser.call(
-        Some(&page),
-        "Page.navigate",
-        json!({ "url": server.url("/") }),
-    );
-    browser.wait_for(
-        &page,
-        "the page loads and reports the model",
-        "document.getElementById('health') !== null && \
-         document.getElementById('health').textContent.startsWith('model ')",
-        Duration::from_secs(60),
-    );
+    let (mut browser, page) = Browser::open_page(&server);
     browser.type_into(&page, "num_inference_steps", "150");
     browser.click(&page, "generate");
     browser.wait_for(

@@ -415,11 +415,8 @@ impl Engine {
         let started = Instant::now();
         let device = self.device();
         tracing::info!("loading model {} on {device}", self.model.display());
-        let load = || {
-            let dir = crate::model::hub::resolve_model_path(&self.model)?;
-            tracing::info!("model `{}`: {}", self.model.display(), dir.display());
-            StableDiffusion::load_with_config(&dir, self.model_config.as_deref(), &device)
-        };
+        let load =
+            || StableDiffusion::load_named(&self.model, self.model_config.as_deref(), &device);
         // A panic while loading fails the model (reported by /health), not the process.
         let loaded = std::panic::catch_unwind(AssertUnwindSafe(load)).unwrap_or_else(|panic| {
             Err(Error::Other(format!(

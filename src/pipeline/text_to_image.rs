@@ -92,6 +92,15 @@ impl StableDiffusion {
         Self::from_source(&ModelSource::open(path, config, device)?, device)
     }
 
+    /// Loads the model `--model` names: a folder or single file, a name under `weights/`,
+    /// or a Hub id (downloaded into the Hugging Face cache first if need be), with
+    /// `--model-config`. The one loading path of `generate` and `serve`.
+    pub fn load_named(model: &Path, config: Option<&Path>, device: &Device) -> Result<Self> {
+        let path = crate::model::hub::resolve_model_path(model)?;
+        tracing::info!("model `{}`: {}", model.display(), path.display());
+        Self::load_with_config(&path, config, device)
+    }
+
     /// Builds every component from `source`'s configs and weights.
     pub fn from_source(source: &ModelSource, device: &Device) -> Result<Self> {
         // Built per request; checked now so that a bad config fails at load time.

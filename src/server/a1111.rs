@@ -20,7 +20,6 @@ use super::body::{BodilessPost, JsonBody};
 use super::error::{ApiError, ErrorBody};
 use super::request::{self, type_error, Dialect};
 use super::routes::{check_cost, generate_images, AppState};
-use crate::pipeline::noise::random_seed;
 use crate::pipeline::GenerateParams;
 
 /// txt2img's fields as A1111 names them, with its defaults; the many options this server
@@ -136,6 +135,11 @@ const DEFAULT_SAMPLER: &str = "Euler";
 /// A1111's schedules (name, label) that this server has: the sampler's own, and Karras.
 const SCHEDULES: [(&str, &str); 2] = [("automatic", "Automatic"), ("karras", "Karras")];
 
+/// Schedule names clients send that mean the sampler's own here: A1111's "normal" (the
+/// model's discrete schedule, which is what the samplers here use unless Karras is asked
+/// for) and SillyTavern's "N/A" (sent when it could not read the list).
+const OWN_SCHEDULE_ALIASES: [&str; 2] = ["normal", "N/A"];
+
 /// What the dialect keeps between requests.
 #[derive(Default)]
 pub struct A1111State {
@@ -189,7 +193,13 @@ fn choose_sampler(
                 names.join(", ")
             ))
         })?;
-    let schedule = text("scheduler")?.unwrap_or_else(|| "automatic".to_string());
+    let schedule = text("scheduler")?
+        .filter(|s| {
+            !OWN_SCHEDULE_ALIASES
+                .iter()
+                .any(|a| a.eq_ignore_ascii_case(s))
+        })
+        .unwrap_or_else(|| "automatic".to_string());
     let (schedule, label) = SCHEDULES
         .iter()
         .find(|(name, label)| schedule.eq_ignore_ascii_case(name) || schedule == *label)
@@ -258,18 +268,11 @@ async fn txt2img(
             "`batch_size` x `n_iter` = {images} images; this server makes at most {MAX_IMAGES} per request"
         )));
     }
-    let seed = req.seed.unwrap_or_else(random_seed);
     let params = GenerateParams {
-        prompt: req.prompt.clone(),
-        negative_prompt: req.negative_prompt.clone(),
-        steps: req.steps as usize,
-        guidance_scale: req.guidance_scale,
-        width: req.width as usize,
-        height: req.height as usize,
-        seed,
         scheduler: Some(scheduler),
-        scheduler_overrides: Default::default(),
+        ..req.into_params()
     };
+    let seed = params.seed;
     check_cost(&app, &params, images as usize)?;
 
     let interrupts_before = app.a1111.interrupts.load(Ordering::SeqCst);
@@ -282,22 +285,22 @@ async fn txt2img(
         .map(|(_, image)| image.image.to_png())
         .collect::<crate::error::Result<Vec<_>>>()?;
 
-    let negative = req.negative_prompt.clone().unwrap_or_default();
+    let negative = params.negative_prompt.clone().unwrap_or_default();
     let info = json!({
-        "prompt": req.prompt,
-        "all_prompts": vec![&req.prompt; seeds.len()],
+        "prompt": params.prompt,
+        "all_prompts": vec![&params.prompt; seeds.len()],
         "negative_prompt": negative,
         "all_negative_prompts": vec![&negative; seeds.len()],
         "seed": seeds.first().copied().unwrap_or(seed),
         "all_seeds": seeds,
         "subseed": -1,
         "all_subseeds": vec![-1; seeds.len()],
-        "steps": req.steps,
-        "cfg_scale": req.guidance_scale,
+        "steps": params.steps,
+        "cfg_scale": params.guidance_scale,
         "sampler_name": sampler_name,
         "scheduler": schedule_label,
-        "width": req.width,
-        "height": req.height,
+        "width": params.width,
+        "height": params.height,
         "batch_size": batch_size,
         "n_iter": n_iter,
         "sd_model_name": app.engine.model_name(),
@@ -307,13 +310,13 @@ async fn txt2img(
     // A1111 answers with the request it ran, its defaults filled in.
     let mut parameters = fields;
     for (key, value) in [
-        ("prompt", json!(req.prompt)),
+        ("prompt", json!(params.prompt)),
         ("negative_prompt", json!(negative)),
         ("seed", json!(seed)),
-        ("steps", json!(req.steps)),
-        ("cfg_scale", json!(req.guidance_scale)),
-        ("width", json!(req.width)),
-        ("height", json!(req.height)),
+        ("steps", json!(params.steps)),
+        ("cfg_scale", json!(params.guidance_scale)),
+        ("width", json!(params.width)),
+        ("height", json!(params.height)),
         ("sampler_name", json!(sampler_name)),
         ("scheduler", json!(schedule_label)),
         ("batch_size", json!(batch_size)),
@@ -498,4 +501,56 @@ async fn latent_upscale_modes() -> Json<Value> {
     responses((status = 200, description = "No scripts", body = serde_json::Value)))]
 async fn scripts() -> Json<Value> {
     Json(json!({"txt2img": [], "img2img": []}))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn choose(body: Value) -> Result<(String, &'static str, &'static str), String> {
+        choose_sampler(body.as_object().unwrap()).map_err(|e| e.message)
+    }
+
+    #[test]
+    fn samplers_and_schedules_as_clients_name_them() {
+        assert_eq!(
+            choose(json!({})).unwrap(),
+            ("euler".into(), "Euler", "Automatic")
+        );
+        assert_eq!(
+            choose(json!({"sampler_name": "DPM++ 2M", "scheduler": "karras"})).unwrap(),
+            ("dpm++2m_karras".into(), "DPM++ 2M", "Karras")
+        );
+        assert_eq!(
+            choose(json!({"sampler_name": "DPM++ 2M Karras"}))
+                .unwrap()
+                .0,
+            "dpm++2m_karras"
+        );
+        assert_eq!(choose(json!({"sampler_index": "k_lms"})).unwrap().0, "lms");
+        // SillyTavern's defaults, and what it sends when the list could not be read.
+        assert_eq!(
+            choose(json!({"sampler_name": "DDIM", "scheduler": "normal"}))
+                .unwrap()
+                .0,
+            "ddim"
+        );
+        assert_eq!(
+            choose(json!({"sampler_name": "Euler a", "scheduler": "N/A"}))
+                .unwrap()
+                .0,
+            "euler_a"
+        );
+        assert!(choose(json!({"sampler_name": "Heun"}))
+            .unwrap_err()
+            .contains("sampler_name"));
+        assert!(choose(json!({"scheduler": "exponential"}))
+            .unwrap_err()
+            .contains("scheduler"));
+        assert!(
+            choose(json!({"sampler_name": "DDIM", "scheduler": "Karras"}))
+                .unwrap_err()
+                .contains("does not apply")
+        );
+    }
 }

@@ -20,8 +20,6 @@ use super::body::JsonBody;
 use super::error::ApiError;
 use super::request::{self, type_error, Dialect};
 use super::routes::{check_cost, generate_images, AppState};
-use crate::pipeline::noise::random_seed;
-use crate::pipeline::GenerateParams;
 
 /// The fields read by the shared checks: this server's names, since OpenAI has none for
 /// steps or guidance. OpenAI's own fields that do not apply (quality, style, user...) are
@@ -215,26 +213,18 @@ async fn generations(
         Some(other) => return Err(type_error("n", "an integer", other).into()),
     };
     apply_size(&mut fields)?;
-    let req = request::parse_as(&fields, &app.limits, &OPENAI).map_err(|e| {
-        // Width and height came from `size`, unless sent as such.
-        let mut e = OpenAiError::from(e);
-        if let (Some("width" | "height"), Some(size)) = (e.param.as_deref(), fields.get("size")) {
-            e.error.message = format!("`size` {size}: {}", e.error.message);
-            e.param = Some("size".into());
-        }
-        e
-    })?;
-    let params = GenerateParams {
-        prompt: req.prompt,
-        negative_prompt: req.negative_prompt,
-        steps: req.steps as usize,
-        guidance_scale: req.guidance_scale,
-        width: req.width as usize,
-        height: req.height as usize,
-        seed: req.seed.unwrap_or_else(random_seed),
-        scheduler: req.scheduler,
-        scheduler_overrides: Default::default(),
-    };
+    let params = request::parse_as(&fields, &app.limits, &OPENAI)
+        .map_err(|e| {
+            // Width and height came from `size`, unless sent as such.
+            let mut e = OpenAiError::from(e);
+            if let (Some("width" | "height"), Some(size)) = (e.param.as_deref(), fields.get("size"))
+            {
+                e.error.message = format!("`size` {size}: {}", e.error.message);
+                e.param = Some("size".into());
+            }
+            e
+        })?
+        .into_params();
     check_cost(&app, &params, n as usize)?;
     let images = generate_images(&app, &params, n, None).await?;
     let mut data = Vec::with_capacity(images.len());

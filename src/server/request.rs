@@ -7,6 +7,8 @@ use serde_json::{Map, Value};
 use utoipa::ToSchema;
 
 use super::error::ApiError;
+use crate::pipeline::noise::random_seed;
+use crate::pipeline::GenerateParams;
 
 /// What a deployment accepts and what it assumes when a field is left out.
 #[derive(Clone, Debug)]
@@ -51,6 +53,23 @@ pub struct GenerateRequest {
     pub seed: Option<u64>,
     /// Additive: a scheduler class name or alias replacing the model's own.
     pub scheduler: Option<String>,
+}
+
+impl GenerateRequest {
+    /// The engine's parameters for this request; a random seed when it asked for one.
+    pub fn into_params(self) -> GenerateParams {
+        GenerateParams {
+            prompt: self.prompt,
+            negative_prompt: self.negative_prompt,
+            steps: self.steps as usize,
+            guidance_scale: self.guidance_scale,
+            width: self.width as usize,
+            height: self.height as usize,
+            seed: self.seed.unwrap_or_else(random_seed),
+            scheduler: self.scheduler,
+            scheduler_overrides: Default::default(),
+        }
+    }
 }
 
 /// The body of `POST /generate` and `POST /jobs` as the OpenAPI document describes it;

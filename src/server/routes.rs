@@ -24,7 +24,6 @@ use super::hosts::{check_host, AllowedHosts};
 use super::request::{self, GenerateBody, Limits};
 use super::{a1111, jobs, metrics, openai, openapi};
 use crate::engine::{Engine, ModelState, SubmitError};
-use crate::pipeline::noise::random_seed;
 use crate::pipeline::{GenerateParams, Generated};
 
 /// What every handler sees.
@@ -233,19 +232,7 @@ pub(super) async fn generate_images(
 /// A request body (the guide's fields) as the engine's parameters, refused with a 400
 /// when it is malformed or cannot finish within the time limit.
 pub(super) fn prepare(app: &AppState, body: &[u8]) -> Result<GenerateParams, ApiError> {
-    let req = request::parse(body, &app.limits)?;
-    let seed = req.seed.unwrap_or_else(random_seed);
-    let params = GenerateParams {
-        prompt: req.prompt,
-        negative_prompt: req.negative_prompt,
-        steps: req.steps as usize,
-        guidance_scale: req.guidance_scale,
-        width: req.width as usize,
-        height: req.height as usize,
-        seed,
-        scheduler: req.scheduler,
-        scheduler_overrides: Default::default(),
-    };
+    let params = request::parse(body, &app.limits)?.into_params();
     check_cost(app, &params, 1)?;
     Ok(params)
 }

@@ -84,19 +84,21 @@ pub fn run_case(
     name: &str,
 ) -> Result<PixelDiff, String> {
     let p = params(case).map_err(|e| format!("{name}: {e}"))?;
-    let mut evaluations = 0;
+    let mut last_event = None;
     let generated = sd
-        .generate(&p, &mut |_| {
-            evaluations += 1;
+        .generate(&p, &mut |event| {
+            last_event = Some((event.step, event.total));
             ControlFlow::Continue(())
         })
         .map_err(|e| format!("{name}: generate failed: {e}"))?;
 
-    // The pipeline runs the UNet once per entry of the scheduler's timesteps.
+    // The pipeline runs the UNet once per entry of the scheduler's timesteps, and its last
+    // event says all of them are done.
     if let Some(timesteps) = case["timesteps"].as_array() {
-        if evaluations != timesteps.len() {
+        let (done, total) = last_event.unwrap_or_default();
+        if (done, total) != (timesteps.len(), timesteps.len()) {
             return Err(format!(
-                "{name}: {evaluations} denoising steps, diffusers ran {}",
+                "{name}: {done} of {total} denoising steps done, diffusers ran {}",
                 timesteps.len()
             ));
         }
