@@ -223,8 +223,19 @@ fn queued_and_running_jobs_can_be_cancelled() {
     assert!(full.header("retry-after").is_some());
     assert!(full.error().contains("queue is full"));
 
+    let queued_events = EventStream::follow(&server, &format!("/jobs/{queued}/events"));
+    let first = queued_events.next();
+    assert_eq!(first.name, "queued", "{first:?}");
+    assert_eq!(first.data["queue_position"], 0, "{first:?}");
+
     let answer = cancel(&server, &queued);
     assert_eq!(answer["status"], "cancelled", "{answer}");
+    let rest = queued_events.rest();
+    assert_eq!(
+        rest.iter().map(|e| e.name.as_str()).collect::<Vec<_>>(),
+        ["cancelled"],
+        "{rest:?}"
+    );
     assert_eq!(server.get("/health").json()["queue_length"], 0);
 
     let answer = cancel(&server, &running);
@@ -286,4 +297,37 @@ fn bad_bodies_unknown_ids_and_old_jobs_are_refused() {
     assert_ne!(first, second);
     assert_eq!(server.get(&format!("/jobs/{first}")).status, 404);
     assert_eq!(job(&server, &second)["status"], "succeeded");
+}
+
+#[test]
+fn finished_jobs_expire_and_jobs_keep_the_time_limit() {
+    let server = Server::start(
+        &model_dir("sd1"),
+        &["--jobs-kept-for", "1", "--request-timeout", "30"],
+    );
+    server.wait_ready();
+    let done = create_job(&server, SMALL_JOB)["id"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    wait_for_status(&server, &done, "succeeded");
+    wait_until("the finished job expires", Duration::from_secs(10), || {
+        server.get(&format!("/jobs/{done}")).status == 404
+    });
+
+    // One step at 512x512 takes minutes on the tiny model's 4-wide attention heads, far
+    // past the 30 s limit, though its cost estimate lets it in (as in tests/hardening.rs).
+    let large =
+        r#"{"prompt": "a large job", "width": 512, "height": 512, "num_inference_steps": 1}"#;
+    let id = create_job(&server, large)["id"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let failed = wait_for_status(&server, &id, "failed");
+    let error = failed["error"].as_str().unwrap();
+    assert!(error.contains("limit of 30 s"), "{failed}");
+    wait_until("the engine is free", Duration::from_secs(30), || {
+        !busy(&server)
+    });
+    assert!(server.log().contains("stopped a running job"));
 }
