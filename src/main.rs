@@ -63,7 +63,8 @@ impl ModelArgs {
 
 #[derive(Subcommand)]
 enum Command {
-    /// Serve the HTTP API (POST /generate, GET /health, a page at /).
+    /// Serve the HTTP API (POST /generate, GET /health, jobs with progress, the AUTOMATIC1111
+    /// and OpenAI dialects, /metrics, /openapi.json, a page at /).
     Serve {
         #[command(flatten)]
         model: ModelArgs,
