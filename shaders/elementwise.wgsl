@@ -9,7 +9,7 @@ const MAX_RANK: u32 = 8u;
 
 struct Unary {
     len: u32,
-    op: u32,      // 0 silu, 1 gelu, 2 quick_gelu, 3 affine, 4 clamp, 5 sqrt
+    op: u32,      // 0 silu, 1 gelu, 2 quick_gelu, 3 affine, 4 clamp, 5 sqrt, 6 exp
     a: f32,       // affine mul / clamp min
     b: f32,       // affine add / clamp max
 }
@@ -80,7 +80,8 @@ fn unary(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: ve
         case 2u: { y = x * sigmoid(1.702 * x); }
         case 3u: { y = x * unary_p.a + unary_p.b; }
         case 4u: { y = min(max(x, unary_p.a), unary_p.b); }
-        default: { y = sqrt(x); }
+        case 5u: { y = sqrt(x); }
+        default: { y = exp(x); }
     }
     unary_out[i] = y;
 }

@@ -310,3 +310,47 @@ fn sd2_weights_stay_f16_on_a_gpu_that_reads_f16() {
         }
     }
 }
+
+/// The VAE encoder (image-to-image's first stage) against `vae.encode(image).latent_dist`
+/// of tools/fixtures/vae_encoder.py: mean, std and a seeded sample, for each fixture model
+/// at a non-square size, on each test device.
+#[test]
+fn vae_encoder_matches_diffusers() {
+    use sd_wgpu::model::source::ModelSource;
+    use sd_wgpu::model::vae_encoder::VaeEncoder;
+    let tensors = load_tensors(&reference("vae_encoder.safetensors"));
+    let cases = read_json(&reference("vae_encoder.json"));
+    let cases = cases["cases"].as_array().expect("a list of cases");
+    assert_eq!(cases.len(), 3);
+    for (device_name, device) in common::devices() {
+        for case in cases {
+            let model = case["model"].as_str().unwrap();
+            let source = ModelSource::open(&common::model_dir(model), None, &device).unwrap();
+            let vae = source.vae().unwrap();
+            let encoder = VaeEncoder::new(&vae.config, &vae.weights, &vae.config_path).unwrap();
+            let image = to_tensor(&tensors[&format!("{model}_image")], &device);
+            let dist = encoder.encode(&image).unwrap();
+            let what = |part: &str| format!("{device_name}: {model}: {part}");
+            compare(
+                &what("mean"),
+                &dist.mean,
+                &tensors[&format!("{model}_mean")],
+            );
+            compare(
+                &what("std"),
+                &dist.std().unwrap(),
+                &tensors[&format!("{model}_std")],
+            );
+            let seed = case["seed"].as_u64().unwrap();
+            let noise = TorchRng::new(seed)
+                .randn_tensor(dist.mean.shape(), &device)
+                .unwrap();
+            let sample = dist.sample_with(&noise).unwrap();
+            compare(
+                &what("sample"),
+                &sample,
+                &tensors[&format!("{model}_sample")],
+            );
+        }
+    }
+}

@@ -319,6 +319,8 @@ impl Default for UNetConfig {
 pub struct VaeConfig {
     pub in_channels: usize,
     pub out_channels: usize,
+    /// Read by the encoder only (image-to-image); text-to-image never builds it.
+    pub down_block_types: Vec<String>,
     pub up_block_types: Vec<String>,
     pub block_out_channels: Vec<usize>,
     pub layers_per_block: usize,
@@ -328,6 +330,7 @@ pub struct VaeConfig {
     pub scaling_factor: f64,
     pub shift_factor: Option<f64>,
     pub use_post_quant_conv: bool,
+    pub use_quant_conv: bool,
     pub mid_block_add_attention: bool,
 }
 
@@ -336,6 +339,7 @@ impl Default for VaeConfig {
         VaeConfig {
             in_channels: 3,
             out_channels: 3,
+            down_block_types: vec!["DownEncoderBlock2D".into()],
             up_block_types: vec!["UpDecoderBlock2D".into()],
             block_out_channels: vec![64],
             layers_per_block: 1,
@@ -345,6 +349,7 @@ impl Default for VaeConfig {
             scaling_factor: 0.18215,
             shift_factor: None,
             use_post_quant_conv: true,
+            use_quant_conv: true,
             mid_block_add_attention: true,
         }
     }

@@ -16,4 +16,5 @@ pub mod source;
 pub mod tokenizer;
 pub mod unet;
 pub mod vae;
+pub mod vae_encoder;
 pub mod weights;

@@ -1,4 +1,5 @@
-//! The decoder half of diffusers' `AutoencoderKL`: latents back to pixels.
+//! The decoder half of diffusers' `AutoencoderKL`: latents back to pixels; and the mid
+//! block both halves share.
 
 use std::path::Path;
 
@@ -40,6 +41,70 @@ impl SpatialAttention {
     }
 }
 
+/// `UNetMidBlock2D` as the VAE builds it: resnet, optional self-attention, resnet.
+pub(crate) struct VaeMidBlock {
+    resnets: [ResnetBlock2D; 2],
+    attention: Option<SpatialAttention>,
+}
+
+impl VaeMidBlock {
+    /// The mid block at `w` (`encoder.mid_block` or `decoder.mid_block`).
+    pub(crate) fn new(w: &Weights, config: &VaeConfig, channels: usize) -> Result<Self> {
+        let resnet = |j: usize| {
+            ResnetBlock2D::new(
+                &w.pp("resnets").pp(j),
+                vae_resnet(config, channels, channels),
+            )
+        };
+        Ok(VaeMidBlock {
+            resnets: [resnet(0)?, resnet(1)?],
+            attention: if config.mid_block_add_attention {
+                Some(SpatialAttention::new(
+                    &w.pp("attentions").pp(0),
+                    channels,
+                    config.norm_num_groups,
+                )?)
+            } else {
+                None
+            },
+        })
+    }
+
+    pub(crate) fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        let mut h = self.resnets[0].forward(x, None)?;
+        if let Some(attn) = &self.attention {
+            h = attn.forward(&h)?;
+        }
+        self.resnets[1].forward(&h, None)
+    }
+}
+
+/// The VAE's resnets: no time embedding, eps 1e-6, the config's groups.
+pub(crate) fn vae_resnet(config: &VaeConfig, cin: usize, cout: usize) -> ResnetConfig {
+    ResnetConfig {
+        in_channels: cin,
+        out_channels: cout,
+        temb_channels: None,
+        groups: config.norm_num_groups,
+        eps: 1e-6,
+        output_scale_factor: 1.0,
+    }
+}
+
+/// Checks what both halves of the VAE need of its config.
+pub(crate) fn check_vae_config(c: &VaeConfig, config_path: &Path) -> Result<()> {
+    if c.block_out_channels.is_empty() {
+        return Err(Error::config(config_path, "block_out_channels is empty"));
+    }
+    if c.act_fn != "silu" {
+        return Err(Error::config(
+            config_path,
+            format!("unsupported act_fn {:?}", c.act_fn),
+        ));
+    }
+    Ok(())
+}
+
 /// `UpDecoderBlock2D`: resnets, then an optional 2x upsampler.
 struct UpDecoderBlock {
     resnets: Vec<ResnetBlock2D>,
@@ -50,8 +115,7 @@ pub struct VaeDecoder {
     config: VaeConfig,
     post_quant_conv: Option<Conv2d>,
     conv_in: Conv2d,
-    mid_resnets: Vec<ResnetBlock2D>,
-    mid_attention: Option<SpatialAttention>,
+    mid: VaeMidBlock,
     up_blocks: Vec<UpDecoderBlock>,
     conv_norm_out: GroupNorm,
     conv_out: Conv2d,
@@ -62,17 +126,12 @@ impl VaeDecoder {
     /// weights are not read).
     pub fn new(config: &VaeConfig, w: &Weights, config_path: &Path) -> Result<Self> {
         let c = config;
+        check_vae_config(c, config_path)?;
         let levels = c.block_out_channels.len();
-        if levels == 0 || c.up_block_types.len() != levels {
+        if c.up_block_types.len() != levels {
             return Err(Error::config(
                 config_path,
-                "block_out_channels and up_block_types must have the same non-zero length",
-            ));
-        }
-        if c.act_fn != "silu" {
-            return Err(Error::config(
-                config_path,
-                format!("unsupported act_fn {:?}", c.act_fn),
+                "block_out_channels and up_block_types must have the same length",
             ));
         }
         if let Some(kind) = c.up_block_types.iter().find(|k| *k != "UpDecoderBlock2D") {
@@ -82,17 +141,9 @@ impl VaeDecoder {
             ));
         }
         let groups = c.norm_num_groups;
-        let resnet = |cin, cout| ResnetConfig {
-            in_channels: cin,
-            out_channels: cout,
-            temb_channels: None,
-            groups,
-            eps: 1e-6,
-            output_scale_factor: 1.0,
-        };
+        let resnet = |cin, cout| vae_resnet(c, cin, cout);
         let d = w.pp("decoder");
         let top = c.block_out_channels[levels - 1];
-        let mw = d.pp("mid_block");
         let mut up_blocks = Vec::with_capacity(levels);
         let mut out_ch = top;
         for i in 0..levels {
@@ -123,18 +174,7 @@ impl VaeDecoder {
                 None
             },
             conv_in: Conv2d::new(&d.pp("conv_in"), lc, top, 3, 1, 1)?,
-            mid_resnets: (0..2)
-                .map(|j| ResnetBlock2D::new(&mw.pp("resnets").pp(j), resnet(top, top)))
-                .collect::<Result<_>>()?,
-            mid_attention: if c.mid_block_add_attention {
-                Some(SpatialAttention::new(
-                    &mw.pp("attentions").pp(0),
-                    top,
-                    groups,
-                )?)
-            } else {
-                None
-            },
+            mid: VaeMidBlock::new(&d.pp("mid_block"), c, top)?,
             up_blocks,
             conv_norm_out: GroupNorm::new(
                 &d.pp("conv_norm_out"),
@@ -174,11 +214,7 @@ impl VaeDecoder {
             None => latents.clone(),
         };
         h = self.conv_in.forward(&h)?;
-        h = self.mid_resnets[0].forward(&h, None)?;
-        if let Some(attn) = &self.mid_attention {
-            h = attn.forward(&h)?;
-        }
-        h = self.mid_resnets[1].forward(&h, None)?;
+        h = self.mid.forward(&h)?;
         let bands = self.bands_needed(h.dims(), max_buffer_bytes)?;
         if bands == 1 {
             return self.up(h);

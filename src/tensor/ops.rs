@@ -33,6 +33,7 @@ pub enum UnaryOp {
         max: f32,
     },
     Sqrt,
+    Exp,
 }
 
 /// Shape of `lhs op rhs` under numpy broadcasting.
@@ -136,6 +137,7 @@ impl Tensor {
             UnaryOp::Affine { .. } => "affine",
             UnaryOp::Clamp { .. } => "clamp",
             UnaryOp::Sqrt => "sqrt",
+            UnaryOp::Exp => "exp",
         })?;
         match self.storage() {
             Storage::Cpu(a) => Ok(Tensor::from_storage(
@@ -176,6 +178,10 @@ impl Tensor {
 
     pub fn sqrt(&self) -> Result<Tensor> {
         self.unary(UnaryOp::Sqrt)
+    }
+
+    pub fn exp(&self) -> Result<Tensor> {
+        self.unary(UnaryOp::Exp)
     }
 
     /// `a * x + b * y` for two tensors of one shape: the workhorse of scheduler updates.

@@ -82,6 +82,7 @@ fn unary_rows<const FMA: bool>(dst: &mut [f32], src: &[f32], op: UnaryOp) {
         UnaryOp::Affine { mul, add } => pairs.for_each(|(d, &x)| *d = x * mul + add),
         UnaryOp::Clamp { min, max } => pairs.for_each(|(d, &x)| *d = x.max(min).min(max)),
         UnaryOp::Sqrt => pairs.for_each(|(d, &x)| *d = x.sqrt()),
+        UnaryOp::Exp => pairs.for_each(|(d, &x)| *d = x.exp()),
     }
 }
 

@@ -107,6 +107,7 @@ pub fn unary(x: &GpuStorage, op: UnaryOp) -> Result<GpuStorage> {
         UnaryOp::Affine { mul, add } => (3, mul, add),
         UnaryOp::Clamp { min, max } => (4, min, max),
         UnaryOp::Sqrt => (5, 0.0, 0.0),
+        UnaryOp::Exp => (6, 0.0, 0.0),
     };
     let ctx = &x.ctx;
     let out = GpuStorage::output(ctx, x.len());
@@ -355,6 +356,12 @@ mod tests {
             "sqrt",
             &[random(&[777], 2).affine(0.0, 3.0).unwrap()],
             |t| t[0].sqrt(),
+        );
+        // The VAE encoder's std: exp(0.5 * logvar), logvar clamped to [-30, 20].
+        assert_ops_agree(
+            "exp",
+            &[random(&[777], 3).affine(10.0, -2.0).unwrap()],
+            |t| t[0].exp(),
         );
     }
 
