@@ -336,6 +336,7 @@ fn whole_image(o: &Options, dir: &Path, device: &Device) -> Result<Value> {
         seed: o.seed,
         scheduler: None,
         scheduler_overrides: Default::default(),
+        init: None,
     };
     if o.profile {
         profile::set_enabled(true);

@@ -574,6 +574,7 @@ fn whole_images(o: &Options, sd: &StableDiffusion) -> Result<Map<String, Value>>
         seed: 0,
         scheduler: None,
         scheduler_overrides: Default::default(),
+        init: None,
     };
     let mut out = Map::new();
     println!("\nwhole {size}x{size} images, guidance 7.5, the model's own scheduler");
@@ -618,7 +619,10 @@ fn whole_images(o: &Options, sd: &StableDiffusion) -> Result<Map<String, Value>>
 /// Stage 2: every fixture image case on this GPU.
 fn fixture_images(o: &Options, device: &Device) -> Result<Value> {
     let reference = o.fixtures.join("reference");
-    let cases = image_cases::read_cases(&reference).map_err(Error::Other)?;
+    let mut cases = Vec::new();
+    for file in image_cases::CASE_FILES {
+        cases.extend(image_cases::read_cases(&reference, file).map_err(Error::Other)?);
+    }
     println!(
         "\nfixture images on the GPU ({} cases, pass: every pixel within {} levels, mean within {})",
         cases.len(),

@@ -2,8 +2,9 @@
 
 use std::ops::ControlFlow;
 use std::panic::AssertUnwindSafe;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use clap::{Args, Parser, Subcommand};
@@ -13,7 +14,7 @@ use sd_wgpu::backend::{select_device, BackendChoice};
 use sd_wgpu::engine::{Engine, EngineConfig};
 use sd_wgpu::model::hub::DEFAULT_MODEL;
 use sd_wgpu::pipeline::noise::random_seed;
-use sd_wgpu::pipeline::{GenerateParams, StableDiffusion};
+use sd_wgpu::pipeline::{GenerateParams, InitImage, MaskImage, RgbImage, StableDiffusion};
 use sd_wgpu::server::{ConnectionLimits, JobRetention, Limits, ServerConfig};
 use sd_wgpu::tensor::Device;
 use sd_wgpu::{Error, Result};
@@ -109,8 +110,9 @@ enum Command {
         /// Finished jobs kept at most; the oldest go first.
         #[arg(long, default_value_t = JobRetention::default().keep_count, env = "SD_JOBS_KEPT")]
         jobs_kept: usize,
-        /// Largest request body in bytes.
-        #[arg(long, default_value_t = 64 * 1024, env = "SD_BODY_LIMIT")]
+        /// Largest request body in bytes. 16 MiB holds an init image of the largest size
+        /// (2048x2048, a photo is 6-9 MB as PNG, a third more in base64) and its mask.
+        #[arg(long, default_value_t = 16 * 1024 * 1024, env = "SD_BODY_LIMIT")]
         body_limit: usize,
         /// Longest prompt or negative prompt, in characters.
         #[arg(long, default_value_t = 2000, env = "SD_MAX_PROMPT_CHARS")]
@@ -142,10 +144,23 @@ enum Command {
         /// Classifier-free guidance scale (guidance is off at 1 or below).
         #[arg(long, default_value_t = 7.5)]
         guidance: f64,
-        #[arg(long, default_value_t = 512)]
-        width: usize,
-        #[arg(long, default_value_t = 512)]
-        height: usize,
+        /// Pixels; default 512, or the init image's width.
+        #[arg(long)]
+        width: Option<usize>,
+        /// Pixels; default 512, or the init image's height.
+        #[arg(long)]
+        height: Option<usize>,
+        /// Image-to-image: the PNG or JPEG to start from (its size is the output's).
+        #[arg(long)]
+        init_image: Option<PathBuf>,
+        /// Inpainting (with --init-image): a mask of the same size, white where the image
+        /// is repainted, black where it is kept.
+        #[arg(long, requires = "init_image")]
+        mask_image: Option<PathBuf>,
+        /// With --init-image: how much of the schedule runs, in (0, 1]; default 0.8, or 1.0
+        /// with --mask-image (diffusers' defaults).
+        #[arg(long, requires = "init_image")]
+        strength: Option<f64>,
         /// Seed for torch-compatible noise; -1 picks a random one and prints it.
         #[arg(long, default_value_t = -1, allow_negative_numbers = true)]
         seed: i64,
@@ -170,6 +185,57 @@ fn resolve_seed(seed: i64) -> Result<u64> {
             "seed must be -1 (random) or >= 0, got {s}"
         ))),
     }
+}
+
+/// `--init-image`, `--mask-image` and `--strength` as the pipeline takes them.
+fn read_init_image(
+    image: Option<PathBuf>,
+    mask: Option<PathBuf>,
+    strength: Option<f64>,
+) -> Result<Option<InitImage>> {
+    let Some(image) = image else {
+        return Ok(None);
+    };
+    // The file's name on every error: a missing file, or one that is not a PNG or JPEG.
+    fn load<T>(path: &Path, decode: impl Fn(&[u8], usize) -> Result<T>) -> Result<Arc<T>> {
+        let bytes = std::fs::read(path).map_err(|e| Error::io(path, e))?;
+        decode(&bytes, usize::MAX)
+            .map(Arc::new)
+            .map_err(|e| Error::InvalidArgument(format!("{}: {e}", path.display())))
+    }
+    let image_file = load(&image, RgbImage::decode)?;
+    let mask = mask
+        .map(|path| load(&path, MaskImage::decode))
+        .transpose()?;
+    // diffusers' defaults: 0.8 for image-to-image, 1.0 for inpainting.
+    let strength = strength.unwrap_or(if mask.is_some() { 1.0 } else { 0.8 });
+    Ok(Some(InitImage {
+        image: image_file,
+        mask,
+        strength,
+    }))
+}
+
+/// `--width` and `--height`: the init image's size, which they may only repeat.
+fn output_size(
+    width: Option<usize>,
+    height: Option<usize>,
+    init: Option<&InitImage>,
+) -> Result<(usize, usize)> {
+    let Some(init) = init else {
+        return Ok((width.unwrap_or(512), height.unwrap_or(512)));
+    };
+    let size = (init.image.width, init.image.height);
+    if width.unwrap_or(size.0) != size.0 || height.unwrap_or(size.1) != size.1 {
+        return Err(Error::InvalidArgument(format!(
+            "--width/--height ask for {}x{} but the init image is {}x{}: the output has the init image's size",
+            width.unwrap_or(size.0),
+            height.unwrap_or(size.1),
+            size.0,
+            size.1
+        )));
+    }
+    Ok(size)
 }
 
 fn run(cli: Cli) -> Result<()> {
@@ -276,11 +342,16 @@ fn run(cli: Cli) -> Result<()> {
             guidance,
             width,
             height,
+            init_image,
+            mask_image,
+            strength,
             seed,
             scheduler,
             output,
         } => {
             let seed = resolve_seed(seed)?;
+            let init = read_init_image(init_image, mask_image, strength)?;
+            let (width, height) = output_size(width, height, init.as_ref())?;
             let device = model.device()?;
             let t0 = Instant::now();
             tracing::info!("loading {} on {device}", model.model.display());
@@ -297,6 +368,7 @@ fn run(cli: Cli) -> Result<()> {
                 seed,
                 scheduler,
                 scheduler_overrides: Default::default(),
+                init,
             };
             let bar = ProgressBar::new(0).with_style(
                 ProgressStyle::with_template(
@@ -306,9 +378,11 @@ fn run(cli: Cli) -> Result<()> {
                 .progress_chars("=> "),
             );
             bar.set_message("denoising");
+            let mut denoising_steps = 0;
             let result = sd.generate(&params, &mut |ev| {
                 bar.set_length(ev.total as u64);
                 bar.set_position(ev.step as u64);
+                denoising_steps = ev.total;
                 ControlFlow::Continue(())
             });
             bar.finish_and_clear();
@@ -316,8 +390,13 @@ fn run(cli: Cli) -> Result<()> {
             let png = generated.image.to_png()?;
             std::fs::write(&output, png).map_err(|e| Error::io(&output, e))?;
             let t = generated.timings;
+            let encode = if params.init.is_some() {
+                format!(", VAE encode {:.2}s", t.vae_encode.as_secs_f64())
+            } else {
+                String::new()
+            };
             println!(
-                "wrote {} ({}x{}, seed {}) in {:.2}s: load {:.2}s, text encoder {:.2}s, denoising {:.2}s ({:.2}s/step), VAE decode {:.2}s",
+                "wrote {} ({}x{}, seed {}) in {:.2}s: load {:.2}s, text encoder {:.2}s{encode}, denoising {:.2}s ({denoising_steps} steps, {:.2}s/step), VAE decode {:.2}s",
                 output.display(),
                 width,
                 height,
@@ -326,7 +405,7 @@ fn run(cli: Cli) -> Result<()> {
                 load_time.as_secs_f64(),
                 t.text_encoder.as_secs_f64(),
                 t.denoise.as_secs_f64(),
-                t.denoise.as_secs_f64() / steps as f64,
+                t.denoise.as_secs_f64() / denoising_steps.max(1) as f64,
                 t.vae_decode.as_secs_f64(),
             );
             if let Device::Gpu(gpu) = &device {

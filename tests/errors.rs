@@ -281,6 +281,7 @@ fn params() -> GenerateParams {
         seed: 0,
         scheduler: None,
         scheduler_overrides: Default::default(),
+        init: None,
     }
 }
 

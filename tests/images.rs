@@ -1,8 +1,15 @@
-//! Whole text-to-image runs against diffusers' `StableDiffusionPipeline` images saved by
-//! tools/fixtures/make_fixtures.py (`reference/images.json` + `reference/images/*.png`):
-//! every scheduler, guidance on and off, negative prompts, several seeds and non-square
-//! sizes, for all three fixture models (fast512 at the API's default 512x512). The cases
-//! and the pass rule live in common/image_cases.rs, which the GPU bench shares.
+//! Whole runs against diffusers' pipelines, on the CPU and on llvmpipe:
+//! - text-to-image: `StableDiffusionPipeline` images saved by tools/fixtures/make_fixtures.py
+//!   (`reference/images.json` + `reference/images/*.png`): every scheduler, guidance on and
+//!   off, negative prompts, several seeds and non-square sizes, for all three fixture models
+//!   (fast512 at the API's default 512x512);
+//! - image-to-image and inpainting: `StableDiffusionImg2ImgPipeline` and
+//!   `StableDiffusionInpaintPipeline` images saved by tools/fixtures/img2img.py
+//!   (`reference/img2img.json` + `reference/img2img/`): several strengths including 1,
+//!   schedulers with state and randomness, masks of three kinds, the 9-channel inpainting
+//!   UNet (sd1_inpaint) and the blended 4-channel one.
+//!
+//! The cases and the pass rule live in common/image_cases.rs, which the GPU bench shares.
 
 use std::collections::HashMap;
 
@@ -13,9 +20,23 @@ use common::image_cases::{describe, read_cases, run_case};
 
 #[test]
 fn images_match_diffusers_for_every_case() {
+    all_cases_match("images.json", 23);
+}
+
+#[test]
+fn image_to_image_and_inpainting_match_diffusers_for_every_case() {
+    all_cases_match("img2img.json", 17);
+}
+
+/// Runs every case of `file` on every device; at least `min_cases` must be there.
+fn all_cases_match(file: &str, min_cases: usize) {
     let reference = common::reference("");
-    let cases = read_cases(&reference).unwrap();
-    assert!(cases.len() >= 23, "only {} image cases", cases.len());
+    let cases = read_cases(&reference, file).unwrap();
+    assert!(
+        cases.len() >= min_cases,
+        "only {} cases in {file}",
+        cases.len()
+    );
 
     // Each fixture model is loaded once per device and shared by its cases.
     let mut models: HashMap<(String, String), StableDiffusion> = HashMap::new();

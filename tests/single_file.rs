@@ -47,6 +47,7 @@ fn params() -> GenerateParams {
         seed: 7,
         scheduler: None,
         scheduler_overrides: Default::default(),
+        init: None,
     }
 }
 

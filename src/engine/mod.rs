@@ -557,6 +557,7 @@ mod tests {
             seed: 3,
             scheduler: None,
             scheduler_overrides: Default::default(),
+            init: None,
         };
         let Ok((reply, _guard)) = engine.submit(params) else {
             panic!("the engine refused a job while ready");

@@ -10,7 +10,7 @@
 
 use std::time::{Duration, Instant};
 
-use super::text_to_image::StableDiffusion;
+use super::stable_diffusion::StableDiffusion;
 use crate::error::Result;
 use crate::tensor::Tensor;
 

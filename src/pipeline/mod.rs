@@ -1,10 +1,12 @@
 //! The text-to-image loop and what it needs besides the networks: noise and schedulers.
 
 pub mod cost;
+pub mod image;
 pub mod noise;
+pub mod params;
 pub mod scheduler;
-pub mod text_to_image;
+pub mod stable_diffusion;
 
-pub use text_to_image::{
-    GenerateParams, Generated, ParamsCheck, RgbImage, StableDiffusion, StageTimings, StepEvent,
-};
+pub use image::{MaskImage, RgbImage};
+pub use params::{GenerateParams, InitImage, ParamsCheck, StepEvent};
+pub use stable_diffusion::{Generated, StableDiffusion, StageTimings};

@@ -32,6 +32,7 @@ const A1111: Dialect = Dialect {
     refuse_unknown: false,
     default_steps: Some(50),
     default_guidance: Some(7.0),
+    init_image: false,
 };
 
 /// txt2img's body as the OpenAPI document describes it (the fields this server reads; any

@@ -26,6 +26,7 @@ use super::routes::{check_cost, generate_images, AppState};
 /// ignored, as its newer models ignore the older ones'.
 const OPENAI: Dialect = Dialect {
     refuse_unknown: false,
+    init_image: false,
     ..request::NATIVE
 };
 

@@ -3,12 +3,15 @@
 //! txt2img, OpenAI's images) name some fields differently and go through the same checks
 //! with their own names ([`Dialect`]).
 
+use std::sync::Arc;
+
+use base64::Engine as _;
 use serde_json::{Map, Value};
 use utoipa::ToSchema;
 
 use super::error::ApiError;
 use crate::pipeline::noise::random_seed;
-use crate::pipeline::GenerateParams;
+use crate::pipeline::{GenerateParams, InitImage, MaskImage, RgbImage};
 
 /// What a deployment accepts and what it assumes when a field is left out.
 #[derive(Clone, Debug)]
@@ -53,6 +56,8 @@ pub struct GenerateRequest {
     pub seed: Option<u64>,
     /// Additive: a scheduler class name or alias replacing the model's own.
     pub scheduler: Option<String>,
+    /// Additive: image-to-image (`init_image`, `strength`) or inpainting (with `mask_image`).
+    pub init: Option<InitImage>,
 }
 
 impl GenerateRequest {
@@ -68,6 +73,7 @@ impl GenerateRequest {
             seed: self.seed.unwrap_or_else(random_seed),
             scheduler: self.scheduler,
             scheduler_overrides: Default::default(),
+            init: self.init,
         }
     }
 }
@@ -95,6 +101,15 @@ pub struct GenerateBody {
     /// A diffusers scheduler class name or a short name (see /health's `schedulers`)
     /// replacing the model's own.
     scheduler: Option<String>,
+    /// Image-to-image: a PNG or JPEG in base64 (raw or a `data:` URL) to start from. The
+    /// output has its size (sides multiples of 8); `width` and `height` may be left out.
+    init_image: Option<String>,
+    /// Inpainting (needs `init_image`): a PNG or JPEG mask of the same size, white where
+    /// the image is repainted, black where it is kept.
+    mask_image: Option<String>,
+    /// With `init_image`: how much of the schedule runs, above 0 and at most 1; default
+    /// 0.8 (1.0 with `mask_image`).
+    strength: Option<f64>,
 }
 
 /// How a dialect names the fields the checks read.
@@ -109,6 +124,8 @@ pub struct Dialect {
     /// The steps assumed when the field is absent (`None`: the deployment's default).
     pub default_steps: Option<u64>,
     pub default_guidance: Option<f64>,
+    /// Whether `init_image`, `mask_image` and `strength` are read.
+    pub init_image: bool,
 }
 
 /// The API guide's dialect.
@@ -119,6 +136,7 @@ pub const NATIVE: Dialect = Dialect {
     refuse_unknown: true,
     default_steps: None,
     default_guidance: None,
+    init_image: true,
 };
 
 impl Dialect {
@@ -126,6 +144,9 @@ impl Dialect {
         let mut fields = vec!["prompt", "negative_prompt", self.steps, self.guidance];
         fields.extend(["width", "height", "seed"]);
         fields.extend(self.scheduler);
+        if self.init_image {
+            fields.extend(["init_image", "mask_image", "strength"]);
+        }
         fields
     }
 }
@@ -201,8 +222,18 @@ pub fn parse_as(
             short_number(guidance_scale)
         )));
     }
-    let width = side(fields, "width")?;
-    let height = side(fields, "height")?;
+    let init = if dialect.init_image {
+        init_image(fields, limits)?
+    } else {
+        None
+    };
+    let (width, height) = match &init {
+        Some(init) => (
+            image_side(fields, "width", init.image.width)?,
+            image_side(fields, "height", init.image.height)?,
+        ),
+        None => (side(fields, "width")?, side(fields, "height")?),
+    };
     if width * height > limits.max_pixels {
         return Err(ApiError::bad_request(format!(
             "`width` x `height` = {width}x{height} = {} pixels is over this server's limit of {} pixels",
@@ -235,7 +266,113 @@ pub fn parse_as(
         height,
         seed,
         scheduler,
+        init,
     })
+}
+
+/// `init_image`, `mask_image` and `strength`, each checked and named in its error.
+fn init_image(fields: &Map<String, Value>, limits: &Limits) -> Result<Option<InitImage>, ApiError> {
+    let max_pixels = usize::try_from(limits.max_pixels).unwrap_or(usize::MAX);
+    let image = image_field(fields, "init_image", |b| RgbImage::decode(b, max_pixels))?;
+    let mask = image_field(fields, "mask_image", |b| MaskImage::decode(b, max_pixels))?;
+    let strength = match fields.get("strength") {
+        None | Some(Value::Null) => None,
+        Some(Value::Number(n)) => Some(n.as_f64().unwrap_or(f64::NAN)),
+        Some(other) => return Err(type_error("strength", "a number", other)),
+    };
+    let Some(image) = image else {
+        if let Some(field) = [
+            ("mask_image", mask.is_some()),
+            ("strength", strength.is_some()),
+        ]
+        .iter()
+        .find_map(|(f, given)| given.then_some(f))
+        {
+            return Err(ApiError::bad_request(format!(
+                "`{field}` needs `init_image`, the image to start from"
+            )));
+        }
+        return Ok(None);
+    };
+    let allowed = |v: usize| {
+        (v as u64).is_multiple_of(SIDE_MULTIPLE) && (MIN_SIDE..=MAX_SIDE).contains(&(v as u64))
+    };
+    if !allowed(image.width) || !allowed(image.height) {
+        return Err(ApiError::bad_request(format!(
+            "`init_image` is {}x{}; its sides must be multiples of {SIDE_MULTIPLE} between {MIN_SIDE} and {MAX_SIDE}",
+            image.width, image.height
+        )));
+    }
+    if let Some(mask) = &mask {
+        if (mask.width, mask.height) != (image.width, image.height) {
+            return Err(ApiError::bad_request(format!(
+                "`mask_image` is {}x{} but `init_image` is {}x{}: they must be the same size",
+                mask.width, mask.height, image.width, image.height
+            )));
+        }
+    }
+    // diffusers' defaults: StableDiffusionImg2ImgPipeline 0.8, StableDiffusionInpaintPipeline 1.0.
+    let strength = strength.unwrap_or(if mask.is_some() { 1.0 } else { 0.8 });
+    if !(strength > 0.0 && strength <= 1.0) {
+        return Err(ApiError::bad_request(format!(
+            "`strength` must be above 0 and at most 1, got {}",
+            short_number(strength)
+        )));
+    }
+    Ok(Some(InitImage {
+        image: Arc::new(image),
+        mask: mask.map(Arc::new),
+        strength,
+    }))
+}
+
+/// An optional image field: base64 (raw or a `data:image/...;base64,` URL) of a PNG or JPEG.
+fn image_field<T>(
+    fields: &Map<String, Value>,
+    field: &str,
+    decode: impl Fn(&[u8]) -> crate::Result<T>,
+) -> Result<Option<T>, ApiError> {
+    let text = match fields.get(field) {
+        None | Some(Value::Null) => return Ok(None),
+        Some(Value::String(s)) => s,
+        Some(other) => return Err(type_error(field, "a base64-encoded PNG or JPEG", other)),
+    };
+    let data = match text.split_once(',') {
+        Some((head, data)) if head.starts_with("data:") => {
+            if !head.ends_with(";base64") {
+                return Err(ApiError::bad_request(format!(
+                    "`{field}` is a data URL without `;base64`: send the image base64-encoded"
+                )));
+            }
+            data
+        }
+        _ => text.as_str(),
+    };
+    let bytes = base64::engine::general_purpose::STANDARD
+        .decode(data.trim())
+        .map_err(|e| ApiError::bad_request(format!("`{field}` is not valid base64: {e}")))?;
+    decode(&bytes)
+        .map(Some)
+        .map_err(|e| ApiError::bad_request(format!("`{field}`: {}", plain(&e))))
+}
+
+/// An error's message without the "invalid argument: " heading.
+fn plain(e: &crate::Error) -> String {
+    match e {
+        crate::Error::InvalidArgument(m) => m.clone(),
+        other => other.to_string(),
+    }
+}
+
+/// `width` or `height` with an init image: absent, or the image's own.
+fn image_side(fields: &Map<String, Value>, field: &str, actual: usize) -> Result<u64, ApiError> {
+    match integer(fields, field)? {
+        Some(v) if v != actual as u64 => Err(ApiError::bad_request(format!(
+            "`{field}` is {v} but `init_image` is {actual} pixels {}: leave `width` and `height` out to use the image's size",
+            if field == "width" { "wide" } else { "high" }
+        ))),
+        _ => Ok(actual as u64),
+    }
 }
 
 fn describe(value: &Value) -> String {

@@ -1,21 +1,27 @@
 //! The whole-image cases of `reference/images.json` (written by
-//! tools/fixtures/make_fixtures.py with diffusers' `StableDiffusionPipeline`) and the rule an
-//! image must meet to match diffusers'. Shared by tests/images.rs and the GPU bench
-//! (`sd15_gpu --images`), which runs them on a real GPU outside the tests.
+//! tools/fixtures/make_fixtures.py with diffusers' `StableDiffusionPipeline`) and
+//! `reference/img2img.json` (tools/fixtures/img2img.py: `StableDiffusionImg2ImgPipeline` and
+//! `StableDiffusionInpaintPipeline`), and the rule an image must meet to match diffusers'.
+//! Shared by tests/images.rs, tests/img2img.rs and the GPU bench (`sd15_gpu --images`),
+//! which runs them on a real GPU outside the tests.
 
 use std::ops::ControlFlow;
 use std::path::Path;
+use std::sync::Arc;
 
-use sd_wgpu::pipeline::{GenerateParams, StableDiffusion};
+use sd_wgpu::pipeline::{GenerateParams, InitImage, MaskImage, RgbImage, StableDiffusion};
+
+/// The case files under `reference/`: text-to-image, then image-to-image and inpainting.
+pub const CASE_FILES: [&str; 2] = ["images.json", "img2img.json"];
 
 /// No pixel channel may differ from diffusers' by more than this many levels of 255.
 pub const MAX_PIXEL_DIFF: u8 = 3;
 /// The mean absolute difference over all channels of an image must stay within this.
 pub const MEAN_PIXEL_DIFF: f64 = 0.5;
 
-/// The cases of `<reference>/images.json`.
-pub fn read_cases(reference: &Path) -> Result<Vec<serde_json::Value>, String> {
-    let path = reference.join("images.json");
+/// The cases of `<reference>/<file>`.
+pub fn read_cases(reference: &Path, file: &str) -> Result<Vec<serde_json::Value>, String> {
+    let path = reference.join(file);
     let text = std::fs::read_to_string(&path).map_err(|e| format!("{}: {e}", path.display()))?;
     let cases: serde_json::Value =
         serde_json::from_str(&text).map_err(|e| format!("{}: {e}", path.display()))?;
@@ -25,8 +31,31 @@ pub fn read_cases(reference: &Path) -> Result<Vec<serde_json::Value>, String> {
         .ok_or_else(|| format!("{}: not a list of cases", path.display()))
 }
 
-/// The pipeline arguments of one case, as the fixture generator passed them.
-pub fn params(case: &serde_json::Value) -> Result<GenerateParams, String> {
+/// The pipeline arguments of one case, as the fixture generator passed them (its init
+/// image and mask are files under `reference`).
+pub fn params(case: &serde_json::Value, reference: &Path) -> Result<GenerateParams, String> {
+    let read = |field: &str| -> Result<Option<Vec<u8>>, String> {
+        let Some(file) = case[field].as_str() else {
+            return Ok(None);
+        };
+        let path = reference.join(file);
+        std::fs::read(&path)
+            .map(Some)
+            .map_err(|e| format!("{}: {e}", path.display()))
+    };
+    let init = match read("init_image")? {
+        None => None,
+        Some(bytes) => Some(InitImage {
+            image: Arc::new(RgbImage::decode(&bytes, usize::MAX).map_err(|e| e.to_string())?),
+            mask: match read("mask_image")? {
+                Some(bytes) => Some(Arc::new(
+                    MaskImage::decode(&bytes, usize::MAX).map_err(|e| e.to_string())?,
+                )),
+                None => None,
+            },
+            strength: case["strength"].as_f64().ok_or("case has no strength")?,
+        }),
+    };
     let int = |name: &str| {
         case[name]
             .as_u64()
@@ -48,18 +77,24 @@ pub fn params(case: &serde_json::Value) -> Result<GenerateParams, String> {
             .as_object()
             .cloned()
             .unwrap_or_default(),
+        init,
     })
 }
 
-/// A short name for the log: `07 sd1 DPMSolverMultistepScheduler {...} 32x32 seed 7`.
+/// A short name for the log: `07 sd1 DPMSolverMultistepScheduler {...} 32x32 seed 7`
+/// (with the pipeline and strength for image-to-image and inpainting).
 pub fn describe(index: usize, case: &serde_json::Value) -> String {
     let scheduler = case["scheduler"].as_str().unwrap_or("default");
     let overrides = match case["scheduler_overrides"].as_object() {
         Some(o) if !o.is_empty() => format!(" {}", serde_json::Value::Object(o.clone())),
         _ => String::new(),
     };
+    let pipeline = match case["pipeline"].as_str() {
+        Some(p) => format!(" {p} strength {}", case["strength"]),
+        None => String::new(),
+    };
     format!(
-        "{index:02} {} {scheduler}{overrides} {}x{} steps {} guidance {} seed {}",
+        "{index:02}{pipeline} {} {scheduler}{overrides} {}x{} steps {} guidance {} seed {}",
         case["fixture"].as_str().unwrap_or("?"),
         case["width"],
         case["height"],
@@ -83,7 +118,7 @@ pub fn run_case(
     reference: &Path,
     name: &str,
 ) -> Result<PixelDiff, String> {
-    let p = params(case).map_err(|e| format!("{name}: {e}"))?;
+    let p = params(case, reference).map_err(|e| format!("{name}: {e}"))?;
     let mut last_event = None;
     let generated = sd
         .generate(&p, &mut |event| {

@@ -12,6 +12,8 @@ pub struct Ddim {
     config: SchedulerConfig,
     schedule: NoiseSchedule,
     timesteps: Vec<f32>,
+    /// Where in `timesteps` the run starts.
+    begin: usize,
     /// Training timesteps between two inference steps, as diffusers computes the
     /// previous timestep (`num_train_timesteps // num_inference_steps`, whatever the spacing).
     step_gap: i64,
@@ -29,6 +31,7 @@ impl Ddim {
             config,
             schedule,
             timesteps,
+            begin: 0,
             step_gap,
         })
     }
@@ -39,6 +42,15 @@ impl Scheduler for Ddim {
         &self.timesteps
     }
 
+    fn set_begin_index(&mut self, begin: usize) {
+        self.begin = begin;
+    }
+
+    fn add_noise(&self, original: &Tensor, noise: &Tensor, step_index: usize) -> Result<Tensor> {
+        let t = timestep_at(&self.timesteps, self.begin + step_index)?;
+        self.schedule.add_noise(original, noise, t as i64)
+    }
+
     fn step(
         &mut self,
         model_output: &Tensor,
@@ -46,7 +58,7 @@ impl Scheduler for Ddim {
         sample: &Tensor,
         _rng: &mut TorchRng,
     ) -> Result<Tensor> {
-        let t = timestep_at(&self.timesteps, step_index)? as i64;
+        let t = timestep_at(&self.timesteps, self.begin + step_index)? as i64;
         let alpha_t = self.schedule.alpha_prod(t)?;
         let alpha_prev = self.schedule.alpha_prod(t - self.step_gap)?;
         let c = &self.config;

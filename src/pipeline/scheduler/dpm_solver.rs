@@ -14,6 +14,7 @@ pub struct DpmSolverMultistep {
     timesteps: Vec<f32>,
     /// One more than the timesteps; the last is where the final step lands.
     sigmas: Vec<f32>,
+    /// Where in `sigmas` the run's first step is.
     begin: usize,
     /// The last `solver_order` converted model outputs, oldest first.
     model_outputs: Vec<Tensor>,
@@ -143,6 +144,16 @@ impl DpmSolverMultistep {
 impl Scheduler for DpmSolverMultistep {
     fn timesteps(&self) -> &[f32] {
         &self.timesteps
+    }
+
+    fn set_begin_index(&mut self, begin: usize) {
+        self.begin = begin;
+    }
+
+    /// `alpha_t · original + sigma_t · noise` at the step's sigma.
+    fn add_noise(&self, original: &Tensor, noise: &Tensor, step_index: usize) -> Result<Tensor> {
+        let (alpha, sigma_t, _) = alpha_sigma_lambda(self.sigma(self.begin + step_index)?);
+        lincomb(&[(alpha, original), (sigma_t, noise)])
     }
 
     fn step(

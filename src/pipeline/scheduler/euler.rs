@@ -51,6 +51,14 @@ impl Scheduler for EulerDiscrete {
         Some(&self.table)
     }
 
+    fn set_begin_index(&mut self, begin: usize) {
+        self.table.set_begin_index(begin);
+    }
+
+    fn add_noise(&self, original: &Tensor, noise: &Tensor, step_index: usize) -> Result<Tensor> {
+        self.table.add_noise(original, noise, step_index)
+    }
+
     fn step(
         &mut self,
         model_output: &Tensor,

@@ -16,6 +16,7 @@ pub struct Lcm {
     config: SchedulerConfig,
     schedule: NoiseSchedule,
     timesteps: Vec<f32>,
+    /// Where in `timesteps` the run starts.
     begin: usize,
 }
 
@@ -56,6 +57,15 @@ impl Lcm {
 impl Scheduler for Lcm {
     fn timesteps(&self) -> &[f32] {
         &self.timesteps
+    }
+
+    fn set_begin_index(&mut self, begin: usize) {
+        self.begin = begin;
+    }
+
+    fn add_noise(&self, original: &Tensor, noise: &Tensor, step_index: usize) -> Result<Tensor> {
+        let t = timestep_at(&self.timesteps, self.begin + step_index)?;
+        self.schedule.add_noise(original, noise, t as i64)
     }
 
     fn step(

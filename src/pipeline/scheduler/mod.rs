@@ -54,6 +54,17 @@ pub trait Scheduler: Send {
         }
     }
 
+    /// diffusers' `set_begin_index`: the run enters the schedule at `timesteps()[begin]`
+    /// (image-to-image and inpainting skip the noisiest steps), and `step_index` counts from
+    /// there. Unset, a run starts where diffusers' `index_for_timestep` finds the first
+    /// timestep (one further on for a schedule that repeats it).
+    fn set_begin_index(&mut self, begin: usize);
+
+    /// `add_noise(original, noise, t)` for the timestep of the `step_index`-th step of the
+    /// run: `original` noised to that step's level, as image-to-image starts and as
+    /// inpainting re-noises the known region after each step.
+    fn add_noise(&self, original: &Tensor, noise: &Tensor, step_index: usize) -> Result<Tensor>;
+
     /// `step(...).prev_sample` for the `step_index`-th timestep. Stochastic schedulers draw
     /// their noise from `rng`, which is the generator the initial latents came from.
     fn step(

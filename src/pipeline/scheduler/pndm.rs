@@ -22,6 +22,8 @@ pub struct Pndm {
     /// The PRK timesteps (empty with `skip_prk_steps`), then the PLMS ones.
     timesteps: Vec<f32>,
     prk_len: usize,
+    /// Where in `timesteps` the run starts (the steps taken are counted from there).
+    begin: usize,
     /// `num_train_timesteps // num_inference_steps`.
     step_gap: i64,
     /// Steps taken so far.
@@ -83,6 +85,7 @@ impl Pndm {
             schedule,
             timesteps,
             prk_len,
+            begin: 0,
             step_gap,
             counter: 0,
             ets: Vec::new(),
@@ -201,6 +204,15 @@ impl Scheduler for Pndm {
         &self.timesteps
     }
 
+    fn set_begin_index(&mut self, begin: usize) {
+        self.begin = begin;
+    }
+
+    fn add_noise(&self, original: &Tensor, noise: &Tensor, step_index: usize) -> Result<Tensor> {
+        let t = timestep_at(&self.timesteps, self.begin + step_index)?;
+        self.schedule.add_noise(original, noise, t as i64)
+    }
+
     fn step(
         &mut self,
         model_output: &Tensor,
@@ -208,7 +220,7 @@ impl Scheduler for Pndm {
         sample: &Tensor,
         _rng: &mut TorchRng,
     ) -> Result<Tensor> {
-        let t = timestep_at(&self.timesteps, step_index)? as i64;
+        let t = timestep_at(&self.timesteps, self.begin + step_index)? as i64;
         let prev = if self.counter < self.prk_len {
             self.step_prk(model_output, t, sample)?
         } else {

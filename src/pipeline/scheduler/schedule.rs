@@ -127,6 +127,14 @@ impl NoiseSchedule {
             })
     }
 
+    /// The DDPM forward process at training timestep `t`:
+    /// `sqrt(ᾱ_t) · original + sqrt(1 - ᾱ_t) · noise`, the coefficients computed in float32
+    /// as diffusers' `add_noise` does on the float32 `alphas_cumprod`.
+    pub fn add_noise(&self, original: &Tensor, noise: &Tensor, t: i64) -> Result<Tensor> {
+        let alpha = self.alpha_prod(t)? as f32;
+        Tensor::axpby(alpha.sqrt(), original, (1.0 - alpha).sqrt(), noise)
+    }
+
     /// `((1 - alphas_cumprod) / alphas_cumprod) ** 0.5`, the Karras-style sigma of every
     /// training timestep (float32, as torch computes it).
     pub fn sigmas(&self) -> Vec<f32> {
@@ -333,7 +341,8 @@ pub struct SigmaTable {
     pub timesteps: Vec<f32>,
     /// One more than the timesteps: the sigma after the last step comes last.
     pub sigmas: Vec<f32>,
-    /// Where in `sigmas` the first timestep is (see [`begin_index`]).
+    /// Where in `sigmas` the run's first step is: [`begin_index`] until
+    /// [`SigmaTable::set_begin_index`] says otherwise.
     pub begin: usize,
     init_noise_sigma: f32,
 }
@@ -370,6 +379,21 @@ impl SigmaTable {
                 self.timesteps.len()
             ))),
         }
+    }
+
+    pub fn set_begin_index(&mut self, begin: usize) {
+        self.begin = begin;
+    }
+
+    /// `original + noise * sigma` at the `step_index`-th step of the run.
+    pub fn add_noise(
+        &self,
+        original: &Tensor,
+        noise: &Tensor,
+        step_index: usize,
+    ) -> Result<Tensor> {
+        let (sigma, _) = self.sigma_pair(step_index)?;
+        Tensor::axpby(1.0, original, sigma as f32, noise)
     }
 
     /// `sample / sqrt(sigma² + 1)`.

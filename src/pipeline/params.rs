@@ -1,0 +1,167 @@
+//! What a generation is asked for, and the model's rules for it: checked before a request
+//! waits in a queue, so that one the model cannot run is refused at once.
+
+use std::sync::Arc;
+
+use crate::error::{Error, Result};
+use crate::pipeline::image::{MaskImage, RgbImage};
+use crate::pipeline::scheduler::{self, Scheduler};
+
+/// What to generate. Mirrors the arguments of diffusers' pipeline call.
+#[derive(Clone, Debug, PartialEq)]
+pub struct GenerateParams {
+    pub prompt: String,
+    /// The unconditional branch's prompt; `None` means "".
+    pub negative_prompt: Option<String>,
+    pub steps: usize,
+    pub guidance_scale: f64,
+    pub width: usize,
+    pub height: usize,
+    /// `torch.Generator("cpu").manual_seed(seed)`.
+    pub seed: u64,
+    /// A scheduler class name or alias replacing the folder's own (`from_config`).
+    pub scheduler: Option<String>,
+    /// Scheduler config values set last, as diffusers' `from_config(config, **overrides)`
+    /// (for example `{"timestep_spacing": "trailing"}`).
+    pub scheduler_overrides: serde_json::Map<String, serde_json::Value>,
+    /// Image-to-image or inpainting; `None` is text-to-image.
+    pub init: Option<InitImage>,
+}
+
+/// Where image-to-image (`StableDiffusionImg2ImgPipeline`) and, with a mask, inpainting
+/// (`StableDiffusionInpaintPipeline`) start. The image sets the output size.
+#[derive(Clone, Debug, PartialEq)]
+pub struct InitImage {
+    pub image: Arc<RgbImage>,
+    /// White repaints, black keeps.
+    pub mask: Option<Arc<MaskImage>>,
+    /// How much of the schedule runs, in (0, 1]: 1 starts from (almost) pure noise.
+    /// diffusers' defaults are 0.8 for image-to-image and 1.0 for inpainting.
+    pub strength: f64,
+}
+
+impl InitImage {
+    /// diffusers' `get_timesteps`: the index of the first of the `steps`-step schedule's
+    /// timesteps that a run at `strength` takes (every scheduler here has order 1).
+    pub fn begin_index(&self, steps: usize) -> Result<usize> {
+        let run = ((steps as f64 * self.strength) as usize).min(steps);
+        if run == 0 {
+            return Err(Error::InvalidArgument(format!(
+                "strength {} of {steps} steps runs no denoising step: raise strength or steps",
+                self.strength
+            )));
+        }
+        Ok(steps - run)
+    }
+}
+
+/// Reported before each denoising step and once after the last (before the VAE decode);
+/// returning `ControlFlow::Break` cancels the job.
+#[derive(Clone, Copy, Debug)]
+pub struct StepEvent {
+    /// Denoising steps done.
+    pub step: usize,
+    pub total: usize,
+}
+
+/// A model's rules for a request's parameters, without its weights.
+#[derive(Clone, Debug)]
+pub struct ParamsCheck {
+    pub(crate) vae_scale_factor: usize,
+    pub(crate) scheduler_config: serde_json::Map<String, serde_json::Value>,
+    /// 9 for an inpainting UNet (latents, mask, masked-image latents), else the latent width.
+    pub(crate) unet_in_channels: usize,
+    pub(crate) latent_channels: usize,
+    pub(crate) has_vae_encoder: bool,
+}
+
+/// A checked request's scheduler and where in its timesteps the run begins.
+pub(crate) struct Plan {
+    pub scheduler: Box<dyn Scheduler>,
+    pub begin: usize,
+}
+
+impl ParamsCheck {
+    pub fn check(&self, p: &GenerateParams) -> Result<()> {
+        self.plan(p).map(drop)
+    }
+
+    /// Whether the UNet takes the mask and the masked image's latents besides the latents.
+    pub(crate) fn is_inpainting_unet(&self) -> bool {
+        self.unet_in_channels != self.latent_channels
+    }
+
+    /// The scheduler `p` asks for, once its size, guidance, steps and init image are known
+    /// to suit the model (building the scheduler is what checks the steps).
+    pub(crate) fn plan(&self, p: &GenerateParams) -> Result<Plan> {
+        let f = self.vae_scale_factor;
+        if p.width == 0
+            || p.height == 0
+            || !p.width.is_multiple_of(f)
+            || !p.height.is_multiple_of(f)
+        {
+            let what = if p.init.is_some() {
+                "the init image's width and height"
+            } else {
+                "width and height"
+            };
+            return Err(Error::InvalidArgument(format!(
+                "{what} must be positive multiples of {f} (the VAE's downscale factor), got {}x{}",
+                p.width, p.height
+            )));
+        }
+        if !p.guidance_scale.is_finite() {
+            return Err(Error::InvalidArgument(
+                "guidance_scale must be a finite number".into(),
+            ));
+        }
+        let has_mask = p.init.as_ref().is_some_and(|i| i.mask.is_some());
+        if self.is_inpainting_unet() && !has_mask {
+            return Err(Error::InvalidArgument(format!(
+                "this is an inpainting model (its UNet takes {} input channels): it needs an init image and a mask",
+                self.unet_in_channels
+            )));
+        }
+        let scheduler = scheduler::from_config_with(
+            &self.scheduler_config,
+            p.scheduler.as_deref(),
+            &p.scheduler_overrides,
+            p.steps,
+        )?;
+        let Some(init) = &p.init else {
+            return Ok(Plan {
+                scheduler,
+                begin: 0,
+            });
+        };
+        if !(init.strength > 0.0 && init.strength <= 1.0) {
+            return Err(Error::InvalidArgument(format!(
+                "strength must be in (0, 1], got {}",
+                init.strength
+            )));
+        }
+        if !self.has_vae_encoder {
+            return Err(Error::InvalidArgument(
+                "this model has no VAE encoder weights, which image-to-image and inpainting need"
+                    .into(),
+            ));
+        }
+        let image = &init.image;
+        if (image.width, image.height) != (p.width, p.height) {
+            return Err(Error::InvalidArgument(format!(
+                "width and height {}x{} differ from the init image's {}x{}",
+                p.width, p.height, image.width, image.height
+            )));
+        }
+        if let Some(mask) = &init.mask {
+            if (mask.width, mask.height) != (image.width, image.height) {
+                return Err(Error::InvalidArgument(format!(
+                    "the mask is {}x{} but the init image is {}x{}: they must be the same size",
+                    mask.width, mask.height, image.width, image.height
+                )));
+            }
+        }
+        let begin = init.begin_index(p.steps)?;
+        Ok(Plan { scheduler, begin })
+    }
+}
