@@ -96,6 +96,32 @@ fn webuiapi_lists_the_model_and_txt2img_matches_generate() {
 }
 
 #[test]
+fn webuiapi_img2img_restyles_and_inpaints_as_generate_does() {
+    let server = Server::start(&model_dir("sd1"), &[]);
+    server.wait_ready();
+    let out = python_client(&server, "a1111_webuiapi.py", &["img2img"]);
+    let restyled = &out["restyled"];
+    assert_eq!(restyled["sizes"], json!([[64, 64]]));
+    assert_eq!(restyled["info"]["denoising_strength"], 0.6);
+    assert_eq!(restyled["info"]["sampler_name"], "Euler");
+    let direct = generate_image(
+        &server,
+        json!({"prompt": "a yellow box", "seed": 5, "num_inference_steps": 4,
+               "guidance_scale": 7.0, "scheduler": "euler", "strength": 0.6,
+               "init_image": out["init"]}),
+    );
+    assert_eq!(
+        restyled["images"][0], direct,
+        "img2img and /generate differ"
+    );
+    // The 96x80 picture and its mask were resized to the 64x64 asked for.
+    let inpainted = &out["inpainted"];
+    assert_eq!(inpainted["sizes"], json!([[64, 64]]));
+    assert_eq!(inpainted["info"]["denoising_strength"], 1.0);
+    assert_eq!(inpainted["info"]["seed"], 6);
+}
+
+#[test]
 fn webuiapi_interrupt_stops_the_batch_and_skip_moves_to_the_next_image() {
     let server = Server::start(&model_dir("sd1"), &[]);
     server.wait_ready();

@@ -70,6 +70,28 @@ impl RgbImage {
         })
     }
 
+    /// The image scaled to `width` x `height` with a Lanczos filter (as AUTOMATIC1111 and
+    /// PIL resize init images; the filters' details differ, so pixels may differ slightly).
+    pub fn resized(&self, width: usize, height: usize) -> Result<Self> {
+        if (width, height) == (self.width, self.height) {
+            return Ok(self.clone());
+        }
+        let source =
+            image::RgbImage::from_raw(self.width as u32, self.height as u32, self.pixels.clone())
+                .ok_or_else(|| Error::Other("an RgbImage's pixels do not match its size".into()))?;
+        let out = image::imageops::resize(
+            &source,
+            width as u32,
+            height as u32,
+            image::imageops::FilterType::Lanczos3,
+        );
+        Ok(RgbImage {
+            width,
+            height,
+            pixels: out.into_raw(),
+        })
+    }
+
     /// Encodes the image as PNG.
     pub fn to_png(&self) -> Result<Vec<u8>> {
         let mut out = Vec::new();
@@ -124,6 +146,35 @@ impl MaskImage {
             height,
             luma,
         })
+    }
+
+    /// The mask scaled to `width` x `height` (Lanczos, as [`RgbImage::resized`]).
+    pub fn resized(&self, width: usize, height: usize) -> Result<Self> {
+        if (width, height) == (self.width, self.height) {
+            return Ok(self.clone());
+        }
+        let source =
+            image::GrayImage::from_raw(self.width as u32, self.height as u32, self.luma.clone())
+                .ok_or_else(|| Error::Other("a MaskImage's pixels do not match its size".into()))?;
+        let out = image::imageops::resize(
+            &source,
+            width as u32,
+            height as u32,
+            image::imageops::FilterType::Lanczos3,
+        );
+        Ok(MaskImage {
+            width,
+            height,
+            luma: out.into_raw(),
+        })
+    }
+
+    /// White for black and black for white (A1111's `inpainting_mask_invert`).
+    pub fn inverted(mut self) -> Self {
+        for v in &mut self.luma {
+            *v = 255 - *v;
+        }
+        self
     }
 
     /// Whether each pixel is repainted: diffusers binarises `L / 255` at 0.5, so 128 and up.

@@ -28,6 +28,17 @@ pub struct GenerateParams {
     pub init: Option<InitImage>,
 }
 
+impl GenerateParams {
+    /// The denoising steps a run takes: all `steps`, or strength's share of them
+    /// (PNDM's schedule runs one more UNet evaluation).
+    pub fn denoising_steps(&self) -> usize {
+        match &self.init {
+            Some(init) => self.steps - init.begin_index(self.steps).unwrap_or(self.steps),
+            None => self.steps,
+        }
+    }
+}
+
 /// Where image-to-image (`StableDiffusionImg2ImgPipeline`) and, with a mask, inpainting
 /// (`StableDiffusionInpaintPipeline`) start. The image sets the output size.
 #[derive(Clone, Debug, PartialEq)]

@@ -8,7 +8,6 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use axum::extract::State;
-use axum::http::StatusCode;
 use axum::routing::{get, post};
 use axum::{Json, Router};
 use base64::Engine as _;
@@ -20,7 +19,7 @@ use super::body::{BodilessPost, JsonBody};
 use super::error::{ApiError, ErrorBody};
 use super::request::{self, type_error, Dialect};
 use super::routes::{check_cost, generate_images, AppState};
-use crate::pipeline::GenerateParams;
+use crate::pipeline::{GenerateParams, InitImage, MaskImage, RgbImage};
 
 /// txt2img's fields as A1111 names them, with its defaults; the many options this server
 /// has no use for (hires fix, face restoration, scripts...) are ignored, as A1111 ignores
@@ -60,7 +59,40 @@ pub struct Txt2ImgBody {
     n_iter: Option<u64>,
 }
 
-/// txt2img's answer.
+/// img2img's body as the OpenAPI document describes it: txt2img's fields and these.
+#[derive(ToSchema)]
+#[allow(dead_code)] // describes the wire format only
+pub struct Img2ImgBody {
+    prompt: String,
+    negative_prompt: Option<String>,
+    /// Base64 PNGs or JPEGs (raw or data URLs); the first is the image to start from,
+    /// resized to width x height when its size differs.
+    init_images: Vec<String>,
+    /// Inpainting: a base64 mask, white where the image is repainted (resized likewise).
+    mask: Option<String>,
+    /// 1 repaints the black part of the mask instead; default 0.
+    inpainting_mask_invert: Option<u64>,
+    /// Above 0 and at most 1; default 0.75.
+    denoising_strength: Option<f64>,
+    /// Default 50.
+    steps: Option<u64>,
+    /// Default 7.0.
+    cfg_scale: Option<f64>,
+    /// Default 512.
+    width: Option<u64>,
+    /// Default 512.
+    height: Option<u64>,
+    /// -1 for random.
+    seed: Option<i64>,
+    /// As txt2img's.
+    sampler_name: Option<String>,
+    /// As txt2img's.
+    scheduler: Option<String>,
+    batch_size: Option<u64>,
+    n_iter: Option<u64>,
+}
+
+/// txt2img's (and img2img's) answer.
 #[derive(Serialize, ToSchema)]
 pub struct Txt2ImgResponse {
     /// PNGs, base64-encoded (no data: prefix).
@@ -259,8 +291,101 @@ async fn txt2img(
     State(app): State<Arc<AppState>>,
     JsonBody(body): JsonBody,
 ) -> Result<Json<Txt2ImgResponse>, ApiError> {
-    let fields = request::json_object(&body)?;
+    generate(&app, request::json_object(&body)?, false).await
+}
+
+/// `POST /sdapi/v1/img2img`: txt2img from `init_images[0]` (and `mask`), which are resized
+/// to width x height as A1111 does. A1111's mask_blur, inpainting_fill and inpaint_full_res
+/// are not applied: the mask is used as sent, binarised as diffusers does.
+#[utoipa::path(post, path = "/sdapi/v1/img2img", tag = "automatic1111", request_body = Img2ImgBody,
+    responses((status = 200, description = "The images", body = Txt2ImgResponse),
+              (status = 400, description = "A field is wrong", body = ErrorBody),
+              (status = 503, description = "Not ready or the queue is full", body = ErrorBody)))]
+async fn img2img(
+    State(app): State<Arc<AppState>>,
+    JsonBody(body): JsonBody,
+) -> Result<Json<Txt2ImgResponse>, ApiError> {
+    generate(&app, request::json_object(&body)?, true).await
+}
+
+/// img2img's `init_images`, `mask`, `inpainting_mask_invert` and `denoising_strength`, the
+/// images brought to the request's (checked) `width` x `height`.
+fn init_image(
+    fields: &Map<String, Value>,
+    limits: &request::Limits,
+    (width, height): (usize, usize),
+) -> Result<InitImage, ApiError> {
+    let max_pixels = usize::try_from(limits.max_pixels).unwrap_or(usize::MAX);
+    let first = match fields.get("init_images") {
+        Some(Value::Array(images)) if !images.is_empty() => {
+            let mut one = Map::new();
+            one.insert("init_images".into(), images[0].clone());
+            one
+        }
+        None | Some(Value::Null | Value::Array(_)) => {
+            return Err(ApiError::bad_request(
+                "`init_images` must hold the image to start from (a base64 PNG or JPEG)",
+            ))
+        }
+        Some(other) => {
+            return Err(type_error(
+                "init_images",
+                "an array of base64 images",
+                other,
+            ))
+        }
+    };
+    let image = request::image_field(&first, "init_images", |b| RgbImage::decode(b, max_pixels))?
+        .ok_or_else(|| ApiError::bad_request("`init_images` must not start with null"))?;
+    let mask = request::image_field(fields, "mask", |b| MaskImage::decode(b, max_pixels))?;
+    let invert = match request::integer(fields, "inpainting_mask_invert")? {
+        None | Some(0) => false,
+        Some(1) => true,
+        Some(other) => {
+            return Err(ApiError::bad_request(format!(
+                "`inpainting_mask_invert` must be 0 or 1, got {other}"
+            )))
+        }
+    };
+    let strength = match fields.get("denoising_strength") {
+        None | Some(Value::Null) => 0.75,
+        Some(Value::Number(n)) => n.as_f64().unwrap_or(f64::NAN),
+        Some(other) => return Err(type_error("denoising_strength", "a number", other)),
+    };
+    if !(strength > 0.0 && strength <= 1.0) {
+        return Err(ApiError::bad_request(format!(
+            "`denoising_strength` must be above 0 and at most 1, got {strength}"
+        )));
+    }
+    let resize_error = |e: crate::Error| ApiError::bad_request(request::plain(&e));
+    let image = image.resized(width, height).map_err(resize_error)?;
+    let mask = match mask {
+        Some(mask) => {
+            let mask = mask.resized(width, height).map_err(resize_error)?;
+            Some(Arc::new(if invert { mask.inverted() } else { mask }))
+        }
+        None => None,
+    };
+    Ok(InitImage {
+        image: Arc::new(image),
+        mask,
+        strength,
+    })
+}
+
+/// txt2img and img2img after their own fields: the images, and A1111's answer.
+async fn generate(
+    app: &Arc<AppState>,
+    fields: Map<String, Value>,
+    img2img: bool,
+) -> Result<Json<Txt2ImgResponse>, ApiError> {
+    let app = app.clone();
     let req = request::parse_as(&fields, &app.limits, &A1111)?;
+    let size = (req.width as usize, req.height as usize);
+    let init = match img2img {
+        true => Some(init_image(&fields, &app.limits, size)?),
+        false => None,
+    };
     let (scheduler, sampler_name, schedule_label) = choose_sampler(&fields)?;
     let (batch_size, n_iter) = (count(&fields, "batch_size")?, count(&fields, "n_iter")?);
     let images = batch_size * n_iter;
@@ -271,6 +396,7 @@ async fn txt2img(
     }
     let params = GenerateParams {
         scheduler: Some(scheduler),
+        init,
         ..req.into_params()
     };
     let seed = params.seed;
@@ -287,7 +413,7 @@ async fn txt2img(
         .collect::<crate::error::Result<Vec<_>>>()?;
 
     let negative = params.negative_prompt.clone().unwrap_or_default();
-    let info = json!({
+    let mut info = json!({
         "prompt": params.prompt,
         "all_prompts": vec![&params.prompt; seeds.len()],
         "negative_prompt": negative,
@@ -325,6 +451,13 @@ async fn txt2img(
     ] {
         parameters.insert(key.to_string(), value);
     }
+    if let Some(init) = &params.init {
+        parameters.insert("denoising_strength".into(), json!(init.strength));
+        // The images came in the request; A1111 does not echo them either.
+        parameters.insert("init_images".into(), json!(null));
+        parameters.insert("mask".into(), json!(null));
+        info["denoising_strength"] = json!(init.strength);
+    }
     let images: Vec<String> = pngs
         .iter()
         .map(|png| base64::engine::general_purpose::STANDARD.encode(png))
@@ -334,16 +467,6 @@ async fn txt2img(
         parameters,
         info: info.to_string(),
     }))
-}
-
-/// `POST /sdapi/v1/img2img`: not yet (image-to-image is its own piece of work).
-#[utoipa::path(post, path = "/sdapi/v1/img2img", tag = "automatic1111",
-    responses((status = 501, description = "Not available yet", body = ErrorBody)))]
-async fn img2img() -> ApiError {
-    ApiError::new(
-        StatusCode::NOT_IMPLEMENTED,
-        "img2img is not available on this server yet; txt2img is",
-    )
 }
 
 /// `GET /sdapi/v1/progress`: the running job's share done and time left; 0 and job_count

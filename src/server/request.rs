@@ -327,7 +327,7 @@ fn init_image(fields: &Map<String, Value>, limits: &Limits) -> Result<Option<Ini
 }
 
 /// An optional image field: base64 (raw or a `data:image/...;base64,` URL) of a PNG or JPEG.
-fn image_field<T>(
+pub fn image_field<T>(
     fields: &Map<String, Value>,
     field: &str,
     decode: impl Fn(&[u8]) -> crate::Result<T>,
@@ -357,7 +357,7 @@ fn image_field<T>(
 }
 
 /// An error's message without the "invalid argument: " heading.
-fn plain(e: &crate::Error) -> String {
+pub fn plain(e: &crate::Error) -> String {
     match e {
         crate::Error::InvalidArgument(m) => m.clone(),
         other => other.to_string(),
@@ -422,7 +422,7 @@ fn text(
 }
 
 /// An optional non-negative integer field (`30`, not `30.5` or `"30"`).
-fn integer(fields: &Map<String, Value>, field: &str) -> Result<Option<u64>, ApiError> {
+pub fn integer(fields: &Map<String, Value>, field: &str) -> Result<Option<u64>, ApiError> {
     match fields.get(field) {
         None | Some(Value::Null) => Ok(None),
         Some(Value::Number(n)) => match n.as_u64() {

@@ -325,7 +325,7 @@ pub(super) fn check_cost(
     let (Some(limit), Some(cost)) = (app.time_limit, app.engine.step_cost()) else {
         return Ok(());
     };
-    let (w, h, steps) = (params.width, params.height, params.steps);
+    let (w, h, steps) = (params.width, params.height, params.denoising_steps());
     let needed = cost.generation_at_least(w, h, steps * images);
     if needed <= limit {
         return Ok(());

@@ -1,7 +1,7 @@
 """Drives the AUTOMATIC1111 routes with the `webuiapi` package (PyPI), as scripts written
 for AUTOMATIC1111 do, and prints what it saw as one JSON object for tests/dialects.rs.
 
-usage: a1111_webuiapi.py PORT (txt2img | interrupt | skip)
+usage: a1111_webuiapi.py PORT (txt2img | img2img | interrupt | skip)
 """
 import json
 import sys
@@ -9,6 +9,7 @@ import threading
 import time
 
 import webuiapi
+from PIL import Image
 
 port, mode = int(sys.argv[1]), sys.argv[2]
 api = webuiapi.WebUIApi(host="127.0.0.1", port=port)
@@ -54,6 +55,28 @@ if mode == "txt2img":
         out["unknown_sampler"] = None
     except RuntimeError as e:
         out["unknown_sampler"] = {"status": e.args[0], "body": json.loads(e.args[1])}
+elif mode == "img2img":
+    def picture(size):
+        image = Image.new("RGB", size, (30, 60, 200))
+        image.paste((240, 230, 40), (16, 16, 48, 40))
+        return image
+
+    # A 64x64 init image (no resizing, so /generate can repeat the run exactly), then a
+    # 96x80 one with a mask, white (repaint) on the right, that img2img brings to 64x64.
+    init = picture((64, 64))
+    restyled = api.img2img(images=[init], prompt="a yellow box", seed=5, steps=4, cfg_scale=7.0,
+                           width=64, height=64, denoising_strength=0.6, sampler_name="Euler")
+    mask = Image.new("L", (96, 80), 0)
+    mask.paste(255, (48, 0, 96, 80))
+    inpainted = api.img2img(images=[picture((96, 80))], mask_image=mask, prompt="a yellow box",
+                            seed=6, steps=4, width=64, height=64, denoising_strength=1.0,
+                            sampler_name="Euler a")
+    out = {
+        "restyled": {"images": raw_images(restyled), "info": restyled.info,
+                     "sizes": [list(i.size) for i in restyled.images]},
+        "inpainted": {"info": inpainted.info, "sizes": [list(i.size) for i in inpainted.images]},
+        "init": webuiapi.raw_b64_img(init),
+    }
 elif mode in ("interrupt", "skip"):
     result = {}
 
