@@ -329,28 +329,39 @@ fn vae_encoder_matches_diffusers() {
             let vae = source.vae().unwrap();
             let encoder = VaeEncoder::new(&vae.config, &vae.weights, &vae.config_path).unwrap();
             let image = to_tensor(&tensors[&format!("{model}_image")], &device);
-            let dist = encoder.encode(&image).unwrap();
-            let what = |part: &str| format!("{device_name}: {model}: {part}");
-            compare(
-                &what("mean"),
-                &dist.mean,
-                &tensors[&format!("{model}_mean")],
-            );
-            compare(
-                &what("std"),
-                &dist.std().unwrap(),
-                &tensors[&format!("{model}_std")],
-            );
-            let seed = case["seed"].as_u64().unwrap();
-            let noise = TorchRng::new(seed)
-                .randn_tensor(dist.mean.shape(), &device)
+            // Whole, and in row bands under a buffer limit that needs three or more.
+            let dims = [1, 3, image.dim(2), image.dim(3)];
+            let small = (1..)
+                .map(|kib| kib << 10)
+                .find(|&limit| encoder.bands_needed(dims, Some(limit)).is_ok())
                 .unwrap();
-            let sample = dist.sample_with(&noise).unwrap();
-            compare(
-                &what("sample"),
-                &sample,
-                &tensors[&format!("{model}_sample")],
-            );
+            let bands = encoder.bands_needed(dims, Some(small)).unwrap();
+            assert!(bands >= 3, "{model}: {bands} bands at the smallest limit");
+            for limit in [None, Some(small)] {
+                let dist = encoder.encode_within(&image, limit).unwrap();
+                let what =
+                    |part: &str| format!("{device_name}: {model} (buffer limit {limit:?}): {part}");
+                compare(
+                    &what("mean"),
+                    &dist.mean,
+                    &tensors[&format!("{model}_mean")],
+                );
+                compare(
+                    &what("std"),
+                    &dist.std().unwrap(),
+                    &tensors[&format!("{model}_std")],
+                );
+                let seed = case["seed"].as_u64().unwrap();
+                let noise = TorchRng::new(seed)
+                    .randn_tensor(dist.mean.shape(), &device)
+                    .unwrap();
+                let sample = dist.sample_with(&noise).unwrap();
+                compare(
+                    &what("sample"),
+                    &sample,
+                    &tensors[&format!("{model}_sample")],
+                );
+            }
         }
     }
 }

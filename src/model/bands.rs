@@ -23,6 +23,9 @@ pub trait FeatureMap: Clone {
     fn scale(&self, factor: f32) -> Result<Self>;
     /// Nearest-neighbour resize to `height x width`.
     fn upsample_nearest(&self, height: usize, width: usize) -> Result<Self>;
+    /// A stride-2 convolution of the map with one zero row and column after it (diffusers'
+    /// `Downsample2D` with `padding=0`, the VAE encoder's).
+    fn downsample_padded_after(&self, conv: &Conv2d) -> Result<Self>;
     /// `[N, C, H, W]`.
     fn dims(&self) -> [usize; 4];
 }
@@ -56,6 +59,15 @@ impl FeatureMap for Tensor {
         Tensor::upsample_nearest(self, height, width)
     }
 
+    fn downsample_padded_after(&self, conv: &Conv2d) -> Result<Self> {
+        self.expect_rank("Downsample2D", 4)?;
+        let [n, c, h, w] = self.dims();
+        let device = self.device();
+        let x = Tensor::cat(&[self, &Tensor::zeros(&[n, c, 1, w], &device)?], 2)?;
+        let x = Tensor::cat(&[&x, &Tensor::zeros(&[n, c, h + 1, 1], &device)?], 3)?;
+        conv.forward(&x)
+    }
+
     fn dims(&self) -> [usize; 4] {
         let s = self.shape();
         [s[0], s[1], s[2], s[3]]
@@ -71,13 +83,26 @@ pub struct RowBands {
 impl RowBands {
     /// Splits `x` into `count` bands of nearly equal height (at most one per row).
     pub fn split(x: &Tensor, count: usize) -> Result<Self> {
+        Self::split_aligned(x, count, 1)
+    }
+
+    /// [`RowBands::split`] into bands whose heights are multiples of `align` (which must
+    /// divide the height), so that they halve evenly through `log2(align)` downsamplers.
+    pub fn split_aligned(x: &Tensor, count: usize, align: usize) -> Result<Self> {
         x.expect_rank("RowBands", 4)?;
         let h = x.dim(2);
-        let count = count.clamp(1, h.max(1));
+        if align == 0 || !h.is_multiple_of(align) {
+            return Err(Error::shape(
+                "RowBands::split_aligned",
+                format!("{h} rows are not a multiple of {align}"),
+            ));
+        }
+        let units = h / align;
+        let count = count.clamp(1, units.max(1));
         let mut bands = Vec::with_capacity(count);
         let mut start = 0;
         for i in 0..count {
-            let rows = h / count + usize::from(i < h % count);
+            let rows = (units / count + usize::from(i < units % count)) * align;
             bands.push(x.narrow(2, start, rows)?);
             start += rows;
         }
@@ -217,6 +242,34 @@ impl FeatureMap for RowBands {
         self.map(|b| b.upsample_nearest(b.dim(2) * (height / h), width))
     }
 
+    /// Output row r reads input rows 2r..2r+2, so each band (of even height) takes the
+    /// first row of the band below it, or the zero row where the map ends.
+    fn downsample_padded_after(&self, conv: &Conv2d) -> Result<Self> {
+        let last = self.bands.len() - 1;
+        let mut out = Vec::with_capacity(self.bands.len());
+        for (i, band) in self.bands.iter().enumerate() {
+            let [n, c, rows, w] = band.dims();
+            if rows % 2 != 0 {
+                return Err(Error::shape(
+                    "RowBands::downsample_padded_after",
+                    format!("a band of {rows} rows does not halve"),
+                ));
+            }
+            let below = if i < last {
+                self.bands[i + 1].narrow(2, 0, 1)?
+            } else {
+                Tensor::zeros(&[n, c, 1, w], &band.device())?
+            };
+            let x = Tensor::cat(&[band, &below], 2)?;
+            let x = Tensor::cat(
+                &[&x, &Tensor::zeros(&[n, c, rows + 1, 1], &band.device())?],
+                3,
+            )?;
+            out.push(conv.forward(&x)?);
+        }
+        Ok(RowBands { bands: out })
+    }
+
     fn dims(&self) -> [usize; 4] {
         let [n, c, _, w] = self.bands[0].dims();
         [n, c, self.bands.iter().map(|b| b.dim(2)).sum(), w]
@@ -294,6 +347,23 @@ mod tests {
                 "add",
                 FeatureMap::add(&bands, &bands).unwrap(),
                 x.add(&x).unwrap(),
+            );
+            // Even bands (4, 4, 2, 2 of 12 rows) through the encoder's downsampler.
+            let down = Conv2d::new(&w.pp("down"), 8, 8, 3, 2, 0).unwrap();
+            let even = x.narrow(2, 0, 12).unwrap();
+            let even_bands = RowBands::split_aligned(&even, 4, 2).unwrap();
+            assert_eq!(
+                even_bands
+                    .bands()
+                    .iter()
+                    .map(|b| b.dim(2))
+                    .collect::<Vec<_>>(),
+                [4, 4, 2, 2]
+            );
+            check(
+                "downsample",
+                even_bands.downsample_padded_after(&down).unwrap(),
+                even.downsample_padded_after(&down).unwrap(),
             );
             assert_eq!(bands.dims(), [2, 8, 13, 5]);
         }

@@ -90,15 +90,13 @@ impl Downsample2D {
         })
     }
 
-    pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        if !self.pad_bottom_right {
-            return self.conv.forward(x);
+    /// Halves a whole map, or (the encoder's padding only) a map in row bands.
+    pub fn forward<M: FeatureMap>(&self, x: &M) -> Result<M> {
+        if self.pad_bottom_right {
+            x.downsample_padded_after(&self.conv)
+        } else {
+            x.conv(&self.conv)
         }
-        x.expect_rank("Downsample2D", 4)?;
-        let (n, c, h, w) = (x.dim(0), x.dim(1), x.dim(2), x.dim(3));
-        let x = Tensor::cat(&[x, &Tensor::zeros(&[n, c, 1, w], &x.device())?], 2)?;
-        let x = Tensor::cat(&[&x, &Tensor::zeros(&[n, c, h + 1, 1], &x.device())?], 3)?;
-        self.conv.forward(&x)
     }
 }
 

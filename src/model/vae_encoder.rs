@@ -4,6 +4,7 @@
 use std::path::Path;
 
 use crate::error::{Error, Result};
+use crate::model::bands::{FeatureMap, RowBands};
 use crate::model::config::VaeConfig;
 use crate::model::nn::{Conv2d, GroupNorm};
 use crate::model::resnet::{Downsample2D, ResnetBlock2D};
@@ -25,6 +26,8 @@ pub struct VaeEncoder {
     conv_norm_out: GroupNorm,
     conv_out: Conv2d,
     quant_conv: Option<Conv2d>,
+    /// `block_out_channels`: each level's width, which sizes its maps.
+    level_channels: Vec<usize>,
 }
 
 /// diffusers' `DiagonalGaussianDistribution`: a mean and a log-variance per latent.
@@ -48,6 +51,52 @@ impl LatentDistribution {
 }
 
 impl VaeEncoder {
+    /// conv_in and the down blocks, on a whole map or on row bands.
+    fn down<M: FeatureMap>(&self, image: M) -> Result<M> {
+        let mut h = image.conv(&self.conv_in)?;
+        for block in &self.down_blocks {
+            for resnet in &block.resnets {
+                h = resnet.forward(&h, None)?;
+            }
+            if let Some(down) = &block.downsampler {
+                h = down.forward(&h)?;
+            }
+        }
+        Ok(h)
+    }
+
+    /// How many row bands the down blocks need so that no band's activation exceeds half of
+    /// `max_buffer_bytes` (the rest covers halo rows and a convolution's copies), for an
+    /// image `[N, C, H, W]`: the largest map is the widest level's, counted per image row.
+    pub fn bands_needed(&self, image: [usize; 4], max_buffer_bytes: Option<u64>) -> Result<usize> {
+        let Some(limit) = max_buffer_bytes else {
+            return Ok(1);
+        };
+        let [n, _, rows, width] = image;
+        // Level i holds maps of (W / 2^i) columns per 2^i image rows, as wide as its own
+        // channels or (in its first resnet and the downsampler it receives) the level
+        // above's.
+        let per_row = (0..self.level_channels.len())
+            .map(|i| {
+                let channels = self.level_channels[i].max(self.level_channels[i.saturating_sub(1)]);
+                (n * channels * 4 * width) as u64 >> (2 * i)
+            })
+            .max()
+            .unwrap_or(0);
+        let factor = 1usize << (self.down_blocks.len() - 1);
+        let budget = limit / 2;
+        let bands = (per_row * rows as u64).div_ceil(budget.max(1)) as usize;
+        if bands > rows / factor || per_row * factor as u64 > budget {
+            return Err(Error::InvalidArgument(format!(
+                "a {width}x{rows} image needs {} MiB per row in the VAE encoder, over half of \
+                 this device's largest buffer ({} MiB); send a smaller image",
+                per_row >> 20,
+                limit >> 20
+            )));
+        }
+        Ok(bands.max(1))
+    }
+
     /// Builds the encoder from the VAE's config and the weights of `vae/`.
     pub fn new(config: &VaeConfig, w: &Weights, config_path: &Path) -> Result<Self> {
         let c = config;
@@ -105,22 +154,39 @@ impl VaeEncoder {
             } else {
                 None
             },
+            level_channels: c.block_out_channels.clone(),
         })
     }
 
     /// `vae.encode(image).latent_dist` for an image in [-1, 1], `[B, in_channels, H, W]`
     /// with H and W multiples of the VAE's factor.
     pub fn encode(&self, image: &Tensor) -> Result<LatentDistribution> {
+        self.encode_within(image, image.device().max_buffer_bytes())
+    }
+
+    /// [`VaeEncoder::encode`] keeping every activation under `max_buffer_bytes`: where the
+    /// down blocks' full-size maps would be larger, they run in row bands (the same result;
+    /// see `model::bands`), joined before the mid block, which works at latent size.
+    pub fn encode_within(
+        &self,
+        image: &Tensor,
+        max_buffer_bytes: Option<u64>,
+    ) -> Result<LatentDistribution> {
         let _span = tracing::debug_span!("vae_encode").entered();
-        let mut h = self.conv_in.forward(image)?;
-        for block in &self.down_blocks {
-            for resnet in &block.resnets {
-                h = resnet.forward(&h, None)?;
-            }
-            if let Some(down) = &block.downsampler {
-                h = down.forward(&h)?;
-            }
-        }
+        image.expect_rank("VaeEncoder", 4)?;
+        let dims = [image.dim(0), image.dim(1), image.dim(2), image.dim(3)];
+        let bands = self.bands_needed(dims, max_buffer_bytes)?;
+        let mut h = if bands == 1 {
+            self.down(image.clone())?
+        } else {
+            tracing::info!(
+                "encoding in {bands} row bands to stay within the device's buffer limit"
+            );
+            // Bands a multiple of the downscale factor high halve evenly at every level.
+            let factor = 1 << (self.down_blocks.len() - 1);
+            self.down(RowBands::split_aligned(image, bands, factor)?)?
+                .join()?
+        };
         h = self.mid.forward(&h)?;
         h = self.conv_norm_out.forward_silu(&h)?;
         h = self.conv_out.forward(&h)?;
