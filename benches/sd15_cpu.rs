@@ -1,9 +1,9 @@
 //! Full-size SD 1.5 on the CPU backend: times the text encoder, one guided UNet step
-//! (batch 2) at 512x512 and one VAE decode at 512x512, and prints seconds and the
-//! process's peak memory.
+//! (batch 2) at 512x512, one VAE decode at 512x512 and one VAE encode at 512x512 (the
+//! image-to-image start), and prints seconds and the process's peak memory.
 //!
 //! With no options it builds the architecture with random weights (no download, no Python):
-//! `cargo bench --bench sd15_cpu` (add `-- --quick` to skip the VAE decode).
+//! `cargo bench --bench sd15_cpu` (add `-- --quick` to skip the VAE decode and encode).
 //!
 //! Options (after `--`):
 //!
@@ -23,7 +23,9 @@
 //! * `--image`: a whole generation through `StableDiffusion::generate` instead (needs
 //!   `--model`/`--tiny`): `--steps N` (2), `--size PX` (512), `--seed S` (0),
 //!   `--prompt TEXT`, guidance 7.5; reports each stage's time (the denoising time also per
-//!   UNet evaluation: PNDM makes `steps + 1`) and the peak memory.
+//!   UNet evaluation: PNDM makes `steps + 1`) and the peak memory. `--strength S` makes it
+//!   image-to-image from a synthetic picture: the VAE encode is timed, and only strength's
+//!   share of the steps runs.
 
 use std::collections::HashMap;
 use std::ops::ControlFlow;
@@ -38,9 +40,10 @@ use sd_wgpu::model::clip::ClipTextModel;
 use sd_wgpu::model::config::{ClipTextConfig, UNetConfig, VaeConfig};
 use sd_wgpu::model::unet::UNet2DConditionModel;
 use sd_wgpu::model::vae::VaeDecoder;
+use sd_wgpu::model::vae_encoder::VaeEncoder;
 use sd_wgpu::model::weights::Weights;
 use sd_wgpu::pipeline::noise::TorchRng;
-use sd_wgpu::pipeline::{GenerateParams, StableDiffusion};
+use sd_wgpu::pipeline::{GenerateParams, InitImage, RgbImage, StableDiffusion};
 use sd_wgpu::tensor::{profile, Device, Tensor};
 use sd_wgpu::{Error, Result};
 
@@ -61,6 +64,8 @@ struct Options {
     size: usize,
     seed: u64,
     prompt: String,
+    /// Image-to-image at this strength (`--image` only).
+    strength: Option<f64>,
     /// Latent side of the generated inputs (64: 512x512 for SD 1.5; 16 with `--tiny`).
     latent_size: usize,
 }
@@ -68,7 +73,7 @@ struct Options {
 fn usage(message: String) -> Error {
     Error::InvalidArgument(format!(
         "{message}\nusage: sd15_cpu [--quick] [--model DIR | --tiny] [--inputs FILE] [--outputs FILE] \
-         [--runs N] [--warmup W] [--json] [--profile] [--image [--steps N] [--size PX] [--seed S] [--prompt TEXT]]"
+         [--runs N] [--warmup W] [--json] [--profile] [--image [--steps N] [--size PX] [--seed S] [--prompt TEXT] [--strength S]]"
     ))
 }
 
@@ -87,6 +92,7 @@ fn parse_args() -> Result<Options> {
         size: 512,
         seed: 0,
         prompt: "a photograph of an astronaut riding a horse".into(),
+        strength: None,
         latent_size: 64,
     };
     let mut args = std::env::args().skip(1);
@@ -120,6 +126,7 @@ fn parse_args() -> Result<Options> {
             "--steps" => o.steps = number("--steps", value("--steps")?)?,
             "--size" => o.size = number("--size", value("--size")?)?,
             "--seed" => o.seed = number("--seed", value("--seed")?)?,
+            "--strength" => o.strength = Some(number("--strength", value("--strength")?)?),
             other => return Err(usage(format!("unknown option `{other}`"))),
         }
     }
@@ -139,6 +146,7 @@ enum Models {
         clip: Box<ClipTextModel>,
         unet: Box<UNet2DConditionModel>,
         vae: Box<VaeDecoder>,
+        vae_encoder: Box<VaeEncoder>,
     },
 }
 
@@ -167,6 +175,14 @@ impl Models {
                 here,
             )?),
             vae: Box::new(VaeDecoder::new(&vae_config, &weights, here)?),
+            vae_encoder: Box::new(VaeEncoder::new(
+                &VaeConfig {
+                    down_block_types: vec!["DownEncoderBlock2D".into(); 4],
+                    ..vae_config
+                },
+                &weights,
+                here,
+            )?),
         })
     }
 
@@ -188,6 +204,15 @@ impl Models {
         match self {
             Models::Loaded(sd) => sd.vae(),
             Models::Random { vae, .. } => vae,
+        }
+    }
+
+    fn vae_encoder(&self) -> Result<&VaeEncoder> {
+        match self {
+            Models::Loaded(sd) => sd
+                .vae_encoder()
+                .ok_or_else(|| Error::Other("the model's VAE has no encoder weights".into())),
+            Models::Random { vae_encoder, .. } => Ok(vae_encoder),
         }
     }
 }
@@ -336,16 +361,20 @@ fn whole_image(o: &Options, dir: &Path, device: &Device) -> Result<Value> {
         seed: o.seed,
         scheduler: None,
         scheduler_overrides: Default::default(),
-        init: None,
+        init: o.strength.map(|strength| InitImage {
+            image: std::sync::Arc::new(picture(o.size)),
+            mask: None,
+            strength,
+        }),
     };
     if o.profile {
         profile::set_enabled(true);
     }
-    // Denoising steps as the scheduler counts them: PNDM runs one more UNet evaluation
-    // than `steps` (its PLMS warm-up repeats a timestep).
+    // UNet evaluations as the scheduler counts them: PNDM runs one more than `steps` (its
+    // PLMS warm-up repeats a timestep); image-to-image runs strength's share.
     let mut evaluations = 0;
-    let generated = sd.generate(&params, &mut |_| {
-        evaluations += 1;
+    let generated = sd.generate(&params, &mut |event| {
+        evaluations = event.total;
         ControlFlow::Continue(())
     })?;
     let ops: Vec<Value> = profile::take()
@@ -363,8 +392,10 @@ fn whole_image(o: &Options, dir: &Path, device: &Device) -> Result<Value> {
         "threads": rayon::current_num_threads(),
         "size": o.size,
         "steps": o.steps,
+        "strength": o.strength,
         "load_s": load_s,
         "text_encoder_s": t.text_encoder.as_secs_f64(),
+        "vae_encode_s": t.vae_encode.as_secs_f64(),
         "denoise_s": t.denoise.as_secs_f64(),
         "unet_evaluations": evaluations,
         "step_s": t.denoise.as_secs_f64() / evaluations.max(1) as f64,
@@ -374,6 +405,26 @@ fn whole_image(o: &Options, dir: &Path, device: &Device) -> Result<Value> {
         "peak_mib": peak_memory_mib(),
         "ops": ops,
     }))
+}
+
+/// A `size` x `size` picture to start image-to-image from: gradients and a square.
+fn picture(size: usize) -> RgbImage {
+    let pixels = (0..size * size)
+        .flat_map(|i| {
+            let (x, y) = (i % size, i / size);
+            let square = (size / 4..size / 2).contains(&x) && (size / 4..size / 2).contains(&y);
+            if square {
+                [240, 230, 40]
+            } else {
+                [(x * 255 / size) as u8, (y * 255 / size) as u8, 90]
+            }
+        })
+        .collect();
+    RgbImage {
+        width: size,
+        height: size,
+        pixels,
+    }
 }
 
 fn main() -> Result<()> {
@@ -390,14 +441,19 @@ fn main() -> Result<()> {
             println!("{result}");
         } else {
             println!(
-                "whole {0}x{0} image, {1} steps, {threads} threads, {2}",
+                "whole {0}x{0} image, {1} steps{3}, {threads} threads, {2} ({4} UNet evaluations)",
                 o.size,
                 o.steps,
-                dir.display()
+                dir.display(),
+                o.strength
+                    .map(|s| format!(", image-to-image at strength {s}"))
+                    .unwrap_or_default(),
+                result["unet_evaluations"],
             );
             for (label, key) in [
                 ("load", "load_s"),
                 ("text encoder (2 prompts)", "text_encoder_s"),
+                ("VAE encode (image-to-image)", "vae_encode_s"),
                 ("denoise", "denoise_s"),
                 ("per UNet evaluation", "step_s"),
                 ("VAE decode + to RGB", "vae_decode_s"),
@@ -498,6 +554,14 @@ fn main() -> Result<()> {
         let r = time(o.warmup, o.runs, || vae.decode(&inputs.vae_latents))?;
         let s = r.output.shape().to_vec();
         report("vae", format!("VAE decode, {}x{}", s[2], s[3]), r);
+
+        let encoder = models.vae_encoder()?;
+        let [h, w] = [s[2], s[3]];
+        let image = TorchRng::new(1)
+            .randn_tensor(&[1, 3, h, w], &device)?
+            .clamp(-1.0, 1.0)?;
+        let r = time(o.warmup, o.runs, || Ok(encoder.encode(&image)?.mean))?;
+        report("vae_encoder", format!("VAE encode, {w}x{h}"), r);
     }
 
     if let Some(path) = &o.outputs {
@@ -505,6 +569,7 @@ fn main() -> Result<()> {
             ("text_encoder", "text_embeddings"),
             ("unet", "unet_out"),
             ("vae", "image"),
+            ("vae_encoder", "latent_mean"),
         ]
         .into();
         let outs: Vec<(&str, &Tensor)> = stages
