@@ -452,7 +452,7 @@ fn bad_files_name_the_file_and_the_tensor() {
         &[&path.display().to_string(), "no text encoder"],
     );
 
-    // Other families: SDXL, inpainting.
+    // Another family: SDXL.
     let path = tmp.path().join("sdxl.safetensors");
     edited_sd1(&path, |n, s, b| {
         Some((
@@ -472,9 +472,34 @@ fn bad_files_name_the_file_and_the_tensor() {
             Some((n.into(), s, b))
         }
     });
+    // An inpainting checkpoint (9 input channels) is told by its UNet's first convolution,
+    // whatever the config says: it needs a mask, and inpaints with one.
     assert_mentions(
         &with_config(&path),
-        &[&path.display().to_string(), "inpainting"],
+        &["this is an inpainting model (its UNet takes 9 input channels)"],
+    );
+    let (init, mask) = (tmp.path().join("init.png"), tmp.path().join("mask.png"));
+    image::RgbImage::from_fn(32, 32, |x, y| image::Rgb([x as u8 * 8, y as u8 * 8, 90]))
+        .save(&init)
+        .unwrap();
+    image::GrayImage::from_fn(32, 32, |x, _| image::Luma([if x < 16 { 0 } else { 255 }]))
+        .save(&mask)
+        .unwrap();
+    let (output, png) = generate(&[
+        os("--model"),
+        os(&path),
+        os("--model-config"),
+        os(&config),
+        os("--init-image"),
+        os(&init),
+        os("--mask-image"),
+        os(&mask),
+    ]);
+    assert!(output.status.success(), "{}", stderr(&output));
+    assert!(png.is_some());
+    assert_mentions(
+        &stderr(&output),
+        &["takes 9 input channels (an inpainting model)"],
     );
 
     // A diffusers component file is not a single-file checkpoint.

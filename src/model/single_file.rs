@@ -155,19 +155,12 @@ impl SingleFile {
             ));
         }
         match file.file_shape(IN_CONV_KEY) {
-            Some(s) if s.len() == 4 && s[1] == 9 => {
-                return Err(layout_error(
-                    path,
-                    format!(
-                        "this is an inpainting checkpoint (`{IN_CONV_KEY}` takes 9 channels), which is not supported"
-                    ),
-                ))
-            }
-            Some(s) if s.len() == 4 && s[1] == 4 => {}
+            // 4 latent channels, or 9 for an inpainting model.
+            Some(s) if s.len() == 4 && (s[1] == 4 || s[1] == 9) => {}
             Some(s) => {
                 return Err(layout_error(
                     path,
-                    format!("tensor `{IN_CONV_KEY}` has shape {s:?}: expected a UNet taking 4 latent channels"),
+                    format!("tensor `{IN_CONV_KEY}` has shape {s:?}: expected a UNet taking 4 latent channels (9 for inpainting)"),
                 ))
             }
             None => {
@@ -296,6 +289,15 @@ impl SingleFile {
             }
         };
         self.file.mapped(Arc::new(UnetMap { layers_per_block }))
+    }
+
+    /// The UNet's input channels as its first convolution stores them: 9 for an inpainting
+    /// checkpoint (latents, mask, masked-image latents), which is how diffusers'
+    /// `from_single_file` tells one (`infer_diffusers_model_type`).
+    pub fn unet_in_channels(&self) -> Option<usize> {
+        self.file
+            .file_shape(IN_CONV_KEY)
+            .and_then(|s| s.get(1).copied())
     }
 
     /// The VAE's weights, laid out for `config` (its number of up blocks).

@@ -265,8 +265,19 @@ impl ModelSource {
         })
     }
 
+    /// The UNet; a single file's input width comes from the file, so the SD 1.x/2.x presets
+    /// serve inpainting checkpoints too.
     pub fn unet(&self) -> Result<ComponentParts<UNetConfig>> {
-        self.component(Component::Unet, |s, config, path| s.unet(config, path))
+        let mut parts = self.component(Component::Unet, |s, config, path| s.unet(config, path))?;
+        if let WeightsFrom::SingleFile(file) = &self.weights {
+            if let Some(channels) = file.unet_in_channels() {
+                if channels != parts.config.in_channels {
+                    tracing::info!("the checkpoint's UNet takes {channels} input channels (an inpainting model)");
+                    parts.config.in_channels = channels;
+                }
+            }
+        }
+        Ok(parts)
     }
 
     pub fn vae(&self) -> Result<ComponentParts<VaeConfig>> {
