@@ -58,6 +58,21 @@ fn decode(bytes: &[u8], max_pixels: usize) -> Result<image::DynamicImage> {
         .map_err(|e| Error::InvalidArgument(format!("cannot decode the image: {e}")))
 }
 
+/// 8-bit pixels of kind `P`, `from` (width, height) scaled to `to` with a Lanczos filter.
+fn resize<P: image::Pixel<Subpixel = u8> + 'static>(
+    pixels: &[u8],
+    from: (usize, usize),
+    to: (usize, usize),
+) -> Result<Vec<u8>> {
+    if from == to {
+        return Ok(pixels.to_vec());
+    }
+    let source = image::ImageBuffer::<P, &[u8]>::from_raw(from.0 as u32, from.1 as u32, pixels)
+        .ok_or_else(|| Error::Other("an image's pixels do not match its size".into()))?;
+    let filter = image::imageops::FilterType::Lanczos3;
+    Ok(image::imageops::resize(&source, to.0 as u32, to.1 as u32, filter).into_raw())
+}
+
 impl RgbImage {
     /// Decodes a PNG or JPEG of at most `max_pixels`; an alpha channel is dropped (diffusers
     /// reads init images as RGB).
@@ -73,22 +88,14 @@ impl RgbImage {
     /// The image scaled to `width` x `height` with a Lanczos filter (as AUTOMATIC1111 and
     /// PIL resize init images; the filters' details differ, so pixels may differ slightly).
     pub fn resized(&self, width: usize, height: usize) -> Result<Self> {
-        if (width, height) == (self.width, self.height) {
-            return Ok(self.clone());
-        }
-        let source =
-            image::RgbImage::from_raw(self.width as u32, self.height as u32, self.pixels.clone())
-                .ok_or_else(|| Error::Other("an RgbImage's pixels do not match its size".into()))?;
-        let out = image::imageops::resize(
-            &source,
-            width as u32,
-            height as u32,
-            image::imageops::FilterType::Lanczos3,
-        );
         Ok(RgbImage {
             width,
             height,
-            pixels: out.into_raw(),
+            pixels: resize::<image::Rgb<u8>>(
+                &self.pixels,
+                (self.width, self.height),
+                (width, height),
+            )?,
         })
     }
 
@@ -150,22 +157,14 @@ impl MaskImage {
 
     /// The mask scaled to `width` x `height` (Lanczos, as [`RgbImage::resized`]).
     pub fn resized(&self, width: usize, height: usize) -> Result<Self> {
-        if (width, height) == (self.width, self.height) {
-            return Ok(self.clone());
-        }
-        let source =
-            image::GrayImage::from_raw(self.width as u32, self.height as u32, self.luma.clone())
-                .ok_or_else(|| Error::Other("a MaskImage's pixels do not match its size".into()))?;
-        let out = image::imageops::resize(
-            &source,
-            width as u32,
-            height as u32,
-            image::imageops::FilterType::Lanczos3,
-        );
         Ok(MaskImage {
             width,
             height,
-            luma: out.into_raw(),
+            luma: resize::<image::Luma<u8>>(
+                &self.luma,
+                (self.width, self.height),
+                (width, height),
+            )?,
         })
     }
 
