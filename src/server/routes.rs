@@ -281,6 +281,9 @@ pub struct GenerateResponse {
     pub guidance_scale: f64,
     /// Seconds from the request's arrival to its answer, queueing included.
     pub time_taken: f64,
+    /// Image-to-image and inpainting: the strength it ran with.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub strength: Option<f64>,
     pub timings: StageSeconds,
 }
 
@@ -288,6 +291,9 @@ pub struct GenerateResponse {
 #[derive(Clone, Debug, Serialize, ToSchema)]
 pub struct StageSeconds {
     pub text_encoder: f64,
+    /// Image-to-image and inpainting: the init (and masked) image through the VAE encoder.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub vae_encode: Option<f64>,
     pub denoise: f64,
     pub vae_decode: f64,
 }
@@ -306,8 +312,13 @@ pub(super) fn generated_body(
         num_inference_steps: params.steps,
         guidance_scale: params.guidance_scale,
         time_taken: elapsed.as_secs_f64(),
+        strength: params.init.as_ref().map(|init| init.strength),
         timings: StageSeconds {
             text_encoder: generated.timings.text_encoder.as_secs_f64(),
+            vae_encode: params
+                .init
+                .as_ref()
+                .map(|_| generated.timings.vae_encode.as_secs_f64()),
             denoise: generated.timings.denoise.as_secs_f64(),
             vae_decode: generated.timings.vae_decode.as_secs_f64(),
         },
