@@ -114,6 +114,15 @@ fn decode_base64(what: &str, text: &str) -> Vec<u8> {
         .unwrap_or_else(|e| panic!("{what}: not base64: {e}"))
 }
 
+/// The PNG in a `data:image/png;base64,` URL.
+fn png_data_url(what: &str, url: &Value) -> Vec<u8> {
+    let url = url.as_str().unwrap_or_default();
+    let data = url
+        .strip_prefix("data:image/png;base64,")
+        .unwrap_or_else(|| panic!("{what} is not a PNG data: URL: {}", tail(url, 100)));
+    decode_base64(what, data)
+}
+
 /// The number of `POST /generate` requests the server answered with 200.
 fn generations_logged(server: &Server) -> usize {
     server.log().matches("POST /generate 200").count()
@@ -807,29 +816,80 @@ impl Browser {
         assert_eq!(value, text, "#{id} after typing");
     }
 
-    /// Clicks the middle of the element `id` with the mouse.
-    fn click(&mut self, session: &str, id: &str) {
-        let rect = self.eval(
+    /// The point of the element `id` at `(fx, fy)`, fractions of its width and height, in
+    /// the viewport's coordinates (scrolled into view first).
+    fn point_in(&mut self, session: &str, id: &str, (fx, fy): (f64, f64)) -> (f64, f64) {
+        let point = self.eval(
             session,
             &format!(
                 "(() => {{ const e = document.getElementById({id:?}); \
                  e.scrollIntoView({{block: 'center'}}); const r = e.getBoundingClientRect(); \
-                 return {{x: r.x + r.width / 2, y: r.y + r.height / 2}}; }})()"
+                 return {{x: r.x + r.width * {fx}, y: r.y + r.height * {fy}}}; }})()"
             ),
         );
-        let (x, y) = (rect["x"].clone(), rect["y"].clone());
+        match (point["x"].as_f64(), point["y"].as_f64()) {
+            (Some(x), Some(y)) => (x, y),
+            _ => panic!("#{id} has no position: {point}"),
+        }
+    }
+
+    /// Dispatches one mouse event at `(x, y)`, the left button held from press to release.
+    fn mouse(&mut self, session: &str, kind: &str, (x, y): (f64, f64), held: bool) {
+        let mut event = json!({ "type": kind, "x": x, "y": y });
+        if kind != "mouseMoved" {
+            event["button"] = json!("left");
+            event["clickCount"] = json!(1);
+        }
+        if held {
+            event["buttons"] = json!(1);
+            event["button"] = json!("left");
+        }
+        self.call(Some(session), "Input.dispatchMouseEvent", event);
+    }
+
+    /// Clicks the middle of the element `id` with the mouse.
+    fn click(&mut self, session: &str, id: &str) {
+        let point = self.point_in(session, id, (0.5, 0.5));
+        self.mouse(session, "mouseMoved", point, false);
+        self.mouse(session, "mousePressed", point, true);
+        self.mouse(session, "mouseReleased", point, false);
+    }
+
+    /// Drags the mouse with the left button held across the element `id`, from `from` to
+    /// `to` (fractions of its width and height) in a few moves.
+    fn drag(&mut self, session: &str, id: &str, from: (f64, f64), to: (f64, f64)) {
+        let start = self.point_in(session, id, from);
+        let end = self.point_in(session, id, to);
+        self.mouse(session, "mouseMoved", start, false);
+        self.mouse(session, "mousePressed", start, true);
+        const MOVES: u32 = 8;
+        for i in 1..=MOVES {
+            let t = f64::from(i) / f64::from(MOVES);
+            let point = (
+                start.0 + (end.0 - start.0) * t,
+                start.1 + (end.1 - start.1) * t,
+            );
+            self.mouse(session, "mouseMoved", point, true);
+        }
+        self.mouse(session, "mouseReleased", end, false);
+    }
+
+    /// Chooses the file at `path` in the file input `id`, which fires its `change` event.
+    fn choose_file(&mut self, session: &str, id: &str, path: &Path) {
+        let input = self.call(
+            Some(session),
+            "Runtime.evaluate",
+            json!({ "expression": format!("document.getElementById({id:?})") }),
+        );
+        let object = input["result"]["objectId"]
+            .as_str()
+            .unwrap_or_else(|| panic!("the page has no file input #{id}: {input}"))
+            .to_string();
         self.call(
             Some(session),
-            "Input.dispatchMouseEvent",
-            json!({ "type": "mouseMoved", "x": x, "y": y }),
+            "DOM.setFileInputFiles",
+            json!({ "files": [path.to_str().unwrap()], "objectId": object }),
         );
-        for kind in ["mousePressed", "mouseReleased"] {
-            self.call(
-                Some(session),
-                "Input.dispatchMouseEvent",
-                json!({ "type": kind, "x": x, "y": y, "button": "left", "clickCount": 1 }),
-            );
-        }
     }
 }
 
@@ -916,13 +976,9 @@ fn page_generates_an_image_in_chromium() {
         shown["button_enabled"], true,
         "the Generate button is enabled again"
     );
-    let src = shown["src"].as_str().unwrap_or_default();
-    let data = src
-        .strip_prefix("data:image/png;base64,")
-        .unwrap_or_else(|| panic!("the image is not a PNG data: URL: {}", tail(src, 100)));
     check_png(
         "the page's image",
-        &decode_base64("the data: URL", data),
+        &png_data_url("the page's image", &shown["src"]),
         384,
         256,
     );
@@ -943,6 +999,157 @@ fn page_generates_an_image_in_chromium() {
     assert!(
         log.contains("/events 200"),
         "the page follows the job's events; server log:\n{log}"
+    );
+}
+
+/// The page's image to image with inpainting: choose a 64x72 PNG as the init image, paint a
+/// stroke on the mask over it, and get an image of the init image's size; the page sends the
+/// image and a black and white mask as PNG data: URLs, and no width or height.
+#[test]
+fn page_inpaints_an_init_image_in_chromium() {
+    let _serial = one_at_a_time();
+    let server = start_server();
+    let (mut browser, page) = Browser::open_page(&server);
+    let (width, height) = (64, 72);
+    let init = image::RgbImage::from_fn(width, height, |x, y| {
+        image::Rgb([(x * 4) as u8, (y * 3) as u8, ((x + y) * 2) as u8])
+    });
+    let dir = tempfile::tempdir().unwrap();
+    let init_path = dir.path().join("init.png");
+    init.save(&init_path).unwrap();
+    for (id, text) in [("num_inference_steps", "20"), ("seed", "4242")] {
+        browser.type_into(&page, id, text);
+    }
+    browser.choose_file(&page, "init-image", &init_path);
+    let shown = browser.wait_for(
+        &page,
+        "the init image appears",
+        "(() => { const c = document.getElementById('init-canvas'); \
+         if (!c || c.closest('[hidden]')) return null; \
+         const visible = (id) => document.getElementById(id).offsetParent !== null; \
+         return {width: c.width, height: c.height, \
+                 note: document.getElementById('init-note').textContent, \
+                 strength: document.getElementById('strength').value, \
+                 strength_shown: visible('strength'), mask_shown: visible('mask-canvas'), \
+                 width_shown: visible('width'), height_shown: visible('height')}; })()",
+        Duration::from_secs(30),
+    );
+    assert_eq!(
+        shown,
+        json!({ "width": width, "height": height, "note": shown["note"], "strength": "0.8",
+                "strength_shown": true, "mask_shown": true,
+                "width_shown": false, "height_shown": false }),
+    );
+    assert!(shown["note"].as_str().unwrap().contains("64x72"), "{shown}");
+    browser.eval(
+        &page,
+        "(() => { const b = document.getElementById('brush-size'); b.value = 8; \
+         b.dispatchEvent(new Event('input')); })()",
+    );
+    // A horizontal stroke across the middle of the image.
+    browser.drag(&page, "mask-canvas", (0.1, 0.5), (0.9, 0.5));
+    assert_eq!(
+        browser.eval(&page, "document.getElementById('strength').value"),
+        "1",
+        "with a mask, the strength not set by hand becomes inpainting's 1"
+    );
+    // Keep what the page sends.
+    browser.eval(
+        &page,
+        "(() => { const fetchOriginal = window.fetch; window.sent = []; \
+         window.fetch = (url, init) => { \
+           if (init && init.method === 'POST') window.sent.push({url: String(url), body: JSON.parse(init.body)}); \
+           return fetchOriginal(url, init); }; })()",
+    );
+    browser.click(&page, "generate");
+    let result = browser.wait_for(
+        &page,
+        "the image appears",
+        "(() => { const img = document.getElementById('image'); \
+         const status = document.getElementById('status'); \
+         if (status.className === 'error') return {error: status.textContent}; \
+         if (!img || !img.complete || img.naturalWidth === 0) return null; \
+         return {width: img.naturalWidth, height: img.naturalHeight, src: img.src, \
+                 status: status.textContent}; })()",
+        GENERATION_TIMEOUT,
+    );
+    assert!(
+        result.get("error").is_none(),
+        "the page shows an error: {}\nserver log:\n{}",
+        result["error"],
+        server.log()
+    );
+    assert_eq!(
+        (result["width"].as_u64(), result["height"].as_u64()),
+        (Some(64), Some(72)),
+        "{}",
+        result["status"]
+    );
+    let status = result["status"].as_str().unwrap_or_default();
+    assert!(
+        status.starts_with("seed 4242, 64x72, "),
+        "the status reads {status:?}"
+    );
+    check_png(
+        "the page's image",
+        &png_data_url("the page's image", &result["src"]),
+        width,
+        height,
+    );
+    let sent = browser.eval(&page, "window.sent");
+    let [job] = sent.as_array().map(Vec::as_slice).unwrap_or_default() else {
+        panic!("the page sent {sent:#}");
+    };
+    assert_eq!(job["url"], "/jobs");
+    let body = &job["body"];
+    for absent in ["width", "height"] {
+        assert!(
+            body.get(absent).is_none(),
+            "the page sent `{absent}`: {}",
+            body[absent]
+        );
+    }
+    assert_eq!(body["strength"], 1.0);
+    let sent_init = image::load_from_memory(&png_data_url("init_image", &body["init_image"]))
+        .unwrap()
+        .to_rgb8();
+    assert_eq!(sent_init.dimensions(), (width, height), "init_image");
+    let off = sent_init
+        .pixels()
+        .zip(init.pixels())
+        .flat_map(|(a, b)| a.0.into_iter().zip(b.0).map(|(a, b)| a.abs_diff(b)))
+        .max();
+    assert!(
+        off <= Some(2),
+        "init_image differs from the file by up to {off:?}"
+    );
+    let mask = image::load_from_memory(&png_data_url("mask_image", &body["mask_image"]))
+        .unwrap()
+        .to_luma8();
+    assert_eq!(mask.dimensions(), (width, height), "mask_image");
+    assert!(
+        mask.pixels().all(|p| p.0 == [0] || p.0 == [255]),
+        "the mask is black and white"
+    );
+    // The stroke: white across the middle row, black in the corners.
+    assert_eq!(mask.get_pixel(width / 2, height / 2).0, [255], "the stroke");
+    for (x, y) in [(0, 0), (width - 1, height - 1)] {
+        assert_eq!(mask.get_pixel(x, y).0, [0], "({x}, {y}) was not painted");
+    }
+    assert_eq!(jobs_logged(&server), 1, "server log:\n{}", server.log());
+    // Removing the init image brings width and height back.
+    browser.click(&page, "clear-init");
+    let back = browser.eval(
+        &page,
+        "(() => { const w = document.getElementById('width'); \
+         return {width: w.offsetParent !== null && !w.disabled, \
+                 editor: document.getElementById('mask-canvas').offsetParent !== null}; })()",
+    );
+    assert_eq!(back, json!({ "width": true, "editor": false }));
+    assert!(
+        browser.page_errors().is_empty(),
+        "the page reported errors: {:#?}",
+        browser.page_errors()
     );
 }
 
