@@ -38,7 +38,7 @@ use serde_json::{json, Value};
 
 use sd_wgpu::model::clip::ClipTextModel;
 use sd_wgpu::model::config::{ClipTextConfig, UNetConfig, VaeConfig};
-use sd_wgpu::model::unet::UNet2DConditionModel;
+use sd_wgpu::model::unet::{Conditioning, TextTime, UNet2DConditionModel};
 use sd_wgpu::model::vae::VaeDecoder;
 use sd_wgpu::model::vae_encoder::VaeEncoder;
 use sd_wgpu::model::weights::Weights;
@@ -220,7 +220,7 @@ impl Models {
 /// What each stage runs on.
 struct Inputs {
     ids: Vec<u32>,
-    context: Tensor,
+    cond: Conditioning,
     latents: Tensor,
     timestep: f32,
     vae_latents: Tensor,
@@ -239,9 +239,18 @@ impl Inputs {
         let context = rng.randn_tensor(&[2, 77, width], device)?;
         let vae_channels = models.vae().config().latent_channels;
         let vae_latents = rng.randn_tensor(&[1, vae_channels, latent_size, latent_size], device)?;
+        // SDXL's UNet also reads a pooled embedding and the image size (8 pixels a latent).
+        let side = (latent_size * 8) as f32;
+        let text_time = match models.unet().text_time_pooled_dim() {
+            Some(pooled) => Some(TextTime {
+                text_embeds: rng.randn_tensor(&[2, pooled], device)?,
+                time_ids: vec![vec![side, side, 0.0, 0.0, side, side]; 2],
+            }),
+            None => None,
+        };
         Ok(Inputs {
             ids,
-            context,
+            cond: Conditioning { context, text_time },
             latents,
             timestep: 999.0,
             vae_latents,
@@ -279,7 +288,10 @@ impl Inputs {
         let (timestep, _) = get("timestep")?;
         Ok(Inputs {
             ids: ids.iter().map(|&v| v as u32).collect(),
-            context: tensor("context")?,
+            cond: Conditioning {
+                context: tensor("context")?,
+                text_time: None,
+            },
             latents: tensor("latents")?,
             timestep: timestep[0],
             vae_latents: tensor("vae_latents")?,
@@ -540,7 +552,7 @@ fn main() -> Result<()> {
 
     let unet = models.unet();
     let r = time(o.warmup, o.runs, || {
-        unet.forward(&inputs.latents, inputs.timestep, &inputs.context)
+        unet.forward(&inputs.latents, inputs.timestep, &inputs.cond)
     })?;
     let s = inputs.latents.shape();
     report(

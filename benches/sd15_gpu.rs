@@ -38,7 +38,7 @@ use serde_json::{json, Map, Value};
 use sd_wgpu::backend::gpu::{profile, GpuDevice};
 use sd_wgpu::backend::{select_device, BackendChoice};
 use sd_wgpu::model::config::{UNetConfig, VaeConfig};
-use sd_wgpu::model::unet::UNet2DConditionModel;
+use sd_wgpu::model::unet::{Conditioning, UNet2DConditionModel};
 use sd_wgpu::model::vae::VaeDecoder;
 use sd_wgpu::model::weights::Weights;
 use sd_wgpu::pipeline::noise::TorchRng;
@@ -512,12 +512,15 @@ fn stages(
         unet.config()
             .cross_attention_dim
             .expand(1, "cross_attention_dim", Path::new("unet"))?[0];
-    let context = rng.randn_tensor(&[2, 77, width], device)?;
+    let cond = Conditioning {
+        context: rng.randn_tensor(&[2, 77, width], device)?,
+        text_time: None,
+    };
     println!(
         "\nstages (one warm-up run, then the median of {} runs)",
         o.runs
     );
-    let r = timed(gpu, o.runs, || unet.forward(&sample, 981.0, &context))?;
+    let r = timed(gpu, o.runs, || unet.forward(&sample, 981.0, &cond))?;
     print_stage(&format!("UNet step, batch 2, {l}x{l} latents"), &r);
     out.insert("unet".into(), r);
 
@@ -526,7 +529,7 @@ fn stages(
     gpu.synchronize()?;
     let before = gpu.launches();
     let t = Instant::now();
-    let y = unet.forward(&sample, 981.0, &context)?;
+    let y = unet.forward(&sample, 981.0, &cond)?;
     let recorded = t.elapsed().as_secs_f64();
     gpu.synchronize()?;
     drop(y);

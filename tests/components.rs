@@ -5,6 +5,7 @@
 use std::collections::HashMap;
 
 use sd_wgpu::model::tokenizer::ClipTokenizer;
+use sd_wgpu::model::unet::Conditioning;
 use sd_wgpu::pipeline::noise::TorchRng;
 use sd_wgpu::pipeline::StableDiffusion;
 use sd_wgpu::tensor::{Device, Tensor};
@@ -138,9 +139,13 @@ fn check_text_encoder(fixture: &str) {
             compare(&format!("{name}: {key}"), &got, expected);
             // The pipeline's own path (tokenizer + encoder) gives the same tensor.
             let via_pipeline = sd.encode_prompt(prompt).unwrap();
+            assert!(
+                via_pipeline.pooled.is_none(),
+                "{name}: SD has no pooled embedding"
+            );
             compare(
                 &format!("{name}: encode_prompt({i})"),
-                &via_pipeline,
+                &via_pipeline.context,
                 expected,
             );
         }
@@ -152,13 +157,16 @@ fn check_unet(fixture: &str) {
     for (name, sd) in &models {
         let device = sd.device();
         let sample = to_tensor(&tensors["unet_sample"], device);
-        let context = to_tensor(&tensors["unet_encoder_hidden_states"], device);
+        let cond = Conditioning {
+            context: to_tensor(&tensors["unet_encoder_hidden_states"], device),
+            text_time: None,
+        };
         for (t, key) in [
             (999.0, "unet_output_t999"),
             (500.0, "unet_output_t500"),
             (377.5, "unet_output_t377_5"),
         ] {
-            let got = sd.unet().forward(&sample, t, &context).unwrap();
+            let got = sd.unet().forward(&sample, t, &cond).unwrap();
             compare(&format!("{name}: {key}"), &got, &tensors[key]);
         }
     }
@@ -217,8 +225,11 @@ fn sd1_unet_with_downsample_padding_0_matches_diffusers() {
             panic!("sd1 with downsample_padding 0: loading on {device} failed: {e}")
         });
         let sample = to_tensor(&inputs["unet_sample"], &device);
-        let context = to_tensor(&inputs["unet_encoder_hidden_states"], &device);
-        let got = sd.unet().forward(&sample, 500.0, &context).unwrap();
+        let cond = Conditioning {
+            context: to_tensor(&inputs["unet_encoder_hidden_states"], &device),
+            text_time: None,
+        };
+        let got = sd.unet().forward(&sample, 500.0, &cond).unwrap();
         compare(
             &format!("sd1 (downsample_padding 0) on {device_name}: unet_output_t500"),
             &got,

@@ -106,6 +106,11 @@ pub struct ClipTextConfig {
     /// "quick_gelu" (SD 1.x) or "gelu" (SD 2.x).
     pub hidden_act: String,
     pub layer_norm_eps: f64,
+    /// The end-of-text id that marks the pooled position; the legacy value 2 (SDXL's second
+    /// encoder) means "the largest id", as transformers reads it.
+    pub eos_token_id: i64,
+    /// Width of `text_projection` (`CLIPTextModelWithProjection`, SDXL's second encoder).
+    pub projection_dim: usize,
 }
 
 impl ComponentConfig for ClipTextConfig {
@@ -144,6 +149,8 @@ impl Default for ClipTextConfig {
             max_position_embeddings: 77,
             hidden_act: "quick_gelu".into(),
             layer_norm_eps: 1e-5,
+            eos_token_id: 49407,
+            projection_dim: 512,
         }
     }
 }
@@ -180,7 +187,16 @@ pub struct UNetConfig {
     /// Only changes precision under f16 math; this engine computes in f32.
     pub upcast_attention: bool,
     pub class_embed_type: Option<String>,
+    /// `"text_time"` (SDXL): the pooled text embedding and the size/crop ids condition the
+    /// time embedding.
     pub addition_embed_type: Option<String>,
+    /// Width of each `text_time` id's sinusoidal embedding.
+    pub addition_time_embed_dim: Option<usize>,
+    /// Input width of `add_embedding`: the pooled text width + 6 x `addition_time_embed_dim`.
+    pub projection_class_embeddings_input_dim: Option<usize>,
+    /// Latent side the model was trained at; the pipeline's default image side is this
+    /// times the VAE factor.
+    pub sample_size: Option<usize>,
     pub resnet_time_scale_shift: String,
     pub time_embedding_type: String,
     pub time_cond_proj_dim: Option<usize>,
@@ -301,6 +317,9 @@ impl Default for UNetConfig {
             upcast_attention: false,
             class_embed_type: None,
             addition_embed_type: None,
+            addition_time_embed_dim: None,
+            projection_class_embeddings_input_dim: None,
+            sample_size: Some(64),
             resnet_time_scale_shift: "default".into(),
             time_embedding_type: "positional".into(),
             time_cond_proj_dim: None,

@@ -9,10 +9,13 @@ use crate::error::{Error, Result};
 use crate::model::config::read_json;
 
 /// The components a text-to-image pipeline reads.
-#[derive(Clone, Copy, Debug)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Component {
     TextEncoder,
     Tokenizer,
+    /// SDXL's second text encoder (`CLIPTextModelWithProjection`) and its tokenizer.
+    TextEncoder2,
+    Tokenizer2,
     Unet,
     Vae,
     Scheduler,
@@ -23,6 +26,8 @@ impl Component {
         match self {
             Component::TextEncoder => "text_encoder",
             Component::Tokenizer => "tokenizer",
+            Component::TextEncoder2 => "text_encoder_2",
+            Component::Tokenizer2 => "tokenizer_2",
             Component::Unet => "unet",
             Component::Vae => "vae",
             Component::Scheduler => "scheduler",
@@ -32,17 +37,23 @@ impl Component {
     /// Weight file stem: transformers and diffusers name them differently.
     fn weights_stem(self) -> &'static str {
         match self {
-            Component::TextEncoder => "model",
+            Component::TextEncoder | Component::TextEncoder2 => "model",
             _ => "diffusion_pytorch_model",
         }
     }
 }
 
-/// What `model_index.json` must hold.
-#[derive(Deserialize)]
-struct ModelIndex {
+/// What is read of `model_index.json`: the pipeline class (diffusers needs it too) and
+/// the pipeline options that change the computation.
+#[derive(Clone, Debug, Deserialize)]
+pub struct ModelIndex {
     #[serde(rename = "_class_name")]
-    _class_name: String,
+    pub class_name: String,
+    /// SDXL: a missing negative prompt gives zero negative embeddings (the
+    /// `StableDiffusionXLPipeline` default, `true`, when absent).
+    pub force_zeros_for_empty_prompt: Option<bool>,
+    /// Set by the SDXL refiner's pipeline, which conditions on an aesthetic score.
+    pub requires_aesthetics_score: Option<bool>,
 }
 
 /// A diffusers model folder (the directory holding `model_index.json`).
@@ -66,9 +77,16 @@ impl ModelFolder {
                 root.display()
             )));
         }
-        // Only the pipeline class is read (diffusers needs it too); a file that is not
-        // JSON, or not an object naming it, is a broken download or a hand-made mistake.
-        read_json::<ModelIndex>(&index)?;
+        // A file that is not JSON, or not an object naming the pipeline class, is a broken
+        // download or a hand-made mistake.
+        let model_index = read_json::<ModelIndex>(&index)?;
+        if model_index.requires_aesthetics_score == Some(true) {
+            return Err(Error::InvalidArgument(format!(
+                "{}: the SDXL refiner ({}) is not supported yet; load an SDXL base model",
+                root.display(),
+                model_index.class_name
+            )));
+        }
         Ok(ModelFolder {
             root: root.to_path_buf(),
         })
@@ -90,6 +108,22 @@ impl ModelFolder {
 
     pub fn root(&self) -> &Path {
         &self.root
+    }
+
+    /// Whether the folder has the component's directory (SDXL's second text encoder).
+    pub fn has(&self, c: Component) -> bool {
+        self.root.join(c.dir_name()).is_dir()
+    }
+
+    /// `model_index.json`, checked by [`ModelFolder::open`]; `None` for a config-only folder
+    /// without one.
+    pub fn model_index(&self) -> Result<Option<ModelIndex>> {
+        let path = self.root.join("model_index.json");
+        if path.is_file() {
+            read_json(&path).map(Some)
+        } else {
+            Ok(None)
+        }
     }
 
     /// The component's directory, which must exist.

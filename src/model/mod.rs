@@ -10,6 +10,7 @@ pub mod folder;
 pub mod hub;
 pub mod nn;
 pub mod presets;
+pub mod prompt_encoder;
 pub mod resnet;
 pub mod single_file;
 pub mod source;

@@ -92,9 +92,13 @@ impl Preset {
             Component::Vae => Ok(self.vae),
             Component::TextEncoder => Ok(self.text_encoder),
             Component::Scheduler => Ok(self.scheduler),
-            Component::Tokenizer => Err(Error::Other(
+            Component::Tokenizer | Component::Tokenizer2 => Err(Error::Other(
                 "the tokenizer has no config.json; use Preset::tokenizer".into(),
             )),
+            Component::TextEncoder2 => Err(Error::Other(format!(
+                "preset {} has one text encoder",
+                self.name
+            ))),
         }
     }
 

@@ -280,6 +280,38 @@ impl ModelSource {
         Ok(parts)
     }
 
+    /// SDXL's second text encoder and its tokenizer, when the model has them.
+    pub fn text_encoder_2(
+        &self,
+    ) -> Result<Option<(ComponentParts<ClipTextConfig>, ClipTokenizer)>> {
+        let Configs::Folder(folder) = &self.configs else {
+            return Ok(None);
+        };
+        if !folder.has(Component::TextEncoder2) {
+            return Ok(None);
+        }
+        let parts = self.component(Component::TextEncoder2, |_, _, path| {
+            Err(Error::config(
+                path,
+                "single-file checkpoints with a second text encoder (SDXL) are not read yet",
+            ))
+        })?;
+        let tokenizer = ClipTokenizer::from_dir(&folder.dir(Component::Tokenizer2)?)?;
+        Ok(Some((parts, tokenizer)))
+    }
+
+    /// `model_index.json`'s `force_zeros_for_empty_prompt`, which SDXL pipelines read
+    /// (`true` when absent, as diffusers' default).
+    pub fn force_zeros_for_empty_prompt(&self) -> Result<bool> {
+        let index = match &self.weights {
+            WeightsFrom::Folder(folder) => folder.model_index()?,
+            WeightsFrom::SingleFile(_) => None,
+        };
+        Ok(index
+            .and_then(|i| i.force_zeros_for_empty_prompt)
+            .unwrap_or(true))
+    }
+
     pub fn vae(&self) -> Result<ComponentParts<VaeConfig>> {
         self.component(Component::Vae, |s, config, _| s.vae(config))
     }

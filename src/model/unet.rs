@@ -1,5 +1,6 @@
-//! diffusers' `UNet2DConditionModel` for SD 1.x / 2.x: time embedding, down blocks,
-//! the cross-attention mid block and up blocks with skip connections.
+//! diffusers' `UNet2DConditionModel` for SD 1.x / 2.x and SDXL: time embedding (plus
+//! SDXL's `text_time` conditioning), down blocks, the cross-attention mid block and up
+//! blocks with skip connections.
 
 use std::path::Path;
 
@@ -15,6 +16,45 @@ use crate::tensor::Tensor;
 struct TimestepEmbedding {
     linear_1: Linear,
     linear_2: Linear,
+}
+
+impl TimestepEmbedding {
+    fn new(w: &Weights, in_features: usize, out_features: usize) -> Result<Self> {
+        Ok(TimestepEmbedding {
+            linear_1: Linear::new(&w.pp("linear_1"), in_features, out_features, true)?,
+            linear_2: Linear::new(&w.pp("linear_2"), out_features, out_features, true)?,
+        })
+    }
+
+    fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        self.linear_2.forward(&self.linear_1.forward(x)?.silu()?)
+    }
+}
+
+/// SDXL's `addition_embed_type: "text_time"`: each micro-conditioning id (original size,
+/// crop corner, target size) gets a sinusoidal embedding (`add_time_proj`), joined after
+/// the pooled text embedding and projected by `add_embedding` onto the time embedding.
+struct TextTimeEmbedding {
+    time_dim: usize,
+    pooled_dim: usize,
+    add_embedding: TimestepEmbedding,
+}
+
+/// What the UNet is conditioned on besides the timestep, one entry per batch sample.
+pub struct Conditioning {
+    /// `encoder_hidden_states` `[B, L, cross_attention_dim]`: the prompt embeddings.
+    pub context: Tensor,
+    /// SDXL's `added_cond_kwargs`; `None` for SD 1.x/2.x.
+    pub text_time: Option<TextTime>,
+}
+
+/// `added_cond_kwargs` of a `text_time` UNet.
+pub struct TextTime {
+    /// `text_embeds` `[B, pooled width]`: the pooled prompt embedding.
+    pub text_embeds: Tensor,
+    /// `time_ids`, `B` rows: original height and width, crop top and left, target height
+    /// and width (diffusers' order).
+    pub time_ids: Vec<Vec<f32>>,
 }
 
 /// The per-level settings that diffusers resolves from the config before building blocks.
@@ -85,6 +125,7 @@ pub struct UNet2DConditionModel {
     config: UNetConfig,
     conv_in: Conv2d,
     time_embedding: TimestepEmbedding,
+    text_time: Option<TextTimeEmbedding>,
     down_blocks: Vec<DownBlock>,
     mid_block: Option<MidBlock>,
     up_blocks: Vec<UpBlock>,
@@ -107,7 +148,9 @@ fn check_supported(c: &UNetConfig, path: &Path) -> Result<()> {
             format!("class_embed_type = {:?}", c.class_embed_type),
         ),
         (
-            c.addition_embed_type.is_some(),
+            c.addition_embed_type
+                .as_ref()
+                .is_some_and(|kind| kind != "text_time"),
             format!("addition_embed_type = {:?}", c.addition_embed_type),
         ),
         (
@@ -316,19 +359,10 @@ impl UNet2DConditionModel {
             });
         }
 
-        let time_embedding = TimestepEmbedding {
-            linear_1: Linear::new(
-                &w.pp("time_embedding").pp("linear_1"),
-                ch0,
-                temb_channels,
-                true,
-            )?,
-            linear_2: Linear::new(
-                &w.pp("time_embedding").pp("linear_2"),
-                temb_channels,
-                temb_channels,
-                true,
-            )?,
+        let time_embedding = TimestepEmbedding::new(&w.pp("time_embedding"), ch0, temb_channels)?;
+        let text_time = match c.addition_embed_type.as_deref() {
+            Some("text_time") => Some(TextTimeEmbedding::new(c, w, temb_channels, config_path)?),
+            _ => None,
         };
         Ok(UNet2DConditionModel {
             conv_in: Conv2d::new(
@@ -340,6 +374,7 @@ impl UNet2DConditionModel {
                 c.conv_in_kernel / 2,
             )?,
             time_embedding,
+            text_time,
             down_blocks,
             mid_block,
             up_blocks,
@@ -360,54 +395,74 @@ impl UNet2DConditionModel {
         &self.config
     }
 
+    /// The pooled text width a `text_time` UNet expects, `None` for SD 1.x/2.x UNets.
+    pub fn text_time_pooled_dim(&self) -> Option<usize> {
+        self.text_time.as_ref().map(|t| t.pooled_dim)
+    }
+
     /// diffusers' `get_timestep_embedding` (`Timesteps` with the config's
-    /// `flip_sin_to_cos` and `freq_shift`), computed in f32 like torch, for each batch entry.
-    fn timestep_features(&self, timestep: f32, batch: usize) -> Vec<f32> {
-        let dim = self.config.block_out_channels[0];
+    /// `flip_sin_to_cos` and `freq_shift`) of each value, `dim` features each, computed in
+    /// f32 like torch.
+    fn sinusoidal_features(&self, values: &[f32], dim: usize) -> Vec<f32> {
         let half = dim / 2;
-        let mut features = Vec::with_capacity(dim);
-        let args: Vec<f32> = (0..half)
+        let exponents: Vec<f32> = (0..half)
             .map(|i| {
                 let exponent = -(10000f64.ln() as f32) * i as f32
                     / (half as f32 - self.config.freq_shift as f32);
-                timestep * exponent.exp()
+                exponent.exp()
             })
             .collect();
-        let sin = args.iter().map(|a| (*a as f64).sin() as f32);
-        let cos = args.iter().map(|a| (*a as f64).cos() as f32);
-        if self.config.flip_sin_to_cos {
-            features.extend(cos);
-            features.extend(sin);
-        } else {
-            features.extend(sin);
-            features.extend(cos);
+        let mut features = Vec::with_capacity(dim * values.len());
+        for &value in values {
+            let args = exponents.iter().map(|e| value * e);
+            let sin = args.clone().map(|a| (a as f64).sin() as f32);
+            let cos = args.map(|a| (a as f64).cos() as f32);
+            if self.config.flip_sin_to_cos {
+                features.extend(cos);
+                features.extend(sin);
+            } else {
+                features.extend(sin);
+                features.extend(cos);
+            }
+            if dim % 2 == 1 {
+                features.push(0.0); // odd dims are zero-padded, as diffusers does
+            }
         }
-        features.resize(dim, 0.0); // odd dims are zero-padded, as diffusers does
-        features.repeat(batch)
+        features
     }
 
     /// Predicts the noise (or v) for latents `sample` `[B, C, H, W]` at `timestep`, given
-    /// text embeddings `[B, L, cross_attention_dim]`.
-    pub fn forward(
-        &self,
-        sample: &Tensor,
-        timestep: f32,
-        encoder_hidden_states: &Tensor,
-    ) -> Result<Tensor> {
+    /// the prompt's conditioning (`B` entries of each).
+    pub fn forward(&self, sample: &Tensor, timestep: f32, cond: &Conditioning) -> Result<Tensor> {
         let _span = tracing::debug_span!("unet").entered();
         sample.expect_rank("unet sample", 4)?;
         let batch = sample.dim(0);
         let dim = self.config.block_out_channels[0];
         let t = Tensor::from_vec(
-            self.timestep_features(timestep, batch),
+            self.sinusoidal_features(&[timestep], dim).repeat(batch),
             &[batch, dim],
             &sample.device(),
         )?;
-        let emb = self.time_embedding.linear_1.forward(&t)?.silu()?;
-        let emb = self.time_embedding.linear_2.forward(&emb)?;
+        let mut emb = self.time_embedding.forward(&t)?;
+        match (&self.text_time, &cond.text_time) {
+            (Some(embedding), Some(added)) => {
+                emb = emb.add(&self.text_time_embedding(embedding, added, batch)?)?;
+            }
+            (None, None) => {}
+            (Some(_), None) => {
+                return Err(Error::InvalidArgument(
+                    "this UNet (addition_embed_type \"text_time\") needs pooled text embeddings and time ids".into(),
+                ))
+            }
+            (None, Some(_)) => {
+                return Err(Error::InvalidArgument(
+                    "this UNet takes no pooled text embeddings or time ids".into(),
+                ))
+            }
+        }
         // Every ResNet block applies SiLU to the embedding first; do it once.
         let temb = emb.silu()?;
-        let ctx = encoder_hidden_states;
+        let ctx = &cond.context;
 
         let mut h = self.conv_in.forward(sample)?;
         let mut skips = vec![h.clone()];
@@ -455,5 +510,78 @@ impl UNet2DConditionModel {
         }
         let h = self.conv_norm_out.forward_silu(&h)?;
         self.conv_out.forward(&h)
+    }
+}
+
+impl TextTimeEmbedding {
+    fn new(c: &UNetConfig, w: &Weights, temb_channels: usize, path: &Path) -> Result<Self> {
+        let missing = |field: &str| {
+            Error::config(
+                path,
+                format!("addition_embed_type \"text_time\" needs `{field}`"),
+            )
+        };
+        let time_dim = c
+            .addition_time_embed_dim
+            .ok_or_else(|| missing("addition_time_embed_dim"))?;
+        let input_dim = c
+            .projection_class_embeddings_input_dim
+            .ok_or_else(|| missing("projection_class_embeddings_input_dim"))?;
+        // Six ids: original size, crop corner and target size, two values each.
+        let pooled_dim = input_dim.checked_sub(6 * time_dim).ok_or_else(|| {
+            Error::config(
+                path,
+                format!(
+                    "`projection_class_embeddings_input_dim` {input_dim} is less than the six time ids' 6 x {time_dim} features"
+                ),
+            )
+        })?;
+        Ok(TextTimeEmbedding {
+            time_dim,
+            pooled_dim,
+            add_embedding: TimestepEmbedding::new(
+                &w.pp("add_embedding"),
+                input_dim,
+                temb_channels,
+            )?,
+        })
+    }
+}
+
+impl UNet2DConditionModel {
+    /// `add_embedding(cat(text_embeds, add_time_proj(time_ids)))`, `[B, temb]`.
+    fn text_time_embedding(
+        &self,
+        embedding: &TextTimeEmbedding,
+        added: &TextTime,
+        batch: usize,
+    ) -> Result<Tensor> {
+        let ids = &added.time_ids;
+        let features_per_row = embedding.pooled_dim + 6 * embedding.time_dim;
+        if ids.len() != batch || ids.iter().any(|row| row.len() != 6) {
+            return Err(Error::shape(
+                "unet time_ids",
+                format!("{batch} rows of 6 ids expected, got {ids:?}"),
+            ));
+        }
+        if added.text_embeds.shape() != [batch, embedding.pooled_dim] {
+            return Err(Error::shape(
+                "unet text_embeds",
+                format!(
+                    "{:?}, not [{batch}, {}]",
+                    added.text_embeds.shape(),
+                    embedding.pooled_dim
+                ),
+            ));
+        }
+        let flat: Vec<f32> = ids.iter().flatten().copied().collect();
+        let time_embeds = Tensor::from_vec(
+            self.sinusoidal_features(&flat, embedding.time_dim),
+            &[batch, 6 * embedding.time_dim],
+            &added.text_embeds.device(),
+        )?;
+        let joined = Tensor::cat(&[&added.text_embeds, &time_embeds], 1)?;
+        debug_assert_eq!(joined.shape(), [batch, features_per_row]);
+        embedding.add_embedding.forward(&joined)
     }
 }

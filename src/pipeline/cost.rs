@@ -39,16 +39,17 @@ impl StepCost {
     /// Times the UNet (batch 1, after a warm-up call) at [`MEASURED_SIDES`], the best of
     /// two calls each, or only once at the smaller side when that is slow.
     pub fn measure(sd: &StableDiffusion) -> Result<StepCost> {
-        let context = sd.encode_prompt("")?;
+        let prompt = sd.encode_prompt("")?;
         let factor = sd.vae_scale_factor();
         let channels = sd.unet().config().in_channels;
         let device = sd.device();
         let step = |side: usize| -> Result<f64> {
             let latent = (side / factor).max(1);
             let sample = Tensor::zeros(&[1, channels, latent, latent], device)?;
+            let cond = sd.conditioning(&[&prompt], side, side)?;
             let started = Instant::now();
             // Reading the result back waits for a GPU to finish.
-            sd.unet().forward(&sample, 500.0, &context)?.to_vec()?;
+            sd.unet().forward(&sample, 500.0, &cond)?.to_vec()?;
             Ok(started.elapsed().as_secs_f64())
         };
         let [small_side, large_side] = MEASURED_SIDES;

@@ -10,9 +10,10 @@ use std::time::{Duration, Instant};
 
 use crate::error::{Error, Result};
 use crate::model::clip::ClipTextModel;
+use crate::model::prompt_encoder::{PromptEmbeddings, PromptEncoder, TextEncoderPart};
 use crate::model::source::{ModelInfo, ModelSource};
 use crate::model::tokenizer::ClipTokenizer;
-use crate::model::unet::UNet2DConditionModel;
+use crate::model::unet::{Conditioning, TextTime, UNet2DConditionModel};
 use crate::model::vae::VaeDecoder;
 use crate::model::vae_encoder::VaeEncoder;
 use crate::pipeline::image::{ensure_finite, to_rgb8, RgbImage};
@@ -45,8 +46,10 @@ pub struct StableDiffusion {
     /// The folder's `scheduler_config.json`; each request builds its scheduler from it.
     scheduler_config: serde_json::Map<String, serde_json::Value>,
     device: Device,
-    tokenizer: ClipTokenizer,
-    text_encoder: ClipTextModel,
+    prompt_encoder: PromptEncoder,
+    /// SDXL's `force_zeros_for_empty_prompt`: a missing negative prompt gives zero negative
+    /// embeddings. Always off for SD 1.x/2.x, whose pipeline encodes "" instead.
+    zero_missing_negative: bool,
     unet: UNet2DConditionModel,
     vae: VaeDecoder,
     /// `None` when the VAE's weights have no encoder (text-to-image does not need it).
@@ -79,22 +82,18 @@ impl StableDiffusion {
     pub fn from_source(source: &ModelSource, device: &Device) -> Result<Self> {
         // Built per request; checked now so that a bad config fails at load time.
         let scheduler_config = source.scheduler_config()?;
-        let tokenizer = source.tokenizer()?;
-
         let p = source.text_encoder()?;
-        let text_encoder = ClipTextModel::new(&p.config, &p.weights, &p.config_path)?;
-        // Every prompt is padded to the tokenizer's length: the encoder needs that many positions.
-        let positions = p.config.max_position_embeddings;
-        if tokenizer.max_length() > positions {
-            return Err(Error::config(
-                &p.config_path,
-                format!(
-                    "`max_position_embeddings` {positions} is less than the {} tokens per prompt of the tokenizer ({}, `model_max_length`)",
-                    tokenizer.max_length(),
-                    source.info().tokenizer
-                ),
-            ));
+        let first = TextEncoderPart {
+            tokenizer: source.tokenizer()?,
+            encoder: ClipTextModel::new(&p.config, &p.weights, &p.config_path)?,
+        };
+        let mut parts = vec![(first, p.config_path)];
+        if let Some((p, tokenizer)) = source.text_encoder_2()? {
+            let encoder = ClipTextModel::new(&p.config, &p.weights, &p.config_path)?;
+            parts.push((TextEncoderPart { tokenizer, encoder }, p.config_path));
         }
+        let is_xl = parts.len() == 2;
+        let prompt_encoder = PromptEncoder::new(parts)?;
 
         let p = source.unet()?;
         let unet_config_path = p.config_path.clone();
@@ -109,7 +108,7 @@ impl StableDiffusion {
             tracing::warn!("the VAE has no encoder weights: image-to-image and inpainting are off");
             None
         };
-        let width = text_encoder.config().hidden_size;
+        let width = prompt_encoder.context_width();
         if let Some(&dim) = match &unet.config().cross_attention_dim {
             crate::model::config::PerLevel::One(d) => Some(d),
             crate::model::config::PerLevel::Each(dims) => dims.iter().find(|&&d| d != width),
@@ -120,6 +119,23 @@ impl StableDiffusion {
                 unet_config_path,
                 format!("the UNet attends to {dim}-wide text embeddings but the text encoder makes {width}-wide ones"),
             ));
+        }
+        // SDXL's UNet reads the second encoder's pooled embedding; diffusers checks the
+        // width in `_get_add_time_ids`.
+        let pooled = prompt_encoder.pooled_width();
+        match (unet.text_time_pooled_dim(), pooled) {
+            (Some(want), Some(have)) if want == have => {}
+            (None, None) => {}
+            (want, have) => {
+                return Err(Error::config(
+                    unet_config_path,
+                    format!(
+                        "the UNet reads {} but the text encoders make {}",
+                        want.map_or("no pooled text embedding (it is not an SDXL UNet)".into(), |w| format!("a {w}-wide pooled text embedding (`projection_class_embeddings_input_dim` - 6 x `addition_time_embed_dim`)")),
+                        have.map_or("none (one text encoder)".into(), |h| format!("a {h}-wide one"))
+                    ),
+                ));
+            }
         }
         let latent = vae.config().latent_channels;
         let unet_in = unet.config().in_channels;
@@ -147,8 +163,8 @@ impl StableDiffusion {
             info: source.info().clone(),
             scheduler_config,
             device: device.clone(),
-            tokenizer,
-            text_encoder,
+            prompt_encoder,
+            zero_missing_negative: is_xl && source.force_zeros_for_empty_prompt()?,
             unet,
             vae,
             vae_encoder,
@@ -160,12 +176,23 @@ impl StableDiffusion {
         &self.info
     }
 
+    /// The (first) tokenizer.
     pub fn tokenizer(&self) -> &ClipTokenizer {
-        &self.tokenizer
+        &self.prompt_encoder.parts()[0].tokenizer
     }
 
+    /// The (first) text encoder.
     pub fn text_encoder(&self) -> &ClipTextModel {
-        &self.text_encoder
+        &self.prompt_encoder.parts()[0].encoder
+    }
+
+    pub fn prompt_encoder(&self) -> &PromptEncoder {
+        &self.prompt_encoder
+    }
+
+    /// Whether this is an SDXL pipeline (two text encoders, `text_time` conditioning).
+    pub fn is_xl(&self) -> bool {
+        self.prompt_encoder.parts().len() == 2
     }
 
     pub fn unet(&self) -> &UNet2DConditionModel {
@@ -185,18 +212,44 @@ impl StableDiffusion {
         self.vae.config().downscale_factor()
     }
 
-    /// `[1, L, D]` embeddings of one prompt, warning when the prompt was cut.
-    pub fn encode_prompt(&self, prompt: &str) -> Result<Tensor> {
-        let tokens = self.tokenizer.encode(prompt)?;
-        // The count, not the words: prompts are the users' and logs are the operator's.
-        if tokens.dropped > 0 {
-            tracing::warn!(
-                "the prompt was cut: its last {} tokens are beyond the {} that CLIP reads",
-                tokens.dropped,
-                self.tokenizer.max_length()
-            );
+    /// One prompt's embeddings, warning when the prompt was cut.
+    pub fn encode_prompt(&self, prompt: &str) -> Result<PromptEmbeddings> {
+        self.prompt_encoder.encode(prompt)
+    }
+
+    /// The UNet's conditioning for a batch of prompts' embeddings (one per branch of the
+    /// guidance batch), at an image of `width` x `height`: for SDXL also the pooled
+    /// embeddings and `_get_add_time_ids` (original size = target size = the image's,
+    /// crop corner (0, 0), as the pipeline's defaults), the same for every branch.
+    pub fn conditioning(
+        &self,
+        branches: &[&PromptEmbeddings],
+        width: usize,
+        height: usize,
+    ) -> Result<Conditioning> {
+        let context = Tensor::cat(&branches.iter().map(|b| &b.context).collect::<Vec<_>>(), 0)?;
+        if self.unet.text_time_pooled_dim().is_none() {
+            return Ok(Conditioning {
+                context,
+                text_time: None,
+            });
         }
-        self.text_encoder.forward(&tokens.ids)
+        let pooled = branches
+            .iter()
+            .map(|b| {
+                b.pooled.as_ref().ok_or_else(|| {
+                    Error::InvalidArgument("the SDXL UNet needs a pooled prompt embedding".into())
+                })
+            })
+            .collect::<Result<Vec<_>>>()?;
+        let (w, h) = (width as f32, height as f32);
+        Ok(Conditioning {
+            context,
+            text_time: Some(TextTime {
+                text_embeds: Tensor::cat(&pooled, 0)?,
+                time_ids: vec![vec![h, w, 0.0, 0.0, h, w]; branches.len()],
+            }),
+        })
     }
 
     pub fn vae_encoder(&self) -> Option<&VaeEncoder> {
@@ -405,8 +458,7 @@ impl StableDiffusion {
                 Some(extra) => Tensor::cat(&[&input, extra], 1)?,
                 None => input,
             };
-            let noise_pred =
-                guidance.combine(&self.unet.forward(&input, t, &guidance.context)?)?;
+            let noise_pred = guidance.combine(&self.unet.forward(&input, t, &guidance.cond)?)?;
             latents = scheduler.step(&noise_pred, i, &latents, rng)?;
             if let Some(Inpaint::Blend {
                 mask,
@@ -445,7 +497,7 @@ impl StableDiffusion {
 /// two predictions. diffusers guides only when the scale is above 1.
 struct Guidance {
     /// `[negative; prompt]` when guided, else the prompt's alone.
-    context: Tensor,
+    cond: Conditioning,
     scale: Option<f32>,
 }
 
@@ -453,14 +505,17 @@ impl Guidance {
     fn encode(sd: &StableDiffusion, p: &GenerateParams) -> Result<Self> {
         let prompt = sd.encode_prompt(&p.prompt)?;
         if p.guidance_scale > 1.0 {
-            let negative = sd.encode_prompt(p.negative_prompt.as_deref().unwrap_or(""))?;
+            let negative = match p.negative_prompt.as_deref() {
+                None if sd.zero_missing_negative => prompt.zeros_like()?,
+                negative => sd.encode_prompt(negative.unwrap_or(""))?,
+            };
             Ok(Guidance {
-                context: Tensor::cat(&[&negative, &prompt], 0)?,
+                cond: sd.conditioning(&[&negative, &prompt], p.width, p.height)?,
                 scale: Some(p.guidance_scale as f32),
             })
         } else {
             Ok(Guidance {
-                context: prompt,
+                cond: sd.conditioning(&[&prompt], p.width, p.height)?,
                 scale: None,
             })
         }

@@ -1,0 +1,132 @@
+//! The text side of a pipeline: one tokenizer + CLIP text encoder (SD 1.x/2.x) or two
+//! (SDXL: `CLIPTextModel` and `CLIPTextModelWithProjection`), turning a prompt into what
+//! the UNet reads, as diffusers' `encode_prompt` does for each pipeline.
+
+use std::path::PathBuf;
+
+use crate::error::{Error, Result};
+use crate::model::clip::{ClipTextModel, HiddenLayer};
+use crate::model::folder::Component;
+use crate::model::tokenizer::ClipTokenizer;
+use crate::tensor::Tensor;
+
+/// One tokenizer with the encoder it feeds.
+pub struct TextEncoderPart {
+    pub tokenizer: ClipTokenizer,
+    pub encoder: ClipTextModel,
+}
+
+/// A prompt's embeddings.
+#[derive(Clone)]
+pub struct PromptEmbeddings {
+    /// `[1, 77, width]`: what the UNet's cross-attention reads.
+    pub context: Tensor,
+    /// SDXL: `[1, projection_dim]`, the last encoder's pooled `text_embeds`.
+    pub pooled: Option<Tensor>,
+}
+
+impl PromptEmbeddings {
+    /// Zeros of the same shapes: SDXL's negative embeddings for a missing negative prompt
+    /// (`force_zeros_for_empty_prompt`).
+    pub fn zeros_like(&self) -> Result<Self> {
+        let zeros = |t: &Tensor| Tensor::zeros(t.shape(), &t.device());
+        Ok(PromptEmbeddings {
+            context: zeros(&self.context)?,
+            pooled: self.pooled.as_ref().map(zeros).transpose()?,
+        })
+    }
+}
+
+pub struct PromptEncoder {
+    parts: Vec<TextEncoderPart>,
+}
+
+impl PromptEncoder {
+    /// SD 1.x/2.x pipelines have one part, SDXL's two, each with its config's path for
+    /// errors. Every part's prompt length must fit its encoder's positions,
+    /// and with two parts the last must have a projection (SDXL's pooled embedding).
+    pub fn new(parts: Vec<(TextEncoderPart, PathBuf)>) -> Result<Self> {
+        let count = parts.len();
+        if !(1..=2).contains(&count) {
+            return Err(Error::InvalidArgument(format!(
+                "a pipeline has one or two text encoders, not {count}"
+            )));
+        }
+        for (i, (part, config_path)) in parts.iter().enumerate() {
+            let positions = part.encoder.config().max_position_embeddings;
+            if part.tokenizer.max_length() > positions {
+                return Err(Error::config(
+                    config_path,
+                    format!(
+                        "`max_position_embeddings` {positions} is less than the {} tokens per prompt of its tokenizer ({}/, `model_max_length`)",
+                        part.tokenizer.max_length(),
+                        [Component::Tokenizer, Component::Tokenizer2][i].dir_name()
+                    ),
+                ));
+            }
+            if count == 2 && i == 1 && part.encoder.projection_dim().is_none() {
+                return Err(Error::config(
+                    config_path,
+                    "SDXL's second text encoder needs `text_projection.weight` (CLIPTextModelWithProjection) for the pooled embedding",
+                ));
+            }
+        }
+        Ok(PromptEncoder {
+            parts: parts.into_iter().map(|(part, _)| part).collect(),
+        })
+    }
+
+    pub fn parts(&self) -> &[TextEncoderPart] {
+        &self.parts
+    }
+
+    /// The width of [`PromptEmbeddings::context`]: the encoders' widths added up.
+    pub fn context_width(&self) -> usize {
+        self.parts
+            .iter()
+            .map(|p| p.encoder.config().hidden_size)
+            .sum()
+    }
+
+    /// The width of [`PromptEmbeddings::pooled`], for SDXL.
+    pub fn pooled_width(&self) -> Option<usize> {
+        match self.parts.as_slice() {
+            [_, second] => second.encoder.projection_dim(),
+            _ => None,
+        }
+    }
+
+    /// `StableDiffusionPipeline.encode_prompt` (one encoder: `last_hidden_state`) or
+    /// `StableDiffusionXLPipeline.encode_prompt` (two: each encoder's `hidden_states[-2]`
+    /// joined along the width, the pooled embedding from the second), each tokenizer
+    /// padding to its own length and cutting what does not fit, with a warning.
+    pub fn encode(&self, prompt: &str) -> Result<PromptEmbeddings> {
+        let layer = match self.parts.len() {
+            1 => HiddenLayer::Last,
+            _ => HiddenLayer::Penultimate,
+        };
+        let mut contexts = Vec::with_capacity(self.parts.len());
+        let mut pooled = None;
+        for (i, part) in self.parts.iter().enumerate() {
+            let tokens = part.tokenizer.encode(prompt)?;
+            // The count, not the words: prompts are the users' and logs are the operator's.
+            if tokens.dropped > 0 && i == 0 {
+                tracing::warn!(
+                    "the prompt was cut: its last {} tokens are beyond the {} that CLIP reads",
+                    tokens.dropped,
+                    part.tokenizer.max_length()
+                );
+            }
+            let out = part.encoder.encode(&tokens.ids, layer)?;
+            contexts.push(out.hidden);
+            if self.parts.len() > 1 {
+                pooled = out.pooled;
+            }
+        }
+        let context = match contexts.as_slice() {
+            [one] => one.clone(),
+            many => Tensor::cat(&many.iter().collect::<Vec<_>>(), 2)?,
+        };
+        Ok(PromptEmbeddings { context, pooled })
+    }
+}
