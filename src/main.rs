@@ -123,12 +123,14 @@ enum Command {
         /// Largest width x height a request may ask for.
         #[arg(long, default_value_t = 2048 * 2048, env = "SD_MAX_PIXELS")]
         max_pixels: u64,
-        /// num_inference_steps when a request leaves it out (SD-Turbo: 1).
-        #[arg(long, default_value_t = 50, env = "SD_DEFAULT_STEPS")]
-        default_steps: u64,
-        /// guidance_scale when a request leaves it out (SD-Turbo: 0).
-        #[arg(long, default_value_t = 7.5, env = "SD_DEFAULT_GUIDANCE")]
-        default_guidance: f64,
+        /// num_inference_steps when a request leaves it out; default: the model's (50;
+        /// Turbo models, recognised by name: 1).
+        #[arg(long, env = "SD_DEFAULT_STEPS")]
+        default_steps: Option<u64>,
+        /// guidance_scale when a request leaves it out; default: the model's (7.5; SDXL:
+        /// 5.0; Turbo models: 0).
+        #[arg(long, env = "SD_DEFAULT_GUIDANCE")]
+        default_guidance: Option<f64>,
     },
     /// Generate one image from a text prompt and write it as PNG.
     Generate {
@@ -138,16 +140,17 @@ enum Command {
         prompt: String,
         #[arg(long)]
         negative_prompt: Option<String>,
-        /// Denoising steps.
-        #[arg(long, default_value_t = 50)]
-        steps: usize,
-        /// Classifier-free guidance scale (guidance is off at 1 or below).
-        #[arg(long, default_value_t = 7.5)]
-        guidance: f64,
-        /// Pixels; default 512, or the init image's width.
+        /// Denoising steps; default: the model's (50; Turbo models: 1).
+        #[arg(long)]
+        steps: Option<usize>,
+        /// Classifier-free guidance scale (guidance is off at 1 or below); default: the
+        /// model's (7.5; SDXL: 5.0; Turbo models: 0).
+        #[arg(long)]
+        guidance: Option<f64>,
+        /// Pixels; default: the init image's width, else the model's (512; SDXL: 1024).
         #[arg(long)]
         width: Option<usize>,
-        /// Pixels; default 512, or the init image's height.
+        /// Pixels; default: the init image's height, else the model's (512; SDXL: 1024).
         #[arg(long)]
         height: Option<usize>,
         /// Image-to-image: the PNG or JPEG to start from (its size is the output's).
@@ -216,14 +219,16 @@ fn read_init_image(
     }))
 }
 
-/// `--width` and `--height`: the init image's size, which they may only repeat.
+/// `--width` and `--height`: the init image's size, which they may only repeat, else the
+/// model's `default` (width, height).
 fn output_size(
     width: Option<usize>,
     height: Option<usize>,
     init: Option<&InitImage>,
+    default: (usize, usize),
 ) -> Result<(usize, usize)> {
     let Some(init) = init else {
-        return Ok((width.unwrap_or(512), height.unwrap_or(512)));
+        return Ok((width.unwrap_or(default.0), height.unwrap_or(default.1)));
     };
     let size = (init.image.width, init.image.height);
     if width.unwrap_or(size.0) != size.0 || height.unwrap_or(size.1) != size.1 {
@@ -260,12 +265,12 @@ fn run(cli: Cli) -> Result<()> {
             default_steps,
             default_guidance,
         } => {
-            if !(1..=max_steps).contains(&default_steps) {
+            if let Some(default_steps) = default_steps.filter(|s| !(1..=max_steps).contains(s)) {
                 return Err(Error::InvalidArgument(format!(
                     "--default-steps {default_steps} must be between 1 and --max-steps {max_steps}"
                 )));
             }
-            if !(0.0..=30.0).contains(&default_guidance) {
+            if let Some(default_guidance) = default_guidance.filter(|g| !(0.0..=30.0).contains(g)) {
                 return Err(Error::InvalidArgument(format!(
                     "--default-guidance {default_guidance} must be between 0 and 30"
                 )));
@@ -289,6 +294,7 @@ fn run(cli: Cli) -> Result<()> {
                     max_pixels,
                     default_steps,
                     default_guidance,
+                    ..Limits::default()
                 },
                 time_limit: (request_timeout > 0).then(|| Duration::from_secs(request_timeout)),
                 cors_origins,
@@ -351,18 +357,26 @@ fn run(cli: Cli) -> Result<()> {
         } => {
             let seed = resolve_seed(seed)?;
             let init = read_init_image(init_image, mask_image, strength)?;
-            let (width, height) = output_size(width, height, init.as_ref())?;
+            // Checked before the minutes of loading a model.
+            output_size(width, height, init.as_ref(), (0, 0))?;
             let device = model.device()?;
             let t0 = Instant::now();
             tracing::info!("loading {} on {device}", model.model.display());
             let sd =
                 StableDiffusion::load_named(&model.model, model.model_config.as_deref(), &device)?;
             let load_time = t0.elapsed();
+            let defaults = sd.defaults();
+            let (width, height) = output_size(
+                width,
+                height,
+                init.as_ref(),
+                (defaults.width, defaults.height),
+            )?;
             let params = GenerateParams {
                 prompt,
                 negative_prompt,
-                steps,
-                guidance_scale: guidance,
+                steps: steps.unwrap_or(defaults.steps),
+                guidance_scale: guidance.unwrap_or(defaults.guidance_scale),
                 width,
                 height,
                 seed,

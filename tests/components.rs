@@ -1,11 +1,13 @@
 //! Each component against diffusers / transformers / torch outputs saved by
 //! tools/fixtures/make_fixtures.py: noise, tokenizer ids, text embeddings, UNet, VAE (for
-//! the sd1, sd2 and fast512 fixture models).
+//! the sd1, sd2 and fast512 fixture models), and by tools/fixtures/sdxl.py for SDXL's two
+//! text encoders, its prompt embeddings and its `text_time` UNet.
 
 use std::collections::HashMap;
 
+use sd_wgpu::model::clip::HiddenLayer;
 use sd_wgpu::model::tokenizer::ClipTokenizer;
-use sd_wgpu::model::unet::Conditioning;
+use sd_wgpu::model::unet::{Conditioning, TextTime};
 use sd_wgpu::pipeline::noise::TorchRng;
 use sd_wgpu::pipeline::StableDiffusion;
 use sd_wgpu::tensor::{Device, Tensor};
@@ -209,6 +211,84 @@ fn sd2_unet_matches_diffusers() {
 /// Downsample2D then pads one zero row and column after the input before its stride-2
 /// convolution (down levels 12x10 -> 6x5 -> 3x2 on this sample, not 3x3), against
 /// reference/sd1_downsample_padding0.safetensors.
+#[test]
+fn sdxl_text_encoders_and_prompt_embeddings_match_diffusers() {
+    let (models, tensors) = load_fixture("sdxl");
+    let ids = |key: &str| -> Vec<u32> { tensors[key].data.iter().map(|&v| v as u32).collect() };
+    for (name, sd) in &models {
+        let parts = sd.prompt_encoder().parts();
+        assert_eq!(parts.len(), 2, "{name}: two text encoders");
+        for (i, prompt) in ["a photo of a cat", ""].iter().enumerate() {
+            for (part, n) in parts.iter().zip(1..) {
+                let tokens = part.tokenizer.encode(prompt).unwrap();
+                assert_eq!(
+                    tokens.ids,
+                    ids(&format!("token_ids{n}_{i}")),
+                    "{name}: tokenizer {n}"
+                );
+                let out = part
+                    .encoder
+                    .encode(&tokens.ids, HiddenLayer::Penultimate)
+                    .unwrap();
+                let key = format!("hidden{n}_penultimate_{i}");
+                compare(&format!("{name}: {key}"), &out.hidden, &tensors[&key]);
+                if n == 2 {
+                    let key = format!("text_embeds2_{i}");
+                    compare(
+                        &format!("{name}: {key}"),
+                        out.pooled.as_ref().unwrap(),
+                        &tensors[&key],
+                    );
+                }
+            }
+            let embeddings = sd.encode_prompt(prompt).unwrap();
+            let key = format!("prompt_embeds_{i}");
+            compare(
+                &format!("{name}: {key}"),
+                &embeddings.context,
+                &tensors[&key],
+            );
+            let key = format!("pooled_prompt_embeds_{i}");
+            let pooled = embeddings
+                .pooled
+                .as_ref()
+                .expect("SDXL has a pooled embedding");
+            compare(&format!("{name}: {key}"), pooled, &tensors[&key]);
+        }
+    }
+}
+
+#[test]
+fn sdxl_unet_with_text_time_conditioning_matches_diffusers() {
+    let (models, tensors) = load_fixture("sdxl");
+    for (name, sd) in &models {
+        let device = sd.device();
+        let sample = to_tensor(&tensors["unet_sample"], device);
+        let ids = &tensors["unet_time_ids"];
+        let row = ids.shape[1];
+        let cond = Conditioning {
+            context: to_tensor(&tensors["unet_encoder_hidden_states"], device),
+            text_time: Some(TextTime {
+                text_embeds: to_tensor(&tensors["unet_text_embeds"], device),
+                time_ids: ids.f32().chunks(row).map(<[f32]>::to_vec).collect(),
+            }),
+        };
+        let got = sd.unet().forward(&sample, 500.0, &cond).unwrap();
+        compare(
+            &format!("{name}: unet_output_t500"),
+            &got,
+            &tensors["unet_output_t500"],
+        );
+        // Without the pooled embedding and the time ids, an SDXL UNet says what it lacks.
+        let bare = Conditioning {
+            context: cond.context.clone(),
+            text_time: None,
+        };
+        let err = sd.unet().forward(&sample, 500.0, &bare).unwrap_err();
+        assert!(err.to_string().contains("text_time"), "{err}");
+    }
+}
+
 #[test]
 fn sd1_unet_with_downsample_padding_0_matches_diffusers() {
     let (_tmp, dir) = common::copy_fixture("sd1");

@@ -7,7 +7,11 @@
 //!   `StableDiffusionInpaintPipeline` images saved by tools/fixtures/img2img.py
 //!   (`reference/img2img.json` + `reference/img2img/`): several strengths including 1,
 //!   schedulers with state and randomness, masks of three kinds, the 9-channel inpainting
-//!   UNet (sd1_inpaint) and the blended 4-channel one.
+//!   UNet (sd1_inpaint) and the blended 4-channel one;
+//! - SDXL: `StableDiffusionXLPipeline` images saved by tools/fixtures/sdxl.py
+//!   (`reference/sdxl.json` + `reference/sdxl/`): zeroed, empty and given negative prompts,
+//!   guidance off, non-square sizes, a prompt over 77 tokens, Turbo's trailing Euler
+//!   ancestral in one step, DPM-Solver++.
 //!
 //! The cases and the pass rule live in common/image_cases.rs, which the GPU bench shares.
 
@@ -26,6 +30,11 @@ fn images_match_diffusers_for_every_case() {
 #[test]
 fn image_to_image_and_inpainting_match_diffusers_for_every_case() {
     all_cases_match("img2img.json", 17);
+}
+
+#[test]
+fn sdxl_images_match_diffusers_for_every_case() {
+    all_cases_match("sdxl.json", 11);
 }
 
 /// Runs every case of `file` on every device; at least `min_cases` must be there.

@@ -19,7 +19,7 @@ use tokio::sync::{oneshot, watch};
 use crate::error::{Error, Result};
 use crate::model::source::ModelInfo;
 use crate::pipeline::cost::StepCost;
-use crate::pipeline::{GenerateParams, Generated, ParamsCheck, StableDiffusion};
+use crate::pipeline::{GenerateParams, Generated, ModelDefaults, ParamsCheck, StableDiffusion};
 use crate::tensor::interrupt::{self, Interrupt};
 use crate::tensor::Device;
 use queue::{JobQueue, PushError};
@@ -114,8 +114,9 @@ pub struct Engine {
     shutdown: AtomicBool,
     pub model: PathBuf,
     pub model_config: Option<PathBuf>,
-    /// What was loaded (folder or single file, configs, tokenizer), once loaded.
-    info: RwLock<Option<ModelInfo>>,
+    /// What was loaded (folder or single file, configs, tokenizer), and what requests
+    /// that leave them out get from it, once loaded.
+    info: RwLock<Option<(ModelInfo, ModelDefaults)>>,
     /// Replaced when a lost GPU is opened again.
     device: RwLock<Device>,
     /// Whether to time a UNet step after loading (only worth its seconds when requests
@@ -217,7 +218,18 @@ impl Engine {
 
     /// What was loaded, once the model is ready.
     pub fn info(&self) -> Option<ModelInfo> {
-        self.info.read().ok().and_then(|i| i.clone())
+        self.info
+            .read()
+            .ok()
+            .and_then(|i| i.as_ref().map(|(info, _)| info.clone()))
+    }
+
+    /// The loaded model's defaults for what a request leaves out.
+    pub fn model_defaults(&self) -> Option<ModelDefaults> {
+        self.info
+            .read()
+            .ok()
+            .and_then(|i| i.as_ref().map(|(_, d)| *d))
     }
 
     fn set_state(&self, state: ModelState) {
@@ -428,7 +440,7 @@ impl Engine {
             Ok(sd) => {
                 tracing::info!("model loaded in {:.1}s", started.elapsed().as_secs_f64());
                 if let Ok(mut info) = self.info.write() {
-                    *info = Some(sd.info().clone());
+                    *info = Some((sd.info().clone(), sd.defaults()));
                 }
                 *self.params_check.write().unwrap_or_else(|p| p.into_inner()) =
                     Some(sd.params_check());

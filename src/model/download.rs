@@ -39,6 +39,27 @@ const WEIGHTS: [(&str, &str); 3] = [
     ("vae", "diffusion_pytorch_model"),
 ];
 
+/// SDXL's second text encoder (`CLIPTextModelWithProjection`) and its tokenizer: read when
+/// the repository has `text_encoder_2/` (SD 1.x/2.x repositories have none).
+const XL_WEIGHTS: (&str, &str) = ("text_encoder_2", "model");
+const XL_CONFIG: &str = "text_encoder_2/config.json";
+
+/// The weighted components of a repository with (`xl`) or without a second text encoder.
+fn weights_of(xl: bool) -> Vec<(&'static str, &'static str)> {
+    let mut all = WEIGHTS.to_vec();
+    all.extend(xl.then_some(XL_WEIGHTS));
+    all
+}
+
+/// The tokenizer folders of a repository with (`xl`) or without a second text encoder.
+fn tokenizers_of(xl: bool) -> &'static [&'static str] {
+    if xl {
+        &["tokenizer", "tokenizer_2"]
+    } else {
+        &["tokenizer"]
+    }
+}
+
 /// The single files always read.
 const CONFIGS: [&str; 5] = [
     "model_index.json",
@@ -104,20 +125,26 @@ impl HubAccess {
 pub fn missing_in_snapshot(dir: &Path) -> Vec<String> {
     let mut missing = Vec::new();
     let has = |rel: &str| dir.join(rel).is_file();
-    for config in CONFIGS {
+    // An SDXL snapshot has the second encoder's config once that was downloaded, and its
+    // `model_index.json` names it from the start (it is downloaded last, though).
+    let xl = has(XL_CONFIG)
+        || std::fs::read_to_string(dir.join("model_index.json"))
+            .is_ok_and(|index| index.contains("\"text_encoder_2\""));
+    for config in CONFIGS.iter().copied().chain(xl.then_some(XL_CONFIG)) {
         if !has(config) {
             missing.push(config.to_string());
         }
     }
-    let tokenizer = has("tokenizer/tokenizer.json")
-        || has("tokenizer/vocab.json") && has("tokenizer/merges.txt");
-    if !tokenizer {
-        missing.push(
-            "tokenizer/ (vocab.json, merges.txt, tokenizer_config.json, special_tokens_map.json)"
-                .to_string(),
-        );
+    for tokenizer in tokenizers_of(xl) {
+        let complete = has(&format!("{tokenizer}/tokenizer.json"))
+            || has(&format!("{tokenizer}/vocab.json")) && has(&format!("{tokenizer}/merges.txt"));
+        if !complete {
+            missing.push(format!(
+                "{tokenizer}/ (vocab.json, merges.txt, tokenizer_config.json, special_tokens_map.json)"
+            ));
+        }
     }
-    for (component, stem) in WEIGHTS {
+    for (component, stem) in weights_of(xl) {
         let fp16 = format!("{component}/{stem}.fp16.safetensors");
         if !has(&fp16) && !has(&format!("{component}/{stem}.safetensors")) {
             missing.push(format!("{fp16} (or {stem}.safetensors)"));
@@ -183,7 +210,8 @@ fn choose_files(repo: &str, files: &[Sibling]) -> std::result::Result<Vec<Siblin
     let find = |name: &str| files.iter().find(|f| f.rfilename == name);
     let mut chosen = Vec::new();
     let mut problems = Vec::new();
-    for (component, stem) in WEIGHTS {
+    let xl = find(XL_CONFIG).is_some();
+    for (component, stem) in weights_of(xl) {
         let fp16 = format!("{component}/{stem}.fp16.safetensors");
         let full = format!("{component}/{stem}.safetensors");
         if let Some(f) = find(&fp16).or_else(|| find(&full)) {
@@ -212,31 +240,42 @@ fn choose_files(repo: &str, files: &[Sibling]) -> std::result::Result<Vec<Siblin
             format!("{component}/ has no {stem}.safetensors or {stem}.fp16.safetensors")
         });
     }
-    for config in CONFIGS.iter().skip(1) {
+    for config in CONFIGS
+        .iter()
+        .skip(1)
+        .copied()
+        .chain(xl.then_some(XL_CONFIG))
+    {
         match find(config) {
             Some(f) => chosen.push(f.clone()),
             None => problems.push(format!("there is no {config}")),
         }
     }
-    let tokenizer: Vec<&Sibling> = files
-        .iter()
-        .filter(|f| {
-            f.rfilename.strip_prefix("tokenizer/").is_some_and(|rest| {
-                !rest.is_empty()
-                    && !rest.starts_with('.')
-                    && rest
-                        .chars()
-                        .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'))
+    for dir in tokenizers_of(xl) {
+        let tokenizer: Vec<&Sibling> = files
+            .iter()
+            .filter(|f| {
+                f.rfilename
+                    .strip_prefix(dir)
+                    .and_then(|rest| rest.strip_prefix('/'))
+                    .is_some_and(|rest| {
+                        !rest.is_empty()
+                            && !rest.starts_with('.')
+                            && rest
+                                .chars()
+                                .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'))
+                    })
             })
-        })
-        .collect();
-    let names: HashSet<&str> = tokenizer.iter().map(|f| f.rfilename.as_str()).collect();
-    if names.contains("tokenizer/tokenizer.json")
-        || (names.contains("tokenizer/vocab.json") && names.contains("tokenizer/merges.txt"))
-    {
-        chosen.extend(tokenizer.into_iter().cloned());
-    } else {
-        problems.push("tokenizer/ has no tokenizer.json, nor vocab.json and merges.txt".into());
+            .collect();
+        let names: HashSet<&str> = tokenizer.iter().map(|f| f.rfilename.as_str()).collect();
+        let has = |file: &str| names.contains(format!("{dir}/{file}").as_str());
+        if has("tokenizer.json") || (has("vocab.json") && has("merges.txt")) {
+            chosen.extend(tokenizer.into_iter().cloned());
+        } else {
+            problems.push(format!(
+                "{dir}/ has no tokenizer.json, nor vocab.json and merges.txt"
+            ));
+        }
     }
     match find("model_index.json") {
         Some(f) => chosen.push(f.clone()),
@@ -459,7 +498,7 @@ pub fn fetch(id: &HubId, cache: &Path, weights: &Path, access: &HubAccess) -> Re
     let mut todo: Vec<Sibling> = wanted
         .into_iter()
         .filter(|f| {
-            let alternatives = WEIGHTS.iter().find_map(|(component, stem)| {
+            let alternatives = weights_of(true).into_iter().find_map(|(component, stem)| {
                 let full = format!("{component}/{stem}.safetensors");
                 let fp16 = format!("{component}/{stem}.fp16.safetensors");
                 (f.rfilename == full || f.rfilename == fp16).then_some([full, fp16])
@@ -679,6 +718,66 @@ mod tests {
                 "vae/diffusion_pytorch_model.fp16.safetensors",
             ]
         );
+    }
+
+    #[test]
+    fn sdxl_repositories_bring_their_second_text_encoder_and_tokenizer() {
+        let mut listing: Vec<String> = SD15.iter().map(|n| n.to_string()).collect();
+        for (sd, xl) in [
+            ("text_encoder/", "text_encoder_2/"),
+            ("tokenizer/", "tokenizer_2/"),
+        ] {
+            let second: Vec<String> = listing
+                .iter()
+                .filter_map(|n| n.strip_prefix(sd).map(|rest| format!("{xl}{rest}")))
+                .collect();
+            listing.extend(second);
+        }
+        let files: Vec<Sibling> = listing.iter().map(|n| file(n)).collect();
+        let chosen = choose_files("org/name", &files).unwrap();
+        let got = names(&chosen);
+        for wanted in [
+            "text_encoder_2/config.json",
+            "text_encoder_2/model.fp16.safetensors",
+            "tokenizer_2/vocab.json",
+            "tokenizer_2/merges.txt",
+            "tokenizer_2/special_tokens_map.json",
+        ] {
+            assert!(got.contains(&wanted), "{wanted} not chosen: {got:?}");
+        }
+        // Without its weights the repository is refused, naming what is missing.
+        let files: Vec<Sibling> = listing
+            .iter()
+            .filter(|n| !n.starts_with("text_encoder_2/model"))
+            .map(|n| file(n))
+            .collect();
+        let err = choose_files("org/name", &files).unwrap_err();
+        assert!(
+            err.contains("text_encoder_2/ has no model.safetensors"),
+            "{err}"
+        );
+
+        // A snapshot folder lacks the second encoder's files while it has only the rest.
+        let dir = tempfile::tempdir().unwrap();
+        for name in SD15.iter().filter(|n| !n.ends_with(".bin")) {
+            let path = dir.path().join(name);
+            std::fs::create_dir_all(path.parent().unwrap()).unwrap();
+            std::fs::write(&path, "{}").unwrap();
+        }
+        assert!(missing_in_snapshot(dir.path()).is_empty());
+        std::fs::write(
+            dir.path().join("model_index.json"),
+            r#"{"_class_name": "StableDiffusionXLPipeline", "text_encoder_2": ["transformers", "CLIPTextModelWithProjection"]}"#,
+        )
+        .unwrap();
+        let missing = missing_in_snapshot(dir.path()).join("; ");
+        for wanted in [
+            "text_encoder_2/config.json",
+            "tokenizer_2/",
+            "text_encoder_2/model.fp16",
+        ] {
+            assert!(missing.contains(wanted), "{wanted} not missing: {missing}");
+        }
     }
 
     #[test]

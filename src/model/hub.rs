@@ -24,7 +24,7 @@ use crate::error::{Error, Result};
 pub const DEFAULT_MODEL: &str = "stable-diffusion-v1-5/stable-diffusion-v1-5";
 
 /// The files a text-to-image pipeline reads, as `huggingface-cli download --include` patterns.
-pub(crate) const INCLUDE: &str = r#""model_index.json" "*/config.json" "scheduler/*" "tokenizer/*" "text_encoder/model.fp16.safetensors" "unet/diffusion_pytorch_model.fp16.safetensors" "vae/diffusion_pytorch_model.fp16.safetensors""#;
+pub(crate) const INCLUDE: &str = r#""model_index.json" "*/config.json" "scheduler/*" "tokenizer/*" "tokenizer_2/*" "text_encoder/model.fp16.safetensors" "text_encoder_2/model.fp16.safetensors" "unet/diffusion_pytorch_model.fp16.safetensors" "vae/diffusion_pytorch_model.fp16.safetensors""#;
 
 /// The longest repository id the Hub accepts (huggingface_hub's `validate_repo_id`).
 const MAX_ID_LEN: usize = 96;

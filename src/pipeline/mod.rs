@@ -8,5 +8,5 @@ pub mod scheduler;
 pub mod stable_diffusion;
 
 pub use image::{MaskImage, RgbImage};
-pub use params::{GenerateParams, InitImage, ParamsCheck, StepEvent};
+pub use params::{GenerateParams, InitImage, ModelDefaults, ParamsCheck, StepEvent};
 pub use stable_diffusion::{Generated, StableDiffusion, StageTimings};

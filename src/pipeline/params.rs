@@ -39,6 +39,50 @@ impl GenerateParams {
     }
 }
 
+/// What a request that leaves them out gets from this model. SD 1.x/2.x: the API guide's
+/// 512x512, 50 steps, guidance 7.5 (SD 1.5's, which the guide was written for). SDXL:
+/// diffusers' `StableDiffusionXLPipeline` defaults, a side of the UNet's `sample_size`
+/// times the VAE factor (1024 for the base model, 512 for Turbo), 50 steps, guidance 5.0.
+/// The distilled Turbo models: 1 step without guidance, as their model cards prescribe.
+#[derive(Clone, Copy, Debug, PartialEq, serde::Serialize)]
+pub struct ModelDefaults {
+    pub width: usize,
+    pub height: usize,
+    pub steps: usize,
+    pub guidance_scale: f64,
+}
+
+impl ModelDefaults {
+    /// SD 1.x/2.x's, the API guide's.
+    pub const GUIDE: ModelDefaults = ModelDefaults {
+        width: 512,
+        height: 512,
+        steps: 50,
+        guidance_scale: 7.5,
+    };
+
+    /// SDXL's: `sample_size` is the UNet config's (`None`: SDXL base's 128), `factor` the
+    /// VAE's.
+    pub fn xl(sample_size: Option<usize>, factor: usize) -> Self {
+        let side = sample_size.unwrap_or(128) * factor;
+        ModelDefaults {
+            width: side,
+            height: side,
+            steps: 50,
+            guidance_scale: 5.0,
+        }
+    }
+
+    /// SD-Turbo and SDXL-Turbo (adversarially distilled): one step, no guidance.
+    pub fn turbo(self) -> Self {
+        ModelDefaults {
+            steps: 1,
+            guidance_scale: 0.0,
+            ..self
+        }
+    }
+}
+
 /// Where image-to-image (`StableDiffusionImg2ImgPipeline`) and, with a mask, inpainting
 /// (`StableDiffusionInpaintPipeline`) start. The image sets the output size.
 #[derive(Clone, Debug, PartialEq)]

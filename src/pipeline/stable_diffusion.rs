@@ -18,7 +18,9 @@ use crate::model::vae::VaeDecoder;
 use crate::model::vae_encoder::VaeEncoder;
 use crate::pipeline::image::{ensure_finite, to_rgb8, RgbImage};
 use crate::pipeline::noise::TorchRng;
-use crate::pipeline::params::{GenerateParams, InitImage, ParamsCheck, Plan, StepEvent};
+use crate::pipeline::params::{
+    GenerateParams, InitImage, ModelDefaults, ParamsCheck, Plan, StepEvent,
+};
 use crate::pipeline::scheduler::Scheduler;
 use crate::tensor::{Device, Tensor};
 
@@ -54,6 +56,7 @@ pub struct StableDiffusion {
     vae: VaeDecoder,
     /// `None` when the VAE's weights have no encoder (text-to-image does not need it).
     vae_encoder: Option<VaeEncoder>,
+    defaults: ModelDefaults,
 }
 
 impl StableDiffusion {
@@ -66,7 +69,28 @@ impl StableDiffusion {
     /// [`StableDiffusion::load`] with `--model-config`: for a single-file checkpoint, a
     /// preset name or a diffusers-layout folder whose configs (and tokenizer) are used.
     pub fn load_with_config(path: &Path, config: Option<&Path>, device: &Device) -> Result<Self> {
-        Self::from_source(&ModelSource::open(path, config, device)?, device)
+        let mut sd = Self::from_source(&ModelSource::open(path, config, device)?, device)?;
+        // Turbo weights are the base model's architecture: only the name tells them apart
+        // (the Hub cache keeps it in a parent folder, `models--stabilityai--sdxl-turbo`).
+        let turbo = path.components().any(|c| {
+            c.as_os_str()
+                .to_string_lossy()
+                .to_lowercase()
+                .contains("turbo")
+        });
+        if turbo {
+            sd.defaults = sd.defaults.turbo();
+        }
+        tracing::info!(
+            "{} model{}: requests default to {}x{}, {} steps, guidance {}",
+            sd.info.family.unwrap_or("custom"),
+            if turbo { " (Turbo, by its name)" } else { "" },
+            sd.defaults.width,
+            sd.defaults.height,
+            sd.defaults.steps,
+            sd.defaults.guidance_scale
+        );
+        Ok(sd)
     }
 
     /// Loads the model `--model` names: a folder or single file, a name under `weights/`,
@@ -159,8 +183,24 @@ impl StableDiffusion {
                 ),
             ));
         }
+        let mut info = source.info().clone();
+        // A folder's family, by the same signs as a single file's: CLIP or OpenCLIP.
+        if info.family.is_none() {
+            let first = &prompt_encoder.parts()[0].encoder;
+            info.family = Some(match (is_xl, first.config().hidden_act.as_str()) {
+                (true, _) => "SDXL",
+                (false, "quick_gelu") => "SD 1.x",
+                (false, _) => "SD 2.x",
+            });
+        }
+        let defaults = if is_xl {
+            ModelDefaults::xl(unet.config().sample_size, vae.config().downscale_factor())
+        } else {
+            ModelDefaults::GUIDE
+        };
         Ok(StableDiffusion {
-            info: source.info().clone(),
+            info,
+            defaults,
             scheduler_config,
             device: device.clone(),
             prompt_encoder,
@@ -174,6 +214,11 @@ impl StableDiffusion {
     /// What was loaded: a folder or a single file, and where configs and tokenizer came from.
     pub fn info(&self) -> &ModelInfo {
         &self.info
+    }
+
+    /// What requests that leave them out get: size, steps, guidance.
+    pub fn defaults(&self) -> ModelDefaults {
+        self.defaults
     }
 
     /// The (first) tokenizer.

@@ -380,10 +380,10 @@ async fn generate(
     img2img: bool,
 ) -> Result<Json<Txt2ImgResponse>, ApiError> {
     let app = app.clone();
-    let req = request::parse_as(&fields, &app.limits, &A1111)?;
+    let req = request::parse_as(&fields, &app.limits(), &A1111)?;
     let size = (req.width as usize, req.height as usize);
     let init = match img2img {
-        true => Some(init_image(&fields, &app.limits, size)?),
+        true => Some(init_image(&fields, &app.limits(), size)?),
         false => None,
     };
     let (scheduler, sampler_name, schedule_label) = choose_sampler(&fields)?;

@@ -214,7 +214,7 @@ async fn generations(
         Some(other) => return Err(type_error("n", "an integer", other).into()),
     };
     apply_size(&mut fields)?;
-    let params = request::parse_as(&fields, &app.limits, &OPENAI)
+    let params = request::parse_as(&fields, &app.limits(), &OPENAI)
         .map_err(|e| {
             // Width and height came from `size`, unless sent as such.
             let mut e = OpenAiError::from(e);

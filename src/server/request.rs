@@ -11,7 +11,7 @@ use utoipa::ToSchema;
 
 use super::error::ApiError;
 use crate::pipeline::noise::random_seed;
-use crate::pipeline::{GenerateParams, InitImage, MaskImage, RgbImage};
+use crate::pipeline::{GenerateParams, InitImage, MaskImage, ModelDefaults, RgbImage};
 
 /// What a deployment accepts and what it assumes when a field is left out.
 #[derive(Clone, Debug)]
@@ -21,8 +21,12 @@ pub struct Limits {
     pub max_steps: u64,
     /// Largest width × height.
     pub max_pixels: u64,
-    pub default_steps: u64,
-    pub default_guidance: f64,
+    /// The operator's `--default-steps` and `--default-guidance`; `None`: the model's.
+    pub default_steps: Option<u64>,
+    pub default_guidance: Option<f64>,
+    /// The loaded model's defaults for what a request leaves out (the API guide's until a
+    /// model is loaded): see [`Limits::for_model`].
+    pub model_defaults: ModelDefaults,
 }
 
 impl Default for Limits {
@@ -31,8 +35,19 @@ impl Default for Limits {
             max_prompt_chars: 2000,
             max_steps: 150,
             max_pixels: 2048 * 2048,
-            default_steps: 50,
-            default_guidance: 7.5,
+            default_steps: None,
+            default_guidance: None,
+            model_defaults: ModelDefaults::GUIDE,
+        }
+    }
+}
+
+impl Limits {
+    /// These limits with the loaded model's defaults, when there is one.
+    pub fn for_model(&self, defaults: Option<ModelDefaults>) -> Limits {
+        Limits {
+            model_defaults: defaults.unwrap_or(self.model_defaults),
+            ..self.clone()
         }
     }
 }
@@ -203,7 +218,8 @@ pub fn parse_as(
     let steps_field = dialect.steps;
     let steps = integer(fields, steps_field)?
         .or(dialect.default_steps)
-        .unwrap_or(limits.default_steps);
+        .or(limits.default_steps)
+        .unwrap_or(limits.model_defaults.steps as u64);
     if !(1..=limits.max_steps).contains(&steps) {
         return Err(ApiError::bad_request(format!(
             "`{steps_field}` must be between 1 and {}, got {steps}",
@@ -212,7 +228,10 @@ pub fn parse_as(
     }
     let guidance_field = dialect.guidance;
     let guidance_scale = match fields.get(guidance_field) {
-        None | Some(Value::Null) => dialect.default_guidance.unwrap_or(limits.default_guidance),
+        None | Some(Value::Null) => dialect
+            .default_guidance
+            .or(limits.default_guidance)
+            .unwrap_or(limits.model_defaults.guidance_scale),
         Some(Value::Number(n)) => n.as_f64().unwrap_or(f64::NAN),
         Some(other) => return Err(type_error(guidance_field, "a number", other)),
     };
@@ -232,7 +251,13 @@ pub fn parse_as(
             image_side(fields, "width", init.image.width)?,
             image_side(fields, "height", init.image.height)?,
         ),
-        None => (side(fields, "width")?, side(fields, "height")?),
+        None => {
+            let d = &limits.model_defaults;
+            (
+                side(fields, "width", d.width as u64)?,
+                side(fields, "height", d.height as u64)?,
+            )
+        }
     };
     if width * height > limits.max_pixels {
         return Err(ApiError::bad_request(format!(
@@ -436,9 +461,9 @@ pub fn integer(fields: &Map<String, Value>, field: &str) -> Result<Option<u64>, 
     }
 }
 
-/// `width` or `height`: 512 when absent, a multiple of 8 within the side limits.
-fn side(fields: &Map<String, Value>, field: &str) -> Result<u64, ApiError> {
-    let value = integer(fields, field)?.unwrap_or(512);
+/// `width` or `height`: `default` when absent, a multiple of 8 within the side limits.
+fn side(fields: &Map<String, Value>, field: &str, default: u64) -> Result<u64, ApiError> {
+    let value = integer(fields, field)?.unwrap_or(default);
     if !(MIN_SIDE..=MAX_SIDE).contains(&value) || value % SIDE_MULTIPLE != 0 {
         return Err(ApiError::bad_request(format!(
             "`{field}` must be a multiple of {SIDE_MULTIPLE} between {MIN_SIDE} and {MAX_SIDE}, got {value}"

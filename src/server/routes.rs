@@ -41,6 +41,14 @@ pub struct AppState {
     pub http_counts: super::metrics::HttpCounts,
 }
 
+impl AppState {
+    /// The limits a request is parsed under: the deployment's, with the loaded model's
+    /// defaults for what it leaves out.
+    pub fn limits(&self) -> Limits {
+        self.limits.for_model(self.engine.model_defaults())
+    }
+}
+
 /// The HTTP service. `cors_origins` empty means any origin.
 pub fn router(
     state: Arc<AppState>,
@@ -126,9 +134,21 @@ async fn health(State(app): State<Arc<AppState>>) -> Json<Value> {
             "1024x1024": cost.step_at_least(1024, 1024).as_secs_f64(),
         });
     }
-    // Folder or single file, and where its configs and tokenizer came from.
+    // Folder or single file, its family, and where its configs and tokenizer came from.
     if let Some(info) = engine.info() {
+        body["model_family"] = json!(info.family);
         body["model_info"] = serde_json::to_value(info).unwrap_or(Value::Null);
+    }
+    // What a request that leaves them out gets (the operator's --default-* flags win).
+    if engine.model_defaults().is_some() {
+        let limits = app.limits();
+        let d = limits.model_defaults;
+        body["defaults"] = json!({
+            "width": d.width,
+            "height": d.height,
+            "num_inference_steps": limits.default_steps.unwrap_or(d.steps as u64),
+            "guidance_scale": limits.default_guidance.unwrap_or(d.guidance_scale),
+        });
     }
     Json(body)
 }
@@ -232,7 +252,7 @@ pub(super) async fn generate_images(
 /// A request body (the guide's fields) as the engine's parameters, refused with a 400
 /// when it is malformed or cannot finish within the time limit.
 pub(super) fn prepare(app: &AppState, body: &[u8]) -> Result<GenerateParams, ApiError> {
-    let params = request::parse(body, &app.limits)?.into_params();
+    let params = request::parse(body, &app.limits())?.into_params();
     check_cost(app, &params, 1)?;
     Ok(params)
 }
