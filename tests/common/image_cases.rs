@@ -108,6 +108,8 @@ pub fn describe(index: usize, case: &serde_json::Value) -> String {
 pub struct PixelDiff {
     pub max: u8,
     pub mean: f64,
+    /// The index of the largest difference in the pixel values.
+    pub at: usize,
 }
 
 /// Runs one case and compares its image with the PNG under `reference`; `Err` says why it
@@ -140,10 +142,14 @@ pub fn run_case(
     }
 
     let png = reference.join(case["png"].as_str().ok_or("case has no png")?);
-    let expected = image::open(&png)
+    compare_with_png(&generated.image, &png, name)
+}
+
+/// Compares `image` with diffusers' PNG at `png` under the pass rule.
+fn compare_with_png(image: &RgbImage, png: &Path, name: &str) -> Result<PixelDiff, String> {
+    let expected = image::open(png)
         .map_err(|e| format!("{}: {e}", png.display()))?
         .to_rgb8();
-    let image = &generated.image;
     if (image.width, image.height) != (expected.width() as usize, expected.height() as usize) {
         return Err(format!(
             "{name}: image is {}x{}, expected {}x{}",
@@ -153,34 +159,51 @@ pub fn run_case(
             expected.height()
         ));
     }
-    let expected = expected.as_raw();
-    if image.pixels.len() != expected.len() {
+    let expected = RgbImage {
+        width: expected.width() as usize,
+        height: expected.height() as usize,
+        pixels: expected.into_raw(),
+    };
+    let diff = pixel_diff(image, &expected);
+    println!("{name}: max diff {}, mean diff {:.4}", diff.max, diff.mean);
+    if diff.max > MAX_PIXEL_DIFF || diff.mean > MEAN_PIXEL_DIFF {
+        let at = diff.at;
+        let (pixel, channel) = (at / 3, at % 3);
         return Err(format!(
-            "{name}: {} pixel values, expected {}",
-            image.pixels.len(),
-            expected.len()
+            "{name}: max diff {} (limit {MAX_PIXEL_DIFF}) at pixel ({}, {}) channel {channel}: got {}, expected {}; mean diff {:.4} (limit {MEAN_PIXEL_DIFF})",
+            diff.max,
+            pixel % image.width,
+            pixel / image.width,
+            image.pixels[at],
+            expected.pixels[at],
+            diff.mean,
         ));
     }
+    Ok(diff)
+}
+
+/// The largest and mean channel difference of two images of the same size (`max` 255
+/// when the sizes differ), and where the largest is.
+pub fn pixel_diff(a: &RgbImage, b: &RgbImage) -> PixelDiff {
+    if (a.width, a.height, a.pixels.len()) != (b.width, b.height, b.pixels.len()) {
+        return PixelDiff {
+            max: u8::MAX,
+            mean: f64::INFINITY,
+            at: 0,
+        };
+    }
     let (mut max, mut at, mut sum) = (0u8, 0, 0u64);
-    for (i, (a, e)) in image.pixels.iter().zip(expected).enumerate() {
-        let d = a.abs_diff(*e);
+    for (i, (x, y)) in a.pixels.iter().zip(&b.pixels).enumerate() {
+        let d = x.abs_diff(*y);
         sum += d as u64;
         if d > max {
             max = d;
             at = i;
         }
     }
-    let mean = sum as f64 / expected.len() as f64;
-    println!("{name}: max diff {max}, mean diff {mean:.4}");
-    if max > MAX_PIXEL_DIFF || mean > MEAN_PIXEL_DIFF {
-        let (pixel, channel) = (at / 3, at % 3);
-        return Err(format!(
-            "{name}: max diff {max} (limit {MAX_PIXEL_DIFF}) at pixel ({}, {}) channel {channel}: got {}, expected {}; mean diff {mean:.4} (limit {MEAN_PIXEL_DIFF})",
-            pixel % image.width,
-            pixel / image.width,
-            image.pixels[at],
-            expected[at],
-        ));
+    PixelDiff {
+        max,
+        mean: sum as f64 / a.pixels.len().max(1) as f64,
+        at,
     }
-    Ok(PixelDiff { max, mean })
 }
