@@ -1,5 +1,5 @@
 //! `--model path/to/checkpoint.safetensors`: single-file checkpoints in the original Stable
-//! Diffusion layout (tests/fixtures/models/{sd1,sd2}_single.safetensors, written by
+//! Diffusion layout (tests/fixtures/models/{sd1,sd2,sdxl}_single.safetensors, written by
 //! tools/fixtures/single_file.py and checked there with diffusers' own `from_single_file`)
 //! give the same images as the diffusers folders they came from, on every device; bad files
 //! fail with errors that name the file and the tensor.
@@ -24,7 +24,10 @@ fn single(name: &str) -> PathBuf {
 /// only, as `--model-config` takes them.
 fn config_only(name: &str) -> (tempfile::TempDir, PathBuf) {
     let (tmp, dir) = common::copy_fixture(name);
-    for c in ["unet", "vae", "text_encoder"] {
+    for c in ["unet", "vae", "text_encoder", "text_encoder_2"] {
+        if !dir.join(c).is_dir() {
+            continue;
+        }
         for entry in std::fs::read_dir(dir.join(c)).unwrap() {
             let path = entry.unwrap().path();
             if path.extension().is_some_and(|e| e == "safetensors") {
@@ -58,21 +61,30 @@ fn pixels(sd: &StableDiffusion) -> Vec<u8> {
         .pixels
 }
 
+fn family(name: &str) -> &'static str {
+    match name {
+        "sd1" => "SD 1.x",
+        "sd2" => "SD 2.x",
+        _ => "SDXL",
+    }
+}
+
 #[test]
 fn single_file_gives_the_folders_images_on_every_device() {
     for (device_name, device) in common::devices() {
-        for name in ["sd1", "sd2"] {
+        for name in ["sd1", "sd2", "sdxl"] {
             let (_tmp, config) = config_only(name);
             let folder = StableDiffusion::load(&common::model_dir(name), &device).unwrap();
             let file = StableDiffusion::load_with_config(&single(name), Some(&config), &device)
                 .unwrap_or_else(|e| panic!("{name} single file on {device_name}: {e}"));
             assert_eq!(file.info().format, "single_file");
             assert_eq!(folder.info().format, "diffusers_folder");
-            assert_eq!(
-                file.info().family,
-                Some(if name == "sd1" { "SD 1.x" } else { "SD 2.x" })
-            );
+            assert_eq!(file.info().family, Some(family(name)));
             assert!(file.info().tokenizer.contains("--model-config"));
+            assert_eq!(
+                file.info().tokenizer_2.as_deref(),
+                (name == "sdxl").then_some("sdxl/tokenizer_2 (--model-config)")
+            );
             let (a, b) = (pixels(&folder), pixels(&file));
             assert_eq!(
                 a, b,
@@ -109,6 +121,68 @@ fn weights_keep_their_stored_precision() {
         .get("encoder.layers.1.self_attn.k_proj.weight", &[32, 32])
         .unwrap();
     assert_eq!(k.to_vec().unwrap(), want.to_vec().unwrap());
+}
+
+/// Every tensor of the SDXL folder, read by its diffusers name through the single file's
+/// mapping (prefixes, fused q/k/v, `label_emb`, the transposed `text_projection`), is the
+/// folder's, bit for bit.
+#[test]
+fn sdxl_single_file_holds_every_folder_tensor() {
+    let (_tmp, config) = config_only("sdxl");
+    let source = ModelSource::open(&single("sdxl"), Some(&config), &Device::Cpu).unwrap();
+    let (text_2, _) = source.text_encoder_2().unwrap().unwrap();
+    let components = [
+        (
+            "unet/diffusion_pytorch_model",
+            source.unet().unwrap().weights,
+        ),
+        ("vae/diffusion_pytorch_model", source.vae().unwrap().weights),
+        ("text_encoder/model", source.text_encoder().unwrap().weights),
+        ("text_encoder_2/model", text_2.weights),
+    ];
+    for (file, mapped) in components {
+        let folder = sd_wgpu::model::weights::Weights::open(
+            &common::model_dir("sdxl").join(format!("{file}.safetensors")),
+            &Device::Cpu,
+        )
+        .unwrap();
+        let names = folder.file_names();
+        assert!(names.len() > 40, "{file}: {} tensors", names.len());
+        for name in names {
+            let shape = folder.file_shape(name).unwrap();
+            let want = folder.get(name, shape).unwrap().to_vec().unwrap();
+            // transformers 5 saves CLIPTextModel without `text_model.`; the mapping
+            // answers the names diffusers' conversion gives (with it).
+            let asked = if file == "text_encoder/model" {
+                format!("text_model.{name}")
+            } else {
+                name.to_string()
+            };
+            let got = mapped
+                .get(&asked, shape)
+                .unwrap_or_else(|e| panic!("{file} {name}: {e}"));
+            assert_eq!(got.to_vec().unwrap(), want, "{file} {name}");
+        }
+    }
+}
+
+#[test]
+fn sdxl_tokenizers_default_to_the_built_in_ones() {
+    // Configs without tokenizers: the preset's built-in BPE files with SDXL's special tokens
+    // (the fixture's tokenizer pads with the end token, tokenizer_2 with `!`, as SDXL's).
+    let (_tmp, config) = config_only("sdxl");
+    std::fs::remove_dir_all(config.join("tokenizer")).unwrap();
+    std::fs::remove_dir_all(config.join("tokenizer_2")).unwrap();
+    let file =
+        StableDiffusion::load_with_config(&single("sdxl"), Some(&config), &Device::Cpu).unwrap();
+    let info = file.info();
+    assert!(info.tokenizer.contains("built-in"), "{info:?}");
+    assert_eq!(
+        info.tokenizer_2.as_deref(),
+        Some("built-in CLIP BPE files with sdxl-base-1.0's tokenizer_2 special tokens")
+    );
+    let folder = StableDiffusion::load(&common::model_dir("sdxl"), &Device::Cpu).unwrap();
+    assert_eq!(pixels(&folder), pixels(&file));
 }
 
 /// Runs `sd-wgpu generate --backend cpu` with the given model arguments.
@@ -160,7 +234,7 @@ fn assert_mentions(message: &str, parts: &[&str]) {
 
 #[test]
 fn cli_single_file_with_model_config_matches_the_folder() {
-    for name in ["sd1", "sd2"] {
+    for name in ["sd1", "sd2", "sdxl"] {
         let (_tmp, config) = config_only(name);
         let folder = common::model_dir(name);
         let (a, png_a) = generate(&[os("--model"), os(&folder)]);
@@ -170,8 +244,10 @@ fn cli_single_file_with_model_config_matches_the_folder() {
         let log = stderr(&b);
         assert!(b.status.success(), "{log}");
         assert_eq!(png_a, png_b, "{name}: the PNGs differ");
-        let family = if name == "sd1" { "SD 1.x" } else { "SD 2.x" };
-        assert_mentions(&log, &["single-file checkpoint", family, "--model-config"]);
+        assert_mentions(
+            &log,
+            &["single-file checkpoint", family(name), "--model-config"],
+        );
     }
 }
 
@@ -193,6 +269,13 @@ fn family_is_recognised_and_presets_check_the_shapes() {
             "built-in preset sd2.1",
             "cond_stage_model.model.token_embedding.weight",
             "[49408, 1024]",
+        ),
+        (
+            "sdxl",
+            "SDXL",
+            "built-in preset sdxl-base-1.0",
+            "conditioner.embedders.0.transformer.text_model.embeddings.token_embedding.weight",
+            "[49408, 768]",
         ),
     ];
     for (name, family, preset, tensor, shape) in cases {
@@ -253,7 +336,65 @@ fn family_is_recognised_and_presets_check_the_shapes() {
         os("--model-config"),
         os("/nonexistent/config"),
     ]);
-    assert_mentions(&err, &["/nonexistent/config", "sd1.5, sd2.1-base, sd2.1"]);
+    assert_mentions(
+        &err,
+        &[
+            "/nonexistent/config",
+            "sd1.5, sd2.1-base, sd2.1, sdxl-base-1.0, sdxl-turbo",
+        ],
+    );
+
+    // SDXL: SDXL-Turbo's preset when the file name says so, else the base's; the second
+    // tokenizer is the preset's built-in one.
+    let err = failure(&[os("--model"), os(&single("sdxl"))]);
+    assert_mentions(
+        &err,
+        &[
+            "CLIP and OpenCLIP text encoders",
+            "tokenizer_2: built-in CLIP BPE files with sdxl-base-1.0's tokenizer_2 special tokens",
+            "which picks sdxl-turbo",
+        ],
+    );
+    let turbo = tmp.path().join("sd_xl_turbo_1.0.safetensors");
+    std::fs::copy(single("sdxl"), &turbo).unwrap();
+    assert_mentions(
+        &failure(&[os("--model"), os(&turbo)]),
+        &[
+            "preset sdxl-turbo",
+            "because the file name contains \"turbo\"",
+            "built-in preset sdxl-turbo (stabilityai/sdxl-turbo",
+        ],
+    );
+    // The configs must be for as many text encoders as the file has.
+    let err = failure(&[
+        os("--model"),
+        os(&single("sdxl")),
+        os("--model-config"),
+        os("sd1.5"),
+    ]);
+    assert_mentions(
+        &err,
+        &[
+            "an SDXL checkpoint (two text encoders)",
+            "built-in preset sd1.5",
+            "sdxl-base-1.0, sdxl-turbo",
+        ],
+    );
+    let (_cfg_tmp, sdxl_config) = config_only("sdxl");
+    let err = failure(&[
+        os("--model"),
+        os(&single("sd1")),
+        os("--model-config"),
+        os(&sdxl_config),
+    ]);
+    assert_mentions(
+        &err,
+        &[
+            "an SD 1.x checkpoint (one text encoder)",
+            "configs for SDXL",
+            "sd1.5, sd2.1-base, sd2.1",
+        ],
+    );
 }
 
 #[test]
@@ -314,7 +455,16 @@ fn edited_sd1(
     path: &Path,
     edit: impl Fn(&str, Vec<usize>, Vec<u8>) -> Option<(String, Vec<usize>, Vec<u8>)>,
 ) {
-    let bytes = std::fs::read(single("sd1")).unwrap();
+    edited("sd1", path, edit)
+}
+
+/// A single file's tensors, changed by `edit` (which may drop one by returning None).
+fn edited(
+    name: &str,
+    path: &Path,
+    edit: impl Fn(&str, Vec<usize>, Vec<u8>) -> Option<(String, Vec<usize>, Vec<u8>)>,
+) {
+    let bytes = std::fs::read(single(name)).unwrap();
     let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
     let tensors: Vec<_> = st
         .tensors()
@@ -452,8 +602,25 @@ fn bad_files_name_the_file_and_the_tensor() {
         &[&path.display().to_string(), "no text encoder"],
     );
 
-    // Another family: SDXL.
-    let path = tmp.path().join("sdxl.safetensors");
+    // SDXL's refiner: OpenCLIP ViT-bigG alone, at conditioner.embedders.0.model.
+    let path = tmp.path().join("refiner.safetensors");
+    edited("sd2", &path, |n, s, b| {
+        Some((
+            n.replace("cond_stage_model.", "conditioner.embedders.0."),
+            s,
+            b,
+        ))
+    });
+    assert_mentions(
+        &with_config(&path),
+        &[
+            &path.display().to_string(),
+            "the SDXL refiner is not supported yet",
+            "conditioner.embedders.0.model.*",
+        ],
+    );
+    // SDXL-style names without SDXL's OpenCLIP encoder, or without its CLIP one.
+    let path = tmp.path().join("sdxl_clip_only.safetensors");
     edited_sd1(&path, |n, s, b| {
         Some((
             n.replace("cond_stage_model.", "conditioner.embedders.0."),
@@ -461,7 +628,45 @@ fn bad_files_name_the_file_and_the_tensor() {
             b,
         ))
     });
-    assert_mentions(&with_config(&path), &[&path.display().to_string(), "SDXL"]);
+    assert_mentions(
+        &with_config(&path),
+        &[
+            &path.display().to_string(),
+            "without SDXL's OpenCLIP ViT-bigG",
+        ],
+    );
+    let path = tmp.path().join("sdxl_no_clip.safetensors");
+    edited("sdxl", &path, |n, s, b| {
+        (!n.starts_with("conditioner.embedders.0.")).then(|| (n.into(), s, b))
+    });
+    assert_mentions(
+        &with_config(&path),
+        &[
+            &path.display().to_string(),
+            "not its first text encoder, CLIP ViT-L (`conditioner.embedders.0.transformer.*`)",
+        ],
+    );
+    // Without the projection there is no pooled embedding: named in both layouts.
+    let (_xl_tmp, xl_config) = config_only("sdxl");
+    let target = "conditioner.embedders.1.model.text_projection";
+    let path = tmp.path().join("sdxl_no_projection.safetensors");
+    edited("sdxl", &path, |n, s, b| {
+        (n != target).then(|| (n.into(), s, b))
+    });
+    assert_mentions(
+        &failure(&[
+            os("--model"),
+            os(&path),
+            os("--model-config"),
+            os(&xl_config),
+        ]),
+        &[
+            &path.display().to_string(),
+            target,
+            "has no",
+            "text_projection.weight",
+        ],
+    );
     let path = tmp.path().join("inpainting.safetensors");
     let target = "model.diffusion_model.input_blocks.0.0.weight";
     edited_sd1(&path, |n, s, b| {

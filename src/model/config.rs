@@ -71,6 +71,15 @@ fn groups_divide(path: &Path, groups: usize, channels: &[usize]) -> Result<()> {
     )
 }
 
+/// A field diffusers reads by truthiness, where `null` means the default.
+fn null_as_default<'de, D, T>(d: D) -> std::result::Result<T, D::Error>
+where
+    D: serde::Deserializer<'de>,
+    T: Default + Deserialize<'de>,
+{
+    Ok(Option::<T>::deserialize(d)?.unwrap_or_default())
+}
+
 /// A value diffusers accepts either once for all levels or as one entry per level.
 #[derive(Clone, Debug, Deserialize, PartialEq)]
 #[serde(untagged)]
@@ -184,7 +193,9 @@ pub struct UNetConfig {
     pub num_attention_heads: Option<PerLevel<usize>>,
     pub dual_cross_attention: bool,
     pub use_linear_projection: bool,
-    /// Only changes precision under f16 math; this engine computes in f32.
+    /// Only changes precision under f16 math; this engine computes in f32. SDXL's repos
+    /// write `null`, which diffusers takes as false.
+    #[serde(deserialize_with = "null_as_default")]
     pub upcast_attention: bool,
     pub class_embed_type: Option<String>,
     /// `"text_time"` (SDXL): the pooled text embedding and the size/crop ids condition the

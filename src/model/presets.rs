@@ -2,7 +2,8 @@
 //! diffusers configs of the Hugging Face repositories the original checkpoints belong to,
 //! as files under `src/model/presets/<name>/` in the diffusers folder layout (so a preset
 //! folder is also a valid `--model-config` folder, and diffusers' `config=` folder when
-//! the tokenizer's `vocab.json` and `merges.txt` from `presets/clip_tokenizer/` are added).
+//! the tokenizers' `vocab.json` and `merges.txt` from `presets/clip_tokenizer/` are added).
+//! SDXL presets also have `text_encoder_2/` and `tokenizer_2/`.
 
 use std::path::PathBuf;
 
@@ -22,35 +23,62 @@ pub struct Preset {
     vae: &'static str,
     text_encoder: &'static str,
     scheduler: &'static str,
+    tokenizer: TokenizerFiles,
+    /// SDXL's second text encoder (`text_encoder_2/config.json`) and its tokenizer.
+    text_encoder_2: Option<(&'static str, TokenizerFiles)>,
+}
+
+/// A tokenizer's own files; the BPE files are `clip_tokenizer/`'s.
+#[derive(Debug)]
+struct TokenizerFiles {
+    /// `tokenizer` or `tokenizer_2`, for errors.
+    dir: &'static str,
     tokenizer_config: &'static str,
     special_tokens_map: &'static str,
 }
 
+/// A preset file's text: `preset_file!("sd15", "unet/config.json")`, the path after the
+/// preset's folder given in pieces.
+macro_rules! preset_file {
+    ($dir:literal, $($file:literal),+) => {
+        include_str!(concat!("presets/", $dir, "/", $($file),+))
+    };
+}
+
+macro_rules! tokenizer_files {
+    ($dir:literal, $tokenizer:literal) => {
+        TokenizerFiles {
+            dir: $tokenizer,
+            tokenizer_config: preset_file!($dir, $tokenizer, "/tokenizer_config.json"),
+            special_tokens_map: preset_file!($dir, $tokenizer, "/special_tokens_map.json"),
+        }
+    };
+}
+
+/// `preset!(name, dir, repo, description)`, and `..., description, text_encoder_2)` for a
+/// pipeline with SDXL's second text encoder and tokenizer.
 macro_rules! preset {
-    ($name:literal, $dir:literal, $repo:literal, $description:literal) => {
+    ($name:literal, $dir:literal, $repo:literal, $description:literal $(, $second:ident)?) => {
         Preset {
             name: $name,
             repo: $repo,
             description: $description,
-            unet: include_str!(concat!("presets/", $dir, "/unet/config.json")),
-            vae: include_str!(concat!("presets/", $dir, "/vae/config.json")),
-            text_encoder: include_str!(concat!("presets/", $dir, "/text_encoder/config.json")),
-            scheduler: include_str!(concat!(
-                "presets/",
-                $dir,
-                "/scheduler/scheduler_config.json"
-            )),
-            tokenizer_config: include_str!(concat!(
-                "presets/",
-                $dir,
-                "/tokenizer/tokenizer_config.json"
-            )),
-            special_tokens_map: include_str!(concat!(
-                "presets/",
-                $dir,
-                "/tokenizer/special_tokens_map.json"
-            )),
+            unet: preset_file!($dir, "unet/config.json"),
+            vae: preset_file!($dir, "vae/config.json"),
+            text_encoder: preset_file!($dir, "text_encoder/config.json"),
+            scheduler: preset_file!($dir, "scheduler/scheduler_config.json"),
+            tokenizer: tokenizer_files!($dir, "tokenizer"),
+            text_encoder_2: preset!(@second [$($second)?] $dir),
         }
+    };
+    (@second [] $dir:literal) => {
+        None
+    };
+    (@second [text_encoder_2] $dir:literal) => {
+        Some((
+            preset_file!($dir, "text_encoder_2/config.json"),
+            tokenizer_files!($dir, "tokenizer_2"),
+        ))
     };
 }
 
@@ -72,17 +100,37 @@ pub static SD21: Preset = preset!(
     "stabilityai/stable-diffusion-2-1",
     "SD 2.1 (768x768, v_prediction, DDIM)"
 );
+pub static SDXL_BASE: Preset = preset!(
+    "sdxl-base-1.0",
+    "sdxl_base",
+    "stabilityai/stable-diffusion-xl-base-1.0",
+    "SDXL 1.0 base (1024x1024, epsilon, Euler leading)",
+    text_encoder_2
+);
+pub static SDXL_TURBO: Preset = preset!(
+    "sdxl-turbo",
+    "sdxl_turbo",
+    "stabilityai/sdxl-turbo",
+    "SDXL-Turbo (512x512, epsilon, Euler ancestral trailing)",
+    text_encoder_2
+);
 
-pub static ALL: [&Preset; 3] = [&SD15, &SD21_BASE, &SD21];
+pub static ALL: [&Preset; 5] = [&SD15, &SD21_BASE, &SD21, &SDXL_BASE, &SDXL_TURBO];
 
 impl Preset {
-    /// The preset called `name` (`sd1.5`, `sd2.1-base`, `sd2.1`).
+    /// The preset called `name` (`sd1.5`, `sd2.1-base`, `sd2.1`, `sdxl-base-1.0`,
+    /// `sdxl-turbo`).
     pub fn by_name(name: &str) -> Option<&'static Preset> {
         ALL.iter().copied().find(|p| p.name == name)
     }
 
     pub fn names() -> String {
         ALL.iter().map(|p| p.name).collect::<Vec<_>>().join(", ")
+    }
+
+    /// Whether the pipeline has SDXL's second text encoder and tokenizer.
+    pub fn has_text_encoder_2(&self) -> bool {
+        self.text_encoder_2.is_some()
     }
 
     /// A component's config JSON (the scheduler's `scheduler_config.json`).
@@ -93,12 +141,15 @@ impl Preset {
             Component::TextEncoder => Ok(self.text_encoder),
             Component::Scheduler => Ok(self.scheduler),
             Component::Tokenizer | Component::Tokenizer2 => Err(Error::Other(
-                "the tokenizer has no config.json; use Preset::tokenizer".into(),
+                "a tokenizer has no config.json; use Preset::tokenizer".into(),
             )),
-            Component::TextEncoder2 => Err(Error::Other(format!(
-                "preset {} has one text encoder",
-                self.name
-            ))),
+            Component::TextEncoder2 => match &self.text_encoder_2 {
+                Some((config, _)) => Ok(config),
+                None => Err(Error::Other(format!(
+                    "preset {} has one text encoder",
+                    self.name
+                ))),
+            },
         }
     }
 
@@ -116,10 +167,23 @@ impl Preset {
 
     /// The built-in CLIP BPE files with this model's special tokens.
     pub fn tokenizer(&self) -> Result<ClipTokenizer> {
+        self.builtin_tokenizer(&self.tokenizer)
+    }
+
+    /// SDXL's second tokenizer (the same BPE files; pads with `!`), for a preset that has
+    /// a second text encoder.
+    pub fn tokenizer_2(&self) -> Result<Option<ClipTokenizer>> {
+        self.text_encoder_2
+            .as_ref()
+            .map(|(_, files)| self.builtin_tokenizer(files))
+            .transpose()
+    }
+
+    fn builtin_tokenizer(&self, files: &TokenizerFiles) -> Result<ClipTokenizer> {
         ClipTokenizer::builtin(
-            self.tokenizer_config,
-            self.special_tokens_map,
-            &format!("<built-in preset {}>/tokenizer", self.name),
+            files.tokenizer_config,
+            files.special_tokens_map,
+            &format!("<built-in preset {}>/{}", self.name, files.dir),
         )
     }
 }
@@ -143,8 +207,85 @@ mod tests {
             let t = p.tokenizer().unwrap();
             let ids = t.encode("a photo of a cat").unwrap().ids;
             assert_eq!(&ids[..7], &[49406, 320, 1125, 539, 320, 2368, 49407]);
-            let pad = if p.name == "sd1.5" { 49407 } else { 0 };
+            // SD 2.x pads with `!` (id 0); SD 1.5 and SDXL's first tokenizer with the end.
+            let pad = if p.name.starts_with("sd2") { 0 } else { 49407 };
             assert_eq!(ids[7], pad, "{}", p.name);
         }
+    }
+
+    #[test]
+    fn sdxl_presets_have_the_second_encoder_and_tokenizer() {
+        use crate::model::config::PerLevel;
+        for p in [&SD15, &SD21_BASE, &SD21] {
+            assert!(!p.has_text_encoder_2(), "{}", p.name);
+            assert!(p.config_text(Component::TextEncoder2).is_err());
+            assert!(p.tokenizer_2().unwrap().is_none());
+        }
+        // CLIPTokenizer from transformers 5.23 on these files (and clip_tokenizer/'s BPE):
+        // `!` is SD 2.x's and tokenizer_2's pad token, matched in the text too.
+        let prompt = "a cat! <|endoftext|> <|STARTOFTEXT|> ! wow";
+        for p in [&SDXL_BASE, &SDXL_TURBO] {
+            parse_valid::<ClipTextConfig>(p, Component::TextEncoder2);
+            let c: ClipTextConfig =
+                serde_json::from_str(p.config_text(Component::TextEncoder2).unwrap()).unwrap();
+            assert_eq!(
+                (c.hidden_size, c.num_hidden_layers, c.num_attention_heads),
+                (1280, 32, 20)
+            );
+            assert_eq!((c.intermediate_size, c.projection_dim), (5120, 1280));
+            assert_eq!((c.hidden_act.as_str(), c.eos_token_id), ("gelu", 2));
+            let u: UNetConfig =
+                serde_json::from_str(p.config_text(Component::Unet).unwrap()).unwrap();
+            assert_eq!(u.addition_embed_type.as_deref(), Some("text_time"));
+            assert_eq!(u.projection_class_embeddings_input_dim, Some(2816));
+            // `"upcast_attention": null` in both repos, false to diffusers.
+            assert!(!u.upcast_attention);
+            assert_eq!(u.cross_attention_dim, PerLevel::One(2048));
+            assert_eq!(
+                u.transformer_layers_per_block,
+                PerLevel::Each(vec![1, 2, 10])
+            );
+            let v: VaeConfig =
+                serde_json::from_str(p.config_text(Component::Vae).unwrap()).unwrap();
+            assert_eq!(v.scaling_factor, 0.13025);
+
+            let first = p.tokenizer().unwrap().encode(prompt).unwrap().ids;
+            assert_eq!(
+                &first[..10],
+                &[49406, 320, 2368, 256, 49407, 49406, 256, 2781, 49407, 49407]
+            );
+            let second = p
+                .tokenizer_2()
+                .unwrap()
+                .unwrap()
+                .encode(prompt)
+                .unwrap()
+                .ids;
+            assert_eq!(
+                &second[..10],
+                &[49406, 320, 2368, 0, 49407, 49406, 0, 2781, 49407, 0]
+            );
+            assert_eq!(second.len(), 77);
+        }
+        // Base: 1024x1024 (sample_size 128) with Euler leading; Turbo: 512x512 (64), Euler
+        // ancestral trailing.
+        let field = |p: &Preset, c: Component, key: &str| -> serde_json::Value {
+            let v: serde_json::Value = serde_json::from_str(p.config_text(c).unwrap()).unwrap();
+            v[key].clone()
+        };
+        assert_eq!(field(&SDXL_BASE, Component::Unet, "sample_size"), 128);
+        assert_eq!(field(&SDXL_TURBO, Component::Unet, "sample_size"), 64);
+        for (p, class, spacing) in [
+            (&SDXL_BASE, "EulerDiscreteScheduler", "leading"),
+            (&SDXL_TURBO, "EulerAncestralDiscreteScheduler", "trailing"),
+        ] {
+            assert_eq!(field(p, Component::Scheduler, "_class_name"), class);
+            assert_eq!(field(p, Component::Scheduler, "timestep_spacing"), spacing);
+        }
+        assert_eq!(
+            Preset::by_name("sdxl-turbo").unwrap().repo,
+            "stabilityai/sdxl-turbo"
+        );
+        assert!(Preset::names().ends_with("sdxl-base-1.0, sdxl-turbo"));
     }
 }

@@ -1,15 +1,20 @@
 //! Single-file checkpoints in the original Stable Diffusion layout (CompVis / Stability:
-//! `model.diffusion_model.*`, `first_stage_model.*`, `cond_stage_model.*`), the files
+//! `model.diffusion_model.*`, `first_stage_model.*`, `cond_stage_model.*`, or SDXL's
+//! `conditioner.embedders.{0,1}.*` from Stability's generative-models), the files
 //! AUTOMATIC1111 and ComfyUI load (v1-5-pruned-emaonly.safetensors,
-//! v2-1_512-ema-pruned.safetensors, sd_turbo.safetensors).
+//! v2-1_512-ema-pruned.safetensors, sd_turbo.safetensors, sd_xl_base_1.0.safetensors,
+//! sd_xl_turbo_1.0_fp16.safetensors).
 //!
 //! Nothing is converted: each component gets a [`Weights`] over the one memory-mapped file
 //! whose `get(diffusers_name)` finds the original tensor by the inverse of diffusers' own
 //! mapping (`diffusers.loaders.single_file_utils`: `convert_ldm_unet_checkpoint`,
 //! `convert_ldm_vae_checkpoint`, `convert_ldm_clip_checkpoint`,
 //! `convert_open_clip_checkpoint`) and reads it as it is, as a row block of a fused q/k/v
-//! weight, or without a 1x1 convolution's trailing dimensions. Tensors keep their stored
-//! precision and are copied out one at a time.
+//! weight, transposed (OpenCLIP's `text_projection`), or without a 1x1 convolution's
+//! trailing dimensions. One map per kind of component, whatever prefix the family keeps it
+//! under ([`Weights::mapped`]): SDXL's text encoders are SD 1.x's CLIP and SD 2.x's
+//! OpenCLIP under other names. Tensors keep their stored precision and are copied out one
+//! at a time.
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -21,8 +26,19 @@ use crate::model::weights::{Located, Part, TensorMap, Weights};
 use crate::tensor::Device;
 
 const UNET: &str = "model.diffusion_model.";
+/// SD 1.x's CLIP ViT-L text encoder, in transformers' names.
 const CLIP: &str = "cond_stage_model.transformer.";
+/// SD 2.x's OpenCLIP ViT-H text tower.
 const OPEN_CLIP: &str = "cond_stage_model.model.";
+/// SDXL's first text encoder, CLIP ViT-L as in SD 1.x (diffusers' `clip_sdxl`).
+const SDXL_CLIP: &str = "conditioner.embedders.0.transformer.";
+/// SDXL's second, OpenCLIP ViT-bigG (diffusers' `open_clip_sdxl`; its `xl_base` key is a
+/// tensor of the tower's tenth layer, which tiny test towers lack, so the prefix decides).
+const SDXL_OPEN_CLIP: &str = "conditioner.embedders.1.model.";
+/// The SDXL refiner's only text encoder, OpenCLIP ViT-bigG (diffusers' `xl_refiner`).
+const REFINER_OPEN_CLIP: &str = "conditioner.embedders.0.model.";
+/// Playground v2.5 (SDXL-shaped, EDM schedule): diffusers' `playground-v2-5` key.
+const PLAYGROUND_KEY: &str = "edm_mean";
 /// diffusers' `LDM_VAE_KEYS`: the last one any tensor starts with is the VAE's prefix.
 const VAE_PREFIXES: [&str; 2] = ["first_stage_model.", "vae."];
 /// diffusers' `CHECKPOINT_KEY_NAMES["v2"]`: 1024 wide in SD 2.x (OpenCLIP-H context).
@@ -34,13 +50,30 @@ const LAYOUT: &str = "the original Stable Diffusion layout";
 /// Extensions of PyTorch pickle files, refused before they are opened.
 const PICKLE_EXTENSIONS: [&str; 4] = ["ckpt", "pt", "pth", "bin"];
 
-/// SD 1.x or SD 2.x, as told by the text encoder in the file.
+/// SD 1.x, SD 2.x or SDXL, as told by the text encoders in the file.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Family {
     /// OpenAI CLIP ViT-L/14 text encoder (`cond_stage_model.transformer.*`), 768 wide.
     Sd1,
     /// OpenCLIP ViT-H/14 text tower (`cond_stage_model.model.*`), 1024 wide.
     Sd2,
+    /// CLIP ViT-L/14 (`conditioner.embedders.0.transformer.*`) and OpenCLIP ViT-bigG/14
+    /// with its projection (`conditioner.embedders.1.model.*`).
+    Sdxl,
+}
+
+/// A text encoder in the file: where, and in which of the two namings.
+#[derive(Clone, Copy, Debug)]
+enum TextTower {
+    /// transformers' own names under the prefix.
+    Clip(&'static str),
+    /// OpenCLIP's; `projection`: the model reads `text_projection` (SDXL's
+    /// `CLIPTextModelWithProjection`; SD 2.x's `CLIPTextModel` has none, and diffusers
+    /// ignores the stored one).
+    OpenClip {
+        prefix: &'static str,
+        projection: bool,
+    },
 }
 
 impl Family {
@@ -48,7 +81,35 @@ impl Family {
         match self {
             Family::Sd1 => "SD 1.x",
             Family::Sd2 => "SD 2.x",
+            Family::Sdxl => "SDXL",
         }
+    }
+
+    /// What the text encoders are, for logs.
+    pub fn text_encoders(self) -> &'static str {
+        match self {
+            Family::Sd1 => "CLIP text encoder",
+            Family::Sd2 => "OpenCLIP text encoder",
+            Family::Sdxl => "CLIP and OpenCLIP text encoders",
+        }
+    }
+
+    fn text_encoder(self) -> TextTower {
+        match self {
+            Family::Sd1 => TextTower::Clip(CLIP),
+            Family::Sd2 => TextTower::OpenClip {
+                prefix: OPEN_CLIP,
+                projection: false,
+            },
+            Family::Sdxl => TextTower::Clip(SDXL_CLIP),
+        }
+    }
+
+    fn text_encoder_2(self) -> Option<TextTower> {
+        (self == Family::Sdxl).then_some(TextTower::OpenClip {
+            prefix: SDXL_OPEN_CLIP,
+            projection: true,
+        })
     }
 }
 
@@ -120,14 +181,20 @@ impl SingleFile {
         let has = |prefix: &str| names.iter().any(|n| n.starts_with(prefix));
         let found = || summarize(&names);
 
-        if has("conditioner.embedders.") {
+        // diffusers' infer_diffusers_model_type: the base's OpenCLIP at embedders.1 wins.
+        if has(REFINER_OPEN_CLIP) && !has(SDXL_OPEN_CLIP) {
             return Err(layout_error(
                 path,
                 format!(
-                    "this is an SDXL checkpoint (conditioner.embedders.* text encoders), which is not supported; \
-                     only SD 1.x and SD 2.x are. Found: {}",
-                    found()
+                    "this is the SDXL refiner (its one text encoder, OpenCLIP ViT-bigG, is at `{REFINER_OPEN_CLIP}*`): \
+                     the SDXL refiner is not supported yet; load an SDXL base checkpoint"
                 ),
+            ));
+        }
+        if has(PLAYGROUND_KEY) {
+            return Err(layout_error(
+                path,
+                "this is a Playground v2.5 checkpoint (`edm_mean`: an EDM schedule), which is not supported",
             ));
         }
         if has("control_model.") {
@@ -180,7 +247,38 @@ impl SingleFile {
                 "this is the x4 upscaler's checkpoint, which is not supported",
             ));
         }
-        let family = if has(CLIP) {
+        let family = if has(SDXL_OPEN_CLIP) {
+            if !has(SDXL_CLIP) {
+                return Err(layout_error(
+                    path,
+                    format!(
+                        "this SDXL checkpoint has OpenCLIP ViT-bigG (`{SDXL_OPEN_CLIP}*`) but not its first text \
+                         encoder, CLIP ViT-L (`{SDXL_CLIP}*`). Found: {}",
+                        found()
+                    ),
+                ));
+            }
+            let projection = format!("{SDXL_OPEN_CLIP}text_projection");
+            if file.file_shape(&projection).is_none() {
+                return Err(layout_error(
+                    path,
+                    format!(
+                        "this SDXL checkpoint has no `{projection}` (OpenCLIP's projection, diffusers' \
+                         `text_projection.weight`, which makes the pooled text embedding SDXL's UNet reads)"
+                    ),
+                ));
+            }
+            Family::Sdxl
+        } else if has("conditioner.embedders.") {
+            return Err(layout_error(
+                path,
+                format!(
+                    "SDXL-style text encoders (`conditioner.embedders.*`) without SDXL's OpenCLIP ViT-bigG \
+                     (`{SDXL_OPEN_CLIP}*`): not an SDXL base checkpoint. Found: {}",
+                    found()
+                ),
+            ));
+        } else if has(CLIP) {
             Family::Sd1
         } else if has(OPEN_CLIP) {
             Family::Sd2
@@ -188,8 +286,8 @@ impl SingleFile {
             return Err(layout_error(
                 path,
                 format!(
-                    "the checkpoint has no text encoder: neither CLIP (`{CLIP}*`, SD 1.x) nor OpenCLIP \
-                     (`{OPEN_CLIP}*`, SD 2.x). Found: {}",
+                    "the checkpoint has no text encoder: neither CLIP (`{CLIP}*`, SD 1.x), OpenCLIP \
+                     (`{OPEN_CLIP}*`, SD 2.x) nor SDXL's (`{SDXL_OPEN_CLIP}*`). Found: {}",
                     found()
                 ),
             ));
@@ -228,10 +326,14 @@ impl SingleFile {
 
     /// The built-in preset for this checkpoint: SD 1.5 for SD 1.x; for SD 2.x, 2.1
     /// (768, v_prediction) or 2.1-base (512, epsilon) as the probe bias says, and 2.1 (what
-    /// diffusers' `from_single_file` assumes for every 2.x file) when it is absent.
+    /// diffusers' `from_single_file` assumes for every 2.x file) when it is absent; for
+    /// SDXL, SDXL-Turbo when the file name says "turbo" (its weights are the base's
+    /// architecture), else SDXL 1.0 base (diffusers' `xl_base`).
     pub fn default_preset(&self) -> Result<&'static Preset> {
-        if self.family == Family::Sd1 {
-            return Ok(&presets::SD15);
+        match self.family {
+            Family::Sd1 => return Ok(&presets::SD15),
+            Family::Sdxl => return Ok(self.sdxl_preset()),
+            Family::Sd2 => {}
         }
         let Some(shape) = self
             .file
@@ -269,6 +371,28 @@ impl SingleFile {
         })
     }
 
+    fn sdxl_preset(&self) -> &'static Preset {
+        let turbo = self
+            .path
+            .file_name()
+            .is_some_and(|n| n.to_string_lossy().to_lowercase().contains("turbo"));
+        let (preset, why) = if turbo {
+            (&presets::SDXL_TURBO, "the file name contains \"turbo\"")
+        } else {
+            (
+                &presets::SDXL_BASE,
+                "the file name does not contain \"turbo\" (which picks sdxl-turbo)",
+            )
+        };
+        tracing::info!(
+            "{}: SDXL, preset {} ({}) because {why}; pass --model-config to choose otherwise",
+            self.path.display(),
+            preset.name,
+            preset.description,
+        );
+        preset
+    }
+
     pub fn path(&self) -> &Path {
         &self.path
     }
@@ -288,7 +412,8 @@ impl SingleFile {
                 ))
             }
         };
-        self.file.mapped(Arc::new(UnetMap { layers_per_block }))
+        self.file
+            .mapped(UNET, Arc::new(UnetMap { layers_per_block }))
     }
 
     /// The UNet's input channels as its first convolution stores them: 9 for an inpainting
@@ -302,25 +427,47 @@ impl SingleFile {
 
     /// The VAE's weights, laid out for `config` (its number of up blocks).
     pub fn vae(&self, config: &VaeConfig) -> Result<Weights> {
-        self.file.mapped(Arc::new(VaeMap {
-            prefix: self.vae_prefix,
-            up_blocks: config.up_block_types.len(),
-        }))
+        self.file.mapped(
+            self.vae_prefix,
+            Arc::new(VaeMap {
+                up_blocks: config.up_block_types.len(),
+            }),
+        )
     }
 
-    /// The text encoder's weights.
+    /// The (first) text encoder's weights.
     pub fn text_encoder(&self, config: &ClipTextConfig) -> Result<Weights> {
-        match self.family {
-            Family::Sd1 => self.file.mapped(Arc::new(ClipMap)),
-            Family::Sd2 => {
+        self.text_tower(self.family.text_encoder(), config)
+    }
+
+    /// SDXL's second text encoder's weights (`CLIPTextModelWithProjection`).
+    pub fn text_encoder_2(&self, config: &ClipTextConfig, config_path: &Path) -> Result<Weights> {
+        match self.family.text_encoder_2() {
+            Some(tower) => self.text_tower(tower, config),
+            None => Err(Error::config(
+                config_path,
+                format!(
+                    "{}: an {} checkpoint has one text encoder; these configs are for two (SDXL)",
+                    self.path.display(),
+                    self.family.name()
+                ),
+            )),
+        }
+    }
+
+    fn text_tower(&self, tower: TextTower, config: &ClipTextConfig) -> Result<Weights> {
+        match tower {
+            TextTower::Clip(prefix) => self.file.mapped(prefix, Arc::new(ClipMap)),
+            TextTower::OpenClip { prefix, projection } => {
                 // diffusers splits the fused q/k/v at text_projection's first dimension,
                 // or at the text encoder's width when there is none.
                 let split = self
                     .file
-                    .file_shape(&format!("{OPEN_CLIP}text_projection"))
+                    .file_shape(&format!("{prefix}text_projection"))
                     .and_then(|s| s.first().copied())
                     .unwrap_or(config.hidden_size);
-                self.file.mapped(Arc::new(OpenClipMap { split }))
+                self.file
+                    .mapped(prefix, Arc::new(OpenClipMap { split, projection }))
             }
         }
     }
@@ -387,6 +534,9 @@ impl UnetMap {
         for (new, old) in [
             ("time_embedding.linear_1.", "time_embed.0."),
             ("time_embedding.linear_2.", "time_embed.2."),
+            // SDXL's text_time conditioning (`addition_embed_type`).
+            ("add_embedding.linear_1.", "label_emb.0.0."),
+            ("add_embedding.linear_2.", "label_emb.0.2."),
             ("conv_in.", "input_blocks.0.0."),
             ("conv_norm_out.", "out.0."),
             ("conv_out.", "out.2."),
@@ -438,7 +588,7 @@ impl UnetMap {
                     let rest = rest.strip_prefix("conv.")?;
                     let i = first + lpb;
                     let two = format!("output_blocks.{i}.2.conv.{rest}");
-                    Some(if exists(&format!("{UNET}{two}")) {
+                    Some(if exists(&two) {
                         two
                     } else {
                         format!("output_blocks.{i}.1.conv.{rest}")
@@ -453,8 +603,7 @@ impl UnetMap {
 
 impl TensorMap for UnetMap {
     fn locate(&self, name: &str, exists: &dyn Fn(&str) -> bool) -> Option<Located> {
-        self.original(name, exists)
-            .map(|n| Located::whole(format!("{UNET}{n}")))
+        self.original(name, exists).map(Located::whole)
     }
 
     fn layout(&self) -> &str {
@@ -465,7 +614,6 @@ impl TensorMap for UnetMap {
 /// The VAE (decoder and post_quant_conv; the encoder too, though generation never reads
 /// it): diffusers' `convert_ldm_vae_checkpoint`, inverted.
 struct VaeMap {
-    prefix: &'static str,
     up_blocks: usize,
 }
 
@@ -541,10 +689,8 @@ impl VaeMap {
 
 impl TensorMap for VaeMap {
     fn locate(&self, name: &str, _exists: &dyn Fn(&str) -> bool) -> Option<Located> {
-        self.original(name).map(|(n, part)| Located {
-            name: format!("{}{n}", self.prefix),
-            part,
-        })
+        self.original(name)
+            .map(|(name, part)| Located { name, part })
     }
 
     fn layout(&self) -> &str {
@@ -552,14 +698,14 @@ impl TensorMap for VaeMap {
     }
 }
 
-/// SD 1.x's CLIP text encoder: stored with transformers' own names under
-/// `cond_stage_model.transformer.` (diffusers' `convert_ldm_clip_checkpoint`).
+/// The CLIP ViT-L text encoder of SD 1.x and SDXL: stored with transformers' own names
+/// (diffusers' `convert_ldm_clip_checkpoint`).
 struct ClipMap;
 
 impl TensorMap for ClipMap {
     fn locate(&self, name: &str, _exists: &dyn Fn(&str) -> bool) -> Option<Located> {
         name.starts_with("text_model.")
-            .then(|| Located::whole(format!("{CLIP}{name}")))
+            .then(|| Located::whole(name))
     }
 
     fn layout(&self) -> &str {
@@ -567,18 +713,27 @@ impl TensorMap for ClipMap {
     }
 }
 
-/// SD 2.x's OpenCLIP text tower as diffusers' `convert_open_clip_checkpoint` reads it:
-/// renamed layers, q/k/v fused in `in_proj_*`. The tower's last layer (SD 2.x conditions on
-/// the penultimate one) has no diffusers counterpart and is never asked for.
+/// The OpenCLIP text tower of SD 2.x (ViT-H) and SDXL (ViT-bigG) as diffusers'
+/// `convert_open_clip_checkpoint` reads it: renamed layers, q/k/v fused in `in_proj_*`, and
+/// for SDXL the projection stored the other way round. SD 2.x's last layer (it conditions
+/// on the penultimate one) has no diffusers counterpart and is never asked for.
 struct OpenClipMap {
     /// Rows per q, k, v block of `in_proj_weight`.
     split: usize,
+    /// Whether `text_projection.weight` is read (SDXL's second encoder).
+    projection: bool,
 }
 
 impl TensorMap for OpenClipMap {
     fn locate(&self, name: &str, _exists: &dyn Fn(&str) -> bool) -> Option<Located> {
+        if name == "text_projection.weight" {
+            return self.projection.then(|| Located {
+                name: "text_projection".into(),
+                part: Part::Transposed,
+            });
+        }
         let rest = name.strip_prefix("text_model.")?;
-        let whole = |n: String| Some(Located::whole(format!("{OPEN_CLIP}{n}")));
+        let whole = |n: String| Some(Located::whole(n));
         match rest {
             "embeddings.token_embedding.weight" => return whole("token_embedding.weight".into()),
             "embeddings.position_embedding.weight" => return whole("positional_embedding".into()),
@@ -602,7 +757,7 @@ impl TensorMap for OpenClipMap {
         };
         if let Some(k) = qkv {
             return Some(Located {
-                name: format!("{OPEN_CLIP}{block}attn.in_proj_{param}"),
+                name: format!("{block}attn.in_proj_{param}"),
                 part: Part::Rows {
                     start: k * self.split,
                     // diffusers' `weight[2 * dim:]`: v runs to the end.
@@ -643,6 +798,8 @@ mod tests {
         let cases = [
             ("conv_in.weight", "input_blocks.0.0.weight"),
             ("time_embedding.linear_2.bias", "time_embed.2.bias"),
+            ("add_embedding.linear_1.weight", "label_emb.0.0.weight"),
+            ("add_embedding.linear_2.bias", "label_emb.0.2.bias"),
             (
                 "down_blocks.0.resnets.0.norm1.weight",
                 "input_blocks.1.0.in_layers.0.weight",
@@ -662,6 +819,11 @@ mod tests {
             (
                 "down_blocks.3.resnets.1.time_emb_proj.weight",
                 "input_blocks.11.0.emb_layers.1.weight",
+            ),
+            // SDXL: more than one transformer block per attention.
+            (
+                "down_blocks.2.attentions.1.transformer_blocks.9.ff.net.0.proj.weight",
+                "input_blocks.8.1.transformer_blocks.9.ff.net.0.proj.weight",
             ),
             (
                 "mid_block.resnets.1.conv2.weight",
@@ -686,66 +848,60 @@ mod tests {
             ("conv_out.bias", "out.2.bias"),
         ];
         for (d, o) in cases {
-            assert_eq!(
-                unet(d).as_deref(),
-                Some(format!("{UNET}{o}").as_str()),
-                "{d}"
-            );
+            assert_eq!(unet(d).as_deref(), Some(o), "{d}");
         }
         assert_eq!(unet("down_blocks.0.resnets.2.norm1.weight"), None);
         assert_eq!(unet("up_blocks.0.upsamplers.0.weight"), None);
+        // `exists` is asked about names under the UNet's prefix, prefix left out.
         let with_attention = UnetMap {
             layers_per_block: 2,
         }
         .locate("up_blocks.1.upsamplers.0.conv.bias", &|n| {
-            n == "model.diffusion_model.output_blocks.5.2.conv.bias"
+            n == "output_blocks.5.2.conv.bias"
         });
-        assert_eq!(
-            with_attention.unwrap().name,
-            "model.diffusion_model.output_blocks.5.2.conv.bias"
-        );
+        assert_eq!(with_attention.unwrap().name, "output_blocks.5.2.conv.bias");
     }
 
     #[test]
     fn vae_and_text_names_follow_diffusers() {
-        let vae = VaeMap {
-            prefix: "first_stage_model.",
-            up_blocks: 4,
-        };
+        let vae = VaeMap { up_blocks: 4 };
         let v = |n: &str| vae.locate(n, &|_| false).unwrap();
         assert_eq!(
             v("decoder.up_blocks.0.resnets.1.conv_shortcut.weight").name,
-            "first_stage_model.decoder.up.3.block.1.nin_shortcut.weight"
+            "decoder.up.3.block.1.nin_shortcut.weight"
         );
         assert_eq!(
             v("decoder.up_blocks.2.upsamplers.0.conv.bias").name,
-            "first_stage_model.decoder.up.1.upsample.conv.bias"
+            "decoder.up.1.upsample.conv.bias"
         );
         let q = v("decoder.mid_block.attentions.0.to_out.0.weight");
-        assert_eq!(
-            q.name,
-            "first_stage_model.decoder.mid.attn_1.proj_out.weight"
-        );
+        assert_eq!(q.name, "decoder.mid.attn_1.proj_out.weight");
         assert_eq!(q.part, Part::DropTrailingOnes);
         assert_eq!(
             v("decoder.mid_block.resnets.1.norm2.bias").name,
-            "first_stage_model.decoder.mid.block_2.norm2.bias"
+            "decoder.mid.block_2.norm2.bias"
         );
         assert_eq!(
             v("decoder.conv_norm_out.weight").name,
-            "first_stage_model.decoder.norm_out.weight"
+            "decoder.norm_out.weight"
         );
 
-        let clip = OpenClipMap { split: 1024 };
-        let k = clip
+        let clip = ClipMap.locate("text_model.final_layer_norm.bias", &|_| false);
+        assert_eq!(clip.unwrap().name, "text_model.final_layer_norm.bias");
+        assert!(ClipMap
+            .locate("text_projection.weight", &|_| false)
+            .is_none());
+
+        let sd2 = OpenClipMap {
+            split: 1024,
+            projection: false,
+        };
+        let k = sd2
             .locate("text_model.encoder.layers.3.self_attn.k_proj.bias", &|_| {
                 false
             })
             .unwrap();
-        assert_eq!(
-            k.name,
-            "cond_stage_model.model.transformer.resblocks.3.attn.in_proj_bias"
-        );
+        assert_eq!(k.name, "transformer.resblocks.3.attn.in_proj_bias");
         assert_eq!(
             k.part,
             Part::Rows {
@@ -754,13 +910,57 @@ mod tests {
             }
         );
         assert_eq!(
-            clip.locate("text_model.encoder.layers.0.mlp.fc2.weight", &|_| false)
+            sd2.locate("text_model.encoder.layers.0.mlp.fc2.weight", &|_| false)
                 .unwrap()
                 .name,
-            "cond_stage_model.model.transformer.resblocks.0.mlp.c_proj.weight"
+            "transformer.resblocks.0.mlp.c_proj.weight"
         );
-        assert!(clip
+        assert!(sd2
             .locate("embeddings.token_embedding.weight", &|_| false)
             .is_none());
+        // SD 2.x's CLIPTextModel has no projection (diffusers ignores the stored one).
+        assert!(sd2.locate("text_projection.weight", &|_| false).is_none());
+
+        let sdxl = OpenClipMap {
+            split: 1280,
+            projection: true,
+        };
+        let p = sdxl.locate("text_projection.weight", &|_| false).unwrap();
+        assert_eq!(p.name, "text_projection");
+        assert_eq!(p.part, Part::Transposed);
+        let v = sdxl
+            .locate(
+                "text_model.encoder.layers.31.self_attn.v_proj.weight",
+                &|_| false,
+            )
+            .unwrap();
+        assert_eq!(v.name, "transformer.resblocks.31.attn.in_proj_weight");
+        assert_eq!(
+            v.part,
+            Part::Rows {
+                start: 2560,
+                len: None
+            }
+        );
+    }
+
+    #[test]
+    fn families_keep_their_text_encoders_where_diffusers_looks() {
+        let prefix = |t: TextTower| match t {
+            TextTower::Clip(p) => (p, false, false),
+            TextTower::OpenClip { prefix, projection } => (prefix, true, projection),
+        };
+        assert_eq!(prefix(Family::Sd1.text_encoder()), (CLIP, false, false));
+        assert_eq!(prefix(Family::Sd2.text_encoder()), (OPEN_CLIP, true, false));
+        assert_eq!(
+            prefix(Family::Sdxl.text_encoder()),
+            ("conditioner.embedders.0.transformer.", false, false)
+        );
+        assert_eq!(
+            Family::Sdxl.text_encoder_2().map(prefix),
+            Some(("conditioner.embedders.1.model.", true, true))
+        );
+        assert!(Family::Sd1.text_encoder_2().is_none() && Family::Sd2.text_encoder_2().is_none());
+        assert_eq!(Family::Sdxl.name(), "SDXL");
     }
 }

@@ -1,6 +1,7 @@
 //! Where a pipeline's parts come from: a diffusers model folder, or a single-file
 //! checkpoint with its configs from a built-in preset or a `--model-config` folder and its
-//! tokenizer from that folder, a `tokenizer/` folder beside the file or the built-in copy.
+//! tokenizer from that folder, a `tokenizer/` folder beside the file or the built-in copy
+//! (SDXL's second tokenizer: that folder's `tokenizer_2/`, or the built-in copy).
 //! [`StableDiffusion::load`](crate::pipeline::StableDiffusion::load) builds every model from
 //! the same per-component answers (config, weights) whichever it is.
 
@@ -12,7 +13,7 @@ use serde_json::{Map, Value};
 use crate::error::{Error, Result};
 use crate::model::config::{read_json, ClipTextConfig, ComponentConfig, UNetConfig, VaeConfig};
 use crate::model::folder::{Component, ModelFolder};
-use crate::model::presets::Preset;
+use crate::model::presets::{self, Preset};
 use crate::model::single_file::{is_pickle_path, pickle_refusal, Family, SingleFile};
 use crate::model::tokenizer::ClipTokenizer;
 use crate::model::weights::Weights;
@@ -24,7 +25,7 @@ use crate::tensor::Device;
 pub struct ModelInfo {
     /// `diffusers_folder` or `single_file`.
     pub format: &'static str,
-    /// For a single file: `SD 1.x` or `SD 2.x`, as recognised from its tensors.
+    /// For a single file: `SD 1.x`, `SD 2.x` or `SDXL`, as recognised from its tensors.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub family: Option<&'static str>,
     /// Where the configs came from: the folder, `built-in preset <name> (<repo>)`, or the
@@ -32,6 +33,9 @@ pub struct ModelInfo {
     pub config: String,
     /// Where the tokenizer came from.
     pub tokenizer: String,
+    /// Where SDXL's second tokenizer came from.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub tokenizer_2: Option<String>,
 }
 
 /// A folder's own name: [`ModelInfo`] is shown to API clients, who need not see the
@@ -51,7 +55,21 @@ enum Configs {
 
 enum Tokenizer {
     Dir(PathBuf),
+    /// The built-in BPE files with the preset's special tokens.
     Builtin(&'static Preset),
+}
+
+impl Tokenizer {
+    /// The first tokenizer, or SDXL's second (`Component::Tokenizer2`).
+    fn load(&self, c: Component) -> Result<ClipTokenizer> {
+        match self {
+            Tokenizer::Dir(dir) => ClipTokenizer::from_dir(dir),
+            Tokenizer::Builtin(p) if c == Component::Tokenizer2 => p
+                .tokenizer_2()?
+                .ok_or_else(|| Error::Other(format!("preset {} has no second tokenizer", p.name))),
+            Tokenizer::Builtin(p) => p.tokenizer(),
+        }
+    }
 }
 
 enum WeightsFrom {
@@ -64,6 +82,8 @@ pub struct ModelSource {
     weights: WeightsFrom,
     configs: Configs,
     tokenizer: Tokenizer,
+    /// SDXL's second tokenizer, for a model with a second text encoder.
+    tokenizer_2: Option<Tokenizer>,
     device: Device,
     info: ModelInfo,
 }
@@ -77,9 +97,10 @@ pub struct ComponentParts<C> {
 
 impl ModelSource {
     /// `model` is a diffusers folder or a single `.safetensors` checkpoint. `config`
-    /// (single files only) names a built-in preset (`sd1.5`, `sd2.1-base`, `sd2.1`) or a
-    /// folder in diffusers layout whose component configs and tokenizer replace the
-    /// preset's, like diffusers' `from_single_file(..., config=DIR)`.
+    /// (single files only) names a built-in preset (`sd1.5`, `sd2.1-base`, `sd2.1`,
+    /// `sdxl-base-1.0`, `sdxl-turbo`) or a folder in diffusers layout whose component
+    /// configs and tokenizers replace the preset's, like diffusers'
+    /// `from_single_file(..., config=DIR)`.
     pub fn open(model: &Path, config: Option<&Path>, device: &Device) -> Result<Self> {
         if model.is_file() || is_pickle_path(model) {
             Self::open_single_file(model, config, device)
@@ -92,14 +113,23 @@ impl ModelSource {
                 )));
             }
             let folder = ModelFolder::open(model)?;
+            let tokenizer_2 = if folder.has(Component::TextEncoder2) {
+                Some(Tokenizer::Dir(folder.dir(Component::Tokenizer2)?))
+            } else {
+                None
+            };
             let info = ModelInfo {
                 format: "diffusers_folder",
                 family: None,
                 config: "the model folder".into(),
                 tokenizer: "the model folder's tokenizer/".into(),
+                tokenizer_2: tokenizer_2
+                    .as_ref()
+                    .map(|_| "the model folder's tokenizer_2/".into()),
             };
             Ok(ModelSource {
                 tokenizer: Tokenizer::Dir(folder.dir(Component::Tokenizer)?),
+                tokenizer_2,
                 weights: WeightsFrom::Folder(folder.clone()),
                 configs: Configs::Folder(folder),
                 device: device.clone(),
@@ -161,25 +191,71 @@ impl ModelSource {
                 ),
             ),
         };
+        // The configs must be for as many text encoders as the file has.
+        let two = match &configs {
+            Configs::Folder(f) => f.has(Component::TextEncoder2),
+            Configs::Preset(p) => p.has_text_encoder_2(),
+        };
+        if two != (family == Family::Sdxl) {
+            let (has, wants) = if two {
+                ("configs for SDXL (two text encoders)", "one text encoder")
+            } else {
+                (
+                    "configs for one text encoder (no text_encoder_2/)",
+                    "two text encoders",
+                )
+            };
+            let names = presets::ALL
+                .iter()
+                .filter(|p| p.has_text_encoder_2() != two)
+                .map(|p| p.name)
+                .collect::<Vec<_>>()
+                .join(", ");
+            return Err(Error::InvalidArgument(format!(
+                "{}: an {} checkpoint ({wants}), but {config_info} has {has}; pass --model-config with one of {names}, or a folder of that family's configs",
+                path.display(),
+                family.name(),
+            )));
+        }
+        // SDXL's second tokenizer: the config folder's, else the built-in copy.
+        let (tokenizer_2, tokenizer_2_info) = match &configs {
+            _ if !two => (None, None),
+            Configs::Folder(f) if f.has(Component::Tokenizer2) => (
+                Some(Tokenizer::Dir(f.root().join("tokenizer_2"))),
+                Some(format!(
+                    "{}/tokenizer_2 (--model-config)",
+                    last_component(f.root())
+                )),
+            ),
+            _ => (
+                Some(Tokenizer::Builtin(preset)),
+                Some(format!(
+                    "built-in CLIP BPE files with {}'s tokenizer_2 special tokens",
+                    preset.name
+                )),
+            ),
+        };
         tracing::info!(
-            "{}: single-file checkpoint, {} ({}); configs: {config_info}; tokenizer: {tokenizer_info}",
+            "{}: single-file checkpoint, {} ({}); configs: {config_info}; tokenizer: {tokenizer_info}{}",
             path.display(),
             family.name(),
-            match family {
-                Family::Sd1 => "CLIP text encoder",
-                Family::Sd2 => "OpenCLIP text encoder",
-            }
+            family.text_encoders(),
+            tokenizer_2_info
+                .as_ref()
+                .map_or(String::new(), |t| format!("; tokenizer_2: {t}")),
         );
         Ok(ModelSource {
             weights: WeightsFrom::SingleFile(file),
             configs,
             tokenizer,
+            tokenizer_2,
             device: device.clone(),
             info: ModelInfo {
                 format: "single_file",
                 family: Some(family.name()),
                 config: config_info,
                 tokenizer: tokenizer_info,
+                tokenizer_2: tokenizer_2_info,
             },
         })
     }
@@ -228,10 +304,7 @@ impl ModelSource {
     }
 
     pub fn tokenizer(&self) -> Result<ClipTokenizer> {
-        match &self.tokenizer {
-            Tokenizer::Dir(dir) => ClipTokenizer::from_dir(dir),
-            Tokenizer::Builtin(preset) => preset.tokenizer(),
-        }
+        self.tokenizer.load(Component::Tokenizer)
     }
 
     fn folder_weights(&self, folder: &ModelFolder, c: Component) -> Result<Weights> {
@@ -284,28 +357,23 @@ impl ModelSource {
     pub fn text_encoder_2(
         &self,
     ) -> Result<Option<(ComponentParts<ClipTextConfig>, ClipTokenizer)>> {
-        let Configs::Folder(folder) = &self.configs else {
+        let Some(tokenizer) = &self.tokenizer_2 else {
             return Ok(None);
         };
-        if !folder.has(Component::TextEncoder2) {
-            return Ok(None);
-        }
-        let parts = self.component(Component::TextEncoder2, |_, _, path| {
-            Err(Error::config(
-                path,
-                "single-file checkpoints with a second text encoder (SDXL) are not read yet",
-            ))
+        let parts = self.component(Component::TextEncoder2, |s, config, path| {
+            s.text_encoder_2(config, path)
         })?;
-        let tokenizer = ClipTokenizer::from_dir(&folder.dir(Component::Tokenizer2)?)?;
-        Ok(Some((parts, tokenizer)))
+        Ok(Some((parts, tokenizer.load(Component::Tokenizer2)?)))
     }
 
     /// `model_index.json`'s `force_zeros_for_empty_prompt`, which SDXL pipelines read
-    /// (`true` when absent, as diffusers' default).
+    /// (`true` when absent, as diffusers' default): the model folder's, or for a single
+    /// file the `--model-config` folder's, as `from_single_file(config=DIR)` reads it
+    /// (both built-in SDXL presets set `true`).
     pub fn force_zeros_for_empty_prompt(&self) -> Result<bool> {
-        let index = match &self.weights {
-            WeightsFrom::Folder(folder) => folder.model_index()?,
-            WeightsFrom::SingleFile(_) => None,
+        let index = match &self.configs {
+            Configs::Folder(folder) => folder.model_index()?,
+            Configs::Preset(_) => None,
         };
         Ok(index
             .and_then(|i| i.force_zeros_for_empty_prompt)

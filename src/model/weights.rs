@@ -31,16 +31,35 @@ enum Source {
     File(Arc<WeightFile>),
     /// A file in another layout (a single-file checkpoint): each requested name is looked up
     /// through the map and read with its transform, one tensor at a time.
-    Mapped {
-        file: Arc<WeightFile>,
-        map: Arc<dyn TensorMap>,
-    },
+    Mapped(MappedFile),
     /// Deterministic random values of any requested shape: full-size architectures for
     /// benchmarks without multi-gigabyte files.
     Random {
         device: Device,
         seed: u64,
     },
+}
+
+/// One component of a file in another layout: the component's tensors are stored under
+/// `prefix` (`model.diffusion_model.`, `conditioner.embedders.1.model.`), where `map`
+/// finds each of them by the component's own names, prefix left out.
+struct MappedFile {
+    file: Arc<WeightFile>,
+    prefix: String,
+    map: Arc<dyn TensorMap>,
+}
+
+impl MappedFile {
+    /// Where the model tensor `name` is stored, by its full stored name.
+    fn locate(&self, name: &str) -> Option<Located> {
+        let stored = |n: &str| format!("{}{n}", self.prefix);
+        self.map
+            .locate(name, &|n| self.file.tensors.contains_key(&stored(n)))
+            .map(|at| Located {
+                name: stored(&at.name),
+                part: at.part,
+            })
+    }
 }
 
 /// A prefix into a weight source.
@@ -106,15 +125,18 @@ impl Weights {
         }
     }
 
-    /// The same file seen through `map`: `get(name)` reads the tensor `map` says holds
-    /// `name`. Only for a view of a whole file (no prefix) opened with [`Weights::open`].
-    pub fn mapped(&self, map: Arc<dyn TensorMap>) -> Result<Weights> {
+    /// One component of the file seen through `map`: `get(name)` reads the tensor `map`
+    /// says holds `name`, its name taken as under `prefix` (where the file keeps the
+    /// component), so one map serves every place a layout puts the component in. Only for
+    /// a view of a whole file (no prefix) opened with [`Weights::open`].
+    pub fn mapped(&self, prefix: &str, map: Arc<dyn TensorMap>) -> Result<Weights> {
         match self.source.as_ref() {
             Source::File(file) if self.prefix.is_empty() => Ok(Weights {
-                source: Arc::new(Source::Mapped {
+                source: Arc::new(Source::Mapped(MappedFile {
                     file: file.clone(),
+                    prefix: prefix.to_string(),
                     map,
-                }),
+                })),
                 prefix: String::new(),
             }),
             _ => Err(Error::Other(
@@ -126,7 +148,7 @@ impl Weights {
     /// The file behind these weights (`None` for random weights).
     pub fn path(&self) -> Option<&Path> {
         match self.source.as_ref() {
-            Source::File(f) | Source::Mapped { file: f, .. } => Some(&f.path),
+            Source::File(f) | Source::Mapped(MappedFile { file: f, .. }) => Some(&f.path),
             Source::Random { .. } => None,
         }
     }
@@ -134,7 +156,7 @@ impl Weights {
     /// Every tensor name in the file, as stored (unmapped), sorted.
     pub fn file_names(&self) -> Vec<&str> {
         let mut names: Vec<&str> = match self.source.as_ref() {
-            Source::File(f) | Source::Mapped { file: f, .. } => {
+            Source::File(f) | Source::Mapped(MappedFile { file: f, .. }) => {
                 f.tensors.keys().map(String::as_str).collect()
             }
             Source::Random { .. } => Vec::new(),
@@ -146,7 +168,7 @@ impl Weights {
     /// The shape of the stored tensor `name` (unmapped, no prefix), if there is one.
     pub fn file_shape(&self, name: &str) -> Option<&[usize]> {
         match self.source.as_ref() {
-            Source::File(f) | Source::Mapped { file: f, .. } => {
+            Source::File(f) | Source::Mapped(MappedFile { file: f, .. }) => {
                 f.tensors.get(name).map(|i| i.shape.as_slice())
             }
             Source::Random { .. } => None,
@@ -158,9 +180,9 @@ impl Weights {
         let full = format!("{}{name}", self.prefix);
         match self.source.as_ref() {
             Source::File(f) => f.tensors.contains_key(&full),
-            Source::Mapped { file, map } => map
-                .locate(&full, &|n| file.tensors.contains_key(n))
-                .is_some_and(|at| file.tensors.contains_key(&at.name)),
+            Source::Mapped(m) => m
+                .locate(&full)
+                .is_some_and(|at| m.file.tensors.contains_key(&at.name)),
             Source::Random { .. } => true,
         }
     }
@@ -170,13 +192,17 @@ impl Weights {
         let full = format!("{}{name}", self.prefix);
         match self.source.as_ref() {
             Source::File(f) => f.get(full, shape),
-            Source::Mapped { file, map } => file.get_mapped(map.as_ref(), &full, shape),
+            Source::Mapped(m) => m
+                .file
+                .get_mapped(m.locate(&full), m.map.layout(), &full, shape),
             Source::Random { device, seed } => random_tensor(&full, *seed, shape, device),
         }
     }
 }
 
-/// How a model's tensor names (diffusers') are found in a file of another layout.
+/// How a model's tensor names (diffusers') are found in a file of another layout, for one
+/// component wherever the file keeps it: names on both sides leave out the component's
+/// prefix ([`Weights::mapped`] adds it).
 pub trait TensorMap: Send + Sync {
     /// The stored tensor holding `name`, and which part of it; `None` when this layout has
     /// no such tensor. `exists` says whether the file holds a stored name (for names whose
@@ -204,6 +230,10 @@ pub enum Part {
     /// Rows `start..start + len` of the first dimension (to the end when `len` is `None`):
     /// one of q, k, v in a fused `in_proj` weight.
     Rows { start: usize, len: Option<usize> },
+    /// The stored 2-D tensor transposed: OpenCLIP's `text_projection` `[width, projection]`
+    /// (applied as `x @ P`) read as the linear weight `[projection, width]` transformers
+    /// keeps (diffusers' `convert_open_clip_checkpoint` stores `P.T`).
+    Transposed,
 }
 
 impl Located {
@@ -296,22 +326,23 @@ impl WeightFile {
         tensor
     }
 
-    /// The model tensor `name` through `map`: the stored tensor, or the part of it, checked
-    /// against `shape` and copied out in the file's precision. Errors name the file, the
-    /// stored tensor and the model's name for it.
-    fn get_mapped(&self, map: &dyn TensorMap, name: &str, shape: &[usize]) -> Result<Tensor> {
+    /// The model tensor `name`, stored where `at` says (`None`: nowhere in `layout`): the
+    /// stored tensor, or the part of it, checked against `shape` and copied out in the
+    /// file's precision. Errors name the file, the stored tensor and the model's name for it.
+    fn get_mapped(
+        &self,
+        at: Option<Located>,
+        layout: &str,
+        name: &str,
+        shape: &[usize],
+    ) -> Result<Tensor> {
         let f = self;
-        let at = map
-            .locate(name, &|n| f.tensors.contains_key(n))
-            .ok_or_else(|| {
-                weights_error(
-                    &f.path,
-                    format!(
-                        "the model asks for `{name}`, which has no counterpart in {}",
-                        map.layout()
-                    ),
-                )
-            })?;
+        let at = at.ok_or_else(|| {
+            weights_error(
+                &f.path,
+                format!("the model asks for `{name}`, which has no counterpart in {layout}"),
+            )
+        })?;
         let stored = &at.name;
         let info = f.tensors.get(stored).ok_or_else(|| {
             weights_error(
@@ -348,6 +379,19 @@ impl WeightFile {
                 view[0] = end - start;
                 what = format!("rows {start}..{end} of `{stored}` {:?}", info.shape);
             }
+            Part::Transposed => {
+                let &[rows, cols] = view.as_slice() else {
+                    return Err(weights_error(
+                        &f.path,
+                        format!(
+                            "tensor `{stored}` has shape {:?}: expected a matrix to transpose into diffusers' `{name}`",
+                            info.shape
+                        ),
+                    ));
+                };
+                view = vec![cols, rows];
+                what = format!("`{stored}` {:?} transposed", info.shape);
+            }
         }
         if view != shape {
             return Err(weights_error(
@@ -361,7 +405,20 @@ impl WeightFile {
             bytes.as_ptr() as usize - f.mmap.as_ptr() as usize,
             bytes.len(),
         );
-        let tensor = f.decode(bytes, info.dtype, shape, stored);
+        let tensor = if at.part == Part::Transposed {
+            // Element by element: `[r, c]` becomes `[c, r]` whatever the element size.
+            let (rows, cols) = (info.shape[0], info.shape[1]);
+            let mut out = Vec::with_capacity(bytes.len());
+            for c in 0..cols {
+                for r in 0..rows {
+                    let at = (r * cols + c) * elem;
+                    out.extend_from_slice(&bytes[at..at + elem]);
+                }
+            }
+            f.decode(&out, info.dtype, shape, stored)
+        } else {
+            f.decode(bytes, info.dtype, shape, stored)
+        };
         f.release(range.0, range.0 + range.1);
         tensor
     }
@@ -399,5 +456,88 @@ impl WeightFile {
                 format!("tensor `{name}` has dtype {other:?}; expected F32, F16 or BF16"),
             )),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use safetensors::tensor::TensorView;
+
+    /// `proj` is stored transposed as `stored_proj`, `bias` as `stored_bias`; `late` only
+    /// where the file has `there` (as an upsampler placed by what the file holds).
+    struct TestMap;
+
+    impl TensorMap for TestMap {
+        fn locate(&self, name: &str, exists: &dyn Fn(&str) -> bool) -> Option<Located> {
+            match name {
+                "proj.weight" => Some(Located {
+                    name: "stored_proj".into(),
+                    part: Part::Transposed,
+                }),
+                "bias" => Some(Located {
+                    name: "stored_bias".into(),
+                    part: Part::Transposed,
+                }),
+                "late" => exists("there").then(|| Located::whole("there")),
+                _ => None,
+            }
+        }
+
+        fn layout(&self) -> &str {
+            "the test layout"
+        }
+    }
+
+    #[test]
+    fn mapped_reads_under_the_prefix_and_transposes() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("t.safetensors");
+        let matrix: Vec<u8> = (0..6)
+            .flat_map(|v| f16::from_f32(v as f32).to_le_bytes())
+            .collect();
+        let bias: Vec<u8> = [1.0f32, 2.0].iter().flat_map(|v| v.to_le_bytes()).collect();
+        let views = [
+            (
+                "outer.stored_proj",
+                TensorView::new(Dtype::F16, vec![2, 3], &matrix),
+            ),
+            (
+                "outer.stored_bias",
+                TensorView::new(Dtype::F32, vec![2], &bias),
+            ),
+            ("outer.there", TensorView::new(Dtype::F32, vec![2], &bias)),
+        ]
+        .map(|(n, v)| (n.to_string(), v.unwrap()));
+        safetensors::serialize_to_file(views, None, &path).unwrap();
+        let file = Weights::open(&path, &Device::Cpu).unwrap();
+        let w = file.mapped("outer.", Arc::new(TestMap)).unwrap();
+
+        // [[0, 1, 2], [3, 4, 5]] read as [[0, 3], [1, 4], [2, 5]], still f16.
+        let t = w.pp("proj").get("weight", &[3, 2]).unwrap();
+        assert_eq!(t.dtype(), crate::tensor::DType::F16);
+        assert_eq!(t.to_vec().unwrap(), vec![0.0, 3.0, 1.0, 4.0, 2.0, 5.0]);
+        // The map's `exists` sees the file's names under the prefix.
+        assert!(w.contains("late"));
+        assert_eq!(
+            w.get("late", &[2]).unwrap().to_vec().unwrap(),
+            vec![1.0, 2.0]
+        );
+        let other = file.mapped("elsewhere.", Arc::new(TestMap)).unwrap();
+        assert!(!other.contains("late") && !other.contains("proj.weight"));
+
+        // The errors name the stored tensor, its shape and the model's name for it.
+        let err = w.get("proj.weight", &[2, 3]).unwrap_err().to_string();
+        assert!(
+            err.contains("`outer.stored_proj` [2, 3] transposed"),
+            "{err}"
+        );
+        assert!(err.contains("expected [2, 3]"), "{err}");
+        let err = w.get("bias", &[2]).unwrap_err().to_string();
+        assert!(err.contains("expected a matrix to transpose"), "{err}");
+        let err = other.get("proj.weight", &[3, 2]).unwrap_err().to_string();
+        assert!(err.contains("`elsewhere.stored_proj` is missing"), "{err}");
+        let err = w.get("nothing", &[1]).unwrap_err().to_string();
+        assert!(err.contains("no counterpart in the test layout"), "{err}");
     }
 }
