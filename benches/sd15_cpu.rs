@@ -1,19 +1,31 @@
-//! Full-size SD 1.5 on the CPU backend: times the text encoder, one guided UNet step
-//! (batch 2) at 512x512, one VAE decode at 512x512 and one VAE encode at 512x512 (the
-//! image-to-image start), and prints seconds and the process's peak memory.
+//! Full-size SD 1.5 or SDXL on the CPU backend: times the text encoder(s), one guided UNet
+//! step (batch 2) at the model's size (SD 1.5 512x512, SDXL 1024x1024), one VAE decode and
+//! one VAE encode (the image-to-image start) at that size, and prints seconds and the
+//! process's peak memory.
 //!
-//! With no options it builds the architecture with random weights (no download, no Python):
-//! `cargo bench --bench sd15_cpu` (add `-- --quick` to skip the VAE decode and encode).
+//! With no options it builds the architecture with random f32 weights (no download, no
+//! Python) from the real configs, those of sd-wgpu's single-file presets
+//! (src/model/presets/sd15, sdxl_base): `cargo bench --bench sd15_cpu` (add `-- --quick`
+//! to skip the VAE decode and encode, `-- --arch sdxl` for SDXL base).
 //!
 //! Options (after `--`):
 //!
-//! * `--model DIR`: load a diffusers folder (any precision its files have) instead;
-//!   `--tiny` is `--model tests/fixtures/models/sd1` (a seconds-long smoke run).
-//! * `--inputs FILE`: a safetensors file with `ids` `[L]` (token ids as f32), `context`
-//!   `[B, L, D]`, `latents` `[B, C, h, w]`, `timestep` `[1]` and `vae_latents`
-//!   `[1, C, h, w]` (already divided by the VAE's scaling factor), so that another
-//!   implementation can be timed on the same inputs (tools/bench_vs_pytorch.py writes it).
-//! * `--outputs FILE`: write the stages' results (`text_embeddings`, `unet_out`, `image`)
+//! * `--arch sd15|sdxl` (sd15): the architecture of the random weights, and of `--tiny`.
+//!   SDXL's has two text encoders (CLIP ViT-L, OpenCLIP bigG with its pooled projection)
+//!   and the text_time UNet, which also reads the pooled embedding and the size ids.
+//! * `--model DIR`: load a diffusers folder (SD 1.x/2.x or SDXL, any precision its files
+//!   have) instead; `--tiny` is `--model tests/fixtures/models/sd1` (`sdxl` with
+//!   `--arch sdxl`), a seconds-long smoke run.
+//! * `--latent N`: latent side of the generated inputs (default: the UNet's sample_size,
+//!   64 for SD 1.5, 128 for SDXL, 16 for the tiny fixtures).
+//! * `--inputs FILE`: a safetensors file with `ids` `[L]` (token ids as f32; SDXL's second
+//!   tokenizer's in `ids_2`), `context` `[B, L, D]`, `latents` `[B, C, h, w]`, `timestep`
+//!   `[1]`, `vae_latents` `[1, C, h, w]` (already divided by the VAE's scaling factor),
+//!   and for a text_time UNet `text_embeds` `[B, P]` and `time_ids` `[B, 6]`, so that
+//!   another implementation can be timed on the same inputs (tools/bench_vs_pytorch.py
+//!   writes it).
+//! * `--outputs FILE`: write the stages' results (`text_embeddings`, for SDXL
+//!   `text_embeddings_2` and `pooled_text_embeds` too, `unet_out`, `image`, `latent_mean`)
 //!   as f32 safetensors, to compare with another implementation.
 //! * `--runs N` (1) timed runs after `--warmup W` (0) untimed ones; the median is reported.
 //! * `--json`: one JSON object on stdout instead of the table.
@@ -21,13 +33,13 @@
 //!   whole generation with `--image` (the same as `SD_CPU_PROFILE=1`; see
 //!   `sd_wgpu::tensor::profile`).
 //! * `--image`: a whole generation through `StableDiffusion::generate` instead (needs
-//!   `--model`/`--tiny`): `--steps N` (2), `--size PX` (512), `--seed S` (0),
-//!   `--prompt TEXT`, guidance 7.5; reports each stage's time (the denoising time also per
-//!   UNet evaluation: PNDM makes `steps + 1`) and the peak memory. `--strength S` makes it
-//!   image-to-image from a synthetic picture: the VAE encode is timed, and only strength's
-//!   share of the steps runs.
+//!   `--model`/`--tiny`): `--steps N` (2), `--size PX` and `--guidance G` (the model's
+//!   defaults: SD 1.x 512 and 7.5, SDXL 1024 and 5), `--seed S` (0), `--prompt TEXT`;
+//!   reports each stage's time (the denoising time also per UNet evaluation: PNDM makes
+//!   `steps + 1`) and the peak memory. `--strength S` makes it image-to-image from a
+//!   synthetic picture: the VAE encode is timed, and only strength's share of the steps
+//!   runs.
 
-use std::collections::HashMap;
 use std::ops::ControlFlow;
 use std::path::{Path, PathBuf};
 use std::time::Instant;
@@ -36,8 +48,7 @@ use safetensors::tensor::{Dtype, TensorView};
 use safetensors::SafeTensors;
 use serde_json::{json, Value};
 
-use sd_wgpu::model::clip::ClipTextModel;
-use sd_wgpu::model::config::{ClipTextConfig, UNetConfig, VaeConfig};
+use sd_wgpu::model::clip::{ClipTextModel, HiddenLayer};
 use sd_wgpu::model::unet::{Conditioning, TextTime, UNet2DConditionModel};
 use sd_wgpu::model::vae::VaeDecoder;
 use sd_wgpu::model::vae_encoder::VaeEncoder;
@@ -48,9 +59,10 @@ use sd_wgpu::tensor::{profile, Device, Tensor};
 use sd_wgpu::{Error, Result};
 
 mod common;
-use common::{peak_memory_mib, peak_text};
+use common::{peak_memory_mib, peak_text, Arch};
 
 struct Options {
+    arch: Arch,
     quick: bool,
     model: Option<PathBuf>,
     inputs: Option<PathBuf>,
@@ -61,24 +73,28 @@ struct Options {
     profile: bool,
     image: bool,
     steps: usize,
-    size: usize,
+    /// Whole-image side and guidance (`--image`); `None`: the model's defaults.
+    size: Option<usize>,
+    guidance: Option<f64>,
     seed: u64,
     prompt: String,
     /// Image-to-image at this strength (`--image` only).
     strength: Option<f64>,
-    /// Latent side of the generated inputs (64: 512x512 for SD 1.5; 16 with `--tiny`).
-    latent_size: usize,
+    /// Latent side of the generated inputs; `None`: the UNet's sample_size.
+    latent_size: Option<usize>,
 }
 
 fn usage(message: String) -> Error {
     Error::InvalidArgument(format!(
-        "{message}\nusage: sd15_cpu [--quick] [--model DIR | --tiny] [--inputs FILE] [--outputs FILE] \
-         [--runs N] [--warmup W] [--json] [--profile] [--image [--steps N] [--size PX] [--seed S] [--prompt TEXT] [--strength S]]"
+        "{message}\nusage: sd15_cpu [--arch sd15|sdxl] [--quick] [--model DIR | --tiny] [--latent N] [--inputs FILE] \
+         [--outputs FILE] [--runs N] [--warmup W] [--json] [--profile] \
+         [--image [--steps N] [--size PX] [--guidance G] [--seed S] [--prompt TEXT] [--strength S]]"
     ))
 }
 
 fn parse_args() -> Result<Options> {
     let mut o = Options {
+        arch: Arch::Sd15,
         quick: false,
         model: None,
         inputs: None,
@@ -89,12 +105,14 @@ fn parse_args() -> Result<Options> {
         profile: false,
         image: false,
         steps: 2,
-        size: 512,
+        size: None,
+        guidance: None,
         seed: 0,
         prompt: "a photograph of an astronaut riding a horse".into(),
         strength: None,
-        latent_size: 64,
+        latent_size: None,
     };
+    let mut tiny = false;
     let mut args = std::env::args().skip(1);
     while let Some(arg) = args.next() {
         let mut value = |name: &str| {
@@ -112,11 +130,10 @@ fn parse_args() -> Result<Options> {
             "--json" => o.json = true,
             "--profile" => o.profile = true,
             "--image" => o.image = true,
-            "--tiny" => {
-                o.model =
-                    Some(Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/models/sd1"));
-                o.latent_size = 16;
-            }
+            "--tiny" => tiny = true,
+            "--arch" => o.arch = Arch::parse(&value("--arch")?)?,
+            "--latent" => o.latent_size = Some(number("--latent", value("--latent")?)?),
+            "--guidance" => o.guidance = Some(number("--guidance", value("--guidance")?)?),
             "--model" => o.model = Some(value("--model")?.into()),
             "--inputs" => o.inputs = Some(value("--inputs")?.into()),
             "--outputs" => o.outputs = Some(value("--outputs")?.into()),
@@ -124,11 +141,19 @@ fn parse_args() -> Result<Options> {
             "--runs" => o.runs = number("--runs", value("--runs")?)?,
             "--warmup" => o.warmup = number("--warmup", value("--warmup")?)?,
             "--steps" => o.steps = number("--steps", value("--steps")?)?,
-            "--size" => o.size = number("--size", value("--size")?)?,
+            "--size" => o.size = Some(number("--size", value("--size")?)?),
             "--seed" => o.seed = number("--seed", value("--seed")?)?,
             "--strength" => o.strength = Some(number("--strength", value("--strength")?)?),
             other => return Err(usage(format!("unknown option `{other}`"))),
         }
+    }
+    if tiny {
+        // The fixtures' UNets sample 16x16 latents (their sample_size).
+        o.model = Some(
+            Path::new(env!("CARGO_MANIFEST_DIR"))
+                .join("tests/fixtures/models")
+                .join(o.arch.tiny_fixture()),
+        );
     }
     if o.runs == 0 {
         return Err(usage("--runs must be at least 1".into()));
@@ -139,11 +164,12 @@ fn parse_args() -> Result<Options> {
     Ok(o)
 }
 
-/// The three networks, from a folder or with random weights.
+/// The networks, from a folder or with random weights.
 enum Models {
     Loaded(Box<StableDiffusion>),
     Random {
-        clip: Box<ClipTextModel>,
+        /// One text encoder (SD 1.5) or two (SDXL).
+        text_encoders: Vec<ClipTextModel>,
         unet: Box<UNet2DConditionModel>,
         vae: Box<VaeDecoder>,
         vae_encoder: Box<VaeEncoder>,
@@ -151,45 +177,33 @@ enum Models {
 }
 
 impl Models {
-    fn random(device: &Device) -> Result<Self> {
+    /// `arch` at full size with random f32 weights, from its real configs.
+    fn random(arch: Arch, device: &Device) -> Result<Self> {
         let weights = Weights::random(0, device);
-        let here = Path::new("sd15-random");
-        let clip_config = ClipTextConfig {
-            hidden_size: 768,
-            intermediate_size: 3072,
-            num_hidden_layers: 12,
-            num_attention_heads: 12,
-            ..ClipTextConfig::default()
-        };
-        let vae_config = VaeConfig {
-            block_out_channels: vec![128, 256, 512, 512],
-            up_block_types: vec!["UpDecoderBlock2D".into(); 4],
-            layers_per_block: 2,
-            ..VaeConfig::default()
-        };
+        let here = Path::new("random");
+        let configs = arch.configs()?;
         Ok(Models::Random {
-            clip: Box::new(ClipTextModel::new(&clip_config, &weights, here)?),
-            unet: Box::new(UNet2DConditionModel::new(
-                &UNetConfig::default(),
-                &weights,
-                here,
-            )?),
-            vae: Box::new(VaeDecoder::new(&vae_config, &weights, here)?),
-            vae_encoder: Box::new(VaeEncoder::new(
-                &VaeConfig {
-                    down_block_types: vec!["DownEncoderBlock2D".into(); 4],
-                    ..vae_config
-                },
-                &weights,
-                here,
-            )?),
+            text_encoders: configs
+                .text_encoders
+                .iter()
+                .map(|c| ClipTextModel::new(c, &weights, here))
+                .collect::<Result<_>>()?,
+            unet: Box::new(UNet2DConditionModel::new(&configs.unet, &weights, here)?),
+            vae: Box::new(VaeDecoder::new(&configs.vae, &weights, here)?),
+            vae_encoder: Box::new(VaeEncoder::new(&configs.vae, &weights, here)?),
         })
     }
 
-    fn clip(&self) -> &ClipTextModel {
+    /// The text encoders in pipeline order (SDXL: CLIP ViT-L, then OpenCLIP bigG).
+    fn text_encoders(&self) -> Vec<&ClipTextModel> {
         match self {
-            Models::Loaded(sd) => sd.text_encoder(),
-            Models::Random { clip, .. } => clip,
+            Models::Loaded(sd) => sd
+                .prompt_encoder()
+                .parts()
+                .iter()
+                .map(|p| &p.encoder)
+                .collect(),
+            Models::Random { text_encoders, .. } => text_encoders.iter().collect(),
         }
     }
 
@@ -219,7 +233,8 @@ impl Models {
 
 /// What each stage runs on.
 struct Inputs {
-    ids: Vec<u32>,
+    /// Token ids for each text encoder (SDXL's two tokenizers pad differently).
+    ids: Vec<Vec<u32>>,
     cond: Conditioning,
     latents: Tensor,
     timestep: f32,
@@ -227,20 +242,26 @@ struct Inputs {
 }
 
 impl Inputs {
-    /// Seeded inputs shaped for `models`, `latent_size` latents a side (64: 512x512).
+    /// Seeded inputs shaped for `models`, `latent_size` latents a side (64: 512x512 for
+    /// SD 1.5; SDXL 128: 1024x1024).
     fn generated(models: &Models, latent_size: usize, device: &Device) -> Result<Self> {
         let ids: Vec<u32> = (0..77)
             .map(|i| if i == 0 { 49406 } else { 320 + i })
             .collect();
         let mut rng = TorchRng::new(0);
         let channels = models.unet().config().in_channels;
-        let width = models.clip().config().hidden_size;
+        // SDXL's context joins both encoders' states along the width.
+        let width = models
+            .text_encoders()
+            .iter()
+            .map(|e| e.config().hidden_size)
+            .sum();
         let latents = rng.randn_tensor(&[2, channels, latent_size, latent_size], device)?;
         let context = rng.randn_tensor(&[2, 77, width], device)?;
         let vae_channels = models.vae().config().latent_channels;
         let vae_latents = rng.randn_tensor(&[1, vae_channels, latent_size, latent_size], device)?;
-        // SDXL's UNet also reads a pooled embedding and the image size (8 pixels a latent).
-        let side = (latent_size * 8) as f32;
+        // SDXL's UNet also reads a pooled embedding and the image size.
+        let side = (latent_size * models.vae().config().downscale_factor()) as f32;
         let text_time = match models.unet().text_time_pooled_dim() {
             Some(pooled) => Some(TextTime {
                 text_embeds: rng.randn_tensor(&[2, pooled], device)?,
@@ -249,7 +270,7 @@ impl Inputs {
             None => None,
         };
         Ok(Inputs {
-            ids,
+            ids: vec![ids; models.text_encoders().len()],
             cond: Conditioning { context, text_time },
             latents,
             timestep: 999.0,
@@ -257,11 +278,12 @@ impl Inputs {
         })
     }
 
-    /// The inputs another implementation wrote (see the module docs).
-    fn read(path: &Path, device: &Device) -> Result<Self> {
+    /// The inputs another implementation wrote (see the module docs), for `models`.
+    fn read(path: &Path, models: &Models, device: &Device) -> Result<Self> {
         let bytes = std::fs::read(path).map_err(|e| Error::io(path, e))?;
         let file = SafeTensors::deserialize(&bytes)
             .map_err(|e| Error::Other(format!("{}: {e}", path.display())))?;
+        let has = |name: &str| file.names().contains(&name);
         let get = |name: &str| -> Result<(Vec<f32>, Vec<usize>)> {
             let view = file
                 .tensor(name)
@@ -284,13 +306,37 @@ impl Inputs {
             let (data, shape) = get(name)?;
             Tensor::from_vec(data, &shape, device)
         };
-        let (ids, _) = get("ids")?;
+        // `ids`, `ids_2`, ...: one per text encoder; a missing one repeats the last.
+        let mut ids: Vec<Vec<u32>> = Vec::new();
+        for i in 0..models.text_encoders().len() {
+            let name = if i == 0 {
+                "ids".to_string()
+            } else {
+                format!("ids_{}", i + 1)
+            };
+            if i == 0 || has(&name) {
+                ids.push(get(&name)?.0.iter().map(|&v| v as u32).collect());
+            } else {
+                ids.push(ids[i - 1].clone());
+            }
+        }
         let (timestep, _) = get("timestep")?;
+        let text_time = match models.unet().text_time_pooled_dim() {
+            Some(_) => {
+                let (values, shape) = get("time_ids")?;
+                let columns = shape.last().copied().unwrap_or(0).max(1);
+                Some(TextTime {
+                    text_embeds: tensor("text_embeds")?,
+                    time_ids: values.chunks(columns).map(<[f32]>::to_vec).collect(),
+                })
+            }
+            None => None,
+        };
         Ok(Inputs {
-            ids: ids.iter().map(|&v| v as u32).collect(),
+            ids,
             cond: Conditioning {
                 context: tensor("context")?,
-                text_time: None,
+                text_time,
             },
             latents: tensor("latents")?,
             timestep: timestep[0],
@@ -299,17 +345,20 @@ impl Inputs {
     }
 }
 
-/// One stage's result: median seconds, each run's seconds, the last output, and the op
-/// profile of the timed runs (empty unless profiling).
+/// A stage's results by the names `--outputs` writes them under.
+type Outputs = Vec<(String, Tensor)>;
+
+/// One stage's result: median seconds, each run's seconds, the last run's outputs, and
+/// the op profile of the timed runs (empty unless profiling).
 struct Timed {
     median: f64,
     runs: Vec<f64>,
-    output: Tensor,
+    outputs: Outputs,
     ops: Vec<profile::OpTime>,
 }
 
 /// `runs` timed calls after `warmup` untimed ones.
-fn time(warmup: usize, runs: usize, mut f: impl FnMut() -> Result<Tensor>) -> Result<Timed> {
+fn time(warmup: usize, runs: usize, mut f: impl FnMut() -> Result<Outputs>) -> Result<Timed> {
     for _ in 0..warmup {
         f()?;
     }
@@ -333,12 +382,12 @@ fn time(warmup: usize, runs: usize, mut f: impl FnMut() -> Result<Tensor>) -> Re
     Ok(Timed {
         median,
         runs: seconds,
-        output: last.expect("runs >= 1"),
+        outputs: last.expect("runs >= 1"),
         ops: profile::take(),
     })
 }
 
-fn write_outputs(path: &Path, outputs: &[(&str, &Tensor)]) -> Result<()> {
+fn write_outputs(path: &Path, outputs: &[&(String, Tensor)]) -> Result<()> {
     let data: Vec<(String, Vec<u8>, Vec<usize>)> = outputs
         .iter()
         .map(|(name, t)| {
@@ -363,18 +412,22 @@ fn whole_image(o: &Options, dir: &Path, device: &Device) -> Result<Value> {
     let sd = StableDiffusion::load(dir, device)?;
     let load_s = t.elapsed().as_secs_f64();
     let peak_after_load = peak_memory_mib();
+    // The model's own defaults (SD 1.x 512 and 7.5, SDXL 1024 and 5) unless given.
+    let defaults = sd.defaults();
+    let size = o.size.unwrap_or(defaults.width);
+    let guidance = o.guidance.unwrap_or(defaults.guidance_scale);
     let params = GenerateParams {
         prompt: o.prompt.clone(),
         negative_prompt: None,
         steps: o.steps,
-        guidance_scale: 7.5,
-        width: o.size,
-        height: o.size,
+        guidance_scale: guidance,
+        width: size,
+        height: size,
         seed: o.seed,
         scheduler: None,
         scheduler_overrides: Default::default(),
         init: o.strength.map(|strength| InitImage {
-            image: std::sync::Arc::new(picture(o.size)),
+            image: std::sync::Arc::new(picture(size)),
             mask: None,
             strength,
         }),
@@ -401,9 +454,11 @@ fn whole_image(o: &Options, dir: &Path, device: &Device) -> Result<Value> {
     Ok(json!({
         "mode": "image",
         "model": dir.display().to_string(),
+        "family": if sd.is_xl() { "SDXL" } else { "SD 1.x/2.x" },
         "threads": rayon::current_num_threads(),
-        "size": o.size,
+        "size": size,
         "steps": o.steps,
+        "guidance": guidance,
         "strength": o.strength,
         "load_s": load_s,
         "text_encoder_s": t.text_encoder.as_secs_f64(),
@@ -453,14 +508,16 @@ fn main() -> Result<()> {
             println!("{result}");
         } else {
             println!(
-                "whole {0}x{0} image, {1} steps{3}, {threads} threads, {2} ({4} UNet evaluations)",
-                o.size,
+                "whole {0}x{0} {5} image, {1} steps, guidance {6}{3}, {threads} threads, {2} ({4} UNet evaluations)",
+                result["size"],
                 o.steps,
                 dir.display(),
                 o.strength
                     .map(|s| format!(", image-to-image at strength {s}"))
                     .unwrap_or_default(),
                 result["unet_evaluations"],
+                result["family"].as_str().unwrap_or("?"),
+                result["guidance"],
             );
             for (label, key) in [
                 ("load", "load_s"),
@@ -495,22 +552,32 @@ fn main() -> Result<()> {
 
     let t = Instant::now();
     let (models, source) = match &o.model {
-        Some(dir) => (
-            Models::Loaded(Box::new(StableDiffusion::load(dir, &device)?)),
-            dir.display().to_string(),
+        Some(dir) => {
+            let sd = StableDiffusion::load(dir, &device)?;
+            let family = if sd.is_xl() { "SDXL" } else { "SD 1.x/2.x" };
+            let source = format!("{family} folder {}", dir.display());
+            (Models::Loaded(Box::new(sd)), source)
+        }
+        None => (
+            Models::random(o.arch, &device)?,
+            format!("{} architecture, random f32 weights", o.arch.name()),
         ),
-        None => (Models::random(&device)?, "random f32 weights".to_string()),
     };
     let load_s = t.elapsed().as_secs_f64();
     let peak_after_load = peak_memory_mib();
     let inputs = match &o.inputs {
-        Some(path) => Inputs::read(path, &device)?,
-        None => Inputs::generated(&models, o.latent_size, &device)?,
+        Some(path) => Inputs::read(path, &models, &device)?,
+        None => {
+            let side = o
+                .latent_size
+                .or(models.unet().config().sample_size)
+                .unwrap_or(64);
+            Inputs::generated(&models, side, &device)?
+        }
     };
     if !o.json {
         println!(
-            "SD 1.5 architecture, {source}, CPU backend, {threads} threads; \
-             median of {} run(s) after {} warm-up(s)",
+            "{source}, CPU backend, {threads} threads; median of {} run(s) after {} warm-up(s)",
             o.runs, o.warmup
         );
     }
@@ -519,11 +586,11 @@ fn main() -> Result<()> {
         profile::set_enabled(true);
     }
     let runs = o.runs as f64;
-    let mut stages: Vec<(&str, String, Timed)> = Vec::new();
-    let mut report = |key: &'static str, label: String, r: Timed| {
+    let mut stages: Vec<(String, String, Timed)> = Vec::new();
+    let mut report = |key: String, label: String, r: Timed| {
         if !o.json {
             println!(
-                "{label:<32} {:>8.2} s   peak memory so far {}",
+                "{label:<36} {:>8.2} s   peak memory so far {}",
                 r.median,
                 peak_text()
             );
@@ -542,52 +609,75 @@ fn main() -> Result<()> {
         stages.push((key, label, r));
     };
 
-    let clip = models.clip();
-    let r = time(o.warmup, o.runs, || clip.forward(&inputs.ids))?;
-    report(
-        "text_encoder",
-        format!("text encoder ({} tokens)", inputs.ids.len()),
-        r,
-    );
+    // Each text encoder as its pipeline reads it: one encoder, `last_hidden_state`
+    // (SD 1.x/2.x); two, each one's penultimate states and the second's pooled projection
+    // (SDXL), as `PromptEncoder::encode` does.
+    let encoders = models.text_encoders();
+    let layer = match encoders.len() {
+        1 => HiddenLayer::Last,
+        _ => HiddenLayer::Penultimate,
+    };
+    for (i, encoder) in encoders.iter().enumerate() {
+        let suffix = if i == 0 {
+            String::new()
+        } else {
+            format!("_{}", i + 1)
+        };
+        let ids = &inputs.ids[i];
+        let pooled = encoders.len() > 1 && i + 1 == encoders.len();
+        let r = time(o.warmup, o.runs, || {
+            let out = encoder.encode(ids, layer)?;
+            let mut named = vec![(format!("text_embeddings{suffix}"), out.hidden)];
+            if let (true, Some(p)) = (pooled, out.pooled) {
+                named.push(("pooled_text_embeds".into(), p));
+            }
+            Ok(named)
+        })?;
+        let number = if i == 0 {
+            String::new()
+        } else {
+            format!(" {}", i + 1)
+        };
+        report(
+            format!("text_encoder{suffix}"),
+            format!("text encoder{number} ({} tokens)", ids.len()),
+            r,
+        );
+    }
 
     let unet = models.unet();
     let r = time(o.warmup, o.runs, || {
-        unet.forward(&inputs.latents, inputs.timestep, &inputs.cond)
+        let out = unet.forward(&inputs.latents, inputs.timestep, &inputs.cond)?;
+        Ok(vec![("unet_out".into(), out)])
     })?;
     let s = inputs.latents.shape();
     report(
-        "unet",
+        "unet".into(),
         format!("UNet step, batch {}, {}x{} latents", s[0], s[2], s[3]),
         r,
     );
 
     if !o.quick {
         let vae = models.vae();
-        let r = time(o.warmup, o.runs, || vae.decode(&inputs.vae_latents))?;
-        let s = r.output.shape().to_vec();
-        report("vae", format!("VAE decode, {}x{}", s[2], s[3]), r);
+        let r = time(o.warmup, o.runs, || {
+            Ok(vec![("image".into(), vae.decode(&inputs.vae_latents)?)])
+        })?;
+        let s = r.outputs[0].1.shape().to_vec();
+        report("vae".into(), format!("VAE decode, {}x{}", s[3], s[2]), r);
 
         let encoder = models.vae_encoder()?;
         let [h, w] = [s[2], s[3]];
         let image = TorchRng::new(1)
             .randn_tensor(&[1, 3, h, w], &device)?
             .clamp(-1.0, 1.0)?;
-        let r = time(o.warmup, o.runs, || Ok(encoder.encode(&image)?.mean))?;
-        report("vae_encoder", format!("VAE encode, {w}x{h}"), r);
+        let r = time(o.warmup, o.runs, || {
+            Ok(vec![("latent_mean".into(), encoder.encode(&image)?.mean)])
+        })?;
+        report("vae_encoder".into(), format!("VAE encode, {w}x{h}"), r);
     }
 
     if let Some(path) = &o.outputs {
-        let names: HashMap<&str, &str> = [
-            ("text_encoder", "text_embeddings"),
-            ("unet", "unet_out"),
-            ("vae", "image"),
-            ("vae_encoder", "latent_mean"),
-        ]
-        .into();
-        let outs: Vec<(&str, &Tensor)> = stages
-            .iter()
-            .map(|(key, _, r)| (names[key], &r.output))
-            .collect();
+        let outs: Vec<&(String, Tensor)> = stages.iter().flat_map(|(_, _, r)| &r.outputs).collect();
         write_outputs(path, &outs)?;
     }
     if o.json {
@@ -606,7 +696,7 @@ fn main() -> Result<()> {
                     })
                     .collect();
                 (
-                    key.to_string(),
+                    key.clone(),
                     json!({"label": label, "median_s": r.median, "runs_s": r.runs, "ops": ops}),
                 )
             })

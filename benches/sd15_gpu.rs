@@ -4,19 +4,27 @@
 //!    matrices, timestamps), subgroup sizes, cooperative-matrix shapes, limits;
 //! 2. with `--images`: the fixture image cases (tests/fixtures/reference/images.json) on this
 //!    GPU against diffusers' images, with the tests' pass rule;
-//! 3. each kernel family at SD 1.5 shapes: GFLOP/s (or GB/s), and the share of the card's
-//!    peak when `--peak-fp32`/`--peak-fp16` (TFLOP/s) are given;
-//! 4. one guided UNet step (batch 2), the VAE decode at two sizes, with the kernel launches
-//!    per UNet step and the host's recording time per launch;
-//! 5. whole images through `StableDiffusion::generate` at `--image-steps` (needs `--model`).
+//! 3. each kernel family at the architecture's shapes (`--arch sd15|sdxl`, read from its
+//!    UNet and VAE configs at `--latent`: every attention level's projections, feed-forward,
+//!    self- and cross-attention, every level's 3x3 convolution, the VAE decoder's): GFLOP/s
+//!    (or GB/s), and the share of the card's peak when `--peak-fp32`/`--peak-fp16`
+//!    (TFLOP/s) are given;
+//! 4. one guided UNet step (batch 2; SDXL's with its text_time conditioning), the VAE
+//!    decode at the model's size and at twice it up to 1024x1024, with the kernel launches per UNet step,
+//!    the host's recording time per launch, and the weights the device holds (the bench's
+//!    own accounting from the folder's files: f16 stays f16 where the adapter keeps it);
+//! 5. whole images through `StableDiffusion::generate` at `--image-steps` (needs `--model`),
+//!    at the model's size and guidance.
 //!
 //! `cargo bench --bench sd15_gpu -- [options]`, or the executable `cargo bench --no-run`
 //! builds, on a machine with no Rust (tools/gpu_bench.sh). Options:
-//! * `--model DIR`: a diffusers folder (e.g. the random SD 1.5 fp16 folder
+//! * `--arch sd15|sdxl` (sd15): the kernel shapes, the random weights' architecture (real
+//!   configs from src/model/presets/sd15, sdxl_base) and `--tiny`'s fixture.
+//! * `--model DIR`: a diffusers folder, SD 1.x/2.x or SDXL (e.g. the random fp16 folder
 //!   tools/gpu_bench_torch.py builds) for stages 4 and 5; without it stage 4 uses random
-//!   f32 weights in SD 1.5's shapes and stage 5 is skipped. `--tiny`: the tests' sd1 fixture.
-//! * `--latent N` (64: 512x512 for SD 1.5): latent side of the UNet step and the first VAE
-//!   decode; the second decodes 2N.
+//!   f32 weights of `--arch` and stage 5 is skipped. `--tiny`: the tests' sd1 (sdxl) fixture.
+//! * `--latent N` (the UNet's sample_size: 64 for SD 1.5, 128 for SDXL): latent side of
+//!   the kernel shapes, the UNet step and the first VAE decode.
 //! * `--image-steps 20,50`, `--image-size PX` (8 x latent), `--runs N` (3) timed runs per
 //!   stage after one warm-up (the median is reported).
 //! * `--images`, `--fixtures DIR` (tests/fixtures): stage 2.
@@ -37,8 +45,8 @@ use serde_json::{json, Map, Value};
 
 use sd_wgpu::backend::gpu::{profile, GpuDevice};
 use sd_wgpu::backend::{select_device, BackendChoice};
-use sd_wgpu::model::config::{UNetConfig, VaeConfig};
-use sd_wgpu::model::unet::{Conditioning, UNet2DConditionModel};
+use sd_wgpu::model::folder::{Component, ModelFolder};
+use sd_wgpu::model::unet::{Conditioning, TextTime, UNet2DConditionModel};
 use sd_wgpu::model::vae::VaeDecoder;
 use sd_wgpu::model::weights::Weights;
 use sd_wgpu::pipeline::noise::TorchRng;
@@ -51,16 +59,19 @@ use sd_wgpu::{Error, Result};
 const TARGET: Duration = Duration::from_millis(1000);
 /// The most timed runs of one kernel.
 const MAX_RUNS: usize = 200;
+const GIB: f64 = (1u64 << 30) as f64;
 
 mod common;
-use common::{peak_memory_mib, peak_text};
+use common::{peak_memory_mib, peak_text, source_path, Arch, Configs};
 
 #[path = "../tests/common/image_cases.rs"]
 mod image_cases;
 
 struct Options {
+    arch: Arch,
     model: Option<PathBuf>,
-    latent: usize,
+    /// `None`: the UNet's sample_size.
+    latent: Option<usize>,
     image_steps: Vec<usize>,
     image_size: Option<usize>,
     runs: usize,
@@ -76,32 +87,22 @@ struct Options {
 
 fn usage(message: String) -> Error {
     Error::Other(format!(
-        "{message}\nusage: sd15_gpu [--model DIR | --tiny] [--latent N] [--image-steps 20,50] \
+        "{message}\nusage: sd15_gpu [--arch sd15|sdxl] [--model DIR | --tiny] [--latent N] [--image-steps 20,50] \
          [--image-size PX] [--runs N] [--images [--fixtures DIR]] [--no-kernels] [--quick] \
          [--allow-software] [--json FILE] [--peak-fp32 TFLOPS] [--peak-fp16 TFLOPS]"
     ))
 }
 
-/// tests/fixtures under the working directory (a copied checkout), else under the source
-/// tree the bench was built from.
-fn default_fixtures() -> PathBuf {
-    let here = Path::new("tests/fixtures");
-    if here.is_dir() {
-        here.to_path_buf()
-    } else {
-        Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures")
-    }
-}
-
 fn parse_args() -> Result<Options> {
     let mut o = Options {
+        arch: Arch::Sd15,
         model: None,
-        latent: 64,
+        latent: None,
         image_steps: vec![20, 50],
         image_size: None,
         runs: 3,
         images: false,
-        fixtures: default_fixtures(),
+        fixtures: source_path("tests/fixtures"),
         kernels: true,
         quick: false,
         allow_software: false,
@@ -128,10 +129,11 @@ fn parse_args() -> Result<Options> {
             "--images" => o.images = true,
             "--no-kernels" => o.kernels = false,
             "--tiny" => tiny = true,
+            "--arch" => o.arch = Arch::parse(&value("--arch")?)?,
             "--model" => o.model = Some(value("--model")?.into()),
             "--fixtures" => o.fixtures = value("--fixtures")?.into(),
             "--json" => o.json = Some(value("--json")?.into()),
-            "--latent" => o.latent = number("--latent", value("--latent")?)?,
+            "--latent" => o.latent = Some(number("--latent", value("--latent")?)?),
             "--runs" => o.runs = number("--runs", value("--runs")?)?,
             "--image-size" => o.image_size = Some(number("--image-size", value("--image-size")?)?),
             "--peak-fp32" => o.peak_fp32 = Some(number("--peak-fp32", value("--peak-fp32")?)?),
@@ -148,9 +150,9 @@ fn parse_args() -> Result<Options> {
         }
     }
     if tiny {
-        // The fixture's UNet samples 16x16 latents; its VAE upsamples by 2.
-        o.model = Some(o.fixtures.join("models/sd1"));
-        o.latent = 16;
+        // The fixtures' UNets sample 16x16 latents (their sample_size); their VAEs upsample
+        // by 2.
+        o.model = Some(o.fixtures.join("models").join(o.arch.tiny_fixture()));
     }
     if o.runs == 0 {
         return Err(usage("--runs must be at least 1".into()));
@@ -242,72 +244,166 @@ fn linear_weights(
     ))
 }
 
-/// Each kernel family at SD 1.5's shapes (512x512, batch 2).
-fn kernels(gpu: &GpuDevice, o: &Options, device: &Device) -> Result<Vec<Value>> {
+/// The shapes each kernel family is timed at: the architecture's, from its configs at
+/// `latent` latents a side (batch 2, the guided step's; the VAE decoder's batch 1).
+struct KernelShapes {
+    /// (label, m, n, k): `x [m, k] @ w [n, k]^T + b`.
+    linears: Vec<(String, usize, usize, usize)>,
+    /// (label, batch, channels in, channels out, side): 3x3, stride 1, padding 1.
+    convs: Vec<(String, usize, usize, usize, usize)>,
+    norms: Vec<(String, [usize; 4])>,
+    /// (label, query tokens, key tokens, inner width, heads).
+    attentions: Vec<(String, usize, usize, usize, usize)>,
+    add: [usize; 4],
+}
+
+impl KernelShapes {
+    fn new(configs: &Configs, latent: usize) -> Result<Self> {
+        let unet = &configs.unet;
+        let here = Path::new("unet/config.json");
+        let levels = unet.block_out_channels.len();
+        // diffusers' naming quirk: `attention_head_dim` holds the head count where
+        // `num_attention_heads` is unset.
+        let heads = unet
+            .num_attention_heads
+            .as_ref()
+            .or(unet.attention_head_dim.as_ref())
+            .map(|h| h.expand(levels, "attention_head_dim", here))
+            .transpose()?
+            .unwrap_or_else(|| vec![8; levels]);
+        let context = unet
+            .cross_attention_dim
+            .expand(levels, "cross_attention_dim", here)?;
+        let (b, text) = (2, 77);
+        let mut k = KernelShapes {
+            linears: Vec::new(),
+            convs: Vec::new(),
+            norms: Vec::new(),
+            attentions: Vec::new(),
+            add: [b, unet.block_out_channels[0], latent, latent],
+        };
+        for (i, &c) in unet.block_out_channels.iter().enumerate() {
+            let side = (latent >> i).max(1);
+            let tokens = side * side;
+            let at = format!("{side}x{side}");
+            k.convs.push((
+                format!("conv2d 3x3 {c}->{c} [{b},{c},{side},{side}]"),
+                b,
+                c,
+                c,
+                side,
+            ));
+            if !unet.down_block_types[i].contains("CrossAttn") {
+                continue;
+            }
+            let m = b * tokens;
+            k.linears.extend([
+                (
+                    format!("linear [{m},{c}]x[{c},{c}]^T (attn proj, {at})"),
+                    m,
+                    c,
+                    c,
+                ),
+                (
+                    format!("linear [{m},{c}]x[{},{c}]^T (GEGLU, {at})", 8 * c),
+                    m,
+                    8 * c,
+                    c,
+                ),
+                (
+                    format!("linear [{m},{}]x[{c},{}]^T (FF out, {at})", 4 * c, 4 * c),
+                    m,
+                    c,
+                    4 * c,
+                ),
+                (
+                    format!(
+                        "linear [{},{}]x[{c},{}]^T (cross-attn k/v)",
+                        b * text,
+                        context[i],
+                        context[i]
+                    ),
+                    b * text,
+                    c,
+                    context[i],
+                ),
+            ]);
+            let h = heads[i];
+            k.attentions.extend([
+                (
+                    format!("self-attention [{b},{tokens},{c}] {h} heads"),
+                    tokens,
+                    tokens,
+                    c,
+                    h,
+                ),
+                (
+                    format!("cross-attention q [{b},{tokens},{c}] kv [{b},{text},{c}] {h}h"),
+                    tokens,
+                    text,
+                    c,
+                    h,
+                ),
+            ]);
+        }
+        k.linears.push((
+            "linear [4096,4096]x[4096,4096]^T (square)".into(),
+            4096,
+            4096,
+            4096,
+        ));
+        k.norms.push((
+            format!("group_norm(32)+SiLU [{b},{},{latent},{latent}]", k.add[1]),
+            k.add,
+        ));
+        // The VAE decoder: its levels from the deepest, each upsampled by 2.
+        let mut side = latent;
+        let mut last = [1, 0, 0, 0];
+        for &c in configs.vae.block_out_channels.iter().rev() {
+            k.convs.push((
+                format!("conv2d 3x3 {c}->{c} [1,{c},{side},{side}] (VAE)"),
+                1,
+                c,
+                c,
+                side,
+            ));
+            last = [1, c, side, side];
+            side *= 2;
+        }
+        k.norms.push((
+            format!(
+                "group_norm(32)+SiLU [1,{},{},{}] (VAE)",
+                last[1], last[2], last[3]
+            ),
+            last,
+        ));
+        Ok(k)
+    }
+}
+
+/// Each kernel family at `shapes`.
+fn kernels(
+    gpu: &GpuDevice,
+    o: &Options,
+    shapes: &KernelShapes,
+    device: &Device,
+) -> Result<Vec<Value>> {
     let mut rng = TorchRng::new(0);
     let mut rows = Vec::new();
     println!("\nkernels (one warm-up run, then timed runs each ending in synchronize)");
 
     // ---- linear: x [m, k] @ w [n, k]^T + b -------------------------------------------
-    for (label, m, n, k) in [
-        ("linear [8192,320]x[320,320]^T (attn proj)", 8192, 320, 320),
-        ("linear [8192,320]x[2560,320]^T (GEGLU)", 8192, 2560, 320),
-        ("linear [8192,1280]x[320,1280]^T (FF out)", 8192, 320, 1280),
-        (
-            "linear [2048,640]x[5120,640]^T (GEGLU, 32x32)",
-            2048,
-            5120,
-            640,
-        ),
-        (
-            "linear [154,768]x[320,768]^T (cross-attn k/v)",
-            154,
-            320,
-            768,
-        ),
-        (
-            "linear [4096,4096]x[4096,4096]^T (square)",
-            4096,
-            4096,
-            4096,
-        ),
-    ] {
+    for (label, m, n, k) in shapes.linears.iter().cloned() {
         let x = rng.randn_tensor(&[m, k], device)?;
         let (w, b) = linear_weights(&mut rng, n, k, device)?;
         let flops = 2.0 * (m * n * k) as f64;
-        rows.push(bench(gpu, o, label, Work::Flops(flops), || {
+        rows.push(bench(gpu, o, &label, Work::Flops(flops), || {
             x.linear(&w, Some(&b))
         })?);
     }
 
     // ---- conv2d 3x3, stride 1, padding 1 ------------------------------------------------
-    for (label, n, ci, co, hw) in [
-        ("conv2d 3x3 320->320 [2,320,64,64]", 2, 320, 320, 64),
-        ("conv2d 3x3 640->640 [2,640,32,32]", 2, 640, 640, 32),
-        ("conv2d 3x3 1280->1280 [2,1280,16,16]", 2, 1280, 1280, 16),
-        ("conv2d 3x3 1280->1280 [2,1280,8,8]", 2, 1280, 1280, 8),
-        (
-            "conv2d 3x3 512->512 [1,512,128,128] (VAE)",
-            1,
-            512,
-            512,
-            128,
-        ),
-        (
-            "conv2d 3x3 256->256 [1,256,256,256] (VAE)",
-            1,
-            256,
-            256,
-            256,
-        ),
-        (
-            "conv2d 3x3 128->128 [1,128,512,512] (VAE)",
-            1,
-            128,
-            128,
-            512,
-        ),
-    ] {
+    for (label, n, ci, co, hw) in shapes.convs.iter().cloned() {
         let x = rng.randn_tensor(&[n, ci, hw, hw], device)?;
         let scale = 1.0 / ((ci * 9) as f32).sqrt();
         let w: Vec<f32> = rng
@@ -318,66 +414,46 @@ fn kernels(gpu: &GpuDevice, o: &Options, device: &Device) -> Result<Vec<Value>> 
         let w = Tensor::from_vec(w, &[co, ci, 3, 3], device)?;
         let b = Tensor::from_vec(rng.randn(co), &[co], device)?;
         let flops = 2.0 * (n * co * hw * hw) as f64 * (ci * 9) as f64;
-        rows.push(bench(gpu, o, label, Work::Flops(flops), || {
+        rows.push(bench(gpu, o, &label, Work::Flops(flops), || {
             x.conv2d(&w, Some(&b), 1, 1)
         })?);
     }
 
     // ---- group norm + SiLU ------------------------------------------------------------
-    for (label, shape) in [
-        ("group_norm(32)+SiLU [2,320,64,64]", [2, 320, 64, 64]),
-        (
-            "group_norm(32)+SiLU [1,128,512,512] (VAE)",
-            [1, 128, 512, 512],
-        ),
-    ] {
+    for (label, shape) in shapes.norms.iter().cloned() {
         let x = rng.randn_tensor(&shape, device)?;
         let c = shape[1];
         let gamma = Tensor::from_vec(vec![1.0; c], &[c], device)?;
         let beta = Tensor::from_vec(vec![0.0; c], &[c], device)?;
         // One read and one write of the tensor: the least traffic the op can have.
         let bytes = 2.0 * 4.0 * shape.iter().product::<usize>() as f64;
-        rows.push(bench(gpu, o, label, Work::Bytes(bytes), || {
+        rows.push(bench(gpu, o, &label, Work::Bytes(bytes), || {
             x.group_norm(32, &gamma, &beta, 1e-5, true)
         })?);
     }
 
     // ---- attention: 4 * B * H * Lq * Lk * D ---------------------------------------------
-    for (label, lq, lk, inner, heads) in [
-        ("self-attention [2,4096,320] 8 heads", 4096, 4096, 320, 8),
-        ("self-attention [2,1024,640] 8 heads", 1024, 1024, 640, 8),
-        (
-            "cross-attention q [2,4096,320] kv [2,77,320] 8h",
-            4096,
-            77,
-            320,
-            8,
-        ),
-    ] {
+    for (label, lq, lk, inner, heads) in shapes.attentions.iter().cloned() {
         let b = 2;
         let q = rng.randn_tensor(&[b, lq, inner], device)?;
         let k = rng.randn_tensor(&[b, lk, inner], device)?;
         let v = rng.randn_tensor(&[b, lk, inner], device)?;
         let flops = 4.0 * (b * heads * lq * lk) as f64 * (inner / heads) as f64;
-        rows.push(bench(gpu, o, label, Work::Flops(flops), || {
+        rows.push(bench(gpu, o, &label, Work::Flops(flops), || {
             Tensor::attention(&q, &k, &v, heads, false)
         })?);
     }
 
     // ---- elementwise add ----------------------------------------------------------------
     {
-        let shape = [2, 320, 64, 64];
+        let shape = shapes.add;
         let a = rng.randn_tensor(&shape, device)?;
         let b = rng.randn_tensor(&shape, device)?;
         // Two reads and one write.
         let bytes = 3.0 * 4.0 * shape.iter().product::<usize>() as f64;
-        rows.push(bench(
-            gpu,
-            o,
-            "add [2,320,64,64]",
-            Work::Bytes(bytes),
-            || a.add(&b),
-        )?);
+        let [n, c, h, w] = shape;
+        let label = format!("add [{n},{c},{h},{w}]");
+        rows.push(bench(gpu, o, &label, Work::Bytes(bytes), || a.add(&b))?);
     }
     // ---- the fixed cost of one kernel launch ------------------------------------------
     {
@@ -479,23 +555,73 @@ fn print_stage(label: &str, r: &Value) {
     );
 }
 
-/// SD 1.5's UNet and VAE decoder with random f32 weights (when no folder is given).
-fn random_models(device: &Device) -> Result<(UNet2DConditionModel, VaeDecoder)> {
+/// Latent side of the stages: `--latent`, else the UNet's sample_size.
+fn latent_side(o: &Options, unet: &UNet2DConditionModel) -> usize {
+    o.latent.or(unet.config().sample_size).unwrap_or(64)
+}
+
+/// `configs`' UNet and VAE decoder with random f32 weights (when no folder is given).
+fn random_models(configs: &Configs, device: &Device) -> Result<(UNet2DConditionModel, VaeDecoder)> {
     let weights = Weights::random(0, device);
-    let here = Path::new("sd15-random");
-    let vae_config = VaeConfig {
-        block_out_channels: vec![128, 256, 512, 512],
-        up_block_types: vec!["UpDecoderBlock2D".into(); 4],
-        layers_per_block: 2,
-        ..VaeConfig::default()
-    };
+    let here = Path::new("random");
     Ok((
-        UNet2DConditionModel::new(&UNetConfig::default(), &weights, here)?,
-        VaeDecoder::new(&vae_config, &weights, here)?,
+        UNet2DConditionModel::new(&configs.unet, &weights, here)?,
+        VaeDecoder::new(&configs.vae, &weights, here)?,
     ))
 }
 
-/// Stage 4: one guided UNet step and the VAE decode at two sizes.
+/// The bytes a folder's weights take on `gpu` (the bench's own accounting, from the
+/// safetensors headers of the files the loader picks): f16 and bf16 tensors stay 2 bytes
+/// where the device keeps f16 weights, else widen to 4; per component.
+fn device_weight_bytes(dir: &Path, gpu: &GpuDevice) -> Result<Map<String, Value>> {
+    let folder = ModelFolder::open(dir)?;
+    let mut out = Map::new();
+    for c in [
+        Component::TextEncoder,
+        Component::TextEncoder2,
+        Component::Unet,
+        Component::Vae,
+    ] {
+        if !folder.has(c) {
+            continue;
+        }
+        let path = folder.weights(c)?;
+        let mut file = std::fs::File::open(&path).map_err(|e| Error::io(&path, e))?;
+        let header = safetensors_header(&mut file).map_err(|e| Error::io(&path, e))?;
+        let mut bytes = 0u64;
+        for (name, info) in header.as_object().into_iter().flatten() {
+            if name == "__metadata__" {
+                continue;
+            }
+            let elements: u64 = info["shape"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .map(|d| d.as_u64().unwrap_or(0))
+                .product();
+            let size = match info["dtype"].as_str() {
+                Some("F16" | "BF16") if gpu.keeps_f16() => 2,
+                _ => 4,
+            };
+            bytes += elements * size;
+        }
+        out.insert(c.dir_name().into(), json!(bytes));
+    }
+    Ok(out)
+}
+
+/// A safetensors file's JSON header.
+fn safetensors_header(file: &mut std::fs::File) -> std::io::Result<Value> {
+    use std::io::Read;
+    let mut len = [0u8; 8];
+    file.read_exact(&mut len)?;
+    let mut text = vec![0u8; u64::from_le_bytes(len) as usize];
+    file.read_exact(&mut text)?;
+    serde_json::from_slice(&text).map_err(std::io::Error::other)
+}
+
+/// Stage 4: one guided UNet step and the VAE decode at the model's size and at twice it
+/// (up to 1024x1024).
 fn stages(
     gpu: &GpuDevice,
     o: &Options,
@@ -505,16 +631,26 @@ fn stages(
 ) -> Result<Map<String, Value>> {
     let mut out = Map::new();
     let mut rng = TorchRng::new(0);
-    let l = o.latent;
+    let l = latent_side(o, unet);
+    let factor = vae.config().downscale_factor();
     let sample = rng.randn_tensor(&[2, unet.config().in_channels, l, l], device)?;
-    // The text encoder's width: every level's cross-attention takes the same context.
+    // The text encoders' width: every level's cross-attention takes the same context.
     let width =
         unet.config()
             .cross_attention_dim
             .expand(1, "cross_attention_dim", Path::new("unet"))?[0];
+    // SDXL's UNet also reads the pooled embedding and the size ids.
+    let side = (l * factor) as f32;
+    let text_time = match unet.text_time_pooled_dim() {
+        Some(pooled) => Some(TextTime {
+            text_embeds: rng.randn_tensor(&[2, pooled], device)?,
+            time_ids: vec![vec![side, side, 0.0, 0.0, side, side]; 2],
+        }),
+        None => None,
+    };
     let cond = Conditioning {
         context: rng.randn_tensor(&[2, 77, width], device)?,
-        text_time: None,
+        text_time,
     };
     println!(
         "\nstages (one warm-up run, then the median of {} runs)",
@@ -549,8 +685,12 @@ fn stages(
         take_profile(gpu, "UNet steps (warm-up included)"),
     );
 
-    let factor = vae.config().downscale_factor();
-    for side in [l, 2 * l] {
+    // The model's size, and twice it up to 1024x1024 (SD 1.5: 512 and 1024; SDXL: 1024).
+    let mut sides = vec![l];
+    if 2 * l * factor <= 1024 {
+        sides.push(2 * l);
+    }
+    for side in sides {
         let z = rng.randn_tensor(&[1, vae.config().latent_channels, side, side], device)?;
         let r = timed(gpu, o.runs, || vae.decode(&z))?;
         let px = side * factor;
@@ -566,12 +706,15 @@ fn stages(
 
 /// Stage 5: whole images at each step count (one warm-up generation of 2 steps first).
 fn whole_images(o: &Options, sd: &StableDiffusion) -> Result<Map<String, Value>> {
-    let size = o.image_size.unwrap_or(o.latent * sd.vae_scale_factor());
+    let size = o
+        .image_size
+        .unwrap_or(latent_side(o, sd.unet()) * sd.vae_scale_factor());
+    let guidance = sd.defaults().guidance_scale;
     let params = |steps| GenerateParams {
         prompt: "a photograph of an astronaut riding a horse".into(),
         negative_prompt: None,
         steps,
-        guidance_scale: 7.5,
+        guidance_scale: guidance,
         width: size,
         height: size,
         seed: 0,
@@ -580,7 +723,7 @@ fn whole_images(o: &Options, sd: &StableDiffusion) -> Result<Map<String, Value>>
         init: None,
     };
     let mut out = Map::new();
-    println!("\nwhole {size}x{size} images, guidance 7.5, the model's own scheduler");
+    println!("\nwhole {size}x{size} images, guidance {guidance}, the model's own scheduler");
     sd.generate(&params(2), &mut |_| std::ops::ControlFlow::Continue(()))?;
     for &steps in &o.image_steps {
         let mut evaluations = 0;
@@ -606,6 +749,7 @@ fn whole_images(o: &Options, sd: &StableDiffusion) -> Result<Map<String, Value>>
             json!({
                 "median_s": total,
                 "size": size,
+                "guidance": guidance,
                 "steps": steps,
                 "unet_evaluations": evaluations,
                 "text_encoder_s": g.timings.text_encoder.as_secs_f64(),
@@ -706,8 +850,16 @@ fn main() -> Result<()> {
         save(&report)?;
     }
     gpu.reset_profile();
+    let configs = o.arch.configs()?;
+    report.insert("arch".into(), json!(o.arch.name()));
     if o.kernels {
-        report.insert("kernels".into(), Value::Array(kernels(&gpu, &o, &device)?));
+        let latent = o.latent.or(configs.unet.sample_size).unwrap_or(64);
+        println!("\n{} shapes at {latent}x{latent} latents", o.arch.name());
+        let shapes = KernelShapes::new(&configs, latent)?;
+        report.insert(
+            "kernels".into(),
+            Value::Array(kernels(&gpu, &o, &shapes, &device)?),
+        );
         report.insert(
             "kernel_profile".into(),
             take_profile(&gpu, "the kernel runs above (warm-up runs included)"),
@@ -725,7 +877,7 @@ fn main() -> Result<()> {
         };
         let random = match &sd {
             Some(_) => None,
-            None => Some(random_models(&device)?),
+            None => Some(random_models(&configs, &device)?),
         };
         let (unet, vae) = match (&sd, &random) {
             (Some(sd), _) => (sd.unet(), sd.vae()),
@@ -739,12 +891,31 @@ fn main() -> Result<()> {
             o.model
                 .as_ref()
                 .map(|d| d.display().to_string())
-                .unwrap_or_else(|| "random f32 SD 1.5 weights".into())
+                .unwrap_or_else(|| format!("random f32 {} weights", o.arch.name()))
         );
+        // What the device holds for the weights, by the bench's own accounting (random
+        // weights are f32 and not counted).
+        let weights = match &o.model {
+            Some(dir) => Some(device_weight_bytes(dir, &gpu)?),
+            None => None,
+        };
+        if let Some(w) = &weights {
+            let total: u64 = w.values().filter_map(Value::as_u64).sum();
+            let parts: Vec<String> = w
+                .iter()
+                .map(|(c, b)| format!("{c} {:.2}", b.as_f64().unwrap_or(0.0) / GIB))
+                .collect();
+            println!(
+                "weights on the device: {:.2} GiB ({}; f16 kept: {})",
+                total as f64 / GIB,
+                parts.join(", "),
+                gpu.keeps_f16()
+            );
+        }
         report.insert(
             "model".into(),
             json!({"source": o.model.as_ref().map(|d| d.display().to_string()), "load_s": load_s,
-                   "f16_weights_kept": gpu.keeps_f16()}),
+                   "f16_weights_kept": gpu.keeps_f16(), "device_weight_bytes": weights}),
         );
         let mut all = stages(&gpu, &o, unet, vae, &device)?;
         if let Some(sd) = &sd {
