@@ -188,7 +188,7 @@ fn a_missing_repo_says_where_it_looked_and_how_to_fetch_it() {
     assert!(stderr.contains("weights/missing"), "{stderr}");
     assert!(
         stderr.contains(
-            r#"huggingface-cli download org/missing --include "model_index.json" "*/config.json" "scheduler/*" "tokenizer/*" "text_encoder/model.fp16.safetensors" "unet/diffusion_pytorch_model.fp16.safetensors" "vae/diffusion_pytorch_model.fp16.safetensors""#
+            r#"huggingface-cli download org/missing --include "model_index.json" "*/config.json" "scheduler/*" "tokenizer/*" "tokenizer_2/*" "text_encoder/model.fp16.safetensors" "text_encoder_2/model.fp16.safetensors" "unet/diffusion_pytorch_model.fp16.safetensors" "vae/diffusion_pytorch_model.fp16.safetensors""#
         ),
         "{stderr}"
     );

@@ -753,7 +753,9 @@ mod tests {
             .collect();
         let err = choose_files("org/name", &files).unwrap_err();
         assert!(
-            err.contains("text_encoder_2/ has no model.safetensors"),
+            err.contains(
+                "text_encoder_2/ has only text_encoder_2/pytorch_model.bin and no safetensors"
+            ),
             "{err}"
         );
 
