@@ -36,14 +36,15 @@ struct ModelArgs {
     /// A diffusers model folder (model_index.json, unet/, vae/, text_encoder/, tokenizer/, scheduler/),
     /// a name under weights/, or a Hugging Face Hub id (org/name[@revision]), read from the local
     /// Hugging Face cache or downloaded into it on first use (see weights/README.md); or a
-    /// single-file checkpoint in the original Stable Diffusion layout (SD 1.x / 2.x
+    /// single-file checkpoint in the original Stable Diffusion layout (SD 1.x / 2.x / SDXL
     /// .safetensors, as for AUTOMATIC1111 or ComfyUI).
     #[arg(long, env = "SD_MODEL", default_value = DEFAULT_MODEL)]
     model: PathBuf,
     /// For a single-file --model: the configs to use instead of the built-in preset the
-    /// checkpoint is recognised as. A preset name (sd1.5, sd2.1-base, sd2.1) or a folder in
-    /// diffusers layout (unet/, vae/, text_encoder/ config.json, scheduler/, and tokenizer/ if
-    /// any; weights not needed), like diffusers' from_single_file(..., config=DIR).
+    /// checkpoint is recognised as. A preset name (sd1.5, sd2.1-base, sd2.1, sdxl-base-1.0,
+    /// sdxl-turbo) or a folder in diffusers layout (unet/, vae/, text_encoder/ config.json,
+    /// scheduler/, and tokenizer/ if any; weights not needed), like diffusers'
+    /// from_single_file(..., config=DIR).
     #[arg(long, env = "SD_MODEL_CONFIG")]
     model_config: Option<PathBuf>,
     /// auto: a hardware GPU when there is one, else the CPU.
