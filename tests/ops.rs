@@ -197,7 +197,7 @@ fn group_norm_and_layer_norm_match_definitions() {
                 expected[slab * per + i] = if silu { y / (1.0 + (-y).exp()) } else { y };
             }
         }
-        let got = x.group_norm(groups, &g, &b, 1e-5, silu).unwrap();
+        let got = x.clone().group_norm(groups, &g, &b, 1e-5, silu).unwrap();
         assert_close("group_norm", &got.to_vec().unwrap(), &expected, 1e-5);
     }
 

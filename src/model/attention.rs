@@ -142,12 +142,12 @@ impl BasicTransformerBlock {
         let x = self
             .attn1
             .forward(&self.norm1.forward(x)?, self_context)?
-            .add(x)?;
+            .add_owned(x)?;
         let x = self
             .attn2
             .forward(&self.norm2.forward(&x)?, Some(context))?
-            .add(&x)?;
-        self.ff.forward(&self.norm3.forward(&x)?)?.add(&x)
+            .add_owned(&x)?;
+        self.ff.forward(&self.norm3.forward(&x)?)?.add_owned(&x)
     }
 }
 
@@ -213,7 +213,7 @@ impl Transformer2DModel {
     pub fn forward(&self, x: &Tensor, context: &Tensor) -> Result<Tensor> {
         let _span = tracing::trace_span!("transformer2d").entered();
         let [b, c, h, w] = [x.dim(0), x.dim(1), x.dim(2), x.dim(3)];
-        let normed = self.norm.forward(x)?;
+        let normed = self.norm.forward(x.clone())?;
         let to_tokens = |t: &Tensor| -> Result<Tensor> {
             let ch = t.dim(1);
             t.permute(&[0, 2, 3, 1])?.reshape(&[b, h * w, ch])
@@ -234,7 +234,7 @@ impl Transformer2DModel {
             Projection::Linear(lin) => to_image(&lin.forward(&tokens)?)?,
         };
         debug_assert_eq!(out.dim(1), c);
-        out.add(x)
+        out.add_owned(x)
     }
 }
 

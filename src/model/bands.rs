@@ -15,11 +15,13 @@ use crate::tensor::Tensor;
 /// What a convolutional block needs of its `[N, C, H, W]` input.
 pub trait FeatureMap: Clone {
     fn conv(&self, conv: &Conv2d) -> Result<Self>;
-    /// Group norm, followed by SiLU when `silu`.
-    fn group_norm(&self, norm: &GroupNorm, silu: bool) -> Result<Self>;
-    fn add(&self, other: &Self) -> Result<Self>;
+    /// Group norm, followed by SiLU when `silu`. This and the sums take the map so that a
+    /// map nothing else holds is overwritten rather than copied (see
+    /// [`Tensor::group_norm`]): the decoder's full-size maps are up to 1 GiB each.
+    fn group_norm(self, norm: &GroupNorm, silu: bool) -> Result<Self>;
+    fn add(self, other: &Self) -> Result<Self>;
     /// Adds a `[N, C, 1, 1]` tensor (a per-channel bias) everywhere.
-    fn add_per_channel(&self, bias: &Tensor) -> Result<Self>;
+    fn add_per_channel(self, bias: &Tensor) -> Result<Self>;
     fn scale(&self, factor: f32) -> Result<Self>;
     /// Nearest-neighbour resize to `height x width`.
     fn upsample_nearest(&self, height: usize, width: usize) -> Result<Self>;
@@ -35,7 +37,7 @@ impl FeatureMap for Tensor {
         conv.forward(self)
     }
 
-    fn group_norm(&self, norm: &GroupNorm, silu: bool) -> Result<Self> {
+    fn group_norm(self, norm: &GroupNorm, silu: bool) -> Result<Self> {
         if silu {
             norm.forward_silu(self)
         } else {
@@ -43,12 +45,12 @@ impl FeatureMap for Tensor {
         }
     }
 
-    fn add(&self, other: &Self) -> Result<Self> {
-        Tensor::add(self, other)
+    fn add(self, other: &Self) -> Result<Self> {
+        self.add_owned(other)
     }
 
-    fn add_per_channel(&self, bias: &Tensor) -> Result<Self> {
-        Tensor::add(self, bias)
+    fn add_per_channel(self, bias: &Tensor) -> Result<Self> {
+        self.add_owned(bias)
     }
 
     fn scale(&self, factor: f32) -> Result<Self> {
@@ -127,6 +129,13 @@ impl RowBands {
         })
     }
 
+    /// [`RowBands::map`] handing each band over, for ops that can overwrite it.
+    fn map_owned(self, f: impl Fn(Tensor) -> Result<Tensor>) -> Result<Self> {
+        Ok(RowBands {
+            bands: self.bands.into_iter().map(f).collect::<Result<_>>()?,
+        })
+    }
+
     /// The whole map's `[N, groups, 2]` means and variances, from each band's.
     fn moments(&self, groups: usize) -> Result<Tensor> {
         let rows: usize = self.bands.iter().map(|b| b.dim(2)).sum();
@@ -197,15 +206,15 @@ impl FeatureMap for RowBands {
         Ok(RowBands { bands: out })
     }
 
-    fn group_norm(&self, norm: &GroupNorm, silu: bool) -> Result<Self> {
+    fn group_norm(self, norm: &GroupNorm, silu: bool) -> Result<Self> {
         if self.bands.len() == 1 {
-            return self.map(|b| FeatureMap::group_norm(b, norm, silu));
+            return self.map_owned(|b| FeatureMap::group_norm(b, norm, silu));
         }
         let moments = self.moments(norm.groups())?;
         self.map(|b| norm.forward_with_moments(b, &moments, silu))
     }
 
-    fn add(&self, other: &Self) -> Result<Self> {
+    fn add(self, other: &Self) -> Result<Self> {
         if self.bands.len() != other.bands.len() {
             return Err(Error::shape(
                 "RowBands::add",
@@ -215,15 +224,15 @@ impl FeatureMap for RowBands {
         Ok(RowBands {
             bands: self
                 .bands
-                .iter()
+                .into_iter()
                 .zip(&other.bands)
-                .map(|(a, b)| a.add(b))
+                .map(|(a, b)| a.add_owned(b))
                 .collect::<Result<_>>()?,
         })
     }
 
-    fn add_per_channel(&self, bias: &Tensor) -> Result<Self> {
-        self.map(|b| b.add(bias))
+    fn add_per_channel(self, bias: &Tensor) -> Result<Self> {
+        self.map_owned(|b| b.add_owned(bias))
     }
 
     fn scale(&self, factor: f32) -> Result<Self> {
@@ -334,8 +343,8 @@ mod tests {
             for silu in [false, true] {
                 check(
                     "group norm",
-                    FeatureMap::group_norm(&bands, &norm, silu).unwrap(),
-                    FeatureMap::group_norm(&x, &norm, silu).unwrap(),
+                    FeatureMap::group_norm(bands.clone(), &norm, silu).unwrap(),
+                    FeatureMap::group_norm(x.clone(), &norm, silu).unwrap(),
                 );
             }
             check(
@@ -345,8 +354,8 @@ mod tests {
             );
             check(
                 "add",
-                FeatureMap::add(&bands, &bands).unwrap(),
-                x.add(&x).unwrap(),
+                FeatureMap::add(bands.clone(), &bands).unwrap(),
+                Tensor::add(&x, &x).unwrap(),
             );
             // Even bands (4, 4, 2, 2 of 12 rows) through the encoder's downsampler.
             let down = Conv2d::new(&w.pp("down"), 8, 8, 3, 2, 0).unwrap();

@@ -220,12 +220,12 @@ impl ClipTextModel {
             a.v_proj.forward(&x)?,
         );
         let attn = Tensor::attention(&q, &k, &v, a.heads, true)?;
-        let h = a.out_proj.forward(&attn)?.add(h)?;
+        let h = a.out_proj.forward(&attn)?.add_owned(h)?;
         let x = layer.fc1.forward(&layer.layer_norm2.forward(&h)?)?;
         let x = match self.activation {
             Activation::QuickGelu => x.quick_gelu()?,
             Activation::Gelu => x.gelu()?,
         };
-        layer.fc2.forward(&x)?.add(&h)
+        layer.fc2.forward(&x)?.add_owned(&h)
     }
 }

@@ -90,12 +90,14 @@ impl GroupNorm {
         })
     }
 
-    pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
+    /// Takes `x` so that a map nothing else holds is normalised in its own memory (see
+    /// [`Tensor::group_norm`]); pass a clone to keep it.
+    pub fn forward(&self, x: Tensor) -> Result<Tensor> {
         x.group_norm(self.groups, &self.weight, &self.bias, self.eps, false)
     }
 
     /// `silu(group_norm(x))` in one pass.
-    pub fn forward_silu(&self, x: &Tensor) -> Result<Tensor> {
+    pub fn forward_silu(&self, x: Tensor) -> Result<Tensor> {
         x.group_norm(self.groups, &self.weight, &self.bias, self.eps, true)
     }
 

@@ -469,7 +469,7 @@ impl UNet2DConditionModel {
         for block in &self.down_blocks {
             let _span = tracing::trace_span!("down_block").entered();
             for (j, resnet) in block.resnets.iter().enumerate() {
-                h = resnet.forward(&h, Some(&temb))?;
+                h = resnet.forward(h, Some(&temb))?;
                 if let Some(attn) = block.attentions.get(j) {
                     h = attn.forward(&h, ctx)?;
                 }
@@ -482,10 +482,10 @@ impl UNet2DConditionModel {
         }
         if let Some(mid) = &self.mid_block {
             let _span = tracing::trace_span!("mid_block").entered();
-            h = mid.resnets[0].forward(&h, Some(&temb))?;
+            h = mid.resnets[0].forward(h, Some(&temb))?;
             for (attn, resnet) in mid.attentions.iter().zip(&mid.resnets[1..]) {
                 h = attn.forward(&h, ctx)?;
-                h = resnet.forward(&h, Some(&temb))?;
+                h = resnet.forward(h, Some(&temb))?;
             }
         }
         for block in &self.up_blocks {
@@ -494,7 +494,8 @@ impl UNet2DConditionModel {
                 let skip = skips
                     .pop()
                     .ok_or_else(|| Error::shape("unet", "ran out of skip connections"))?;
-                h = resnet.forward(&Tensor::cat(&[&h, &skip], 1)?, Some(&temb))?;
+                let input = Tensor::cat(&[&h, &skip], 1)?;
+                h = resnet.forward(input, Some(&temb))?;
                 if let Some(attn) = block.attentions.get(j) {
                     h = attn.forward(&h, ctx)?;
                 }
@@ -505,10 +506,10 @@ impl UNet2DConditionModel {
                 let next = skips
                     .last()
                     .ok_or_else(|| Error::shape("unet", "ran out of skip connections"))?;
-                h = up.forward(&h, (next.dim(2), next.dim(3)))?;
+                h = up.forward(h, (next.dim(2), next.dim(3)))?;
             }
         }
-        let h = self.conv_norm_out.forward_silu(&h)?;
+        let h = self.conv_norm_out.forward_silu(h)?;
         self.conv_out.forward(&h)
     }
 }

@@ -33,11 +33,13 @@ impl SpatialAttention {
         let [b, c, h, w] = [x.dim(0), x.dim(1), x.dim(2), x.dim(3)];
         let tokens = self
             .group_norm
-            .forward(x)?
+            .forward(x.clone())?
             .reshape(&[b, c, h * w])?
             .permute(&[0, 2, 1])?;
         let out = self.attention.forward(&tokens, None)?;
-        out.permute(&[0, 2, 1])?.reshape(&[b, c, h, w])?.add(x)
+        out.permute(&[0, 2, 1])?
+            .reshape(&[b, c, h, w])?
+            .add_owned(x)
     }
 }
 
@@ -70,12 +72,12 @@ impl VaeMidBlock {
         })
     }
 
-    pub(crate) fn forward(&self, x: &Tensor) -> Result<Tensor> {
+    pub(crate) fn forward(&self, x: Tensor) -> Result<Tensor> {
         let mut h = self.resnets[0].forward(x, None)?;
         if let Some(attn) = &self.attention {
             h = attn.forward(&h)?;
         }
-        self.resnets[1].forward(&h, None)
+        self.resnets[1].forward(h, None)
     }
 }
 
@@ -214,7 +216,7 @@ impl VaeDecoder {
             None => latents.clone(),
         };
         h = self.conv_in.forward(&h)?;
-        h = self.mid.forward(&h)?;
+        h = self.mid.forward(h)?;
         let bands = self.bands_needed(h.dims(), max_buffer_bytes)?;
         if bands == 1 {
             return self.up(h);
@@ -227,11 +229,11 @@ impl VaeDecoder {
     fn up<M: FeatureMap>(&self, mut h: M) -> Result<M> {
         for block in &self.up_blocks {
             for resnet in &block.resnets {
-                h = resnet.forward(&h, None)?;
+                h = resnet.forward(h, None)?;
             }
             if let Some(up) = &block.upsampler {
                 let [_, _, height, width] = h.dims();
-                h = up.forward(&h, (2 * height, 2 * width))?;
+                h = up.forward(h, (2 * height, 2 * width))?;
             }
         }
         h.group_norm(&self.conv_norm_out, true)?

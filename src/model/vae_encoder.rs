@@ -56,7 +56,7 @@ impl VaeEncoder {
         let mut h = image.conv(&self.conv_in)?;
         for block in &self.down_blocks {
             for resnet in &block.resnets {
-                h = resnet.forward(&h, None)?;
+                h = resnet.forward(h, None)?;
             }
             if let Some(down) = &block.downsampler {
                 h = down.forward(&h)?;
@@ -187,8 +187,8 @@ impl VaeEncoder {
             self.down(RowBands::split_aligned(image, bands, factor)?)?
                 .join()?
         };
-        h = self.mid.forward(&h)?;
-        h = self.conv_norm_out.forward_silu(&h)?;
+        h = self.mid.forward(h)?;
+        h = self.conv_norm_out.forward_silu(h)?;
         h = self.conv_out.forward(&h)?;
         if let Some(conv) = &self.quant_conv {
             h = conv.forward(&h)?;

@@ -108,6 +108,22 @@ impl Tensor {
         &self.storage
     }
 
+    /// The f32 host buffer of a CPU tensor nothing else holds, to write an op's result over
+    /// (an op whose output has its input's shape, as a norm or a residual sum). Otherwise
+    /// the tensor back, for the op to allocate its output as usual.
+    pub(crate) fn into_unique_host_f32(
+        self,
+    ) -> std::result::Result<(Vec<f32>, Vec<usize>), Tensor> {
+        match Arc::try_unwrap(self.storage) {
+            Ok(Storage::Cpu(CpuStorage::F32(data))) => Ok((data, self.shape)),
+            Ok(storage) => Err(Tensor::from_storage(storage, self.shape)),
+            Err(storage) => Err(Tensor {
+                shape: self.shape,
+                storage,
+            }),
+        }
+    }
+
     /// An f32 tensor from host data.
     pub fn from_vec(data: Vec<f32>, shape: &[usize], device: &Device) -> Result<Self> {
         check_len("from_vec", data.len(), shape)?;

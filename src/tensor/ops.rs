@@ -3,7 +3,8 @@
 
 use super::params::{AttentionParams, Conv2dParams, MatmulDims};
 use super::{interrupt, profile, DType, Device, Storage, Tensor};
-use crate::backend::{cpu, gpu};
+use crate::backend::cpu::{self, CpuStorage};
+use crate::backend::gpu;
 use crate::error::{Error, Result};
 
 /// Elementwise binary ops (numpy-style broadcasting).
@@ -115,6 +116,30 @@ impl Tensor {
 
     pub fn add(&self, rhs: &Tensor) -> Result<Tensor> {
         self.binary(rhs, BinaryOp::Add)
+    }
+
+    /// `self + rhs` where `rhs` broadcasts to `self`'s shape, written over `self`'s memory
+    /// when nothing else holds it (CPU; elsewhere, and for a shared `self`, as [`Tensor::add`]).
+    /// For residual sums over large maps, where a third buffer is what sets peak memory.
+    pub fn add_owned(self, rhs: &Tensor) -> Result<Tensor> {
+        if broadcast_shape(&self.shape, &rhs.shape)? != self.shape {
+            return Err(Error::shape(
+                "add",
+                format!("{:?} does not broadcast into {:?}", rhs.shape, self.shape),
+            ));
+        }
+        match (self.into_unique_host_f32(), rhs.storage()) {
+            (Ok((mut data, shape)), Storage::Cpu(b)) => {
+                let _p = begin("add")?;
+                cpu::elementwise::binary_assign(&mut data, &shape, b, &rhs.shape, BinaryOp::Add);
+                Ok(Tensor::from_storage(
+                    Storage::Cpu(CpuStorage::F32(data)),
+                    shape,
+                ))
+            }
+            (Ok(_), _) => Err(mixed_devices("add")),
+            (Err(lhs), _) => lhs.add(rhs),
+        }
     }
 
     pub fn sub(&self, rhs: &Tensor) -> Result<Tensor> {
@@ -428,8 +453,10 @@ impl Tensor {
 
     /// Group norm over `[N, C, ...]` as torch's `nn.GroupNorm`, optionally followed by SiLU
     /// (fused because every ResNet block applies one right after the other).
+    ///
+    /// Takes `self` so that, on the CPU, a tensor nothing else holds is normalised in place.
     pub fn group_norm(
-        &self,
+        self,
         num_groups: usize,
         gamma: &Tensor,
         beta: &Tensor,
@@ -440,7 +467,18 @@ impl Tensor {
         let [n, c, spatial] = self.group_layout("group_norm", num_groups)?;
         gamma.expect_shape("group_norm weight", &[c])?;
         beta.expect_shape("group_norm bias", &[c])?;
-        let storage = match (self.storage(), gamma.storage(), beta.storage()) {
+        let this = match (self.into_unique_host_f32(), gamma.storage(), beta.storage()) {
+            (Ok((mut data, shape)), Storage::Cpu(g), Storage::Cpu(b)) => {
+                cpu::norm::group_norm_in_place(&mut data, g, b, c, spatial, num_groups, eps, silu);
+                return Ok(Tensor::from_storage(
+                    Storage::Cpu(CpuStorage::F32(data)),
+                    shape,
+                ));
+            }
+            (Ok(_), _, _) => return Err(mixed_devices("group_norm")),
+            (Err(this), _, _) => this,
+        };
+        let storage = match (this.storage(), gamma.storage(), beta.storage()) {
             (Storage::Cpu(x), Storage::Cpu(g), Storage::Cpu(b)) => Storage::Cpu(
                 cpu::norm::group_norm(x, g, b, n, c, spatial, num_groups, eps, silu),
             ),
@@ -449,7 +487,7 @@ impl Tensor {
             ),
             _ => return Err(mixed_devices("group_norm")),
         };
-        Ok(Tensor::from_storage(storage, self.shape.clone()))
+        Ok(Tensor::from_storage(storage, this.shape.clone()))
     }
 
     /// The statistics a group norm uses: mean and biased variance of each (sample, group),
@@ -765,11 +803,45 @@ impl Tensor {
 #[cfg(test)]
 mod tests {
     use super::broadcast_shape;
+    use crate::tensor::testing::random;
 
     #[test]
     fn broadcasting_follows_numpy() {
         assert_eq!(broadcast_shape(&[2, 3, 4], &[4]).unwrap(), vec![2, 3, 4]);
         assert_eq!(broadcast_shape(&[2, 1, 4], &[3, 1]).unwrap(), vec![2, 3, 4]);
         assert!(broadcast_shape(&[2, 3], &[4]).is_err());
+    }
+
+    /// A tensor nothing else holds is overwritten; a shared one is left alone; both give
+    /// the same values as the allocating ops.
+    #[test]
+    fn owned_ops_reuse_a_unique_buffer_and_leave_shared_ones() {
+        let x = random(&[2, 8, 5, 3], 1);
+        let (gamma, beta) = (random(&[8], 2), random(&[8], 3));
+        let before = x.to_vec().unwrap();
+        let shared = x.clone().group_norm(4, &gamma, &beta, 1e-6, true).unwrap();
+        assert_eq!(x.to_vec().unwrap(), before, "a shared input changed");
+        let unique = x.group_norm(4, &gamma, &beta, 1e-6, true).unwrap();
+        assert_eq!(shared.to_vec().unwrap(), unique.to_vec().unwrap());
+
+        let kept = random(&[2, 8, 5, 3], 1);
+        for rhs in [
+            random(&[2, 8, 5, 3], 4),
+            random(&[2, 8, 1, 1], 5),
+            random(&[3], 6),
+        ] {
+            let expected = kept.add(&rhs).unwrap().to_vec().unwrap();
+            let unique = random(&[2, 8, 5, 3], 1);
+            assert_eq!(unique.add_owned(&rhs).unwrap().to_vec().unwrap(), expected);
+            assert_eq!(
+                kept.clone().add_owned(&rhs).unwrap().to_vec().unwrap(),
+                expected
+            );
+            assert_eq!(kept.to_vec().unwrap(), before, "a shared input changed");
+        }
+        assert!(
+            random(&[3], 7).add_owned(&kept).is_err(),
+            "the sum must keep self's shape"
+        );
     }
 }

@@ -31,8 +31,8 @@ pub fn binary(
 ) -> CpuStorage {
     let (a, b) = (lhs.as_f32(), rhs.as_f32());
     let numel: usize = out_shape.iter().product();
+    let mut out = vec![0f32; numel];
     if lhs_shape == rhs_shape {
-        let mut out = vec![0f32; numel];
         out.par_iter_mut()
             .with_min_len(PAR_MIN)
             .zip(a.par_iter().zip(b.par_iter()))
@@ -40,7 +40,6 @@ pub fn binary(
         return CpuStorage::F32(out);
     }
     // General broadcast: walk the output one innermost row at a time.
-    let rank = out_shape.len();
     let inner = out_shape.last().copied().unwrap_or(1).max(1);
     let (sa, sb) = (
         broadcast_strides(lhs_shape, out_shape),
@@ -50,23 +49,59 @@ pub fn binary(
         sa.last().copied().unwrap_or(0),
         sb.last().copied().unwrap_or(0),
     );
-    let mut out = vec![0f32; numel];
     out.par_chunks_mut(inner)
         .enumerate()
         .for_each(|(row, dst)| {
-            // Offsets of this row's first element in lhs and rhs.
-            let (mut oa, mut ob, mut rem) = (0, 0, row);
-            for d in (0..rank.saturating_sub(1)).rev() {
-                let idx = rem % out_shape[d];
-                rem /= out_shape[d];
-                oa += idx * sa[d];
-                ob += idx * sb[d];
-            }
+            let (oa, ob) = (
+                row_offset(row, out_shape, &sa),
+                row_offset(row, out_shape, &sb),
+            );
             for (j, o) in dst.iter_mut().enumerate() {
                 *o = apply(op, a[oa + j * ia], b[ob + j * ib]);
             }
         });
     CpuStorage::F32(out)
+}
+
+/// `lhs = lhs op rhs` with `rhs` broadcast to `lhs_shape`: [`binary`] for a left operand
+/// nothing else reads (a residual sum), without a third buffer.
+pub fn binary_assign(
+    lhs: &mut [f32],
+    lhs_shape: &[usize],
+    rhs: &CpuStorage,
+    rhs_shape: &[usize],
+    op: BinaryOp,
+) {
+    let b = rhs.as_f32();
+    if lhs_shape == rhs_shape {
+        lhs.par_iter_mut()
+            .with_min_len(PAR_MIN)
+            .zip(b.par_iter())
+            .for_each(|(x, y)| *x = apply(op, *x, *y));
+        return;
+    }
+    let inner = lhs_shape.last().copied().unwrap_or(1).max(1);
+    let sb = broadcast_strides(rhs_shape, lhs_shape);
+    let ib = sb.last().copied().unwrap_or(0);
+    lhs.par_chunks_mut(inner)
+        .enumerate()
+        .for_each(|(row, dst)| {
+            let ob = row_offset(row, lhs_shape, &sb);
+            for (j, x) in dst.iter_mut().enumerate() {
+                *x = apply(op, *x, b[ob + j * ib]);
+            }
+        });
+}
+
+/// Where innermost row `row` of `shape` starts in an operand with `strides` (0 along its
+/// broadcast dimensions).
+fn row_offset(row: usize, shape: &[usize], strides: &[usize]) -> usize {
+    let (mut offset, mut rem) = (0, row);
+    for d in (0..shape.len().saturating_sub(1)).rev() {
+        offset += rem % shape[d] * strides[d];
+        rem /= shape[d];
+    }
+    offset
 }
 
 /// `dst = op(src)`, one loop per op so that each vectorises (see [`super::simd`]).

@@ -72,11 +72,46 @@ pub fn group_norm(
     silu: bool,
 ) -> CpuStorage {
     let x = x.as_f32();
-    let stats: Vec<(f64, f64)> = x
-        .par_chunks((c / groups * spatial).max(1))
+    let stats = group_stats(&x, c, spatial, groups);
+    let mut out = vec![0f32; n * c * spatial];
+    normalise(
+        &mut out,
+        Some(&x),
+        &stats,
+        gamma,
+        beta,
+        c,
+        spatial,
+        groups,
+        eps,
+        silu,
+    );
+    CpuStorage::F32(out)
+}
+
+/// [`group_norm`] written over its input, for an input nothing else reads: the VAE
+/// decoder's full-size maps are 0.5-1 GiB each at 1024x1024, and a copy beside each is what
+/// took its peak memory from 2 to 3 GiB.
+#[allow(clippy::too_many_arguments)]
+pub fn group_norm_in_place(
+    x: &mut [f32],
+    gamma: &CpuStorage,
+    beta: &CpuStorage,
+    c: usize,
+    spatial: usize,
+    groups: usize,
+    eps: f32,
+    silu: bool,
+) {
+    let stats = group_stats(x, c, spatial, groups);
+    normalise(x, None, &stats, gamma, beta, c, spatial, groups, eps, silu);
+}
+
+/// Mean and biased variance of each (sample, group) slab.
+fn group_stats(x: &[f32], c: usize, spatial: usize, groups: usize) -> Vec<(f64, f64)> {
+    x.par_chunks((c / groups * spatial).max(1))
         .map(mean_var)
-        .collect();
-    normalise(&x, &stats, gamma, beta, n, c, spatial, groups, eps, silu)
+        .collect()
 }
 
 /// Mean and biased variance of each (sample, group) of `[n, c, spatial]`: `[n, groups, 2]`.
@@ -118,51 +153,52 @@ pub fn group_norm_with_moments(
         .chunks_exact(2)
         .map(|m| (m[0] as f64, m[1] as f64))
         .collect();
+    let mut out = vec![0f32; n * c * spatial];
     normalise(
-        &x.as_f32(),
+        &mut out,
+        Some(&x.as_f32()),
         &stats,
         gamma,
         beta,
-        n,
         c,
         spatial,
         groups,
         eps,
         silu,
-    )
+    );
+    CpuStorage::F32(out)
 }
 
-/// Normalises each (sample, group) slab with its `(mean, variance)`, then scales and
-/// shifts per channel (and applies SiLU).
+/// Normalises each (sample, group) slab of `src` (of `dst` itself when `None`) into `dst`
+/// with its `(mean, variance)`, then scales and shifts per channel (and applies SiLU).
 #[allow(clippy::too_many_arguments)]
 fn normalise(
-    x: &[f32],
+    dst: &mut [f32],
+    src: Option<&[f32]>,
     stats: &[(f64, f64)],
     gamma: &CpuStorage,
     beta: &CpuStorage,
-    n: usize,
     c: usize,
     spatial: usize,
     groups: usize,
     eps: f32,
     silu: bool,
-) -> CpuStorage {
+) {
+    /// In place, each row goes through a copy this long (on the stack, in L1) so that the
+    /// vector kernel keeps distinct source and destination.
+    const PIECE: usize = 2048;
     let (gamma, beta) = (gamma.as_f32(), beta.as_f32());
     let per_group = c / groups;
-    let mut out = vec![0f32; n * c * spatial];
+    let slab = (per_group * spatial).max(1);
+    let rows = spatial.max(1);
     // A group's channels are consecutive, so each (batch, group) is one contiguous slab.
-    out.par_chunks_mut((per_group * spatial).max(1))
-        .zip(x.par_chunks((per_group * spatial).max(1)))
+    dst.par_chunks_mut(slab)
         .zip(stats.par_iter())
         .enumerate()
-        .for_each(|(slab, ((dst, src), &(mean, var)))| {
+        .for_each(|(index, (dst, &(mean, var)))| {
             let inv = 1.0 / (var + eps as f64).sqrt();
-            let first_channel = (slab % groups) * per_group;
-            for (i, (d, s)) in dst
-                .chunks_mut(spatial.max(1))
-                .zip(src.chunks(spatial.max(1)))
-                .enumerate()
-            {
+            let first_channel = (index % groups) * per_group;
+            for (i, d) in dst.chunks_mut(rows).enumerate() {
                 let ch = first_channel + i;
                 let mean_hi = mean as f32;
                 let m = RowAffine {
@@ -171,10 +207,22 @@ fn normalise(
                     scale: (gamma[ch] as f64 * inv) as f32,
                     beta: beta[ch],
                 };
-                normalise_row_simd(d, s, m, silu);
+                match src {
+                    Some(src) => {
+                        let start = index * slab + i * rows;
+                        normalise_row_simd(d, &src[start..start + d.len()], m, silu);
+                    }
+                    None => {
+                        let mut copy = [0f32; PIECE];
+                        for piece in d.chunks_mut(PIECE) {
+                            let copy = &mut copy[..piece.len()];
+                            copy.copy_from_slice(piece);
+                            normalise_row_simd(piece, copy, m, silu);
+                        }
+                    }
+                }
             }
         });
-    CpuStorage::F32(out)
 }
 
 pub fn layer_norm(

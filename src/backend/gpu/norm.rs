@@ -391,7 +391,7 @@ mod tests {
         let [g, b] = affine(8, 30);
         let x = random_f16(&[2, 8, 3, 5], 32);
         assert_ops_agree("group_norm f16", &[x, g, b], |t| {
-            t[0].group_norm(4, &t[1], &t[2], 1e-5, true)
+            t[0].clone().group_norm(4, &t[1], &t[2], 1e-5, true)
         });
         let Some(gpu) = test_device() else { return };
         let (x, gamma, beta) = (
@@ -430,7 +430,7 @@ mod tests {
         let c = x.shape()[1];
         let [g, b] = affine(c, 100 + c as u64);
         assert_ops_agree(&format!("{what} silu={silu}"), &[x, g, b], |t| {
-            t[0].group_norm(groups, &t[1], &t[2], 1e-5, silu)
+            t[0].clone().group_norm(groups, &t[1], &t[2], 1e-5, silu)
         });
     }
 
