@@ -500,10 +500,13 @@ impl Engine {
     }
 
     fn generate(&self, sd: &StableDiffusion, job: &Job) -> Result<Generated> {
-        job.progress.send_replace(Progress::Running {
-            step: 0,
-            steps: job.params.steps,
-        });
+        // The count the pipeline's own events will carry, so progress never changes total.
+        let steps = sd
+            .params_check()
+            .denoising_steps(&job.params)
+            .unwrap_or(job.params.steps);
+        job.progress
+            .send_replace(Progress::Running { step: 0, steps });
         let mut on_step = |ev: crate::pipeline::StepEvent| {
             tracing::debug!("{}/{} steps done", ev.step, ev.total);
             job.progress.send_replace(Progress::Running {

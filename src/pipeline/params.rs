@@ -141,6 +141,13 @@ impl ParamsCheck {
         self.plan(p).map(drop)
     }
 
+    /// How many denoising steps (UNet evaluations) the request runs: its steps, or more
+    /// where the scheduler adds some (PNDM's warm-up), or its strength's share of them.
+    pub fn denoising_steps(&self, p: &GenerateParams) -> Result<usize> {
+        let plan = self.plan(p)?;
+        Ok(plan.scheduler.timesteps().len().saturating_sub(plan.begin))
+    }
+
     /// Whether the UNet takes the mask and the masked image's latents besides the latents.
     pub(crate) fn is_inpainting_unet(&self) -> bool {
         self.unet_in_channels != self.latent_channels

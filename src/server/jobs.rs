@@ -290,6 +290,14 @@ async fn follow(
                     continue;
                 }
                 if let Progress::Running { step, steps } = *progress.borrow_and_update() {
+                    let seen = {
+                        let view = entry.view.borrow();
+                        view.status == JobStatus::Running && (view.step, view.steps) == (step, steps)
+                    };
+                    // The engine's "started" and the pipeline's first step say the same.
+                    if seen {
+                        continue;
+                    }
                     entry.update(|view| {
                         view.status = JobStatus::Running;
                         view.queue_position = None;
