@@ -431,6 +431,7 @@ fn whole_image(o: &Options, dir: &Path, device: &Device) -> Result<Value> {
             mask: None,
             strength,
         }),
+        loras: Vec::new(),
     };
     if o.profile {
         profile::set_enabled(true);

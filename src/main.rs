@@ -13,6 +13,7 @@ use indicatif::{ProgressBar, ProgressStyle};
 use sd_wgpu::backend::{select_device, BackendChoice};
 use sd_wgpu::engine::{Engine, EngineConfig};
 use sd_wgpu::model::hub::DEFAULT_MODEL;
+use sd_wgpu::model::lora::{LoraChoice, LoraFile};
 use sd_wgpu::pipeline::noise::random_seed;
 use sd_wgpu::pipeline::{GenerateParams, InitImage, MaskImage, RgbImage, StableDiffusion};
 use sd_wgpu::server::{ConnectionLimits, JobRetention, Limits, ServerConfig};
@@ -172,9 +173,39 @@ enum Command {
         /// default: the model folder's own.
         #[arg(long)]
         scheduler: Option<String>,
+        /// A LoRA .safetensors file (kohya/AUTOMATIC1111 or PEFT/diffusers format) and its
+        /// weight, PATH or PATH:SCALE (default 1.0); repeat for several at once.
+        #[arg(long = "lora", value_name = "PATH[:SCALE]")]
+        loras: Vec<String>,
         #[arg(long, short)]
         output: PathBuf,
     },
+}
+
+/// `--lora PATH[:SCALE]`: the file, read, and its weight (1.0 when not given). A suffix
+/// that is not a number belongs to the path.
+fn read_lora(arg: &str) -> Result<LoraChoice> {
+    let (path, scale) = match arg.rsplit_once(':') {
+        Some((path, scale)) if !path.is_empty() => match scale.parse::<f32>() {
+            Ok(s) if s.is_finite() => (path, s),
+            Ok(_) => {
+                return Err(Error::InvalidArgument(format!(
+                    "--lora {arg}: the scale must be a finite number"
+                )))
+            }
+            Err(_) => (arg, 1.0),
+        },
+        _ => (arg, 1.0),
+    };
+    let path = Path::new(path);
+    let name = path.file_stem().map_or_else(
+        || path.display().to_string(),
+        |s| s.to_string_lossy().into_owned(),
+    );
+    Ok(LoraChoice {
+        lora: Arc::new(LoraFile::open(path, &name)?),
+        scale,
+    })
 }
 
 fn resolve_seed(seed: i64) -> Result<u64> {
@@ -354,10 +385,15 @@ fn run(cli: Cli) -> Result<()> {
             strength,
             seed,
             scheduler,
+            loras,
             output,
         } => {
             let seed = resolve_seed(seed)?;
             let init = read_init_image(init_image, mask_image, strength)?;
+            let loras = loras
+                .iter()
+                .map(|arg| read_lora(arg))
+                .collect::<Result<Vec<_>>>()?;
             // Checked before the minutes of loading a model.
             output_size(width, height, init.as_ref(), (0, 0))?;
             let device = model.device()?;
@@ -384,6 +420,7 @@ fn run(cli: Cli) -> Result<()> {
                 scheduler,
                 scheduler_overrides: Default::default(),
                 init,
+                loras,
             };
             let bar = ProgressBar::new(0).with_style(
                 ProgressStyle::with_template(

@@ -282,6 +282,7 @@ fn params() -> GenerateParams {
         scheduler: None,
         scheduler_overrides: Default::default(),
         init: None,
+        loras: Vec::new(),
     }
 }
 

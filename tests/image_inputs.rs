@@ -104,6 +104,7 @@ fn init_images_and_masks_give_the_pipelines_images() {
                 mask: mask.then(|| Arc::new(MaskImage::decode(&mask_png, usize::MAX).unwrap())),
                 strength,
             }),
+            loras: Vec::new(),
         };
         sd.generate(&params, &mut |_| ControlFlow::Continue(()))
             .unwrap()

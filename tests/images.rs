@@ -12,6 +12,10 @@
 //!   (`reference/sdxl.json` + `reference/sdxl/`): zeroed, empty and given negative prompts,
 //!   guidance off, non-square sizes, a prompt over 77 tokens, Turbo's trailing Euler
 //!   ancestral in one step, DPM-Solver++.
+//! - LoRA: `load_lora_weights` + `set_adapters` images saved by tools/fixtures/lora.py
+//!   (`reference/lora.json` + `reference/lora/`): kohya files (attention, feed-forward,
+//!   text encoder, LoCon convolutions) and PEFT files with diffusers' metadata, alpha !=
+//!   rank, two LoRAs at once with their own scales, a negative scale, on sd1 and sd2.
 //!
 //! The cases and the pass rule live in common/image_cases.rs, which the GPU bench shares.
 
@@ -30,6 +34,11 @@ fn images_match_diffusers_for_every_case() {
 #[test]
 fn image_to_image_and_inpainting_match_diffusers_for_every_case() {
     all_cases_match("img2img.json", 17);
+}
+
+#[test]
+fn lora_images_match_diffusers_for_every_case() {
+    all_cases_match("lora.json", 7);
 }
 
 #[test]

@@ -79,6 +79,7 @@ fn an_sdxl_folder_is_served_with_its_own_defaults() {
         scheduler: None,
         scheduler_overrides: Default::default(),
         init: None,
+        loras: Vec::new(),
     };
     let expected = sd
         .generate(&params, &mut |_| ControlFlow::Continue(()))

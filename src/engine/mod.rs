@@ -573,6 +573,7 @@ mod tests {
             scheduler: None,
             scheduler_overrides: Default::default(),
             init: None,
+            loras: Vec::new(),
         };
         let Ok((reply, _guard)) = engine.submit(params) else {
             panic!("the engine refused a job while ready");

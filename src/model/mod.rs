@@ -8,6 +8,7 @@ pub mod config;
 pub mod download;
 pub mod folder;
 pub mod hub;
+pub mod lora;
 pub mod nn;
 pub mod presets;
 pub mod prompt_encoder;

@@ -1,19 +1,20 @@
 //! The basic layers, named and shaped like their torch counterparts so weights load 1:1.
 
 use crate::error::Result;
+use crate::model::lora::LayerWeight;
 use crate::model::weights::Weights;
 use crate::tensor::Tensor;
 
-/// torch's `nn.Linear`.
+/// torch's `nn.Linear`. Its weight is one a LoRA may change (see [`LayerWeight`]).
 pub struct Linear {
-    weight: Tensor,
+    weight: LayerWeight,
     bias: Option<Tensor>,
 }
 
 impl Linear {
     pub fn new(w: &Weights, in_features: usize, out_features: usize, bias: bool) -> Result<Self> {
         Ok(Linear {
-            weight: w.get("weight", &[out_features, in_features])?,
+            weight: w.layer_weight(&[out_features, in_features])?,
             bias: if bias {
                 Some(w.get("bias", &[out_features])?)
             } else {
@@ -23,7 +24,7 @@ impl Linear {
     }
 
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        x.linear(&self.weight, self.bias.as_ref())
+        x.linear(&self.weight.current(), self.bias.as_ref())
     }
 
     pub fn out_features(&self) -> usize {
@@ -31,9 +32,10 @@ impl Linear {
     }
 }
 
-/// torch's `nn.Conv2d` with square kernel, stride and padding.
+/// torch's `nn.Conv2d` with square kernel, stride and padding. Its weight is one a LoRA
+/// (LoCon) may change.
 pub struct Conv2d {
-    weight: Tensor,
+    weight: LayerWeight,
     bias: Tensor,
     stride: usize,
     padding: usize,
@@ -49,7 +51,7 @@ impl Conv2d {
         padding: usize,
     ) -> Result<Self> {
         Ok(Conv2d {
-            weight: w.get("weight", &[out_channels, in_channels, kernel, kernel])?,
+            weight: w.layer_weight(&[out_channels, in_channels, kernel, kernel])?,
             bias: w.get("bias", &[out_channels])?,
             stride,
             padding,
@@ -57,7 +59,12 @@ impl Conv2d {
     }
 
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        x.conv2d(&self.weight, Some(&self.bias), self.stride, self.padding)
+        x.conv2d(
+            &self.weight.current(),
+            Some(&self.bias),
+            self.stride,
+            self.padding,
+        )
     }
 
     /// Rows of zero padding above and below (and columns on each side).
@@ -68,7 +75,7 @@ impl Conv2d {
     /// Whether the output has the input's height and width (stride 1, `padding` rows of
     /// the input on each side reach every output row).
     pub fn keeps_size(&self) -> bool {
-        self.stride == 1 && self.weight.dim(2) == 2 * self.padding + 1
+        self.stride == 1 && self.weight.shape()[2] == 2 * self.padding + 1
     }
 }
 

@@ -15,6 +15,7 @@ use safetensors::tensor::{Dtype, Metadata, TensorInfo};
 use safetensors::SafeTensors;
 
 use crate::error::{Error, Result};
+use crate::model::lora::{LayerRegistry, LayerWeight};
 use crate::tensor::{Device, Tensor};
 
 struct WeightFile {
@@ -23,6 +24,8 @@ struct WeightFile {
     /// Where tensor data starts in the file (after the length and JSON header).
     data_start: usize,
     tensors: HashMap<String, TensorInfo>,
+    /// The header's `__metadata__` strings.
+    metadata: HashMap<String, String>,
     device: Device,
 }
 
@@ -67,6 +70,8 @@ impl MappedFile {
 pub struct Weights {
     source: Arc<Source>,
     prefix: String,
+    /// Where the layers built from these weights enter their weight for LoRA, if anywhere.
+    layers: Option<LayerRegistry>,
 }
 
 fn weights_error(path: &Path, message: impl Into<String>) -> Error {
@@ -99,9 +104,11 @@ impl Weights {
                 mmap,
                 data_start: 8 + header_len,
                 tensors,
+                metadata: metadata.metadata().clone().unwrap_or_default(),
                 device: device.clone(),
             }))),
             prefix: String::new(),
+            layers: None,
         })
     }
 
@@ -114,6 +121,7 @@ impl Weights {
                 seed,
             }),
             prefix: String::new(),
+            layers: None,
         }
     }
 
@@ -122,6 +130,36 @@ impl Weights {
         Weights {
             source: self.source.clone(),
             prefix: format!("{}{}.", self.prefix, name),
+            layers: self.layers.clone(),
+        }
+    }
+
+    /// The same weights, whose layers enter their weight in `layers` (by their full name,
+    /// prefix without its last dot), so that a LoRA can find and change them.
+    pub fn registering(&self, layers: &LayerRegistry) -> Weights {
+        Weights {
+            layers: Some(layers.clone()),
+            ..self.clone()
+        }
+    }
+
+    /// The `weight` of a Linear or Conv2d layer at this prefix, exactly `shape`, entered in
+    /// the registry if these weights have one.
+    pub fn layer_weight(&self, shape: &[usize]) -> Result<LayerWeight> {
+        let weight = LayerWeight::new(self.get("weight", shape)?);
+        if let Some(layers) = &self.layers {
+            layers.enter(self.prefix.trim_end_matches('.'), &weight);
+        }
+        Ok(weight)
+    }
+
+    /// A `__metadata__` string of the file's header.
+    pub fn file_metadata(&self, key: &str) -> Option<&str> {
+        match self.source.as_ref() {
+            Source::File(f) | Source::Mapped(MappedFile { file: f, .. }) => {
+                f.metadata.get(key).map(String::as_str)
+            }
+            Source::Random { .. } => None,
         }
     }
 
@@ -138,6 +176,7 @@ impl Weights {
                     map,
                 })),
                 prefix: String::new(),
+                layers: self.layers.clone(),
             }),
             _ => Err(Error::Other(
                 "Weights::mapped needs a whole weight file".into(),

@@ -4,6 +4,7 @@
 use std::sync::Arc;
 
 use crate::error::{Error, Result};
+use crate::model::lora::LoraChoice;
 use crate::pipeline::image::{MaskImage, RgbImage};
 use crate::pipeline::scheduler::{self, Scheduler};
 
@@ -26,6 +27,9 @@ pub struct GenerateParams {
     pub scheduler_overrides: serde_json::Map<String, serde_json::Value>,
     /// Image-to-image or inpainting; `None` is text-to-image.
     pub init: Option<InitImage>,
+    /// LoRAs merged into the text encoders and UNet for this generation, each with its
+    /// weight (diffusers' `load_lora_weights` + `set_adapters`).
+    pub loras: Vec<LoraChoice>,
 }
 
 impl GenerateParams {

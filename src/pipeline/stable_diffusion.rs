@@ -10,6 +10,7 @@ use std::time::{Duration, Instant};
 
 use crate::error::{Error, Result};
 use crate::model::clip::ClipTextModel;
+use crate::model::lora::{Adapters, LoraChoice, LoraComponent};
 use crate::model::prompt_encoder::{PromptEmbeddings, PromptEncoder, TextEncoderPart};
 use crate::model::source::{ModelInfo, ModelSource};
 use crate::model::tokenizer::ClipTokenizer;
@@ -57,6 +58,8 @@ pub struct StableDiffusion {
     /// `None` when the VAE's weights have no encoder (text-to-image does not need it).
     vae_encoder: Option<VaeEncoder>,
     defaults: ModelDefaults,
+    /// The LoRA-changeable layers and the set merged into them now.
+    adapters: Adapters,
 }
 
 impl StableDiffusion {
@@ -106,14 +109,22 @@ impl StableDiffusion {
     pub fn from_source(source: &ModelSource, device: &Device) -> Result<Self> {
         // Built per request; checked now so that a bad config fails at load time.
         let scheduler_config = source.scheduler_config()?;
+        // The text encoders' and UNet's Linear and Conv2d layers, for LoRA.
+        let mut adapters = Adapters::default();
         let p = source.text_encoder()?;
+        let weights = p
+            .weights
+            .registering(&adapters.registry(LoraComponent::TextEncoder));
         let first = TextEncoderPart {
             tokenizer: source.tokenizer()?,
-            encoder: ClipTextModel::new(&p.config, &p.weights, &p.config_path)?,
+            encoder: ClipTextModel::new(&p.config, &weights, &p.config_path)?,
         };
         let mut parts = vec![(first, p.config_path)];
         if let Some((p, tokenizer)) = source.text_encoder_2()? {
-            let encoder = ClipTextModel::new(&p.config, &p.weights, &p.config_path)?;
+            let weights = p
+                .weights
+                .registering(&adapters.registry(LoraComponent::TextEncoder2));
+            let encoder = ClipTextModel::new(&p.config, &weights, &p.config_path)?;
             parts.push((TextEncoderPart { tokenizer, encoder }, p.config_path));
         }
         let is_xl = parts.len() == 2;
@@ -121,7 +132,10 @@ impl StableDiffusion {
 
         let p = source.unet()?;
         let unet_config_path = p.config_path.clone();
-        let unet = UNet2DConditionModel::new(&p.config, &p.weights, &p.config_path)?;
+        let weights = p
+            .weights
+            .registering(&adapters.registry(LoraComponent::Unet));
+        let unet = UNet2DConditionModel::new(&p.config, &weights, &p.config_path)?;
 
         let p = source.vae()?;
         let path = p.config_path.clone();
@@ -208,7 +222,13 @@ impl StableDiffusion {
             unet,
             vae,
             vae_encoder,
+            adapters,
         })
+    }
+
+    /// The LoRAs merged into the weights now (those of the last generation).
+    pub fn active_loras(&self) -> Vec<LoraChoice> {
+        self.adapters.active()
     }
 
     /// What was loaded: a folder or a single file, and where configs and tokenizer came from.
@@ -322,6 +342,9 @@ impl StableDiffusion {
             mut scheduler,
             begin,
         } = self.params_check().plan(p)?;
+        if let Some(took) = self.adapters.activate(&p.loras)? {
+            tracing::info!("LoRA set {:?} in effect after {took:.2?}", p.loras);
+        }
         let start = Instant::now();
         let mut timings = StageTimings::default();
 

@@ -89,6 +89,7 @@ impl GenerateRequest {
             scheduler: self.scheduler,
             scheduler_overrides: Default::default(),
             init: self.init,
+            loras: Vec::new(),
         }
     }
 }

@@ -1,7 +1,8 @@
 //! The whole-image cases of `reference/images.json` (written by
 //! tools/fixtures/make_fixtures.py with diffusers' `StableDiffusionPipeline`) and
 //! `reference/img2img.json` (tools/fixtures/img2img.py: `StableDiffusionImg2ImgPipeline` and
-//! `StableDiffusionInpaintPipeline`), and the rule an image must meet to match diffusers'.
+//! `StableDiffusionInpaintPipeline`) and `reference/lora.json` (tools/fixtures/lora.py:
+//! `load_lora_weights` + `set_adapters`), and the rule an image must meet to match diffusers'.
 //! Shared by tests/images.rs, tests/img2img.rs and the GPU bench (`sd15_gpu --images`),
 //! which runs them on a real GPU outside the tests.
 
@@ -9,10 +10,11 @@ use std::ops::ControlFlow;
 use std::path::Path;
 use std::sync::Arc;
 
+use sd_wgpu::model::lora::{LoraChoice, LoraFile};
 use sd_wgpu::pipeline::{GenerateParams, InitImage, MaskImage, RgbImage, StableDiffusion};
 
-/// The case files under `reference/`: text-to-image, then image-to-image and inpainting.
-pub const CASE_FILES: [&str; 2] = ["images.json", "img2img.json"];
+/// The case files under `reference/`: text-to-image, image-to-image and inpainting, LoRA.
+pub const CASE_FILES: [&str; 3] = ["images.json", "img2img.json", "lora.json"];
 
 /// No pixel channel may differ from diffusers' by more than this many levels of 255.
 pub const MAX_PIXEL_DIFF: u8 = 3;
@@ -78,7 +80,28 @@ pub fn params(case: &serde_json::Value, reference: &Path) -> Result<GeneratePara
             .cloned()
             .unwrap_or_default(),
         init,
+        loras: loras(case, reference)?,
     })
+}
+
+/// The case's LoRA files (`loras: [{file, scale}]`, files under the fixtures folder, the
+/// reference folder's parent), each read afresh.
+fn loras(case: &serde_json::Value, reference: &Path) -> Result<Vec<LoraChoice>, String> {
+    let Some(list) = case["loras"].as_array() else {
+        return Ok(Vec::new());
+    };
+    let fixtures = reference.parent().unwrap_or(reference);
+    list.iter()
+        .map(|entry| {
+            let file = entry["file"].as_str().ok_or("a LoRA entry has no file")?;
+            let scale = entry["scale"].as_f64().ok_or("a LoRA entry has no scale")?;
+            let lora = LoraFile::open(&fixtures.join(file), file).map_err(|e| e.to_string())?;
+            Ok(LoraChoice {
+                lora: Arc::new(lora),
+                scale: scale as f32,
+            })
+        })
+        .collect()
 }
 
 /// A short name for the log: `07 sd1 DPMSolverMultistepScheduler {...} 32x32 seed 7`
