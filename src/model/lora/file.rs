@@ -141,13 +141,15 @@ impl LoraFile {
         for (stem, pair) in &pairs {
             let (Some(down_key), Some(up_key)) = (&pair.down, &pair.up) else {
                 let (has, lacks) = match (&pair.down, &pair.up, &pair.alpha) {
-                    (Some(d), None, _) => (d.clone(), "its up half"),
-                    (None, Some(u), _) => (u.clone(), "its down half"),
-                    (None, None, Some(a)) => (a.clone(), "the pair it is the alpha of"),
+                    (Some(d), None, _) => (d.clone(), "up tensor"),
+                    (None, Some(u), _) => (u.clone(), "down tensor"),
+                    (None, None, Some(a)) => (a.clone(), "down and up tensors"),
                     // A stem exists only because some tensor had one of the three roles.
-                    (_, _, _) => (stem.clone(), "a pair"),
+                    (_, _, _) => (stem.clone(), "tensors"),
                 };
-                return Err(error(format!("tensor `{has}` has no {lacks} in the file")));
+                return Err(error(format!(
+                    "tensor `{has}` has no matching {lacks} in the file"
+                )));
             };
             let (component, module) = component_and_module(stem);
             let read = |key: &str| -> Result<(Vec<f32>, Vec<usize>)> {
