@@ -112,6 +112,10 @@ enum Command {
         /// Finished jobs kept at most; the oldest go first.
         #[arg(long, default_value_t = JobRetention::default().keep_count, env = "SD_JOBS_KEPT")]
         jobs_kept: usize,
+        /// A folder of LoRA .safetensors files that requests may name (`loras`, or
+        /// `<lora:name:weight>` in the prompt), by file name without the extension.
+        #[arg(long, env = "SD_LORA_DIR")]
+        lora_dir: Option<PathBuf>,
         /// Largest request body in bytes. 16 MiB holds an init image of the largest size
         /// (2048x2048, a photo is 6-9 MB as PNG, a third more in base64) and its mask.
         #[arg(long, default_value_t = 16 * 1024 * 1024, env = "SD_BODY_LIMIT")]
@@ -290,6 +294,7 @@ fn run(cli: Cli) -> Result<()> {
             shutdown_timeout,
             jobs_kept_for,
             jobs_kept,
+            lora_dir,
             body_limit,
             max_prompt_chars,
             max_steps,
@@ -341,6 +346,7 @@ fn run(cli: Cli) -> Result<()> {
                     keep_for: Duration::from_secs(jobs_kept_for),
                     keep_count: jobs_kept,
                 },
+                lora_dir,
             };
             let runtime = tokio::runtime::Runtime::new()
                 .map_err(|e| Error::Other(format!("tokio runtime: {e}")))?;

@@ -1,6 +1,8 @@
 //! LoRA beyond the image cases (tests/images.rs runs those): the base model survives
 //! LoRA requests that fail or are cancelled bit for bit, a set stays merged while it is
-//! asked for again, and malformed or mismatched files are refused naming the tensor.
+//! asked for again, malformed or mismatched files are refused naming the tensor, and the
+//! real binary offers a LoRA folder to /generate, jobs, AUTOMATIC1111 clients (`webuiapi`)
+//! and the CLI.
 
 use std::ops::ControlFlow;
 use std::path::{Path, PathBuf};
@@ -14,6 +16,9 @@ use sd_wgpu::tensor::Device;
 use sd_wgpu::Error;
 
 mod common;
+use common::programs::{python_script, run};
+use common::server::Server;
+use serde_json::{json, Value};
 
 fn lora_path(name: &str) -> PathBuf {
     common::fixtures()
@@ -275,4 +280,199 @@ fn loras_for_other_models_are_refused_naming_what_does_not_fit() {
         "{err}"
     );
     assert!(sd.active_loras().is_empty());
+}
+
+/// A --lora-dir with the sd1 fixtures' kohya file as `ink` and its LoCon file as `film`.
+fn lora_dir() -> tempfile::TempDir {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::copy(lora_path("sd1_kohya"), dir.path().join("ink.safetensors")).unwrap();
+    std::fs::copy(lora_path("sd1_locon"), dir.path().join("film.safetensors")).unwrap();
+    dir
+}
+
+fn generate(server: &Server, body: Value) -> Value {
+    let r = server.post_json("/generate", &body.to_string());
+    assert_eq!(r.status, 200, "{body}: {}", r.text());
+    r.json()["image"].clone()
+}
+
+#[test]
+fn the_service_offers_its_lora_folder_to_every_dialect() {
+    let dir = lora_dir();
+    let server = Server::start(
+        &common::model_dir("sd1"),
+        &["--lora-dir", dir.path().to_str().unwrap()],
+    );
+    server.wait_ready();
+    assert_eq!(
+        server.get("/health").json()["loras"],
+        json!(["film", "ink"])
+    );
+
+    let body = |prompt: &str, loras: Value| {
+        json!({"prompt": prompt, "loras": loras, "seed": 3, "num_inference_steps": 4,
+               "width": 64, "height": 64})
+    };
+    let plain = generate(&server, body("a red door", json!([])));
+    let ink = generate(
+        &server,
+        body("a red door", json!([{"name": "ink", "scale": 0.8}])),
+    );
+    assert_ne!(ink, plain);
+    // The same LoRA named in the prompt (the tag leaves "a red door ", the same tokens).
+    assert_eq!(
+        generate(&server, body("a red door <lora:ink:0.8>", json!([]))),
+        ink
+    );
+    // The library's image for the same request: what the service merged is the file.
+    let sd = StableDiffusion::load(&common::model_dir("sd1"), &Device::Cpu).unwrap();
+    let library = sd
+        .generate(
+            &GenerateParams {
+                prompt: "a red door".into(),
+                steps: 4,
+                width: 64,
+                height: 64,
+                seed: 3,
+                guidance_scale: 7.5,
+                ..params(vec![choice("sd1_kohya", 0.8)])
+            },
+            &mut |_| ControlFlow::Continue(()),
+        )
+        .unwrap()
+        .image;
+    let png = base64::Engine::decode(
+        &base64::engine::general_purpose::STANDARD,
+        ink.as_str().unwrap(),
+    )
+    .unwrap();
+    let served = image::load_from_memory(&png).unwrap().to_rgb8().into_raw();
+    assert_eq!(served, library.pixels);
+    // Two at once, and back to none: the base image again.
+    let both = json!([{"name": "ink", "scale": 0.8}, {"name": "film"}]);
+    assert_ne!(generate(&server, body("a red door", both)), ink);
+    assert_eq!(generate(&server, body("a red door", json!([]))), plain);
+
+    // Unknown names are 400s naming them and the choices.
+    let r = server.post_json(
+        "/generate",
+        &body("a red door", json!([{"name": "none"}])).to_string(),
+    );
+    assert_eq!(r.status, 400);
+    assert!(
+        r.error()
+            .contains("`loras`: unknown LoRA `none`; the LoRAs are: film, ink"),
+        "{}",
+        r.error()
+    );
+    let r = server.post_json("/jobs", &body("a <lora:../ink>", json!([])).to_string());
+    assert_eq!(r.status, 400);
+    assert!(
+        r.error().contains("`prompt`: unknown LoRA `../ink`"),
+        "{}",
+        r.error()
+    );
+
+    // AUTOMATIC1111's client: the list, a prompt tag, an unknown name.
+    let port = server.addr.port().to_string();
+    let out = python_script("a1111_webuiapi.py", &[port.as_str(), "lora"], &server.log());
+    let names: Vec<&str> = out["loras"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|l| l["name"].as_str().unwrap())
+        .collect();
+    assert_eq!(names, ["film", "ink"]);
+    assert!(out["loras"][1]["path"]
+        .as_str()
+        .unwrap()
+        .ends_with("ink.safetensors"));
+    let direct = generate(
+        &server,
+        json!({"prompt": "a red door", "loras": [{"name": "ink", "scale": 0.8}], "seed": 7,
+               "num_inference_steps": 4, "guidance_scale": 7.0, "width": 64, "height": 64,
+               "scheduler": "euler_a"}),
+    );
+    assert_eq!(out["images"][0], direct);
+    assert_eq!(out["unknown"]["status"], 400, "{}", out["unknown"]);
+    assert!(out["unknown"]["body"]["error"]
+        .as_str()
+        .unwrap()
+        .contains("unknown LoRA `nothing`"));
+}
+
+#[test]
+fn the_cli_takes_loras_with_their_weights() {
+    let dir = tempfile::tempdir().unwrap();
+    let reference = common::reference("");
+    let case = &common::image_cases::read_cases(&reference, "lora.json").unwrap()[3];
+    // Case 3: two LoRAs (kohya 0.7, PEFT 1.3) on sd1, PNDM.
+    assert_eq!(case["loras"].as_array().unwrap().len(), 2, "{case}");
+    let mut command = std::process::Command::new(env!("CARGO_BIN_EXE_sd-wgpu"));
+    command
+        .args(["generate", "--backend", "cpu", "--model"])
+        .arg(common::model_dir("sd1"));
+    for key in ["prompt", "negative_prompt"] {
+        command
+            .arg(format!("--{}", key.replace('_', "-")))
+            .arg(case[key].as_str().unwrap());
+    }
+    for (flag, key) in [
+        ("--steps", "steps"),
+        ("--guidance", "guidance"),
+        ("--width", "width"),
+        ("--height", "height"),
+        ("--seed", "seed"),
+    ] {
+        command.arg(flag).arg(case[key].to_string());
+    }
+    for lora in case["loras"].as_array().unwrap() {
+        let file = common::fixtures().join(lora["file"].as_str().unwrap());
+        command
+            .arg("--lora")
+            .arg(format!("{}:{}", file.display(), lora["scale"]));
+    }
+    let out = dir.path().join("out.png");
+    let output = run(
+        command.arg("--output").arg(&out),
+        std::time::Duration::from_secs(300),
+    );
+    assert!(
+        output.status.success(),
+        "{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    let got = image::open(&out).unwrap().to_rgb8();
+    let want = image::open(reference.join(case["png"].as_str().unwrap()))
+        .unwrap()
+        .to_rgb8();
+    let worst = got
+        .as_raw()
+        .iter()
+        .zip(want.as_raw())
+        .map(|(a, b)| a.abs_diff(*b))
+        .max();
+    assert!(
+        worst <= Some(common::image_cases::MAX_PIXEL_DIFF),
+        "max diff {worst:?}"
+    );
+
+    // A file that is not there, and a scale that is not a number, name themselves.
+    let output = run(
+        std::process::Command::new(env!("CARGO_BIN_EXE_sd-wgpu")).args([
+            "generate",
+            "--prompt",
+            "a",
+            "--output",
+            "x.png",
+            "--lora",
+            "/nowhere/x.safetensors:0.5",
+        ]),
+        std::time::Duration::from_secs(60),
+    );
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(
+        !output.status.success() && stderr.contains("/nowhere/x.safetensors"),
+        "{stderr}"
+    );
 }

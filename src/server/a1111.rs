@@ -32,6 +32,7 @@ const A1111: Dialect = Dialect {
     default_steps: Some(50),
     default_guidance: Some(7.0),
     init_image: false,
+    loras: false,
 };
 
 /// txt2img's body as the OpenAPI document describes it (the fields this server reads; any
@@ -193,6 +194,8 @@ pub fn routes() -> Router<Arc<AppState>> {
         .route("/samplers", get(samplers))
         .route("/schedulers", get(schedulers))
         .route("/sd-vae", get(sd_vaes))
+        .route("/loras", get(loras))
+        .route("/refresh-loras", post(refresh_loras))
         .route("/upscalers", get(upscalers))
         .route("/latent-upscale-modes", get(latent_upscale_modes))
         .route("/scripts", get(scripts))
@@ -397,7 +400,7 @@ async fn generate(
     let params = GenerateParams {
         scheduler: Some(scheduler),
         init,
-        ..req.into_params()
+        ..app.params(req)?
     };
     let seed = params.seed;
     check_cost(&app, &params, images as usize)?;
@@ -613,6 +616,27 @@ async fn upscalers() -> Json<Value> {
     responses((status = 200, description = "None: the model's own VAE", body = serde_json::Value)))]
 async fn sd_vaes() -> Json<Value> {
     Json(json!([]))
+}
+
+/// The LoRAs of `--lora-dir` as A1111's Lora extension lists them; prompts name them as
+/// `<lora:name:weight>`.
+#[utoipa::path(get, path = "/sdapi/v1/loras", tag = "automatic1111",
+    responses((status = 200, description = "The LoRA files of --lora-dir: name, alias, path, metadata", body = serde_json::Value)))]
+pub(super) async fn loras(State(app): State<Arc<AppState>>) -> Json<Value> {
+    let list: Vec<Value> = app
+        .loras
+        .entries()
+        .into_iter()
+        .map(|e| json!({"name": e.name, "alias": e.name, "path": e.path, "metadata": {}}))
+        .collect();
+    Json(Value::Array(list))
+}
+
+/// The folder is read on every listing, so there is nothing to refresh.
+#[utoipa::path(post, path = "/sdapi/v1/refresh-loras", tag = "automatic1111",
+    responses((status = 200, description = "Nothing to do: the folder is read on every listing", body = serde_json::Value)))]
+async fn refresh_loras() -> Json<Value> {
+    Json(Value::Null)
 }
 
 #[utoipa::path(get, path = "/sdapi/v1/latent-upscale-modes", tag = "automatic1111",

@@ -27,6 +27,7 @@ pub use request::Limits;
 
 use crate::engine::Engine;
 use crate::error::{Error, Result};
+use crate::model::lora::library::LoraLibrary;
 
 /// How to run the service.
 #[derive(Clone, Debug)]
@@ -45,6 +46,8 @@ pub struct ServerConfig {
     pub body_limit: usize,
     pub connections: ConnectionLimits,
     pub job_retention: JobRetention,
+    /// The folder of LoRA files requests may name; `None`: no LoRAs.
+    pub lora_dir: Option<std::path::PathBuf>,
 }
 
 /// Binds and serves `engine` (whose worker runs elsewhere, see [`Engine::new`]) until
@@ -82,6 +85,7 @@ pub async fn serve(config: ServerConfig, engine: Arc<Engine>) -> Result<()> {
         jobs: jobs::Jobs::new(config.job_retention),
         a1111: Default::default(),
         http_counts: Default::default(),
+        loras: Arc::new(LoraLibrary::new(config.lora_dir.clone())?),
     });
     let app = routes::router(state, &origins, allowed_hosts);
     listen::serve(listener, app, &config.connections, async move {

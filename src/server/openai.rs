@@ -27,6 +27,7 @@ use super::routes::{check_cost, generate_images, AppState};
 const OPENAI: Dialect = Dialect {
     refuse_unknown: false,
     init_image: false,
+    loras: false,
     ..request::NATIVE
 };
 
@@ -214,18 +215,16 @@ async fn generations(
         Some(other) => return Err(type_error("n", "an integer", other).into()),
     };
     apply_size(&mut fields)?;
-    let params = request::parse_as(&fields, &app.limits(), &OPENAI)
-        .map_err(|e| {
-            // Width and height came from `size`, unless sent as such.
-            let mut e = OpenAiError::from(e);
-            if let (Some("width" | "height"), Some(size)) = (e.param.as_deref(), fields.get("size"))
-            {
-                e.error.message = format!("`size` {size}: {}", e.error.message);
-                e.param = Some("size".into());
-            }
-            e
-        })?
-        .into_params();
+    let params = request::parse_as(&fields, &app.limits(), &OPENAI).map_err(|e| {
+        // Width and height came from `size`, unless sent as such.
+        let mut e = OpenAiError::from(e);
+        if let (Some("width" | "height"), Some(size)) = (e.param.as_deref(), fields.get("size")) {
+            e.error.message = format!("`size` {size}: {}", e.error.message);
+            e.param = Some("size".into());
+        }
+        e
+    })?;
+    let params = app.params(params)?;
     check_cost(&app, &params, n as usize)?;
     let images = generate_images(&app, &params, n, None).await?;
     let mut data = Vec::with_capacity(images.len());

@@ -35,6 +35,8 @@ use super::{a1111, jobs, metrics, openai, routes};
         a1111::samplers,
         a1111::schedulers,
         a1111::sd_vaes,
+        a1111::loras,
+        a1111::refresh_loras,
         a1111::upscalers,
         a1111::latent_upscale_modes,
         a1111::scripts,

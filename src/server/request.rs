@@ -10,6 +10,7 @@ use serde_json::{Map, Value};
 use utoipa::ToSchema;
 
 use super::error::ApiError;
+use crate::model::lora::LoraChoice;
 use crate::pipeline::noise::random_seed;
 use crate::pipeline::{GenerateParams, InitImage, MaskImage, ModelDefaults, RgbImage};
 
@@ -73,11 +74,27 @@ pub struct GenerateRequest {
     pub scheduler: Option<String>,
     /// Additive: image-to-image (`init_image`, `strength`) or inpainting (with `mask_image`).
     pub init: Option<InitImage>,
+    /// Additive: LoRAs by name, from the `loras` field and `<lora:name:scale>` in the prompt.
+    pub loras: Vec<LoraRequest>,
 }
 
+/// A LoRA a request names, and its weight.
+#[derive(Clone, Debug, PartialEq)]
+pub struct LoraRequest {
+    pub name: String,
+    pub scale: f64,
+    /// Where the request named it (`loras`, or `prompt` for a tag), for messages.
+    pub field: &'static str,
+}
+
+/// The largest LoRA weight taken, either sign: the common range is -2..2, and far beyond
+/// it the merged weights make noise.
+pub const MAX_LORA_SCALE: f64 = 10.0;
+
 impl GenerateRequest {
-    /// The engine's parameters for this request; a random seed when it asked for one.
-    pub fn into_params(self) -> GenerateParams {
+    /// The engine's parameters for this request, with its LoRAs as loaded; a random seed
+    /// when it asked for one.
+    pub fn into_params(self, loras: Vec<LoraChoice>) -> GenerateParams {
         GenerateParams {
             prompt: self.prompt,
             negative_prompt: self.negative_prompt,
@@ -89,7 +106,7 @@ impl GenerateRequest {
             scheduler: self.scheduler,
             scheduler_overrides: Default::default(),
             init: self.init,
-            loras: Vec::new(),
+            loras,
         }
     }
 }
@@ -126,6 +143,20 @@ pub struct GenerateBody {
     /// With `init_image`: how much of the schedule runs, above 0 and at most 1; default
     /// 0.8 (1.0 with `mask_image`).
     strength: Option<f64>,
+    /// LoRAs from the server's `--lora-dir` (see /health's `loras`), each with its weight;
+    /// `<lora:name:weight>` in the prompt does the same (AUTOMATIC1111's syntax, removed
+    /// from the text).
+    loras: Option<Vec<LoraBody>>,
+}
+
+/// One entry of `loras`.
+#[derive(ToSchema)]
+#[allow(dead_code)] // describes the wire format only
+pub struct LoraBody {
+    /// A LoRA file's name in the server's `--lora-dir`, without `.safetensors`.
+    name: String,
+    /// Its weight, -10 to 10; default 1.
+    scale: Option<f64>,
 }
 
 /// How a dialect names the fields the checks read.
@@ -142,6 +173,8 @@ pub struct Dialect {
     pub default_guidance: Option<f64>,
     /// Whether `init_image`, `mask_image` and `strength` are read.
     pub init_image: bool,
+    /// Whether the `loras` field is read (`<lora:...>` in the prompt always is).
+    pub loras: bool,
 }
 
 /// The API guide's dialect.
@@ -153,6 +186,7 @@ pub const NATIVE: Dialect = Dialect {
     default_steps: None,
     default_guidance: None,
     init_image: true,
+    loras: true,
 };
 
 impl Dialect {
@@ -162,6 +196,9 @@ impl Dialect {
         fields.extend(self.scheduler);
         if self.init_image {
             fields.extend(["init_image", "mask_image", "strength"]);
+        }
+        if self.loras {
+            fields.push("loras");
         }
         fields
     }
@@ -215,6 +252,13 @@ pub fn parse_as(
     if prompt.trim().is_empty() {
         return Err(ApiError::bad_request("`prompt` must not be empty"));
     }
+    let mut loras = if dialect.loras {
+        lora_list(fields)?
+    } else {
+        Vec::new()
+    };
+    let (prompt, tagged) = lora_tags(&prompt)?;
+    loras.extend(tagged);
     let negative_prompt = text(fields, "negative_prompt", limits)?;
     let steps_field = dialect.steps;
     let steps = integer(fields, steps_field)?
@@ -293,7 +337,112 @@ pub fn parse_as(
         seed,
         scheduler,
         init,
+        loras,
     })
+}
+
+/// The `loras` field: `[{"name": ..., "scale": ...}]`, scale 1 when left out.
+fn lora_list(fields: &Map<String, Value>) -> Result<Vec<LoraRequest>, ApiError> {
+    let list = match fields.get("loras") {
+        None | Some(Value::Null) => return Ok(Vec::new()),
+        Some(Value::Array(list)) => list,
+        Some(other) => {
+            return Err(type_error(
+                "loras",
+                "an array of {\"name\", \"scale\"} objects",
+                other,
+            ))
+        }
+    };
+    list.iter()
+        .enumerate()
+        .map(|(i, entry)| {
+            let field = format!("loras[{i}]");
+            let Value::Object(entry) = entry else {
+                return Err(type_error(&field, "an object {\"name\", \"scale\"}", entry));
+            };
+            if let Some(unknown) = entry
+                .keys()
+                .find(|k| !["name", "scale"].contains(&k.as_str()))
+            {
+                return Err(ApiError::bad_request(format!(
+                    "unknown field `{field}.{unknown}`; a LoRA has `name` and `scale`"
+                )));
+            }
+            let name = match entry.get("name") {
+                Some(Value::String(name)) if !name.is_empty() => name.clone(),
+                Some(Value::String(_)) | None | Some(Value::Null) => {
+                    return Err(ApiError::bad_request(format!("`{field}.name` is required")))
+                }
+                Some(other) => return Err(type_error(&format!("{field}.name"), "a string", other)),
+            };
+            let scale = match entry.get("scale") {
+                None | Some(Value::Null) => 1.0,
+                Some(Value::Number(n)) => n.as_f64().unwrap_or(f64::NAN),
+                Some(other) => {
+                    return Err(type_error(&format!("{field}.scale"), "a number", other))
+                }
+            };
+            lora_request(name, scale, &format!("`{field}.scale`"), "loras")
+        })
+        .collect()
+}
+
+fn lora_request(
+    name: String,
+    scale: f64,
+    what: &str,
+    field: &'static str,
+) -> Result<LoraRequest, ApiError> {
+    if !scale.is_finite() || scale.abs() > MAX_LORA_SCALE {
+        return Err(ApiError::bad_request(format!(
+            "{what} must be a number from -{MAX_LORA_SCALE} to {MAX_LORA_SCALE}, got {}",
+            short_number(scale)
+        )));
+    }
+    Ok(LoraRequest { name, scale, field })
+}
+
+/// AUTOMATIC1111's `<lora:name>` and `<lora:name:weight>` taken out of a prompt: the text
+/// without them, and the LoRAs they name. A1111 keeps the text around a tag as it is
+/// (`a cat <lora:x:1>, sitting` encodes `a cat , sitting`), and so does this.
+pub fn lora_tags(prompt: &str) -> Result<(String, Vec<LoraRequest>), ApiError> {
+    let mut text = String::with_capacity(prompt.len());
+    let mut loras = Vec::new();
+    let mut rest = prompt;
+    while let Some(start) = rest.find("<lora:") {
+        let Some(len) = rest[start..].find('>') else {
+            break;
+        };
+        let tag = &rest[start + "<lora:".len()..start + len];
+        text.push_str(&rest[..start]);
+        rest = &rest[start + len + 1..];
+        // A1111: `<lora:name:te_weight:unet_weight>` exists too; one weight is read here.
+        let mut parts = tag.split(':');
+        let name = parts.next().unwrap_or_default().trim().to_string();
+        let scale = match parts.next() {
+            None => 1.0,
+            Some(weight) => weight.trim().parse::<f64>().map_err(|_| {
+                ApiError::bad_request(format!(
+                    "`prompt`: the weight in `<lora:{tag}>` is not a number"
+                ))
+            })?,
+        };
+        if parts.next().is_some() {
+            return Err(ApiError::bad_request(format!(
+                "`prompt`: `<lora:{tag}>` has more than one weight; write `<lora:name:weight>`"
+            )));
+        }
+        if name.is_empty() {
+            return Err(ApiError::bad_request(format!(
+                "`prompt`: `<lora:{tag}>` names no LoRA"
+            )));
+        }
+        let what = format!("`prompt`: the weight in `<lora:{tag}>`");
+        loras.push(lora_request(name, scale, &what, "prompt")?);
+    }
+    text.push_str(rest);
+    Ok((text, loras))
 }
 
 /// `init_image`, `mask_image` and `strength`, each checked and named in its error.
@@ -506,6 +655,75 @@ mod tests {
         parsed.sort();
         assert_eq!(documented, parsed);
         assert_eq!(schema["required"], json!(["prompt"]));
+    }
+
+    #[test]
+    fn loras_come_from_the_field_and_from_prompt_tags() {
+        let r = parse_str(
+            r#"{"prompt": "a cat <lora:ink:0.6>, sitting<lora:film>", "loras": [{"name": "style", "scale": -0.5}, {"name": "x"}]}"#,
+        )
+        .unwrap();
+        assert_eq!(r.prompt, "a cat , sitting");
+        let got: Vec<(&str, f64, &str)> = r
+            .loras
+            .iter()
+            .map(|l| (l.name.as_str(), l.scale, l.field))
+            .collect();
+        assert_eq!(
+            got,
+            [
+                ("style", -0.5, "loras"),
+                ("x", 1.0, "loras"),
+                ("ink", 0.6, "prompt"),
+                ("film", 1.0, "prompt")
+            ]
+        );
+        // Text that only looks like a tag stays.
+        let (text, loras) = lora_tags("a <lora without end, <b>").unwrap();
+        assert_eq!(
+            (text.as_str(), loras.len()),
+            ("a <lora without end, <b>", 0)
+        );
+
+        for (body, message) in [
+            (
+                r#"{"prompt": "a", "loras": "ink"}"#,
+                "`loras` must be an array",
+            ),
+            (
+                r#"{"prompt": "a", "loras": [3]}"#,
+                "`loras[0]` must be an object",
+            ),
+            (
+                r#"{"prompt": "a", "loras": [{"scale": 1}]}"#,
+                "`loras[0].name` is required",
+            ),
+            (
+                r#"{"prompt": "a", "loras": [{"name": "x", "weight": 1}]}"#,
+                "unknown field `loras[0].weight`",
+            ),
+            (
+                r#"{"prompt": "a", "loras": [{"name": "x", "scale": "1"}]}"#,
+                "`loras[0].scale` must be a number",
+            ),
+            (
+                r#"{"prompt": "a", "loras": [{"name": "x", "scale": 11}]}"#,
+                "`loras[0].scale` must be a number from -10 to 10, got 11",
+            ),
+            (
+                r#"{"prompt": "a <lora:x:strong>"}"#,
+                "the weight in `<lora:x:strong>` is not a number",
+            ),
+            (r#"{"prompt": "a <lora::1>"}"#, "`<lora::1>` names no LoRA"),
+            (r#"{"prompt": "a <lora:x:1:0.5>"}"#, "more than one weight"),
+            (
+                r#"{"prompt": "a <lora:x:-20>"}"#,
+                "the weight in `<lora:x:-20>` must be a number from -10 to 10",
+            ),
+        ] {
+            let err = parse_str(body).unwrap_err();
+            assert!(err.contains(message), "{body}: {err}");
+        }
     }
 
     #[test]

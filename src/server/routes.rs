@@ -21,9 +21,11 @@ use utoipa::ToSchema;
 use super::body::{too_large, JsonBody};
 use super::error::{ApiError, ErrorBody};
 use super::hosts::{check_host, AllowedHosts};
-use super::request::{self, GenerateBody, Limits};
+use super::request::{self, GenerateBody, GenerateRequest, Limits};
 use super::{a1111, jobs, metrics, openai, openapi};
 use crate::engine::{Engine, ModelState, SubmitError};
+use crate::model::lora::library::LoraLibrary;
+use crate::model::lora::LoraChoice;
 use crate::pipeline::{GenerateParams, Generated};
 
 /// What every handler sees.
@@ -39,9 +41,30 @@ pub struct AppState {
     pub jobs: super::jobs::Jobs,
     pub a1111: super::a1111::A1111State,
     pub http_counts: super::metrics::HttpCounts,
+    /// The LoRAs requests may name (`--lora-dir`).
+    pub loras: Arc<LoraLibrary>,
 }
 
 impl AppState {
+    /// A parsed request as the engine's parameters, its LoRAs read from the library; an
+    /// unknown name (or a file that cannot be used) is a 400 naming it.
+    pub fn params(&self, req: GenerateRequest) -> Result<GenerateParams, ApiError> {
+        let loras = req
+            .loras
+            .iter()
+            .map(|l| {
+                let lora = self.loras.get(&l.name).map_err(|e| {
+                    ApiError::bad_request(format!("`{}`: {}", l.field, request::plain(&e)))
+                })?;
+                Ok(LoraChoice {
+                    lora,
+                    scale: l.scale as f32,
+                })
+            })
+            .collect::<Result<Vec<_>, ApiError>>()?;
+        Ok(req.into_params(loras))
+    }
+
     /// The limits a request is parsed under: the deployment's, with the loaded model's
     /// defaults for what it leaves out.
     pub fn limits(&self) -> Limits {
@@ -138,6 +161,11 @@ async fn health(State(app): State<Arc<AppState>>) -> Json<Value> {
     if let Some(info) = engine.info() {
         body["model_family"] = json!(info.family);
         body["model_info"] = serde_json::to_value(info).unwrap_or(Value::Null);
+    }
+    // The LoRAs requests may name, when the server has a --lora-dir.
+    if app.loras.dir().is_some() {
+        let names: Vec<String> = app.loras.entries().into_iter().map(|e| e.name).collect();
+        body["loras"] = json!(names);
     }
     // What a request that leaves them out gets (the operator's --default-* flags win).
     if engine.model_defaults().is_some() {
@@ -252,7 +280,7 @@ pub(super) async fn generate_images(
 /// A request body (the guide's fields) as the engine's parameters, refused with a 400
 /// when it is malformed or cannot finish within the time limit.
 pub(super) fn prepare(app: &AppState, body: &[u8]) -> Result<GenerateParams, ApiError> {
-    let params = request::parse(body, &app.limits())?.into_params();
+    let params = app.params(request::parse(body, &app.limits())?)?;
     check_cost(app, &params, 1)?;
     Ok(params)
 }

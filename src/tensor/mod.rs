@@ -41,6 +41,14 @@ impl std::fmt::Display for Device {
 }
 
 impl Device {
+    /// Lets go of what the device keeps for tensors that may be gone for good (see
+    /// [`GpuDevice::forget_bind_groups`]); nothing on the CPU.
+    pub fn forget_cached_bindings(&self) {
+        if let Device::Gpu(gpu) = self {
+            gpu.forget_bind_groups();
+        }
+    }
+
     /// The largest tensor the device can hold in one piece, in bytes (`None`: no limit
     /// but memory).
     pub fn max_buffer_bytes(&self) -> Option<u64> {

@@ -1,7 +1,7 @@
 """Drives the AUTOMATIC1111 routes with the `webuiapi` package (PyPI), as scripts written
 for AUTOMATIC1111 do, and prints what it saw as one JSON object for tests/dialects.rs.
 
-usage: a1111_webuiapi.py PORT (txt2img | img2img | interrupt | skip)
+usage: a1111_webuiapi.py PORT (txt2img | img2img | interrupt | skip | lora)
 """
 import json
 import sys
@@ -92,6 +92,16 @@ elif mode in ("interrupt", "skip"):
     r = result["r"]
     out = {"running": running, "answer": answer, "images": raw_images(r), "info": r.info,
            "after": api.get_progress()}
+elif mode == "lora":
+    # The server's --lora-dir as the Lora extension lists it, and a prompt that names one.
+    styled = api.txt2img(prompt="a red door <lora:ink:0.8>", seed=7, steps=4, width=64, height=64,
+                         sampler_name="Euler a")
+    out = {"loras": api.get_loras(), "images": raw_images(styled), "info": styled.info}
+    try:
+        api.txt2img(prompt="a red door <lora:nothing:1>", steps=1, width=64, height=64)
+        out["unknown"] = None
+    except RuntimeError as e:
+        out["unknown"] = {"status": e.args[0], "body": json.loads(e.args[1])}
 else:
     raise SystemExit(f"unknown mode {mode}")
 print(json.dumps(out))

@@ -12,6 +12,7 @@
 //! cannot corrupt it. The merged set stays while requests keep asking for it.
 
 pub mod file;
+pub mod library;
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex, RwLock};
@@ -159,6 +160,10 @@ impl Adapters {
         let start = Instant::now();
         self.restore();
         active.clear();
+        // The GPU's cached bind groups hold the replaced copies' buffers alive.
+        if let Some(device) = self.device() {
+            device.forget_cached_bindings();
+        }
         if !choices.is_empty() {
             if let Err(e) = self.merge(choices) {
                 self.restore();
@@ -175,6 +180,13 @@ impl Adapters {
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .clone()
+    }
+
+    /// The device the layers live on (all on one).
+    fn device(&self) -> Option<Device> {
+        let (_, registry) = self.components.first()?;
+        let layers = registry.0.lock().unwrap_or_else(|p| p.into_inner());
+        layers.first().map(|(_, w)| w.base().device())
     }
 
     fn restore(&self) {

@@ -28,6 +28,12 @@ pub(super) struct BindCache {
     pub(super) misses: u64,
 }
 
+impl BindCache {
+    pub(super) fn forget_groups(&mut self) {
+        self.groups.clear();
+    }
+}
+
 impl GpuContext {
     fn pipeline(&self, kernel: Kernel) -> (wgpu::ComputePipeline, wgpu::BindGroupLayout) {
         if let Some(p) = lock(&self.pipelines).get(&kernel) {

@@ -114,6 +114,13 @@ impl GpuDevice {
         (cache.hits, cache.misses)
     }
 
+    /// Forgets the cached bind groups, which hold their buffers alive: for when tensors
+    /// that many of them bind are replaced for good (a LoRA's merged weights), so the old
+    /// buffers go now rather than when the cache fills.
+    pub fn forget_bind_groups(&self) {
+        lock(&self.0.binds).forget_groups();
+    }
+
     /// Kernel launches recorded since the device opened.
     pub fn launches(&self) -> u64 {
         self.0.launches.load(std::sync::atomic::Ordering::Relaxed)
