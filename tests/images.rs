@@ -15,7 +15,8 @@
 //! - LoRA: `load_lora_weights` + `set_adapters` images saved by tools/fixtures/lora.py
 //!   (`reference/lora.json` + `reference/lora/`): kohya files (attention, feed-forward,
 //!   text encoder, LoCon convolutions) and PEFT files with diffusers' metadata, alpha !=
-//!   rank, two LoRAs at once with their own scales, a negative scale, on sd1 and sd2.
+//!   rank, two LoRAs at once with their own scales, a negative scale, on sd1 and sd2; on
+//!   SDXL kohya's original-UNet names with both text encoders, PEFT, and the two together.
 //!
 //! The cases and the pass rule live in common/image_cases.rs, which the GPU bench shares.
 
@@ -38,7 +39,7 @@ fn image_to_image_and_inpainting_match_diffusers_for_every_case() {
 
 #[test]
 fn lora_images_match_diffusers_for_every_case() {
-    all_cases_match("lora.json", 7);
+    all_cases_match("lora.json", 10);
 }
 
 #[test]

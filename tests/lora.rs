@@ -220,7 +220,7 @@ fn loras_for_other_models_are_refused_naming_what_does_not_fit() {
             .unwrap_err()
             .to_string()
     };
-    // SDXL's layout: a second text encoder, and kohya's sgm UNet names.
+    // SDXL's second text encoder, and a block the model does not have.
     let p = write_lora(
         dir.path(),
         "xl.safetensors",
@@ -247,12 +247,12 @@ fn loras_for_other_models_are_refused_naming_what_does_not_fit() {
         "sgm.safetensors",
         &[
             t(
-                "lora_unet_input_blocks_4_1_proj_in.lora_down.weight",
+                "lora_unet_input_blocks_12_1_proj_in.lora_down.weight",
                 &[2, 32],
                 0.1,
             ),
             t(
-                "lora_unet_input_blocks_4_1_proj_in.lora_up.weight",
+                "lora_unet_input_blocks_12_1_proj_in.lora_up.weight",
                 &[32, 2],
                 0.1,
             ),
@@ -261,7 +261,7 @@ fn loras_for_other_models_are_refused_naming_what_does_not_fit() {
     let err = run(&p);
     assert!(
         err.contains("1 of its 1 layers name no layer of this model")
-            && err.contains("lora_unet_input_blocks_4_1_proj_in.lora_down.weight"),
+            && err.contains("lora_unet_input_blocks_12_1_proj_in.lora_down.weight"),
         "{err}"
     );
     // The right names with the wrong widths.

@@ -514,6 +514,25 @@ fn unet_resnet(rest: &str) -> Option<String> {
     Some(format!("{old}.{tail}"))
 }
 
+/// The original (LDM / sgm) name of a UNet module, which kohya's SDXL LoRAs use:
+/// `down_blocks.1.attentions.0.proj_in` → `input_blocks.4.1.proj_in` (`layers_per_block`
+/// places the blocks); `up_block_attends(b)` says whether up block `b` has attentions,
+/// which puts its upsampler at `.2` rather than `.1`.
+pub fn original_unet_module(
+    module: &str,
+    layers_per_block: usize,
+    up_block_attends: &dyn Fn(usize) -> bool,
+) -> Option<String> {
+    let up_block = module
+        .strip_prefix("up_blocks.")
+        .and_then(|rest| rest.split('.').next())
+        .and_then(|b| b.parse().ok());
+    // The map asks `exists` only for an up block's upsampler at `.2`.
+    let exists = |_: &str| up_block.is_some_and(up_block_attends);
+    let name = UnetMap { layers_per_block }.original(&format!("{module}.weight"), &exists)?;
+    name.strip_suffix(".weight").map(str::to_string)
+}
+
 /// `down_blocks.0.resnets.1.conv1.weight` → (0, "resnets", 1, "conv1.weight").
 fn block_parts(rest: &str) -> Option<(usize, &str, usize, &str)> {
     let mut it = rest.splitn(4, '.');

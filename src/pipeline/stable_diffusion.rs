@@ -136,6 +136,7 @@ impl StableDiffusion {
             .weights
             .registering(&adapters.registry(LoraComponent::Unet));
         let unet = UNet2DConditionModel::new(&p.config, &weights, &p.config_path)?;
+        adapters.accept_original_unet_names(&p.config);
 
         let p = source.vae()?;
         let path = p.config_path.clone();

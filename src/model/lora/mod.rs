@@ -19,7 +19,9 @@ use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, Instant};
 
 use crate::error::{Error, Result};
+use crate::model::config::{PerLevel, UNetConfig};
 pub use crate::model::lora::file::{LoraFile, LoraLayer};
+use crate::model::single_file::original_unet_module;
 use crate::tensor::{Device, Tensor};
 
 /// The part of a model a LoRA layer belongs to, named as diffusers' pipeline attributes
@@ -131,14 +133,40 @@ impl std::fmt::Debug for LoraChoice {
     }
 }
 
+/// Another name a LoRA may give a module (kohya's SDXL files use the original UNet's).
+type Alias = Box<dyn Fn(&str) -> Option<String> + Send + Sync>;
+
 /// A model's LoRA-changeable layers, per component, and the set merged into them now.
 #[derive(Default)]
 pub struct Adapters {
     components: Vec<(LoraComponent, LayerRegistry)>,
+    aliases: Vec<(LoraComponent, Alias)>,
     active: Mutex<Vec<LoraChoice>>,
 }
 
 impl Adapters {
+    /// Lets LoRAs name the UNet's modules as the original (LDM / sgm) UNet does
+    /// (`input_blocks.4.1.proj_in`), as kohya writes SDXL LoRAs and diffusers'
+    /// `_maybe_map_sgm_blocks_to_diffusers` reads them. Only for one `layers_per_block`
+    /// (every real model), as that conversion needs.
+    pub fn accept_original_unet_names(&mut self, config: &UNetConfig) {
+        let PerLevel::One(layers_per_block) = config.layers_per_block else {
+            return;
+        };
+        let attends: Vec<bool> = config
+            .up_block_types
+            .iter()
+            .map(|t| t.starts_with("CrossAttn"))
+            .collect();
+        self.aliases.push((
+            LoraComponent::Unet,
+            Box::new(move |module| {
+                let attends = |b: usize| attends.get(b).copied().unwrap_or(false);
+                original_unet_module(module, layers_per_block, &attends)
+            }),
+        ));
+    }
+
     /// The registry `component`'s layers enter themselves in (made on first call).
     pub fn registry(&mut self, component: LoraComponent) -> LayerRegistry {
         if let Some((_, r)) = self.components.iter().find(|(c, _)| *c == component) {
@@ -200,17 +228,28 @@ impl Adapters {
     /// Finds every layer of every choice in the model (all of them, or an error naming the
     /// ones that are not there), then merges each changed layer once.
     fn merge(&self, choices: &[LoraChoice]) -> Result<()> {
+        // Each layer by its key, and by its aliases' keys.
         let registries: HashMap<LoraComponent, HashMap<String, LayerWeight>> = self
             .components
             .iter()
             .map(|(c, r)| {
-                let layers = r.layers().into_iter().map(|(n, w)| (layer_key(&n), w));
-                (*c, layers.collect())
+                let mut keys = HashMap::new();
+                for (name, weight) in r.layers() {
+                    for (_, alias) in self.aliases.iter().filter(|(a, _)| a == c) {
+                        if let Some(other) = alias(&name) {
+                            keys.insert(layer_key(&other), weight.clone());
+                        }
+                    }
+                    keys.insert(layer_key(&name), weight);
+                }
+                (*c, keys)
             })
             .collect();
         // Per changed layer: its weight and each LoRA's part with its full scale.
         let mut changes: Vec<(LayerWeight, Vec<LayerChange>)> = Vec::new();
-        let mut index: HashMap<(LoraComponent, &str), usize> = HashMap::new();
+        // By the layer itself: two LoRAs may name one layer differently (kohya's original
+        // UNet names, PEFT's diffusers names), and its change must sum both.
+        let mut index: HashMap<*const LayerSlot, usize> = HashMap::new();
         for choice in choices {
             let lora = &choice.lora;
             let mut unmatched = Vec::new();
@@ -225,12 +264,10 @@ impl Adapters {
                     unmatched.push(layer.key.as_str());
                     continue;
                 };
-                let at = *index
-                    .entry((layer.component, layer.module.as_str()))
-                    .or_insert_with(|| {
-                        changes.push((weight.clone(), Vec::new()));
-                        changes.len() - 1
-                    });
+                let at = *index.entry(Arc::as_ptr(&weight.0)).or_insert_with(|| {
+                    changes.push((weight.clone(), Vec::new()));
+                    changes.len() - 1
+                });
                 changes[at].1.push(LayerChange {
                     lora,
                     layer,
