@@ -73,11 +73,28 @@ pub fn group_norm(
 ) -> CpuStorage {
     let x = x.as_f32();
     let stats = group_stats(&x, c, spatial, groups);
+    normalised_copy(&x, n, &stats, gamma, beta, c, spatial, groups, eps, silu)
+}
+
+/// `x` normalised with `stats` into a new buffer (see [`normalise`]).
+#[allow(clippy::too_many_arguments)]
+fn normalised_copy(
+    x: &[f32],
+    n: usize,
+    stats: &[(f64, f64)],
+    gamma: &CpuStorage,
+    beta: &CpuStorage,
+    c: usize,
+    spatial: usize,
+    groups: usize,
+    eps: f32,
+    silu: bool,
+) -> CpuStorage {
     let mut out = vec![0f32; n * c * spatial];
     normalise(
         &mut out,
-        Some(&x),
-        &stats,
+        Some(x),
+        stats,
         gamma,
         beta,
         c,
@@ -153,10 +170,9 @@ pub fn group_norm_with_moments(
         .chunks_exact(2)
         .map(|m| (m[0] as f64, m[1] as f64))
         .collect();
-    let mut out = vec![0f32; n * c * spatial];
-    normalise(
-        &mut out,
-        Some(&x.as_f32()),
+    normalised_copy(
+        &x.as_f32(),
+        n,
         &stats,
         gamma,
         beta,
@@ -165,8 +181,7 @@ pub fn group_norm_with_moments(
         groups,
         eps,
         silu,
-    );
-    CpuStorage::F32(out)
+    )
 }
 
 /// Normalises each (sample, group) slab of `src` (of `dst` itself when `None`) into `dst`
