@@ -14,6 +14,7 @@ use sd_wgpu::backend::{select_device, BackendChoice};
 use sd_wgpu::engine::{Engine, EngineConfig};
 use sd_wgpu::model::hub::DEFAULT_MODEL;
 use sd_wgpu::model::lora::{LoraChoice, LoraFile};
+use sd_wgpu::model::prompt_syntax::PromptSyntax;
 use sd_wgpu::pipeline::noise::random_seed;
 use sd_wgpu::pipeline::{GenerateParams, InitImage, MaskImage, RgbImage, StableDiffusion};
 use sd_wgpu::server::{ConnectionLimits, JobRetention, Limits, ServerConfig};
@@ -181,9 +182,19 @@ enum Command {
         /// weight, PATH or PATH:SCALE (default 1.0); repeat for several at once.
         #[arg(long = "lora", value_name = "PATH[:SCALE]")]
         loras: Vec<String>,
+        /// How prompts are read: `diffusers` (the text as written, cut at 75 tokens; the
+        /// images match diffusers') or `a1111` (AUTOMATIC1111's (emphasis:1.2), [less],
+        /// BREAK, and prompts of any length in chunks of 75 tokens).
+        #[arg(long, default_value = "diffusers", value_parser = parse_prompt_syntax)]
+        prompt_syntax: PromptSyntax,
         #[arg(long, short)]
         output: PathBuf,
     },
+}
+
+fn parse_prompt_syntax(name: &str) -> std::result::Result<PromptSyntax, String> {
+    PromptSyntax::parse(name)
+        .ok_or_else(|| format!("`{name}`: the syntaxes are diffusers and a1111"))
 }
 
 /// `--lora PATH[:SCALE]`: the file, read, and its weight (1.0 when not given). A suffix
@@ -392,6 +403,7 @@ fn run(cli: Cli) -> Result<()> {
             seed,
             scheduler,
             loras,
+            prompt_syntax,
             output,
         } => {
             let seed = resolve_seed(seed)?;
@@ -427,6 +439,7 @@ fn run(cli: Cli) -> Result<()> {
                 scheduler_overrides: Default::default(),
                 init,
                 loras,
+                prompt_syntax,
             };
             let bar = ProgressBar::new(0).with_style(
                 ProgressStyle::with_template(

@@ -283,6 +283,7 @@ fn params() -> GenerateParams {
         scheduler_overrides: Default::default(),
         init: None,
         loras: Vec::new(),
+        prompt_syntax: Default::default(),
     }
 }
 

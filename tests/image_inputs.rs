@@ -105,6 +105,7 @@ fn init_images_and_masks_give_the_pipelines_images() {
                 strength,
             }),
             loras: Vec::new(),
+            prompt_syntax: Default::default(),
         };
         sd.generate(&params, &mut |_| ControlFlow::Continue(()))
             .unwrap()

@@ -46,6 +46,7 @@ fn params(loras: Vec<LoraChoice>) -> GenerateParams {
         scheduler_overrides: Default::default(),
         init: None,
         loras,
+        prompt_syntax: Default::default(),
     }
 }
 

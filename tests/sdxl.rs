@@ -80,6 +80,7 @@ fn an_sdxl_folder_is_served_with_its_own_defaults() {
         scheduler_overrides: Default::default(),
         init: None,
         loras: Vec::new(),
+        prompt_syntax: Default::default(),
     };
     let expected = sd
         .generate(&params, &mut |_| ControlFlow::Continue(()))

@@ -574,6 +574,7 @@ mod tests {
             scheduler_overrides: Default::default(),
             init: None,
             loras: Vec::new(),
+            prompt_syntax: Default::default(),
         };
         let Ok((reply, _guard)) = engine.submit(params) else {
             panic!("the engine refused a job while ready");

@@ -12,6 +12,7 @@ pub mod lora;
 pub mod nn;
 pub mod presets;
 pub mod prompt_encoder;
+pub mod prompt_syntax;
 pub mod resnet;
 pub mod single_file;
 pub mod source;

@@ -7,6 +7,7 @@ use std::path::PathBuf;
 use crate::error::{Error, Result};
 use crate::model::clip::{ClipTextModel, HiddenLayer};
 use crate::model::folder::Component;
+use crate::model::prompt_syntax::{self, PromptSyntax};
 use crate::model::tokenizer::ClipTokenizer;
 use crate::tensor::Tensor;
 
@@ -101,10 +102,7 @@ impl PromptEncoder {
     /// joined along the width, the pooled embedding from the second), each tokenizer
     /// padding to its own length and cutting what does not fit, with a warning.
     pub fn encode(&self, prompt: &str) -> Result<PromptEmbeddings> {
-        let layer = match self.parts.len() {
-            1 => HiddenLayer::Last,
-            _ => HiddenLayer::Penultimate,
-        };
+        let layer = self.hidden_layer();
         let mut contexts = Vec::with_capacity(self.parts.len());
         let mut pooled = None;
         for (i, part) in self.parts.iter().enumerate() {
@@ -129,4 +127,74 @@ impl PromptEncoder {
         };
         Ok(PromptEmbeddings { context, pooled })
     }
+
+    /// What each pipeline's `encode_prompt` reads: the last layer, or for SDXL the
+    /// penultimate.
+    fn hidden_layer(&self) -> HiddenLayer {
+        match self.parts.len() {
+            1 => HiddenLayer::Last,
+            _ => HiddenLayer::Penultimate,
+        }
+    }
+
+    /// `prompt` read with `syntax`: [`Self::encode`], or AUTOMATIC1111's way, each chunk
+    /// of 75 tokens encoded on its own, its emphasis weights applied, and the chunks joined
+    /// along the tokens (`[1, 77 * chunks, width]`; the pooled embedding is the first
+    /// chunk's, as A1111's).
+    pub fn encode_with(&self, prompt: &str, syntax: PromptSyntax) -> Result<PromptEmbeddings> {
+        if syntax == PromptSyntax::Plain {
+            return self.encode(prompt);
+        }
+        let layer = self.hidden_layer();
+        let mut contexts = Vec::with_capacity(self.parts.len());
+        let mut pooled = None;
+        let mut counts = Vec::with_capacity(self.parts.len());
+        for part in &self.parts {
+            let chunks = prompt_syntax::chunks(&part.tokenizer, prompt)?;
+            counts.push(chunks.len());
+            let mut pieces = Vec::with_capacity(chunks.len());
+            for (k, chunk) in chunks.iter().enumerate() {
+                let out = part.encoder.encode(&chunk.ids, layer)?;
+                pieces.push(emphasised(out.hidden, &chunk.weights)?);
+                if k == 0 && self.parts.len() > 1 {
+                    pooled = out.pooled;
+                }
+            }
+            contexts.push(Tensor::cat(&pieces.iter().collect::<Vec<_>>(), 1)?);
+        }
+        // Both of SDXL's tokenizers split a prompt alike (the same BPE); checked anyway.
+        if counts.windows(2).any(|w| w[0] != w[1]) {
+            return Err(Error::InvalidArgument(format!(
+                "the prompt makes {counts:?} chunks in the two tokenizers; they must agree"
+            )));
+        }
+        let context = match contexts.as_slice() {
+            [one] => one.clone(),
+            many => Tensor::cat(&many.iter().collect::<Vec<_>>(), 2)?,
+        };
+        Ok(PromptEmbeddings { context, pooled })
+    }
+}
+
+/// A1111's emphasis: each token's state times its weight, then the whole scaled back to its
+/// mean before (`z * w; z * (mean_before / mean_after)`). All weights 1 leave it as it is.
+fn emphasised(hidden: Tensor, weights: &[f32]) -> Result<Tensor> {
+    if weights.iter().all(|&w| w == 1.0) {
+        return Ok(hidden);
+    }
+    let shape = hidden.shape().to_vec();
+    let width = shape[shape.len() - 1];
+    let mut z = hidden.to_vec()?;
+    let mean = |z: &[f32]| z.iter().map(|&v| v as f64).sum::<f64>() / z.len() as f64;
+    let before = mean(&z);
+    for (row, &w) in z.chunks_exact_mut(width).zip(weights) {
+        for v in row {
+            *v *= w;
+        }
+    }
+    let factor = (before / mean(&z)) as f32;
+    for v in &mut z {
+        *v *= factor;
+    }
+    Tensor::from_vec(z, &shape, &hidden.device())
 }

@@ -335,13 +335,29 @@ impl ClipTokenizer {
         self.max_length
     }
 
-    /// `tokenizer(prompt, padding="max_length", max_length=..., truncation=True).input_ids`.
-    pub fn encode(&self, prompt: &str) -> Result<Tokenized> {
+    /// The tokens of `text` alone: no start, end or padding (`add_special_tokens=False`).
+    pub fn tokens(&self, text: &str) -> Result<Vec<u32>> {
         let encoding = self
             .tokenizer
-            .encode(prompt, false)
+            .encode(text, false)
             .map_err(|e| Error::Tokenizer(e.to_string()))?;
-        let body = encoding.get_ids();
+        Ok(encoding.get_ids().to_vec())
+    }
+
+    /// Start of text, end of text, padding.
+    pub fn special_ids(&self) -> (u32, u32, u32) {
+        (self.bos, self.eos, self.pad)
+    }
+
+    /// The id of one vocabulary entry (`",</w>"`).
+    pub fn token_id(&self, token: &str) -> Option<u32> {
+        self.tokenizer.token_to_id(token)
+    }
+
+    /// `tokenizer(prompt, padding="max_length", max_length=..., truncation=True).input_ids`.
+    pub fn encode(&self, prompt: &str) -> Result<Tokenized> {
+        let tokens = self.tokens(prompt)?;
+        let body = tokens.as_slice();
         let room = self.max_length - 2;
         let kept = &body[..body.len().min(room)];
         let dropped = body.len() - kept.len();

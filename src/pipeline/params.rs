@@ -5,6 +5,7 @@ use std::sync::Arc;
 
 use crate::error::{Error, Result};
 use crate::model::lora::LoraChoice;
+use crate::model::prompt_syntax::PromptSyntax;
 use crate::pipeline::image::{MaskImage, RgbImage};
 use crate::pipeline::scheduler::{self, Scheduler};
 
@@ -30,6 +31,9 @@ pub struct GenerateParams {
     /// LoRAs merged into the text encoders and UNet for this generation, each with its
     /// weight (diffusers' `load_lora_weights` + `set_adapters`).
     pub loras: Vec<LoraChoice>,
+    /// How the prompts are read: diffusers' plain text (the default) or AUTOMATIC1111's
+    /// emphasis and chunks.
+    pub prompt_syntax: PromptSyntax,
 }
 
 impl GenerateParams {

@@ -572,12 +572,14 @@ struct Guidance {
 
 impl Guidance {
     fn encode(sd: &StableDiffusion, p: &GenerateParams) -> Result<Self> {
-        let prompt = sd.encode_prompt(&p.prompt)?;
+        let encoder = &sd.prompt_encoder;
+        let prompt = encoder.encode_with(&p.prompt, p.prompt_syntax)?;
         if p.guidance_scale > 1.0 {
             let negative = match p.negative_prompt.as_deref() {
                 None if sd.zero_missing_negative => prompt.zeros_like()?,
-                negative => sd.encode_prompt(negative.unwrap_or(""))?,
+                negative => encoder.encode_with(negative.unwrap_or(""), p.prompt_syntax)?,
             };
+            let (negative, prompt) = Self::same_length(sd, negative, prompt, p)?;
             Ok(Guidance {
                 cond: sd.conditioning(&[&negative, &prompt], p.width, p.height)?,
                 scale: Some(p.guidance_scale as f32),
@@ -588,6 +590,35 @@ impl Guidance {
                 scale: None,
             })
         }
+    }
+
+    /// Prompts of different numbers of chunks (A1111's syntax) made as long as each other
+    /// with the empty prompt's chunks after the shorter (A1111's `pad_cond_uncond`; without
+    /// it A1111 runs the two branches apart, which a batch of two cannot).
+    fn same_length(
+        sd: &StableDiffusion,
+        a: PromptEmbeddings,
+        b: PromptEmbeddings,
+        p: &GenerateParams,
+    ) -> Result<(PromptEmbeddings, PromptEmbeddings)> {
+        let (la, lb) = (a.context.dim(1), b.context.dim(1));
+        if la == lb {
+            return Ok((a, b));
+        }
+        let empty = sd.prompt_encoder.encode_with("", p.prompt_syntax)?.context;
+        let pad = |e: PromptEmbeddings, to: usize| -> Result<PromptEmbeddings> {
+            let mut pieces = vec![e.context.clone()];
+            let mut length = e.context.dim(1);
+            while length < to {
+                pieces.push(empty.clone());
+                length += empty.dim(1);
+            }
+            Ok(PromptEmbeddings {
+                context: Tensor::cat(&pieces.iter().collect::<Vec<_>>(), 1)?,
+                pooled: e.pooled,
+            })
+        };
+        Ok((pad(a, lb)?, pad(b, la)?))
     }
 
     /// `x` once per branch of the UNet's batch.

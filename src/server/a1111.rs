@@ -19,6 +19,7 @@ use super::body::{BodilessPost, JsonBody};
 use super::error::{ApiError, ErrorBody};
 use super::request::{self, type_error, Dialect};
 use super::routes::{check_cost, generate_images, AppState};
+use crate::model::prompt_syntax::PromptSyntax;
 use crate::pipeline::{GenerateParams, InitImage, MaskImage, RgbImage};
 
 /// txt2img's fields as A1111 names them, with its defaults; the many options this server
@@ -33,6 +34,8 @@ const A1111: Dialect = Dialect {
     default_guidance: Some(7.0),
     init_image: false,
     loras: false,
+    // What A1111's clients write prompts for.
+    prompt_syntax: Some(PromptSyntax::A1111),
 };
 
 /// txt2img's body as the OpenAPI document describes it (the fields this server reads; any

@@ -20,6 +20,7 @@ use super::body::JsonBody;
 use super::error::ApiError;
 use super::request::{self, type_error, Dialect};
 use super::routes::{check_cost, generate_images, AppState};
+use crate::model::prompt_syntax::PromptSyntax;
 
 /// The fields read by the shared checks: this server's names, since OpenAI has none for
 /// steps or guidance. OpenAI's own fields that do not apply (quality, style, user...) are
@@ -28,6 +29,7 @@ const OPENAI: Dialect = Dialect {
     refuse_unknown: false,
     init_image: false,
     loras: false,
+    prompt_syntax: Some(PromptSyntax::Plain),
     ..request::NATIVE
 };
 

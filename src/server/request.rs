@@ -11,6 +11,7 @@ use utoipa::ToSchema;
 
 use super::error::ApiError;
 use crate::model::lora::LoraChoice;
+use crate::model::prompt_syntax::PromptSyntax;
 use crate::pipeline::noise::random_seed;
 use crate::pipeline::{GenerateParams, InitImage, MaskImage, ModelDefaults, RgbImage};
 
@@ -76,6 +77,8 @@ pub struct GenerateRequest {
     pub init: Option<InitImage>,
     /// Additive: LoRAs by name, from the `loras` field and `<lora:name:scale>` in the prompt.
     pub loras: Vec<LoraRequest>,
+    /// Additive: `prompt_syntax`, diffusers' plain text or AUTOMATIC1111's.
+    pub prompt_syntax: PromptSyntax,
 }
 
 /// A LoRA a request names, and its weight.
@@ -107,6 +110,7 @@ impl GenerateRequest {
             scheduler_overrides: Default::default(),
             init: self.init,
             loras,
+            prompt_syntax: self.prompt_syntax,
         }
     }
 }
@@ -147,6 +151,10 @@ pub struct GenerateBody {
     /// `<lora:name:weight>` in the prompt does the same (AUTOMATIC1111's syntax, removed
     /// from the text).
     loras: Option<Vec<LoraBody>>,
+    /// How the prompts are read: `diffusers` (the default: the text as written, cut at 75
+    /// tokens, as diffusers' pipelines read it) or `a1111` (AUTOMATIC1111's `(word:1.2)`,
+    /// `[word]`, `BREAK`, and prompts of any length in chunks of 75 tokens).
+    prompt_syntax: Option<String>,
 }
 
 /// One entry of `loras`.
@@ -175,6 +183,9 @@ pub struct Dialect {
     pub init_image: bool,
     /// Whether the `loras` field is read (`<lora:...>` in the prompt always is).
     pub loras: bool,
+    /// The prompt syntax, or `None` where the `prompt_syntax` field chooses (diffusers'
+    /// when absent).
+    pub prompt_syntax: Option<PromptSyntax>,
 }
 
 /// The API guide's dialect.
@@ -187,6 +198,7 @@ pub const NATIVE: Dialect = Dialect {
     default_guidance: None,
     init_image: true,
     loras: true,
+    prompt_syntax: None,
 };
 
 impl Dialect {
@@ -199,6 +211,9 @@ impl Dialect {
         }
         if self.loras {
             fields.push("loras");
+        }
+        if self.prompt_syntax.is_none() {
+            fields.push("prompt_syntax");
         }
         fields
     }
@@ -259,6 +274,18 @@ pub fn parse_as(
     };
     let (prompt, tagged) = lora_tags(&prompt)?;
     loras.extend(tagged);
+    let prompt_syntax = match dialect.prompt_syntax {
+        Some(syntax) => syntax,
+        None => match fields.get("prompt_syntax") {
+            None | Some(Value::Null) => PromptSyntax::Plain,
+            Some(Value::String(name)) => PromptSyntax::parse(name).ok_or_else(|| {
+                ApiError::bad_request(format!(
+                    "`prompt_syntax` must be \"diffusers\" or \"a1111\", got {name:?}"
+                ))
+            })?,
+            Some(other) => return Err(type_error("prompt_syntax", "a string", other)),
+        },
+    };
     let negative_prompt = text(fields, "negative_prompt", limits)?;
     let steps_field = dialect.steps;
     let steps = integer(fields, steps_field)?
@@ -338,6 +365,7 @@ pub fn parse_as(
         scheduler,
         init,
         loras,
+        prompt_syntax,
     })
 }
 

@@ -81,6 +81,7 @@ pub fn params(case: &serde_json::Value, reference: &Path) -> Result<GeneratePara
             .unwrap_or_default(),
         init,
         loras: loras(case, reference)?,
+        prompt_syntax: Default::default(),
     })
 }
 
