@@ -1,5 +1,6 @@
 //! AUTOMATIC1111's prompt syntax end to end (the parser and chunker have their tables in
-//! src/model/prompt_syntax.rs): emphasis is A1111's arithmetic on the plain embeddings,
+//! src/model/prompt_syntax.rs): chunks and embeddings match A1111's code ported into
+//! tools/fixtures/prompt_syntax.py, emphasis is A1111's arithmetic on the plain embeddings,
 //! long prompts are their chunks' embeddings side by side, an unweighted short prompt is
 //! exactly diffusers' encoding, and the service reads it where asked (and always on the
 //! A1111 routes).
@@ -111,6 +112,63 @@ fn emphasis_and_chunks_are_a1111s_arithmetic_on_the_plain_embeddings() {
             "{fixture}: the first chunk is diffusers' cut prompt"
         );
         assert_ne!(&all[77 * width..], first.as_slice());
+    }
+}
+
+/// tools/fixtures/prompt_syntax.py: A1111's own code paths (ported) on diffusers' text
+/// encoders. The chunks' ids and weights are equal; the embeddings within float rounding.
+#[test]
+fn chunks_and_embeddings_match_the_fixture_scripts_a1111() {
+    let records = common::read_json(&common::reference("prompt_syntax.json"));
+    let tensors = common::load_tensors(&common::reference("prompt_syntax.safetensors"));
+    let prompts = records["prompts"].as_array().unwrap();
+    assert!(prompts.len() >= 4);
+    for fixture in ["sd1", "sd2"] {
+        let sd = load(fixture);
+        let encoder = sd.prompt_encoder();
+        let tokenizer = &encoder.parts()[0].tokenizer;
+        for (i, prompt) in prompts.iter().enumerate() {
+            let prompt = prompt.as_str().unwrap();
+            let want = &records["fixtures"][fixture][i];
+            let got = chunks(tokenizer, prompt).unwrap();
+            let ids: Vec<Vec<u32>> = serde_json::from_value(want["ids"].clone()).unwrap();
+            let weights: Vec<Vec<f64>> = serde_json::from_value(want["weights"].clone()).unwrap();
+            assert_eq!(
+                got.iter().map(|c| c.ids.clone()).collect::<Vec<_>>(),
+                ids,
+                "{fixture} {prompt:?}"
+            );
+            for (c, w) in got.iter().zip(&weights) {
+                let close = c
+                    .weights
+                    .iter()
+                    .zip(w)
+                    .all(|(a, b)| (*a as f64 - b).abs() < 1e-6);
+                assert!(
+                    close,
+                    "{fixture} {prompt:?}: weights {:?}, expected {w:?}",
+                    c.weights
+                );
+            }
+            let context = encoder
+                .encode_with(prompt, PromptSyntax::A1111)
+                .unwrap()
+                .context;
+            let expected = &tensors[&format!("{fixture}_{i}")];
+            assert_eq!(
+                context.shape(),
+                expected.shape.as_slice(),
+                "{fixture} {prompt:?}"
+            );
+            // 1e-5, not the text encoder tests' 1e-6: the rescale's means are summed in f32
+            // by torch and in f64 here, 2.1e-6 apart (of the scale) on the long prompt.
+            common::assert_close(
+                &format!("{fixture} {prompt:?}"),
+                &context.to_vec().unwrap(),
+                &expected.data,
+                1e-5,
+            );
+        }
     }
 }
 
