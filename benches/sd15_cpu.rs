@@ -432,6 +432,7 @@ fn whole_image(o: &Options, dir: &Path, device: &Device) -> Result<Value> {
             strength,
         }),
         loras: Vec::new(),
+        prompt_syntax: Default::default(),
     };
     if o.profile {
         profile::set_enabled(true);

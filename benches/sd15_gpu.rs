@@ -722,6 +722,7 @@ fn whole_images(o: &Options, sd: &StableDiffusion) -> Result<Map<String, Value>>
         scheduler_overrides: Default::default(),
         init: None,
         loras: Vec::new(),
+        prompt_syntax: Default::default(),
     };
     let mut out = Map::new();
     println!("\nwhole {size}x{size} images, guidance {guidance}, the model's own scheduler");
