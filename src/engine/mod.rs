@@ -503,7 +503,7 @@ impl Engine {
         // The count the pipeline's own events will carry, so progress never changes total.
         let steps = sd
             .params_check()
-            .denoising_steps(&job.params)
+            .unet_evaluations(&job.params)
             .unwrap_or(job.params.steps);
         job.progress
             .send_replace(Progress::Running { step: 0, steps });

@@ -149,9 +149,9 @@ impl ParamsCheck {
         self.plan(p).map(drop)
     }
 
-    /// How many denoising steps (UNet evaluations) the request runs: its steps, or more
-    /// where the scheduler adds some (PNDM's warm-up), or its strength's share of them.
-    pub fn denoising_steps(&self, p: &GenerateParams) -> Result<usize> {
+    /// The UNet evaluations the request runs, as the pipeline's step events count them:
+    /// [`GenerateParams::denoising_steps`] plus any the scheduler adds (PNDM's warm-up).
+    pub fn unet_evaluations(&self, p: &GenerateParams) -> Result<usize> {
         let plan = self.plan(p)?;
         Ok(plan.scheduler.timesteps().len().saturating_sub(plan.begin))
     }

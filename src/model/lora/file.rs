@@ -107,10 +107,7 @@ struct Pair {
 impl LoraFile {
     /// Reads a LoRA `.safetensors` file; `name` is what requests and messages call it.
     pub fn open(path: &Path, name: &str) -> Result<LoraFile> {
-        let error = |message: String| Error::Weights {
-            path: path.to_path_buf(),
-            message: format!("LoRA `{name}`: {message}"),
-        };
+        let error = |message: String| lora_error(path, name, message);
         let extension = path.extension().and_then(|e| e.to_str()).unwrap_or("");
         if extension != "safetensors" {
             return Err(error(format!(
@@ -219,6 +216,18 @@ impl LoraFile {
 
     pub fn layers(&self) -> &[LoraLayer] {
         &self.layers
+    }
+
+    /// An error about this file.
+    pub(crate) fn error(&self, message: String) -> Error {
+        lora_error(&self.path, &self.name, message)
+    }
+}
+
+fn lora_error(path: &Path, name: &str, message: String) -> Error {
+    Error::Weights {
+        path: path.to_path_buf(),
+        message: format!("LoRA `{name}`: {message}"),
     }
 }
 

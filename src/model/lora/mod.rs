@@ -18,7 +18,7 @@ use std::collections::HashMap;
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, Instant};
 
-use crate::error::{Error, Result};
+use crate::error::Result;
 use crate::model::config::{PerLevel, UNetConfig};
 pub use crate::model::lora::file::{LoraFile, LoraLayer};
 use crate::model::single_file::original_unet_module;
@@ -337,14 +337,4 @@ fn merged_weight(base: &Tensor, parts: &[LayerChange]) -> Result<Tensor> {
         *w += d;
     }
     Tensor::from_vec(merged, &shape, &base.device())
-}
-
-impl LoraFile {
-    /// An error about this file.
-    pub(crate) fn error(&self, message: String) -> Error {
-        Error::Weights {
-            path: self.path().to_path_buf(),
-            message: format!("LoRA `{}`: {message}", self.name()),
-        }
-    }
 }
