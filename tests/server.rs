@@ -291,6 +291,61 @@ fn health_says_loading_until_the_model_is_ready() {
     assert_eq!(r.status, 200, "{}", r.text());
 }
 
+/// /health says what the GPU runs: the backend, the features the device enabled and the
+/// kernel variants chosen (the log's startup line says the same); nothing of it on the CPU.
+#[test]
+fn health_names_the_gpu_backend_its_features_and_kernel_variants() {
+    let cpu = Server::start(&model_dir("sd1"), &[]);
+    assert_eq!(
+        cpu.wait_ready().get("/health").json()["gpu"],
+        serde_json::Value::Null
+    );
+    if !common::devices().iter().any(|(name, _)| name == "gpu") {
+        return; // common::devices() said loudly why there is no GPU run.
+    }
+    let server = Server::start_on("gpu", &model_dir("sd1"), &[]);
+    let health = server.wait_ready().get("/health").json();
+    let gpu = &health["gpu"];
+    let backend = gpu["backend"].as_str().expect("gpu.backend");
+    assert!(["Vulkan", "Metal", "Dx12"].contains(&backend), "{gpu}");
+    let enabled: Vec<&str> = gpu["features_enabled"]
+        .as_array()
+        .expect("gpu.features_enabled")
+        .iter()
+        .filter_map(|f| f.as_str())
+        .collect();
+    let shader: Vec<&str> = gpu["shader_features"]
+        .as_array()
+        .expect("gpu.shader_features")
+        .iter()
+        .filter_map(|f| f.as_str())
+        .collect();
+    // Each choice agrees with the features the device was opened with.
+    let f16 = shader.contains(&"f16");
+    assert_eq!(f16, enabled.contains(&"SHADER_F16"), "{gpu}");
+    assert_eq!(
+        f16,
+        gpu["weights"].as_str().unwrap().starts_with("f16"),
+        "{gpu}"
+    );
+    let coop = shader.contains(&"cooperative_matrix");
+    assert_eq!(
+        coop,
+        enabled.contains(&"EXPERIMENTAL_COOPERATIVE_MATRIX"),
+        "{gpu}"
+    );
+    let products = gpu["matrix_products"].as_str().unwrap();
+    assert_eq!(coop, products.starts_with("cooperative"), "{gpu}");
+    assert_eq!(!coop, products.starts_with("SIMT"), "{gpu}");
+    let log = server.log.lock().unwrap().clone();
+    let line = log
+        .lines()
+        .find(|l| l.contains("GPU: "))
+        .unwrap_or_else(|| panic!("{log}"));
+    assert!(line.contains(&format!("on {backend}")), "{line}");
+    assert!(line.contains(products), "{line}");
+}
+
 #[test]
 fn a_model_that_fails_to_load_is_reported_and_the_server_stays_up() {
     let (_tmp, dir) = copy_fixture("sd1");

@@ -27,6 +27,7 @@ use crate::engine::{Engine, ModelState, SubmitError};
 use crate::model::lora::library::LoraLibrary;
 use crate::model::lora::LoraChoice;
 use crate::pipeline::{GenerateParams, Generated};
+use crate::tensor::Device;
 
 /// What every handler sees.
 pub struct AppState {
@@ -141,6 +142,11 @@ async fn health(State(app): State<Arc<AppState>>) -> Json<Value> {
         },
         "model": engine.model_name(),
         "backend": engine.device().to_string(),
+        // On a GPU: its backend (Vulkan/Metal/DX12), features and chosen kernel variants.
+        "gpu": match engine.device() {
+            Device::Gpu(gpu) => serde_json::to_value(gpu.selection()).unwrap_or(Value::Null),
+            Device::Cpu => Value::Null,
+        },
         "busy": engine.busy(),
         "queue_length": engine.queued(),
         "queue_capacity": engine.queue_capacity(),

@@ -79,11 +79,16 @@ impl Server {
     /// Starts `sd-wgpu serve --model <model> --port 0 --backend cpu <extra...>` with
     /// `HF_HUB_OFFLINE=1` and waits until it listens (not until the model is loaded).
     pub fn start(model: &Path, extra: &[&str]) -> Server {
+        Server::start_on("cpu", model, extra)
+    }
+
+    /// [`Server::start`] on `backend` (`cpu` or `gpu`).
+    pub fn start_on(backend: &str, model: &Path, extra: &[&str]) -> Server {
         let mut child = Command::new(env!("CARGO_BIN_EXE_sd-wgpu"))
             .arg("serve")
             .arg("--model")
             .arg(model)
-            .args(["--host", "127.0.0.1", "--port", "0", "--backend", "cpu"])
+            .args(["--host", "127.0.0.1", "--port", "0", "--backend", backend])
             .args(extra)
             .env("RUST_LOG", "info")
             // Tests run side by side on few cores: one compute thread per server.

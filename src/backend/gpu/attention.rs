@@ -38,6 +38,24 @@ const ATTENTION_COOP: [Kernel; 10] = {
         k.with_constant("NC", 10),
     ]
 };
+/// Every kernel of this family, for the translation test (see `super::kernels`).
+pub(super) const KERNELS: &[Kernel] = &[
+    SOFTMAX,
+    ATTENTION,
+    ATTENTION_W40,
+    ATTENTION_W64,
+    ATTENTION_COOP[0],
+    ATTENTION_COOP[1],
+    ATTENTION_COOP[2],
+    ATTENTION_COOP[3],
+    ATTENTION_COOP[4],
+    ATTENTION_COOP[5],
+    ATTENTION_COOP[6],
+    ATTENTION_COOP[7],
+    ATTENTION_COOP[8],
+    ATTENTION_COOP[9],
+];
+
 /// The widest head `ATTENTION_COOP` takes: its q fragments and outputs live in registers.
 const COOP_MAX_HEAD_DIM: usize = 160;
 /// Queries per `ATTENTION_COOP` workgroup (`AQ`; 128 threads, 16 queries per subgroup).

@@ -28,11 +28,15 @@ use crate::shader;
 use crate::tensor::params::Conv2dParams;
 use crate::tensor::params::MatmulDims;
 
-const CONV2D: Kernel = Kernel::new(shader!("conv"), "conv2d");
+const CONV2D: Kernel = Kernel::new(shader!("conv"), "conv2d").reading_weights();
 /// The im2col rows of a range of output pixels (see the module documentation).
 const IM2COL: Kernel = Kernel::new(shader!("conv"), "im2col");
 /// A `[pixel][oc]` product's rows into the NCHW output.
 const ROWS_TO_NCHW: Kernel = Kernel::new(shader!("conv"), "rows_to_nchw");
+
+/// Every kernel of this family, for the translation test (see `super::kernels`).
+pub(super) const KERNELS: &[Kernel] = &[CONV2D, IM2COL, ROWS_TO_NCHW];
+
 /// The most elements of one im2col buffer (256 MiB of f32): the product's rows are taken in
 /// ranges that stay under it (and under the binding limit).
 const COLUMN_BUDGET: usize = 64 << 20;

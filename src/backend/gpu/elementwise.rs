@@ -18,7 +18,10 @@ const BINARY: Kernel = Kernel::new(shader!("elementwise"), "binary");
 const AXPBY: Kernel = Kernel::new(shader!("elementwise"), "axpby");
 const GEGLU: Kernel = Kernel::new(shader!("elementwise"), "geglu");
 /// Widens its input to f32; built with f16 weights (`W`) for f16 inputs.
-const WIDEN: Kernel = Kernel::new(shader!("elementwise"), "widen");
+const WIDEN: Kernel = Kernel::new(shader!("elementwise"), "widen").reading_weights();
+
+/// Every kernel of this family, for the translation test (see `super::kernels`).
+pub(super) const KERNELS: &[Kernel] = &[UNARY, BINARY, AXPBY, GEGLU, WIDEN];
 
 /// Highest rank the broadcasting kernel takes (`MAX_RANK` in the shader).
 const MAX_RANK: usize = 8;

@@ -25,7 +25,10 @@ use crate::tensor::params::nearest_source;
 
 const STRIDED_COPY: Kernel = Kernel::new(shader!("layout"), "strided_copy");
 const UPSAMPLE: Kernel = Kernel::new(shader!("layout"), "upsample_nearest");
-const GATHER: Kernel = Kernel::new(shader!("layout"), "gather_rows");
+const GATHER: Kernel = Kernel::new(shader!("layout"), "gather_rows").reading_weights();
+
+/// Every kernel of this family, for the translation test (see `super::kernels`).
+pub(super) const KERNELS: &[Kernel] = &[STRIDED_COPY, UPSAMPLE, GATHER];
 
 /// Highest rank the strided copy takes, after merging contiguous dimensions (`MAX_RANK` in
 /// the shader).

@@ -18,23 +18,35 @@ use crate::shader;
 use crate::tensor::params::MatmulDims;
 
 /// `lhs @ rhs`, any shape (scalar loads).
-const MATMUL_NN: Kernel = Kernel::new(shader!("matmul"), "matmul_nn");
+const MATMUL_NN: Kernel = Kernel::new(shader!("matmul"), "matmul_nn").reading_weights();
 /// `lhs @ rhs` with vec4 loads: k % 4 == 0 and n % 4 == 0.
-const MATMUL_NN_VEC4: Kernel = Kernel::new(shader!("matmul"), "matmul_nn_vec4");
+const MATMUL_NN_VEC4: Kernel = Kernel::new(shader!("matmul"), "matmul_nn_vec4").reading_weights();
 /// `lhs @ rhs^T`, any shape (scalar loads).
-const MATMUL_NT: Kernel = Kernel::new(shader!("matmul"), "matmul_nt");
+const MATMUL_NT: Kernel = Kernel::new(shader!("matmul"), "matmul_nt").reading_weights();
 /// `lhs @ rhs^T` with vec4 loads: k % 4 == 0.
-const MATMUL_NT_VEC4: Kernel = Kernel::new(shader!("matmul"), "matmul_nt_vec4");
+const MATMUL_NT_VEC4: Kernel = Kernel::new(shader!("matmul"), "matmul_nt_vec4").reading_weights();
 
 /// `lhs @ rhs^T` on cooperative matrices (gemm_coop.wgsl), 128 x 128 tiles, where the
 /// device has them (`GpuContext::coop`).
-const MATMUL_NT_COOP: Kernel = Kernel::cooperative(shader!("gemm_coop"), "matmul_nt_coop");
+const MATMUL_NT_COOP: Kernel =
+    Kernel::cooperative(shader!("gemm_coop"), "matmul_nt_coop").reading_weights();
 /// Output rows and columns per workgroup of `MATMUL_NT_COOP` (`TM`, `TN` in the shader).
 const COOP_TILE: usize = 128;
 /// `MATMUL_NT_COOP`'s K slice (`TK`): a split of K is a multiple of it.
 const COOP_SLICE: usize = 32;
 /// Adds the partial products of a split K (and the bias).
 const SPLIT_SUM: Kernel = Kernel::new(shader!("matmul"), "split_sum");
+
+/// Every kernel of this family, for the translation test (see `super::kernels`).
+pub(super) const KERNELS: &[Kernel] = &[
+    MATMUL_NN,
+    MATMUL_NN_VEC4,
+    MATMUL_NT,
+    MATMUL_NT_VEC4,
+    MATMUL_NT_COOP,
+    SPLIT_SUM,
+];
+
 /// Workgroups a cooperative product should have before K is split: about two per
 /// multiprocessor of a large GPU (132 on the H200). Measured there: products with 40
 /// workgroups and K = 11520 (the UNet's 1280-channel convolutions at 16x16) ran at 8 TFLOP/s,

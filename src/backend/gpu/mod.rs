@@ -16,9 +16,31 @@ pub mod matmul;
 pub mod norm;
 pub mod profile;
 mod storage;
+#[cfg(test)]
+mod translation;
 
-pub use context::{adapters, GpuDevice};
+pub use context::{adapters, GpuDevice, ShaderFeature};
 pub use storage::GpuStorage;
+
+use context::Kernel;
+
+/// Every kernel variant this backend may build: each family's kernels, each in every
+/// variant ([`Kernel::variants`]). Which of them a device selects depends on its features
+/// and backend ([`context::SHADER_FEATURES`]); the translation test checks them all.
+pub fn kernels() -> Vec<Kernel> {
+    [
+        attention::KERNELS,
+        conv::KERNELS,
+        elementwise::KERNELS,
+        layout::KERNELS,
+        matmul::KERNELS,
+        norm::KERNELS,
+    ]
+    .concat()
+    .iter()
+    .flat_map(Kernel::variants)
+    .collect()
+}
 
 /// The device kernel tests run on, or `None` (said loudly) where no adapter exists at all.
 #[cfg(test)]

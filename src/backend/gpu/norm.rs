@@ -24,6 +24,9 @@ const PARTIALS: Kernel = Kernel::new(shader!("norm"), "partials");
 const FINALIZE: Kernel = Kernel::new(shader!("norm"), "finalize");
 const APPLY: Kernel = Kernel::new(shader!("norm"), "apply");
 
+/// Every kernel of this family, for the translation test (see `super::kernels`).
+pub(super) const KERNELS: &[Kernel] = &[FUSED, PARTIALS, FINALIZE, APPLY];
+
 /// Threads per workgroup of every norm kernel (`WG` and `@workgroup_size(WG)` in the shader).
 const WORKGROUP: u32 = 256;
 /// Values each thread holds while reducing a chunk (`ITEMS` in the shader).

@@ -4,6 +4,7 @@
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 
+use super::features::{Selection, ShaderFeature};
 use super::launch::BindCache;
 use super::submit::Pending;
 use super::{lock, GpuContext, GpuDevice};
@@ -38,25 +39,45 @@ fn rank(info: &wgpu::AdapterInfo) -> u8 {
     }
 }
 
-/// Whether gemm_coop.wgsl's kernels can run on `adapter`, and are wanted: it has
-/// cooperative matrices with 16x16x16 f16 -> f32 blocks, f16 and subgroups, and its
-/// subgroups are always 32 wide (the kernels split a 256-thread workgroup into 8
-/// subgroups); `SD_GPU_COOP=0` turns them off (the SIMT kernels then run, all in f32).
-pub fn cooperative_matrices_usable(adapter: &wgpu::Adapter) -> bool {
-    let off = std::env::var("SD_GPU_COOP").is_ok_and(|v| v.trim() == "0");
-    let needed = wgpu::Features::EXPERIMENTAL_COOPERATIVE_MATRIX
-        | wgpu::Features::SHADER_F16
-        | wgpu::Features::SUBGROUP;
+/// Whether the cooperative-matrix kernels (gemm_coop.wgsl, attention_coop.wgsl) can run on
+/// `adapter` and are wanted, or why not: the backend may select them and the adapter offers
+/// their features ([`ShaderFeature::usable`]), it has 16x16x16 f16 -> f32 blocks, and its
+/// subgroups are always 32 wide (the kernels split a 256-thread workgroup into 8 subgroups);
+/// `SD_GPU_COOP=0` turns them off (the SIMT kernels then run, all in f32).
+pub fn cooperative_matrices(adapter: &wgpu::Adapter) -> std::result::Result<(), &'static str> {
     let info = adapter.get_info();
     let shape = adapter.cooperative_matrix_properties().iter().any(|m| {
         (m.m_size, m.n_size, m.k_size) == (16, 16, 16)
             && m.ab_type == wgpu::CooperativeScalarType::F16
             && m.cr_type == wgpu::CooperativeScalarType::F32
     });
-    !off && adapter.features().contains(needed)
-        && shape
-        && info.subgroup_min_size == 32
-        && info.subgroup_max_size == 32
+    if std::env::var("SD_GPU_COOP").is_ok_and(|v| v.trim() == "0") {
+        Err("SD_GPU_COOP=0")
+    } else if !ShaderFeature::CooperativeMatrix.selectable_on(info.backend) {
+        Err("not selected on this backend")
+    } else if !ShaderFeature::CooperativeMatrix.usable(adapter) {
+        Err("the adapter lacks cooperative matrices, SHADER_F16, SUBGROUP or 40 KiB of workgroup memory")
+    } else if !shape {
+        Err("no 16x16x16 f16 -> f32 cooperative matrices")
+    } else if (info.subgroup_min_size, info.subgroup_max_size) != (32, 32) {
+        Err("subgroups are not always 32 wide")
+    } else {
+        Ok(())
+    }
+}
+
+/// Whether f16 weights stay f16 on `adapter`, or why not (see [`GpuDevice`]).
+fn f16_weights(adapter: &wgpu::Adapter) -> std::result::Result<(), &'static str> {
+    let info = adapter.get_info();
+    if std::env::var("SD_GPU_F16").is_ok_and(|v| v.trim() == "0") {
+        Err("SD_GPU_F16=0")
+    } else if !ShaderFeature::F16.selectable_on(info.backend) {
+        Err("not selected on this backend")
+    } else if !ShaderFeature::F16.usable(adapter) {
+        Err("no SHADER_F16")
+    } else {
+        Ok(())
+    }
 }
 
 /// Whether an adapter is a software rasteriser (llvmpipe, SwiftShader, WARP).
@@ -99,8 +120,6 @@ impl GpuDevice {
         let info = adapter.get_info();
         // The adapter's own limits, not WebGPU's defaults (128 MiB bindings, small buffers).
         let limits = adapter.limits();
-        let f16_off = std::env::var("SD_GPU_F16").is_ok_and(|v| v.trim() == "0");
-        let f16 = adapter.features().contains(wgpu::Features::SHADER_F16) && !f16_off;
         let timestamps = adapter.features().contains(wgpu::Features::TIMESTAMP_QUERY);
         if profile && !timestamps {
             tracing::warn!(
@@ -109,18 +128,20 @@ impl GpuDevice {
             );
         }
         let profile = profile && timestamps;
-        let coop = cooperative_matrices_usable(&adapter);
+        let f16 = f16_weights(&adapter);
+        let coop = cooperative_matrices(&adapter);
         let mut required_features = wgpu::Features::empty();
-        if f16 || coop {
-            required_features |= wgpu::Features::SHADER_F16;
+        if f16.is_ok() {
+            required_features |= ShaderFeature::F16.support().wgpu_features;
         }
-        if coop {
-            required_features |=
-                wgpu::Features::EXPERIMENTAL_COOPERATIVE_MATRIX | wgpu::Features::SUBGROUP;
+        if coop.is_ok() {
+            required_features |= ShaderFeature::CooperativeMatrix.support().wgpu_features;
         }
         if profile {
             required_features |= wgpu::Features::TIMESTAMP_QUERY;
         }
+        let selection = Selection::new(&info, required_features, f16, coop);
+        let (f16, coop) = (f16.is_ok(), coop.is_ok());
         let (device, queue) = pollster::block_on(adapter.request_device(&wgpu::DeviceDescriptor {
             label: Some("sd-wgpu"),
             required_features,
@@ -150,20 +171,7 @@ impl GpuDevice {
                 slot.get_or_insert_with(|| e.to_string());
             }
         }));
-        tracing::info!(
-            "GPU adapter: {} ({:?}, {:?}), cooperative matrices: {}, f16 weights: {}",
-            info.name,
-            info.device_type,
-            info.backend,
-            if coop { "used" } else { "no" },
-            if f16 {
-                "kept"
-            } else if f16_off {
-                "widened (SD_GPU_F16=0)"
-            } else {
-                "widened (no SHADER_F16)"
-            }
-        );
+        tracing::info!("GPU: {}", selection.summary());
         let profiler = profile.then(|| Profiler::new(&queue));
         if let Some(p) = &profiler {
             tracing::info!(
@@ -180,6 +188,7 @@ impl GpuDevice {
             coop,
             cooperative_matrices: adapter.cooperative_matrix_properties(),
             f16,
+            selection,
             pending: Mutex::new(Pending::default()),
             pipelines: Mutex::new(HashMap::new()),
             binds: Mutex::new(BindCache::default()),
@@ -223,6 +232,7 @@ impl GpuDevice {
                 "cooperative_matrix": f.contains(wgpu::Features::EXPERIMENTAL_COOPERATIVE_MATRIX),
                 "timestamp_query": f.contains(wgpu::Features::TIMESTAMP_QUERY),
             },
+            "selection": c.selection,
             "f16_weights_kept": c.f16,
             "cooperative_matrices_used": c.coop,
             "subgroup_size": [c.info.subgroup_min_size, c.info.subgroup_max_size],

@@ -17,6 +17,9 @@ pub struct Kernel {
     pub file: &'static str,
     pub source: &'static str,
     pub entry: &'static str,
+    /// Reads a weight operand that may be f16: has an f16-weight variant
+    /// ([`Kernel::reading_weights`]).
+    pub reads_weights: bool,
     /// Built with half-precision weights: see [`Kernel::with_f16_weights`].
     pub f16_weights: bool,
     /// Uses cooperative matrices (and f16): only for devices with `GpuContext::coop`.
@@ -75,6 +78,7 @@ impl Kernel {
             file: file.0,
             source: file.1,
             entry,
+            reads_weights: false,
             f16_weights: false,
             cooperative: false,
             constant: None,
@@ -98,12 +102,35 @@ impl Kernel {
         }
     }
 
+    /// This kernel, declared as one that reads a weight which may be f16: it has an
+    /// f16-weight variant ([`Kernel::with_f16_weights`]), and [`Kernel::variants`] lists it.
+    pub const fn reading_weights(self) -> Self {
+        Kernel {
+            reads_weights: true,
+            ..self
+        }
+    }
+
+    /// Every variant of this kernel the host may build: itself and, for a kernel that reads
+    /// weights, its f16-weight variant.
+    pub fn variants(&self) -> Vec<Kernel> {
+        let mut all = vec![*self];
+        if self.reads_weights {
+            all.push(self.with_f16_weights());
+        }
+        all
+    }
+
     /// The variant reading f16 weights: one WGSL source serves both element types. A
     /// shader that takes weights reads them as `f32(w[i])` (or `vec4<f32>(w4[i])`) through
     /// `alias W`, accumulating in f32; this variant's header enables f16 and declares
     /// `alias W = f16;`. Only for devices with f16 storage (`GpuContext::f16`), the only
     /// ones that hold f16 tensors.
     pub const fn with_f16_weights(self) -> Self {
+        assert!(
+            self.reads_weights,
+            "an f16-weight variant of a kernel that reads no weights"
+        );
         Kernel {
             f16_weights: true,
             ..self
@@ -130,69 +157,5 @@ impl Kernel {
     /// The WGSL this kernel compiles from.
     pub fn wgsl(&self) -> String {
         format!("{}{}", self.header(), self.source)
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    /// Every shader file in every variant the host builds (f32 and f16 weights; the
-    /// cooperative-matrix ones with their header) parses, validates with every capability
-    /// and translates to SPIR-V: checked here, where no adapter may run them.
-    #[test]
-    fn every_kernel_variant_compiles_to_spirv() {
-        use super::Kernel;
-        let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("shaders");
-        let mut files: Vec<_> = std::fs::read_dir(&dir)
-            .unwrap()
-            .map(|e| e.unwrap().path())
-            .filter(|p| p.extension().is_some_and(|e| e == "wgsl"))
-            .collect();
-        files.sort();
-        assert!(files.len() >= 7, "{files:?}");
-        for path in files {
-            let source: &'static str =
-                Box::leak(std::fs::read_to_string(&path).unwrap().into_boxed_str());
-            let name = path.file_name().unwrap().to_string_lossy().to_string();
-            let cooperative = source.contains("coop_mat");
-            for f16 in [false, true] {
-                let mut kernel = if cooperative {
-                    Kernel::cooperative(("test", source), "")
-                } else {
-                    Kernel::new(("test", source), "")
-                };
-                if f16 {
-                    kernel = kernel.with_f16_weights();
-                }
-                let what = format!("{name} (f16 weights: {f16})");
-                let module = naga::front::wgsl::parse_str(&kernel.wgsl())
-                    .unwrap_or_else(|e| panic!("{what}: {}", e.emit_to_string(source)));
-                let info = naga::valid::Validator::new(
-                    naga::valid::ValidationFlags::all(),
-                    naga::valid::Capabilities::all(),
-                )
-                .validate(&module)
-                .unwrap_or_else(|e| panic!("{what}: {e:?}"));
-                let options = naga::back::spv::Options {
-                    lang_version: (1, 6),
-                    ..Default::default()
-                };
-                // Overrides at their defaults (the host sets them per variant).
-                let (module, info) = naga::back::pipeline_constants::process_overrides(
-                    &module,
-                    &info,
-                    None,
-                    &Default::default(),
-                )
-                .unwrap_or_else(|e| panic!("{what}: {e}"));
-                for entry in &module.entry_points {
-                    let pipeline = naga::back::spv::PipelineOptions {
-                        shader_stage: naga::ShaderStage::Compute,
-                        entry_point: entry.name.clone(),
-                    };
-                    naga::back::spv::write_vec(&module, &info, &options, Some(&pipeline))
-                        .unwrap_or_else(|e| panic!("{what}: {}: {e}", entry.name));
-                }
-            }
-        }
     }
 }

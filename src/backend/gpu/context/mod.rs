@@ -1,10 +1,12 @@
 //! The wgpu device, by concern: [`adapter`] (adapter choice, capabilities, opening the
-//! device), [`kernel`] (kernels and their variants), [`launch`] (pipelines, bind groups,
+//! device), [`features`] (the shader features variants use and where each may be
+//! selected), [`kernel`] (kernels and their variants), [`launch`] (pipelines, bind groups,
 //! dispatches), [`submit`] (the pending command encoder, submission, errors, read-backs) and
 //! [`pool`] (the buffer pool, uploads). This module holds the state they share
 //! ([`GpuContext`]) and the public handle ([`GpuDevice`]).
 
 mod adapter;
+mod features;
 mod kernel;
 mod launch;
 mod pool;
@@ -13,7 +15,8 @@ mod submit;
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 
-pub use adapter::{adapters, cooperative_matrices_usable, is_software, names};
+pub use adapter::{adapters, cooperative_matrices, is_software, names};
+pub use features::{FeatureSupport, Selection, ShaderFeature, SHADER_FEATURES};
 pub use kernel::{Kernel, WORKGROUP_1D};
 use launch::BindCache;
 use submit::Pending;
@@ -34,11 +37,13 @@ pub(crate) struct GpuContext {
     /// The cooperative-matrix (tensor core) shapes and types the adapter reports.
     pub cooperative_matrices: Vec<wgpu::CooperativeMatrixProperties>,
     /// Whether the matrix products and convolutions run on cooperative matrices
-    /// (gemm_coop.wgsl): see [`cooperative_matrices_usable`].
+    /// (gemm_coop.wgsl): see [`cooperative_matrices`].
     pub coop: bool,
     /// Whether f16 weights stay f16 on the device (the adapter has `SHADER_F16` and
     /// `SD_GPU_F16` is not `0`): see [`GpuDevice`].
     pub f16: bool,
+    /// The features enabled and the variants chosen, for the log and /health.
+    pub selection: Selection,
     pending: Mutex<Pending>,
     binds: Mutex<BindCache>,
     /// Each kernel's pipeline and its bind group layout (fetched once: wgpu makes a new
@@ -141,6 +146,11 @@ impl GpuDevice {
     /// Whether matrix products and convolutions run on cooperative matrices.
     pub fn uses_cooperative_matrices(&self) -> bool {
         self.0.coop
+    }
+
+    /// Its backend, the features it enabled and the kernel variants it selects.
+    pub fn selection(&self) -> &Selection {
+        &self.0.selection
     }
 
     /// Whether f16 weights stay f16 on this device (see the type's documentation).
