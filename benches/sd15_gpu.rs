@@ -783,12 +783,12 @@ fn fixture_images(o: &Options, device: &Device) -> Result<Value> {
     let mut failures = Vec::new();
     for (index, case) in cases.iter().enumerate() {
         let name = image_cases::describe(index, case);
-        let fixture = case["fixture"].as_str().unwrap_or("?").to_string();
-        if !models.contains_key(&fixture) {
-            let sd = StableDiffusion::load(&o.fixtures.join("models").join(&fixture), device)?;
-            models.insert(fixture.clone(), sd);
+        let key = image_cases::model_key(case);
+        if !models.contains_key(&key) {
+            let sd = image_cases::load_model(case, &o.fixtures, device).map_err(Error::Other)?;
+            models.insert(key.clone(), sd);
         }
-        match image_cases::run_case(&models[&fixture], case, &reference, &name) {
+        match image_cases::run_case(&models[&key], case, &reference, &name) {
             Ok(d) => {
                 passed += 1;
                 worst_max = worst_max.max(d.max);

@@ -15,6 +15,7 @@ use sd_wgpu::engine::{Engine, EngineConfig};
 use sd_wgpu::model::hub::DEFAULT_MODEL;
 use sd_wgpu::model::lora::{LoraChoice, LoraFile};
 use sd_wgpu::model::prompt_syntax::PromptSyntax;
+use sd_wgpu::model::source::ModelOptions;
 use sd_wgpu::pipeline::noise::random_seed;
 use sd_wgpu::pipeline::{GenerateParams, InitImage, MaskImage, RgbImage, StableDiffusion};
 use sd_wgpu::server::{ConnectionLimits, JobRetention, Limits, ServerConfig};
@@ -49,6 +50,12 @@ struct ModelArgs {
     /// from_single_file(..., config=DIR).
     #[arg(long, env = "SD_MODEL_CONFIG")]
     model_config: Option<PathBuf>,
+    /// A VAE in place of the model's (e.g. madebyollin/sdxl-vae-fp16-fix): a diffusers VAE
+    /// folder (config.json + diffusion_pytorch_model.safetensors), a name under weights/ or a
+    /// Hub id found and fetched as --model is, or one .safetensors file in diffusers' names or
+    /// the original layout (AUTOMATIC1111's VAE files), read under the model's VAE config.
+    #[arg(long, env = "SD_VAE")]
+    vae: Option<PathBuf>,
     /// auto: a hardware GPU when there is one, else the CPU.
     #[arg(long, value_enum, default_value_t = BackendChoice::Auto, env = "SD_BACKEND")]
     backend: BackendChoice,
@@ -58,6 +65,13 @@ struct ModelArgs {
 }
 
 impl ModelArgs {
+    fn options(&self) -> ModelOptions {
+        ModelOptions {
+            config: self.model_config.clone(),
+            vae: self.vae.clone(),
+        }
+    }
+
     fn device(&self) -> Result<Device> {
         let device = select_device(self.backend, self.gpu_adapter.as_deref())?;
         tracing::info!("backend: {device}");
@@ -327,8 +341,8 @@ fn run(cli: Cli) -> Result<()> {
             // be found leaves the service up, reporting why in /health.
             let device = model.device()?;
             let (engine, worker) = Engine::new(EngineConfig {
+                model_options: model.options(),
                 model: model.model,
-                model_config: model.model_config,
                 device,
                 queue_capacity: queue_size,
                 measure_step_cost: request_timeout > 0,
@@ -417,8 +431,7 @@ fn run(cli: Cli) -> Result<()> {
             let device = model.device()?;
             let t0 = Instant::now();
             tracing::info!("loading {} on {device}", model.model.display());
-            let sd =
-                StableDiffusion::load_named(&model.model, model.model_config.as_deref(), &device)?;
+            let sd = StableDiffusion::load_named(&model.model, &model.options(), &device)?;
             let load_time = t0.elapsed();
             let defaults = sd.defaults();
             let (width, height) = output_size(

@@ -200,10 +200,11 @@ fn model_config_folders_of_single_files_are_validated_the_same_way() {
         serde_json::json!(-0.5),
     );
     let single = common::model_dir("sd1_single.safetensors");
-    let msg = match StableDiffusion::load_with_config(&single, Some(&config), &Device::Cpu) {
-        Ok(_) => panic!("a --model-config with scaling_factor -0.5 loaded"),
-        Err(e) => e.to_string(),
-    };
+    let msg =
+        match StableDiffusion::load_with(&single, &common::config_options(&config), &Device::Cpu) {
+            Ok(_) => panic!("a --model-config with scaling_factor -0.5 loaded"),
+            Err(e) => e.to_string(),
+        };
     assert_mentions(
         &msg,
         &[

@@ -17,6 +17,10 @@
 //!   text encoder, LoCon convolutions) and PEFT files with diffusers' metadata, alpha !=
 //!   rank, two LoRAs at once with their own scales, a negative scale, on sd1 and sd2; on
 //!   SDXL kohya's original-UNet names with both text encoders, PEFT, and the two together.
+//! - A replacement VAE (`--vae`): the pipeline given another `vae=`, saved by
+//!   tools/fixtures/vae.py (`reference/vae.json` + `reference/vae/`): a diffusers VAE folder
+//!   with its own scaling factor on SDXL, AUTOMATIC1111-style original-layout files under
+//!   the model's VAE config on SDXL and SD 1.x.
 //!
 //! The cases and the pass rule live in common/image_cases.rs, which the GPU bench shares.
 
@@ -25,7 +29,7 @@ use std::collections::HashMap;
 use sd_wgpu::pipeline::StableDiffusion;
 
 mod common;
-use common::image_cases::{describe, read_cases, run_case};
+use common::image_cases::{describe, load_model, model_key, read_cases, run_case};
 
 #[test]
 fn images_match_diffusers_for_every_case() {
@@ -47,6 +51,11 @@ fn sdxl_images_match_diffusers_for_every_case() {
     all_cases_match("sdxl.json", 11);
 }
 
+#[test]
+fn images_with_a_replacement_vae_match_diffusers_for_every_case() {
+    all_cases_match("vae.json", 3);
+}
+
 /// Runs every case of `file` on every device; at least `min_cases` must be there.
 fn all_cases_match(file: &str, min_cases: usize) {
     let reference = common::reference("");
@@ -57,19 +66,16 @@ fn all_cases_match(file: &str, min_cases: usize) {
         cases.len()
     );
 
-    // Each fixture model is loaded once per device and shared by its cases.
+    // Each model is loaded once per device and shared by its cases.
     let mut models: HashMap<(String, String), StableDiffusion> = HashMap::new();
     let mut failures = Vec::new();
     for (device_name, device) in common::devices() {
         for (index, case) in cases.iter().enumerate() {
             let name = format!("{} on {device_name}", describe(index, case));
-            let fixture = case["fixture"].as_str().expect("fixture");
             let sd = models
-                .entry((fixture.to_string(), device_name.clone()))
+                .entry((model_key(case), device_name.clone()))
                 .or_insert_with(|| {
-                    StableDiffusion::load(&common::model_dir(fixture), &device).unwrap_or_else(
-                        |e| panic!("{fixture}: loading the model folder on {device} failed: {e}"),
-                    )
+                    load_model(case, &common::fixtures(), &device).unwrap_or_else(|e| panic!("{e}"))
                 });
             if let Err(message) = run_case(sd, case, &reference, &name) {
                 println!("FAILED {message}");

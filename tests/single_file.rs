@@ -77,8 +77,12 @@ fn single_file_gives_the_folders_images_on_every_device() {
         for name in ["sd1", "sd2", "sdxl"] {
             let (_tmp, config) = config_only(name);
             let folder = StableDiffusion::load(&common::model_dir(name), &device).unwrap();
-            let file = StableDiffusion::load_with_config(&single(name), Some(&config), &device)
-                .unwrap_or_else(|e| panic!("{name} single file on {device_name}: {e}"));
+            let file = StableDiffusion::load_with(
+                &single(name),
+                &common::config_options(&config),
+                &device,
+            )
+            .unwrap_or_else(|e| panic!("{name} single file on {device_name}: {e}"));
             assert_eq!(file.info().format, "single_file");
             assert_eq!(folder.info().format, "diffusers_folder");
             assert_eq!(file.info().family, Some(family(name)));
@@ -175,8 +179,12 @@ fn sdxl_tokenizers_default_to_the_built_in_ones() {
     let (_tmp, config) = config_only("sdxl");
     std::fs::remove_dir_all(config.join("tokenizer")).unwrap();
     std::fs::remove_dir_all(config.join("tokenizer_2")).unwrap();
-    let file =
-        StableDiffusion::load_with_config(&single("sdxl"), Some(&config), &Device::Cpu).unwrap();
+    let file = StableDiffusion::load_with(
+        &single("sdxl"),
+        &common::config_options(&config),
+        &Device::Cpu,
+    )
+    .unwrap();
     let info = file.info();
     assert!(info.tokenizer.contains("built-in"), "{info:?}");
     assert_eq!(

@@ -17,7 +17,7 @@ use std::time::Instant;
 use tokio::sync::{oneshot, watch};
 
 use crate::error::{Error, Result};
-use crate::model::source::ModelInfo;
+use crate::model::source::{ModelInfo, ModelOptions};
 use crate::pipeline::cost::StepCost;
 use crate::pipeline::{GenerateParams, Generated, ModelDefaults, ParamsCheck, StableDiffusion};
 use crate::tensor::interrupt::{self, Interrupt};
@@ -113,7 +113,8 @@ pub struct Engine {
     busy: AtomicBool,
     shutdown: AtomicBool,
     pub model: PathBuf,
-    pub model_config: Option<PathBuf>,
+    /// `--model-config` and `--vae`.
+    pub model_options: ModelOptions,
     /// What was loaded (folder or single file, configs, tokenizer), and what requests
     /// that leave them out get from it, once loaded.
     info: RwLock<Option<(ModelInfo, ModelDefaults)>>,
@@ -132,7 +133,8 @@ pub struct Engine {
 /// What an engine serves, and how.
 pub struct EngineConfig {
     pub model: PathBuf,
-    pub model_config: Option<PathBuf>,
+    /// `--model-config` and `--vae`.
+    pub model_options: ModelOptions,
     pub device: Device,
     /// Jobs that may wait while one runs.
     pub queue_capacity: usize,
@@ -159,7 +161,7 @@ impl Engine {
     pub fn new(config: EngineConfig) -> (Arc<Engine>, EngineWorker) {
         let EngineConfig {
             model,
-            model_config,
+            model_options,
             device,
             queue_capacity,
             measure_step_cost,
@@ -171,7 +173,7 @@ impl Engine {
             busy: AtomicBool::new(false),
             shutdown: AtomicBool::new(false),
             model,
-            model_config,
+            model_options,
             info: RwLock::new(None),
             device: RwLock::new(device),
             measure_step_cost,
@@ -427,8 +429,7 @@ impl Engine {
         let started = Instant::now();
         let device = self.device();
         tracing::info!("loading model {} on {device}", self.model.display());
-        let load =
-            || StableDiffusion::load_named(&self.model, self.model_config.as_deref(), &device);
+        let load = || StableDiffusion::load_named(&self.model, &self.model_options, &device);
         // A panic while loading fails the model (reported by /health), not the process.
         let loaded = std::panic::catch_unwind(AssertUnwindSafe(load)).unwrap_or_else(|panic| {
             Err(Error::Other(format!(
@@ -594,7 +595,7 @@ mod tests {
         // Timing a step is left out: on llvmpipe it costs ~10 s a load, and this loads twice.
         let engine = Engine::start(EngineConfig {
             model,
-            model_config: None,
+            model_options: Default::default(),
             device: Device::Gpu(gpu.clone()),
             queue_capacity: 2,
             measure_step_cost: false,

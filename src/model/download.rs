@@ -69,6 +69,66 @@ const CONFIGS: [&str; 5] = [
     "vae/config.json",
 ];
 
+/// What a repository must hold to be used: a whole text-to-image pipeline in diffusers
+/// layout (`--model`), or one component at its root, a VAE (`--vae`: `config.json` and
+/// `diffusion_pytorch_model.safetensors`, as madebyollin/sdxl-vae-fp16-fix has them).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum RepoKind {
+    Pipeline,
+    Vae,
+}
+
+impl RepoKind {
+    /// What it is called in messages.
+    pub fn what(self) -> &'static str {
+        match self {
+            RepoKind::Pipeline => "model",
+            RepoKind::Vae => "VAE",
+        }
+    }
+
+    /// What a local copy of it is, in messages.
+    pub fn folder(self) -> &'static str {
+        match self {
+            RepoKind::Pipeline => "diffusers model folder",
+            RepoKind::Vae => {
+                "diffusers VAE folder (config.json, diffusion_pytorch_model.safetensors)"
+            }
+        }
+    }
+
+    /// The files it needs, as `huggingface-cli download --include` patterns.
+    pub fn include(self) -> &'static str {
+        match self {
+            RepoKind::Pipeline => INCLUDE,
+            RepoKind::Vae => VAE_INCLUDE,
+        }
+    }
+
+    /// Its weights files (`xl`: with SDXL's second text encoder), each as its full-precision
+    /// and its fp16 path in the repository.
+    fn weight_files(self, xl: bool) -> Vec<[String; 2]> {
+        let pair = |dir: &str, stem: &str| {
+            [
+                format!("{dir}{stem}.safetensors"),
+                format!("{dir}{stem}.fp16.safetensors"),
+            ]
+        };
+        match self {
+            RepoKind::Pipeline => weights_of(xl)
+                .into_iter()
+                .map(|(component, stem)| pair(&format!("{component}/"), stem))
+                .collect(),
+            RepoKind::Vae => vec![pair("", VAE_STEM)],
+        }
+    }
+}
+
+/// The weights file stem of a VAE repository (diffusers' `AutoencoderKL`).
+const VAE_STEM: &str = "diffusion_pytorch_model";
+/// The files a VAE repository must have, as `huggingface-cli download --include` patterns.
+const VAE_INCLUDE: &str = r#""config.json" "diffusion_pytorch_model.safetensors""#;
+
 /// How to reach the Hub, from the environment.
 #[derive(Clone, Debug)]
 pub struct HubAccess {
@@ -119,10 +179,10 @@ impl HubAccess {
     }
 }
 
-/// The files of a snapshot folder that a pipeline needs and that are not there, by name
-/// (a weights file as `unet/diffusion_pytorch_model.fp16.safetensors (or .safetensors)`).
-/// Empty when the folder is complete.
-pub fn missing_in_snapshot(dir: &Path) -> Vec<String> {
+/// The files of a snapshot folder that a repository of `kind` needs and that are not
+/// there, by name (a weights file as `unet/diffusion_pytorch_model.fp16.safetensors (or
+/// .safetensors)`). Empty when the folder is complete.
+pub fn missing_in_snapshot(dir: &Path, kind: RepoKind) -> Vec<String> {
     let mut missing = Vec::new();
     let has = |rel: &str| dir.join(rel).is_file();
     // An SDXL snapshot has the second encoder's config once that was downloaded, and its
@@ -130,24 +190,35 @@ pub fn missing_in_snapshot(dir: &Path) -> Vec<String> {
     let xl = has(XL_CONFIG)
         || std::fs::read_to_string(dir.join("model_index.json"))
             .is_ok_and(|index| index.contains("\"text_encoder_2\""));
-    for config in CONFIGS.iter().copied().chain(xl.then_some(XL_CONFIG)) {
+    let configs: Vec<&str> = match kind {
+        RepoKind::Pipeline => CONFIGS
+            .iter()
+            .copied()
+            .chain(xl.then_some(XL_CONFIG))
+            .collect(),
+        RepoKind::Vae => vec!["config.json"],
+    };
+    for config in configs {
         if !has(config) {
             missing.push(config.to_string());
         }
     }
-    for tokenizer in tokenizers_of(xl) {
-        let complete = has(&format!("{tokenizer}/tokenizer.json"))
-            || has(&format!("{tokenizer}/vocab.json")) && has(&format!("{tokenizer}/merges.txt"));
-        if !complete {
-            missing.push(format!(
-                "{tokenizer}/ (vocab.json, merges.txt, tokenizer_config.json, special_tokens_map.json)"
-            ));
+    if kind == RepoKind::Pipeline {
+        for tokenizer in tokenizers_of(xl) {
+            let complete = has(&format!("{tokenizer}/tokenizer.json"))
+                || has(&format!("{tokenizer}/vocab.json"))
+                    && has(&format!("{tokenizer}/merges.txt"));
+            if !complete {
+                missing.push(format!(
+                    "{tokenizer}/ (vocab.json, merges.txt, tokenizer_config.json, special_tokens_map.json)"
+                ));
+            }
         }
     }
-    for (component, stem) in weights_of(xl) {
-        let fp16 = format!("{component}/{stem}.fp16.safetensors");
-        if !has(&fp16) && !has(&format!("{component}/{stem}.safetensors")) {
-            missing.push(format!("{fp16} (or {stem}.safetensors)"));
+    for [full, fp16] in kind.weight_files(xl) {
+        if !has(&fp16) && !has(&full) {
+            let stem = full.rsplit('/').next().unwrap_or(&full);
+            missing.push(format!("{fp16} (or {stem})"));
         }
     }
     missing
@@ -202,43 +273,77 @@ fn is_unread_weights(name: &str) -> bool {
     .any(|ext| name.ends_with(ext))
 }
 
-/// Picks from a repository's files those a pipeline reads: `model_index.json`, the
-/// scheduler, tokenizer and component configs, and one safetensors file per weighted
-/// component, the `fp16` variant when there is one. Files are in download order, with
-/// `model_index.json` last, so a download cut short never looks complete.
-fn choose_files(repo: &str, files: &[Sibling]) -> std::result::Result<Vec<Sibling>, String> {
+/// Picks from a repository's files those a repository of `kind` is read from. A pipeline:
+/// `model_index.json`, the scheduler, tokenizer and component configs, and one safetensors
+/// file per weighted component; a VAE: its weights and `config.json`. The `fp16` variant of
+/// each weights file when there is one. Files are in download order, with
+/// `model_index.json` (a VAE's `config.json`) last, so a download cut short never looks
+/// complete.
+fn choose_files(
+    repo: &str,
+    files: &[Sibling],
+    kind: RepoKind,
+) -> std::result::Result<Vec<Sibling>, String> {
     let find = |name: &str| files.iter().find(|f| f.rfilename == name);
     let mut chosen = Vec::new();
     let mut problems = Vec::new();
-    let xl = find(XL_CONFIG).is_some();
-    for (component, stem) in weights_of(xl) {
-        let fp16 = format!("{component}/{stem}.fp16.safetensors");
-        let full = format!("{component}/{stem}.safetensors");
+    let xl = kind == RepoKind::Pipeline && find(XL_CONFIG).is_some();
+    for [full, fp16] in kind.weight_files(xl) {
         if let Some(f) = find(&fp16).or_else(|| find(&full)) {
             chosen.push(f.clone());
             continue;
         }
-        let prefix = format!("{component}/");
+        // `unet/` for a pipeline's component, the repository itself for a VAE.
+        let (dir, stem) = match full.rsplit_once('/') {
+            Some((dir, file)) => (format!("{dir}/"), file.trim_end_matches(".safetensors")),
+            None => (String::new(), full.trim_end_matches(".safetensors")),
+        };
+        let place = if dir.is_empty() {
+            "the repository".to_string()
+        } else {
+            dir.clone()
+        };
         let others: Vec<&str> = files
             .iter()
             .map(|f| f.rfilename.as_str())
-            .filter(|n| n.starts_with(&prefix) && !n.ends_with(".json") && !n.ends_with(".md"))
+            .filter(|n| {
+                let here = if dir.is_empty() {
+                    !n.contains('/')
+                } else {
+                    n.starts_with(dir.as_str())
+                };
+                here && !n.ends_with(".json") && !n.ends_with(".md") && !n.starts_with('.')
+            })
             .collect();
         problems.push(if others.iter().any(|n| n.ends_with(".safetensors")) {
             format!(
-                "{component}/ has no {stem}.safetensors or {stem}.fp16.safetensors (only {}: sharded or \
+                "{place} has no {stem}.safetensors or {stem}.fp16.safetensors (only {}: sharded or \
                  other safetensors files are not read)",
                 others.join(", ")
             )
         } else if others.iter().any(|n| is_unread_weights(n)) {
             format!(
-                "{component}/ has only {} and no safetensors weights: PyTorch pickles can run code \
+                "{place} has only {} and no safetensors weights: PyTorch pickles can run code \
                  when loaded and are not read",
                 others.join(", ")
             )
         } else {
-            format!("{component}/ has no {stem}.safetensors or {stem}.fp16.safetensors")
+            format!("{place} has no {stem}.safetensors or {stem}.fp16.safetensors")
         });
+    }
+    if kind == RepoKind::Vae {
+        match find("config.json") {
+            Some(f) => chosen.push(f.clone()),
+            None => problems.insert(0, "there is no config.json".into()),
+        }
+        return if problems.is_empty() {
+            Ok(chosen)
+        } else {
+            Err(format!(
+                "{repo} is not a VAE in diffusers layout that sd-wgpu reads: {}",
+                problems.join("; ")
+            ))
+        };
     }
     for config in CONFIGS
         .iter()
@@ -312,6 +417,7 @@ struct Unavailable<'a> {
     commit: Option<String>,
     missing: Vec<String>,
     weights: &'a Path,
+    kind: RepoKind,
 }
 
 impl Unavailable<'_> {
@@ -326,13 +432,15 @@ impl Unavailable<'_> {
             None => String::new(),
         };
         let folder = self.weights.join(&id.name);
+        let kind = self.kind;
         Error::InvalidArgument(format!(
-            "model `{}` is not in the Hugging Face cache and was not downloaded: {reason}. \
+            "{} `{}` is not in the Hugging Face cache and was not downloaded: {reason}. \
              Missing: {}; they belong in {}/ (with {} naming the commit). Fetch them where \
              the Hub can be reached, with the Python CLI (pip install huggingface_hub):\n  \
-             huggingface-cli download {}{revision} --include {INCLUDE}\n\
-             and copy {} into this cache; or put a diffusers model folder at {}/ (add \
+             huggingface-cli download {}{revision} --include {}\n\
+             and copy {} into this cache; or put a {} at {}/ (add \
              `--local-dir {}` to the command above) and it is used from there",
+            kind.what(),
             id.repo_id()
                 + &id
                     .revision
@@ -343,7 +451,9 @@ impl Unavailable<'_> {
             snapshot.display(),
             self.repo_dir.join("refs").join(id.revision()).display(),
             id.repo_id(),
+            kind.include(),
             self.repo_dir.display(),
+            kind.folder(),
             folder.display(),
             folder.display(),
         ))
@@ -407,7 +517,13 @@ fn refused(id: &HubId, access: &HubAccess, status: u16, code: Option<&str>) -> E
 /// cache is kept, a blob already there is linked rather than downloaded, and only the
 /// missing files are fetched. `weights` is only named in errors, as the other place a model
 /// can be put.
-pub fn fetch(id: &HubId, cache: &Path, weights: &Path, access: &HubAccess) -> Result<PathBuf> {
+pub fn fetch(
+    id: &HubId,
+    kind: RepoKind,
+    cache: &Path,
+    weights: &Path,
+    access: &HubAccess,
+) -> Result<PathBuf> {
     let repo_dir = cache.join(id.cache_dir_name());
     let mut unavailable = Unavailable {
         id,
@@ -415,12 +531,13 @@ pub fn fetch(id: &HubId, cache: &Path, weights: &Path, access: &HubAccess) -> Re
         commit: cached_commit(&repo_dir, id),
         missing: Vec::new(),
         weights,
+        kind,
     };
     let cached_missing = |commit: &Option<String>| {
         let snapshot = commit.as_ref().map(|c| repo_dir.join("snapshots").join(c));
         match snapshot {
-            Some(dir) if dir.is_dir() => missing_in_snapshot(&dir),
-            _ => missing_in_snapshot(Path::new("")),
+            Some(dir) if dir.is_dir() => missing_in_snapshot(&dir, kind),
+            _ => missing_in_snapshot(Path::new(""), kind),
         }
     };
     if access.offline {
@@ -479,7 +596,8 @@ pub fn fetch(id: &HubId, cache: &Path, weights: &Path, access: &HubAccess) -> Re
             info.sha
         )));
     }
-    let wanted = choose_files(&id.repo_id(), &info.siblings).map_err(Error::InvalidArgument)?;
+    let wanted =
+        choose_files(&id.repo_id(), &info.siblings, kind).map_err(Error::InvalidArgument)?;
 
     let commit = info.sha;
     let snapshot = repo_dir.join("snapshots").join(&commit);
@@ -498,11 +616,10 @@ pub fn fetch(id: &HubId, cache: &Path, weights: &Path, access: &HubAccess) -> Re
     let mut todo: Vec<Sibling> = wanted
         .into_iter()
         .filter(|f| {
-            let alternatives = weights_of(true).into_iter().find_map(|(component, stem)| {
-                let full = format!("{component}/{stem}.safetensors");
-                let fp16 = format!("{component}/{stem}.fp16.safetensors");
-                (f.rfilename == full || f.rfilename == fp16).then_some([full, fp16])
-            });
+            let alternatives = kind
+                .weight_files(true)
+                .into_iter()
+                .find(|pair| pair.contains(&f.rfilename));
             match alternatives {
                 Some(names) => !names.iter().any(|n| present(n)),
                 None => !present(&f.rfilename),
@@ -697,7 +814,7 @@ mod tests {
     #[test]
     fn chooses_fp16_safetensors_and_nothing_else() {
         let files: Vec<Sibling> = SD15.iter().map(|n| file(n)).collect();
-        let chosen = choose_files("org/name", &files).unwrap();
+        let chosen = choose_files("org/name", &files, RepoKind::Pipeline).unwrap();
         let mut got = names(&chosen);
         assert_eq!(got.last(), Some(&"model_index.json"), "index comes last");
         got.sort();
@@ -734,7 +851,7 @@ mod tests {
             listing.extend(second);
         }
         let files: Vec<Sibling> = listing.iter().map(|n| file(n)).collect();
-        let chosen = choose_files("org/name", &files).unwrap();
+        let chosen = choose_files("org/name", &files, RepoKind::Pipeline).unwrap();
         let got = names(&chosen);
         for wanted in [
             "text_encoder_2/config.json",
@@ -751,7 +868,7 @@ mod tests {
             .filter(|n| !n.starts_with("text_encoder_2/model"))
             .map(|n| file(n))
             .collect();
-        let err = choose_files("org/name", &files).unwrap_err();
+        let err = choose_files("org/name", &files, RepoKind::Pipeline).unwrap_err();
         assert!(
             err.contains(
                 "text_encoder_2/ has only text_encoder_2/pytorch_model.bin and no safetensors"
@@ -766,13 +883,13 @@ mod tests {
             std::fs::create_dir_all(path.parent().unwrap()).unwrap();
             std::fs::write(&path, "{}").unwrap();
         }
-        assert!(missing_in_snapshot(dir.path()).is_empty());
+        assert!(missing_in_snapshot(dir.path(), RepoKind::Pipeline).is_empty());
         std::fs::write(
             dir.path().join("model_index.json"),
             r#"{"_class_name": "StableDiffusionXLPipeline", "text_encoder_2": ["transformers", "CLIPTextModelWithProjection"]}"#,
         )
         .unwrap();
-        let missing = missing_in_snapshot(dir.path()).join("; ");
+        let missing = missing_in_snapshot(dir.path(), RepoKind::Pipeline).join("; ");
         for wanted in [
             "text_encoder_2/config.json",
             "tokenizer_2/",
@@ -789,7 +906,7 @@ mod tests {
             .filter(|n| !n.contains(".fp16."))
             .map(|n| file(n))
             .collect();
-        let chosen = choose_files("org/name", &files).unwrap();
+        let chosen = choose_files("org/name", &files, RepoKind::Pipeline).unwrap();
         let got = names(&chosen);
         assert!(got.contains(&"unet/diffusion_pytorch_model.safetensors"));
         assert!(got.contains(&"text_encoder/model.safetensors"));
@@ -805,7 +922,7 @@ mod tests {
             .filter(|n| !(n.starts_with("unet/") && n.ends_with(".safetensors")))
             .map(|n| file(n))
             .collect();
-        let err = choose_files("org/name", &files).unwrap_err();
+        let err = choose_files("org/name", &files, RepoKind::Pipeline).unwrap_err();
         assert!(err.contains("unet/diffusion_pytorch_model.bin"), "{err}");
         assert!(err.contains("pickles"), "{err}");
         assert!(err.contains("org/name"), "{err}");
@@ -814,7 +931,7 @@ mod tests {
             .iter()
             .map(|n| file(n))
             .collect();
-        let err = choose_files("org/name", &files).unwrap_err();
+        let err = choose_files("org/name", &files, RepoKind::Pipeline).unwrap_err();
         assert!(err.contains("no model_index.json"), "{err}");
     }
 
@@ -876,13 +993,16 @@ mod tests {
     #[test]
     fn missing_in_snapshot_names_files() {
         let tmp = tempfile::tempdir().unwrap();
-        let missing = missing_in_snapshot(tmp.path());
+        let missing = missing_in_snapshot(tmp.path(), RepoKind::Pipeline);
         assert_eq!(missing.len(), CONFIGS.len() + 1 + WEIGHTS.len());
         assert!(missing.contains(&"model_index.json".to_string()));
         assert!(missing
             .iter()
             .any(|m| m.starts_with("unet/diffusion_pytorch_model.fp16.safetensors")));
         let fixture = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/models/sd1");
-        assert_eq!(missing_in_snapshot(&fixture), Vec::<String>::new());
+        assert_eq!(
+            missing_in_snapshot(&fixture, RepoKind::Pipeline),
+            Vec::<String>::new()
+        );
     }
 }

@@ -161,32 +161,36 @@ impl ModelFolder {
         self.file(c, name)
     }
 
-    /// The component's safetensors weights: the full-precision file, or else the `fp16`
-    /// variant diffusers saves with `variant="fp16"`.
+    /// The component's safetensors weights: see [`weights_file`].
     pub fn weights(&self, c: Component) -> Result<PathBuf> {
-        let dir = self.dir(c)?;
-        let stem = c.weights_stem();
-        let candidates = [
-            format!("{stem}.safetensors"),
-            format!("{stem}.fp16.safetensors"),
-        ];
-        if let Some(found) = candidates.iter().map(|n| dir.join(n)).find(|p| p.is_file()) {
-            return Ok(found);
-        }
-        let pickle = [format!("{stem}.bin"), format!("{stem}.fp16.bin")]
-            .iter()
-            .any(|n| dir.join(n).is_file());
-        let hint = if pickle {
-            " (only PyTorch .bin pickles are there: those can run code when loaded and are not read; \
-             convert them with diffusers: `pipe.save_pretrained(dir, safe_serialization=True)`)"
-        } else {
-            ""
-        };
-        Err(Error::InvalidArgument(format!(
-            "{}: no {} or {} found{hint}",
-            dir.display(),
-            candidates[0],
-            candidates[1]
-        )))
+        weights_file(&self.dir(c)?, c.weights_stem())
     }
+}
+
+/// A component folder's safetensors weights (`<stem>.safetensors`), or else the `fp16`
+/// variant diffusers saves with `variant="fp16"`: a pipeline's `unet/`, or a component
+/// repository on its own (a VAE for `--vae`).
+pub fn weights_file(dir: &Path, stem: &str) -> Result<PathBuf> {
+    let candidates = [
+        format!("{stem}.safetensors"),
+        format!("{stem}.fp16.safetensors"),
+    ];
+    if let Some(found) = candidates.iter().map(|n| dir.join(n)).find(|p| p.is_file()) {
+        return Ok(found);
+    }
+    let pickle = [format!("{stem}.bin"), format!("{stem}.fp16.bin")]
+        .iter()
+        .any(|n| dir.join(n).is_file());
+    let hint = if pickle {
+        " (only PyTorch .bin pickles are there: those can run code when loaded and are not read; \
+         convert them with diffusers: `pipe.save_pretrained(dir, safe_serialization=True)`)"
+    } else {
+        ""
+    };
+    Err(Error::InvalidArgument(format!(
+        "{}: no {} or {} found{hint}",
+        dir.display(),
+        candidates[0],
+        candidates[1]
+    )))
 }

@@ -16,7 +16,7 @@
 
 use std::path::{Path, PathBuf};
 
-use super::download::{fetch, missing_in_snapshot, HubAccess};
+use super::download::{fetch, missing_in_snapshot, HubAccess, RepoKind};
 use crate::error::{Error, Result};
 
 /// The model `serve` and `generate` use when `--model` is not given: SD 1.5, which the API
@@ -176,27 +176,53 @@ fn expand_home(
 pub fn resolve_model(arg: &str) -> Result<PathBuf> {
     resolve_or_fetch(
         arg,
+        RepoKind::Pipeline,
         Path::new("weights"),
         hub_cache_dir().as_deref(),
         &HubAccess::from_env(),
     )
 }
 
-/// [`resolve_model`] with the `weights/` folder, the cache folder and the Hub given.
+/// Where a `--vae` argument points, found as [`resolve_model`] finds a model: an existing
+/// file or folder, `weights/<name>/`, or a Hub repository holding a VAE at its root
+/// (`config.json` and `diffusion_pytorch_model.safetensors`), from the cache or fetched.
+pub fn resolve_vae(arg: &str) -> Result<PathBuf> {
+    resolve_or_fetch(
+        arg,
+        RepoKind::Vae,
+        Path::new("weights"),
+        hub_cache_dir().as_deref(),
+        &HubAccess::from_env(),
+    )
+}
+
+/// [`resolve_vae`] for a command-line path (see [`resolve_model_path`]).
+pub fn resolve_vae_path(arg: &Path) -> Result<PathBuf> {
+    match arg.to_str() {
+        Some(text) => resolve_vae(text),
+        None => Ok(arg.to_path_buf()),
+    }
+}
+
+/// [`resolve_model`] (or, by `kind`, [`resolve_vae`]) with the `weights/` folder, the cache
+/// folder and the Hub given.
 pub fn resolve_or_fetch(
     arg: &str,
+    kind: RepoKind,
     weights: &Path,
     cache: Option<&Path>,
     access: &HubAccess,
 ) -> Result<PathBuf> {
-    let local = resolve_model_in(arg, weights, cache);
+    let local = resolve_model_in(arg, kind, weights, cache);
     let (Some(id), Some(cache)) = (HubId::parse(arg), cache) else {
         return local;
     };
     let repo_dir = cache.join(id.cache_dir_name());
     match local {
-        Ok(dir) if !dir.starts_with(&repo_dir) || missing_in_snapshot(&dir).is_empty() => Ok(dir),
-        _ => fetch(&id, cache, weights, access),
+        Ok(dir) if !dir.starts_with(&repo_dir) || missing_in_snapshot(&dir, kind).is_empty() => {
+            Ok(dir)
+        }
+        _ => fetch(&id, kind, cache, weights, access),
     }
 }
 
@@ -209,8 +235,14 @@ pub fn resolve_model_path(arg: &Path) -> Result<PathBuf> {
     }
 }
 
-/// [`resolve_model`] with the `weights/` folder and the cache folder given.
-pub fn resolve_model_in(arg: &str, weights: &Path, cache: Option<&Path>) -> Result<PathBuf> {
+/// [`resolve_model`] (or, by `kind`, [`resolve_vae`]) with the `weights/` folder and the
+/// cache folder given.
+pub fn resolve_model_in(
+    arg: &str,
+    kind: RepoKind,
+    weights: &Path,
+    cache: Option<&Path>,
+) -> Result<PathBuf> {
     let local = PathBuf::from(arg);
     // A model folder, or a single-file checkpoint (which the loader checks).
     if local.is_dir() || local.is_file() {
@@ -237,10 +269,12 @@ pub fn resolve_model_in(arg: &str, weights: &Path, cache: Option<&Path>) -> Resu
     }
     let Some(id) = id else {
         return Err(Error::InvalidArgument(format!(
-            "model `{arg}` not found: {}; and it is not a Hugging Face Hub repository id \
-             (org/name or org/name@revision). Put a diffusers model folder at {}/ \
+            "{} `{arg}` not found: {}; and it is not a Hugging Face Hub repository id \
+             (org/name or org/name@revision). Put a {} at {}/ \
              (see weights/README.md) or pass its path",
+            kind.what(),
             looked.join(", "),
+            kind.folder(),
             weights.join(short_name.unwrap_or("<name>")).display(),
         )));
     };
@@ -260,11 +294,14 @@ pub fn resolve_model_in(arg: &str, weights: &Path, cache: Option<&Path>) -> Resu
         None => String::new(),
     };
     Err(Error::InvalidArgument(format!(
-        "model `{arg}` not found: {}. Fetch it into the Hugging Face cache with the Python CLI \
-         (pip install huggingface_hub):\n  huggingface-cli download {}{revision} --include {INCLUDE}\n\
-         or put a diffusers model folder at {}/ (add `--local-dir {}` to the command above).",
+        "{} `{arg}` not found: {}. Fetch it into the Hugging Face cache with the Python CLI \
+         (pip install huggingface_hub):\n  huggingface-cli download {}{revision} --include {}\n\
+         or put a {} at {}/ (add `--local-dir {}` to the command above).",
+        kind.what(),
         looked.join(", "),
         id.repo_id(),
+        kind.include(),
+        kind.folder(),
         weights.join(&id.name).display(),
         weights.join(&id.name).display(),
     )))
@@ -466,7 +503,7 @@ mod tests {
         std::fs::create_dir_all(repo.join("snapshots").join(hash)).unwrap();
         let snapshot = repo.join("snapshots").join(hash);
 
-        let resolve = |arg: &str| resolve_model_in(arg, &weights, Some(&cache));
+        let resolve = |arg: &str| resolve_model_in(arg, RepoKind::Pipeline, &weights, Some(&cache));
         assert_eq!(resolve("org/name").unwrap(), snapshot);
         assert_eq!(resolve("org/name@main").unwrap(), snapshot);
         assert_eq!(resolve(&format!("org/name@{hash}")).unwrap(), snapshot);
@@ -491,7 +528,7 @@ mod tests {
         let tmp = tempfile::tempdir().unwrap();
         let weights = tmp.path().join("weights");
         let cache = tmp.path().join("cache");
-        let err = resolve_model_in("org/missing", &weights, Some(&cache))
+        let err = resolve_model_in("org/missing", RepoKind::Pipeline, &weights, Some(&cache))
             .unwrap_err()
             .to_string();
         assert!(err.contains("no folder org/missing"), "{err}");
@@ -508,7 +545,7 @@ mod tests {
             "{err}"
         );
 
-        let err = resolve_model_in("org/missing@v2", &weights, Some(&cache))
+        let err = resolve_model_in("org/missing@v2", RepoKind::Pipeline, &weights, Some(&cache))
             .unwrap_err()
             .to_string();
         assert!(
@@ -516,7 +553,7 @@ mod tests {
             "{err}"
         );
 
-        let err = resolve_model_in("./no/such/dir", &weights, Some(&cache))
+        let err = resolve_model_in("./no/such/dir", RepoKind::Pipeline, &weights, Some(&cache))
             .unwrap_err()
             .to_string();
         assert!(

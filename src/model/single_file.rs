@@ -134,6 +134,60 @@ pub fn pickle_refusal(path: &Path) -> Error {
     ))
 }
 
+/// A single `.safetensors` file, mapped; a PyTorch pickle, by its extension or its first
+/// bytes, is refused with how to convert it.
+fn open_safetensors(path: &Path, device: &Device) -> Result<Weights> {
+    if is_pickle_path(path) {
+        return Err(pickle_refusal(path));
+    }
+    Weights::open(path, device).map_err(|e| {
+        // A pickle under another name: torch.save's zip, or a bare pickle stream.
+        let mut head = [0u8; 4];
+        let sniffed = std::fs::File::open(path)
+            .and_then(|mut f| std::io::Read::read_exact(&mut f, &mut head))
+            .is_ok();
+        if sniffed && (head == *b"PK\x03\x04" || head[0] == 0x80) {
+            pickle_refusal(path)
+        } else {
+            e
+        }
+    })
+}
+
+/// A VAE on its own in one file (`--vae`), read under `config` (the model's VAE config: a
+/// file carries none): diffusers' names (`decoder.up_blocks.*`, a VAE folder's weights
+/// file) or the original layout (`decoder.up.*`, AUTOMATIC1111's VAE files such as
+/// `sdxl_vae.safetensors` and `vae-ft-mse-840000-ema-pruned.safetensors`), bare or under a
+/// checkpoint's `first_stage_model.` / `vae.` prefix.
+pub fn vae_file(path: &Path, config: &VaeConfig, device: &Device) -> Result<Weights> {
+    let file = open_safetensors(path, device)?;
+    for prefix in std::iter::once("").chain(VAE_PREFIXES) {
+        let has = |name: &str| file.file_shape(&format!("{prefix}{name}")).is_some();
+        if has("decoder.up_blocks.0.resnets.0.conv1.weight") {
+            return Ok(match prefix.strip_suffix('.') {
+                Some(component) => file.pp(component),
+                None => file,
+            });
+        }
+        if has("decoder.up.0.block.0.conv1.weight") {
+            return file.mapped(
+                prefix,
+                Arc::new(VaeMap {
+                    up_blocks: config.up_block_types.len(),
+                }),
+            );
+        }
+    }
+    Err(layout_error(
+        path,
+        format!(
+            "not a VAE: no decoder tensors in diffusers' names (`decoder.up_blocks.*`) or the original layout \
+             (`decoder.up.*`), bare or under `first_stage_model.` / `vae.`. Found: {}",
+            summarize(&file.file_names())
+        ),
+    ))
+}
+
 /// Whether `path` names a PyTorch pickle by its extension.
 pub fn is_pickle_path(path: &Path) -> bool {
     path.extension()
@@ -160,23 +214,7 @@ impl SingleFile {
     /// Maps the file and recognises what it holds; anything but an SD 1.x / 2.x
     /// text-to-image checkpoint with all three components is an error saying what was found.
     pub fn open(path: &Path, device: &Device) -> Result<Self> {
-        if is_pickle_path(path) {
-            return Err(pickle_refusal(path));
-        }
-        let file = match Weights::open(path, device) {
-            Ok(file) => file,
-            Err(e) => {
-                // A pickle under another name: torch.save's zip, or a bare pickle stream.
-                let mut head = [0u8; 4];
-                let sniffed = std::fs::File::open(path)
-                    .and_then(|mut f| std::io::Read::read_exact(&mut f, &mut head))
-                    .is_ok();
-                if sniffed && (head == *b"PK\x03\x04" || head[0] == 0x80) {
-                    return Err(pickle_refusal(path));
-                }
-                return Err(e);
-            }
-        };
+        let file = open_safetensors(path, device)?;
         let names = file.file_names();
         let has = |prefix: &str| names.iter().any(|n| n.starts_with(prefix));
         let found = || summarize(&names);

@@ -12,9 +12,9 @@ use serde_json::{Map, Value};
 
 use crate::error::{Error, Result};
 use crate::model::config::{read_json, ClipTextConfig, ComponentConfig, UNetConfig, VaeConfig};
-use crate::model::folder::{Component, ModelFolder};
+use crate::model::folder::{weights_file, Component, ModelFolder};
 use crate::model::presets::{self, Preset};
-use crate::model::single_file::{is_pickle_path, pickle_refusal, Family, SingleFile};
+use crate::model::single_file::{self, is_pickle_path, pickle_refusal, Family, SingleFile};
 use crate::model::tokenizer::ClipTokenizer;
 use crate::model::weights::Weights;
 use crate::pipeline::scheduler;
@@ -36,6 +36,9 @@ pub struct ModelInfo {
     /// Where SDXL's second tokenizer came from.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub tokenizer_2: Option<String>,
+    /// The VAE `--vae` put in place of the model's, and where its config came from.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub vae: Option<String>,
 }
 
 /// A folder's own name: [`ModelInfo`] is shown to API clients, who need not see the
@@ -77,6 +80,28 @@ enum WeightsFrom {
     SingleFile(SingleFile),
 }
 
+/// A VAE that replaces the model's (`--vae`).
+enum VaeFrom {
+    /// A diffusers VAE folder (`config.json` and its weights, as `AutoencoderKL.
+    /// from_pretrained` reads it): its own config, scaling factor included.
+    Folder { config: PathBuf, weights: PathBuf },
+    /// One `.safetensors` file, read under the model's VAE config (see
+    /// [`single_file::vae_file`]).
+    File(PathBuf),
+}
+
+/// What modifies a model beyond its folder or file: `--model-config` and `--vae`.
+#[derive(Clone, Debug, Default)]
+pub struct ModelOptions {
+    /// For a single-file checkpoint: a built-in preset's name or a diffusers-layout folder
+    /// whose configs (and tokenizer) are used.
+    pub config: Option<PathBuf>,
+    /// A VAE in place of the model's: a diffusers VAE folder (or a pipeline folder, whose
+    /// `vae/` is taken), or one `.safetensors` file in diffusers' names or the original
+    /// layout (AUTOMATIC1111's VAE files), read under the model's VAE config.
+    pub vae: Option<PathBuf>,
+}
+
 /// A model's configs, weights and tokenizer, wherever they are.
 pub struct ModelSource {
     weights: WeightsFrom,
@@ -84,6 +109,8 @@ pub struct ModelSource {
     tokenizer: Tokenizer,
     /// SDXL's second tokenizer, for a model with a second text encoder.
     tokenizer_2: Option<Tokenizer>,
+    /// `--vae`, when given.
+    vae: Option<VaeFrom>,
     device: Device,
     info: ModelInfo,
 }
@@ -126,12 +153,14 @@ impl ModelSource {
                 tokenizer_2: tokenizer_2
                     .as_ref()
                     .map(|_| "the model folder's tokenizer_2/".into()),
+                vae: None,
             };
             Ok(ModelSource {
                 tokenizer: Tokenizer::Dir(folder.dir(Component::Tokenizer)?),
                 tokenizer_2,
                 weights: WeightsFrom::Folder(folder.clone()),
                 configs: Configs::Folder(folder),
+                vae: None,
                 device: device.clone(),
                 info,
             })
@@ -249,6 +278,7 @@ impl ModelSource {
             configs,
             tokenizer,
             tokenizer_2,
+            vae: None,
             device: device.clone(),
             info: ModelInfo {
                 format: "single_file",
@@ -256,8 +286,59 @@ impl ModelSource {
                 config: config_info,
                 tokenizer: tokenizer_info,
                 tokenizer_2: tokenizer_2_info,
+                vae: None,
             },
         })
+    }
+
+    /// [`ModelSource::open`] with every option: `--model-config` and `--vae`.
+    pub fn open_with(model: &Path, options: &ModelOptions, device: &Device) -> Result<Self> {
+        let source = Self::open(model, options.config.as_deref(), device)?;
+        match &options.vae {
+            Some(vae) => source.with_vae(vae),
+            None => Ok(source),
+        }
+    }
+
+    /// This model with its VAE replaced by `vae` (see [`ModelOptions::vae`]); checked to
+    /// exist and to be a VAE folder or a safetensors file now, read with the other weights.
+    pub fn with_vae(mut self, vae: &Path) -> Result<Self> {
+        let name = last_component(vae);
+        let (from, info) = if vae.is_dir() {
+            // A pipeline folder lends its `vae/`.
+            let dir = if vae.join("vae").join("config.json").is_file() {
+                vae.join("vae")
+            } else {
+                vae.to_path_buf()
+            };
+            let config = dir.join("config.json");
+            if !config.is_file() {
+                return Err(Error::InvalidArgument(format!(
+                    "--vae {}: a folder without config.json; give a diffusers VAE folder (config.json and \
+                     diffusion_pytorch_model.safetensors) or one .safetensors file",
+                    vae.display()
+                )));
+            }
+            let weights = weights_file(&dir, "diffusion_pytorch_model")
+                .map_err(|e| Error::InvalidArgument(format!("--vae {}: {e}", vae.display())))?;
+            let from = VaeFrom::Folder { config, weights };
+            (from, format!("{name} (its own config)"))
+        } else if vae.is_file() || is_pickle_path(vae) {
+            if is_pickle_path(vae) {
+                return Err(pickle_refusal(vae));
+            }
+            let from = VaeFrom::File(vae.to_path_buf());
+            (from, format!("{name} (under the model's VAE config)"))
+        } else {
+            return Err(Error::InvalidArgument(format!(
+                "--vae {}: no such file or folder",
+                vae.display()
+            )));
+        };
+        tracing::info!("VAE: {info}, in place of the model's");
+        self.vae = Some(from);
+        self.info.vae = Some(info);
+        Ok(self)
     }
 
     pub fn info(&self) -> &ModelInfo {
@@ -380,7 +461,29 @@ impl ModelSource {
             .unwrap_or(true))
     }
 
+    /// The VAE: the model's, or the one `--vae` names.
     pub fn vae(&self) -> Result<ComponentParts<VaeConfig>> {
-        self.component(Component::Vae, |s, config, _| s.vae(config))
+        match &self.vae {
+            None => self.component(Component::Vae, |s, config, _| s.vae(config)),
+            Some(VaeFrom::Folder { config, weights }) => {
+                let parsed: VaeConfig = read_json(config)?;
+                parsed.validate(config)?;
+                tracing::info!("loading the VAE from {}", weights.display());
+                Ok(ComponentParts {
+                    config: parsed,
+                    config_path: config.clone(),
+                    weights: Weights::open(weights, &self.device)?,
+                })
+            }
+            Some(VaeFrom::File(path)) => {
+                let (config, config_path) = self.config::<VaeConfig>(Component::Vae)?;
+                tracing::info!("loading the VAE from {}", path.display());
+                Ok(ComponentParts {
+                    weights: single_file::vae_file(path, &config, &self.device)?,
+                    config,
+                    config_path,
+                })
+            }
+        }
     }
 }

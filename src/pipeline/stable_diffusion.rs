@@ -12,7 +12,7 @@ use crate::error::{Error, Result};
 use crate::model::clip::ClipTextModel;
 use crate::model::lora::{Adapters, LoraChoice, LoraComponent};
 use crate::model::prompt_encoder::{PromptEmbeddings, PromptEncoder, TextEncoderPart};
-use crate::model::source::{ModelInfo, ModelSource};
+use crate::model::source::{ModelInfo, ModelOptions, ModelSource};
 use crate::model::tokenizer::ClipTokenizer;
 use crate::model::unet::{Conditioning, TextTime, UNet2DConditionModel};
 use crate::model::vae::VaeDecoder;
@@ -66,13 +66,14 @@ impl StableDiffusion {
     /// Loads a diffusers model folder, or a single-file checkpoint with its built-in preset
     /// configs, onto `device`.
     pub fn load(path: &Path, device: &Device) -> Result<Self> {
-        Self::load_with_config(path, None, device)
+        Self::load_with(path, &ModelOptions::default(), device)
     }
 
-    /// [`StableDiffusion::load`] with `--model-config`: for a single-file checkpoint, a
-    /// preset name or a diffusers-layout folder whose configs (and tokenizer) are used.
-    pub fn load_with_config(path: &Path, config: Option<&Path>, device: &Device) -> Result<Self> {
-        let mut sd = Self::from_source(&ModelSource::open(path, config, device)?, device)?;
+    /// [`StableDiffusion::load`] with `--model-config` (for a single-file checkpoint, a
+    /// preset name or a diffusers-layout folder whose configs and tokenizer are used) and
+    /// `--vae` (a VAE in place of the model's).
+    pub fn load_with(path: &Path, options: &ModelOptions, device: &Device) -> Result<Self> {
+        let mut sd = Self::from_source(&ModelSource::open_with(path, options, device)?, device)?;
         // Turbo weights are the base model's architecture: only the name tells them apart
         // (the Hub cache keeps it in a parent folder, `models--stabilityai--sdxl-turbo`).
         let turbo = path.components().any(|c| {
@@ -98,11 +99,18 @@ impl StableDiffusion {
 
     /// Loads the model `--model` names: a folder or single file, a name under `weights/`,
     /// or a Hub id (downloaded into the Hugging Face cache first if need be), with
-    /// `--model-config`. The one loading path of `generate` and `serve`.
-    pub fn load_named(model: &Path, config: Option<&Path>, device: &Device) -> Result<Self> {
+    /// `--model-config` and `--vae` (which is found the same way). The one loading path of
+    /// `generate` and `serve`.
+    pub fn load_named(model: &Path, options: &ModelOptions, device: &Device) -> Result<Self> {
         let path = crate::model::hub::resolve_model_path(model)?;
         tracing::info!("model `{}`: {}", model.display(), path.display());
-        Self::load_with_config(&path, config, device)
+        let mut options = options.clone();
+        if let Some(vae) = &options.vae {
+            let found = crate::model::hub::resolve_vae_path(vae)?;
+            tracing::info!("vae `{}`: {}", vae.display(), found.display());
+            options.vae = Some(found);
+        }
+        Self::load_with(&path, &options, device)
     }
 
     /// Builds every component from `source`'s configs and weights.

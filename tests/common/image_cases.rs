@@ -2,7 +2,9 @@
 //! tools/fixtures/make_fixtures.py with diffusers' `StableDiffusionPipeline`) and
 //! `reference/img2img.json` (tools/fixtures/img2img.py: `StableDiffusionImg2ImgPipeline` and
 //! `StableDiffusionInpaintPipeline`) and `reference/lora.json` (tools/fixtures/lora.py:
-//! `load_lora_weights` + `set_adapters`), and the rule an image must meet to match diffusers'.
+//! `load_lora_weights` + `set_adapters`), `reference/sdxl.json` (tools/fixtures/sdxl.py) and
+//! `reference/vae.json` (tools/fixtures/vae.py: a pipeline given another `vae=`), and the
+//! rule an image must meet to match diffusers'.
 //! Shared by tests/images.rs, tests/img2img.rs and the GPU bench (`sd15_gpu --images`),
 //! which runs them on a real GPU outside the tests.
 
@@ -13,8 +15,15 @@ use std::sync::Arc;
 use sd_wgpu::model::lora::{LoraChoice, LoraFile};
 use sd_wgpu::pipeline::{GenerateParams, InitImage, MaskImage, RgbImage, StableDiffusion};
 
-/// The case files under `reference/`: text-to-image, image-to-image and inpainting, LoRA.
-pub const CASE_FILES: [&str; 3] = ["images.json", "img2img.json", "lora.json"];
+/// The case files under `reference/`: text-to-image, image-to-image and inpainting, LoRA,
+/// SDXL, replacement VAEs.
+pub const CASE_FILES: [&str; 5] = [
+    "images.json",
+    "img2img.json",
+    "lora.json",
+    "sdxl.json",
+    "vae.json",
+];
 
 /// No pixel channel may differ from diffusers' by more than this many levels of 255.
 pub const MAX_PIXEL_DIFF: u8 = 3;
@@ -31,6 +40,31 @@ pub fn read_cases(reference: &Path, file: &str) -> Result<Vec<serde_json::Value>
         .as_array()
         .cloned()
         .ok_or_else(|| format!("{}: not a list of cases", path.display()))
+}
+
+/// Which model a case runs on: its fixture, and the replacement VAE if it names one.
+pub fn model_key(case: &serde_json::Value) -> String {
+    let fixture = case["fixture"].as_str().unwrap_or("?");
+    match case["vae"].as_str() {
+        Some(vae) => format!("{fixture} with --vae {vae}"),
+        None => fixture.to_string(),
+    }
+}
+
+/// Loads the model of [`model_key`]: the fixture folder under `<fixtures>/models`, with
+/// the case's `vae` (a folder or file under `fixtures`) in place of its own.
+pub fn load_model(
+    case: &serde_json::Value,
+    fixtures: &Path,
+    device: &sd_wgpu::tensor::Device,
+) -> Result<StableDiffusion, String> {
+    let fixture = case["fixture"].as_str().ok_or("case has no fixture")?;
+    let options = sd_wgpu::model::source::ModelOptions {
+        config: None,
+        vae: case["vae"].as_str().map(|vae| fixtures.join(vae)),
+    };
+    StableDiffusion::load_with(&fixtures.join("models").join(fixture), &options, device)
+        .map_err(|e| format!("{}: loading on {device} failed: {e}", model_key(case)))
 }
 
 /// The pipeline arguments of one case, as the fixture generator passed them (its init

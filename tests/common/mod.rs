@@ -17,6 +17,22 @@ pub fn reference(file: &str) -> PathBuf {
     fixtures().join("reference").join(file)
 }
 
+/// Loading options with `--model-config config`.
+pub fn config_options(config: &Path) -> sd_wgpu::model::source::ModelOptions {
+    sd_wgpu::model::source::ModelOptions {
+        config: Some(config.to_path_buf()),
+        vae: None,
+    }
+}
+
+/// Loading options with `--vae vae` (a path under tests/fixtures).
+pub fn vae_options(vae: &str) -> sd_wgpu::model::source::ModelOptions {
+    sd_wgpu::model::source::ModelOptions {
+        config: None,
+        vae: Some(fixtures().join(vae)),
+    }
+}
+
 /// A reference tensor: shape and values widened to f64 (ints included).
 #[derive(Clone, Debug)]
 pub struct RefTensor {
