@@ -60,11 +60,22 @@ fn make_cache(cache: &Path, org: &str, name: &str) -> PathBuf {
 /// `HF_ENDPOINT` among them the child runs with `HF_HUB_OFFLINE=1`: no test reaches the
 /// network.
 fn generate(model: &str, cwd: &Path, env: &[(&str, &OsStr)]) -> (Output, Option<Vec<u8>>) {
+    generate_with(model, &[], cwd, env)
+}
+
+/// [`generate`] with more arguments.
+fn generate_with(
+    model: &str,
+    extra: &[&OsStr],
+    cwd: &Path,
+    env: &[(&str, &OsStr)],
+) -> (Output, Option<Vec<u8>>) {
     let out_dir = tempfile::tempdir().unwrap();
     let png = out_dir.path().join("out.png");
     let mut cmd = Command::new(env!("CARGO_BIN_EXE_sd-wgpu"));
     cmd.current_dir(cwd)
         .args(["generate", "--backend", "cpu", "--model", model])
+        .args(extra)
         .args(["--prompt", "a hub test", "--steps", "2", "--width", "32"])
         .args(["--height", "32", "--seed", "1", "-o"])
         .arg(&png);
@@ -74,6 +85,7 @@ fn generate(model: &str, cwd: &Path, env: &[(&str, &OsStr)]) -> (Output, Option<
         "HF_HOME",
         "XDG_CACHE_HOME",
         "SD_MODEL",
+        "SD_VAE",
         "HF_ENDPOINT",
         "HF_TOKEN",
         "HUGGING_FACE_HUB_TOKEN",
@@ -911,4 +923,65 @@ fn the_default_model_is_sd15_from_the_hub() {
         stderr.contains("models--stable-diffusion-v1-5--stable-diffusion-v1-5"),
         "{stderr}"
     );
+}
+
+/// `--vae org/name`: a repository holding one VAE at its root, as
+/// madebyollin/sdxl-vae-fp16-fix does, is fetched as a model is, but only its config and
+/// weights (not the original-layout copy, the pickle, or the pipeline's files), and gives
+/// the image of the same folder given by path.
+#[test]
+fn a_vae_repository_is_fetched_with_its_config_and_weights_only() {
+    let folder = common::fixtures().join("vaes/sdxl_alt");
+    let mut files = vec![
+        RepoFile {
+            name: "config.json".into(),
+            bytes: std::fs::read(folder.join("config.json")).unwrap(),
+        },
+        RepoFile {
+            name: "diffusion_pytorch_model.safetensors".into(),
+            bytes: std::fs::read(folder.join("diffusion_pytorch_model.safetensors")).unwrap(),
+        },
+    ];
+    for name in [
+        ".gitattributes",
+        "README.md",
+        "diffusion_pytorch_model.bin",
+        "sdxl_vae.safetensors",
+        "images/example.png",
+    ] {
+        files.push(RepoFile {
+            name: name.to_string(),
+            bytes: format!("unwanted {name}").into_bytes(),
+        });
+    }
+    let hub = FakeHub::start("org/vae", files, None);
+    let tmp = tempfile::tempdir().unwrap();
+    let model = common::model_dir("sdxl");
+    let model = model.to_str().unwrap();
+    let env = [
+        ("HF_ENDPOINT", os(&hub.url)),
+        ("HF_HUB_CACHE", tmp.path().as_os_str()),
+    ];
+    let run = |vae: &OsStr, env: &[(&str, &OsStr)]| {
+        let (output, png) = generate_with(model, &[os("--vae"), vae], tmp.path(), env);
+        let stderr = String::from_utf8_lossy(&output.stderr).into_owned();
+        assert!(output.status.success(), "--vae {vae:?} failed:\n{stderr}");
+        png.expect("a PNG was written")
+    };
+    let fetched = run(os("org/vae"), &env);
+    assert_eq!(
+        hub.downloads(),
+        ["config.json", "diffusion_pytorch_model.safetensors"]
+    );
+    assert_eq!(
+        hub.touched(),
+        ["config.json", "diffusion_pytorch_model.safetensors"]
+    );
+    let local = run(folder.as_os_str(), &[]);
+    assert!(fetched == local, "the fetched VAE gives the folder's image");
+
+    // From the cache the second time, asking nothing.
+    hub.clear();
+    assert!(run(os("org/vae"), &env) == local);
+    assert!(hub.requests().is_empty(), "{:?}", hub.requests());
 }

@@ -812,6 +812,56 @@ mod tests {
     ];
 
     #[test]
+    fn a_vae_repository_gives_its_weights_then_its_config() {
+        // madebyollin/sdxl-vae-fp16-fix's files.
+        let repo = [
+            ".gitattributes",
+            "README.md",
+            "config.json",
+            "diffusion_pytorch_model.bin",
+            "diffusion_pytorch_model.safetensors",
+            "images/sdxl-vae-fp16-fix.png",
+            "sdxl.vae.safetensors",
+            "sdxl_vae.safetensors",
+        ];
+        let files: Vec<Sibling> = repo.iter().map(|n| file(n)).collect();
+        let chosen = choose_files("org/vae", &files, RepoKind::Vae).unwrap();
+        assert_eq!(
+            names(&chosen),
+            ["diffusion_pytorch_model.safetensors", "config.json"]
+        );
+        // The fp16 variant first, as for a pipeline.
+        let mut with_fp16 = files.clone();
+        with_fp16.push(file("diffusion_pytorch_model.fp16.safetensors"));
+        let chosen = choose_files("org/vae", &with_fp16, RepoKind::Vae).unwrap();
+        assert_eq!(
+            names(&chosen)[0],
+            "diffusion_pytorch_model.fp16.safetensors"
+        );
+        // Only a pickle, or no config: refused, saying what is there.
+        let pickle: Vec<Sibling> = ["config.json", "diffusion_pytorch_model.bin", "README.md"]
+            .iter()
+            .map(|n| file(n))
+            .collect();
+        let err = choose_files("org/vae", &pickle, RepoKind::Vae).unwrap_err();
+        assert!(
+            err.contains("not a VAE") && err.contains("only diffusion_pytorch_model.bin"),
+            "{err}"
+        );
+        let no_config: Vec<Sibling> = files
+            .iter()
+            .filter(|f| f.rfilename != "config.json")
+            .cloned()
+            .collect();
+        let err = choose_files("org/vae", &no_config, RepoKind::Vae).unwrap_err();
+        assert!(err.contains("there is no config.json"), "{err}");
+        // A pipeline repository is not a VAE repository (its VAE is under vae/).
+        let pipeline: Vec<Sibling> = SD15.iter().map(|n| file(n)).collect();
+        let err = choose_files("org/name", &pipeline, RepoKind::Vae).unwrap_err();
+        assert!(err.contains("there is no config.json"), "{err}");
+    }
+
+    #[test]
     fn chooses_fp16_safetensors_and_nothing_else() {
         let files: Vec<Sibling> = SD15.iter().map(|n| file(n)).collect();
         let chosen = choose_files("org/name", &files, RepoKind::Pipeline).unwrap();
