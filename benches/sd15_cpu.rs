@@ -419,6 +419,8 @@ fn whole_image(o: &Options, dir: &Path, device: &Device) -> Result<Value> {
     let params = GenerateParams {
         prompt: o.prompt.clone(),
         negative_prompt: None,
+        prompt_2: None,
+        negative_prompt_2: None,
         steps: o.steps,
         guidance_scale: guidance,
         width: size,

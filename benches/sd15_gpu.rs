@@ -713,6 +713,8 @@ fn whole_images(o: &Options, sd: &StableDiffusion) -> Result<Map<String, Value>>
     let params = |steps| GenerateParams {
         prompt: "a photograph of an astronaut riding a horse".into(),
         negative_prompt: None,
+        prompt_2: None,
+        negative_prompt_2: None,
         steps,
         guidance_scale: guidance,
         width: size,

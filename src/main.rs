@@ -161,6 +161,13 @@ enum Command {
         prompt: String,
         #[arg(long)]
         negative_prompt: Option<String>,
+        /// SDXL: the prompt its second text encoder reads (diffusers' prompt_2); default
+        /// --prompt.
+        #[arg(long = "prompt-2")]
+        prompt_2: Option<String>,
+        /// SDXL: the second text encoder's negative prompt; default --negative-prompt.
+        #[arg(long = "negative-prompt-2")]
+        negative_prompt_2: Option<String>,
         /// Denoising steps; default: the model's (50; Turbo models: 1).
         #[arg(long)]
         steps: Option<usize>,
@@ -407,6 +414,8 @@ fn run(cli: Cli) -> Result<()> {
             model,
             prompt,
             negative_prompt,
+            prompt_2,
+            negative_prompt_2,
             steps,
             guidance,
             width,
@@ -443,6 +452,8 @@ fn run(cli: Cli) -> Result<()> {
             let params = GenerateParams {
                 prompt,
                 negative_prompt,
+                prompt_2,
+                negative_prompt_2,
                 steps: steps.unwrap_or(defaults.steps),
                 guidance_scale: guidance.unwrap_or(defaults.guidance_scale),
                 width,

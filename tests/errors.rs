@@ -275,6 +275,8 @@ fn params() -> GenerateParams {
     GenerateParams {
         prompt: "a photo of a cat".into(),
         negative_prompt: None,
+        prompt_2: None,
+        negative_prompt_2: None,
         steps: 2,
         guidance_scale: 7.5,
         width: 32,

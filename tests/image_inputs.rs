@@ -92,6 +92,8 @@ fn init_images_and_masks_give_the_pipelines_images() {
         let params = GenerateParams {
             prompt: "a yellow box".into(),
             negative_prompt: None,
+            prompt_2: None,
+            negative_prompt_2: None,
             steps: 5,
             guidance_scale: 7.5,
             width: w as usize,

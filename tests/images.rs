@@ -48,7 +48,7 @@ fn lora_images_match_diffusers_for_every_case() {
 
 #[test]
 fn sdxl_images_match_diffusers_for_every_case() {
-    all_cases_match("sdxl.json", 11);
+    all_cases_match("sdxl.json", 14);
 }
 
 #[test]

@@ -37,6 +37,8 @@ fn params(loras: Vec<LoraChoice>) -> GenerateParams {
     GenerateParams {
         prompt: "a photo of a cat".into(),
         negative_prompt: None,
+        prompt_2: None,
+        negative_prompt_2: None,
         steps: 4,
         guidance_scale: 7.5,
         width: 32,

@@ -39,7 +39,7 @@ fn emphasis_and_chunks_are_a1111s_arithmetic_on_the_plain_embeddings() {
         // No emphasis, under 75 tokens: diffusers' embeddings, bit for bit.
         let plain = encoder.encode("a photo of a cat, on a mat").unwrap();
         let a1111 = encoder
-            .encode_with("a photo of a cat, on a mat", PromptSyntax::A1111)
+            .encode_with("a photo of a cat, on a mat", None, PromptSyntax::A1111)
             .unwrap();
         assert_eq!(
             a1111.context.to_vec().unwrap(),
@@ -50,7 +50,11 @@ fn emphasis_and_chunks_are_a1111s_arithmetic_on_the_plain_embeddings() {
         // `(cat:1.5)`: the plain states, the cat's row times 1.5, all scaled back to the
         // plain mean.
         let weighted = encoder
-            .encode_with("a photo of a (cat:1.5), on a mat", PromptSyntax::A1111)
+            .encode_with(
+                "a photo of a (cat:1.5), on a mat",
+                None,
+                PromptSyntax::A1111,
+            )
             .unwrap();
         let z = plain.context.to_vec().unwrap();
         let width = plain.context.dim(2);
@@ -100,7 +104,9 @@ fn emphasis_and_chunks_are_a1111s_arithmetic_on_the_plain_embeddings() {
 
         // 100 words: two chunks of 77, each encoded on its own.
         let long = vec!["cat"; 100].join(" ");
-        let both = encoder.encode_with(&long, PromptSyntax::A1111).unwrap();
+        let both = encoder
+            .encode_with(&long, None, PromptSyntax::A1111)
+            .unwrap();
         assert_eq!(both.context.shape(), &[1, 154, width], "{fixture}");
         let pieces = chunks(tokenizer, &long).unwrap();
         assert_eq!(pieces.len(), 2);
@@ -151,7 +157,7 @@ fn chunks_and_embeddings_match_the_fixture_scripts_a1111() {
                 );
             }
             let context = encoder
-                .encode_with(prompt, PromptSyntax::A1111)
+                .encode_with(prompt, None, PromptSyntax::A1111)
                 .unwrap()
                 .context;
             let expected = &tensors[&format!("{fixture}_{i}")];
@@ -176,6 +182,8 @@ fn image(sd: &StableDiffusion, prompt: &str, negative: &str, syntax: PromptSynta
     let params = GenerateParams {
         prompt: prompt.into(),
         negative_prompt: Some(negative.into()),
+        prompt_2: None,
+        negative_prompt_2: None,
         steps: 3,
         guidance_scale: 7.5,
         width: 32,

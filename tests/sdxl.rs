@@ -71,6 +71,8 @@ fn an_sdxl_folder_is_served_with_its_own_defaults() {
     let params = GenerateParams {
         prompt: "a lighthouse".into(),
         negative_prompt: None,
+        prompt_2: None,
+        negative_prompt_2: None,
         steps: 3,
         guidance_scale: 5.0,
         width: 64,
@@ -101,6 +103,33 @@ fn an_sdxl_folder_is_served_with_its_own_defaults() {
     );
     let other = image_of(&r.json()["image"]);
     assert!(pixel_diff(&other, &expected).max > MAX_PIXEL_DIFF);
+
+    // prompt_2 and negative_prompt_2 reach the second text encoder, as the pipeline's.
+    let r = server.post_json(
+        "/generate",
+        r#"{"prompt": "a lighthouse", "prompt_2": "a watercolour", "negative_prompt": "fog",
+            "negative_prompt_2": "blurry", "num_inference_steps": 3, "seed": 4}"#,
+    );
+    assert_eq!(r.status, 200, "{}", r.text());
+    let second = GenerateParams {
+        prompt_2: Some("a watercolour".into()),
+        negative_prompt: Some("fog".into()),
+        negative_prompt_2: Some("blurry".into()),
+        ..params
+    };
+    let expected_2 = sd
+        .generate(&second, &mut |_| ControlFlow::Continue(()))
+        .unwrap()
+        .image;
+    let got_2 = image_of(&r.json()["image"]);
+    let diff = pixel_diff(&got_2, &expected_2);
+    assert!(
+        diff.max <= MAX_PIXEL_DIFF && diff.mean <= MEAN_PIXEL_DIFF,
+        "prompt_2: POST /generate differs from the pipeline: max {} mean {}",
+        diff.max,
+        diff.mean
+    );
+    assert!(pixel_diff(&got_2, &expected).max > MAX_PIXEL_DIFF);
 }
 
 #[test]

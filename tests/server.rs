@@ -138,6 +138,21 @@ fn every_error_is_json_with_the_right_status() {
             "`negative_prompt` must be a string",
         ),
         (
+            r#"{"prompt": "a", "prompt_2": "b"}"#,
+            400,
+            "prompt_2 is for SDXL's second text encoder; this model has one text encoder",
+        ),
+        (
+            r#"{"prompt": "a", "negative_prompt_2": "b"}"#,
+            400,
+            "negative_prompt_2 is for SDXL's second text encoder",
+        ),
+        (
+            r#"{"prompt": "a", "prompt_2": ["b"]}"#,
+            400,
+            "`prompt_2` must be a string",
+        ),
+        (
             r#"{"prompt": "a", "num_inference_steps": "30"}"#,
             400,
             "`num_inference_steps` must be an integer",

@@ -43,6 +43,8 @@ fn params() -> GenerateParams {
     GenerateParams {
         prompt: "a single file".into(),
         negative_prompt: None,
+        prompt_2: None,
+        negative_prompt_2: None,
         steps: 3,
         guidance_scale: 7.5,
         width: 32,

@@ -30,6 +30,8 @@ fn params() -> GenerateParams {
     GenerateParams {
         prompt: "a lighthouse in a storm".into(),
         negative_prompt: None,
+        prompt_2: None,
+        negative_prompt_2: None,
         steps: 2,
         guidance_scale: 5.0,
         width: 32,

@@ -566,6 +566,8 @@ mod tests {
         let params = GenerateParams {
             prompt: "a lost device".into(),
             negative_prompt: None,
+            prompt_2: None,
+            negative_prompt_2: None,
             steps: 2,
             guidance_scale: 7.5,
             width: 32,

@@ -102,15 +102,39 @@ impl PromptEncoder {
     /// joined along the width, the pooled embedding from the second), each tokenizer
     /// padding to its own length and cutting what does not fit, with a warning.
     pub fn encode(&self, prompt: &str) -> Result<PromptEmbeddings> {
+        self.encode_each(&self.prompts(prompt, None)?)
+    }
+
+    /// The prompt each encoder reads: `prompt`, and for SDXL's second `prompt_2` when
+    /// given (diffusers' `prompt_2 = prompt_2 or prompt`). `prompt_2` for a model with one
+    /// text encoder is an error, as diffusers' SD pipelines have no such argument.
+    fn prompts<'a>(&self, prompt: &'a str, prompt_2: Option<&'a str>) -> Result<Vec<&'a str>> {
+        match (self.parts.len(), prompt_2) {
+            (1, Some(_)) => Err(Error::InvalidArgument(
+                "prompt_2 and negative_prompt_2 are for SDXL's second text encoder; this model has one".into(),
+            )),
+            (n, second) => Ok((0..n)
+                .map(|i| if i == 1 { second.unwrap_or(prompt) } else { prompt })
+                .collect()),
+        }
+    }
+
+    /// [`Self::encode`] with one prompt per encoder.
+    fn encode_each(&self, prompts: &[&str]) -> Result<PromptEmbeddings> {
         let layer = self.hidden_layer();
         let mut contexts = Vec::with_capacity(self.parts.len());
         let mut pooled = None;
-        for (i, part) in self.parts.iter().enumerate() {
+        for (i, (part, prompt)) in self.parts.iter().zip(prompts).enumerate() {
             let tokens = part.tokenizer.encode(prompt)?;
             // The count, not the words: prompts are the users' and logs are the operator's.
-            if tokens.dropped > 0 && i == 0 {
+            if tokens.dropped > 0 {
                 tracing::warn!(
-                    "the prompt was cut: its last {} tokens are beyond the {} that CLIP reads",
+                    "the {} was cut: its last {} tokens are beyond the {} that CLIP reads",
+                    if i == 0 {
+                        "prompt"
+                    } else {
+                        "second encoder's prompt"
+                    },
                     tokens.dropped,
                     part.tokenizer.max_length()
                 );
@@ -137,19 +161,25 @@ impl PromptEncoder {
         }
     }
 
-    /// `prompt` read with `syntax`: [`Self::encode`], or AUTOMATIC1111's way, each chunk
-    /// of 75 tokens encoded on its own, its emphasis weights applied, and the chunks joined
-    /// along the tokens (`[1, 77 * chunks, width]`; the pooled embedding is the first
-    /// chunk's, as A1111's).
-    pub fn encode_with(&self, prompt: &str, syntax: PromptSyntax) -> Result<PromptEmbeddings> {
+    /// `prompt` (and SDXL's `prompt_2`, see [`Self::prompts`]) read with `syntax`:
+    /// [`Self::encode`], or AUTOMATIC1111's way, each chunk of 75 tokens encoded on its
+    /// own, its emphasis weights applied, and the chunks joined along the tokens
+    /// (`[1, 77 * chunks, width]`; the pooled embedding is the first chunk's, as A1111's).
+    pub fn encode_with(
+        &self,
+        prompt: &str,
+        prompt_2: Option<&str>,
+        syntax: PromptSyntax,
+    ) -> Result<PromptEmbeddings> {
+        let prompts = self.prompts(prompt, prompt_2)?;
         if syntax == PromptSyntax::Plain {
-            return self.encode(prompt);
+            return self.encode_each(&prompts);
         }
         let layer = self.hidden_layer();
         let mut contexts = Vec::with_capacity(self.parts.len());
         let mut pooled = None;
         let mut counts = Vec::with_capacity(self.parts.len());
-        for part in &self.parts {
+        for (part, prompt) in self.parts.iter().zip(&prompts) {
             let chunks = prompt_syntax::chunks(&part.tokenizer, prompt)?;
             counts.push(chunks.len());
             let mut pieces = Vec::with_capacity(chunks.len());
@@ -162,10 +192,11 @@ impl PromptEncoder {
             }
             contexts.push(Tensor::cat(&pieces.iter().collect::<Vec<_>>(), 1)?);
         }
-        // Both of SDXL's tokenizers split a prompt alike (the same BPE); checked anyway.
+        // Both of SDXL's tokenizers split one prompt alike (the same BPE); a prompt_2 of
+        // another length cannot be joined with the prompt's chunks.
         if counts.windows(2).any(|w| w[0] != w[1]) {
             return Err(Error::InvalidArgument(format!(
-                "the prompt makes {counts:?} chunks in the two tokenizers; they must agree"
+                "with AUTOMATIC1111's prompt syntax the prompt and prompt_2 make {counts:?} chunks of 75 tokens; they must make as many"
             )));
         }
         let context = match contexts.as_slice() {

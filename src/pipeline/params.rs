@@ -15,6 +15,11 @@ pub struct GenerateParams {
     pub prompt: String,
     /// The unconditional branch's prompt; `None` means "".
     pub negative_prompt: Option<String>,
+    /// SDXL's second text encoder's prompts (diffusers' `prompt_2`, `negative_prompt_2`);
+    /// `None`: the first encoder's. A missing `negative_prompt` still gives SDXL's zero
+    /// negative embeddings whatever `negative_prompt_2` says, as in diffusers.
+    pub prompt_2: Option<String>,
+    pub negative_prompt_2: Option<String>,
     pub steps: usize,
     pub guidance_scale: f64,
     pub width: usize,
@@ -136,6 +141,8 @@ pub struct ParamsCheck {
     pub(crate) unet_in_channels: usize,
     pub(crate) latent_channels: usize,
     pub(crate) has_vae_encoder: bool,
+    /// 2 for SDXL, whose second encoder may read its own prompts.
+    pub(crate) text_encoders: usize,
 }
 
 /// A checked request's scheduler and where in its timesteps the run begins.
@@ -179,6 +186,17 @@ impl ParamsCheck {
                 "{what} must be positive multiples of {f} (the VAE's downscale factor), got {}x{}",
                 p.width, p.height
             )));
+        }
+        if self.text_encoders < 2 {
+            let second = [
+                ("prompt_2", &p.prompt_2),
+                ("negative_prompt_2", &p.negative_prompt_2),
+            ];
+            if let Some((field, _)) = second.iter().find(|(_, v)| v.is_some()) {
+                return Err(Error::InvalidArgument(format!(
+                    "{field} is for SDXL's second text encoder; this model has one text encoder"
+                )));
+            }
         }
         if !p.guidance_scale.is_finite() {
             return Err(Error::InvalidArgument(

@@ -338,6 +338,7 @@ impl StableDiffusion {
             unet_in_channels: self.unet.config().in_channels,
             latent_channels: self.vae.config().latent_channels,
             has_vae_encoder: self.vae_encoder.is_some(),
+            text_encoders: self.prompt_encoder.parts().len(),
         }
     }
 
@@ -581,11 +582,19 @@ struct Guidance {
 impl Guidance {
     fn encode(sd: &StableDiffusion, p: &GenerateParams) -> Result<Self> {
         let encoder = &sd.prompt_encoder;
-        let prompt = encoder.encode_with(&p.prompt, p.prompt_syntax)?;
+        // diffusers' `prompt_2 or prompt`: an empty second prompt is the first.
+        fn second(p2: &Option<String>) -> Option<&str> {
+            p2.as_deref().filter(|s| !s.is_empty())
+        }
+        let prompt = encoder.encode_with(&p.prompt, second(&p.prompt_2), p.prompt_syntax)?;
         if p.guidance_scale > 1.0 {
             let negative = match p.negative_prompt.as_deref() {
                 None if sd.zero_missing_negative => prompt.zeros_like()?,
-                negative => encoder.encode_with(negative.unwrap_or(""), p.prompt_syntax)?,
+                negative => encoder.encode_with(
+                    negative.unwrap_or(""),
+                    second(&p.negative_prompt_2),
+                    p.prompt_syntax,
+                )?,
             };
             let (negative, prompt) = Self::same_length(sd, negative, prompt, p)?;
             Ok(Guidance {
@@ -613,7 +622,10 @@ impl Guidance {
         if la == lb {
             return Ok((a, b));
         }
-        let empty = sd.prompt_encoder.encode_with("", p.prompt_syntax)?.context;
+        let empty = sd
+            .prompt_encoder
+            .encode_with("", None, p.prompt_syntax)?
+            .context;
         let pad = |e: PromptEmbeddings, to: usize| -> Result<PromptEmbeddings> {
             let mut pieces = vec![e.context.clone()];
             let mut length = e.context.dim(1);

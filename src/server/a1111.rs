@@ -36,6 +36,7 @@ const A1111: Dialect = Dialect {
     loras: false,
     // What A1111's clients write prompts for.
     prompt_syntax: Some(PromptSyntax::A1111),
+    second_prompts: false,
 };
 
 /// txt2img's body as the OpenAPI document describes it (the fields this server reads; any

@@ -66,6 +66,10 @@ pub const MAX_GUIDANCE: f64 = 30.0;
 pub struct GenerateRequest {
     pub prompt: String,
     pub negative_prompt: Option<String>,
+    /// Additive: SDXL's second text encoder's prompts (diffusers' `prompt_2`,
+    /// `negative_prompt_2`).
+    pub prompt_2: Option<String>,
+    pub negative_prompt_2: Option<String>,
     pub steps: u64,
     pub guidance_scale: f64,
     pub width: u64,
@@ -101,6 +105,8 @@ impl GenerateRequest {
         GenerateParams {
             prompt: self.prompt,
             negative_prompt: self.negative_prompt,
+            prompt_2: self.prompt_2,
+            negative_prompt_2: self.negative_prompt_2,
             steps: self.steps as usize,
             guidance_scale: self.guidance_scale,
             width: self.width as usize,
@@ -125,6 +131,13 @@ pub struct GenerateBody {
     prompt: String,
     /// What to avoid in the image.
     negative_prompt: Option<String>,
+    /// SDXL only: the prompt its second text encoder reads (diffusers' `prompt_2`); default
+    /// `prompt`.
+    prompt_2: Option<String>,
+    /// SDXL only: the second text encoder's negative prompt; default `negative_prompt`. A
+    /// missing `negative_prompt` still gives SDXL's zero negative embeddings, as in
+    /// diffusers.
+    negative_prompt_2: Option<String>,
     /// Denoising steps (1 to the server's `--max-steps`, 150 by default); default 50.
     num_inference_steps: Option<u64>,
     /// How closely to follow the prompt, 0 to 30; default 7.5.
@@ -186,6 +199,8 @@ pub struct Dialect {
     /// The prompt syntax, or `None` where the `prompt_syntax` field chooses (diffusers'
     /// when absent).
     pub prompt_syntax: Option<PromptSyntax>,
+    /// Whether `prompt_2` and `negative_prompt_2` (SDXL's second encoder) are read.
+    pub second_prompts: bool,
 }
 
 /// The API guide's dialect.
@@ -199,11 +214,16 @@ pub const NATIVE: Dialect = Dialect {
     init_image: true,
     loras: true,
     prompt_syntax: None,
+    second_prompts: true,
 };
 
 impl Dialect {
     fn fields(&self) -> Vec<&'static str> {
-        let mut fields = vec!["prompt", "negative_prompt", self.steps, self.guidance];
+        let mut fields = vec!["prompt", "negative_prompt"];
+        if self.second_prompts {
+            fields.extend(["prompt_2", "negative_prompt_2"]);
+        }
+        fields.extend([self.steps, self.guidance]);
         fields.extend(["width", "height", "seed"]);
         fields.extend(self.scheduler);
         if self.init_image {
@@ -287,6 +307,14 @@ pub fn parse_as(
         },
     };
     let negative_prompt = text(fields, "negative_prompt", limits)?;
+    let (prompt_2, negative_prompt_2) = if dialect.second_prompts {
+        (
+            text(fields, "prompt_2", limits)?,
+            text(fields, "negative_prompt_2", limits)?,
+        )
+    } else {
+        (None, None)
+    };
     let steps_field = dialect.steps;
     let steps = integer(fields, steps_field)?
         .or(dialect.default_steps)
@@ -357,6 +385,8 @@ pub fn parse_as(
     Ok(GenerateRequest {
         prompt,
         negative_prompt,
+        prompt_2,
+        negative_prompt_2,
         steps,
         guidance_scale,
         width,

@@ -103,6 +103,8 @@ pub fn params(case: &serde_json::Value, reference: &Path) -> Result<GeneratePara
             .ok_or("case has no prompt")?
             .to_string(),
         negative_prompt: case["negative_prompt"].as_str().map(str::to_string),
+        prompt_2: case["prompt_2"].as_str().map(str::to_string),
+        negative_prompt_2: case["negative_prompt_2"].as_str().map(str::to_string),
         steps: int("steps")? as usize,
         guidance_scale: case["guidance"].as_f64().ok_or("case has no guidance")?,
         width: int("width")? as usize,
