@@ -29,19 +29,12 @@ fn load(model: &str, vae: Option<&Path>) -> sd_wgpu::Result<StableDiffusion> {
 fn params() -> GenerateParams {
     GenerateParams {
         prompt: "a lighthouse in a storm".into(),
-        negative_prompt: None,
-        prompt_2: None,
-        negative_prompt_2: None,
         steps: 2,
         guidance_scale: 5.0,
         width: 32,
         height: 32,
         seed: 11,
-        scheduler: None,
-        scheduler_overrides: Default::default(),
-        init: None,
-        loras: Vec::new(),
-        prompt_syntax: Default::default(),
+        ..Default::default()
     }
 }
 

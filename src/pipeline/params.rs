@@ -41,6 +41,30 @@ pub struct GenerateParams {
     pub prompt_syntax: PromptSyntax,
 }
 
+/// The API guide's defaults (512x512, 50 steps, guidance 7.5, seed 0), the model's own
+/// scheduler, text-to-image, no LoRA, diffusers' prompt syntax; the prompt is empty, so
+/// callers set it: `GenerateParams { prompt: "a cat".into(), ..Default::default() }`.
+impl Default for GenerateParams {
+    fn default() -> Self {
+        GenerateParams {
+            prompt: String::new(),
+            negative_prompt: None,
+            prompt_2: None,
+            negative_prompt_2: None,
+            steps: 50,
+            guidance_scale: 7.5,
+            width: 512,
+            height: 512,
+            seed: 0,
+            scheduler: None,
+            scheduler_overrides: Default::default(),
+            init: None,
+            loras: Vec::new(),
+            prompt_syntax: PromptSyntax::default(),
+        }
+    }
+}
+
 impl GenerateParams {
     /// The denoising steps a run takes: all `steps`, or strength's share of them
     /// (PNDM's schedule runs one more UNet evaluation).
