@@ -79,9 +79,18 @@ impl GpuContext {
                 },
                 cache: None,
             });
-        let entry = (pipeline.clone(), pipeline.get_bind_group_layout(0));
-        lock(&self.pipelines).insert(kernel, entry.clone());
-        entry
+        // Two threads may both miss and both create the kernel's pipeline. The first one
+        // stored is the one everybody uses: a bind group made from one pipeline's layout is
+        // refused with another's ("exclusive pipelines don't match"), and bind groups are
+        // cached by kernel, so a second pipeline stored over the first would meet groups
+        // made for the first (seen in CI: group norm's tests failing when run in parallel).
+        lock(&self.pipelines)
+            .entry(kernel)
+            .or_insert_with(|| {
+                let layout = pipeline.get_bind_group_layout(0);
+                (pipeline, layout)
+            })
+            .clone()
     }
 
     /// Records one compute pass: `kernel` with its parameter block at binding 0 and
@@ -217,5 +226,35 @@ mod tests {
         assert_eq!(first, second);
         assert_eq!(made_after, made, "the third round made bind groups");
         assert!(reused >= made, "{reused} reused, {made} made");
+    }
+
+    /// Threads launching a kernel for the first time at once all get one pipeline: the
+    /// cached bind groups are made from its layout, which no other pipeline accepts.
+    #[test]
+    fn threads_meeting_a_new_kernel_at_once_share_one_pipeline() {
+        let Some(shared) = crate::backend::gpu::test_device() else {
+            return;
+        };
+        // A device of its own, so the kernel is new to it.
+        let gpu = crate::backend::gpu::GpuDevice::new(Some(&shared.name())).unwrap();
+        let kernel = crate::backend::gpu::kernels()[0];
+        let threads = 8;
+        let start = std::sync::Barrier::new(threads);
+        let pipelines: Vec<wgpu::ComputePipeline> = std::thread::scope(|scope| {
+            let handles: Vec<_> = (0..threads)
+                .map(|_| {
+                    scope.spawn(|| {
+                        start.wait();
+                        gpu.0.pipeline(kernel).0
+                    })
+                })
+                .collect();
+            handles
+                .into_iter()
+                .map(|h| h.join().expect("a thread creating a pipeline panicked"))
+                .collect()
+        });
+        let stored = gpu.0.pipeline(kernel).0;
+        assert!(pipelines.iter().all(|p| *p == stored));
     }
 }
