@@ -12,7 +12,7 @@
 //! `<cache>` is `$HF_HUB_CACHE`, else `$HF_HOME/hub`, else `~/.cache/huggingface/hub`
 //! (with huggingface_hub's `HUGGINGFACE_HUB_CACHE` and `XDG_CACHE_HOME` fallbacks).
 //! A Hub id that is not there, or only partly, is downloaded into it by
-//! [`resolve_model`] (see [`super::download`]).
+//! [`resolve`] (see [`super::download`]).
 
 use std::path::{Path, PathBuf};
 
@@ -158,7 +158,9 @@ fn expand_home(
     }
 }
 
-/// Where a `--model` argument points, in this order:
+/// Where a `--model` (`kind` [`RepoKind::Pipeline`]) or `--vae` ([`RepoKind::Vae`]: a Hub
+/// repository holding a VAE at its root, `config.json` and
+/// `diffusion_pytorch_model.safetensors`) argument points, in this order:
 ///
 /// 1. an existing directory: returned unchanged;
 /// 2. `weights/<name>/` under the current directory, for a bare `name` or the last
@@ -173,39 +175,26 @@ fn expand_home(
 /// The contents of a folder of 1 or 2 are not checked here: `ModelFolder` reports a
 /// missing component by name. When nothing is found the error names every place looked at
 /// and the command that fetches the model.
-pub fn resolve_model(arg: &str) -> Result<PathBuf> {
+pub fn resolve(arg: &str, kind: RepoKind) -> Result<PathBuf> {
     resolve_or_fetch(
         arg,
-        RepoKind::Pipeline,
+        kind,
         Path::new("weights"),
         hub_cache_dir().as_deref(),
         &HubAccess::from_env(),
     )
 }
 
-/// Where a `--vae` argument points, found as [`resolve_model`] finds a model: an existing
-/// file or folder, `weights/<name>/`, or a Hub repository holding a VAE at its root
-/// (`config.json` and `diffusion_pytorch_model.safetensors`), from the cache or fetched.
-pub fn resolve_vae(arg: &str) -> Result<PathBuf> {
-    resolve_or_fetch(
-        arg,
-        RepoKind::Vae,
-        Path::new("weights"),
-        hub_cache_dir().as_deref(),
-        &HubAccess::from_env(),
-    )
-}
-
-/// [`resolve_vae`] for a command-line path (see [`resolve_model_path`]).
-pub fn resolve_vae_path(arg: &Path) -> Result<PathBuf> {
+/// [`resolve`] for a command-line path; one that is not UTF-8 cannot be a Hub id, so it is
+/// a folder, a file or nothing.
+pub fn resolve_path(arg: &Path, kind: RepoKind) -> Result<PathBuf> {
     match arg.to_str() {
-        Some(text) => resolve_vae(text),
+        Some(text) => resolve(text, kind),
         None => Ok(arg.to_path_buf()),
     }
 }
 
-/// [`resolve_model`] (or, by `kind`, [`resolve_vae`]) with the `weights/` folder, the cache
-/// folder and the Hub given.
+/// [`resolve`] with the `weights/` folder, the cache folder and the Hub given.
 pub fn resolve_or_fetch(
     arg: &str,
     kind: RepoKind,
@@ -226,17 +215,7 @@ pub fn resolve_or_fetch(
     }
 }
 
-/// [`resolve_model`] for a command-line path; one that is not UTF-8 cannot be a Hub id,
-/// so it is a folder or nothing.
-pub fn resolve_model_path(arg: &Path) -> Result<PathBuf> {
-    match arg.to_str() {
-        Some(text) => resolve_model(text),
-        None => Ok(arg.to_path_buf()),
-    }
-}
-
-/// [`resolve_model`] (or, by `kind`, [`resolve_vae`]) with the `weights/` folder and the
-/// cache folder given.
+/// [`resolve`] with the `weights/` folder and the cache folder given.
 pub fn resolve_model_in(
     arg: &str,
     kind: RepoKind,

@@ -10,6 +10,8 @@ use std::time::{Duration, Instant};
 
 use crate::error::{Error, Result};
 use crate::model::clip::ClipTextModel;
+use crate::model::download::RepoKind;
+use crate::model::hub::resolve_path;
 use crate::model::lora::{Adapters, LoraChoice, LoraComponent};
 use crate::model::prompt_encoder::{PromptEmbeddings, PromptEncoder, TextEncoderPart};
 use crate::model::source::{ModelInfo, ModelOptions, ModelSource};
@@ -102,11 +104,11 @@ impl StableDiffusion {
     /// `--model-config` and `--vae` (which is found the same way). The one loading path of
     /// `generate` and `serve`.
     pub fn load_named(model: &Path, options: &ModelOptions, device: &Device) -> Result<Self> {
-        let path = crate::model::hub::resolve_model_path(model)?;
+        let path = resolve_path(model, RepoKind::Pipeline)?;
         tracing::info!("model `{}`: {}", model.display(), path.display());
         let mut options = options.clone();
         if let Some(vae) = &options.vae {
-            let found = crate::model::hub::resolve_vae_path(vae)?;
+            let found = resolve_path(vae, RepoKind::Vae)?;
             tracing::info!("vae `{}`: {}", vae.display(), found.display());
             options.vae = Some(found);
         }
