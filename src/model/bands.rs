@@ -14,7 +14,10 @@ use crate::tensor::Tensor;
 
 /// What a convolutional block needs of its `[N, C, H, W]` input.
 pub trait FeatureMap: Clone {
-    fn conv(&self, conv: &Conv2d) -> Result<Self>;
+    /// The convolution, taking the map so that row bands nothing else holds are freed as
+    /// the output grows (the peak is then about the larger of input and output, not their
+    /// sum); a caller that needs the map afterwards passes a clone.
+    fn conv(self, conv: &Conv2d) -> Result<Self>;
     /// Group norm, followed by SiLU when `silu`. This and the sums take the map so that a
     /// map nothing else holds is overwritten rather than copied (see
     /// [`Tensor::group_norm`]): the decoder's full-size maps are up to 1 GiB each.
@@ -33,8 +36,8 @@ pub trait FeatureMap: Clone {
 }
 
 impl FeatureMap for Tensor {
-    fn conv(&self, conv: &Conv2d) -> Result<Self> {
-        conv.forward(self)
+    fn conv(self, conv: &Conv2d) -> Result<Self> {
+        conv.forward(&self)
     }
 
     fn group_norm(self, norm: &GroupNorm, silu: bool) -> Result<Self> {
@@ -168,7 +171,9 @@ impl RowBands {
 }
 
 impl FeatureMap for RowBands {
-    fn conv(&self, conv: &Conv2d) -> Result<Self> {
+    /// Band by band, each with `padding` rows of its neighbours; a band is dropped once its
+    /// output is made and its last rows are kept for the next band's halo.
+    fn conv(self, conv: &Conv2d) -> Result<Self> {
         if !conv.keeps_size() {
             return Err(Error::shape(
                 "RowBands::conv",
@@ -176,32 +181,40 @@ impl FeatureMap for RowBands {
             ));
         }
         let halo = conv.padding();
-        let last = self.bands.len() - 1;
         let mut out = Vec::with_capacity(self.bands.len());
-        for (i, band) in self.bands.iter().enumerate() {
-            // The band with `halo` rows of each neighbour; the convolution's own zero
-            // padding then stands only where the whole map ends.
-            let mut parts = Vec::with_capacity(3);
-            let above = if i > 0 {
-                halo_rows(&self.bands[i - 1], halo, true)?
-            } else {
-                None
+        let mut bands = self.bands.into_iter().peekable();
+        // The previous band's last `halo` rows (a copy: the band itself is gone).
+        let mut above: Option<Tensor> = None;
+        while let Some(band) = bands.next() {
+            // The convolution's own zero padding then stands only where the whole map ends.
+            let below = match bands.peek() {
+                Some(next) => halo_rows(next, halo, false)?,
+                None => None,
             };
-            let below = if i < last {
-                halo_rows(&self.bands[i + 1], halo, false)?
-            } else {
-                None
+            let next_above = match bands.peek() {
+                Some(_) => halo_rows(&band, halo, true)?,
+                None => None,
             };
-            let top = above.as_ref().map_or(0, |t| t.dim(2));
-            parts.extend(above.iter());
-            parts.push(band);
-            parts.extend(below.iter());
-            let input = if parts.len() == 1 {
-                band.clone()
+            let (top, rows) = (above.as_ref().map_or(0, |t| t.dim(2)), band.dim(2));
+            let input = if above.is_none() && below.is_none() {
+                band
             } else {
-                Tensor::cat(&parts, 2)?
+                let with_halo = {
+                    let parts: Vec<&Tensor> =
+                        above.iter().chain([&band]).chain(below.iter()).collect();
+                    Tensor::cat(&parts, 2)?
+                };
+                drop(band);
+                with_halo
             };
-            out.push(conv.forward(&input)?.narrow(2, top, band.dim(2))?);
+            let output = conv.forward(&input)?;
+            drop(input);
+            out.push(if output.dim(2) == rows {
+                output
+            } else {
+                output.narrow(2, top, rows)?
+            });
+            above = next_above;
         }
         Ok(RowBands { bands: out })
     }
@@ -211,7 +224,8 @@ impl FeatureMap for RowBands {
             return self.map_owned(|b| FeatureMap::group_norm(b, norm, silu));
         }
         let moments = self.moments(norm.groups())?;
-        self.map(|b| norm.forward_with_moments(b, &moments, silu))
+        // Each band is dropped as soon as its normalised copy is made.
+        self.map_owned(|b| norm.forward_with_moments(&b, &moments, silu))
     }
 
     fn add(self, other: &Self) -> Result<Self> {
@@ -337,7 +351,7 @@ mod tests {
             };
             check(
                 "conv",
-                bands.conv(&conv).unwrap(),
+                bands.clone().conv(&conv).unwrap(),
                 conv.forward(&x).unwrap(),
             );
             for silu in [false, true] {

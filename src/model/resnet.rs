@@ -60,7 +60,7 @@ impl ResnetBlock2D {
     pub fn forward<M: FeatureMap>(&self, x: M, temb_silu: Option<&Tensor>) -> Result<M> {
         let _span = tracing::trace_span!("resnet").entered();
         let shortcut = match &self.conv_shortcut {
-            Some(conv) => x.conv(conv)?,
+            Some(conv) => x.clone().conv(conv)?,
             None => x.clone(),
         };
         let mut h = x.group_norm(&self.norm1, true)?.conv(&self.conv1)?;
@@ -102,7 +102,7 @@ impl Downsample2D {
         if self.pad_bottom_right {
             x.downsample_padded_after(&self.conv)
         } else {
-            x.conv(&self.conv)
+            x.clone().conv(&self.conv)
         }
     }
 }

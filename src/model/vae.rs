@@ -113,6 +113,19 @@ struct UpDecoderBlock {
     upsampler: Option<Upsample2D>,
 }
 
+impl UpDecoderBlock {
+    fn forward<M: FeatureMap>(&self, mut h: M) -> Result<M> {
+        for resnet in &self.resnets {
+            h = resnet.forward(h, None)?;
+        }
+        if let Some(up) = &self.upsampler {
+            let [_, _, height, width] = h.dims();
+            h = up.forward(h, (2 * height, 2 * width))?;
+        }
+        Ok(h)
+    }
+}
+
 pub struct VaeDecoder {
     config: VaeConfig,
     post_quant_conv: Option<Conv2d>,
@@ -206,9 +219,9 @@ impl VaeDecoder {
         self.decode_within(latents, latents.device().max_buffer_bytes())
     }
 
-    /// [`VaeDecoder::decode`] keeping every activation under `max_buffer_bytes`: where the
-    /// up blocks' maps would be larger, they run in row bands (the same result; see
-    /// `model::bands`).
+    /// [`VaeDecoder::decode`] keeping every activation under `max_buffer_bytes`: from the
+    /// first up block whose maps would be larger, the rest runs in row bands (the same
+    /// result up to rounding; see `model::bands`).
     pub fn decode_within(&self, latents: &Tensor, max_buffer_bytes: Option<u64>) -> Result<Tensor> {
         let _span = tracing::debug_span!("vae_decode").entered();
         let mut h = match &self.post_quant_conv {
@@ -217,52 +230,59 @@ impl VaeDecoder {
         };
         h = self.conv_in.forward(&h)?;
         h = self.mid.forward(h)?;
-        let bands = self.bands_needed(h.dims(), max_buffer_bytes)?;
-        if bands == 1 {
-            return self.up(h);
+        let Some(banding) = self.banding(h.dims(), max_buffer_bytes)? else {
+            return self.up(h, 0);
+        };
+        tracing::debug!(
+            "decoding from up block {} in {} row bands",
+            banding.from_block,
+            banding.bands
+        );
+        for block in &self.up_blocks[..banding.from_block] {
+            h = block.forward(h)?;
         }
-        tracing::info!("decoding in {bands} row bands to stay within the device's buffer limit");
-        self.up(RowBands::split(&h, bands)?)?.join()
+        let bands = RowBands::split(&h, banding.bands)?;
+        drop(h);
+        self.up(bands, banding.from_block)?.join()
     }
 
-    /// The up blocks and the output layers, on a whole map or on row bands.
-    fn up<M: FeatureMap>(&self, mut h: M) -> Result<M> {
-        for block in &self.up_blocks {
-            for resnet in &block.resnets {
-                h = resnet.forward(h, None)?;
-            }
-            if let Some(up) = &block.upsampler {
-                let [_, _, height, width] = h.dims();
-                h = up.forward(h, (2 * height, 2 * width))?;
-            }
+    /// The up blocks from `first` on and the output layers, on a whole map or on row bands.
+    fn up<M: FeatureMap>(&self, mut h: M, first: usize) -> Result<M> {
+        for block in &self.up_blocks[first..] {
+            h = block.forward(h)?;
         }
         h.group_norm(&self.conv_norm_out, true)?
             .conv(&self.conv_out)
     }
 
-    /// How many row bands the up blocks need so that no band's activation exceeds half of
-    /// `max_buffer_bytes` (the other half covers a band's halo rows and the copies a
-    /// convolution makes of them). `mid` is the mid block's output `[N, C, H, W]`.
-    fn bands_needed(&self, mid: [usize; 4], max_buffer_bytes: Option<u64>) -> Result<usize> {
+    /// Whether and from where the up blocks run in row bands, for a device whose largest
+    /// buffer is under twice the largest map: bands of at most half of `max_buffer_bytes`
+    /// (the other half covers a band's halo rows and the copies a convolution makes of
+    /// them), from the first block with a map over that (the blocks before it run whole:
+    /// fewer, larger launches). `mid` is the mid block's output `[N, C, H, W]`.
+    fn banding(&self, mid: [usize; 4], max_buffer_bytes: Option<u64>) -> Result<Option<Banding>> {
         let Some(limit) = max_buffer_bytes else {
-            return Ok(1);
+            return Ok(None);
         };
         let [n, mut channels, rows, width] = mid;
-        // The largest map, in bytes per row of the mid block's output.
-        let (mut scale, mut largest) = (1, channels);
+        // Each block's largest map (the upsampler's output included), in bytes per row of
+        // the mid block's output.
+        let mut scale = 1;
+        let mut largest_per_block = Vec::with_capacity(self.up_blocks.len());
         for (i, block) in self.up_blocks.iter().enumerate() {
             let out = self.config.block_out_channels[self.up_blocks.len() - 1 - i];
-            largest = largest.max(channels.max(out) * scale * scale);
+            let mut largest = channels.max(out) * scale * scale;
             channels = out;
             if block.upsampler.is_some() {
                 scale *= 2;
                 largest = largest.max(channels * scale * scale);
             }
+            largest_per_block.push((n * largest * width * 4) as u64);
         }
-        let per_row = (n * largest * width * 4) as u64;
-        let budget = limit / 2;
-        let bands = (per_row * rows as u64).div_ceil(budget.max(1)) as usize;
-        if bands > rows || per_row > budget {
+        let per_row = largest_per_block.iter().copied().max().unwrap_or(0);
+        let budget = (limit / 2).max(1);
+        let bands = (per_row * rows as u64).div_ceil(budget);
+        if per_row > budget || bands > rows as u64 {
             return Err(Error::InvalidArgument(format!(
                 "a {}x{} image needs {} MiB per latent row in the VAE decoder, over half of this \
                  device's largest buffer ({} MiB); ask for a smaller image",
@@ -272,8 +292,22 @@ impl VaeDecoder {
                 limit >> 20
             )));
         }
-        Ok(bands.max(1))
+        let first_over = largest_per_block
+            .iter()
+            .position(|&bytes| bytes * rows as u64 > budget);
+        Ok(first_over.filter(|_| bands > 1).map(|from_block| Banding {
+            from_block,
+            bands: bands as usize,
+        }))
     }
+}
+
+/// Where the decoder's up blocks switch to row bands, and how many: see
+/// [`VaeDecoder::banding`].
+#[derive(Debug, PartialEq, Eq)]
+struct Banding {
+    from_block: usize,
+    bands: usize,
 }
 
 #[cfg(test)]
@@ -282,8 +316,10 @@ mod tests {
     use crate::tensor::Device;
 
     /// The real SD VAE's up blocks at 2048x2048 hold a 4 GiB map (256 channels at full
-    /// size): on an adapter allocating at most 2 GiB they take 4 bands, at 256 MiB 32;
-    /// a 512x512 image needs none.
+    /// size): on an adapter allocating at most 2 GiB they take 4 bands from the second
+    /// block (the first with a map over 1 GiB: its upsampler's 2 GiB output), at 256 MiB 32
+    /// from the first (its 512 MiB upsampled map); a 512x512 image needs none, nor does any
+    /// image without a buffer limit; 2 MiB buffers cannot hold a 2048x2048 image's rows.
     #[test]
     fn sd_vae_band_counts() {
         let config = VaeConfig {
@@ -299,18 +335,15 @@ mod tests {
         )
         .unwrap();
         let gib = 1u64 << 30;
-        assert_eq!(
-            vae.bands_needed([1, 512, 256, 256], Some(2 * gib)).unwrap(),
-            4
-        );
-        assert_eq!(
-            vae.bands_needed([1, 512, 256, 256], Some(gib / 4)).unwrap(),
-            32
-        );
-        assert_eq!(
-            vae.bands_needed([1, 512, 64, 64], Some(2 * gib)).unwrap(),
-            1
-        );
-        assert_eq!(vae.bands_needed([1, 512, 256, 256], None).unwrap(), 1);
+        let banding = |mid: [usize; 4], limit: Option<u64>| {
+            vae.banding(mid, limit)
+                .unwrap()
+                .map(|b| (b.from_block, b.bands))
+        };
+        assert_eq!(banding([1, 512, 256, 256], Some(2 * gib)), Some((1, 4)));
+        assert_eq!(banding([1, 512, 256, 256], Some(gib / 4)), Some((0, 32)));
+        assert_eq!(banding([1, 512, 64, 64], Some(2 * gib)), None);
+        assert_eq!(banding([1, 512, 256, 256], None), None);
+        assert!(vae.banding([1, 512, 256, 256], Some(gib / 512)).is_err());
     }
 }
