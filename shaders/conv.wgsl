@@ -1,4 +1,4 @@
-// 2-D convolution (torch nn.Conv2d: NCHW input, OIHW weight, symmetric zero padding) as an
+// 2-D convolution (torch nn.Conv2d: NCHW input, OIHW weight, zero padding) as an
 // implicit GEMM:
 //
 //     out[oc, col] = sum_k weight[oc, k] * columns[k, col]
@@ -34,7 +34,8 @@ struct Params {
     kh: u32,
     kw: u32,
     stride: u32,
-    padding: u32,
+    pad_top: u32,   // zero rows above the input (those below: as many as oh reaches)
+    pad_left: u32,  // zero columns left of it (to the right: as many as ow reaches)
     oh: u32,
     ow: u32,
     k: u32,         // reduction length in this pass: input channels * kh * kw
@@ -50,7 +51,6 @@ struct Params {
     has_bias: u32,
     accumulate: u32, // add onto the output instead of overwriting it
     _pad0: u32,
-    _pad1: u32,
 }
 
 @group(0) @binding(0) var<storage, read> p: Params;
@@ -93,8 +93,8 @@ fn conv2d(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: v
     let ox = pix - oy * p.ow;
     let col_base = p.x_off + img * p.x_img;
     // A column past the end gets a row no kernel tap reaches, so every bounds test fails.
-    let col_iy = select(vec4<i32>(-2147483647), vec4<i32>(oy * p.stride) - i32(p.padding), col_ok);
-    let col_ix = vec4<i32>(ox * p.stride) - i32(p.padding);
+    let col_iy = select(vec4<i32>(-2147483647), vec4<i32>(oy * p.stride) - i32(p.pad_top), col_ok);
+    let col_ix = vec4<i32>(ox * p.stride) - i32(p.pad_left);
 
     // Weight loads: thread t reads row m0 + am, reduction indices k0 + 4 * ak4 .. + 3
     // (contiguous in memory) and scatters them into a_tile's k-major layout.
@@ -220,7 +220,8 @@ struct Im2col {
     kh: u32,
     kw: u32,
     stride: u32,
-    padding: u32,
+    pad_top: u32,
+    pad_left: u32,
     oh: u32,
     ow: u32,
     k: u32,      // c * kh * kw: one row's length
@@ -251,8 +252,8 @@ fn im2col(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: v
     let rem = kk - ci * khw;
     let ky = rem / ip.kw;
     let kx = rem - ky * ip.kw;
-    let iy = i32(oy * ip.stride + ky) - i32(ip.padding);
-    let ixx = i32(ox * ip.stride + kx) - i32(ip.padding);
+    let iy = i32(oy * ip.stride + ky) - i32(ip.pad_top);
+    let ixx = i32(ox * ip.stride + kx) - i32(ip.pad_left);
     var v = 0.0;
     if (iy >= 0 && iy < i32(ip.h) && ixx >= 0 && ixx < i32(ip.w)) {
         v = ix[img * ip.x_img + ci * ip.h * ip.w + u32(iy) * ip.w + u32(ixx)];

@@ -3,6 +3,7 @@
 use crate::error::Result;
 use crate::model::lora::LayerWeight;
 use crate::model::weights::Weights;
+use crate::tensor::params::Padding2d;
 use crate::tensor::Tensor;
 
 /// torch's `nn.Linear`. Its weight is one a LoRA may change (see [`LayerWeight`]).
@@ -59,11 +60,17 @@ impl Conv2d {
     }
 
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        x.conv2d(
+        self.forward_padded(x, Padding2d::uniform(self.padding))
+    }
+
+    /// The layer with other zero padding than its own (a band of rows that carries its
+    /// neighbours' rows, diffusers' `Downsample2D(padding=0)`).
+    pub fn forward_padded(&self, x: &Tensor, padding: Padding2d) -> Result<Tensor> {
+        x.conv2d_padded(
             &self.weight.current(),
             Some(&self.bias),
             self.stride,
-            self.padding,
+            padding,
         )
     }
 

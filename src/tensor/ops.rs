@@ -1,7 +1,7 @@
 //! The op list. Each op checks shapes here, once, then dispatches to the backend that
 //! holds the data. Model code only ever calls these methods.
 
-use super::params::{AttentionParams, Conv2dParams, MatmulDims};
+use super::params::{AttentionParams, Conv2dParams, MatmulDims, Padding2d};
 use super::{interrupt, profile, DType, Device, Storage, Tensor};
 use crate::backend::cpu::{self, CpuStorage};
 use crate::backend::gpu;
@@ -382,6 +382,17 @@ impl Tensor {
         stride: usize,
         padding: usize,
     ) -> Result<Tensor> {
+        self.conv2d_padded(weight, bias, stride, Padding2d::uniform(padding))
+    }
+
+    /// [`Tensor::conv2d`] with its own zero padding on each side.
+    pub fn conv2d_padded(
+        &self,
+        weight: &Tensor,
+        bias: Option<&Tensor>,
+        stride: usize,
+        padding: Padding2d,
+    ) -> Result<Tensor> {
         let _p = begin(match (weight.shape.get(2), weight.dtype() == DType::F32) {
             (Some(1), true) => "conv2d 1x1",
             (Some(1), false) => "conv2d 1x1 (f16/bf16 weight)",
@@ -399,11 +410,15 @@ impl Tensor {
             weight.shape[2],
             weight.shape[3],
         ];
-        if ic != c || stride == 0 || h + 2 * padding < kh || w + 2 * padding < kw {
+        let (padded_h, padded_w) = (
+            h + padding.top + padding.bottom,
+            w + padding.left + padding.right,
+        );
+        if ic != c || stride == 0 || padded_h < kh || padded_w < kw {
             return Err(Error::shape(
                 "conv2d",
                 format!(
-                    "input {:?}, weight {:?}, stride {stride}, padding {padding}",
+                    "input {:?}, weight {:?}, stride {stride}, padding {padding:?}",
                     self.shape, weight.shape
                 ),
             ));
@@ -411,8 +426,8 @@ impl Tensor {
         if let Some(b) = bias {
             b.expect_shape("conv2d bias", &[oc])?;
         }
-        let oh = (h + 2 * padding - kh) / stride + 1;
-        let ow = (w + 2 * padding - kw) / stride + 1;
+        let oh = (padded_h - kh) / stride + 1;
+        let ow = (padded_w - kw) / stride + 1;
         let p = Conv2dParams {
             n,
             c,
@@ -422,7 +437,8 @@ impl Tensor {
             kh,
             kw,
             stride,
-            padding,
+            pad_top: padding.top,
+            pad_left: padding.left,
             oh,
             ow,
         };

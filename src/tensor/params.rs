@@ -16,7 +16,32 @@ pub struct MatmulDims {
     pub transpose_rhs: bool,
 }
 
-/// Sizes of one convolution; `oh`/`ow` are the output's spatial size.
+/// Zero rows and columns around a convolution's input. torch's `padding=p` is
+/// [`Padding2d::uniform`]; the other forms let a band of rows carrying its neighbours' rows
+/// be convolved with no padding above or below (`model::bands`), and diffusers'
+/// `Downsample2D(padding=0)` pad only after the map.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Padding2d {
+    pub top: usize,
+    pub bottom: usize,
+    pub left: usize,
+    pub right: usize,
+}
+
+impl Padding2d {
+    pub fn uniform(p: usize) -> Self {
+        Padding2d {
+            top: p,
+            bottom: p,
+            left: p,
+            right: p,
+        }
+    }
+}
+
+/// Sizes of one convolution; `oh`/`ow` are the output's spatial size. The input has
+/// `pad_top` zero rows above it and `pad_left` zero columns to its left; below and to its
+/// right, as many as the output's size reaches (both backends read 0 outside the input).
 #[derive(Clone, Copy, Debug)]
 pub struct Conv2dParams {
     pub n: usize,
@@ -27,7 +52,8 @@ pub struct Conv2dParams {
     pub kh: usize,
     pub kw: usize,
     pub stride: usize,
-    pub padding: usize,
+    pub pad_top: usize,
+    pub pad_left: usize,
     pub oh: usize,
     pub ow: usize,
 }

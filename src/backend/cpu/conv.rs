@@ -84,7 +84,11 @@ fn im2col_conv(x: &[f32], weight: &[f32], bias: Option<&[f32]>, p: &Conv2dParams
         row_stride: patch,
         col_stride: 1,
     };
-    let pointwise = p.kh == 1 && p.kw == 1 && p.stride == 1 && p.padding == 0;
+    let pointwise = p.kh == 1
+        && p.kw == 1
+        && p.stride == 1
+        && (p.pad_top, p.pad_left) == (0, 0)
+        && (p.oh, p.ow) == (p.h, p.w);
     let chunk = (MAX_COLUMN_ELEMS / patch.max(1)).clamp(64, pixels.max(64));
     let mut columns = if pointwise {
         Vec::new()
@@ -148,8 +152,8 @@ fn im2col(image: &[f32], p: &Conv2dParams, start: usize, len: usize, columns: &m
             for (j, v) in col.iter_mut().enumerate() {
                 let pix = start + j;
                 let (oy, ox) = (pix / p.ow, pix % p.ow);
-                let iy = (oy * p.stride + ky) as isize - p.padding as isize;
-                let ix = (ox * p.stride + kx) as isize - p.padding as isize;
+                let iy = (oy * p.stride + ky) as isize - p.pad_top as isize;
+                let ix = (ox * p.stride + kx) as isize - p.pad_left as isize;
                 *v = if iy >= 0 && ix >= 0 && (iy as usize) < p.h && (ix as usize) < p.w {
                     plane[iy as usize * p.w + ix as usize]
                 } else {
@@ -163,6 +167,7 @@ fn im2col(image: &[f32], p: &Conv2dParams, start: usize, len: usize, columns: &m
 mod tests {
     use super::winograd::{F2, F4};
     use super::{algorithm, im2col_conv, Algorithm, Conv2dParams};
+    use crate::tensor::params::Padding2d;
     use crate::tensor::testing::random;
 
     fn values(shape: &[usize], seed: u64) -> Vec<f32> {
@@ -170,6 +175,11 @@ mod tests {
     }
 
     fn params(n: usize, c: usize, h: usize, w: usize, oc: usize, padding: usize) -> Conv2dParams {
+        padded(n, c, h, w, oc, Padding2d::uniform(padding))
+    }
+
+    /// A 3x3 stride-1 convolution's sizes with `pad` around its input.
+    fn padded(n: usize, c: usize, h: usize, w: usize, oc: usize, pad: Padding2d) -> Conv2dParams {
         Conv2dParams {
             n,
             c,
@@ -179,9 +189,64 @@ mod tests {
             kh: 3,
             kw: 3,
             stride: 1,
-            padding,
-            oh: h + 2 * padding - 2,
-            ow: w + 2 * padding - 2,
+            pad_top: pad.top,
+            pad_left: pad.left,
+            oh: h + pad.top + pad.bottom - 2,
+            ow: w + pad.left + pad.right - 2,
+        }
+    }
+
+    /// Padding on some sides only (as row bands and diffusers' `Downsample2D(padding=0)`
+    /// use it) is the convolution of the input with those zeros written out, on im2col and
+    /// on both Winograd transforms.
+    #[test]
+    fn uneven_padding_is_that_of_the_zeros_written_out() {
+        let (n, c, h, w, oc) = (2, 6, 9, 7, 5);
+        let x = values(&[n, c, h, w], 31);
+        let weight = values(&[oc, c, 3, 3], 32);
+        let bias = values(&[oc], 33);
+        for (top, bottom, left, right) in [
+            (0, 0, 1, 1),
+            (1, 0, 1, 1),
+            (0, 1, 1, 1),
+            (0, 1, 0, 1),
+            (2, 0, 0, 2),
+        ] {
+            let pad = Padding2d {
+                top,
+                bottom,
+                left,
+                right,
+            };
+            let p = padded(n, c, h, w, oc, pad);
+            let (ph, pw) = (h + top + bottom, w + left + right);
+            let mut zeros_written = vec![0f32; n * c * ph * pw];
+            for (plane, dst) in x
+                .chunks_exact(h * w)
+                .zip(zeros_written.chunks_exact_mut(ph * pw))
+            {
+                for (row, src) in plane.chunks_exact(w).enumerate() {
+                    dst[(row + top) * pw + left..][..w].copy_from_slice(src);
+                }
+            }
+            let want = im2col_conv(
+                &zeros_written,
+                &weight,
+                Some(&bias),
+                &padded(n, c, ph, pw, oc, Padding2d::uniform(0)),
+            );
+            assert_eq!(
+                im2col_conv(&x, &weight, Some(&bias), &p),
+                want,
+                "im2col, {pad:?}"
+            );
+            for f4 in [false, true] {
+                let (abs, rel) = worst(&p, 7, f4);
+                assert!(
+                    rel < 2e-6 || (f4 && rel < 1e-5),
+                    "{pad:?} f4 {f4}: {abs} ({rel} of max)"
+                );
+            }
         }
     }
 

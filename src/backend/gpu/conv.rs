@@ -51,7 +51,8 @@ struct Im2colParams {
     kh: u32,
     kw: u32,
     stride: u32,
-    padding: u32,
+    pad_top: u32,
+    pad_left: u32,
     oh: u32,
     ow: u32,
     k: u32,
@@ -90,7 +91,8 @@ struct ConvParams {
     kh: u32,
     kw: u32,
     stride: u32,
-    padding: u32,
+    pad_top: u32,
+    pad_left: u32,
     oh: u32,
     ow: u32,
     k: u32,
@@ -106,7 +108,6 @@ struct ConvParams {
     has_bias: u32,
     accumulate: u32,
     _pad0: u32,
-    _pad1: u32,
 }
 
 /// Convolution of `x` (`[n, c, h, w]`) with `weight` (`[oc, c, kh, kw]`) plus an optional
@@ -152,8 +153,8 @@ fn conv2d_limited(
     let out_len = p.n * p.oc * pixels;
     let sizes = || {
         format!(
-            "input [{}, {}, {}, {}], weight [{}, {}, {}, {}], stride {}, padding {}",
-            p.n, p.c, p.h, p.w, p.oc, p.c, p.kh, p.kw, p.stride, p.padding
+            "input [{}, {}, {}, {}], weight [{}, {}, {}, {}], stride {}, padding {} above and {} left, output {}x{}",
+            p.n, p.c, p.h, p.w, p.oc, p.c, p.kh, p.kw, p.stride, p.pad_top, p.pad_left, p.oh, p.ow
         )
     };
     if x.len() != p.n * p.c * plane
@@ -278,7 +279,8 @@ fn conv2d_as_product(
                 kh: u(p.kh),
                 kw: u(p.kw),
                 stride: u32_of("conv2d stride", p.stride)?,
-                padding: u32_of("conv2d padding", p.padding)?,
+                pad_top: u32_of("conv2d padding", p.pad_top)?,
+                pad_left: u32_of("conv2d padding", p.pad_left)?,
                 oh: u(p.oh),
                 ow: u(p.ow),
                 k: u(k),
@@ -388,7 +390,8 @@ fn run(
         kh: u(p.kh),
         kw: u(p.kw),
         stride: u32_of("conv2d stride", p.stride)?,
-        padding: u32_of("conv2d padding", p.padding)?,
+        pad_top: u32_of("conv2d padding", p.pad_top)?,
+        pad_left: u32_of("conv2d padding", p.pad_left)?,
         oh: u(p.oh),
         ow: u(p.ow),
         k: u(pass.channels * p.kh * p.kw),
@@ -404,7 +407,6 @@ fn run(
         has_bias: pass.has_bias as u32,
         accumulate: pass.accumulate as u32,
         _pad0: 0,
-        _pad1: 0,
     };
     // Column tiles over x and y, output-channel tiles along z.
     let [gx, gy, _] = ctx.groups_1d(tiles_n, 1);
@@ -436,7 +438,7 @@ mod tests {
     use super::conv2d_limited;
     use crate::backend::gpu::storage::BindLimit;
     use crate::backend::gpu::{test_device, GpuStorage};
-    use crate::tensor::params::Conv2dParams;
+    use crate::tensor::params::{Conv2dParams, Padding2d};
     use crate::tensor::testing::{assert_ops_agree, f16_values, random_f16, random_f16_exact};
     use crate::tensor::Tensor;
 
@@ -505,6 +507,39 @@ mod tests {
         check([1, 3, 8, 8], 4, 1, 2, 0, 110);
     }
 
+    /// Padding on some sides only (row bands, diffusers' `Downsample2D(padding=0)`), on the
+    /// direct kernel and on im2col + product, strided too.
+    #[test]
+    fn uneven_padding_matches_the_cpu() {
+        for (top, bottom, left, right, stride) in [
+            (0, 0, 1, 1, 1),
+            (1, 0, 1, 1, 1),
+            (0, 1, 1, 1, 1),
+            (0, 1, 0, 1, 2),
+            (2, 0, 0, 2, 1),
+        ] {
+            let padding = Padding2d {
+                top,
+                bottom,
+                left,
+                right,
+            };
+            let inputs = [
+                random_f16_exact(&[2, 5, 9, 7], 150),
+                random_f16_exact(&[6, 5, 3, 3], 151),
+                random_f16_exact(&[6], 152),
+            ];
+            assert_ops_agree(
+                &format!("conv2d padded {padding:?}, stride {stride}"),
+                &inputs,
+                |t| t[0].conv2d_padded(&t[1], Some(&t[2]), stride, padding),
+            );
+            for path in [Path::Product(50), Path::Windowed(150)] {
+                check_path([2, 5, 9, 7], 6, 3, stride, padding, path, true, false);
+            }
+        }
+    }
+
     #[test]
     fn wide_output_channels_match_the_cpu() {
         check([1, 4, 8, 8], 128, 3, 1, 1, 120);
@@ -527,7 +562,7 @@ mod tests {
         oc: usize,
         k: usize,
         stride: usize,
-        padding: usize,
+        padding: Padding2d,
         path: Path,
         bias: bool,
         f16: bool,
@@ -551,7 +586,7 @@ mod tests {
             )
         };
         let expected = x
-            .conv2d(&weight, bias.then_some(&b), stride, padding)
+            .conv2d_padded(&weight, bias.then_some(&b), stride, padding)
             .unwrap();
         let [oh, ow] = [expected.shape()[2], expected.shape()[3]];
         let p = Conv2dParams {
@@ -563,7 +598,8 @@ mod tests {
             kh: k,
             kw: k,
             stride,
-            padding,
+            pad_top: padding.top,
+            pad_left: padding.left,
             oh,
             ow,
         };
@@ -613,12 +649,57 @@ mod tests {
         for f16 in [false, true] {
             // Two input channels and two output channels per pass.
             let w = Path::Windowed;
-            check_path([2, 5, 9, 7], 6, 3, 1, 1, w(150), true, f16);
-            check_path([2, 5, 9, 7], 6, 3, 1, 1, w(150), false, f16);
-            check_path([1, 6, 10, 10], 9, 3, 2, 1, w(250), true, f16);
-            check_path([2, 7, 5, 5], 70, 1, 1, 0, w(60), true, f16);
+            check_path(
+                [2, 5, 9, 7],
+                6,
+                3,
+                1,
+                Padding2d::uniform(1),
+                w(150),
+                true,
+                f16,
+            );
+            check_path(
+                [2, 5, 9, 7],
+                6,
+                3,
+                1,
+                Padding2d::uniform(1),
+                w(150),
+                false,
+                f16,
+            );
+            check_path(
+                [1, 6, 10, 10],
+                9,
+                3,
+                2,
+                Padding2d::uniform(1),
+                w(250),
+                true,
+                f16,
+            );
+            check_path(
+                [2, 7, 5, 5],
+                70,
+                1,
+                1,
+                Padding2d::uniform(0),
+                w(60),
+                true,
+                f16,
+            );
             // The upsampler's shape at a smaller size: [1, 256, 512, 512] is 256 MiB.
-            check_path([1, 16, 16, 16], 16, 3, 1, 1, w(16 * 16 * 16 / 3), true, f16);
+            check_path(
+                [1, 16, 16, 16],
+                16,
+                3,
+                1,
+                Padding2d::uniform(1),
+                w(16 * 16 * 16 / 3),
+                true,
+                f16,
+            );
         }
     }
 
@@ -629,12 +710,66 @@ mod tests {
         // of a row or two, across images; strided, 1x1, no bias, f16 weights.
         for f16 in [false, true] {
             let pr = Path::Product;
-            check_path([2, 5, 9, 7], 6, 3, 1, 1, pr(1 << 20), true, f16);
-            check_path([2, 4, 16, 20], 8, 3, 1, 1, pr(128 * 36), true, f16);
-            check_path([2, 5, 9, 7], 6, 3, 1, 1, pr(50), false, f16);
-            check_path([1, 6, 10, 10], 9, 3, 2, 1, pr(54 * 7), true, f16);
-            check_path([2, 7, 5, 5], 70, 1, 1, 0, pr(1 << 20), true, f16);
-            check_path([1, 3, 8, 8], 4, 1, 2, 0, pr(10), true, f16);
+            check_path(
+                [2, 5, 9, 7],
+                6,
+                3,
+                1,
+                Padding2d::uniform(1),
+                pr(1 << 20),
+                true,
+                f16,
+            );
+            check_path(
+                [2, 4, 16, 20],
+                8,
+                3,
+                1,
+                Padding2d::uniform(1),
+                pr(128 * 36),
+                true,
+                f16,
+            );
+            check_path(
+                [2, 5, 9, 7],
+                6,
+                3,
+                1,
+                Padding2d::uniform(1),
+                pr(50),
+                false,
+                f16,
+            );
+            check_path(
+                [1, 6, 10, 10],
+                9,
+                3,
+                2,
+                Padding2d::uniform(1),
+                pr(54 * 7),
+                true,
+                f16,
+            );
+            check_path(
+                [2, 7, 5, 5],
+                70,
+                1,
+                1,
+                Padding2d::uniform(0),
+                pr(1 << 20),
+                true,
+                f16,
+            );
+            check_path(
+                [1, 3, 8, 8],
+                4,
+                1,
+                2,
+                Padding2d::uniform(0),
+                pr(10),
+                true,
+                f16,
+            );
         }
     }
 
@@ -652,7 +787,8 @@ mod tests {
             kh: 3,
             kw: 3,
             stride: 1,
-            padding: 1,
+            pad_top: 1,
+            pad_left: 1,
             oh: 64,
             ow: 64,
         };
