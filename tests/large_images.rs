@@ -7,7 +7,7 @@
 use std::path::Path;
 
 use sd_wgpu::model::config::VaeConfig;
-use sd_wgpu::model::vae::VaeDecoder;
+use sd_wgpu::model::vae::{BandPolicy, VaeDecoder};
 use sd_wgpu::model::weights::Weights;
 use sd_wgpu::pipeline::noise::TorchRng;
 use sd_wgpu::tensor::Device;
@@ -88,25 +88,43 @@ fn a_decode_over_the_largest_buffer_runs_in_row_bands_with_the_same_image() {
         .map(f64::from)
         .collect();
     // The largest map is 16 channels at 4x: 16 * 92 * 68 * 4 bytes = 400 KB; the first
-    // block's is 16 channels at 2x, 100 KB. A limit of 150 KB (75 KB per band) takes 6
-    // bands of 3 or 4 latent rows from the first block on; one of 300 KB, 3 bands from the
-    // second block on (the first runs whole).
+    // block's is 16 channels at 2x, 100 KB. A buffer limit of 150 KB (75 KB per band) takes
+    // 6 bands of 3 or 4 latent rows from the first block on; one of 300 KB, 3 bands from
+    // the second block on (the first runs whole). The memory policies band from the second
+    // block: in 14 bands of 30 KB, and (a latent row being 17 KB) in 23 bands of one row.
+    let policies = [
+        BandPolicy::within_buffer(150_000),
+        BandPolicy::within_buffer(300_000),
+        BandPolicy {
+            band_maps_over: 150_000,
+            band_bytes: 30_000,
+            strict: false,
+        },
+        BandPolicy {
+            band_maps_over: 150_000,
+            band_bytes: 10_000,
+            strict: false,
+        },
+    ];
     for (name, device) in common::devices() {
         let vae = VaeDecoder::new(&config, &Weights::random(9, &device), Path::new("vae")).unwrap();
-        for limit in [150_000, 300_000] {
+        for policy in policies {
             let got = vae
-                .decode_within(&latents.to_device(&device).unwrap(), Some(limit))
+                .decode_within(&latents.to_device(&device).unwrap(), Some(policy))
                 .unwrap();
             assert_eq!(got.shape(), [1, 3, 92, 68]);
             assert_close(
-                &format!("decode in row bands within {limit} bytes on {name}"),
+                &format!("decode in row bands under {policy:?} on {name}"),
                 &got.to_vec().unwrap(),
                 &expected,
                 1e-4,
             );
         }
         let err = vae
-            .decode_within(&latents.to_device(&device).unwrap(), Some(20_000))
+            .decode_within(
+                &latents.to_device(&device).unwrap(),
+                Some(BandPolicy::within_buffer(20_000)),
+            )
             .unwrap_err()
             .to_string();
         assert!(

@@ -10,6 +10,7 @@
 
 use crate::error::{Error, Result};
 use crate::model::nn::{Conv2d, GroupNorm};
+use crate::tensor::params::Padding2d;
 use crate::tensor::Tensor;
 
 /// What a convolutional block needs of its `[N, C, H, W]` input.
@@ -26,8 +27,18 @@ pub trait FeatureMap: Clone {
     /// Adds a `[N, C, 1, 1]` tensor (a per-channel bias) everywhere.
     fn add_per_channel(self, bias: &Tensor) -> Result<Self>;
     fn scale(&self, factor: f32) -> Result<Self>;
-    /// Nearest-neighbour resize to `height x width`.
-    fn upsample_nearest(&self, height: usize, width: usize) -> Result<Self>;
+    /// Nearest-neighbour resize to `height x width`, then the convolution (`Upsample2D`),
+    /// taking the map so that it is freed as the resized one is convolved.
+    fn upsample_conv(self, height: usize, width: usize, conv: &Conv2d) -> Result<Self>;
+    /// The first half of a ResNet block: `conv(silu(norm(x)))`, and the shortcut
+    /// `shortcut(x)` (`x` itself when there is no shortcut convolution), both reading the
+    /// map it takes.
+    fn resnet_entry(
+        self,
+        norm: &GroupNorm,
+        conv: &Conv2d,
+        shortcut: Option<&Conv2d>,
+    ) -> Result<(Self, Self)>;
     /// A stride-2 convolution of the map with one zero row and column after it (diffusers'
     /// `Downsample2D` with `padding=0`, the VAE encoder's).
     fn downsample_padded_after(&self, conv: &Conv2d) -> Result<Self>;
@@ -60,17 +71,31 @@ impl FeatureMap for Tensor {
         Tensor::scale(self, factor)
     }
 
-    fn upsample_nearest(&self, height: usize, width: usize) -> Result<Self> {
-        Tensor::upsample_nearest(self, height, width)
+    fn upsample_conv(self, height: usize, width: usize, conv: &Conv2d) -> Result<Self> {
+        let resized = self.upsample_nearest(height, width)?;
+        drop(self);
+        conv.forward(&resized)
+    }
+
+    /// The shortcut comes first: after it only the norm reads `x`, and normalises it in
+    /// place when nothing else holds it (see `ResnetBlock2D::forward`).
+    fn resnet_entry(
+        self,
+        norm: &GroupNorm,
+        conv: &Conv2d,
+        shortcut: Option<&Conv2d>,
+    ) -> Result<(Self, Self)> {
+        let shortcut = match shortcut {
+            Some(c) => c.forward(&self)?,
+            None => self.clone(),
+        };
+        let h = FeatureMap::group_norm(self, norm, true)?.conv(conv)?;
+        Ok((h, shortcut))
     }
 
     fn downsample_padded_after(&self, conv: &Conv2d) -> Result<Self> {
         self.expect_rank("Downsample2D", 4)?;
-        let [n, c, h, w] = self.dims();
-        let device = self.device();
-        let x = Tensor::cat(&[self, &Tensor::zeros(&[n, c, 1, w], &device)?], 2)?;
-        let x = Tensor::cat(&[&x, &Tensor::zeros(&[n, c, h + 1, 1], &device)?], 3)?;
-        conv.forward(&x)
+        conv.forward_padded(self, padded_after(1))
     }
 
     fn dims(&self) -> [usize; 4] {
@@ -171,52 +196,9 @@ impl RowBands {
 }
 
 impl FeatureMap for RowBands {
-    /// Band by band, each with `padding` rows of its neighbours; a band is dropped once its
-    /// output is made and its last rows are kept for the next band's halo.
+    /// Band by band (see [`conv_stream`]), each input band dropped once its output is made.
     fn conv(self, conv: &Conv2d) -> Result<Self> {
-        if !conv.keeps_size() {
-            return Err(Error::shape(
-                "RowBands::conv",
-                "only size-preserving convolutions run on row bands".to_string(),
-            ));
-        }
-        let halo = conv.padding();
-        let mut out = Vec::with_capacity(self.bands.len());
-        let mut bands = self.bands.into_iter().peekable();
-        // The previous band's last `halo` rows (a copy: the band itself is gone).
-        let mut above: Option<Tensor> = None;
-        while let Some(band) = bands.next() {
-            // The convolution's own zero padding then stands only where the whole map ends.
-            let below = match bands.peek() {
-                Some(next) => halo_rows(next, halo, false)?,
-                None => None,
-            };
-            let next_above = match bands.peek() {
-                Some(_) => halo_rows(&band, halo, true)?,
-                None => None,
-            };
-            let (top, rows) = (above.as_ref().map_or(0, |t| t.dim(2)), band.dim(2));
-            let input = if above.is_none() && below.is_none() {
-                band
-            } else {
-                let with_halo = {
-                    let parts: Vec<&Tensor> =
-                        above.iter().chain([&band]).chain(below.iter()).collect();
-                    Tensor::cat(&parts, 2)?
-                };
-                drop(band);
-                with_halo
-            };
-            let output = conv.forward(&input)?;
-            drop(input);
-            out.push(if output.dim(2) == rows {
-                output
-            } else {
-                output.narrow(2, top, rows)?
-            });
-            above = next_above;
-        }
-        Ok(RowBands { bands: out })
+        conv_stream(self.bands.into_iter().map(Ok), conv)
     }
 
     fn group_norm(self, norm: &GroupNorm, silu: bool) -> Result<Self> {
@@ -253,16 +235,48 @@ impl FeatureMap for RowBands {
         self.map(|b| b.scale(factor))
     }
 
-    /// Each band scaled by the same whole factor, so rows never cross a band boundary.
-    fn upsample_nearest(&self, height: usize, width: usize) -> Result<Self> {
+    /// Each band resized by the same whole factor (so rows never cross a band boundary)
+    /// just before it is convolved: at most two resized bands exist at once, and each input
+    /// band is dropped as its resized copy is made.
+    fn upsample_conv(self, height: usize, width: usize, conv: &Conv2d) -> Result<Self> {
         let [_, _, h, _] = self.dims();
         if h == 0 || !height.is_multiple_of(h) {
             return Err(Error::shape(
-                "RowBands::upsample_nearest",
+                "RowBands::upsample_conv",
                 format!("{h} rows cannot grow to {height} by a whole factor"),
             ));
         }
-        self.map(|b| b.upsample_nearest(b.dim(2) * (height / h), width))
+        let factor = height / h;
+        let resized = self
+            .bands
+            .into_iter()
+            .map(|b| b.upsample_nearest(b.dim(2) * factor, width));
+        conv_stream(resized, conv)
+    }
+
+    /// One pass over the bands: each band's shortcut and normalised copy are made and the
+    /// band dropped (unless it is its own shortcut), and the convolution consumes the
+    /// normalised bands as they come. The input shrinks as the two outputs grow, so the
+    /// peak is about the larger of input and outputs rather than input plus shortcut plus
+    /// convolution (at SDXL's 1024x1024 decode: 1 GiB, not 2).
+    fn resnet_entry(
+        self,
+        norm: &GroupNorm,
+        conv: &Conv2d,
+        shortcut: Option<&Conv2d>,
+    ) -> Result<(Self, Self)> {
+        let moments = self.moments(norm.groups())?;
+        let mut shortcuts = Vec::with_capacity(self.bands.len());
+        let normalised = self.bands.into_iter().map(|band| {
+            let normalised = norm.forward_with_moments(&band, &moments, true)?;
+            shortcuts.push(match shortcut {
+                Some(c) => c.forward(&band)?,
+                None => band,
+            });
+            Ok(normalised)
+        });
+        let h = conv_stream(normalised, conv)?;
+        Ok((h, RowBands { bands: shortcuts }))
     }
 
     /// Output row r reads input rows 2r..2r+2, so each band (of even height) takes the
@@ -271,24 +285,19 @@ impl FeatureMap for RowBands {
         let last = self.bands.len() - 1;
         let mut out = Vec::with_capacity(self.bands.len());
         for (i, band) in self.bands.iter().enumerate() {
-            let [n, c, rows, w] = band.dims();
+            let rows = band.dim(2);
             if rows % 2 != 0 {
                 return Err(Error::shape(
                     "RowBands::downsample_padded_after",
                     format!("a band of {rows} rows does not halve"),
                 ));
             }
-            let below = if i < last {
-                self.bands[i + 1].narrow(2, 0, 1)?
+            out.push(if i < last {
+                let below = self.bands[i + 1].narrow(2, 0, 1)?;
+                conv.forward_padded(&Tensor::cat(&[band, &below], 2)?, padded_after(0))?
             } else {
-                Tensor::zeros(&[n, c, 1, w], &band.device())?
-            };
-            let x = Tensor::cat(&[band, &below], 2)?;
-            let x = Tensor::cat(
-                &[&x, &Tensor::zeros(&[n, c, rows + 1, 1], &band.device())?],
-                3,
-            )?;
-            out.push(conv.forward(&x)?);
+                conv.forward_padded(band, padded_after(1))?
+            });
         }
         Ok(RowBands { bands: out })
     }
@@ -297,6 +306,70 @@ impl FeatureMap for RowBands {
         let [n, c, _, w] = self.bands[0].dims();
         [n, c, self.bands.iter().map(|b| b.dim(2)).sum(), w]
     }
+}
+
+/// One zero column after the map, and `rows` zero rows after it.
+fn padded_after(rows: usize) -> Padding2d {
+    Padding2d {
+        top: 0,
+        bottom: rows,
+        left: 0,
+        right: 1,
+    }
+}
+
+/// A size-preserving convolution of consecutive row bands, made one at a time as `bands`
+/// yields them: each band is convolved with `padding` rows of its neighbours and zero rows
+/// only where the whole map ends (so no output row is computed twice), and dropped once its
+/// output is made, keeping its last rows for the next band's halo. Only the band
+/// after the current one is read ahead, so a stream that makes its bands as it goes (a
+/// resize, a norm) holds at most two of them.
+fn conv_stream(mut bands: impl Iterator<Item = Result<Tensor>>, conv: &Conv2d) -> Result<RowBands> {
+    if !conv.keeps_size() {
+        return Err(Error::shape(
+            "RowBands::conv",
+            "only size-preserving convolutions run on row bands".to_string(),
+        ));
+    }
+    let halo = conv.padding();
+    let mut out = Vec::new();
+    let mut next = bands.next().transpose()?;
+    // The previous band's last `halo` rows (a copy: the band itself is gone).
+    let mut above: Option<Tensor> = None;
+    while let Some(band) = next.take() {
+        next = bands.next().transpose()?;
+        let below = match &next {
+            Some(next) => halo_rows(next, halo, false)?,
+            None => None,
+        };
+        let next_above = match &next {
+            Some(_) => halo_rows(&band, halo, true)?,
+            None => None,
+        };
+        // Zero rows only where the whole map ends: the output has the band's rows.
+        let padding = Padding2d {
+            top: if above.is_some() { 0 } else { halo },
+            bottom: if below.is_some() { 0 } else { halo },
+            ..Padding2d::uniform(halo)
+        };
+        let input = if above.is_none() && below.is_none() {
+            band
+        } else {
+            let with_halo = {
+                let parts: Vec<&Tensor> = above.iter().chain([&band]).chain(below.iter()).collect();
+                Tensor::cat(&parts, 2)?
+            };
+            drop(band);
+            with_halo
+        };
+        out.push(conv.forward_padded(&input, padding)?);
+        drop(input);
+        above = next_above;
+    }
+    if out.is_empty() {
+        return Err(Error::shape("RowBands::conv", "no bands".to_string()));
+    }
+    Ok(RowBands { bands: out })
 }
 
 /// The last (`from_end`) or first `halo` rows of a neighbouring band.
@@ -361,11 +434,21 @@ mod tests {
                     FeatureMap::group_norm(x.clone(), &norm, silu).unwrap(),
                 );
             }
+            let square = Conv2d::new(&w.pp("square"), 8, 8, 3, 1, 1).unwrap();
             check(
-                "upsample",
-                FeatureMap::upsample_nearest(&bands, 26, 10).unwrap(),
-                x.upsample_nearest(26, 10).unwrap(),
+                "upsample and convolution",
+                bands.clone().upsample_conv(26, 10, &square).unwrap(),
+                x.clone().upsample_conv(26, 10, &square).unwrap(),
             );
+            let shortcut = Conv2d::new(&w.pp("shortcut"), 8, 6, 1, 1, 0).unwrap();
+            for shortcut in [None, Some(&shortcut)] {
+                let (banded, banded_shortcut) =
+                    bands.clone().resnet_entry(&norm, &conv, shortcut).unwrap();
+                let (whole, whole_shortcut) =
+                    x.clone().resnet_entry(&norm, &conv, shortcut).unwrap();
+                check("ResNet entry", banded, whole);
+                check("ResNet shortcut", banded_shortcut, whole_shortcut);
+            }
             check(
                 "add",
                 FeatureMap::add(bands.clone(), &bands).unwrap(),

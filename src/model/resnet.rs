@@ -52,18 +52,15 @@ impl ResnetBlock2D {
 
     /// `temb_silu` is `silu(temb)`, `[B, temb_channels]`, computed once per UNet call
     /// (diffusers applies the SiLU inside every block; the result is the same).
-    /// Takes `x` so that its memory is reused or freed as soon as the block has read it.
-    /// The shortcut comes first: after it only norm1 reads `x`, and normalises it in place
-    /// when nothing else holds it. At the VAE decoder's 1024x1024 levels a map is 0.5-1 GiB,
-    /// and holding the input, its norm and the convolutions' outputs at once was 1 GiB more
-    /// than this order (measured on SDXL's decoder, `VmHWM`).
+    /// Takes `x` so that its memory is reused or freed as soon as the block has read it
+    /// ([`FeatureMap::resnet_entry`]: a whole map is normalised in place after the shortcut
+    /// is taken, row bands are consumed one by one). At the VAE decoder's 1024x1024 levels
+    /// a map is 0.5-1 GiB, and holding the input, its norm and the convolutions' outputs at
+    /// once was 1 GiB more than this order (measured on SDXL's decoder, `VmHWM`).
     pub fn forward<M: FeatureMap>(&self, x: M, temb_silu: Option<&Tensor>) -> Result<M> {
         let _span = tracing::trace_span!("resnet").entered();
-        let shortcut = match &self.conv_shortcut {
-            Some(conv) => x.clone().conv(conv)?,
-            None => x.clone(),
-        };
-        let mut h = x.group_norm(&self.norm1, true)?.conv(&self.conv1)?;
+        let (mut h, shortcut) =
+            x.resnet_entry(&self.norm1, &self.conv1, self.conv_shortcut.as_ref())?;
         if let (Some(proj), Some(temb)) = (&self.time_emb_proj, temb_silu) {
             let t = proj.forward(temb)?;
             let (b, c) = (t.dim(0), t.dim(1));
@@ -120,11 +117,9 @@ impl Upsample2D {
     }
 
     /// Resizes to `size` (the skip connection's size in the UNet; 2x in the VAE).
-    /// Takes `x` to free it before the convolution (in the VAE decoder the resized map is
-    /// four times as large, and the convolution's output as large again).
+    /// Takes `x` to free it as the resized map is convolved (in the VAE decoder the resized
+    /// map is four times as large, and the convolution's output as large again).
     pub fn forward<M: FeatureMap>(&self, x: M, size: (usize, usize)) -> Result<M> {
-        let resized = x.upsample_nearest(size.0, size.1)?;
-        drop(x);
-        resized.conv(&self.conv)
+        x.upsample_conv(size.0, size.1, &self.conv)
     }
 }

@@ -10,7 +10,7 @@ use crate::model::config::VaeConfig;
 use crate::model::nn::{Conv2d, GroupNorm};
 use crate::model::resnet::{ResnetBlock2D, ResnetConfig, Upsample2D};
 use crate::model::weights::Weights;
-use crate::tensor::Tensor;
+use crate::tensor::{Device, Tensor};
 
 /// The mid block's single-head self-attention over pixels, with its own group norm and a
 /// residual connection (diffusers' `Attention` with `residual_connection=True`).
@@ -214,15 +214,16 @@ impl VaeDecoder {
     }
 
     /// `vae.decode(latents).sample`: latents (already divided by `scaling_factor`) to an
-    /// image in [-1, 1] (roughly), `[B, out_channels, H * factor, W * factor]`.
+    /// image in [-1, 1] (roughly), `[B, out_channels, H * factor, W * factor]`, in row
+    /// bands where the device's [`BandPolicy`] says so.
     pub fn decode(&self, latents: &Tensor) -> Result<Tensor> {
-        self.decode_within(latents, latents.device().max_buffer_bytes())
+        self.decode_within(latents, Some(BandPolicy::for_device(&latents.device())))
     }
 
-    /// [`VaeDecoder::decode`] keeping every activation under `max_buffer_bytes`: from the
-    /// first up block whose maps would be larger, the rest runs in row bands (the same
+    /// [`VaeDecoder::decode`] under `policy` (`None`: every map whole): from the first up
+    /// block whose maps are over the policy's size, the rest runs in row bands (the same
     /// result up to rounding; see `model::bands`).
-    pub fn decode_within(&self, latents: &Tensor, max_buffer_bytes: Option<u64>) -> Result<Tensor> {
+    pub fn decode_within(&self, latents: &Tensor, policy: Option<BandPolicy>) -> Result<Tensor> {
         let _span = tracing::debug_span!("vae_decode").entered();
         let mut h = match &self.post_quant_conv {
             Some(conv) => conv.forward(latents)?,
@@ -230,7 +231,11 @@ impl VaeDecoder {
         };
         h = self.conv_in.forward(&h)?;
         h = self.mid.forward(h)?;
-        let Some(banding) = self.banding(h.dims(), max_buffer_bytes)? else {
+        let banding = match policy {
+            Some(policy) => self.banding(h.dims(), policy)?,
+            None => None,
+        };
+        let Some(banding) = banding else {
             return self.up(h, 0);
         };
         tracing::debug!(
@@ -255,15 +260,11 @@ impl VaeDecoder {
             .conv(&self.conv_out)
     }
 
-    /// Whether and from where the up blocks run in row bands, for a device whose largest
-    /// buffer is under twice the largest map: bands of at most half of `max_buffer_bytes`
-    /// (the other half covers a band's halo rows and the copies a convolution makes of
-    /// them), from the first block with a map over that (the blocks before it run whole:
-    /// fewer, larger launches). `mid` is the mid block's output `[N, C, H, W]`.
-    fn banding(&self, mid: [usize; 4], max_buffer_bytes: Option<u64>) -> Result<Option<Banding>> {
-        let Some(limit) = max_buffer_bytes else {
-            return Ok(None);
-        };
+    /// Whether and from where the up blocks run in row bands under `policy`, and how many:
+    /// bands of at most `policy.band_bytes` of the largest map, from the first block with a
+    /// map over `policy.band_maps_over` (the blocks before it run whole: fewer, larger
+    /// launches). `mid` is the mid block's output `[N, C, H, W]`.
+    fn banding(&self, mid: [usize; 4], policy: BandPolicy) -> Result<Option<Banding>> {
         let [n, mut channels, rows, width] = mid;
         // Each block's largest map (the upsampler's output included), in bytes per row of
         // the mid block's output.
@@ -280,25 +281,79 @@ impl VaeDecoder {
             largest_per_block.push((n * largest * width * 4) as u64);
         }
         let per_row = largest_per_block.iter().copied().max().unwrap_or(0);
-        let budget = (limit / 2).max(1);
-        let bands = (per_row * rows as u64).div_ceil(budget);
-        if per_row > budget || bands > rows as u64 {
-            return Err(Error::InvalidArgument(format!(
-                "a {}x{} image needs {} MiB per latent row in the VAE decoder, over half of this \
-                 device's largest buffer ({} MiB); ask for a smaller image",
-                width * scale,
-                rows * scale,
-                per_row >> 20,
-                limit >> 20
-            )));
+        let band_bytes = policy.band_bytes.max(1);
+        let mut bands = (per_row * rows as u64).div_ceil(band_bytes);
+        if per_row > band_bytes || bands > rows as u64 {
+            if policy.strict {
+                return Err(Error::InvalidArgument(format!(
+                    "a {}x{} image needs {} MiB per latent row in the VAE decoder, over half \
+                     of this device's largest buffer ({} MiB); ask for a smaller image",
+                    width * scale,
+                    rows * scale,
+                    per_row >> 20,
+                    (2 * band_bytes) >> 20
+                )));
+            }
+            bands = rows as u64;
         }
         let first_over = largest_per_block
             .iter()
-            .position(|&bytes| bytes * rows as u64 > budget);
+            .position(|&bytes| bytes * rows as u64 > policy.band_maps_over);
         Ok(first_over.filter(|_| bands > 1).map(|from_block| Banding {
             from_block,
             bands: bands as usize,
         }))
+    }
+}
+
+/// When the decoder's up blocks run in row bands (`model::bands`), and how large a band
+/// may be.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct BandPolicy {
+    /// From the first up block with a map over this many bytes, the rest runs in bands.
+    pub band_maps_over: u64,
+    /// The most bytes a band of the largest map may hold.
+    pub band_bytes: u64,
+    /// Whether a latent row over `band_bytes` is an error (a buffer limit) rather than
+    /// bands of one latent row (a memory saving).
+    pub strict: bool,
+}
+
+impl BandPolicy {
+    /// For a device whose largest buffer is `max_buffer_bytes`: bands of at most half of it
+    /// (the other half covers a band's halo rows and the copies a convolution makes of
+    /// them), from the first block with a map over that.
+    pub fn within_buffer(max_buffer_bytes: u64) -> Self {
+        let half = (max_buffer_bytes / 2).max(1);
+        BandPolicy {
+            band_maps_over: half,
+            band_bytes: half,
+            strict: true,
+        }
+    }
+
+    /// The CPU's, for memory: a whole decode holds two large maps at once (a convolution's
+    /// input and output, a ResNet block's input and shortcut) plus the convolution's
+    /// workspace, so a map over 512 MiB (SD's VAE over about 724x724 pixels) makes the
+    /// peak; in bands each input band is freed as its output band is made, and the peak
+    /// becomes about one whole map (group norm needs all of a map's rows before it can
+    /// normalise the first). SDXL's VAE at 1024x1024 (random weights, 2-core EPYC family 25,
+    /// AVX2 level, 2026-12-06; `VmHWM` less the 193 MiB of weights): whole 2,251 MiB in
+    /// 38.9 s; these bands (16 from the third block) 1,387 MiB in 41.7 s; 32 MiB bands
+    /// 1,411 MiB, and banding from the first block 1,373 MiB, both slower: the largest map
+    /// (1 GiB, the third block's upsampled output) sets the floor, not the band size.
+    pub const CPU_MEMORY: BandPolicy = BandPolicy {
+        band_maps_over: 512 << 20,
+        band_bytes: 64 << 20,
+        strict: false,
+    };
+
+    /// `device`'s policy: a GPU's buffer limit, the CPU's memory one.
+    pub fn for_device(device: &Device) -> Self {
+        match device.max_buffer_bytes() {
+            Some(limit) => Self::within_buffer(limit),
+            None => Self::CPU_MEMORY,
+        }
     }
 }
 
@@ -320,6 +375,9 @@ mod tests {
     /// block (the first with a map over 1 GiB: its upsampler's 2 GiB output), at 256 MiB 32
     /// from the first (its 512 MiB upsampled map); a 512x512 image needs none, nor does any
     /// image without a buffer limit; 2 MiB buffers cannot hold a 2048x2048 image's rows.
+    /// On the CPU, 1024x1024 takes 16 bands from the third block (the first with a map over
+    /// 512 MiB: its 1 GiB upsampled map), 512x512 none, and a latent row over the band size
+    /// bands row by row rather than failing.
     #[test]
     fn sd_vae_band_counts() {
         let config = VaeConfig {
@@ -335,15 +393,23 @@ mod tests {
         )
         .unwrap();
         let gib = 1u64 << 30;
-        let banding = |mid: [usize; 4], limit: Option<u64>| {
-            vae.banding(mid, limit)
+        let banding = |mid: [usize; 4], policy: BandPolicy| {
+            vae.banding(mid, policy)
                 .unwrap()
                 .map(|b| (b.from_block, b.bands))
         };
-        assert_eq!(banding([1, 512, 256, 256], Some(2 * gib)), Some((1, 4)));
-        assert_eq!(banding([1, 512, 256, 256], Some(gib / 4)), Some((0, 32)));
-        assert_eq!(banding([1, 512, 64, 64], Some(2 * gib)), None);
-        assert_eq!(banding([1, 512, 256, 256], None), None);
-        assert!(vae.banding([1, 512, 256, 256], Some(gib / 512)).is_err());
+        let buffer = BandPolicy::within_buffer;
+        assert_eq!(banding([1, 512, 256, 256], buffer(2 * gib)), Some((1, 4)));
+        assert_eq!(banding([1, 512, 256, 256], buffer(gib / 4)), Some((0, 32)));
+        assert_eq!(banding([1, 512, 64, 64], buffer(2 * gib)), None);
+        assert!(vae.banding([1, 512, 256, 256], buffer(gib / 512)).is_err());
+        let cpu = BandPolicy::CPU_MEMORY;
+        assert_eq!(banding([1, 512, 128, 128], cpu), Some((2, 16)));
+        assert_eq!(banding([1, 512, 64, 64], cpu), None);
+        let tiny_bands = BandPolicy {
+            band_bytes: 1 << 20,
+            ..cpu
+        };
+        assert_eq!(banding([1, 512, 128, 128], tiny_bands), Some((2, 128)));
     }
 }
