@@ -8,6 +8,7 @@ use std::sync::OnceLock;
 use rayon::prelude::*;
 
 use super::matmul::{sgemm, MatRef};
+use super::simd;
 use super::winograd::{self, F2, F4};
 use super::CpuStorage;
 use crate::tensor::interrupt;
@@ -40,13 +41,13 @@ enum Algorithm {
     WinogradF4,
 }
 
-/// The fastest way to run a convolution, by its shape. Winograd needs a 3x3 stride-1
-/// kernel, and enough channels and tiles that its transforms stay small next to the
-/// products: the weight transform runs on every call and writes 16 (F2) or 36 (F4) values
-/// per (oc, c) pair, so a layer needs about 256 2x2 tiles (one 32x32 image) for
-/// F2 to beat im2col, and 1024 4x4 tiles (a 128x128 image) for F4 to beat F2; measured on
-/// the shapes of SD's UNet and VAE. `SD_CPU_WINOGRAD=0` turns Winograd off, `=2` keeps it
-/// to F(2x2) (to compare speed or rounding).
+/// The fastest way to run a convolution, by its shape and the vector level the products
+/// run at. Winograd needs a 3x3 stride-1 kernel, and enough channels and tiles that its
+/// transforms stay small next to the products: the weight transform runs on every call and
+/// writes 16 (F2) or 36 (F4) values per (oc, c) pair, so its share shrinks with the tile
+/// count whatever the channels ([`WinogradCutoffs`] gives the counts).
+/// `SD_CPU_WINOGRAD=0` turns Winograd off, `=2` keeps it to F(2x2) (to compare speed or
+/// rounding).
 fn algorithm(p: &Conv2dParams) -> Algorithm {
     static SETTING: OnceLock<Option<String>> = OnceLock::new();
     let setting = SETTING.get_or_init(|| {
@@ -56,15 +57,54 @@ fn algorithm(p: &Conv2dParams) -> Algorithm {
         }
         value
     });
+    pick(p, setting.as_deref(), WinogradCutoffs::at(simd::level()))
+}
+
+/// [`algorithm`] for a given `SD_CPU_WINOGRAD` setting and cut-offs.
+fn pick(p: &Conv2dParams, setting: Option<&str>, cutoffs: WinogradCutoffs) -> Algorithm {
     let tiles = |m: usize| p.n * p.oh.div_ceil(m) * p.ow.div_ceil(m);
-    if setting.as_deref() == Some("0") || !winograd::applies(p) || p.c < 16 || p.oc < 16 {
+    if setting == Some("0") || !winograd::applies(p) || p.c < 16 || p.oc < 16 {
         Algorithm::Im2col
-    } else if setting.as_deref() != Some("2") && tiles(4) >= 1024 {
+    } else if setting != Some("2") && tiles(4) >= cutoffs.f4_tiles {
         Algorithm::WinogradF4
-    } else if tiles(2) >= 256 {
+    } else if tiles(2) >= cutoffs.f2_tiles {
         Algorithm::WinogradF2
     } else {
         Algorithm::Im2col
+    }
+}
+
+/// The fewest tiles (over the whole batch) from which each Winograd variant is the fastest,
+/// per vector level: the fewer multiplies F(4x4) saves are worth more where multiplies are
+/// slower next to the transforms' memory traffic.
+#[derive(Clone, Copy, Debug, PartialEq)]
+struct WinogradCutoffs {
+    /// 4x4 output tiles for F(4x4) (over F(2x2) and im2col).
+    f4_tiles: usize,
+    /// 2x2 output tiles for F(2x2) (over im2col).
+    f2_tiles: usize,
+}
+
+impl WinogradCutoffs {
+    fn at(level: simd::Level) -> Self {
+        match level {
+            // Measured on 2 Zen 5 cores (c7dce4d): F(2x2) from one 32x32 image's tiles,
+            // F(4x4) from 1024 tiles (a 128x128 image: the VAE, not the 512x512 UNet).
+            simd::Level::Avx512 => Self {
+                f4_tiles: 1024,
+                f2_tiles: 256,
+            },
+            // Measured 2026-12-06 on 2 Zen 4 cores with AVX2 only, median of 7 calls at
+            // SD 1.5's UNet shapes, batch 2: F(4x4) over F(2x2) 30% faster at 64x64 (512
+            // tiles; 320 and 640 channels), over im2col 30-40% at 16x16 (32 tiles; 1280 and
+            // 2560 channels), no faster at 16 (batch 1) and slower at 8 (8x8): the guided
+            // UNet step's 3x3 convolutions 4.9-5.5 s -> 3.7 s. The baseline level (SSE2, four
+            // lanes) multiplies slower still, so it takes AVX2's cut-offs (not measured).
+            simd::Level::Avx2 | simd::Level::Baseline => Self {
+                f4_tiles: 32,
+                f2_tiles: 256,
+            },
+        }
     }
 }
 
@@ -166,7 +206,7 @@ fn im2col(image: &[f32], p: &Conv2dParams, start: usize, len: usize, columns: &m
 #[cfg(test)]
 mod tests {
     use super::winograd::{F2, F4};
-    use super::{algorithm, im2col_conv, Algorithm, Conv2dParams};
+    use super::{im2col_conv, pick, simd, Algorithm, Conv2dParams, WinogradCutoffs};
     use crate::tensor::params::Padding2d;
     use crate::tensor::testing::random;
 
@@ -365,21 +405,39 @@ mod tests {
     }
 
     #[test]
-    fn algorithm_follows_the_layer_size() {
+    fn algorithm_follows_the_layer_size_and_the_vector_level() {
+        use simd::Level::{Avx2, Avx512};
         use Algorithm::*;
-        for ((n, c, side, oc), want) in [
-            // SD's VAE at 512x512: F4 from 128x128 up, F2 at the 64x64 latent.
-            ((1, 128, 512, 128), WinogradF4),
-            ((1, 512, 128, 512), WinogradF4),
-            ((1, 512, 64, 512), WinogradF2),
-            // The UNet (batch 2): F2 at 64x64 and 32x32, im2col below and for few channels.
-            ((2, 320, 64, 320), WinogradF2),
-            ((2, 640, 32, 640), WinogradF2),
-            ((2, 1280, 16, 1280), Im2col),
-            ((2, 4, 64, 320), Im2col),
+        for (level, (n, c, side, oc), want) in [
+            // SD's VAE at 512x512: F4 from 128x128 up; at the 64x64 latent F2 with
+            // AVX-512, F4 with AVX2.
+            (Avx512, (1, 128, 512, 128), WinogradF4),
+            (Avx512, (1, 512, 128, 512), WinogradF4),
+            (Avx512, (1, 512, 64, 512), WinogradF2),
+            (Avx2, (1, 512, 64, 512), WinogradF4),
+            // The UNet (batch 2) with AVX-512: F2 at 64x64 and 32x32, im2col below.
+            (Avx512, (2, 320, 64, 320), WinogradF2),
+            (Avx512, (2, 640, 32, 640), WinogradF2),
+            (Avx512, (2, 1280, 16, 1280), Im2col),
+            // With AVX2: F4 down to 16x16, im2col at 8x8 and at 16x16 unguided.
+            (Avx2, (2, 320, 64, 320), WinogradF4),
+            (Avx2, (2, 640, 32, 640), WinogradF4),
+            (Avx2, (2, 1280, 16, 1280), WinogradF4),
+            (Avx2, (1, 1280, 16, 1280), Im2col),
+            (Avx2, (2, 1280, 8, 1280), Im2col),
+            // Few channels: im2col at any size.
+            (Avx512, (2, 4, 64, 320), Im2col),
+            (Avx2, (2, 4, 64, 320), Im2col),
         ] {
             let p = params(n, c, side, side, oc, 1);
-            assert_eq!(algorithm(&p), want, "{p:?}");
+            let cutoffs = WinogradCutoffs::at(level);
+            assert_eq!(pick(&p, None, cutoffs), want, "{level:?} {p:?}");
+            assert_ne!(
+                pick(&p, Some("2"), cutoffs),
+                WinogradF4,
+                "=2 {level:?} {p:?}"
+            );
+            assert_eq!(pick(&p, Some("0"), cutoffs), Im2col, "=0 {level:?} {p:?}");
         }
     }
 }
