@@ -179,7 +179,7 @@ impl VaeEncoder {
         let mut h = if bands == 1 {
             self.down(image.clone())?
         } else {
-            tracing::info!(
+            tracing::debug!(
                 "encoding in {bands} row bands to stay within the device's buffer limit"
             );
             // Bands a multiple of the downscale factor high halve evenly at every level.
