@@ -644,63 +644,32 @@ mod tests {
         }
     }
 
+    /// A layer as [`check_path`] takes it: input `[n, c, h, w]`, output channels, kernel
+    /// side, stride, uniform padding.
+    type Layer = ([usize; 4], usize, usize, usize, usize);
+
+    /// [`check_path`] on each `(layer, path, bias)`, with f32 and with f16 weights.
+    fn check_paths(cases: &[(Layer, Path, bool)]) {
+        for f16 in [false, true] {
+            for &((input, oc, k, stride, pad), path, bias) in cases {
+                let padding = Padding2d::uniform(pad);
+                check_path(input, oc, k, stride, padding, path, bias, f16);
+            }
+        }
+    }
+
     #[test]
     fn tensors_beyond_the_binding_limit_are_windowed() {
-        for f16 in [false, true] {
-            // Two input channels and two output channels per pass.
-            let w = Path::Windowed;
-            check_path(
-                [2, 5, 9, 7],
-                6,
-                3,
-                1,
-                Padding2d::uniform(1),
-                w(150),
-                true,
-                f16,
-            );
-            check_path(
-                [2, 5, 9, 7],
-                6,
-                3,
-                1,
-                Padding2d::uniform(1),
-                w(150),
-                false,
-                f16,
-            );
-            check_path(
-                [1, 6, 10, 10],
-                9,
-                3,
-                2,
-                Padding2d::uniform(1),
-                w(250),
-                true,
-                f16,
-            );
-            check_path(
-                [2, 7, 5, 5],
-                70,
-                1,
-                1,
-                Padding2d::uniform(0),
-                w(60),
-                true,
-                f16,
-            );
+        // Two input channels and two output channels per pass.
+        let w = Path::Windowed;
+        check_paths(&[
+            (([2, 5, 9, 7], 6, 3, 1, 1), w(150), true),
+            (([2, 5, 9, 7], 6, 3, 1, 1), w(150), false),
+            (([1, 6, 10, 10], 9, 3, 2, 1), w(250), true),
+            (([2, 7, 5, 5], 70, 1, 1, 0), w(60), true),
             // The upsampler's shape at a smaller size: [1, 256, 512, 512] is 256 MiB.
-            check_path(
-                [1, 16, 16, 16],
-                16,
-                3,
-                1,
-                Padding2d::uniform(1),
-                w(16 * 16 * 16 / 3),
-                true,
-                f16,
-            );
-        }
+            (([1, 16, 16, 16], 16, 3, 1, 1), w(16 * 16 * 16 / 3), true),
+        ]);
     }
 
     #[test]
@@ -708,69 +677,15 @@ mod tests {
         // What devices with cooperative matrices run for a convolution that fits one pass:
         // one range of pixels, ranges of whole 128-row tiles and a ragged last one, ranges
         // of a row or two, across images; strided, 1x1, no bias, f16 weights.
-        for f16 in [false, true] {
-            let pr = Path::Product;
-            check_path(
-                [2, 5, 9, 7],
-                6,
-                3,
-                1,
-                Padding2d::uniform(1),
-                pr(1 << 20),
-                true,
-                f16,
-            );
-            check_path(
-                [2, 4, 16, 20],
-                8,
-                3,
-                1,
-                Padding2d::uniform(1),
-                pr(128 * 36),
-                true,
-                f16,
-            );
-            check_path(
-                [2, 5, 9, 7],
-                6,
-                3,
-                1,
-                Padding2d::uniform(1),
-                pr(50),
-                false,
-                f16,
-            );
-            check_path(
-                [1, 6, 10, 10],
-                9,
-                3,
-                2,
-                Padding2d::uniform(1),
-                pr(54 * 7),
-                true,
-                f16,
-            );
-            check_path(
-                [2, 7, 5, 5],
-                70,
-                1,
-                1,
-                Padding2d::uniform(0),
-                pr(1 << 20),
-                true,
-                f16,
-            );
-            check_path(
-                [1, 3, 8, 8],
-                4,
-                1,
-                2,
-                Padding2d::uniform(0),
-                pr(10),
-                true,
-                f16,
-            );
-        }
+        let pr = Path::Product;
+        check_paths(&[
+            (([2, 5, 9, 7], 6, 3, 1, 1), pr(1 << 20), true),
+            (([2, 4, 16, 20], 8, 3, 1, 1), pr(128 * 36), true),
+            (([2, 5, 9, 7], 6, 3, 1, 1), pr(50), false),
+            (([1, 6, 10, 10], 9, 3, 2, 1), pr(54 * 7), true),
+            (([2, 7, 5, 5], 70, 1, 1, 0), pr(1 << 20), true),
+            (([1, 3, 8, 8], 4, 1, 2, 0), pr(10), true),
+        ]);
     }
 
     #[test]
