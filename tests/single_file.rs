@@ -39,6 +39,45 @@ fn config_only(name: &str) -> (tempfile::TempDir, PathBuf) {
     (tmp, dir)
 }
 
+/// The fixture folder at the precision its single file stores, for bit-for-bit comparisons:
+/// sd1 (float32) and sd2 (float16) as they are; the float32 sdxl folder rewritten in float16,
+/// rounded to nearest even as tools/fixtures/single_file.py rounded the sdxl single file
+/// (which float32 would make 33 MB).
+fn folder_as_stored(name: &str) -> (Option<tempfile::TempDir>, PathBuf) {
+    if name != "sdxl" {
+        return (None, common::model_dir(name));
+    }
+    let (tmp, dir) = common::copy_fixture(name);
+    for c in ["unet", "vae", "text_encoder", "text_encoder_2"] {
+        for entry in std::fs::read_dir(dir.join(c)).unwrap() {
+            let path = entry.unwrap().path();
+            if path.extension().is_none_or(|e| e != "safetensors") {
+                continue;
+            }
+            let bytes = std::fs::read(&path).unwrap();
+            let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
+            let tensors: Vec<_> = st
+                .tensors()
+                .into_iter()
+                .map(|(n, v)| {
+                    assert_eq!(v.dtype(), Dtype::F32, "{} {n}", path.display());
+                    let halves: Vec<u8> = v
+                        .data()
+                        .chunks_exact(4)
+                        .flat_map(|b| {
+                            let x = f32::from_le_bytes([b[0], b[1], b[2], b[3]]);
+                            half::f16::from_f32(x).to_le_bytes()
+                        })
+                        .collect();
+                    (n, Dtype::F16, v.shape().to_vec(), halves)
+                })
+                .collect();
+            write_safetensors(&path, &tensors);
+        }
+    }
+    (Some(tmp), dir)
+}
+
 fn params() -> GenerateParams {
     GenerateParams {
         prompt: "a single file".into(),
@@ -78,7 +117,8 @@ fn single_file_gives_the_folders_images_on_every_device() {
     for (device_name, device) in common::devices() {
         for name in ["sd1", "sd2", "sdxl"] {
             let (_tmp, config) = config_only(name);
-            let folder = StableDiffusion::load(&common::model_dir(name), &device).unwrap();
+            let (_stored_tmp, stored) = folder_as_stored(name);
+            let folder = StableDiffusion::load(&stored, &device).unwrap();
             let file = StableDiffusion::load_with(
                 &single(name),
                 &common::config_options(&config),
@@ -133,10 +173,11 @@ fn weights_keep_their_stored_precision() {
 
 /// Every tensor of the SDXL folder, read by its diffusers name through the single file's
 /// mapping (prefixes, fused q/k/v, `label_emb`, the transposed `text_projection`), is the
-/// folder's, bit for bit.
+/// folder's in float16, bit for bit.
 #[test]
 fn sdxl_single_file_holds_every_folder_tensor() {
     let (_tmp, config) = config_only("sdxl");
+    let (_stored_tmp, stored) = folder_as_stored("sdxl");
     let source = ModelSource::open(&single("sdxl"), Some(&config), &Device::Cpu).unwrap();
     let (text_2, _) = source.text_encoder_2().unwrap().unwrap();
     let components = [
@@ -150,7 +191,7 @@ fn sdxl_single_file_holds_every_folder_tensor() {
     ];
     for (file, mapped) in components {
         let folder = sd_wgpu::model::weights::Weights::open(
-            &common::model_dir("sdxl").join(format!("{file}.safetensors")),
+            &stored.join(format!("{file}.safetensors")),
             &Device::Cpu,
         )
         .unwrap();
@@ -169,6 +210,7 @@ fn sdxl_single_file_holds_every_folder_tensor() {
             let got = mapped
                 .get(&asked, shape)
                 .unwrap_or_else(|e| panic!("{file} {name}: {e}"));
+            assert_eq!(got.dtype(), DType::F16, "{file} {name}");
             assert_eq!(got.to_vec().unwrap(), want, "{file} {name}");
         }
     }
@@ -193,7 +235,8 @@ fn sdxl_tokenizers_default_to_the_built_in_ones() {
         info.tokenizer_2.as_deref(),
         Some("built-in CLIP BPE files with sdxl-base-1.0's tokenizer_2 special tokens")
     );
-    let folder = StableDiffusion::load(&common::model_dir("sdxl"), &Device::Cpu).unwrap();
+    let (_stored_tmp, stored) = folder_as_stored("sdxl");
+    let folder = StableDiffusion::load(&stored, &Device::Cpu).unwrap();
     assert_eq!(pixels(&folder), pixels(&file));
 }
 
@@ -248,7 +291,7 @@ fn assert_mentions(message: &str, parts: &[&str]) {
 fn cli_single_file_with_model_config_matches_the_folder() {
     for name in ["sd1", "sd2", "sdxl"] {
         let (_tmp, config) = config_only(name);
-        let folder = common::model_dir(name);
+        let (_stored_tmp, folder) = folder_as_stored(name);
         let (a, png_a) = generate(&[os("--model"), os(&folder)]);
         assert!(a.status.success(), "{}", stderr(&a));
         let file = single(name);
