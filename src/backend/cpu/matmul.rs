@@ -2,6 +2,7 @@
 
 use rayon::prelude::*;
 
+use super::simd::{self, Level};
 use super::CpuStorage;
 use crate::tensor::params::MatmulDims;
 
@@ -27,6 +28,35 @@ pub(crate) fn sgemm(
     accumulate: bool,
     parallel: bool,
 ) {
+    sgemm_at(
+        simd::level(),
+        m,
+        n,
+        k,
+        lhs,
+        rhs,
+        dst,
+        dst_row_stride,
+        accumulate,
+        parallel,
+    )
+}
+
+/// [`sgemm`] with the microkernels of `level` (at most what the CPU has).
+#[allow(clippy::too_many_arguments)]
+fn sgemm_at(
+    level: Level,
+    m: usize,
+    n: usize,
+    k: usize,
+    lhs: MatRef,
+    rhs: MatRef,
+    dst: &mut [f32],
+    dst_row_stride: usize,
+    accumulate: bool,
+    parallel: bool,
+) {
+    assert!(level <= simd::detected(), "{level:?} is past this CPU");
     if m == 0 || n == 0 {
         return;
     }
@@ -59,6 +89,7 @@ pub(crate) fn sgemm(
             // the same element of dst.
             unsafe {
                 gemm_raw(
+                    level,
                     m,
                     cols,
                     k,
@@ -83,6 +114,7 @@ pub(crate) fn sgemm(
     // their slices, and dst is borrowed mutably so nothing else aliases it.
     unsafe {
         gemm_raw(
+            level,
             m,
             n,
             k,
@@ -100,13 +132,16 @@ pub(crate) fn sgemm(
 /// Products with fewer rows than this split their columns across threads.
 const SMALL_M: usize = 256;
 
-/// `gemm::gemm` of `lhs` by columns `first_col..first_col + n` of `rhs` into `dst`.
+/// `gemm::gemm` of `lhs` by columns `first_col..first_col + n` of `rhs` into `dst`, with
+/// the microkernels of `level`.
 ///
 /// # Safety
 /// `lhs` and those columns of `rhs` must lie inside their slices, `dst` must point at an
-/// `m x n` region (row stride `dst_row_stride`) that no other thread writes.
+/// `m x n` region (row stride `dst_row_stride`) that no other thread writes, and `level`
+/// must be one the CPU has.
 #[allow(clippy::too_many_arguments)]
 unsafe fn gemm_raw(
+    level: Level,
     m: usize,
     n: usize,
     k: usize,
@@ -122,28 +157,93 @@ unsafe fn gemm_raw(
         lhs.data.as_ptr(),
         rhs.data[first_col * rhs.col_stride..].as_ptr(),
     );
+    let (lhs_cs, lhs_rs) = (lhs.col_stride as isize, lhs.row_stride as isize);
+    let (rhs_cs, rhs_rs) = (rhs.col_stride as isize, rhs.row_stride as isize);
+    let dst_rs = dst_row_stride as isize;
+    if level == Level::Avx512 || cfg!(not(target_arch = "x86_64")) {
+        // gemm's own choice: AVX-512 where the CPU has it (the `x86-v4` feature), else
+        // AVX2 + FMA; NEON on aarch64, where `level` is always Baseline.
+        unsafe {
+            gemm::gemm(
+                m,
+                n,
+                k,
+                dst,
+                1,
+                dst_rs,
+                accumulate,
+                lhs_ptr,
+                lhs_cs,
+                lhs_rs,
+                rhs_ptr,
+                rhs_cs,
+                rhs_rs,
+                1.0,
+                1.0,
+                false,
+                false,
+                false,
+                parallelism,
+            )
+        };
+        return;
+    }
+    // Under an `SD_CPU_SIMD` cap `gemm::gemm` would still pick AVX-512 (it asks the CPU
+    // itself), so run its driver with the capped level's microkernels. Its driver wants
+    // a column-major destination: as `gemm::gemm` does for a row-major one, compute
+    // dst^T = rhs^T lhs^T (every stride here is positive, so no flips are needed).
+    #[cfg(target_arch = "x86_64")]
     unsafe {
-        gemm::gemm(
-            m,
-            n,
-            k,
-            dst,
-            1,
-            dst_row_stride as isize,
-            accumulate,
-            lhs_ptr,
-            lhs.col_stride as isize,
-            lhs.row_stride as isize,
-            rhs_ptr,
-            rhs.col_stride as isize,
-            rhs.row_stride as isize,
-            1.0,
-            1.0,
-            false,
-            false,
-            false,
-            parallelism,
-        )
+        macro_rules! run {
+            ($simd:expr, $kernels:ident, $lanes:expr) => {{
+                use gemm_f32::microkernel::$kernels::f32 as ukr;
+                gemm_common::gemm::gemm_basic_generic::<
+                    _,
+                    f32,
+                    $lanes,
+                    { ukr::MR_DIV_N * $lanes },
+                    { ukr::NR },
+                    { ukr::MR_DIV_N },
+                    { ukr::H_M },
+                    { ukr::H_N },
+                >(
+                    $simd,
+                    n,
+                    m,
+                    k,
+                    dst,
+                    dst_rs,
+                    1,
+                    accumulate,
+                    rhs_ptr,
+                    rhs_rs,
+                    rhs_cs,
+                    lhs_ptr,
+                    lhs_rs,
+                    lhs_cs,
+                    1.0,
+                    1.0,
+                    false,
+                    false,
+                    false,
+                    |a, b, c| a * b + c,
+                    &ukr::UKR,
+                    &ukr::H_UKR,
+                    false,
+                    parallelism,
+                )
+            }};
+        }
+        use gemm_common::simd::{MixedSimd, Scalar, V3};
+        match level {
+            // `level` <= what the CPU has (the caller's contract), so V3's check holds.
+            Level::Avx2 => run!(
+                <V3 as MixedSimd<f32, f32, f32, f32>>::try_new().expect("AVX2 + FMA checked"),
+                fma,
+                8
+            ),
+            _ => run!(Scalar, scalar, 1),
+        }
     }
 }
 
@@ -215,4 +315,134 @@ pub fn matmul(
         });
     }
     CpuStorage::F32(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::tensor::testing::random;
+
+    /// `lhs @ rhs` (+ `dst` when accumulating) in f64, row-major.
+    fn reference(
+        m: usize,
+        n: usize,
+        k: usize,
+        lhs: &[f32],
+        rhs: MatRef,
+        dst: Option<&[f32]>,
+    ) -> Vec<f64> {
+        (0..m * n)
+            .map(|i| {
+                let (r, c) = (i / n, i % n);
+                let products = (0..k).map(|j| {
+                    let b = rhs.data[j * rhs.row_stride + c * rhs.col_stride];
+                    lhs[r * k + j] as f64 * b as f64
+                });
+                products.sum::<f64>() + dst.map_or(0.0, |d| d[i] as f64)
+            })
+            .collect()
+    }
+
+    /// Every level the CPU has runs the product (the column-band path for few rows, gemm's
+    /// own threads for many, a transposed right-hand side, accumulation) to within f32
+    /// rounding of an f64 sum; and where gemm's own choice is AVX2 (no AVX-512 here), the
+    /// capped AVX2 path is bit for bit what `gemm::gemm` gives, which checks its
+    /// transposition of the operands.
+    #[test]
+    fn every_simd_level_computes_the_product() {
+        let levels = [Level::Baseline, Level::Avx2, Level::Avx512];
+        // (m, n, k, transposed rhs, accumulate): 77 rows x 1280 columns takes the band path.
+        let cases = [
+            (77, 1280, 96, false, false),
+            (300, 200, 70, true, true),
+            (1, 33, 5, false, true),
+        ];
+        for (case, &(m, n, k, transposed, accumulate)) in cases.iter().enumerate() {
+            let seed = 10 * case as u64;
+            let lhs = random(&[m, k], seed).to_vec().unwrap();
+            let rhs_data = random(&[k, n], seed + 1).to_vec().unwrap();
+            let rhs = if transposed {
+                MatRef {
+                    data: &rhs_data,
+                    row_stride: 1,
+                    col_stride: k,
+                }
+            } else {
+                MatRef {
+                    data: &rhs_data,
+                    row_stride: n,
+                    col_stride: 1,
+                }
+            };
+            let initial = random(&[m, n], seed + 2).to_vec().unwrap();
+            let lhs_ref = MatRef {
+                data: &lhs,
+                row_stride: k,
+                col_stride: 1,
+            };
+            let want = reference(m, n, k, &lhs, rhs, accumulate.then_some(&initial[..]));
+            let fresh = || {
+                if accumulate {
+                    initial.clone()
+                } else {
+                    vec![f32::NAN; m * n]
+                }
+            };
+            for &level in levels.iter().filter(|&&l| l <= simd::detected()) {
+                let mut dst = fresh();
+                sgemm_at(level, m, n, k, lhs_ref, rhs, &mut dst, n, accumulate, true);
+                for (i, (&got, &want)) in dst.iter().zip(&want).enumerate() {
+                    // f32 sums of k products: a few ulps per sqrt(k) terms.
+                    let bound = 4e-7 * 8.0 * (k as f64).sqrt() * want.abs().max(1.0);
+                    assert!(
+                        (got as f64 - want).abs() <= bound,
+                        "{level:?} case {case} element {i}: {got} vs {want}"
+                    );
+                }
+            }
+            if simd::detected() == Level::Avx2 {
+                let mut capped = fresh();
+                sgemm_at(
+                    Level::Avx2,
+                    m,
+                    n,
+                    k,
+                    lhs_ref,
+                    rhs,
+                    &mut capped,
+                    n,
+                    accumulate,
+                    false,
+                );
+                let mut own = fresh();
+                // SAFETY: the extents sgemm_at asserts for the same operands; own is a
+                // local m x n buffer.
+                unsafe {
+                    gemm::gemm(
+                        m,
+                        n,
+                        k,
+                        own.as_mut_ptr(),
+                        1,
+                        n as isize,
+                        accumulate,
+                        lhs.as_ptr(),
+                        1,
+                        k as isize,
+                        rhs_data.as_ptr(),
+                        rhs.col_stride as isize,
+                        rhs.row_stride as isize,
+                        1.0,
+                        1.0,
+                        false,
+                        false,
+                        false,
+                        gemm::Parallelism::None,
+                    )
+                };
+                let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+                assert_eq!(bits(&capped), bits(&own), "case {case}");
+            }
+        }
+    }
 }

@@ -48,7 +48,7 @@ pub fn level() -> Level {
     })
 }
 
-fn detected() -> Level {
+pub(crate) fn detected() -> Level {
     #[cfg(target_arch = "x86_64")]
     {
         let avx2 = is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma");
