@@ -133,7 +133,7 @@ fn sgemm_at(
 const SMALL_M: usize = 256;
 
 /// `gemm::gemm` of `lhs` by columns `first_col..first_col + n` of `rhs` into `dst`, with
-/// the microkernels of `level`.
+/// at most AVX2 + FMA at `level` Avx2.
 ///
 /// # Safety
 /// `lhs` and those columns of `rhs` must lie inside their slices, `dst` must point at an
@@ -160,91 +160,87 @@ unsafe fn gemm_raw(
     let (lhs_cs, lhs_rs) = (lhs.col_stride as isize, lhs.row_stride as isize);
     let (rhs_cs, rhs_rs) = (rhs.col_stride as isize, rhs.row_stride as isize);
     let dst_rs = dst_row_stride as isize;
-    if level == Level::Avx512 || cfg!(not(target_arch = "x86_64")) {
-        // gemm's own choice: AVX-512 where the CPU has it (the `x86-v4` feature), else
-        // AVX2 + FMA; NEON on aarch64, where `level` is always Baseline.
+    // Under `SD_CPU_SIMD=avx2` `gemm::gemm` would still pick AVX-512 (it asks the CPU
+    // itself), so the capped run goes through its driver with its AVX2 + FMA microkernels.
+    // At `baseline` gemm keeps its own pick: it has no SSE kernels, only scalar ones, with
+    // which the tests' tiny 64x64 UNet step took 0.67 s (three timing tests of
+    // tests/hardening.rs then see a machine too slow for their premises); the baseline
+    // level is there to check sd-wgpu's own portable loops, and gemm's are gemm's.
+    #[cfg(target_arch = "x86_64")]
+    if level == Level::Avx2 {
+        use gemm_common::simd::{MixedSimd, V3};
+        use gemm_f32::microkernel::fma::f32 as ukr;
+        // f32 lanes of one AVX2 register (gemm's `N` for its fma kernels).
+        const LANES: usize = 8;
+        // `level` is at most what the CPU has (sgemm_at asserts it).
+        let simd = <V3 as MixedSimd<f32, f32, f32, f32>>::try_new().expect("AVX2 + FMA checked");
+        // gemm's driver wants a column-major destination: as `gemm::gemm` does for a
+        // row-major one, compute dst^T = rhs^T lhs^T (every stride here is positive, so
+        // none needs flipping).
         unsafe {
-            gemm::gemm(
-                m,
+            gemm_common::gemm::gemm_basic_generic::<
+                _,
+                f32,
+                LANES,
+                { ukr::MR_DIV_N * LANES },
+                { ukr::NR },
+                { ukr::MR_DIV_N },
+                { ukr::H_M },
+                { ukr::H_N },
+            >(
+                simd,
                 n,
+                m,
                 k,
                 dst,
-                1,
                 dst_rs,
+                1,
                 accumulate,
-                lhs_ptr,
-                lhs_cs,
-                lhs_rs,
                 rhs_ptr,
-                rhs_cs,
                 rhs_rs,
+                rhs_cs,
+                lhs_ptr,
+                lhs_rs,
+                lhs_cs,
                 1.0,
                 1.0,
                 false,
                 false,
+                false,
+                |a, b, c| a * b + c,
+                &ukr::UKR,
+                &ukr::H_UKR,
                 false,
                 parallelism,
             )
         };
         return;
     }
-    // Under an `SD_CPU_SIMD` cap `gemm::gemm` would still pick AVX-512 (it asks the CPU
-    // itself), so run its driver with the capped level's microkernels. Its driver wants
-    // a column-major destination: as `gemm::gemm` does for a row-major one, compute
-    // dst^T = rhs^T lhs^T (every stride here is positive, so no flips are needed).
-    #[cfg(target_arch = "x86_64")]
+    // gemm's own choice: AVX-512 where the CPU has it (the `x86-v4` feature), else AVX2 +
+    // FMA, else scalar; NEON on aarch64.
     unsafe {
-        macro_rules! run {
-            ($simd:expr, $kernels:ident, $lanes:expr) => {{
-                use gemm_f32::microkernel::$kernels::f32 as ukr;
-                gemm_common::gemm::gemm_basic_generic::<
-                    _,
-                    f32,
-                    $lanes,
-                    { ukr::MR_DIV_N * $lanes },
-                    { ukr::NR },
-                    { ukr::MR_DIV_N },
-                    { ukr::H_M },
-                    { ukr::H_N },
-                >(
-                    $simd,
-                    n,
-                    m,
-                    k,
-                    dst,
-                    dst_rs,
-                    1,
-                    accumulate,
-                    rhs_ptr,
-                    rhs_rs,
-                    rhs_cs,
-                    lhs_ptr,
-                    lhs_rs,
-                    lhs_cs,
-                    1.0,
-                    1.0,
-                    false,
-                    false,
-                    false,
-                    |a, b, c| a * b + c,
-                    &ukr::UKR,
-                    &ukr::H_UKR,
-                    false,
-                    parallelism,
-                )
-            }};
-        }
-        use gemm_common::simd::{MixedSimd, Scalar, V3};
-        match level {
-            // `level` <= what the CPU has (the caller's contract), so V3's check holds.
-            Level::Avx2 => run!(
-                <V3 as MixedSimd<f32, f32, f32, f32>>::try_new().expect("AVX2 + FMA checked"),
-                fma,
-                8
-            ),
-            _ => run!(Scalar, scalar, 1),
-        }
-    }
+        gemm::gemm(
+            m,
+            n,
+            k,
+            dst,
+            1,
+            dst_rs,
+            accumulate,
+            lhs_ptr,
+            lhs_cs,
+            lhs_rs,
+            rhs_ptr,
+            rhs_cs,
+            rhs_rs,
+            1.0,
+            1.0,
+            false,
+            false,
+            false,
+            parallelism,
+        )
+    };
 }
 
 /// Batched `lhs @ rhs` (+ bias broadcast over rows).
