@@ -73,11 +73,12 @@ fn softmax(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: 
 // workgroup-memory read is a broadcast. Nothing of size Lq x Lk is ever stored; all sums
 // are f32.
 //
-// Three entry points share the code: `attention_w64` and `attention_w40` take heads whose
-// dim is a multiple of 64 or 40 (SD's 40, 64, 80, 160) and use stages and slabs of exactly
-// that width, so every loop over head dims has a constant trip count (the driver can unroll
-// it and keep the private arrays in registers); `attention` takes any head dim with stages
-// and slabs of up to CAP. Workgroup memory: the two tiles, 16 KiB (WebGPU's minimum limit).
+// With the override FIXED4 > 0 (below) the stages and slabs are exactly 4 * FIXED4 dims
+// wide: 40 for SD's 40, 80 and 160, 64 for 64 and 512, the whole head for heads of at most
+// 64 dims that are a multiple of 4; so every loop over head dims has a constant trip count
+// (the driver can unroll it and keep the private arrays in registers). FIXED4 = 0 takes
+// any head dim with stages and slabs of up to CAP. Workgroup memory: the two tiles, 16 KiB
+// (WebGPU's minimum limit).
 
 const BQ: u32 = 64u;   // queries per workgroup = threads (attention::QUERY_BLOCK)
 const BK: u32 = 32u;   // keys per tile
@@ -137,22 +138,16 @@ fn v_at(i: u32, n: u32) -> vec4<f32> {
     return x;
 }
 
+// The head width each thread's loops are unrolled for, in vec4s (attention::fixed_width):
+// 1-16 (4-64 dims) for a head dim that is a multiple of 4 * FIXED4, whose loops then all
+// have constant trip counts, so every private array is indexed by constants and stays in
+// registers; 0 for any other head dim.
+override FIXED4: u32 = 0u;
+
 @compute @workgroup_size(64)
 fn attention(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>,
              @builtin(local_invocation_id) lid: vec3<u32>) {
-    attend(wid.y * nwg.x + wid.x, lid.x, 0u);
-}
-
-@compute @workgroup_size(64)
-fn attention_w40(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>,
-                 @builtin(local_invocation_id) lid: vec3<u32>) {
-    attend(wid.y * nwg.x + wid.x, lid.x, 10u);
-}
-
-@compute @workgroup_size(64)
-fn attention_w64(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>,
-                 @builtin(local_invocation_id) lid: vec3<u32>) {
-    attend(wid.y * nwg.x + wid.x, lid.x, 16u);
+    attend(wid.y * nwg.x + wid.x, lid.x, FIXED4);
 }
 
 // `fixed4` > 0: the head dim is a multiple of 4 * fixed4, the stage and slab width;
