@@ -926,62 +926,76 @@ fn the_default_model_is_sd15_from_the_hub() {
 }
 
 /// `--vae org/name`: a repository holding one VAE at its root, as
-/// madebyollin/sdxl-vae-fp16-fix does, is fetched as a model is, but only its config and
-/// weights (not the original-layout copy, the pickle, or the pipeline's files), and gives
-/// the image of the same folder given by path.
+/// madebyollin/sdxl-vae-fp16-fix does, or a whole pipeline repository, whose `vae/` it
+/// lends (as `AutoencoderKL.from_pretrained(repo, subfolder="vae")`), is fetched as a model
+/// is, but only the VAE's config and weights (not the original-layout copy, the pickle, or
+/// the pipeline's other files), and gives the image of the same folder given by path.
 #[test]
 fn a_vae_repository_is_fetched_with_its_config_and_weights_only() {
     let folder = common::fixtures().join("vaes/sdxl_alt");
-    let mut files = vec![
-        RepoFile {
-            name: "config.json".into(),
-            bytes: std::fs::read(folder.join("config.json")).unwrap(),
-        },
-        RepoFile {
-            name: "diffusion_pytorch_model.safetensors".into(),
-            bytes: std::fs::read(folder.join("diffusion_pytorch_model.safetensors")).unwrap(),
-        },
-    ];
-    for name in [
+    let model = common::model_dir("sdxl");
+    let model = model.to_str().unwrap();
+    let run = |vae: &OsStr, cwd: &Path, env: &[(&str, &OsStr)]| {
+        let (output, png) = generate_with(model, &[os("--vae"), vae], cwd, env);
+        let stderr = String::from_utf8_lossy(&output.stderr).into_owned();
+        assert!(output.status.success(), "--vae {vae:?} failed:\n{stderr}");
+        png.expect("a PNG was written")
+    };
+    let local_tmp = tempfile::tempdir().unwrap();
+    let local = run(folder.as_os_str(), local_tmp.path(), &[]);
+    let root_extras = [
         ".gitattributes",
         "README.md",
         "diffusion_pytorch_model.bin",
         "sdxl_vae.safetensors",
         "images/example.png",
-    ] {
-        files.push(RepoFile {
-            name: name.to_string(),
-            bytes: format!("unwanted {name}").into_bytes(),
-        });
-    }
-    let hub = FakeHub::start("org/vae", files, None);
-    let tmp = tempfile::tempdir().unwrap();
-    let model = common::model_dir("sdxl");
-    let model = model.to_str().unwrap();
-    let env = [
-        ("HF_ENDPOINT", os(&hub.url)),
-        ("HF_HUB_CACHE", tmp.path().as_os_str()),
     ];
-    let run = |vae: &OsStr, env: &[(&str, &OsStr)]| {
-        let (output, png) = generate_with(model, &[os("--vae"), vae], tmp.path(), env);
-        let stderr = String::from_utf8_lossy(&output.stderr).into_owned();
-        assert!(output.status.success(), "--vae {vae:?} failed:\n{stderr}");
-        png.expect("a PNG was written")
-    };
-    let fetched = run(os("org/vae"), &env);
-    assert_eq!(
-        hub.downloads(),
-        ["config.json", "diffusion_pytorch_model.safetensors"]
-    );
-    assert_eq!(
-        hub.touched(),
-        ["config.json", "diffusion_pytorch_model.safetensors"]
-    );
-    let local = run(folder.as_os_str(), &[]);
-    assert!(fetched == local, "the fetched VAE gives the folder's image");
+    let pipeline_extras = [
+        "model_index.json",
+        "README.md",
+        "unet/config.json",
+        "unet/diffusion_pytorch_model.safetensors",
+        "vae/diffusion_pytorch_model.bin",
+        "sd_xl_base_1.0.safetensors",
+    ];
+    for (repo, dir, extras) in [
+        ("org/vae", "", &root_extras[..]),
+        ("org/pipeline", "vae/", &pipeline_extras[..]),
+    ] {
+        let vae_files = [
+            format!("{dir}config.json"),
+            format!("{dir}diffusion_pytorch_model.safetensors"),
+        ];
+        let mut files: Vec<RepoFile> = vae_files
+            .iter()
+            .map(|name| RepoFile {
+                name: name.clone(),
+                bytes: std::fs::read(folder.join(name.trim_start_matches(dir))).unwrap(),
+            })
+            .collect();
+        for name in extras {
+            files.push(RepoFile {
+                name: name.to_string(),
+                bytes: format!("unwanted {name}").into_bytes(),
+            });
+        }
+        let hub = FakeHub::start(repo, files, None);
+        let tmp = tempfile::tempdir().unwrap();
+        let env = [
+            ("HF_ENDPOINT", os(&hub.url)),
+            ("HF_HUB_CACHE", tmp.path().as_os_str()),
+        ];
+        let fetched = run(os(repo), tmp.path(), &env);
+        assert_eq!(hub.downloads(), vae_files, "{repo}");
+        assert_eq!(hub.touched(), vae_files, "{repo}");
+        assert!(
+            fetched == local,
+            "{repo}: the fetched VAE gives the folder's image"
+        );
 
-    // From the cache the second time, asking nothing.
-    hub.clear();
-    assert!(run(os("org/vae"), &env) == local);
-    assert!(hub.requests().is_empty(), "{:?}", hub.requests());
+        // From the cache the second time, asking nothing.
+        hub.clear();
+        assert!(run(os(repo), tmp.path(), &env) == local, "{repo}");
+        assert!(hub.requests().is_empty(), "{repo}: {:?}", hub.requests());
+    }
 }

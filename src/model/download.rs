@@ -70,8 +70,9 @@ const CONFIGS: [&str; 5] = [
 ];
 
 /// What a repository must hold to be used: a whole text-to-image pipeline in diffusers
-/// layout (`--model`), or one component at its root, a VAE (`--vae`: `config.json` and
-/// `diffusion_pytorch_model.safetensors`, as madebyollin/sdxl-vae-fp16-fix has them).
+/// layout (`--model`), or a VAE (`--vae`: `config.json` and
+/// `diffusion_pytorch_model.safetensors` at its root, as madebyollin/sdxl-vae-fp16-fix has
+/// them, or under a pipeline's `vae/`; see [`vae_dir`]).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum RepoKind {
     Pipeline,
@@ -105,9 +106,10 @@ impl RepoKind {
         }
     }
 
-    /// Its weights files (`xl`: with SDXL's second text encoder), each as its full-precision
-    /// and its fp16 path in the repository.
-    fn weight_files(self, xl: bool) -> Vec<[String; 2]> {
+    /// Its weights files (`xl`: with SDXL's second text encoder; `vae_dir`: where a VAE
+    /// repository keeps it, see [`vae_dir`]), each as its full-precision and its fp16 path in
+    /// the repository.
+    fn weight_files(self, xl: bool, vae_dir: &str) -> Vec<[String; 2]> {
         let pair = |dir: &str, stem: &str| {
             [
                 format!("{dir}{stem}.safetensors"),
@@ -119,8 +121,21 @@ impl RepoKind {
                 .into_iter()
                 .map(|(component, stem)| pair(&format!("{component}/"), stem))
                 .collect(),
-            RepoKind::Vae => vec![pair("", VAE_STEM)],
+            RepoKind::Vae => vec![pair(vae_dir, VAE_STEM)],
         }
+    }
+}
+
+/// Where a `--vae` repository keeps its VAE, by which files it `has`: at its root, as
+/// madebyollin/sdxl-vae-fp16-fix does, or, in a whole pipeline repository (no `config.json`
+/// at the root, a `vae/config.json`), under `vae/`, as diffusers'
+/// `AutoencoderKL.from_pretrained(repo, subfolder="vae")` reads it and as a local pipeline
+/// folder given to `--vae` lends its `vae/` (model::source).
+fn vae_dir(has: impl Fn(&str) -> bool) -> &'static str {
+    if !has("config.json") && has("vae/config.json") {
+        "vae/"
+    } else {
+        ""
     }
 }
 
@@ -190,17 +205,19 @@ pub fn missing_in_snapshot(dir: &Path, kind: RepoKind) -> Vec<String> {
     let xl = has(XL_CONFIG)
         || std::fs::read_to_string(dir.join("model_index.json"))
             .is_ok_and(|index| index.contains("\"text_encoder_2\""));
-    let configs: Vec<&str> = match kind {
+    let vae_dir = vae_dir(has);
+    let configs: Vec<String> = match kind {
         RepoKind::Pipeline => CONFIGS
             .iter()
             .copied()
             .chain(xl.then_some(XL_CONFIG))
+            .map(str::to_string)
             .collect(),
-        RepoKind::Vae => vec!["config.json"],
+        RepoKind::Vae => vec![format!("{vae_dir}config.json")],
     };
     for config in configs {
-        if !has(config) {
-            missing.push(config.to_string());
+        if !has(&config) {
+            missing.push(config);
         }
     }
     if kind == RepoKind::Pipeline {
@@ -215,7 +232,7 @@ pub fn missing_in_snapshot(dir: &Path, kind: RepoKind) -> Vec<String> {
             }
         }
     }
-    for [full, fp16] in kind.weight_files(xl) {
+    for [full, fp16] in kind.weight_files(xl, vae_dir) {
         if !has(&fp16) && !has(&full) {
             let stem = full.rsplit('/').next().unwrap_or(&full);
             missing.push(format!("{fp16} (or {stem})"));
@@ -288,7 +305,8 @@ fn choose_files(
     let mut chosen = Vec::new();
     let mut problems = Vec::new();
     let xl = kind == RepoKind::Pipeline && find(XL_CONFIG).is_some();
-    for [full, fp16] in kind.weight_files(xl) {
+    let vae_dir = vae_dir(|name| find(name).is_some());
+    for [full, fp16] in kind.weight_files(xl, vae_dir) {
         if let Some(f) = find(&fp16).or_else(|| find(&full)) {
             chosen.push(f.clone());
             continue;
@@ -332,7 +350,7 @@ fn choose_files(
         });
     }
     if kind == RepoKind::Vae {
-        match find("config.json") {
+        match find(&format!("{vae_dir}config.json")) {
             Some(f) => chosen.push(f.clone()),
             None => problems.insert(0, "there is no config.json".into()),
         }
@@ -598,6 +616,7 @@ pub fn fetch(
     }
     let wanted =
         choose_files(&id.repo_id(), &info.siblings, kind).map_err(Error::InvalidArgument)?;
+    let vae_dir = vae_dir(|name| info.siblings.iter().any(|f| f.rfilename == name));
 
     let commit = info.sha;
     let snapshot = repo_dir.join("snapshots").join(&commit);
@@ -617,7 +636,7 @@ pub fn fetch(
         .into_iter()
         .filter(|f| {
             let alternatives = kind
-                .weight_files(true)
+                .weight_files(true, vae_dir)
                 .into_iter()
                 .find(|pair| pair.contains(&f.rfilename));
             match alternatives {
@@ -855,9 +874,23 @@ mod tests {
             .collect();
         let err = choose_files("org/vae", &no_config, RepoKind::Vae).unwrap_err();
         assert!(err.contains("there is no config.json"), "{err}");
-        // A pipeline repository is not a VAE repository (its VAE is under vae/).
+        // A pipeline repository lends its vae/ (the fp16 weights, as for the pipeline).
         let pipeline: Vec<Sibling> = SD15.iter().map(|n| file(n)).collect();
-        let err = choose_files("org/name", &pipeline, RepoKind::Vae).unwrap_err();
+        let chosen = choose_files("org/name", &pipeline, RepoKind::Vae).unwrap();
+        assert_eq!(
+            names(&chosen),
+            [
+                "vae/diffusion_pytorch_model.fp16.safetensors",
+                "vae/config.json"
+            ]
+        );
+        // One with neither a root config.json nor vae/: refused as before.
+        let no_vae: Vec<Sibling> = SD15
+            .iter()
+            .filter(|n| !n.starts_with("vae/"))
+            .map(|n| file(n))
+            .collect();
+        let err = choose_files("org/name", &no_vae, RepoKind::Vae).unwrap_err();
         assert!(err.contains("there is no config.json"), "{err}");
     }
 
