@@ -75,26 +75,13 @@ fn conv2d(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: v
     let m0 = wid.z * TILE_M;
     let n0 = tile_n * TILE_N;
     let khw = p.kh * p.kw;
-    let pixels = p.oh * p.ow;
     let plane = p.h * p.w;
 
     // Column loads: thread t fills b_tile[kr * 16 + jq] with columns n0 + 4jq .. + 3 at
-    // reduction row kr. Those four columns are the same all the way along K, so their
-    // image offsets and top-left input coordinates are worked out once here (as vectors,
-    // one lane per column: private arrays indexed in loops cost more on some compilers).
+    // reduction row kr.
     let jq = t % 16u;
     let kr = t / 16u;
-    let col0 = n0 + 4u * jq;
-    let cols = vec4<u32>(col0, col0 + 1u, col0 + 2u, col0 + 3u);
-    let col_ok = cols < vec4<u32>(p.cols);
-    let img = cols / pixels;
-    let pix = cols - img * pixels;
-    let oy = pix / p.ow;
-    let ox = pix - oy * p.ow;
-    let col_base = p.x_off + img * p.x_img;
-    // A column past the end gets a row no kernel tap reaches, so every bounds test fails.
-    let col_iy = select(vec4<i32>(-2147483647), vec4<i32>(oy * p.stride) - i32(p.pad_top), col_ok);
-    let col_ix = vec4<i32>(ox * p.stride) - i32(p.pad_left);
+    let q = column_quad(n0 + 4u * jq);
 
     // Weight loads: thread t reads row m0 + am, reduction indices k0 + 4 * ak4 .. + 3
     // (contiguous in memory) and scatters them into a_tile's k-major layout.
@@ -114,7 +101,7 @@ fn conv2d(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: v
     // Each slice's global reads are issued before the previous slice's arithmetic (into
     // registers) so their latency hides behind it; the last prefetch reads nothing.
     var wa = load_weights(a_ok, a_base, 4u * ak4);
-    var v = gather_columns(kr, khw, plane, col_base, col_iy, col_ix);
+    var v = gather_columns(kr, khw, plane, q);
     for (var k0 = 0u; k0 < p.k; k0 = k0 + TILE_K) {
         a_tile[a_slot][a_lane] = wa.x;
         a_tile[a_slot + 16u][a_lane] = wa.y;
@@ -125,7 +112,7 @@ fn conv2d(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: v
 
         let k1 = k0 + TILE_K;
         wa = load_weights(a_ok, a_base, k1 + 4u * ak4);
-        v = gather_columns(k1 + kr, khw, plane, col_base, col_iy, col_ix);
+        v = gather_columns(k1 + kr, khw, plane, q);
 
         for (var kk = 0u; kk < TILE_K; kk = kk + 1u) {
             let a = a_tile[kk * 16u + lid.y];
@@ -139,17 +126,7 @@ fn conv2d(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: v
     }
 
     // Thread (lid.x, lid.y) holds rows m0 + 4 lid.y + i, columns n0 + 4 lid.x + j.
-    let ocol0 = n0 + 4u * lid.x;
-    let ocols = vec4<u32>(ocol0, ocol0 + 1u, ocol0 + 2u, ocol0 + 3u);
-    let ocol_ok = ocols < vec4<u32>(p.cols);
-    let oimg = ocols / pixels;
-    // Offsets of the four columns in channel 0 (wrapped garbage where !ocol_ok: not written).
-    let out_base = p.out_off + oimg * p.out_img + (ocols - oimg * pixels);
-    let mt = m0 + 4u * lid.y;
-    store_row(mt, acc0, out_base, ocol_ok, pixels);
-    store_row(mt + 1u, acc1, out_base, ocol_ok, pixels);
-    store_row(mt + 2u, acc2, out_base, ocol_ok, pixels);
-    store_row(mt + 3u, acc3, out_base, ocol_ok, pixels);
+    store_block(m0 + 4u * lid.y, n0 + 4u * lid.x, acc0, acc1, acc2, acc3);
 }
 
 // ---- Narrow tiles: layers with at most 16 output channels --------------------------------
@@ -176,23 +153,13 @@ fn conv2d_narrow(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups)
     let m0 = wid.z * NARROW_M;
     let n0 = tile_n * NARROW_N;
     let khw = p.kh * p.kw;
-    let pixels = p.oh * p.ow;
     let plane = p.h * p.w;
 
     // Column loads: thread t fills nb_tile[kr * 32 + jq] for its column quad jq at the
     // reduction rows kr, kr + 4, kr + 8 and kr + 12 of each slice.
     let jq = t % 32u;
     let kr = t / 32u;
-    let col0 = n0 + 4u * jq;
-    let cols = vec4<u32>(col0, col0 + 1u, col0 + 2u, col0 + 3u);
-    let col_ok = cols < vec4<u32>(p.cols);
-    let img = cols / pixels;
-    let pix = cols - img * pixels;
-    let oy = pix / p.ow;
-    let ox = pix - oy * p.ow;
-    let col_base = p.x_off + img * p.x_img;
-    let col_iy = select(vec4<i32>(-2147483647), vec4<i32>(oy * p.stride) - i32(p.pad_top), col_ok);
-    let col_ix = vec4<i32>(ox * p.stride) - i32(p.pad_left);
+    let q = column_quad(n0 + 4u * jq);
 
     // Weight loads: the first 64 threads read row m0 + am, reduction indices k0 + 4 * ak4
     // .. + 3, as conv2d's threads do; the others read nothing.
@@ -210,10 +177,10 @@ fn conv2d_narrow(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups)
     var acc3 = vec4<f32>(0.0);
 
     var wa = load_weights(a_ok, a_base, 4u * ak4);
-    var v0 = gather_columns(kr, khw, plane, col_base, col_iy, col_ix);
-    var v1 = gather_columns(kr + 4u, khw, plane, col_base, col_iy, col_ix);
-    var v2 = gather_columns(kr + 8u, khw, plane, col_base, col_iy, col_ix);
-    var v3 = gather_columns(kr + 12u, khw, plane, col_base, col_iy, col_ix);
+    var v0 = gather_columns(kr, khw, plane, q);
+    var v1 = gather_columns(kr + 4u, khw, plane, q);
+    var v2 = gather_columns(kr + 8u, khw, plane, q);
+    var v3 = gather_columns(kr + 12u, khw, plane, q);
     for (var k0 = 0u; k0 < p.k; k0 = k0 + TILE_K) {
         if (t < 64u) {
             na_tile[a_slot][a_lane] = wa.x;
@@ -229,10 +196,10 @@ fn conv2d_narrow(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups)
 
         let k1 = k0 + TILE_K;
         wa = load_weights(a_ok, a_base, k1 + 4u * ak4);
-        v0 = gather_columns(k1 + kr, khw, plane, col_base, col_iy, col_ix);
-        v1 = gather_columns(k1 + kr + 4u, khw, plane, col_base, col_iy, col_ix);
-        v2 = gather_columns(k1 + kr + 8u, khw, plane, col_base, col_iy, col_ix);
-        v3 = gather_columns(k1 + kr + 12u, khw, plane, col_base, col_iy, col_ix);
+        v0 = gather_columns(k1 + kr, khw, plane, q);
+        v1 = gather_columns(k1 + kr + 4u, khw, plane, q);
+        v2 = gather_columns(k1 + kr + 8u, khw, plane, q);
+        v3 = gather_columns(k1 + kr + 12u, khw, plane, q);
 
         for (var kk = 0u; kk < TILE_K; kk = kk + 1u) {
             let a = na_tile[kk * 4u + lid.y];
@@ -246,16 +213,45 @@ fn conv2d_narrow(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups)
     }
 
     // Thread (lid.x, lid.y) holds rows m0 + 4 lid.y + i, columns n0 + 4 lid.x + j.
-    let ocol0 = n0 + 4u * lid.x;
-    let ocols = vec4<u32>(ocol0, ocol0 + 1u, ocol0 + 2u, ocol0 + 3u);
-    let ocol_ok = ocols < vec4<u32>(p.cols);
-    let oimg = ocols / pixels;
-    let out_base = p.out_off + oimg * p.out_img + (ocols - oimg * pixels);
-    let mt = m0 + 4u * lid.y;
-    store_row(mt, acc0, out_base, ocol_ok, pixels);
-    store_row(mt + 1u, acc1, out_base, ocol_ok, pixels);
-    store_row(mt + 2u, acc2, out_base, ocol_ok, pixels);
-    store_row(mt + 3u, acc3, out_base, ocol_ok, pixels);
+    store_block(m0 + 4u * lid.y, n0 + 4u * lid.x, acc0, acc1, acc2, acc3);
+}
+
+// Four consecutive output columns (pixels over the batch) as the gathers see them, one lane
+// per column (private arrays indexed in loops cost more on some compilers): their images'
+// offsets and their top-left input coordinates. They are the same all the way along K, so
+// each thread works them out once.
+struct ColumnQuad {
+    base: vec4<u32>,
+    iy: vec4<i32>,
+    ix: vec4<i32>,
+}
+
+fn column_quad(col0: u32) -> ColumnQuad {
+    let pixels = p.oh * p.ow;
+    let cols = vec4<u32>(col0, col0 + 1u, col0 + 2u, col0 + 3u);
+    let img = cols / pixels;
+    let pix = cols - img * pixels;
+    let oy = pix / p.ow;
+    let ox = pix - oy * p.ow;
+    // A column past the end gets a row no kernel tap reaches, so every bounds test fails.
+    let iy = select(vec4<i32>(-2147483647), vec4<i32>(oy * p.stride) - i32(p.pad_top),
+                    cols < vec4<u32>(p.cols));
+    return ColumnQuad(p.x_off + img * p.x_img, iy, vec4<i32>(ox * p.stride) - i32(p.pad_left));
+}
+
+// A thread's 4 x 4 block of the output: rows m .. m + 3 (one accumulator each), columns
+// col0 .. col0 + 3.
+fn store_block(m: u32, col0: u32, acc0: vec4<f32>, acc1: vec4<f32>, acc2: vec4<f32>, acc3: vec4<f32>) {
+    let pixels = p.oh * p.ow;
+    let cols = vec4<u32>(col0, col0 + 1u, col0 + 2u, col0 + 3u);
+    let ok = cols < vec4<u32>(p.cols);
+    let img = cols / pixels;
+    // Offsets of the four columns in channel 0 (wrapped garbage where !ok: not written).
+    let base = p.out_off + img * p.out_img + (cols - img * pixels);
+    store_row(m, acc0, base, ok, pixels);
+    store_row(m + 1u, acc1, base, ok, pixels);
+    store_row(m + 2u, acc2, base, ok, pixels);
+    store_row(m + 3u, acc3, base, ok, pixels);
 }
 
 // Weights k .. k + 3 of the row starting at `base` (0 past the row's end or when !ok).
@@ -272,18 +268,18 @@ fn load_weights(ok: bool, base: u32, k: u32) -> vec4<f32> {
 
 // Row k of the im2col matrix at four columns, given by their image offsets and top-left
 // input coordinates: 0 in the padding and past the reduction's end.
-fn gather_columns(k: u32, khw: u32, plane: u32, base: vec4<u32>, iy0: vec4<i32>, ix0: vec4<i32>) -> vec4<f32> {
+fn gather_columns(k: u32, khw: u32, plane: u32, q: ColumnQuad) -> vec4<f32> {
     var v = vec4<f32>(0.0);
     if (k < p.k) {
         let ci = k / khw;
         let r = k - ci * khw;
         let ky = r / p.kw;
         let kx = r - ky * p.kw;
-        let iy = iy0 + i32(ky);
-        let ix = ix0 + i32(kx);
+        let iy = q.iy + i32(ky);
+        let ix = q.ix + i32(kx);
         let inside = (iy >= vec4<i32>(0)) & (iy < vec4<i32>(i32(p.h))) & (ix >= vec4<i32>(0)) & (ix < vec4<i32>(i32(p.w)));
         // Offsets of the taps (garbage where outside: those are never read).
-        let at = base + ci * plane + vec4<u32>(iy) * p.w + vec4<u32>(ix);
+        let at = q.base + ci * plane + vec4<u32>(iy) * p.w + vec4<u32>(ix);
         if (inside.x) { v.x = x[at.x]; }
         if (inside.y) { v.y = x[at.y]; }
         if (inside.z) { v.z = x[at.z]; }
