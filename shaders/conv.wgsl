@@ -131,8 +131,8 @@ fn conv2d(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: v
 
 // ---- Narrow tiles: layers with at most 16 output channels --------------------------------
 // conv2d's 64 x 64 tile computes 64 output channels whatever the layer has: for a VAE's last
-// convolution (3 channels) 95% of its arithmetic is thrown away, for the tests' tiny models
-// (8 channels) 88%. This entry point computes 16 x 128 tiles (NARROW_M x NARROW_N) with a
+// convolution (3 channels) 95% of its arithmetic is thrown away, for an 8-channel layer (the
+// large-image test's VAE) 88%. This entry point computes 16 x 128 tiles (NARROW_M x NARROW_N) with a
 // workgroup of 32 x 4 threads, each again a 4 x 4 block, from the same loads and stores.
 
 const NARROW_M: u32 = 16u;
