@@ -7,21 +7,28 @@
 // `columns` matrix never exists in memory: each workgroup gathers its tile of it straight
 // from the input while filling workgroup memory, reading 0 in the padding.
 //
-// A workgroup of 16 x 16 threads (conv::WORKGROUP) computes a TILE_M x TILE_N = 64 x 64
-// output tile, each thread a 4 x 4 block in registers, walking K in slices of TILE_K = 16.
-// A slice's global reads go to registers before the previous slice's arithmetic, and into
-// workgroup memory after it (one barrier pair per slice). Every global read is guarded
-// (k < K, oc < OC, col < N, and the input coordinates inside the image), so any sizes work;
-// tiles hanging over the edges load 0 and store nothing. Buffers may be windows of larger
-// ones (see Params); all addressing is relative to the offsets given there.
+// A workgroup of TX x TY threads computes a TILE_M x TILE_N output tile, each thread RM
+// rows by CN quads of 4 columns in registers, walking K in slices of TILE_K = 16. The shape
+// is a set of pipeline-overridable constants (conv::TileShape picks them per layer and
+// adapter; every loop over them has a constant trip count, so drivers unroll it and keep
+// the accumulators in registers). A slice's global reads go to registers before the
+// previous slice's arithmetic, and into workgroup memory after it (one barrier pair per
+// slice). Every global read is guarded (k < K, oc < OC, col < N, and the input coordinates
+// inside the image), so any sizes work; tiles hanging over the edges load 0 and store
+// nothing. Buffers may be windows of larger ones (see Params); all addressing is relative
+// to the offsets given there.
 //
 // The weight has element type W, read as f32(..) and accumulated in f32: `alias W = f32;` or,
 // for weights kept in half precision, `enable f16; alias W = f16;`, in the header the host
 // generates (context::Kernel::header). Everything else is f32.
 
-const TILE_M: u32 = 64u;   // output channels per tile
-const TILE_N: u32 = 64u;   // output pixels (over the whole batch) per tile
-const TILE_K: u32 = 16u;   // reduction slice
+override TX: u32 = 16u;   // threads along the columns
+override TY: u32 = 16u;   // threads along the output channels
+override RM: u32 = 4u;    // output channels per thread (a multiple of 4)
+override CN: u32 = 1u;    // quads of 4 columns per thread, TX quads apart
+const TILE_K: u32 = 16u;  // reduction slice
+const MAX_LOADS: u32 = 8u;   // weight quads and column quads a thread loads per slice
+const MAX_BLOCK: u32 = 16u;  // RM * CN: vec4 accumulators per thread
 
 // One pass: `n` images (or one image's slice of input and output channels, when the tensors
 // are too large to bind whole: conv.rs then binds windows of the buffers and runs a pass per
@@ -59,161 +66,112 @@ struct Params {
 @group(0) @binding(3) var<storage, read> bias: array<f32>;   // read only when has_bias != 0
 @group(0) @binding(4) var<storage, read_write> out: array<f32>;
 
-// a_tile[kk * 16 + i] = weight rows 4i .. 4i + 3 of the tile at reduction index kk.
-var<workgroup> a_tile: array<vec4<f32>, 256>;
-// b_tile[kk * 16 + j] = columns 4j .. 4j + 3 of the tile at reduction index kk.
-var<workgroup> b_tile: array<vec4<f32>, 256>;
+// a_tile[kk * TY * RM / 4 + i] = weight rows 4i .. 4i + 3 of the tile at reduction index kk.
+var<workgroup> a_tile: array<vec4<f32>, TILE_K * TY * RM / 4u>;
+// b_tile[kk * TX * CN + j] = columns 4j .. 4j + 3 of the tile at reduction index kk.
+var<workgroup> b_tile: array<vec4<f32>, TILE_K * TX * CN>;
 
-@compute @workgroup_size(16, 16)
+@compute @workgroup_size(TX * TY)
 fn conv2d(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>,
-          @builtin(local_invocation_id) lid: vec3<u32>, @builtin(local_invocation_index) t: u32) {
+          @builtin(local_invocation_index) t: u32) {
+    let threads = TX * TY;
+    let row_quads = TY * RM / 4u;   // of the tile
+    let col_quads = TX * CN;
     // Column tiles are spread over x and y (the grid's dimensions are limited); z walks the
     // output-channel tiles. A workgroup past the last column tile has nothing to do (the
     // test is uniform across it, so leaving before the barriers is fine).
     let tile_n = wid.y * nwg.x + wid.x;
     if (tile_n >= p.tiles_n) { return; }
-    let m0 = wid.z * TILE_M;
-    let n0 = tile_n * TILE_N;
+    let m0 = wid.z * TY * RM;
+    let n0 = tile_n * 4u * col_quads;
     let khw = p.kh * p.kw;
     let plane = p.h * p.w;
 
-    // Column loads: thread t fills b_tile[kr * 16 + jq] with columns n0 + 4jq .. + 3 at
-    // reduction row kr.
-    let jq = t % 16u;
-    let kr = t / 16u;
+    // Column loads: thread t fills b_tile[kr * col_quads + jq] with columns n0 + 4jq .. + 3
+    // at reduction rows kr, kr + k_step, ... of each slice.
+    let jq = t % col_quads;
+    let kr = t / col_quads;
+    let k_step = threads / col_quads;
     let q = column_quad(n0 + 4u * jq);
 
-    // Weight loads: thread t reads row m0 + am, reduction indices k0 + 4 * ak4 .. + 3
-    // (contiguous in memory) and scatters them into a_tile's k-major layout.
-    let am = t / 4u;
-    let ak4 = t % 4u;
-    let a_row = m0 + am;
-    let a_ok = a_row < p.oc;
-    let a_base = p.w_off + a_row * p.w_row;
-    let a_slot = ak4 * 64u + am / 4u;   // a_tile index of the first of the four
-    let a_lane = am % 4u;
+    // Weight loads: item e = t, t + threads, ... (while e < 4 * TILE_M) reads row m0 + e / 4,
+    // reduction indices k0 + 4 * (e % 4) .. + 3 (contiguous in memory) and scatters them into
+    // a_tile's k-major layout.
+    // (Private arrays take constant sizes: the largest any shape needs, conv::TileShape.)
+    var wa: array<vec4<f32>, MAX_LOADS>;
+    var v: array<vec4<f32>, MAX_LOADS>;
+    for (var i = 0u; i < (4u * TY * RM + threads - 1u) / threads; i = i + 1u) {
+        wa[i] = weight_item(m0, t + i * threads, 0u);
+    }
+    for (var i = 0u; i < TILE_K / k_step; i = i + 1u) {
+        v[i] = gather_columns(kr + i * k_step, khw, plane, q);
+    }
 
-    var acc0 = vec4<f32>(0.0);
-    var acc1 = vec4<f32>(0.0);
-    var acc2 = vec4<f32>(0.0);
-    var acc3 = vec4<f32>(0.0);
+    var acc: array<vec4<f32>, MAX_BLOCK>;
+    for (var i = 0u; i < RM * CN; i = i + 1u) {
+        acc[i] = vec4<f32>(0.0);
+    }
 
+    // Thread t's block: rows m0 + ly * RM + i, column quads lx + j * TX.
+    let lx = t % TX;
+    let ly = t / TX;
     // Each slice's global reads are issued before the previous slice's arithmetic (into
     // registers) so their latency hides behind it; the last prefetch reads nothing.
-    var wa = load_weights(a_ok, a_base, 4u * ak4);
-    var v = gather_columns(kr, khw, plane, q);
     for (var k0 = 0u; k0 < p.k; k0 = k0 + TILE_K) {
-        a_tile[a_slot][a_lane] = wa.x;
-        a_tile[a_slot + 16u][a_lane] = wa.y;
-        a_tile[a_slot + 32u][a_lane] = wa.z;
-        a_tile[a_slot + 48u][a_lane] = wa.w;
-        b_tile[kr * 16u + jq] = v;
+        for (var i = 0u; i < (4u * TY * RM + threads - 1u) / threads; i = i + 1u) {
+            let e = t + i * threads;
+            if (e < 4u * TY * RM) {
+                let slot = (e % 4u) * 4u * row_quads + e / 16u;
+                let lane = (e / 4u) % 4u;
+                a_tile[slot][lane] = wa[i].x;
+                a_tile[slot + row_quads][lane] = wa[i].y;
+                a_tile[slot + 2u * row_quads][lane] = wa[i].z;
+                a_tile[slot + 3u * row_quads][lane] = wa[i].w;
+            }
+        }
+        for (var i = 0u; i < TILE_K / k_step; i = i + 1u) {
+            b_tile[(kr + i * k_step) * col_quads + jq] = v[i];
+        }
         workgroupBarrier();
 
         let k1 = k0 + TILE_K;
-        wa = load_weights(a_ok, a_base, k1 + 4u * ak4);
-        v = gather_columns(k1 + kr, khw, plane, q);
+        for (var i = 0u; i < (4u * TY * RM + threads - 1u) / threads; i = i + 1u) {
+            wa[i] = weight_item(m0, t + i * threads, k1);
+        }
+        for (var i = 0u; i < TILE_K / k_step; i = i + 1u) {
+            v[i] = gather_columns(k1 + kr + i * k_step, khw, plane, q);
+        }
 
         for (var kk = 0u; kk < TILE_K; kk = kk + 1u) {
-            let a = a_tile[kk * 16u + lid.y];
-            let b = b_tile[kk * 16u + lid.x];
-            acc0 = fma(vec4<f32>(a.x), b, acc0);
-            acc1 = fma(vec4<f32>(a.y), b, acc1);
-            acc2 = fma(vec4<f32>(a.z), b, acc2);
-            acc3 = fma(vec4<f32>(a.w), b, acc3);
+            for (var i4 = 0u; i4 < RM / 4u; i4 = i4 + 1u) {
+                let a = a_tile[kk * row_quads + ly * (RM / 4u) + i4];
+                for (var j = 0u; j < CN; j = j + 1u) {
+                    let b = b_tile[kk * col_quads + lx + j * TX];
+                    let r = (4u * i4) * CN + j;
+                    acc[r] = fma(vec4<f32>(a.x), b, acc[r]);
+                    acc[r + CN] = fma(vec4<f32>(a.y), b, acc[r + CN]);
+                    acc[r + 2u * CN] = fma(vec4<f32>(a.z), b, acc[r + 2u * CN]);
+                    acc[r + 3u * CN] = fma(vec4<f32>(a.w), b, acc[r + 3u * CN]);
+                }
+            }
         }
         workgroupBarrier();
     }
 
-    // Thread (lid.x, lid.y) holds rows m0 + 4 lid.y + i, columns n0 + 4 lid.x + j.
-    store_block(m0 + 4u * lid.y, n0 + 4u * lid.x, acc0, acc1, acc2, acc3);
+    for (var j = 0u; j < CN; j = j + 1u) {
+        let cols = column_block(n0 + 4u * (lx + j * TX));
+        for (var i = 0u; i < RM; i = i + 1u) {
+            store_row(m0 + ly * RM + i, acc[i * CN + j], cols);
+        }
+    }
 }
 
-// ---- Narrow tiles: layers with at most 16 output channels --------------------------------
-// conv2d's 64 x 64 tile computes 64 output channels whatever the layer has: for a VAE's last
-// convolution (3 channels) 95% of its arithmetic is thrown away, for an 8-channel layer (the
-// large-image test's VAE) 88%. This entry point computes 16 x 128 tiles (NARROW_M x NARROW_N) with a
-// workgroup of 32 x 4 threads, each again a 4 x 4 block, from the same loads and stores.
-
-const NARROW_M: u32 = 16u;
-const NARROW_N: u32 = 128u;
-
-// na_tile[kk * 4 + i] = weight rows 4i .. 4i + 3 of the tile at reduction index kk.
-var<workgroup> na_tile: array<vec4<f32>, 64>;
-// nb_tile[kk * 32 + j] = columns 4j .. 4j + 3 of the tile at reduction index kk.
-var<workgroup> nb_tile: array<vec4<f32>, 512>;
-
-@compute @workgroup_size(32, 4)
-fn conv2d_narrow(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>,
-                 @builtin(local_invocation_id) lid: vec3<u32>, @builtin(local_invocation_index) t: u32) {
-    // As conv2d: column tiles over x and y, output-channel tiles along z; a workgroup past
-    // the last column tile leaves before any barrier (uniformly).
-    let tile_n = wid.y * nwg.x + wid.x;
-    if (tile_n >= p.tiles_n) { return; }
-    let m0 = wid.z * NARROW_M;
-    let n0 = tile_n * NARROW_N;
-    let khw = p.kh * p.kw;
-    let plane = p.h * p.w;
-
-    // Column loads: thread t fills nb_tile[kr * 32 + jq] for its column quad jq at the
-    // reduction rows kr, kr + 4, kr + 8 and kr + 12 of each slice.
-    let jq = t % 32u;
-    let kr = t / 32u;
-    let q = column_quad(n0 + 4u * jq);
-
-    // Weight loads: the first 64 threads read row m0 + am, reduction indices k0 + 4 * ak4
-    // .. + 3, as conv2d's threads do; the others read nothing.
-    let am = t / 4u;
-    let ak4 = t % 4u;
-    let a_row = m0 + am;
-    let a_ok = t < 64u && a_row < p.oc;
-    let a_base = p.w_off + a_row * p.w_row;
-    let a_slot = ak4 * 16u + am / 4u;
-    let a_lane = am % 4u;
-
-    var acc0 = vec4<f32>(0.0);
-    var acc1 = vec4<f32>(0.0);
-    var acc2 = vec4<f32>(0.0);
-    var acc3 = vec4<f32>(0.0);
-
-    var wa = load_weights(a_ok, a_base, 4u * ak4);
-    var v0 = gather_columns(kr, khw, plane, q);
-    var v1 = gather_columns(kr + 4u, khw, plane, q);
-    var v2 = gather_columns(kr + 8u, khw, plane, q);
-    var v3 = gather_columns(kr + 12u, khw, plane, q);
-    for (var k0 = 0u; k0 < p.k; k0 = k0 + TILE_K) {
-        if (t < 64u) {
-            na_tile[a_slot][a_lane] = wa.x;
-            na_tile[a_slot + 4u][a_lane] = wa.y;
-            na_tile[a_slot + 8u][a_lane] = wa.z;
-            na_tile[a_slot + 12u][a_lane] = wa.w;
-        }
-        nb_tile[kr * 32u + jq] = v0;
-        nb_tile[(kr + 4u) * 32u + jq] = v1;
-        nb_tile[(kr + 8u) * 32u + jq] = v2;
-        nb_tile[(kr + 12u) * 32u + jq] = v3;
-        workgroupBarrier();
-
-        let k1 = k0 + TILE_K;
-        wa = load_weights(a_ok, a_base, k1 + 4u * ak4);
-        v0 = gather_columns(k1 + kr, khw, plane, q);
-        v1 = gather_columns(k1 + kr + 4u, khw, plane, q);
-        v2 = gather_columns(k1 + kr + 8u, khw, plane, q);
-        v3 = gather_columns(k1 + kr + 12u, khw, plane, q);
-
-        for (var kk = 0u; kk < TILE_K; kk = kk + 1u) {
-            let a = na_tile[kk * 4u + lid.y];
-            let b = nb_tile[kk * 32u + lid.x];
-            acc0 = fma(vec4<f32>(a.x), b, acc0);
-            acc1 = fma(vec4<f32>(a.y), b, acc1);
-            acc2 = fma(vec4<f32>(a.z), b, acc2);
-            acc3 = fma(vec4<f32>(a.w), b, acc3);
-        }
-        workgroupBarrier();
-    }
-
-    // Thread (lid.x, lid.y) holds rows m0 + 4 lid.y + i, columns n0 + 4 lid.x + j.
-    store_block(m0 + 4u * lid.y, n0 + 4u * lid.x, acc0, acc1, acc2, acc3);
+// Item e of a slice's weight loads (see conv2d): row m0 + e / 4, reduction indices
+// k0 + 4 * (e % 4) .. + 3; 0 past the tile's rows.
+fn weight_item(m0: u32, e: u32, k0: u32) -> vec4<f32> {
+    let row = m0 + e / 4u;
+    let ok = e < 4u * TY * RM && row < p.oc;
+    return load_weights(ok, p.w_off + row * p.w_row, k0 + 4u * (e % 4u));
 }
 
 // Four consecutive output columns (pixels over the batch) as the gathers see them, one lane
@@ -239,19 +197,18 @@ fn column_quad(col0: u32) -> ColumnQuad {
     return ColumnQuad(p.x_off + img * p.x_img, iy, vec4<i32>(ox * p.stride) - i32(p.pad_left));
 }
 
-// A thread's 4 x 4 block of the output: rows m .. m + 3 (one accumulator each), columns
-// col0 .. col0 + 3.
-fn store_block(m: u32, col0: u32, acc0: vec4<f32>, acc1: vec4<f32>, acc2: vec4<f32>, acc3: vec4<f32>) {
+// Four consecutive output columns col0 .. col0 + 3 as the stores see them: their offsets in
+// channel 0 of the output (wrapped garbage where !ok: not written) and which exist.
+struct ColumnBlock {
+    base: vec4<u32>,
+    ok: vec4<bool>,
+}
+
+fn column_block(col0: u32) -> ColumnBlock {
     let pixels = p.oh * p.ow;
     let cols = vec4<u32>(col0, col0 + 1u, col0 + 2u, col0 + 3u);
-    let ok = cols < vec4<u32>(p.cols);
     let img = cols / pixels;
-    // Offsets of the four columns in channel 0 (wrapped garbage where !ok: not written).
-    let base = p.out_off + img * p.out_img + (cols - img * pixels);
-    store_row(m, acc0, base, ok, pixels);
-    store_row(m + 1u, acc1, base, ok, pixels);
-    store_row(m + 2u, acc2, base, ok, pixels);
-    store_row(m + 3u, acc3, base, ok, pixels);
+    return ColumnBlock(p.out_off + img * p.out_img + (cols - img * pixels), cols < vec4<u32>(p.cols));
 }
 
 // Weights k .. k + 3 of the row starting at `base` (0 past the row's end or when !ok).
@@ -288,14 +245,15 @@ fn gather_columns(k: u32, khw: u32, plane: u32, q: ColumnQuad) -> vec4<f32> {
     return v;
 }
 
-// Output channel m's four values (plus its bias) at the columns `base + m * pixels`.
-fn store_row(m: u32, acc: vec4<f32>, base: vec4<u32>, ok: vec4<bool>, pixels: u32) {
+// Output channel m's four values (plus its bias) at the columns `c`.
+fn store_row(m: u32, acc: vec4<f32>, c: ColumnBlock) {
     if (m >= p.oc) { return; }
     var row = acc;
     if (p.has_bias != 0u) {
         row = row + vec4<f32>(bias[p.bias_off + m]);
     }
-    let at = base + m * pixels;
+    let at = c.base + m * p.oh * p.ow;
+    let ok = c.ok;
     if (p.accumulate != 0u) {
         if (ok.x) { row.x = row.x + out[at.x]; }
         if (ok.y) { row.y = row.y + out[at.y]; }

@@ -63,40 +63,45 @@ pub(crate) fn assert_close(what: &str, got: &[f32], expected: &[f32]) {
     );
 }
 
-/// Runs `op` on the CPU and on the test GPU with the same inputs and checks that the two
-/// agree to 1e-4 of the result's scale (f32 sums in another order differ by about 1e-6).
+/// Runs `op` on the CPU and on the test GPU (under both launch tunings: `test_devices`) with
+/// the same inputs and checks that each agrees with the CPU to 1e-4 of the result's scale
+/// (f32 sums in another order differ by about 1e-6).
 /// Without any GPU adapter the check is skipped, loudly.
 pub(crate) fn assert_ops_agree(
     what: &str,
     inputs: &[Tensor],
     op: impl Fn(&[Tensor]) -> Result<Tensor>,
 ) {
-    let Some(gpu) = crate::backend::gpu::test_device() else {
+    let gpus = crate::backend::gpu::test_devices();
+    if gpus.is_empty() {
         return;
-    };
-    let expected = op(inputs).unwrap_or_else(|e| panic!("{what} on the CPU: {e}"));
-    let device = Device::Gpu(gpu);
-    let on_gpu: Vec<Tensor> = inputs
-        .iter()
-        .map(|t| t.to_device(&device).expect("upload"))
-        .collect();
-    for (cpu, gpu) in inputs.iter().zip(&on_gpu) {
-        // f16 weights (rank >= 2) stay f16 on a GPU that keeps f16: the kernels' f16 paths
-        // are what runs.
-        let keeps = matches!(&device, Device::Gpu(g) if g.keeps_f16());
-        let want = if cpu.dtype() == DType::F16 && cpu.rank() >= 2 && keeps {
-            DType::F16
-        } else {
-            DType::F32
-        };
-        assert_eq!(gpu.dtype(), want, "{what}: an input's type on the GPU");
     }
-    let got = op(&on_gpu).unwrap_or_else(|e| panic!("{what} on the GPU: {e}"));
-    assert_eq!(got.shape(), expected.shape(), "{what}: shapes differ");
-    assert_eq!(got.device(), device, "{what}: the result left the GPU");
-    assert_close(
-        what,
-        &got.to_vec().expect("read back"),
-        &expected.to_vec().expect("cpu values"),
-    );
+    let expected = op(inputs).unwrap_or_else(|e| panic!("{what} on the CPU: {e}"));
+    for gpu in gpus {
+        let what = &format!("{what} ({:?} launch shapes)", gpu.0.tuning);
+        let device = Device::Gpu(gpu);
+        let on_gpu: Vec<Tensor> = inputs
+            .iter()
+            .map(|t| t.to_device(&device).expect("upload"))
+            .collect();
+        for (cpu, gpu) in inputs.iter().zip(&on_gpu) {
+            // f16 weights (rank >= 2) stay f16 on a GPU that keeps f16: the kernels' f16
+            // paths are what runs.
+            let keeps = matches!(&device, Device::Gpu(g) if g.keeps_f16());
+            let want = if cpu.dtype() == DType::F16 && cpu.rank() >= 2 && keeps {
+                DType::F16
+            } else {
+                DType::F32
+            };
+            assert_eq!(gpu.dtype(), want, "{what}: an input's type on the GPU");
+        }
+        let got = op(&on_gpu).unwrap_or_else(|e| panic!("{what} on the GPU: {e}"));
+        assert_eq!(got.shape(), expected.shape(), "{what}: shapes differ");
+        assert_eq!(got.device(), device, "{what}: the result left the GPU");
+        assert_close(
+            what,
+            &got.to_vec().expect("read back"),
+            &expected.to_vec().expect("cpu values"),
+        );
+    }
 }

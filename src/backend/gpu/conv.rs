@@ -2,10 +2,11 @@
 //!
 //! One kernel, an implicit GEMM: the output `[oc, n * oh * ow]` is the weight `[oc, c * kh *
 //! kw]` times the im2col columns, which workgroups gather from the input tile by tile while
-//! filling workgroup memory (no column buffer). Each workgroup of [`WORKGROUP`] threads
-//! computes a [`TILE_M`] x [`TILE_N`] output tile, 4 x 4 values per thread, in K-slices of 16;
-//! passes of at most 16 output channels take `conv2d_narrow`, whose tiles are
-//! [`NARROW_M`] x [`NARROW_N`].
+//! filling workgroup memory (no column buffer). Each workgroup computes one output tile in
+//! K-slices of 16, each thread a block of it in registers; the tile's shape ([`TileShape`],
+//! the shader's override constants) follows the layer and the device's [`Tuning`]: [`WIDE`]
+//! on hardware GPUs, [`FEW_THREADS`] on software adapters, [`NARROW`] for passes of at most
+//! 16 output channels on either.
 //!
 //! On devices with cooperative matrices a convolution that fits one pass is instead an
 //! explicit product: the im2col rows of a range of output pixels are written to a buffer
@@ -21,7 +22,7 @@
 
 use bytemuck::{Pod, Zeroable};
 
-use super::context::{GpuContext, Kernel, WORKGROUP_1D};
+use super::context::{GpuContext, Kernel, Tuning, WORKGROUP_1D};
 use super::elementwise::u32_of;
 use super::storage::BindLimit;
 use super::GpuStorage;
@@ -30,16 +31,19 @@ use crate::shader;
 use crate::tensor::params::Conv2dParams;
 use crate::tensor::params::MatmulDims;
 
-const CONV2D: Kernel = Kernel::new(shader!("conv"), "conv2d").reading_weights();
-/// The same for layers of at most [`NARROW_M`] output channels, in tiles that fit them.
-const CONV2D_NARROW: Kernel = Kernel::new(shader!("conv"), "conv2d_narrow").reading_weights();
 /// The im2col rows of a range of output pixels (see the module documentation).
 const IM2COL: Kernel = Kernel::new(shader!("conv"), "im2col");
 /// A `[pixel][oc]` product's rows into the NCHW output.
 const ROWS_TO_NCHW: Kernel = Kernel::new(shader!("conv"), "rows_to_nchw");
 
 /// Every kernel of this family, for the translation test (see `super::kernels`).
-pub(super) const KERNELS: &[Kernel] = &[CONV2D, CONV2D_NARROW, IM2COL, ROWS_TO_NCHW];
+pub(super) const KERNELS: &[Kernel] = &[
+    WIDE.kernel(),
+    NARROW.kernel(),
+    FEW_THREADS.kernel(),
+    IM2COL,
+    ROWS_TO_NCHW,
+];
 
 /// The most elements of one im2col buffer (256 MiB of f32): the product's rows are taken in
 /// ranges that stay under it (and under the binding limit).
@@ -74,21 +78,101 @@ struct ToNchwParams {
     rows: u32,
 }
 
-/// Output channels per workgroup tile (`TILE_M` in the shader).
-const TILE_M: usize = 64;
-/// Output pixels per workgroup tile, counted over the whole batch (`TILE_N` in the shader).
-const TILE_N: usize = 64;
-/// Threads per workgroup: the shader's `@workgroup_size(16, 16)`, each thread a 4 x 4 block
-/// of the 64 x 64 tile.
-pub const WORKGROUP: [u32; 2] = [16, 16];
-const _: () = assert!(TILE_N == 4 * WORKGROUP[0] as usize && TILE_M == 4 * WORKGROUP[1] as usize);
-/// `conv2d_narrow`'s tile (`NARROW_M` x `NARROW_N` in the shader, 32 x 4 threads of 4 x 4
-/// values), for passes of at most 16 output channels: there the 64 x 64 tile computed 4 to
-/// 64 times the useful work. On llvmpipe (2 EPYC cores) a 3x3 layer of 8 channels at
-/// 256x256 took as long as one of 64 channels (0.83 s against 0.88 s), and a VAE's last
-/// layer (64 -> 3 channels at 512x512) 21 s.
-const NARROW_M: usize = 16;
-const NARROW_N: usize = 128;
+/// The shape of `conv2d`'s tiles: its override constants. A workgroup of `tx * ty` threads
+/// computes `ty * rm` output channels by `tx * cn * 4` output pixels (over the batch), each
+/// thread `rm` channels by `cn` quads of 4 pixels.
+#[derive(Clone, Copy, Debug, PartialEq)]
+struct TileShape {
+    tx: u32,
+    ty: u32,
+    rm: u32,
+    cn: u32,
+}
+
+impl TileShape {
+    /// Output channels per tile.
+    const fn rows(self) -> usize {
+        (self.ty * self.rm) as usize
+    }
+
+    /// Output pixels per tile.
+    const fn cols(self) -> usize {
+        (self.tx * self.cn * 4) as usize
+    }
+
+    const fn kernel(self) -> Kernel {
+        Kernel::new(shader!("conv"), "conv2d")
+            .reading_weights()
+            .with_constant("TX", self.tx)
+            .with_constant("TY", self.ty)
+            .with_constant("RM", self.rm)
+            .with_constant("CN", self.cn)
+    }
+}
+
+/// 64 x 64 tiles, 256 threads of 4 x 4 values: the shape measured on the H200 (README).
+const WIDE: TileShape = TileShape {
+    tx: 16,
+    ty: 16,
+    rm: 4,
+    cn: 1,
+};
+/// 16 x 128 tiles (32 x 4 threads of 4 x 4 values), for passes of at most 16 output
+/// channels: there the 64 x 64 tile computed 4 to 64 times the useful work. On llvmpipe (2
+/// EPYC cores) a 3x3 layer of 8 channels at 256x256 took as long as one of 64 channels
+/// (0.83 s against 0.88 s), and a VAE's last layer (64 -> 3 channels at 512x512) 21 s.
+const NARROW: TileShape = TileShape {
+    tx: 32,
+    ty: 4,
+    rm: 4,
+    cn: 1,
+};
+/// 32 x 64 tiles of 32 threads with 8 x 8 values each, for software adapters (see
+/// [`Tuning`]). Measured on llvmpipe (2 EPYC cores) with 3x3 convolutions of the tests'
+/// tiny models, [2, 64, 4, 4] / [2, 32, 8, 8] / [1, 64, 32, 32] / [1, 32, 32, 32]: WIDE
+/// 11.3 / 7.9 / 89 / 45 ms; this shape 3.5-3.7 / 2.0-3.1 / 53-57 / 14-15 ms; 64 x 64 tiles
+/// of 64 threads of 8 x 8 6.5-7.0 / 4.6-4.9 / 49-50 / 25-26 ms; 32 x 32 tiles of 16
+/// threads 2.0-4.0 / 1.9-2.1 / 60-61 / 16.4 ms; 4-value blocks slower than 8.
+const FEW_THREADS: TileShape = TileShape {
+    tx: 8,
+    ty: 4,
+    rm: 8,
+    cn: 2,
+};
+
+/// The shader's private arrays' sizes (`MAX_LOADS`, `MAX_BLOCK`): a thread's weight and
+/// column loads per slice, and its accumulators (vec4s).
+const MAX_LOADS: u32 = 8;
+const MAX_BLOCK: u32 = 16;
+
+// Every shape fits the shader: whole channel quads per thread, whole passes of the threads
+// over a slice's column-quad rows, and loads and accumulators within the private arrays.
+const _: () = {
+    let shapes = [WIDE, NARROW, FEW_THREADS];
+    let mut i = 0;
+    while i < shapes.len() {
+        let s = shapes[i];
+        let threads = s.tx * s.ty;
+        assert!(
+            s.rm.is_multiple_of(4) && s.ty.is_multiple_of(s.cn) && (16 * s.cn).is_multiple_of(s.ty)
+        );
+        assert!((4 * s.ty * s.rm).div_ceil(threads) <= MAX_LOADS && 16 * s.cn / s.ty <= MAX_LOADS);
+        assert!(s.rm * s.cn <= MAX_BLOCK);
+        i += 1;
+    }
+};
+
+/// The tile shape for a pass of `oc` output channels on `ctx`.
+fn tile_shape(ctx: &GpuContext, oc: usize) -> TileShape {
+    if oc <= NARROW.rows() {
+        NARROW
+    } else {
+        match ctx.tuning {
+            Tuning::Hardware => WIDE,
+            Tuning::Software => FEW_THREADS,
+        }
+    }
+}
 
 /// The shader's `Params`: one pass over `n` images, or over one image's slice of input and
 /// output channels (see [`conv2d`]).
@@ -389,13 +473,9 @@ fn run(
 ) -> Result<()> {
     let pixels = p.oh * p.ow;
     let cols = pass.images * pixels;
-    let (kernel, tile_m, tile_n) = if pass.oc <= NARROW_M {
-        (CONV2D_NARROW, NARROW_M, NARROW_N)
-    } else {
-        (CONV2D, TILE_M, TILE_N)
-    };
-    let tiles_n = cols.div_ceil(tile_n);
-    let tiles_m = pass.oc.div_ceil(tile_m);
+    let shape = tile_shape(ctx, pass.oc);
+    let tiles_n = cols.div_ceil(shape.cols());
+    let tiles_m = pass.oc.div_ceil(shape.rows());
     // Every value below is at most an element count already checked to fit 32 bits.
     let u = |v: usize| v as u32;
     let params = ConvParams {
@@ -441,7 +521,7 @@ fn run(
         None => pass.x.bind(x),
     };
     ctx.dispatch(
-        weight.weight_kernel(kernel),
+        weight.weight_kernel(shape.kernel()),
         bytemuck::bytes_of(&params),
         &[x_bind, w_bind, b_bind, pass.out.bind(out)],
         [gx, gy, gz],
@@ -453,7 +533,7 @@ fn run(
 mod tests {
     use super::conv2d_limited;
     use crate::backend::gpu::storage::BindLimit;
-    use crate::backend::gpu::{test_device, GpuStorage};
+    use crate::backend::gpu::{test_device, test_devices, GpuDevice, GpuStorage};
     use crate::tensor::params::{Conv2dParams, Padding2d};
     use crate::tensor::testing::{assert_ops_agree, f16_values, random_f16, random_f16_exact};
     use crate::tensor::Tensor;
@@ -594,9 +674,23 @@ mod tests {
         bias: bool,
         f16: bool,
     ) {
-        let Some(gpu) = test_device() else {
-            return;
-        };
+        for gpu in test_devices() {
+            check_path_on(&gpu, input, oc, k, stride, padding, path, bias, f16);
+        }
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn check_path_on(
+        gpu: &GpuDevice,
+        input: [usize; 4],
+        oc: usize,
+        k: usize,
+        stride: usize,
+        padding: Padding2d,
+        path: Path,
+        bias: bool,
+        f16: bool,
+    ) {
         let [n, c, h, w] = input;
         // With `f16`, the weight and the bias are f16 storages (the bias widened by conv2d).
         let (x, weight, b) = if f16 {
@@ -632,13 +726,13 @@ mod tests {
         };
         let up = |t: &Tensor| {
             if f16 {
-                GpuStorage::from_f16(&gpu, &f16_values(t))
+                GpuStorage::from_f16(gpu, &f16_values(t))
             } else {
-                GpuStorage::from_f32(&gpu, &t.to_vec().unwrap())
+                GpuStorage::from_f32(gpu, &t.to_vec().unwrap())
             }
         };
         let (xg, wg, bg) = (
-            GpuStorage::from_f32(&gpu, &x.to_vec().unwrap()),
+            GpuStorage::from_f32(gpu, &x.to_vec().unwrap()),
             up(&weight),
             up(&b),
         );
@@ -666,7 +760,8 @@ mod tests {
         for (i, (g, e)) in got.iter().zip(&expected).enumerate() {
             assert!(
                 (g - e).abs() <= 1e-4 * scale,
-                "{input:?} -> {oc} {path:?} (f16 {f16}): {g} vs {e} at {i}"
+                "{input:?} -> {oc} {path:?} (f16 {f16}, {:?}): {g} vs {e} at {i}",
+                gpu.0.tuning
             );
         }
     }

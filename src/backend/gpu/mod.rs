@@ -45,18 +45,35 @@ pub fn kernels() -> Vec<Kernel> {
 /// The device kernel tests run on, or `None` (said loudly) where no adapter exists at all.
 #[cfg(test)]
 pub(crate) fn test_device() -> Option<GpuDevice> {
+    test_devices().into_iter().next()
+}
+
+/// The test device, then the same adapter opened with the other [`context::Tuning`], so
+/// kernel tests check both kinds of launch shapes wherever they run (empty without an
+/// adapter).
+#[cfg(test)]
+pub(crate) fn test_devices() -> Vec<GpuDevice> {
     use std::sync::OnceLock;
-    static DEVICE: OnceLock<Option<GpuDevice>> = OnceLock::new();
-    DEVICE
+    static DEVICES: OnceLock<Vec<GpuDevice>> = OnceLock::new();
+    DEVICES
         .get_or_init(|| match GpuDevice::new(None) {
-            Ok(d) => Some(d),
+            Ok(d) => {
+                let adapter = adapters()
+                    .into_iter()
+                    .next()
+                    .expect("the adapter just opened");
+                let other = d.0.tuning.other();
+                let retuned = GpuDevice::open_tuned(adapter, false, other)
+                    .unwrap_or_else(|e| panic!("reopening the test adapter: {e}"));
+                vec![d, retuned]
+            }
             // CI installs Mesa's llvmpipe: there, a missing adapter is a broken setup.
             Err(e) if std::env::var("CI").is_ok_and(|v| v == "true") => {
                 panic!("CI has no GPU adapter: {e}")
             }
             Err(e) => {
                 eprintln!("\n*** NO GPU ADAPTER: GPU kernel tests are SKIPPED ({e}) ***\n");
-                None
+                Vec::new()
             }
         })
         .clone()

@@ -20,7 +20,7 @@ const BACKENDS: [wgpu::Backend; 3] = [
 
 /// The kernel's module, validated with exactly the capabilities wgpu derives from the
 /// features the variant declares (a kernel using more than it declares fails here), with
-/// its override constant applied as the pipeline applies it.
+/// its override constants applied as the pipeline applies it.
 fn compile(kernel: &Kernel) -> Result<(Module, ModuleInfo), String> {
     let source = kernel.wgsl();
     let module = naga::front::wgsl::parse_str(&source).map_err(|e| e.emit_to_string(&source))?;
@@ -32,9 +32,8 @@ fn compile(kernel: &Kernel) -> Result<(Module, ModuleInfo), String> {
     .validate(&module)
     .map_err(|e| format!("{:?}", e.into_inner()))?;
     let constants = kernel
-        .constant
-        .iter()
-        .map(|&(name, value)| (name.to_string(), f64::from(value)))
+        .constants()
+        .map(|(name, value)| (name.to_string(), f64::from(value)))
         .collect();
     let (module, info) = naga::back::pipeline_constants::process_overrides(
         &module,
@@ -178,9 +177,9 @@ fn every_kernel_variant_translates_for_every_backend_that_may_select_it() {
             kernel.entry,
             kernel.features(),
             kernel
-                .constant
+                .constants()
                 .map(|(k, v)| format!(" {k}={v}"))
-                .unwrap_or_default()
+                .collect::<String>()
         );
         let (module, info) = match compile(kernel) {
             Ok(compiled) => compiled,

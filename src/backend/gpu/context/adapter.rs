@@ -7,7 +7,7 @@ use std::sync::{Arc, Mutex};
 use super::features::{Selection, ShaderFeature};
 use super::launch::BindCache;
 use super::submit::Pending;
-use super::{lock, GpuContext, GpuDevice};
+use super::{lock, GpuContext, GpuDevice, Tuning};
 use crate::backend::gpu::profile::{self, Profiler};
 use crate::error::{Error, Result};
 
@@ -117,6 +117,16 @@ impl GpuDevice {
     /// Opens `adapter`, profiling its kernels if `profile` and the adapter can (see the
     /// type's documentation).
     pub(crate) fn open(adapter: wgpu::Adapter, profile: bool) -> Result<Self> {
+        let tuning = Tuning::for_adapter(&adapter.get_info());
+        Self::open_tuned(adapter, profile, tuning)
+    }
+
+    /// [`GpuDevice::open`] with the launch shapes of `tuning`, whatever the adapter is.
+    pub(crate) fn open_tuned(
+        adapter: wgpu::Adapter,
+        profile: bool,
+        tuning: Tuning,
+    ) -> Result<Self> {
         let info = adapter.get_info();
         // The adapter's own limits, not WebGPU's defaults (128 MiB bindings, small buffers).
         let limits = adapter.limits();
@@ -171,7 +181,7 @@ impl GpuDevice {
                 slot.get_or_insert_with(|| e.to_string());
             }
         }));
-        tracing::info!("GPU: {}", selection.summary());
+        tracing::info!("GPU: {}; launch shapes: {tuning:?}", selection.summary());
         let profiler = profile.then(|| Profiler::new(&queue));
         if let Some(p) = &profiler {
             tracing::info!(
@@ -189,6 +199,7 @@ impl GpuDevice {
             cooperative_matrices: adapter.cooperative_matrix_properties(),
             f16,
             selection,
+            tuning,
             pending: Mutex::new(Pending::default()),
             pipelines: Mutex::new(HashMap::new()),
             binds: Mutex::new(BindCache::default()),
@@ -233,6 +244,7 @@ impl GpuDevice {
                 "timestamp_query": f.contains(wgpu::Features::TIMESTAMP_QUERY),
             },
             "selection": c.selection,
+            "tuning": c.tuning,
             "f16_weights_kept": c.f16,
             "cooperative_matrices_used": c.coop,
             "subgroup_size": [c.info.subgroup_min_size, c.info.subgroup_max_size],

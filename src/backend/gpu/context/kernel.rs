@@ -24,21 +24,21 @@ pub struct Kernel {
     pub f16_weights: bool,
     /// Uses cooperative matrices (and f16): only for devices with `GpuContext::coop`.
     pub cooperative: bool,
-    /// A pipeline-overridable constant (`override NAME: u32`) and its value: loop lengths
-    /// fixed per variant when the pipeline is built, so the driver can unroll them.
-    pub constant: Option<(&'static str, u32)>,
+    /// Pipeline-overridable constants (`override NAME: u32`) and their values, in the
+    /// first slots: loop lengths and tile shapes fixed per variant when the pipeline is
+    /// built, so the driver can unroll the loops.
+    pub constants: Constants,
 }
 
+/// The most override constants one kernel variant sets.
+pub const MAX_CONSTANTS: usize = 4;
+
+/// A variant's override constants (names and values), in the first slots.
+pub type Constants = [Option<(&'static str, u32)>; MAX_CONSTANTS];
+
 impl Kernel {
-    fn identity(
-        &self,
-    ) -> (
-        &'static str,
-        &'static str,
-        bool,
-        Option<(&'static str, u32)>,
-    ) {
-        (self.file, self.entry, self.f16_weights, self.constant)
+    fn identity(&self) -> (&'static str, &'static str, bool, Constants) {
+        (self.file, self.entry, self.f16_weights, self.constants)
     }
 }
 
@@ -81,16 +81,28 @@ impl Kernel {
             reads_weights: false,
             f16_weights: false,
             cooperative: false,
-            constant: None,
+            constants: [None; MAX_CONSTANTS],
         }
     }
 
-    /// This kernel with `override name: u32` set to `value`.
+    /// This kernel with `override name: u32` set to `value` as well.
     pub const fn with_constant(self, name: &'static str, value: u32) -> Self {
-        Kernel {
-            constant: Some((name, value)),
-            ..self
+        let mut constants = self.constants;
+        let mut i = 0;
+        while constants[i].is_some() {
+            i += 1;
         }
+        assert!(
+            i < MAX_CONSTANTS,
+            "more override constants than MAX_CONSTANTS"
+        );
+        constants[i] = Some((name, value));
+        Kernel { constants, ..self }
+    }
+
+    /// The override constants this variant sets.
+    pub fn constants(&self) -> impl Iterator<Item = (&'static str, u32)> + '_ {
+        self.constants.iter().flatten().copied()
     }
 
     /// A kernel on cooperative matrices (f16 x f16 -> f32 blocks of 16 x 16): its module is

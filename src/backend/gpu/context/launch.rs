@@ -62,9 +62,8 @@ impl GpuContext {
                 .clone()
         };
         let constants: Vec<(&str, f64)> = kernel
-            .constant
-            .iter()
-            .map(|&(name, value)| (name, value as f64))
+            .constants()
+            .map(|(name, value)| (name, value as f64))
             .collect();
         let pipeline = self
             .device

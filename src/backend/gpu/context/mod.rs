@@ -1,8 +1,8 @@
 //! The wgpu device, by concern: [`adapter`] (adapter choice, capabilities, opening the
 //! device), [`features`] (the shader features variants use and where each may be
 //! selected), [`kernel`] (kernels and their variants), [`launch`] (pipelines, bind groups,
-//! dispatches), [`submit`] (the pending command encoder, submission, errors, read-backs) and
-//! [`pool`] (the buffer pool, uploads). This module holds the state they share
+//! dispatches), [`submit`] (the pending command encoder, submission, errors, read-backs),
+//! [`pool`] (the buffer pool, uploads) and [`tuning`] (launch shapes by kind of adapter). This module holds the state they share
 //! ([`GpuContext`]) and the public handle ([`GpuDevice`]).
 
 mod adapter;
@@ -11,6 +11,7 @@ mod kernel;
 mod launch;
 mod pool;
 mod submit;
+mod tuning;
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
@@ -21,6 +22,7 @@ pub use kernel::{Kernel, WORKGROUP_1D};
 use launch::BindCache;
 use submit::Pending;
 pub use submit::PASSES_PER_SUBMIT;
+pub use tuning::Tuning;
 
 use super::profile::Profiler;
 use crate::error::Result;
@@ -44,6 +46,8 @@ pub(crate) struct GpuContext {
     pub f16: bool,
     /// The features enabled and the variants chosen, for the log and /health.
     pub selection: Selection,
+    /// The launch shapes the kernels take on this device.
+    pub tuning: Tuning,
     pending: Mutex<Pending>,
     binds: Mutex<BindCache>,
     /// Each kernel's pipeline and its bind group layout (fetched once: wgpu makes a new
