@@ -20,9 +20,8 @@
 // Every read and write is guarded: offsets past `len`, slabs past `slabs`, threads past
 // `total` load 0 or return. The workgroup size and ITEMS match norm.rs (WORKGROUP, ITEMS).
 
-const WG: u32 = 256u;
+override WG: u32 = 256u;  // threads per workgroup, by the device's tuning (norm.rs)
 const ITEMS: u32 = 16u;
-const CHUNK: u32 = 4096u; // WG * ITEMS
 
 struct Params {
     slabs: u32,     // slabs in this dispatch (the bound windows of x and out hold slabs * len)
@@ -30,7 +29,7 @@ struct Params {
     spatial: u32,   // values per channel
     per_group: u32, // channels per slab
     groups: u32,    // slabs per sample
-    chunks: u32,    // chunks per slab (ceil(len / CHUNK)), split path only
+    chunks: u32,    // chunks per slab (ceil(len / (WG * ITEMS))), split path only
     slab0: u32,     // index of this dispatch's first slab in the whole tensor
     silu: u32,      // 1: apply SiLU after the affine
     eps: f32,
@@ -45,6 +44,11 @@ struct Params {
 var<workgroup> red_a: array<f32, WG>;
 var<workgroup> red_b: array<f32, WG>;
 var<workgroup> red_c: array<f32, WG>;
+
+// Values per chunk.
+fn chunk_len() -> u32 {
+    return WG * ITEMS;
+}
 
 fn flat_group(wid: vec3<u32>, nwg: vec3<u32>) -> u32 {
     return wid.y * nwg.x + wid.x;
@@ -96,7 +100,7 @@ fn load_chunk(lid: u32, slab: u32, start: u32, v: ptr<function, array<f32, ITEMS
         (*v)[k] = value;
         s = s + value;
     }
-    let count = f32(min(CHUNK, p.len - start));
+    let count = f32(min(chunk_len(), p.len - start));
     let mean = wg_sum(lid, s) / count;
     var q = 0.0;
     for (var k = 0u; k < ITEMS; k = k + 1u) {
@@ -149,7 +153,7 @@ fn partials(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg:
     let slab = w / p.chunks;
     let chunk = w % p.chunks;
     var v: array<f32, ITEMS>;
-    let st = load_chunk(lid, slab, chunk * CHUNK, &v);
+    let st = load_chunk(lid, slab, chunk * chunk_len(), &v);
     if (lid == 0u) {
         partials_out[w] = vec2<f32>(st.mean, st.m2);
     }
@@ -179,7 +183,7 @@ fn finalize(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg:
     var acc = vec3<f32>(0.0, 0.0, 0.0);
     for (var c = lid; c < p.chunks; c = c + WG) {
         let part = finalize_partials[slab * p.chunks + c];
-        let count = f32(min(CHUNK, p.len - c * CHUNK));
+        let count = f32(min(chunk_len(), p.len - c * chunk_len()));
         acc = merge(acc, vec3<f32>(count, part.x, part.y));
     }
     red_a[lid] = acc.x;
