@@ -101,6 +101,10 @@ impl GpuContext {
         buffers: &[wgpu::BindingResource<'_>],
         groups: [u32; 3],
     ) {
+        #[cfg(test)]
+        if dispatch_log::note(kernel) {
+            return;
+        }
         self.launches
             .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         let (pipeline, layout) = self.pipeline(kernel);
@@ -186,6 +190,44 @@ impl GpuContext {
         let x = groups.min(max);
         let y = groups.div_ceil(x);
         [x as u32, y as u32, 1]
+    }
+}
+
+/// A test hook (`tensor::testing::assert_ops_agree`): which kernels an op launches, and
+/// which it would launch on another device without running them there, so a check under
+/// a second tuning runs only where that tuning picks other kernels.
+#[cfg(test)]
+pub(crate) mod dispatch_log {
+    use std::cell::RefCell;
+
+    use super::Kernel;
+
+    thread_local! {
+        /// The kernels dispatched on this thread while a log is open, and whether they are
+        /// only logged (`dry`).
+        static LOG: RefCell<Option<(Vec<Kernel>, bool)>> = const { RefCell::new(None) };
+    }
+
+    /// Runs `f` with this thread's dispatches logged (and, with `dry`, not recorded or run:
+    /// `f`'s results are then garbage); returns its result and the kernels in launch order.
+    pub(crate) fn logged<R>(dry: bool, f: impl FnOnce() -> R) -> (R, Vec<Kernel>) {
+        LOG.with(|log| *log.borrow_mut() = Some((Vec::new(), dry)));
+        let result = f();
+        let (kernels, _) = LOG
+            .with(|log| log.borrow_mut().take())
+            .expect("the log opened above");
+        (result, kernels)
+    }
+
+    /// Logs `kernel` if a log is open; true when the dispatch is to be skipped (dry).
+    pub(super) fn note(kernel: super::Kernel) -> bool {
+        LOG.with(|log| match &mut *log.borrow_mut() {
+            Some((kernels, dry)) => {
+                kernels.push(kernel);
+                *dry
+            }
+            None => false,
+        })
     }
 }
 

@@ -19,6 +19,8 @@ use std::sync::{Arc, Mutex};
 pub use adapter::{adapters, cooperative_matrices, is_software, names};
 pub use features::{FeatureSupport, Selection, ShaderFeature, SHADER_FEATURES};
 pub use kernel::{Kernel, WORKGROUP_1D};
+#[cfg(test)]
+pub(crate) use launch::dispatch_log;
 use launch::BindCache;
 use submit::Pending;
 pub use submit::PASSES_PER_SUBMIT;
