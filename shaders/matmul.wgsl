@@ -2,17 +2,21 @@
 // stored [n, k]; one rhs shared by every batch entry unless `rhs_batched`; an optional bias
 // [n] added to every row. Accumulates in f32.
 //
-// Structure: each workgroup of 16 x 16 threads (matmul::WORKGROUP) computes one 64 x 64
-// output tile (matmul::TILE) of one batch entry; each thread owns 4 x 4 outputs: rows
-// 4*ly .. 4*ly+3 of the tile, and columns 4*lx .. 4*lx+3 (`nn`) or lx, lx+16, lx+32, lx+48
-// (`nt`). K is walked in slices of 16: the workgroup stages a 64 x 16 slice of lhs and a
-// 16 x 64 slice of rhs in workgroup memory as vec4s, then each thread runs the slice out of
-// registers, four k at a time:
+// Structure: each workgroup of TX x TY threads computes one TY*RM x 4*TX*CN output tile of
+// one batch entry; each thread owns RM rows of it (ly*RM ..) by CN quads of 4 columns:
+// columns 4*(lx + j*TX) .. +3 (`nn`) or lx + TX*(4j + c) for c = 0..3 (`nt`). The shape is
+// a set of override constants that matmul.rs picks by the device's tuning (64 x 64 tiles of
+// 16 x 16 threads, 4 x 4 each, on hardware GPUs); every loop over them has a constant trip
+// count. K is walked in slices of 16: the workgroup stages a slice of lhs and of rhs in
+// workgroup memory as vec4s, then each thread runs the slice out of registers, four k at a
+// time:
 //   lhs slice: a_tile[row * 4 + kq] = lhs[row][4kq .. 4kq+3] (rows k-contiguous);
-//   `nn`, rhs [k, n]: b_nn[k * 16 + c4] = rhs[k][4c4 .. 4c4+3]; a thread's four row vectors
+//   `nn`, rhs [k, n]: b_nn[k * TX*CN + c4] = rhs[k][4c4 .. 4c4+3]; a thread's row vectors
 //     each gather four k-scaled rhs vectors;
 //   `nt`, rhs [n, k]: b_nt[col * 5 + kq] = rhs[col][4kq .. 4kq+3] (rows padded to 5 vec4s
-//     so the 16 threads' reads fall in different banks); each output is a dot of vec4s.
+//     so neighbouring threads' reads fall in different banks); each output is a dot of vec4s.
+// Staged vec4 e of a slice goes to thread e % (TX*TY) (a row's four k-quads, or a k-row's
+// column quads, on consecutive threads).
 // Grid: x = column tiles, y = row tiles, z = batch entries, each offset by a `*_base` so the
 // host can split a grid larger than the adapter's per-dimension limit into several dispatches.
 //
@@ -31,9 +35,13 @@
 // context::Kernel::header); the vec4 loads then read vec4<f16>s, whose indices are the same.
 // Everything else is f32.
 
-const TILE: u32 = 64u;   // output rows and columns per workgroup
+override TX: u32 = 16u;  // threads along the columns
+override TY: u32 = 16u;  // threads along the rows
+override RM: u32 = 4u;   // rows per thread
+override CN: u32 = 1u;   // quads of 4 columns per thread
 const SLICE: u32 = 16u;  // K per staged slice
 const NT_STRIDE: u32 = 5u; // vec4s per staged rhs row in `nt` (4 + 1 of padding)
+const MAX_BLOCK: u32 = 16u; // RM * CN: vec4 accumulators per thread (a constant size)
 
 struct Params {
     m: u32,
@@ -54,9 +62,9 @@ struct Params {
 @group(0) @binding(3) var<storage, read> bias: array<f32>;   // any buffer when !has_bias
 @group(0) @binding(4) var<storage, read_write> out: array<f32>;
 
-var<workgroup> a_tile: array<vec4<f32>, 256>;
-var<workgroup> b_nn: array<vec4<f32>, 256>;
-var<workgroup> b_nt: array<vec4<f32>, 320>;
+var<workgroup> a_tile: array<vec4<f32>, TY * RM * 4u>;
+var<workgroup> b_nn: array<vec4<f32>, SLICE * TX * CN>;
+var<workgroup> b_nt: array<vec4<f32>, 4u * TX * CN * NT_STRIDE>;
 
 // Where one workgroup's tile sits.
 struct Tile {
@@ -69,8 +77,8 @@ struct Tile {
 
 fn tile_of(wid: vec3<u32>) -> Tile {
     var t: Tile;
-    t.row0 = (wid.y + p.row_tile_base) * TILE;
-    t.col0 = (wid.x + p.col_tile_base) * TILE;
+    t.row0 = (wid.y + p.row_tile_base) * TY * RM;
+    t.col0 = (wid.x + p.col_tile_base) * 4u * TX * CN;
     t.batch = wid.z + p.batch_base;
     t.lhs_base = t.batch * p.m * p.k;
     t.rhs_base = select(0u, t.batch * p.k * p.n, p.rhs_batched != 0u);
@@ -111,139 +119,183 @@ fn rhs4_at(base: u32, rows: u32, cols: u32, r: u32, c: u32) -> vec4<f32> {
     return vec4<f32>(0.0);
 }
 
-// One staged slice for `nn`: acc[i] is row 4*ly+i, columns 4*lx .. 4*lx+3.
-fn accumulate_nn(lx: u32, ly: u32, acc: ptr<function, array<vec4<f32>, 4>>) {
+// Staged vec4s per thread and slice: lhs (TY*RM rows of 4 quads), rhs for `nn` (SLICE rows
+// of TX*CN quads) and for `nt` (4*TX*CN columns of 4 quads).
+fn a_loads() -> u32 { return (TY * RM * 4u + TX * TY - 1u) / (TX * TY); }
+fn b_loads() -> u32 { return (SLICE * TX * CN + TX * TY - 1u) / (TX * TY); }
+
+// One staged slice for `nn`: acc[i * CN + j] is row ly*RM + i, columns 4*(lx + j*TX) .. +3.
+fn accumulate_nn(lx: u32, ly: u32, acc: ptr<function, array<vec4<f32>, MAX_BLOCK>>) {
+    let qn = TX * CN;
     for (var kq = 0u; kq < SLICE / 4u; kq = kq + 1u) {
-        let b0 = b_nn[(kq * 4u) * 16u + lx];
-        let b1 = b_nn[(kq * 4u + 1u) * 16u + lx];
-        let b2 = b_nn[(kq * 4u + 2u) * 16u + lx];
-        let b3 = b_nn[(kq * 4u + 3u) * 16u + lx];
-        for (var i = 0u; i < 4u; i = i + 1u) {
-            let a = a_tile[(ly * 4u + i) * 4u + kq];
-            (*acc)[i] = fma(vec4<f32>(a.x), b0, fma(vec4<f32>(a.y), b1,
-                        fma(vec4<f32>(a.z), b2, fma(vec4<f32>(a.w), b3, (*acc)[i]))));
+        for (var j = 0u; j < CN; j = j + 1u) {
+            let c4 = lx + j * TX;
+            let b0 = b_nn[(kq * 4u) * qn + c4];
+            let b1 = b_nn[(kq * 4u + 1u) * qn + c4];
+            let b2 = b_nn[(kq * 4u + 2u) * qn + c4];
+            let b3 = b_nn[(kq * 4u + 3u) * qn + c4];
+            for (var i = 0u; i < RM; i = i + 1u) {
+                let a = a_tile[(ly * RM + i) * 4u + kq];
+                let r = i * CN + j;
+                (*acc)[r] = fma(vec4<f32>(a.x), b0, fma(vec4<f32>(a.y), b1,
+                            fma(vec4<f32>(a.z), b2, fma(vec4<f32>(a.w), b3, (*acc)[r]))));
+            }
         }
     }
 }
 
-// One staged slice for `nt`: acc[i][j] is row 4*ly+i, column lx+16*j.
-fn accumulate_nt(lx: u32, ly: u32, acc: ptr<function, array<vec4<f32>, 4>>) {
+// One staged slice for `nt`: acc[i * CN + j][c] is row ly*RM + i, column lx + TX*(4j + c).
+fn accumulate_nt(lx: u32, ly: u32, acc: ptr<function, array<vec4<f32>, MAX_BLOCK>>) {
     for (var kq = 0u; kq < SLICE / 4u; kq = kq + 1u) {
-        let b0 = b_nt[lx * NT_STRIDE + kq];
-        let b1 = b_nt[(lx + 16u) * NT_STRIDE + kq];
-        let b2 = b_nt[(lx + 32u) * NT_STRIDE + kq];
-        let b3 = b_nt[(lx + 48u) * NT_STRIDE + kq];
-        for (var i = 0u; i < 4u; i = i + 1u) {
-            let a = a_tile[(ly * 4u + i) * 4u + kq];
-            (*acc)[i] = (*acc)[i] + vec4<f32>(dot(a, b0), dot(a, b1), dot(a, b2), dot(a, b3));
+        for (var j = 0u; j < CN; j = j + 1u) {
+            let col = lx + 4u * j * TX;
+            let b0 = b_nt[col * NT_STRIDE + kq];
+            let b1 = b_nt[(col + TX) * NT_STRIDE + kq];
+            let b2 = b_nt[(col + 2u * TX) * NT_STRIDE + kq];
+            let b3 = b_nt[(col + 3u * TX) * NT_STRIDE + kq];
+            for (var i = 0u; i < RM; i = i + 1u) {
+                let a = a_tile[(ly * RM + i) * 4u + kq];
+                let r = i * CN + j;
+                (*acc)[r] = (*acc)[r] + vec4<f32>(dot(a, b0), dot(a, b1), dot(a, b2), dot(a, b3));
+            }
         }
     }
 }
 
-// Adds the bias and writes the thread's 4 x 4 outputs, columns c0 + j * step, skipping what
-// lies outside m x n.
-fn store(t: Tile, lx: u32, ly: u32, c0: u32, step: u32, acc: array<vec4<f32>, 4>) {
-    var bias_row = vec4<f32>(0.0);
-    if (p.has_bias != 0u) {
-        for (var j = 0u; j < 4u; j = j + 1u) {
-            let c = c0 + j * step;
-            if (c < p.n) { bias_row[j] = bias[c]; }
-        }
-    }
+// Adds the bias and writes the thread's outputs, skipping what lies outside m x n: quad j
+// of row i is columns c0 + j * quad_step + c * step for c = 0..3.
+fn store(t: Tile, ly: u32, c0: u32, quad_step: u32, step: u32, acc: ptr<function, array<vec4<f32>, MAX_BLOCK>>) {
     let out_base = t.batch * p.m * p.n;
-    for (var i = 0u; i < 4u; i = i + 1u) {
-        let r = t.row0 + ly * 4u + i;
-        if (r >= p.m) { break; }
-        let row = acc[i] + bias_row;
-        for (var j = 0u; j < 4u; j = j + 1u) {
-            let c = c0 + j * step;
-            if (c < p.n) { out[out_base + r * p.n + c] = row[j]; }
+    for (var j = 0u; j < CN; j = j + 1u) {
+        let cj = c0 + j * quad_step;
+        var bias_row = vec4<f32>(0.0);
+        if (p.has_bias != 0u) {
+            for (var c = 0u; c < 4u; c = c + 1u) {
+                let col = cj + c * step;
+                if (col < p.n) { bias_row[c] = bias[col]; }
+            }
+        }
+        for (var i = 0u; i < RM; i = i + 1u) {
+            let r = t.row0 + ly * RM + i;
+            if (r < p.m) {
+                let row = (*acc)[i * CN + j] + bias_row;
+                for (var c = 0u; c < 4u; c = c + 1u) {
+                    let col = cj + c * step;
+                    if (col < p.n) { out[out_base + r * p.n + col] = row[c]; }
+                }
+            }
         }
     }
 }
 
-// Thread (lx, ly) stages lhs row 4*ly + lx/4 at k = k0 + 4*(lx%4) .. +3: four threads cover
-// one row's slice. For `nt` it stages rhs row (output column) 4*ly + lx/4 the same way; for
-// `nn` rhs columns 4*lx .. 4*lx+3 at k = k0 + ly.
-
-@compute @workgroup_size(16, 16)
-fn matmul_nn(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_id) lid: vec3<u32>) {
-    let t = tile_of(wid);
-    let lx = lid.x;
-    let ly = lid.y;
-    let sub = ly * 4u + lx / 4u;
-    let kq = lx % 4u;
-    var acc = array<vec4<f32>, 4>(vec4<f32>(0.0), vec4<f32>(0.0), vec4<f32>(0.0), vec4<f32>(0.0));
-    let slices = (p.k + SLICE - 1u) / SLICE;
-    for (var s = 0u; s < slices; s = s + 1u) {
-        let k0 = s * SLICE;
-        a_tile[sub * 4u + kq] = lhs_row4(t.lhs_base, p.m, p.k, t.row0 + sub, k0 + kq * 4u);
-        b_nn[ly * 16u + lx] = rhs_row4(t.rhs_base, p.k, p.n, k0 + ly, t.col0 + lx * 4u);
-        workgroupBarrier();
-        accumulate_nn(lx, ly, &acc);
-        workgroupBarrier();
+fn zeros() -> array<vec4<f32>, MAX_BLOCK> {
+    var acc: array<vec4<f32>, MAX_BLOCK>;
+    for (var i = 0u; i < MAX_BLOCK; i = i + 1u) {
+        acc[i] = vec4<f32>(0.0);
     }
-    store(t, lx, ly, t.col0 + lx * 4u, 1u, acc);
+    return acc;
 }
 
-@compute @workgroup_size(16, 16)
-fn matmul_nn_vec4(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_id) lid: vec3<u32>) {
+// Staged vec4 e (see the top): lhs row e / 4 at k = k0 + 4*(e % 4); for `nn` rhs row
+// k0 + e / (TX*CN) at columns 4*(e % (TX*CN)); for `nt` rhs row (output column) e / 4 at
+// k = k0 + 4*(e % 4), stored padded.
+
+@compute @workgroup_size(TX * TY)
+fn matmul_nn(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) li: u32) {
     let t = tile_of(wid);
-    let lx = lid.x;
-    let ly = lid.y;
-    let sub = ly * 4u + lx / 4u;
-    let kq = lx % 4u;
-    var acc = array<vec4<f32>, 4>(vec4<f32>(0.0), vec4<f32>(0.0), vec4<f32>(0.0), vec4<f32>(0.0));
+    let threads = TX * TY;
+    let qn = TX * CN;
+    var acc = zeros();
     let slices = (p.k + SLICE - 1u) / SLICE;
     for (var s = 0u; s < slices; s = s + 1u) {
         let k0 = s * SLICE;
-        a_tile[sub * 4u + kq] = lhs4_at(t.lhs_base, p.m, p.k, t.row0 + sub, k0 + kq * 4u);
-        b_nn[ly * 16u + lx] = rhs4_at(t.rhs_base, p.k, p.n, k0 + ly, t.col0 + lx * 4u);
+        for (var i = 0u; i < a_loads(); i = i + 1u) {
+            let e = li + i * threads;
+            if (e < TY * RM * 4u) { a_tile[e] = lhs_row4(t.lhs_base, p.m, p.k, t.row0 + e / 4u, k0 + (e % 4u) * 4u); }
+        }
+        for (var i = 0u; i < b_loads(); i = i + 1u) {
+            let e = li + i * threads;
+            if (e < SLICE * qn) { b_nn[e] = rhs_row4(t.rhs_base, p.k, p.n, k0 + e / qn, t.col0 + (e % qn) * 4u); }
+        }
         workgroupBarrier();
-        accumulate_nn(lx, ly, &acc);
+        accumulate_nn(li % TX, li / TX, &acc);
         workgroupBarrier();
     }
-    store(t, lx, ly, t.col0 + lx * 4u, 1u, acc);
+    store(t, li / TX, t.col0 + (li % TX) * 4u, 4u * TX, 1u, &acc);
 }
 
-@compute @workgroup_size(16, 16)
-fn matmul_nt(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_id) lid: vec3<u32>) {
+@compute @workgroup_size(TX * TY)
+fn matmul_nn_vec4(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) li: u32) {
     let t = tile_of(wid);
-    let lx = lid.x;
-    let ly = lid.y;
-    let sub = ly * 4u + lx / 4u;
-    let kq = lx % 4u;
-    var acc = array<vec4<f32>, 4>(vec4<f32>(0.0), vec4<f32>(0.0), vec4<f32>(0.0), vec4<f32>(0.0));
+    let threads = TX * TY;
+    let qn = TX * CN;
+    var acc = zeros();
     let slices = (p.k + SLICE - 1u) / SLICE;
     for (var s = 0u; s < slices; s = s + 1u) {
         let k0 = s * SLICE;
-        a_tile[sub * 4u + kq] = lhs_row4(t.lhs_base, p.m, p.k, t.row0 + sub, k0 + kq * 4u);
-        b_nt[sub * NT_STRIDE + kq] = rhs_row4(t.rhs_base, p.n, p.k, t.col0 + sub, k0 + kq * 4u);
+        for (var i = 0u; i < a_loads(); i = i + 1u) {
+            let e = li + i * threads;
+            if (e < TY * RM * 4u) { a_tile[e] = lhs4_at(t.lhs_base, p.m, p.k, t.row0 + e / 4u, k0 + (e % 4u) * 4u); }
+        }
+        for (var i = 0u; i < b_loads(); i = i + 1u) {
+            let e = li + i * threads;
+            if (e < SLICE * qn) { b_nn[e] = rhs4_at(t.rhs_base, p.k, p.n, k0 + e / qn, t.col0 + (e % qn) * 4u); }
+        }
         workgroupBarrier();
-        accumulate_nt(lx, ly, &acc);
+        accumulate_nn(li % TX, li / TX, &acc);
         workgroupBarrier();
     }
-    store(t, lx, ly, t.col0 + lx, 16u, acc);
+    store(t, li / TX, t.col0 + (li % TX) * 4u, 4u * TX, 1u, &acc);
 }
 
-@compute @workgroup_size(16, 16)
-fn matmul_nt_vec4(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_id) lid: vec3<u32>) {
+@compute @workgroup_size(TX * TY)
+fn matmul_nt(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) li: u32) {
     let t = tile_of(wid);
-    let lx = lid.x;
-    let ly = lid.y;
-    let sub = ly * 4u + lx / 4u;
-    let kq = lx % 4u;
-    var acc = array<vec4<f32>, 4>(vec4<f32>(0.0), vec4<f32>(0.0), vec4<f32>(0.0), vec4<f32>(0.0));
+    let threads = TX * TY;
+    var acc = zeros();
     let slices = (p.k + SLICE - 1u) / SLICE;
     for (var s = 0u; s < slices; s = s + 1u) {
         let k0 = s * SLICE;
-        a_tile[sub * 4u + kq] = lhs4_at(t.lhs_base, p.m, p.k, t.row0 + sub, k0 + kq * 4u);
-        b_nt[sub * NT_STRIDE + kq] = rhs4_at(t.rhs_base, p.n, p.k, t.col0 + sub, k0 + kq * 4u);
+        for (var i = 0u; i < a_loads(); i = i + 1u) {
+            let e = li + i * threads;
+            if (e < TY * RM * 4u) { a_tile[e] = lhs_row4(t.lhs_base, p.m, p.k, t.row0 + e / 4u, k0 + (e % 4u) * 4u); }
+        }
+        for (var i = 0u; i < b_loads(); i = i + 1u) {
+            let e = li + i * threads;
+            if (e < SLICE * TX * CN) {
+                b_nt[(e / 4u) * NT_STRIDE + e % 4u] = rhs_row4(t.rhs_base, p.n, p.k, t.col0 + e / 4u, k0 + (e % 4u) * 4u);
+            }
+        }
         workgroupBarrier();
-        accumulate_nt(lx, ly, &acc);
+        accumulate_nt(li % TX, li / TX, &acc);
         workgroupBarrier();
     }
-    store(t, lx, ly, t.col0 + lx, 16u, acc);
+    store(t, li / TX, t.col0 + li % TX, 4u * TX, TX, &acc);
+}
+
+@compute @workgroup_size(TX * TY)
+fn matmul_nt_vec4(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) li: u32) {
+    let t = tile_of(wid);
+    let threads = TX * TY;
+    var acc = zeros();
+    let slices = (p.k + SLICE - 1u) / SLICE;
+    for (var s = 0u; s < slices; s = s + 1u) {
+        let k0 = s * SLICE;
+        for (var i = 0u; i < a_loads(); i = i + 1u) {
+            let e = li + i * threads;
+            if (e < TY * RM * 4u) { a_tile[e] = lhs4_at(t.lhs_base, p.m, p.k, t.row0 + e / 4u, k0 + (e % 4u) * 4u); }
+        }
+        for (var i = 0u; i < b_loads(); i = i + 1u) {
+            let e = li + i * threads;
+            if (e < SLICE * TX * CN) {
+                b_nt[(e / 4u) * NT_STRIDE + e % 4u] = rhs4_at(t.rhs_base, p.n, p.k, t.col0 + e / 4u, k0 + (e % 4u) * 4u);
+            }
+        }
+        workgroupBarrier();
+        accumulate_nt(li % TX, li / TX, &acc);
+        workgroupBarrier();
+    }
+    store(t, li / TX, t.col0 + li % TX, 4u * TX, TX, &acc);
 }
 
 // ---- split_sum ---------------------------------------------------------------------------

@@ -4,9 +4,8 @@
 //! kw]` times the im2col columns, which workgroups gather from the input tile by tile while
 //! filling workgroup memory (no column buffer). Each workgroup computes one output tile in
 //! K-slices of 16, each thread a block of it in registers; the tile's shape ([`TileShape`],
-//! the shader's override constants) follows the layer and the device's [`Tuning`]: [`WIDE`]
-//! on hardware GPUs, [`FEW_THREADS`] on software adapters, [`NARROW`] for passes of at most
-//! 16 output channels on either.
+//! the shader's override constants) follows the layer and the device's tuning
+//! ([`TileShape::of`]), and [`NARROW`] for passes of at most 16 output channels.
 //!
 //! On devices with cooperative matrices a convolution that fits one pass is instead an
 //! explicit product: the im2col rows of a range of output pixels are written to a buffer
@@ -22,7 +21,7 @@
 
 use bytemuck::{Pod, Zeroable};
 
-use super::context::{GpuContext, Kernel, Tuning, WORKGROUP_1D};
+use super::context::{GpuContext, Kernel, TileShape, WORKGROUP_1D};
 use super::elementwise::u32_of;
 use super::storage::BindLimit;
 use super::GpuStorage;
@@ -38,9 +37,9 @@ const ROWS_TO_NCHW: Kernel = Kernel::new(shader!("conv"), "rows_to_nchw");
 
 /// Every kernel of this family, for the translation test (see `super::kernels`).
 pub(super) const KERNELS: &[Kernel] = &[
-    WIDE.kernel(),
-    NARROW.kernel(),
-    FEW_THREADS.kernel(),
+    conv_kernel(TileShape::WIDE),
+    conv_kernel(NARROW),
+    conv_kernel(TileShape::FEW_THREADS),
     IM2COL,
     ROWS_TO_NCHW,
 ];
@@ -78,45 +77,12 @@ struct ToNchwParams {
     rows: u32,
 }
 
-/// The shape of `conv2d`'s tiles: its override constants. A workgroup of `tx * ty` threads
-/// computes `ty * rm` output channels by `tx * cn * 4` output pixels (over the batch), each
-/// thread `rm` channels by `cn` quads of 4 pixels.
-#[derive(Clone, Copy, Debug, PartialEq)]
-struct TileShape {
-    tx: u32,
-    ty: u32,
-    rm: u32,
-    cn: u32,
+/// `conv2d` with a tile shape (rows: output channels; columns: output pixels over the
+/// batch).
+const fn conv_kernel(shape: TileShape) -> Kernel {
+    shape.apply(Kernel::new(shader!("conv"), "conv2d").reading_weights())
 }
 
-impl TileShape {
-    /// Output channels per tile.
-    const fn rows(self) -> usize {
-        (self.ty * self.rm) as usize
-    }
-
-    /// Output pixels per tile.
-    const fn cols(self) -> usize {
-        (self.tx * self.cn * 4) as usize
-    }
-
-    const fn kernel(self) -> Kernel {
-        Kernel::new(shader!("conv"), "conv2d")
-            .reading_weights()
-            .with_constant("TX", self.tx)
-            .with_constant("TY", self.ty)
-            .with_constant("RM", self.rm)
-            .with_constant("CN", self.cn)
-    }
-}
-
-/// 64 x 64 tiles, 256 threads of 4 x 4 values: the shape measured on the H200 (README).
-const WIDE: TileShape = TileShape {
-    tx: 16,
-    ty: 16,
-    rm: 4,
-    cn: 1,
-};
 /// 16 x 128 tiles (32 x 4 threads of 4 x 4 values), for passes of at most 16 output
 /// channels: there the 64 x 64 tile computed 4 to 64 times the useful work. On llvmpipe (2
 /// EPYC cores) a 3x3 layer of 8 channels at 256x256 took as long as one of 64 channels
@@ -127,18 +93,11 @@ const NARROW: TileShape = TileShape {
     rm: 4,
     cn: 1,
 };
-/// 32 x 64 tiles of 32 threads with 8 x 8 values each, for software adapters (see
-/// [`Tuning`]). Measured on llvmpipe (2 EPYC cores) with 3x3 convolutions of the tests'
-/// tiny models, [2, 64, 4, 4] / [2, 32, 8, 8] / [1, 64, 32, 32] / [1, 32, 32, 32]: WIDE
-/// 11.3 / 7.9 / 89 / 45 ms; this shape 3.5-3.7 / 2.0-3.1 / 53-57 / 14-15 ms; 64 x 64 tiles
-/// of 64 threads of 8 x 8 6.5-7.0 / 4.6-4.9 / 49-50 / 25-26 ms; 32 x 32 tiles of 16
-/// threads 2.0-4.0 / 1.9-2.1 / 60-61 / 16.4 ms; 4-value blocks slower than 8.
-const FEW_THREADS: TileShape = TileShape {
-    tx: 8,
-    ty: 4,
-    rm: 8,
-    cn: 2,
-};
+// TileShape::FEW_THREADS on software adapters: measured on llvmpipe (2 EPYC cores) with 3x3
+// convolutions of the tests' tiny models, [2, 64, 4, 4] / [2, 32, 8, 8] / [1, 64, 32, 32] /
+// [1, 32, 32, 32]: WIDE 11.3 / 7.9 / 89 / 45 ms; FEW_THREADS 3.5-3.7 / 2.0-3.1 / 53-57 /
+// 14-15 ms; 64 x 64 tiles of 64 threads of 8 x 8 6.5-7.0 / 4.6-4.9 / 49-50 / 25-26 ms;
+// 32 x 32 tiles of 16 threads 2.0-4.0 / 1.9-2.1 / 60-61 / 16.4 ms; 4-value blocks slower.
 
 /// The shader's private arrays' sizes (`MAX_LOADS`, `MAX_BLOCK`): a thread's weight and
 /// column loads per slice, and its accumulators (vec4s).
@@ -148,7 +107,7 @@ const MAX_BLOCK: u32 = 16;
 // Every shape fits the shader: whole channel quads per thread, whole passes of the threads
 // over a slice's column-quad rows, and loads and accumulators within the private arrays.
 const _: () = {
-    let shapes = [WIDE, NARROW, FEW_THREADS];
+    let shapes = [TileShape::WIDE, NARROW, TileShape::FEW_THREADS];
     let mut i = 0;
     while i < shapes.len() {
         let s = shapes[i];
@@ -167,10 +126,7 @@ fn tile_shape(ctx: &GpuContext, oc: usize) -> TileShape {
     if oc <= NARROW.rows() {
         NARROW
     } else {
-        match ctx.tuning {
-            Tuning::Hardware => WIDE,
-            Tuning::Software => FEW_THREADS,
-        }
+        TileShape::of(ctx.tuning)
     }
 }
 
@@ -521,7 +477,7 @@ fn run(
         None => pass.x.bind(x),
     };
     ctx.dispatch(
-        weight.weight_kernel(shape.kernel()),
+        weight.weight_kernel(conv_kernel(shape)),
         bytemuck::bytes_of(&params),
         &[x_bind, w_bind, b_bind, pass.out.bind(out)],
         [gx, gy, gz],

@@ -1,8 +1,12 @@
 //! Matrix products (`shaders/matmul.wgsl`). Mirrors `backend::cpu::matmul`.
 //!
-//! One workgroup of [`WORKGROUP`] threads computes a [`TILE`] x [`TILE`] output tile of one
-//! batch entry (a 4 x 4 block per thread), walking K in slices of 16 staged in workgroup
-//! memory. The grid is column tiles x row tiles x batch entries, split into several
+//! One workgroup computes an output tile of one batch entry (a block of it per thread),
+//! walking K in slices of 16 staged in workgroup memory; the tile's shape is the device's
+//! tuning's ([`TileShape::of`]: 64 x 64 tiles of 256 threads on hardware GPUs). On llvmpipe
+//! (2 EPYC cores) the software shape (32 x 64 tiles of 32 threads, 8 x 8 each) ran the
+//! tests' tiny linear layers, [32, 64] x [64, 64]^T, [32, 64] x [256, 64]^T, [154, 32] x
+//! [32, 32]^T and [128, 64] x [64, 64]^T, in 0.45-0.50 / 0.91-0.93 / 0.67-0.72 / 0.89-0.90
+//! ms against 1.31-1.43 / 2.45-2.51 / 1.26-1.37 / 1.36-1.61 ms with the hardware shape. The grid is column tiles x row tiles x batch entries, split into several
 //! dispatches where a dimension exceeds the adapter's limit.
 //!
 //! The rhs (`Tensor::linear`'s weight) may be f16: the kernels' f16 variant reads it
@@ -10,7 +14,7 @@
 
 use bytemuck::{Pod, Zeroable};
 
-use super::context::Kernel;
+use super::context::{Kernel, TileShape};
 use super::elementwise::u32_of;
 use super::GpuStorage;
 use crate::error::{Error, Result};
@@ -37,15 +41,31 @@ const COOP_SLICE: usize = 32;
 /// Adds the partial products of a split K (and the bias).
 const SPLIT_SUM: Kernel = Kernel::new(shader!("matmul"), "split_sum");
 
-/// Every kernel of this family, for the translation test (see `super::kernels`).
-pub(super) const KERNELS: &[Kernel] = &[
-    MATMUL_NN,
-    MATMUL_NN_VEC4,
-    MATMUL_NT,
-    MATMUL_NT_VEC4,
-    MATMUL_NT_COOP,
-    SPLIT_SUM,
-];
+/// Every kernel of this family, for the translation test (see `super::kernels`): the SIMT
+/// kernels at both tunings' tile shapes.
+pub(super) const KERNELS: &[Kernel] = &{
+    let simt = [MATMUL_NN, MATMUL_NN_VEC4, MATMUL_NT, MATMUL_NT_VEC4];
+    let mut all = [SPLIT_SUM; 10];
+    let mut i = 0;
+    while i < simt.len() {
+        all[2 * i] = TileShape::WIDE.apply(simt[i]);
+        all[2 * i + 1] = TileShape::FEW_THREADS.apply(simt[i]);
+        i += 1;
+    }
+    all[8] = MATMUL_NT_COOP;
+    all
+};
+
+/// The largest thread block matmul.wgsl holds (`MAX_BLOCK` vec4 accumulators); its loads
+/// need whole column quads per thread.
+const _: () = {
+    let shapes = [TileShape::WIDE, TileShape::FEW_THREADS];
+    let mut i = 0;
+    while i < shapes.len() {
+        assert!(shapes[i].rm * shapes[i].cn <= 16);
+        i += 1;
+    }
+};
 
 /// Workgroups a cooperative product should have before K is split: about two per
 /// multiprocessor of a large GPU (132 on the H200). Measured there: products with 40
@@ -56,11 +76,6 @@ const SPLIT_TARGET: usize = 256;
 const SPLIT_MIN_K: usize = 512;
 /// The most splits of one product.
 const MAX_SPLITS: usize = 16;
-
-/// Output rows and columns per workgroup (`TILE` in the shader).
-pub const TILE: usize = 64;
-/// Threads per workgroup: `@workgroup_size(16, 16)` in the shader, each owning 4 x 4 outputs.
-pub const WORKGROUP: u32 = 256;
 
 #[repr(C)]
 #[derive(Clone, Copy, Pod, Zeroable)]
@@ -168,15 +183,19 @@ pub fn matmul(
     // loads where every row a tile loads is whole vec4s (k = 0 loads nothing).
     let vec4 = k > 0 && k % 4 == 0;
     let coop = ctx.coop && transpose_rhs;
+    let shape = TileShape::of(ctx.tuning);
     let kernel = b.weight_kernel(match (transpose_rhs, vec4) {
         _ if coop => MATMUL_NT_COOP,
-        (true, true) => MATMUL_NT_VEC4,
-        (true, false) => MATMUL_NT,
-        (false, true) if n % 4 == 0 => MATMUL_NN_VEC4,
-        (false, _) => MATMUL_NN,
+        (true, true) => shape.apply(MATMUL_NT_VEC4),
+        (true, false) => shape.apply(MATMUL_NT),
+        (false, true) if n % 4 == 0 => shape.apply(MATMUL_NN_VEC4),
+        (false, _) => shape.apply(MATMUL_NN),
     });
-    let tile = if coop { COOP_TILE } else { TILE };
-    let (col_tiles, row_tiles) = (n.div_ceil(tile), m.div_ceil(tile));
+    let (col_tiles, row_tiles) = if coop {
+        (n.div_ceil(COOP_TILE), m.div_ceil(COOP_TILE))
+    } else {
+        (n.div_ceil(shape.cols()), m.div_ceil(shape.rows()))
+    };
     let mut splits = if coop {
         k_splits(col_tiles * row_tiles * batch, k)
     } else {

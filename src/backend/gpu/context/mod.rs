@@ -24,7 +24,7 @@ pub(crate) use launch::dispatch_log;
 use launch::BindCache;
 use submit::Pending;
 pub use submit::PASSES_PER_SUBMIT;
-pub use tuning::Tuning;
+pub use tuning::{TileShape, Tuning};
 
 use super::profile::Profiler;
 use crate::error::Result;

@@ -1,5 +1,8 @@
 //! Launch shapes by kind of adapter: the kernels' tile and workgroup sizes are override
-//! constants, and each kernel family picks its values by the device's [`Tuning`].
+//! constants, and each kernel family picks its values by the device's [`Tuning`]; the
+//! tiled products (conv.wgsl, matmul.wgsl) share [`TileShape`].
+
+use super::Kernel;
 
 /// Which launch shapes the kernels take.
 ///
@@ -38,5 +41,68 @@ impl Tuning {
             Tuning::Hardware => Tuning::Software,
             Tuning::Software => Tuning::Hardware,
         }
+    }
+}
+
+/// The launch shape of a tiled product (conv.wgsl's `conv2d`, matmul.wgsl's SIMT kernels):
+/// their override constants `TX`, `TY`, `RM` and `CN`. A workgroup of `tx * ty` threads
+/// computes a `ty * rm` x `tx * cn * 4` tile of the output, each thread `rm` rows by `cn`
+/// quads of 4 columns.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct TileShape {
+    pub tx: u32,
+    pub ty: u32,
+    pub rm: u32,
+    pub cn: u32,
+}
+
+impl TileShape {
+    /// 64 x 64 tiles of 16 x 16 threads with 4 x 4 values each: the shape measured on the
+    /// H200 (README), for hardware GPUs.
+    pub const WIDE: TileShape = TileShape {
+        tx: 16,
+        ty: 16,
+        rm: 4,
+        cn: 1,
+    };
+
+    /// 32 x 64 tiles of 8 x 4 threads with 8 x 8 values each, for software adapters
+    /// (measured on llvmpipe in conv.rs and matmul.rs).
+    pub const FEW_THREADS: TileShape = TileShape {
+        tx: 8,
+        ty: 4,
+        rm: 8,
+        cn: 2,
+    };
+
+    /// The shape for `tuning`.
+    pub const fn of(tuning: Tuning) -> TileShape {
+        match tuning {
+            Tuning::Hardware => TileShape::WIDE,
+            Tuning::Software => TileShape::FEW_THREADS,
+        }
+    }
+
+    /// Output rows per tile.
+    pub const fn rows(self) -> usize {
+        (self.ty * self.rm) as usize
+    }
+
+    /// Output columns per tile.
+    pub const fn cols(self) -> usize {
+        (self.tx * self.cn * 4) as usize
+    }
+
+    pub const fn threads(self) -> u32 {
+        self.tx * self.ty
+    }
+
+    /// `kernel` built with this shape.
+    pub const fn apply(self, kernel: Kernel) -> Kernel {
+        kernel
+            .with_constant("TX", self.tx)
+            .with_constant("TY", self.ty)
+            .with_constant("RM", self.rm)
+            .with_constant("CN", self.cn)
     }
 }
