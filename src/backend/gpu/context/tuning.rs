@@ -9,11 +9,12 @@ use super::Kernel;
 /// A hardware GPU runs the shapes measured on the H200 (README): large workgroups, 4 x 4
 /// values per thread. A software adapter (Mesa's llvmpipe, CI's) runs a workgroup on one
 /// CPU core, 8 lanes at a time, and at every barrier switches each group of 8 lanes in and
-/// out of a coroutine; every workgroup-memory read whose address differs between threads is
-/// a lane-by-lane gather. There few threads per workgroup, each with a large register block,
-/// pay far less: on llvmpipe (2 EPYC cores) a 3x3 convolution of 64 channels on the tests'
-/// 4 x 4 latents took 5.7 ms with 32 threads of 8 x 8 values against 11.3 ms with 256 of
-/// 4 x 4; one at 32 x 32 pixels 51 against 89 ms.
+/// out of a coroutine (a probe of 64 workgroups of 256 threads took 0.16 ms with no
+/// barrier, 7.6 ms with 64; with 32 threads 0.11 and 1.4 ms). There few threads per
+/// workgroup, each with a large register block, pay far less: on llvmpipe (2 EPYC cores) a 3x3 convolution of 64 channels on the tests'
+/// 4 x 4 latents took 3.5-3.7 ms with 32 threads of 8 x 8 values against 11.3 ms with 256
+/// of 4 x 4, one at 32 x 32 pixels 53-57 against 89 ms; each family's module has its
+/// numbers.
 ///
 /// `SD_GPU_TUNING=hardware|software` overrides the choice (to time one kind's shapes on the
 /// other); tests run every kernel family under both (`test_devices`).
