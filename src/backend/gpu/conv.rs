@@ -618,26 +618,9 @@ mod tests {
         Product(usize),
     }
 
-    /// Runs `path` against the CPU backend.
+    /// Runs `path` against the CPU backend on each test device (both tunings).
     #[allow(clippy::too_many_arguments)]
     fn check_path(
-        input: [usize; 4],
-        oc: usize,
-        k: usize,
-        stride: usize,
-        padding: Padding2d,
-        path: Path,
-        bias: bool,
-        f16: bool,
-    ) {
-        for gpu in test_devices() {
-            check_path_on(&gpu, input, oc, k, stride, padding, path, bias, f16);
-        }
-    }
-
-    #[allow(clippy::too_many_arguments)]
-    fn check_path_on(
-        gpu: &GpuDevice,
         input: [usize; 4],
         oc: usize,
         k: usize,
@@ -680,6 +663,30 @@ mod tests {
             oh,
             ow,
         };
+        let expected_values = expected.to_vec().unwrap();
+        for gpu in &test_devices() {
+            check_path_on(
+                gpu,
+                &p,
+                [&x, &weight, &b],
+                &expected_values,
+                path,
+                bias,
+                f16,
+            );
+        }
+    }
+
+    /// [`check_path`] on one device: `inputs` are the input, the weight and the bias.
+    fn check_path_on(
+        gpu: &GpuDevice,
+        p: &Conv2dParams,
+        [x, weight, b]: [&Tensor; 3],
+        expected: &[f32],
+        path: Path,
+        bias: bool,
+        f16: bool,
+    ) {
         let up = |t: &Tensor| {
             if f16 {
                 GpuStorage::from_f16(gpu, &f16_values(t))
@@ -689,8 +696,8 @@ mod tests {
         };
         let (xg, wg, bg) = (
             GpuStorage::from_f32(gpu, &x.to_vec().unwrap()),
-            up(&weight),
-            up(&b),
+            up(weight),
+            up(b),
         );
         assert_eq!(wg.is_f16(), f16 && gpu.keeps_f16());
         let (limit, product) = match path {
@@ -698,7 +705,7 @@ mod tests {
                 let align = (gpu.0.limits.min_storage_buffer_offset_alignment.max(4) / 4) as usize;
                 let max_bytes = ((span + align - 1) * 4) as u64;
                 assert!(
-                    max_bytes < (x.numel().max(oc * c * k * k).max(expected.numel()) * 4) as u64,
+                    max_bytes < (x.numel().max(weight.numel()).max(expected.len()) * 4) as u64,
                     "not windowed"
                 );
                 let limit = BindLimit::new(&gpu.0, max_bytes);
@@ -707,16 +714,17 @@ mod tests {
             }
             Path::Product(budget) => (BindLimit::of(&gpu.0), Some(budget)),
         };
-        let got = conv2d_limited(&xg, &wg, bias.then_some(&bg), &p, &limit, product)
+        let got = conv2d_limited(&xg, &wg, bias.then_some(&bg), p, &limit, product)
             .unwrap()
             .to_f32()
             .unwrap();
-        let expected = expected.to_vec().unwrap();
         let scale = expected.iter().fold(0f32, |m, v| m.max(v.abs()));
-        for (i, (g, e)) in got.iter().zip(&expected).enumerate() {
+        for (i, (g, e)) in got.iter().zip(expected).enumerate() {
             assert!(
                 (g - e).abs() <= 1e-4 * scale,
-                "{input:?} -> {oc} {path:?} (f16 {f16}, {:?}): {g} vs {e} at {i}",
+                "{:?} -> {} {path:?} (f16 {f16}, {:?}): {g} vs {e} at {i}",
+                x.shape(),
+                p.oc,
                 gpu.0.tuning
             );
         }
