@@ -28,6 +28,8 @@
 //!   `text_embeddings_2` and `pooled_text_embeds` too, `unet_out`, `image`, `latent_mean`)
 //!   as f32 safetensors, to compare with another implementation.
 //! * `--runs N` (1) timed runs after `--warmup W` (0) untimed ones; the median is reported.
+//! * `--precision f32|bf16` (f32): the CPU products' precision, as the service's
+//!   `--precision` (bf16 needs AMX-BF16 or AVX512_BF16).
 //! * `--json`: one JSON object on stdout instead of the table.
 //! * `--profile`: also the wall time of each op kind per run of each stage, or over the
 //!   whole generation with `--image` (the same as `SD_CPU_PROFILE=1`; see
@@ -48,6 +50,8 @@ use safetensors::tensor::{Dtype, TensorView};
 use safetensors::SafeTensors;
 use serde_json::{json, Value};
 
+use clap::ValueEnum;
+use sd_wgpu::backend::cpu::precision::{set_precision, Precision};
 use sd_wgpu::model::clip::{ClipTextModel, HiddenLayer};
 use sd_wgpu::model::unet::{Conditioning, TextTime, UNet2DConditionModel};
 use sd_wgpu::model::vae::VaeDecoder;
@@ -144,6 +148,12 @@ fn parse_args() -> Result<Options> {
             "--size" => o.size = Some(number("--size", value("--size")?)?),
             "--seed" => o.seed = number("--seed", value("--seed")?)?,
             "--strength" => o.strength = Some(number("--strength", value("--strength")?)?),
+            "--precision" => {
+                let v = value("--precision")?;
+                let precision = Precision::from_str(&v, true)
+                    .map_err(|_| usage(format!("--precision: `{v}` is not f32 or bf16")))?;
+                set_precision(precision)?;
+            }
             other => return Err(usage(format!("unknown option `{other}`"))),
         }
     }
@@ -460,6 +470,7 @@ fn whole_image(o: &Options, dir: &Path, device: &Device) -> Result<Value> {
         "model": dir.display().to_string(),
         "family": if sd.is_xl() { "SDXL" } else { "SD 1.x/2.x" },
         "threads": rayon::current_num_threads(),
+        "precision": sd_wgpu::backend::cpu::precision::current(),
         "size": size,
         "steps": o.steps,
         "guidance": guidance,
@@ -711,6 +722,7 @@ fn main() -> Result<()> {
                 "mode": "stages",
                 "model": source,
                 "threads": threads,
+                "precision": sd_wgpu::backend::cpu::precision::current(),
                 "runs": o.runs,
                 "warmup": o.warmup,
                 "load_s": load_s,

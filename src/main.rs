@@ -10,6 +10,7 @@ use std::time::{Duration, Instant};
 use clap::{Args, Parser, Subcommand};
 use indicatif::{ProgressBar, ProgressStyle};
 
+use sd_wgpu::backend::cpu::precision::{set_precision, Precision};
 use sd_wgpu::backend::{select_device, BackendChoice};
 use sd_wgpu::engine::{Engine, EngineConfig};
 use sd_wgpu::model::hub::DEFAULT_MODEL;
@@ -62,6 +63,11 @@ struct ModelArgs {
     /// Use the GPU adapter whose name contains this text (see the log for the names).
     #[arg(long, env = "SD_GPU_ADAPTER")]
     gpu_adapter: Option<String>,
+    /// CPU backend: f32 (exact: the images match diffusers'), or bf16: every matrix product
+    /// (linear, convolution, attention) in bfloat16 with f32 sums, on CPUs with AMX-BF16 or
+    /// AVX512_BF16 (see the README for its speed and how far its images move).
+    #[arg(long, value_enum, default_value_t = Precision::F32, env = "SD_PRECISION")]
+    precision: Precision,
 }
 
 impl ModelArgs {
@@ -74,6 +80,17 @@ impl ModelArgs {
 
     fn device(&self) -> Result<Device> {
         let device = select_device(self.backend, self.gpu_adapter.as_deref())?;
+        match &device {
+            Device::Cpu => set_precision(self.precision)?,
+            Device::Gpu(_) if self.precision != Precision::F32 => {
+                return Err(Error::InvalidArgument(
+                    "--precision bf16 is for the CPU backend, and this run uses the GPU \
+                     (add --backend cpu)"
+                        .into(),
+                ))
+            }
+            Device::Gpu(_) => {}
+        }
         tracing::info!("backend: {device}");
         Ok(device)
     }

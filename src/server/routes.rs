@@ -147,6 +147,15 @@ async fn health(State(app): State<Arc<AppState>>) -> Json<Value> {
             Device::Gpu(gpu) => serde_json::to_value(gpu.selection()).unwrap_or(Value::Null),
             Device::Cpu => Value::Null,
         },
+        // On the CPU: its vector level and the products' precision (`f32`, or `bf16 (Amx)`
+        // with --precision bf16).
+        "cpu": match engine.device() {
+            Device::Gpu(_) => Value::Null,
+            Device::Cpu => json!({
+                "simd": format!("{:?}", crate::backend::cpu::simd::level()).to_lowercase(),
+                "precision": crate::backend::cpu::precision::current(),
+            }),
+        },
         "busy": engine.busy(),
         "queue_length": engine.queued(),
         "queue_capacity": engine.queue_capacity(),

@@ -28,6 +28,20 @@ pub(crate) fn sgemm(
     accumulate: bool,
     parallel: bool,
 ) {
+    if let Some(kernel) = super::precision::active() {
+        return super::precision::gemm(
+            kernel,
+            m,
+            n,
+            k,
+            lhs,
+            rhs,
+            dst,
+            dst_row_stride,
+            accumulate,
+            parallel,
+        );
+    }
     sgemm_at(
         simd::level(),
         m,

@@ -10,7 +10,8 @@ pub(crate) mod gelu;
 pub mod layout;
 pub mod matmul;
 pub mod norm;
-pub(crate) mod simd;
+pub mod precision;
+pub mod simd;
 pub mod winograd;
 
 use std::borrow::Cow;
