@@ -34,6 +34,12 @@ sdxl_base).  What it does, with one mechanism for both architectures:
 
 Prints a table (stage, PyTorch s, sd-wgpu s, ratio, target) and writes everything as JSON
 to --json when asked.
+
+`--precision bf16` runs both sides in bfloat16 (issue 18's opt-in mode): PyTorch under
+`torch.autocast("cpu", dtype=torch.bfloat16)`, sd-wgpu with `--precision bf16` (bf16
+products, f32 sums; needs AMX-BF16 or AVX512_BF16).  The whole-image step then also draws
+each side's float32 image with the same seed and prints how far the bf16 images are from
+them and from each other (max and mean levels of 255, PSNR).
 """
 
 import argparse
@@ -46,6 +52,7 @@ import statistics
 import subprocess
 import sys
 import time
+from contextlib import nullcontext
 
 ROOT = os.path.abspath(os.path.join(os.path.dirname(__file__), ".."))
 FIXTURES = os.path.join(ROOT, "tests", "fixtures", "models")
@@ -319,6 +326,13 @@ def load_text_encoders(model, dtype, kw):
     ]
 
 
+def precision_context(a):
+    """What every PyTorch stage runs under: bfloat16 autocast for --precision bf16."""
+    import torch
+
+    return torch.autocast("cpu", dtype=torch.bfloat16) if a.precision == "bf16" else nullcontext()
+
+
 def worker_stages(a):
     import torch
     from diffusers import AutoencoderKL, UNet2DConditionModel
@@ -360,7 +374,7 @@ def worker_stages(a):
     if not a.quick:
         runs.append(("vae", lambda: {"image": vae.decode(x["vae_latents"]).sample}))
     stages, outputs = {}, {}
-    with torch.inference_mode():
+    with torch.inference_mode(), precision_context(a):
         for key, fn in runs:
             m, seconds, out = timed(a.warmup, a.runs, fn)
             stages[key] = {"median_s": m, "runs_s": seconds}
@@ -393,15 +407,16 @@ def worker_image(a):
     load_s = time.perf_counter() - t
     peak_after_load = peak_mib()
     t = time.perf_counter()
-    image = pipe(
-        PROMPT,
-        num_inference_steps=a.steps,
-        guidance_scale=a.guidance,
-        height=a.size,
-        width=a.size,
-        generator=torch.Generator("cpu").manual_seed(a.seed),
-        output_type="np",
-    ).images[0]
+    with precision_context(a):
+        image = pipe(
+            PROMPT,
+            num_inference_steps=a.steps,
+            guidance_scale=a.guidance,
+            height=a.size,
+            width=a.size,
+            generator=torch.Generator("cpu").manual_seed(a.seed),
+            output_type="np",
+        ).images[0]
     total = time.perf_counter() - t
     np.save(a.outputs, (image * 255).round().astype(np.uint8))
     return {
@@ -415,12 +430,12 @@ def worker_image(a):
     }
 
 
-def run_torch(mode, model, inputs, outputs, a, variant_fp16=False):
+def run_torch(mode, model, inputs, outputs, a, variant_fp16=False, precision=None):
     cmd = [
         sys.executable, os.path.abspath(__file__), "--worker", mode, "--model", model,
         "--outputs", outputs, "--threads", str(a.threads), "--runs", str(a.runs),
         "--warmup", str(a.warmup), "--image-steps", str(a.image_steps), "--size", str(a.size),
-        "--guidance", str(a.guidance),
+        "--guidance", str(a.guidance), "--precision", precision or a.precision,
     ]
     if inputs:
         cmd += ["--inputs", inputs]
@@ -533,7 +548,8 @@ def print_report(r):
     print()
     print(f"machine: {m['cpu']}, {m['cores']} cores ({', '.join(m.get('simd', []))}), "
           f"{m.get('memory_gb', '?')} GB; {m['threads']} threads each side; torch {m['torch']}")
-    print(f"{r['arch']} weights: {r['model']}; median of {r['runs']} runs after {r['warmup']} warm-up(s)")
+    print(f"{r['arch']} weights: {r['model']}; median of {r['runs']} runs after {r['warmup']} warm-up(s); "
+          f"precision {r.get('precision', 'f32')} (sd-wgpu: {r['rust'].get('precision', 'f32')})")
     print(f"load average (1, 5, 15 min) {fmt_load(m['loadavg_start'])} at the start, {fmt_load(m['loadavg_end'])} at the end "
           f"(another busy process on these cores skews the times: compare with the runs' spread above)")
     print()
@@ -552,7 +568,7 @@ def print_report(r):
     d = r["agreement"].get("pooled_text_embeds")
     if d:
         print(f"{'  pooled text_embeds (encoder 2)':<34} {'':>37}  {'':<3} {d['max_abs_diff']:.2e} / {d['max_abs_ref']:.2e}")
-    print(f"{'peak memory, stages (f32)':<34} {r['torch']['peak_mib'] / 1024:>8.2f} G {r['rust']['peak_mib'] / 1024:>8.2f} G"
+    print(f"{'peak memory, stages (' + r.get('precision', 'f32') + ')':<34} {r['torch']['peak_mib'] / 1024:>8.2f} G {r['rust']['peak_mib'] / 1024:>8.2f} G"
           f"   (GiB; after load: {r['torch']['peak_after_load_mib'] / 1024:.2f} / {r['rust']['peak_after_load_mib'] / 1024:.2f})")
     for key, label, _ in rows:
         stage = r["rust"]["stages"].get(key, {})
@@ -583,6 +599,28 @@ def print_report(r):
         if "pixels" in img:
             p = img["pixels"]
             print(f"  images agree: max |diff| {p['max']} levels of 255, mean {p['mean']:.3f}")
+        for key, what in (("rust_vs_f32", "sd-wgpu bf16 vs sd-wgpu f32"), ("torch_vs_f32", "PyTorch bf16 vs PyTorch f32"),
+                          ("rust_vs_torch", "sd-wgpu bf16 vs PyTorch bf16"), ("rust_vs_torch_f32", "sd-wgpu bf16 vs PyTorch f32")):
+            if key in img:
+                p = img[key]
+                print(f"  {what:<30} max {p['max']:>3} levels, mean {p['mean']:.3f}, PSNR {p['psnr_db']:.1f} dB")
+
+
+def image_distance(x, y):
+    """max and mean |x - y| in levels of 255, and PSNR in dB, of two uint8 images."""
+    import numpy as np
+
+    d = x.astype(np.float64) - y.astype(np.float64)
+    mse = float((d * d).mean())
+    return {"max": int(np.abs(d).max()), "mean": float(np.abs(d).mean()),
+            "psnr_db": float("inf") if mse == 0 else 10 * np.log10(255 ** 2 / mse)}
+
+
+def load_image(path):
+    import numpy as np
+    from PIL import Image
+
+    return np.load(path) if path.endswith(".npy") else np.asarray(Image.open(path).convert("RGB"))
 
 
 def fmt_load(load):
@@ -612,6 +650,8 @@ def main():
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--rust-bin", help="the sd15_cpu bench executable (default: built with cargo)")
     p.add_argument("--json", help="also write all results to this JSON file")
+    p.add_argument("--precision", choices=["f32", "bf16"], default="f32",
+                   help="both sides' precision: f32, or bf16 (PyTorch's bfloat16 autocast; sd-wgpu --precision bf16)")
     # Internal: the PyTorch child processes.
     p.add_argument("--worker", choices=["stages", "image"], help=argparse.SUPPRESS)
     p.add_argument("--model", help=argparse.SUPPRESS)
@@ -662,7 +702,7 @@ def main():
     log("sd-wgpu: the same")
     # --profile: wall time by op kind (a mutex per op: negligible next to the ops).
     rust_args = ["--model", model, "--inputs", inputs, "--outputs", rust_out, "--runs", str(a.runs),
-                 "--warmup", str(a.warmup), "--profile"]
+                 "--warmup", str(a.warmup), "--profile", "--precision", a.precision]
     if a.quick:
         rust_args.append("--quick")
     rust_r = run_rust(exe, rust_args, a)
@@ -672,6 +712,7 @@ def main():
     vae_cfg = json.load(open(os.path.join(model, "vae", "config.json")))
     report = {
         "arch": arch["name"],
+        "precision": a.precision,
         "machine": machine,
         "model": model,
         "runs": a.runs,
@@ -690,9 +731,9 @@ def main():
         log(f"whole {a.size}x{a.size} image, {a.image_steps} steps, from {fp16_model}")
         png = os.path.join(work, "image-rust.png")
         img_args = ["--image", "--model", fp16_model, "--steps", str(a.image_steps), "--size", str(a.size),
-                    "--guidance", str(a.guidance), "--seed", str(a.seed), "--prompt", PROMPT, "--outputs", png]
+                    "--guidance", str(a.guidance), "--seed", str(a.seed), "--prompt", PROMPT]
         image = {"model": fp16_model, "steps": a.image_steps, "size": a.size, "guidance": a.guidance,
-                 "rust": run_rust(exe, img_args, a)}
+                 "rust": run_rust(exe, img_args + ["--outputs", png, "--precision", a.precision], a)}
         log(f"  sd-wgpu: peak {image['rust']['peak_mib']:.0f} MiB, total {image['rust']['total_s']:.1f} s; "
             f"load average {fmt_load(os.getloadavg())}")
         if not a.no_torch_image:
@@ -709,6 +750,18 @@ def main():
                 image["pixels"] = {"max": int(d.max()), "mean": float(d.mean())}
             except ImportError:
                 pass
+        if a.precision != "f32":
+            # How far reduced precision moves each side's image from its own float32 one.
+            png32 = os.path.join(work, "image-rust-f32.png")
+            log("  the same image in float32 on both sides, to measure the bf16 images against")
+            run_rust(exe, img_args + ["--outputs", png32, "--precision", "f32"], a)
+            image["rust_vs_f32"] = image_distance(load_image(png), load_image(png32))
+            if not a.no_torch_image:
+                npy32 = os.path.join(work, "image-torch-f32.npy")
+                run_torch("image", fp16_model, None, npy32, a, variant_fp16=not a.tiny, precision="f32")
+                image["torch_vs_f32"] = image_distance(load_image(npy), load_image(npy32))
+                image["rust_vs_torch"] = image_distance(load_image(png), load_image(npy))
+                image["rust_vs_torch_f32"] = image_distance(load_image(png), load_image(npy32))
         report["image"] = image
 
     machine["loadavg_end"] = os.getloadavg()
