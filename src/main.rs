@@ -79,16 +79,21 @@ impl ModelArgs {
     }
 
     fn device(&self) -> Result<Device> {
+        let for_the_cpu = || {
+            Error::InvalidArgument(
+                "--precision bf16 is for the CPU backend, and this run uses the GPU (add \
+                 --backend cpu)"
+                    .into(),
+            )
+        };
+        // Refused before looking for a GPU, so that this is the reason given.
+        if self.backend == BackendChoice::Gpu && self.precision != Precision::F32 {
+            return Err(for_the_cpu());
+        }
         let device = select_device(self.backend, self.gpu_adapter.as_deref())?;
         match &device {
             Device::Cpu => set_precision(self.precision)?,
-            Device::Gpu(_) if self.precision != Precision::F32 => {
-                return Err(Error::InvalidArgument(
-                    "--precision bf16 is for the CPU backend, and this run uses the GPU \
-                     (add --backend cpu)"
-                        .into(),
-                ))
-            }
+            Device::Gpu(_) if self.precision != Precision::F32 => return Err(for_the_cpu()),
             Device::Gpu(_) => {}
         }
         tracing::info!("backend: {device}");

@@ -9,7 +9,7 @@
 //! which runs them on a real GPU outside the tests.
 
 use std::ops::ControlFlow;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use sd_wgpu::model::lora::{LoraChoice, LoraFile};
@@ -172,14 +172,18 @@ pub struct PixelDiff {
     pub at: usize,
 }
 
-/// Runs one case and compares its image with the PNG under `reference`; `Err` says why it
-/// does not match (or could not run). `Ok` carries the difference, within the limits.
-pub fn run_case(
+/// diffusers' image of a case.
+pub fn case_png(case: &serde_json::Value, reference: &Path) -> Result<PathBuf, String> {
+    Ok(reference.join(case["png"].as_str().ok_or("case has no png")?))
+}
+
+/// Generates one case's image, checking that every denoising step ran.
+pub fn generate_case(
     sd: &StableDiffusion,
     case: &serde_json::Value,
     reference: &Path,
     name: &str,
-) -> Result<PixelDiff, String> {
+) -> Result<RgbImage, String> {
     let p = params(case, reference).map_err(|e| format!("{name}: {e}"))?;
     let mut last_event = None;
     let generated = sd
@@ -201,12 +205,42 @@ pub fn run_case(
         }
     }
 
-    let png = reference.join(case["png"].as_str().ok_or("case has no png")?);
-    compare_with_png(&generated.image, &png, name)
+    Ok(generated.image)
 }
 
-/// Compares `image` with diffusers' PNG at `png` under the pass rule.
-fn compare_with_png(image: &RgbImage, png: &Path, name: &str) -> Result<PixelDiff, String> {
+/// Runs one case and compares its image with the PNG under `reference`; `Err` says why it
+/// does not match (or could not run). `Ok` carries the difference, within the limits.
+pub fn run_case(
+    sd: &StableDiffusion,
+    case: &serde_json::Value,
+    reference: &Path,
+    name: &str,
+) -> Result<PixelDiff, String> {
+    let image = generate_case(sd, case, reference, name)?;
+    let (diff, expected) = diff_with_png(&image, &case_png(case, reference)?, name)?;
+    println!("{name}: max diff {}, mean diff {:.4}", diff.max, diff.mean);
+    if diff.max > MAX_PIXEL_DIFF || diff.mean > MEAN_PIXEL_DIFF {
+        let at = diff.at;
+        let (pixel, channel) = (at / 3, at % 3);
+        return Err(format!(
+            "{name}: max diff {} (limit {MAX_PIXEL_DIFF}) at pixel ({}, {}) channel {channel}: got {}, expected {}; mean diff {:.4} (limit {MEAN_PIXEL_DIFF})",
+            diff.max,
+            pixel % image.width,
+            pixel / image.width,
+            image.pixels[at],
+            expected.pixels[at],
+            diff.mean,
+        ));
+    }
+    Ok(diff)
+}
+
+/// How far `image` is from diffusers' PNG at `png`, and that PNG.
+pub fn diff_with_png(
+    image: &RgbImage,
+    png: &Path,
+    name: &str,
+) -> Result<(PixelDiff, RgbImage), String> {
     let expected = image::open(png)
         .map_err(|e| format!("{}: {e}", png.display()))?
         .to_rgb8();
@@ -224,22 +258,7 @@ fn compare_with_png(image: &RgbImage, png: &Path, name: &str) -> Result<PixelDif
         height: expected.height() as usize,
         pixels: expected.into_raw(),
     };
-    let diff = pixel_diff(image, &expected);
-    println!("{name}: max diff {}, mean diff {:.4}", diff.max, diff.mean);
-    if diff.max > MAX_PIXEL_DIFF || diff.mean > MEAN_PIXEL_DIFF {
-        let at = diff.at;
-        let (pixel, channel) = (at / 3, at % 3);
-        return Err(format!(
-            "{name}: max diff {} (limit {MAX_PIXEL_DIFF}) at pixel ({}, {}) channel {channel}: got {}, expected {}; mean diff {:.4} (limit {MEAN_PIXEL_DIFF})",
-            diff.max,
-            pixel % image.width,
-            pixel / image.width,
-            image.pixels[at],
-            expected.pixels[at],
-            diff.mean,
-        ));
-    }
-    Ok(diff)
+    Ok((pixel_diff(image, &expected), expected))
 }
 
 /// The largest and mean channel difference of two images of the same size (`max` 255

@@ -46,14 +46,16 @@ pub enum Kernel {
 }
 
 /// The kernels this CPU has, best first. Both need AVX-512 (the packing and the epilogue
-/// are compiled for it), so `SD_CPU_SIMD` below `avx512` leaves none.
+/// are compiled for it), so `SD_CPU_SIMD` below `avx512` leaves none; `SD_CPU_BF16=avx512`
+/// leaves AMX out (to measure on a Xeon what a CPU without AMX, such as AMD's, runs).
 pub fn kernels() -> Vec<Kernel> {
     let mut found = Vec::new();
     if simd::level() < Level::Avx512 {
         return found;
     }
+    let amx_allowed = std::env::var("SD_CPU_BF16").as_deref() != Ok("avx512");
     // Every CPU with AMX-BF16 also has AVX512_BF16, which the packing uses.
-    if amx::usable() && avx512::usable() {
+    if amx_allowed && amx::usable() && avx512::usable() {
         found.push(Kernel::Amx);
     }
     if avx512::usable() {
