@@ -14,6 +14,26 @@ pub(crate) struct MatRef<'a> {
     pub col_stride: usize,
 }
 
+impl<'a> MatRef<'a> {
+    /// A row-major matrix of `cols` columns.
+    pub fn row_major(data: &'a [f32], cols: usize) -> Self {
+        MatRef {
+            data,
+            row_stride: cols,
+            col_stride: 1,
+        }
+    }
+
+    /// The transpose of a row-major matrix of `cols` columns (a `cols x rows` view).
+    pub fn transposed(data: &'a [f32], cols: usize) -> Self {
+        MatRef {
+            data,
+            row_stride: 1,
+            col_stride: cols,
+        }
+    }
+}
+
 /// `dst = lhs @ rhs` (or `dst += lhs @ rhs` with `accumulate`), lhs `m x k`, rhs `k x n`,
 /// dst `m x n` with row stride `dst_row_stride` and unit column stride.
 #[allow(clippy::too_many_arguments)]
@@ -277,24 +297,12 @@ pub fn matmul(
         let off = if d.rhs_batched { b * k * n } else { 0 };
         let data = &rhs[off..off + k * n];
         if d.transpose_rhs {
-            MatRef {
-                data,
-                row_stride: 1,
-                col_stride: k,
-            }
+            MatRef::transposed(data, k)
         } else {
-            MatRef {
-                data,
-                row_stride: n,
-                col_stride: 1,
-            }
+            MatRef::row_major(data, n)
         }
     };
-    let lhs_view = |b: usize| MatRef {
-        data: &lhs[b * m * k..(b + 1) * m * k],
-        row_stride: k,
-        col_stride: 1,
-    };
+    let lhs_view = |b: usize| MatRef::row_major(&lhs[b * m * k..(b + 1) * m * k], k);
     if d.batch == 1 {
         sgemm(
             m,
@@ -372,24 +380,12 @@ mod tests {
             let lhs = random(&[m, k], seed).to_vec().unwrap();
             let rhs_data = random(&[k, n], seed + 1).to_vec().unwrap();
             let rhs = if transposed {
-                MatRef {
-                    data: &rhs_data,
-                    row_stride: 1,
-                    col_stride: k,
-                }
+                MatRef::transposed(&rhs_data, k)
             } else {
-                MatRef {
-                    data: &rhs_data,
-                    row_stride: n,
-                    col_stride: 1,
-                }
+                MatRef::row_major(&rhs_data, n)
             };
             let initial = random(&[m, n], seed + 2).to_vec().unwrap();
-            let lhs_ref = MatRef {
-                data: &lhs,
-                row_stride: k,
-                col_stride: 1,
-            };
+            let lhs_ref = MatRef::row_major(&lhs, k);
             let want = reference(m, n, k, &lhs, rhs, accumulate.then_some(&initial[..]));
             let fresh = || {
                 if accumulate {

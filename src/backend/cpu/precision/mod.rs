@@ -256,23 +256,11 @@ mod tests {
             let lhs = random(&[m, k], seed).to_vec().unwrap();
             let rhs_data = random(&[k, n], seed + 1).to_vec().unwrap();
             let rhs = if transposed {
-                MatRef {
-                    data: &rhs_data,
-                    row_stride: 1,
-                    col_stride: k,
-                }
+                MatRef::transposed(&rhs_data, k)
             } else {
-                MatRef {
-                    data: &rhs_data,
-                    row_stride: n,
-                    col_stride: 1,
-                }
+                MatRef::row_major(&rhs_data, n)
             };
-            let lhs_ref = MatRef {
-                data: &lhs,
-                row_stride: k,
-                col_stride: 1,
-            };
+            let lhs_ref = MatRef::row_major(&lhs, k);
             // dst rows padded by 3 columns, which must stay untouched.
             let stride = n + 3;
             let initial = random(&[m, stride], seed + 2).to_vec().unwrap();
