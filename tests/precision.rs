@@ -14,7 +14,7 @@ use common::image_cases::{
 /// How far a bf16 image may be from diffusers' float32 one, in levels of 255. Not the f32
 /// pass rule (3 and 0.5): every product's operands lose 16 of their 24 bits. Measured over
 /// these 23 cases on a 2-core Xeon (2026-12-07): worst max 28 (fast512 at 512x512) and worst
-/// mean 2.16 with AMX, 20 and 2.19 with the AVX512_BF16 kernel (`SD_CPU_BF16=avx512`).
+/// mean 2.10 with AMX, 20 and 2.07 with the AVX512_BF16 kernel (`SD_CPU_BF16=avx512`).
 /// A broken product (a wrong panel, a dropped k pair) moves these images by tens of levels
 /// on average.
 const BF16_MAX_DIFF: u8 = 40;

@@ -7,7 +7,7 @@
 use std::arch::asm;
 use std::sync::OnceLock;
 
-use super::{Block, BLOCK, K_STEP, PANEL};
+use super::{Target, BLOCK, K_STEP, PANEL};
 
 /// Linux's `arch_prctl` request for permission to use a dynamically enabled state
 /// component, and AMX's tile data component: without the grant the first tile
@@ -86,26 +86,53 @@ pub(super) fn release() {
 /// See [`super::BlockFn`]. `a` holds BLOCK rows of `kp` bf16, `b` two panels.
 ///
 /// # Safety
-/// AMX must be usable and [`configure`]d on this thread; `a` and `b` as documented.
+/// AMX must be usable and [`configure`]d on this thread; `a` and `b` as documented, `out`
+/// 32 rows of 32 values that no other thread touches.
 #[cfg(target_arch = "x86_64")]
-pub(super) unsafe fn block(a: &[u16], b: &[u16], k: usize, kp: usize, out: &mut Block) {
+pub(super) unsafe fn block(a: &[u16], b: &[u16], k: usize, kp: usize, out: Target) {
     debug_assert!(a.len() >= BLOCK * kp && b.len() >= 2 * PANEL * kp && kp.is_multiple_of(K_STEP));
     let row_bytes = kp * 2;
     let a0 = a.as_ptr();
     let a1 = a[PANEL * kp..].as_ptr();
     let b0 = b.as_ptr();
     let b1 = b[PANEL * kp..].as_ptr();
+    // The four 16 x 16 quarters of the target, and its row stride in bytes.
+    let o = out.ptr;
+    // SAFETY: inside the target's 32 x 32 values (the caller's guarantee).
+    let (q01, q10, q11) = unsafe {
+        (
+            o.add(PANEL),
+            o.add(PANEL * out.row_stride),
+            o.add(PANEL * out.row_stride + PANEL),
+        )
+    };
+    let stride = out.row_stride * 4;
     // SAFETY (every statement): the loads read 16 rows of 64 bytes inside `a` (rows of
-    // `row_bytes`, from column kc) and `b` (k pairs kc/2.. of a panel, 64 bytes each), the
-    // stores write the four 16 x 16 quarters of `out` (rows of 128 bytes).
+    // `row_bytes`, from column kc), `b` (k pairs kc/2.. of a panel, 64 bytes each) and the
+    // target's quarters, the stores write those quarters.
     unsafe {
-        asm!(
-            "tilezero tmm0",
-            "tilezero tmm1",
-            "tilezero tmm2",
-            "tilezero tmm3",
-            options(nostack, nomem)
-        );
+        if out.accumulate {
+            asm!(
+                "tileloadd tmm0, [{q00} + {s}*1]",
+                "tileloadd tmm1, [{q01} + {s}*1]",
+                "tileloadd tmm2, [{q10} + {s}*1]",
+                "tileloadd tmm3, [{q11} + {s}*1]",
+                q00 = in(reg) o,
+                q01 = in(reg) q01,
+                q10 = in(reg) q10,
+                q11 = in(reg) q11,
+                s = in(reg) stride,
+                options(nostack, readonly)
+            );
+        } else {
+            asm!(
+                "tilezero tmm0",
+                "tilezero tmm1",
+                "tilezero tmm2",
+                "tilezero tmm3",
+                options(nostack, nomem)
+            );
+        }
         for kc in (0..k).step_by(K_STEP) {
             asm!(
                 "tileloadd tmm4, [{a0} + {rs}*1]",
@@ -125,17 +152,16 @@ pub(super) unsafe fn block(a: &[u16], b: &[u16], k: usize, kp: usize, out: &mut 
                 options(nostack, readonly)
             );
         }
-        let o = out.0.as_mut_ptr() as *mut f32;
         asm!(
             "tilestored [{q00} + {s}*1], tmm0",
             "tilestored [{q01} + {s}*1], tmm1",
             "tilestored [{q10} + {s}*1], tmm2",
             "tilestored [{q11} + {s}*1], tmm3",
             q00 = in(reg) o,
-            q01 = in(reg) o.add(PANEL),
-            q10 = in(reg) o.add(PANEL * BLOCK),
-            q11 = in(reg) o.add(PANEL * BLOCK + PANEL),
-            s = in(reg) BLOCK * 4,
+            q01 = in(reg) q01,
+            q10 = in(reg) q10,
+            q11 = in(reg) q11,
+            s = in(reg) stride,
             options(nostack)
         );
     }
@@ -149,6 +175,6 @@ pub(super) fn configure() {
 #[cfg(not(target_arch = "x86_64"))]
 pub(super) fn release() {}
 #[cfg(not(target_arch = "x86_64"))]
-pub(super) unsafe fn block(_: &[u16], _: &[u16], _: usize, _: usize, _: &mut Block) {
+pub(super) unsafe fn block(_: &[u16], _: &[u16], _: usize, _: usize, _: Target) {
     unreachable!("AMX is x86-64 only")
 }

@@ -123,11 +123,23 @@ const PANEL: usize = 16;
 /// that both kernels read the same layout (the AVX-512 kernel skips the zero padding).
 const K_STEP: usize = 32;
 
-/// One 32 x 32 block of results, row-major, from `BLOCK` packed rows (`a`, `kp` each) and
-/// two packed panels (`b`, `PANEL * kp` each), over the first `k` (the rest is zeros).
-pub(super) type BlockFn = unsafe fn(a: &[u16], b: &[u16], k: usize, kp: usize, out: &mut Block);
+/// One 32 x 32 block of results from `BLOCK` packed rows (`a`, `kp` each) and two packed
+/// panels (`b`, `PANEL * kp` each), over the first `k` (the rest is zeros), written to (or
+/// added to) `out`.
+pub(super) type BlockFn = unsafe fn(a: &[u16], b: &[u16], k: usize, kp: usize, out: Target);
 
-/// A kernel's output block, aligned for AMX's tile stores.
+/// Where a kernel writes its 32 x 32 block: straight into the destination when the block
+/// lies inside it (no copy), else into a [`Block`] that the driver copies from.
+#[derive(Clone, Copy)]
+pub(super) struct Target {
+    pub ptr: *mut f32,
+    /// Between rows, in f32 values.
+    pub row_stride: usize,
+    /// Add to what is there instead of overwriting it.
+    pub accumulate: bool,
+}
+
+/// A kernel's output block for the blocks at the destination's edges.
 #[repr(C, align(64))]
 pub(super) struct Block(pub [[f32; BLOCK]; BLOCK]);
 
@@ -180,10 +192,28 @@ pub(crate) fn gemm(
         let rows = &a[rb * BLOCK * kp..(rb + 1) * BLOCK * kp];
         for cb in cbs {
             let panels = &b[cb * BLOCK * kp..(cb + 1) * BLOCK * kp];
-            // SAFETY: `kernels()` listed this kernel, so the CPU (and for AMX the OS) has
-            // its instructions; the slices hold the BLOCK rows and two panels it reads.
-            unsafe { block(rows, panels, k, kp, &mut out) };
             let (r0, c0) = (rb * BLOCK, cb * BLOCK);
+            if r0 + BLOCK <= m && c0 + BLOCK <= n {
+                let target = Target {
+                    // SAFETY: the block's rows and columns lie inside dst (the assert
+                    // above); each (rb, cb) block is written by one task only.
+                    ptr: unsafe { dst_ptr.ptr().add(r0 * dst_row_stride + c0) },
+                    row_stride: dst_row_stride,
+                    accumulate,
+                };
+                // SAFETY: `kernels()` listed this kernel, so the CPU (and for AMX the OS)
+                // has its instructions; the slices hold the BLOCK rows and two panels it
+                // reads, the target 32 rows of 32 values.
+                unsafe { block(rows, panels, k, kp, target) };
+                continue;
+            }
+            let target = Target {
+                ptr: out.0.as_mut_ptr().cast(),
+                row_stride: BLOCK,
+                accumulate: false,
+            };
+            // SAFETY: as above; `out` is a whole block.
+            unsafe { block(rows, panels, k, kp, target) };
             for (i, row) in out.0.iter().enumerate().take(BLOCK.min(m - r0)) {
                 let width = BLOCK.min(n - c0);
                 // SAFETY: row r0 + i < m and columns c0..c0 + width < n lie inside dst (the
