@@ -28,7 +28,7 @@ fn bf16_images_stay_near_diffusers_float32_ones() {
     if precision::kernels().is_empty() {
         let e = set_precision(Precision::Bf16).unwrap_err().to_string();
         assert!(e.contains("AMX-BF16 or AVX512_BF16"), "{e}");
-        eprintln!("no bf16 instructions on this CPU: only the refusal was checked");
+        eprintln!("no bf16 kernel here (no AMX-BF16 or AVX512_BF16, or SD_CPU_SIMD below avx512): only the refusal was checked");
         return;
     }
     set_precision(Precision::Bf16).unwrap();

@@ -9,9 +9,9 @@
 //!
 //! One driver for both kernels: the operands are rounded once into packed bf16 copies
 //! (rows of the left-hand side; the right-hand side in 16-column panels whose k pairs are
-//! interleaved, the layout both instruction sets read), and each 32 x 32 block of the
-//! result is computed from them by the kernel into a local buffer, then written to (or
-//! added to) the destination.
+//! interleaved, the layout both instruction sets read), and the kernel computes each 32 x 32
+//! block of the result from them, writing it to (or adding it to) the destination: in
+//! place, or through a local block at the destination's edges.
 
 mod amx;
 mod avx512;
@@ -75,11 +75,11 @@ pub fn set_precision(precision: Precision) -> Result<()> {
         Precision::Bf16 => Some(*kernels().first().ok_or_else(|| {
             Error::InvalidArgument(format!(
                 "--precision bf16 needs a CPU with AMX-BF16 or AVX512_BF16 (Intel Xeon from \
-                 Sapphire Rapids, AMD from Zen 4){}; this one has neither",
-                if simd::level() < Level::Avx512 {
-                    " and AVX-512 not capped away by SD_CPU_SIMD"
+                 Sapphire Rapids, AMD from Zen 4); {}",
+                if simd::level() < simd::detected() {
+                    "SD_CPU_SIMD caps this one below AVX-512, which both need"
                 } else {
-                    ""
+                    "this one has neither"
                 }
             ))
         })?),
