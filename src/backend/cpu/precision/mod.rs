@@ -94,6 +94,14 @@ pub fn set_precision(precision: Precision) -> Result<()> {
     if let Some(kernel) = kernel {
         tracing::info!("CPU matrix products in bf16 with f32 sums ({kernel:?})");
     }
+    if kernel == Some(Kernel::Avx512) {
+        // Measured on a 2-core Xeon (2026-12-07): 140-205 GFLOP/s at SD 1.5's shapes
+        // against gemm's f32 260-370; on AMD (no AMX) it is not measured yet.
+        tracing::warn!(
+            "this CPU has AVX512_BF16 but no usable AMX: bf16 products may be no faster than \
+             f32 here (on an Intel Xeon they were slower); compare with the bench"
+        );
+    }
     Ok(())
 }
 
