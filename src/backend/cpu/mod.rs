@@ -66,6 +66,29 @@ pub enum CpuStorage {
 }
 
 impl CpuStorage {
+    /// Number of values.
+    pub fn len(&self) -> usize {
+        match self {
+            CpuStorage::F32(v) => v.len(),
+            CpuStorage::F16(v) => v.len(),
+            CpuStorage::BF16(v) => v.len(),
+        }
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// Values `start..start + dst.len()` as f32, into `dst`.
+    pub(crate) fn read_f32(&self, start: usize, dst: &mut [f32]) {
+        let range = start..start + dst.len();
+        match self {
+            CpuStorage::F32(v) => dst.copy_from_slice(&v[range]),
+            CpuStorage::F16(v) => v[range].convert_to_f32_slice(dst),
+            CpuStorage::BF16(v) => v[range].convert_to_f32_slice(dst),
+        }
+    }
+
     pub fn dtype(&self) -> DType {
         match self {
             CpuStorage::F32(_) => DType::F32,
