@@ -11,7 +11,7 @@ use std::cell::RefCell;
 use rayon::prelude::*;
 
 use super::exp::exp;
-use super::matmul::{sgemm, MatRef};
+use super::matmul::{sgemm, MatRef, Product};
 use super::simd::{dispatch, madd};
 use super::{CpuStorage, SharedMut};
 use crate::tensor::interrupt;
@@ -218,7 +218,16 @@ pub fn attention(
                         col_stride: 1,
                     };
                     let scores = &mut scores[..len * kb];
-                    sgemm(len, kb, d, q_view, kt_view, scores, kb, false, false);
+                    let scores_product = Product {
+                        m: len,
+                        n: kb,
+                        k: d,
+                        lhs: q_view,
+                        rhs: kt_view,
+                        dst_row_stride: kb,
+                        accumulate: false,
+                    };
+                    sgemm(scores_product, scores, false);
                     online_block_simd(Online {
                         scores,
                         kv: kb,
@@ -234,7 +243,16 @@ pub fn attention(
                         row_stride: kb,
                         col_stride: 1,
                     };
-                    sgemm(len, d, kb, s_view, v_view, acc, d, true, false);
+                    let values_product = Product {
+                        m: len,
+                        n: d,
+                        k: kb,
+                        lhs: s_view,
+                        rhs: v_view,
+                        dst_row_stride: d,
+                        accumulate: true,
+                    };
+                    sgemm(values_product, acc, false);
                 }
 
                 for (i, row) in acc.chunks(d).enumerate() {

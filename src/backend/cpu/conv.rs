@@ -7,7 +7,7 @@ use std::sync::OnceLock;
 
 use rayon::prelude::*;
 
-use super::matmul::{sgemm, MatRef};
+use super::matmul::{sgemm, MatRef, Product};
 use super::simd;
 use super::winograd::{self, F2, F4};
 use super::CpuStorage;
@@ -146,9 +146,16 @@ fn im2col_conv(x: &[f32], weight: &[f32], bias: Option<&[f32]>, p: &Conv2dParams
                 row_stride: pixels,
                 col_stride: 1,
             };
-            sgemm(
-                p.oc, pixels, p.c, w_view, rhs, dst, pixels, accumulate, true,
-            );
+            let product = Product {
+                m: p.oc,
+                n: pixels,
+                k: p.c,
+                lhs: w_view,
+                rhs,
+                dst_row_stride: pixels,
+                accumulate,
+            };
+            sgemm(product, dst, true);
             continue;
         }
         let mut start = 0;
@@ -161,17 +168,16 @@ fn im2col_conv(x: &[f32], weight: &[f32], bias: Option<&[f32]>, p: &Conv2dParams
                 row_stride: len,
                 col_stride: 1,
             };
-            sgemm(
-                p.oc,
-                len,
-                patch,
-                w_view,
+            let product = Product {
+                m: p.oc,
+                n: len,
+                k: patch,
+                lhs: w_view,
                 rhs,
-                &mut dst[start..],
-                pixels,
+                dst_row_stride: pixels,
                 accumulate,
-                true,
-            );
+            };
+            sgemm(product, &mut dst[start..], true);
             start += len;
         }
     }

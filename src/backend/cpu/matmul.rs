@@ -37,62 +37,40 @@ impl<'a> MatRef<'a> {
     }
 }
 
-/// `dst = lhs @ rhs` (or `dst += lhs @ rhs` with `accumulate`), lhs `m x k`, rhs `k x n`,
-/// dst `m x n` with row stride `dst_row_stride` and unit column stride.
-#[allow(clippy::too_many_arguments)]
-pub(crate) fn sgemm(
-    m: usize,
-    n: usize,
-    k: usize,
-    lhs: MatRef,
-    rhs: MatRef,
-    dst: &mut [f32],
-    dst_row_stride: usize,
-    accumulate: bool,
-    parallel: bool,
-) {
+/// One matrix product: `dst = lhs @ rhs` (or `dst += lhs @ rhs` with `accumulate`), lhs
+/// `m x k`, rhs `k x n`, into an `m x n` destination whose rows are `dst_row_stride` apart
+/// (unit column stride).
+#[derive(Clone, Copy)]
+pub(crate) struct Product<'a> {
+    pub m: usize,
+    pub n: usize,
+    pub k: usize,
+    pub lhs: MatRef<'a>,
+    pub rhs: MatRef<'a>,
+    pub dst_row_stride: usize,
+    pub accumulate: bool,
+}
+
+/// Runs `p` into `dst`, on rayon's threads with `parallel` (else on this one): in f32 with
+/// `gemm`'s microkernels, or rounding the operands to bf16 under `--precision bf16`.
+pub(crate) fn sgemm(p: Product, dst: &mut [f32], parallel: bool) {
     if let Some(kernel) = super::precision::active() {
-        return super::precision::gemm(
-            kernel,
-            m,
-            n,
-            k,
-            lhs,
-            rhs,
-            dst,
-            dst_row_stride,
-            accumulate,
-            parallel,
-        );
+        return super::precision::gemm(kernel, p, dst, parallel);
     }
-    sgemm_at(
-        simd::level(),
+    sgemm_at(simd::level(), p, dst, parallel)
+}
+
+/// [`sgemm`] with the microkernels of `level` (at most what the CPU has).
+fn sgemm_at(level: Level, p: Product, dst: &mut [f32], parallel: bool) {
+    let Product {
         m,
         n,
         k,
         lhs,
         rhs,
-        dst,
         dst_row_stride,
-        accumulate,
-        parallel,
-    )
-}
-
-/// [`sgemm`] with the microkernels of `level` (at most what the CPU has).
-#[allow(clippy::too_many_arguments)]
-fn sgemm_at(
-    level: Level,
-    m: usize,
-    n: usize,
-    k: usize,
-    lhs: MatRef,
-    rhs: MatRef,
-    dst: &mut [f32],
-    dst_row_stride: usize,
-    accumulate: bool,
-    parallel: bool,
-) {
+        ..
+    } = p;
     assert!(level <= simd::detected(), "{level:?} is past this CPU");
     if m == 0 || n == 0 {
         return;
@@ -127,14 +105,8 @@ fn sgemm_at(
             unsafe {
                 gemm_raw(
                     level,
-                    m,
-                    cols,
-                    k,
+                    Product { n: cols, ..p },
                     dst_ptr.ptr().add(j0),
-                    dst_row_stride,
-                    accumulate,
-                    lhs,
-                    rhs,
                     j0,
                     gemm::Parallelism::None,
                 )
@@ -149,47 +121,35 @@ fn sgemm_at(
     };
     // SAFETY: the asserts above keep every access of the three strided matrices inside
     // their slices, and dst is borrowed mutably so nothing else aliases it.
-    unsafe {
-        gemm_raw(
-            level,
-            m,
-            n,
-            k,
-            dst.as_mut_ptr(),
-            dst_row_stride,
-            accumulate,
-            lhs,
-            rhs,
-            0,
-            parallelism,
-        )
-    };
+    unsafe { gemm_raw(level, p, dst.as_mut_ptr(), 0, parallelism) };
 }
 
 /// Products with fewer rows than this split their columns across threads.
 const SMALL_M: usize = 256;
 
-/// `gemm::gemm` of `lhs` by columns `first_col..first_col + n` of `rhs` into `dst`, with
-/// at most AVX2 + FMA at `level` Avx2.
+/// `gemm::gemm` of `p.lhs` by columns `first_col..first_col + p.n` of `p.rhs` into `dst`,
+/// with at most AVX2 + FMA at `level` Avx2.
 ///
 /// # Safety
-/// `lhs` and those columns of `rhs` must lie inside their slices, `dst` must point at an
-/// `m x n` region (row stride `dst_row_stride`) that no other thread writes, and `level`
-/// must be one the CPU has.
-#[allow(clippy::too_many_arguments)]
+/// `p.lhs` and those columns of `p.rhs` must lie inside their slices, `dst` must point at
+/// an `m x n` region (row stride `p.dst_row_stride`) that no other thread writes, and
+/// `level` must be one the CPU has.
 unsafe fn gemm_raw(
     level: Level,
-    m: usize,
-    n: usize,
-    k: usize,
+    p: Product,
     dst: *mut f32,
-    dst_row_stride: usize,
-    accumulate: bool,
-    lhs: MatRef,
-    rhs: MatRef,
     first_col: usize,
     parallelism: gemm::Parallelism,
 ) {
+    let Product {
+        m,
+        n,
+        k,
+        lhs,
+        rhs,
+        dst_row_stride,
+        accumulate,
+    } = p;
     let (lhs_ptr, rhs_ptr) = (
         lhs.data.as_ptr(),
         rhs.data[first_col * rhs.col_stride..].as_ptr(),
@@ -327,17 +287,20 @@ fn few_rows_by_half_weight(
             // SAFETY: x holds m x k values and the widened band cols x k (asserted and
             // sized above); dst + j0 is the m x cols region of columns j0..j0 + cols of
             // the m x n dst, which no other band writes.
+            let product = Product {
+                m,
+                n: cols,
+                k,
+                lhs: MatRef::row_major(x, k),
+                rhs: MatRef::transposed(widened, k),
+                dst_row_stride: n,
+                accumulate,
+            };
             unsafe {
                 gemm_raw(
                     level,
-                    m,
-                    cols,
-                    k,
+                    product,
                     dst_ptr.ptr().add(j0),
-                    n,
-                    accumulate,
-                    MatRef::row_major(x, k),
-                    MatRef::transposed(widened, k),
                     0,
                     gemm::Parallelism::None,
                 )
@@ -378,44 +341,32 @@ pub fn matmul(
         return CpuStorage::F32(out);
     }
     let rhs = rhs.as_f32();
-    let rhs_view = |b: usize| {
+    // The product of batch entry `b`.
+    let product = |b: usize| {
         let off = if d.rhs_batched { b * k * n } else { 0 };
         let data = &rhs[off..off + k * n];
-        if d.transpose_rhs {
-            MatRef::transposed(data, k)
-        } else {
-            MatRef::row_major(data, n)
-        }
-    };
-    let lhs_view = |b: usize| MatRef::row_major(&lhs[b * m * k..(b + 1) * m * k], k);
-    if d.batch == 1 {
-        sgemm(
+        Product {
             m,
             n,
             k,
-            lhs_view(0),
-            rhs_view(0),
-            &mut out,
-            n,
-            bias.is_some(),
-            true,
-        );
+            lhs: MatRef::row_major(&lhs[b * m * k..(b + 1) * m * k], k),
+            rhs: if d.transpose_rhs {
+                MatRef::transposed(data, k)
+            } else {
+                MatRef::row_major(data, n)
+            },
+            dst_row_stride: n,
+            accumulate: bias.is_some(),
+        }
+    };
+    if d.batch == 1 {
+        sgemm(product(0), &mut out, true);
     } else {
         // Many small products (attention heads): one thread per product.
         let parallel_inside = d.batch < rayon::current_num_threads();
-        out.par_chunks_mut(m * n).enumerate().for_each(|(b, dst)| {
-            sgemm(
-                m,
-                n,
-                k,
-                lhs_view(b),
-                rhs_view(b),
-                dst,
-                n,
-                bias.is_some(),
-                parallel_inside,
-            );
-        });
+        out.par_chunks_mut(m * n)
+            .enumerate()
+            .for_each(|(b, dst)| sgemm(product(b), dst, parallel_inside));
     }
     CpuStorage::F32(out)
 }
@@ -479,9 +430,18 @@ mod tests {
                     vec![f32::NAN; m * n]
                 }
             };
+            let product = Product {
+                m,
+                n,
+                k,
+                lhs: lhs_ref,
+                rhs,
+                dst_row_stride: n,
+                accumulate,
+            };
             for &level in levels.iter().filter(|&&l| l <= simd::detected()) {
                 let mut dst = fresh();
-                sgemm_at(level, m, n, k, lhs_ref, rhs, &mut dst, n, accumulate, true);
+                sgemm_at(level, product, &mut dst, true);
                 for (i, (&got, &want)) in dst.iter().zip(&want).enumerate() {
                     // f32 sums of k products: a few ulps per sqrt(k) terms.
                     let bound = 4e-7 * 8.0 * (k as f64).sqrt() * want.abs().max(1.0);
@@ -493,18 +453,7 @@ mod tests {
             }
             if simd::detected() == Level::Avx2 {
                 let mut capped = fresh();
-                sgemm_at(
-                    Level::Avx2,
-                    m,
-                    n,
-                    k,
-                    lhs_ref,
-                    rhs,
-                    &mut capped,
-                    n,
-                    accumulate,
-                    false,
-                );
+                sgemm_at(Level::Avx2, product, &mut capped, false);
                 let mut own = fresh();
                 // SAFETY: the extents sgemm_at asserts for the same operands; own is a
                 // local m x n buffer.

@@ -13,7 +13,7 @@
 
 use rayon::prelude::*;
 
-use super::matmul::{sgemm, MatRef};
+use super::matmul::{sgemm, MatRef, Product};
 use super::simd::{dispatch, madd};
 use crate::tensor::interrupt;
 use crate::tensor::params::Conv2dParams;
@@ -153,7 +153,16 @@ impl<const A: usize, const M: usize> Transform<A, M> {
                         row_stride: positions * tiles,
                         col_stride: 1,
                     };
-                    sgemm(p.oc, tiles, p.c, lhs, rhs, dst, tiles, false, inner);
+                    let product = Product {
+                        m: p.oc,
+                        n: tiles,
+                        k: p.c,
+                        lhs,
+                        rhs,
+                        dst_row_stride: tiles,
+                        accumulate: false,
+                    };
+                    sgemm(product, dst, inner);
                 });
             let m = &*m;
             out.par_chunks_mut(p.oh * p.ow)

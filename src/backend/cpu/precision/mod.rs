@@ -21,7 +21,7 @@ use std::sync::OnceLock;
 
 use rayon::prelude::*;
 
-use super::matmul::MatRef;
+use super::matmul::Product;
 use super::simd::{self, Level};
 use super::SharedMut;
 use crate::error::{Error, Result};
@@ -151,21 +151,18 @@ pub(super) struct Target {
 #[repr(C, align(64))]
 pub(super) struct Block(pub [[f32; BLOCK]; BLOCK]);
 
-/// `dst = lhs @ rhs` (`+=` with `accumulate`) with bf16 operands and f32 sums, as
-/// [`super::matmul::sgemm`] takes them.
-#[allow(clippy::too_many_arguments)]
-pub(crate) fn gemm(
-    kernel: Kernel,
-    m: usize,
-    n: usize,
-    k: usize,
-    lhs: MatRef,
-    rhs: MatRef,
-    dst: &mut [f32],
-    dst_row_stride: usize,
-    accumulate: bool,
-    parallel: bool,
-) {
+/// Runs `p` into `dst` with bf16 operands and f32 sums, as [`super::matmul::sgemm`] takes
+/// it.
+pub(crate) fn gemm(kernel: Kernel, p: Product, dst: &mut [f32], parallel: bool) {
+    let Product {
+        m,
+        n,
+        k,
+        lhs,
+        rhs,
+        dst_row_stride,
+        accumulate,
+    } = p;
     if m == 0 || n == 0 {
         return;
     }
@@ -267,6 +264,7 @@ mod tests {
     use half::bf16;
 
     use super::*;
+    use crate::backend::cpu::matmul::MatRef;
     use crate::tensor::testing::random;
 
     fn round(x: f32) -> f64 {
@@ -304,9 +302,16 @@ mod tests {
             let initial = random(&[m, stride], seed + 2).to_vec().unwrap();
             for &kernel in &found {
                 let mut dst = initial.clone();
-                gemm(
-                    kernel, m, n, k, lhs_ref, rhs, &mut dst, stride, accumulate, parallel,
-                );
+                let product = Product {
+                    m,
+                    n,
+                    k,
+                    lhs: lhs_ref,
+                    rhs,
+                    dst_row_stride: stride,
+                    accumulate,
+                };
+                gemm(kernel, product, &mut dst, parallel);
                 for r in 0..m {
                     for c in 0..stride {
                         let got = dst[r * stride + c];
