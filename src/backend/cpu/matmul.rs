@@ -141,22 +141,15 @@ unsafe fn gemm_raw(
     first_col: usize,
     parallelism: gemm::Parallelism,
 ) {
-    let Product {
-        m,
-        n,
-        k,
-        lhs,
-        rhs,
-        dst_row_stride,
-        accumulate,
-    } = p;
+    let (m, n, k, accumulate) = (p.m, p.n, p.k, p.accumulate);
+    let (lhs, rhs) = (p.lhs, p.rhs);
     let (lhs_ptr, rhs_ptr) = (
         lhs.data.as_ptr(),
         rhs.data[first_col * rhs.col_stride..].as_ptr(),
     );
     let (lhs_cs, lhs_rs) = (lhs.col_stride as isize, lhs.row_stride as isize);
     let (rhs_cs, rhs_rs) = (rhs.col_stride as isize, rhs.row_stride as isize);
-    let dst_rs = dst_row_stride as isize;
+    let dst_rs = p.dst_row_stride as isize;
     // Under `SD_CPU_SIMD=avx2` `gemm::gemm` would still pick AVX-512 (it asks the CPU
     // itself), so the capped run goes through its driver with its AVX2 + FMA microkernels.
     // At `baseline` gemm keeps its own pick: it has no SSE kernels, only scalar ones, with
