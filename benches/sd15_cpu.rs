@@ -723,6 +723,7 @@ fn main() -> Result<()> {
                 "model": source,
                 "threads": threads,
                 "precision": sd_wgpu::backend::cpu::precision::current(),
+                "simd": format!("{:?}", sd_wgpu::backend::cpu::simd::level()),
                 "runs": o.runs,
                 "warmup": o.warmup,
                 "load_s": load_s,

@@ -384,6 +384,7 @@ def worker_stages(a):
     return {
         "mode": "stages",
         "threads": torch.get_num_threads(),
+        "cpu_capability": torch.backends.cpu.get_cpu_capability(),
         "load_s": load_s,
         "stages": stages,
         "peak_after_load_mib": peak_after_load,
@@ -550,6 +551,9 @@ def print_report(r):
           f"{m.get('memory_gb', '?')} GB; {m['threads']} threads each side; torch {m['torch']}")
     print(f"{r['arch']} weights: {r['model']}; median of {r['runs']} runs after {r['warmup']} warm-up(s); "
           f"precision {r.get('precision', 'f32')} (sd-wgpu: {r['rust'].get('precision', 'f32')})")
+    if r.get("simd_cap"):
+        print(f"SIMD capped at {r['simd_cap']}: PyTorch's ATen kernels ran {r['torch'].get('cpu_capability', '?')}, "
+              f"sd-wgpu's {r['rust'].get('simd', '?')}")
     print(f"load average (1, 5, 15 min) {fmt_load(m['loadavg_start'])} at the start, {fmt_load(m['loadavg_end'])} at the end "
           f"(another busy process on these cores skews the times: compare with the runs' spread above)")
     print()
@@ -653,6 +657,9 @@ def main():
     p.add_argument("--precision", choices=["f32", "bf16"], default="f32",
                    help="both sides' precision: f32, or bf16 (PyTorch's bfloat16 autocast; sd-wgpu --precision bf16)")
     # Internal: the PyTorch child processes.
+    p.add_argument("--simd", choices=["avx2"],
+                   help="cap both sides at AVX2 + FMA on an AVX-512 CPU: sd-wgpu with SD_CPU_SIMD, PyTorch "
+                        "with ATEN_CPU_CAPABILITY, ONEDNN_MAX_CPU_ISA and MKL_ENABLE_INSTRUCTIONS")
     p.add_argument("--worker", choices=["stages", "image"], help=argparse.SUPPRESS)
     p.add_argument("--model", help=argparse.SUPPRESS)
     p.add_argument("--inputs", help=argparse.SUPPRESS)
@@ -664,6 +671,10 @@ def main():
     if a.runs is None:
         a.runs = 1 if a.tiny else arch["runs"]
 
+    if a.simd == "avx2":
+        # Inherited by both sides' child processes.
+        os.environ.update(SD_CPU_SIMD="avx2", ATEN_CPU_CAPABILITY="avx2", ONEDNN_MAX_CPU_ISA="AVX2",
+                          MKL_ENABLE_INSTRUCTIONS="AVX2")
     if a.worker:
         a.steps = a.image_steps
         result = worker_stages(a) if a.worker == "stages" else worker_image(a)
@@ -713,6 +724,7 @@ def main():
     report = {
         "arch": arch["name"],
         "precision": a.precision,
+        "simd_cap": a.simd,
         "machine": machine,
         "model": model,
         "runs": a.runs,
