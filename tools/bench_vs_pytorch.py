@@ -72,7 +72,8 @@ ARCHS = {
         "preset": "sd15",
         "tiny": "sd1",
         "cache": "/tmp/sd15-random",
-        "targets": {"text_encoder": 1.0, "unet": 0.8, "vae": 0.7},
+        # Issue 18's, on every machine (the first SD 1.5 issue's were 1.0, 0.8 and 0.7).
+        "targets": {"text_encoder": 0.8, "unet": 0.7, "vae": 0.5},
         "peak_gb": 4.0,
         "runs": 3,
     },
