@@ -268,7 +268,10 @@ fn few_rows_by_half_weight(
     // As many bands for each thread, each at most WIDENED_BAND values (in whole 16-column
     // panels where it can).
     let threads = rayon::current_num_threads();
-    let bands = (n * k).div_ceil(WIDENED_BAND).next_multiple_of(threads);
+    let bands = (n * k)
+        .div_ceil(WIDENED_BAND)
+        .max(1)
+        .next_multiple_of(threads);
     let rows = n.div_ceil(bands).next_multiple_of(16);
     let dst_ptr = SharedMut(dst.as_mut_ptr());
     let band = |band: usize| {
@@ -488,9 +491,15 @@ mod tests {
         let levels = [Level::Baseline, Level::Avx2, Level::Avx512];
         // 77 x 1000 x 300: 300k weight values make 4+ bands of 16-column panels, the
         // last one short.
-        for (case, &(m, n, k)) in [(77, 1000, 300), (2, 40, 33), (SMALL_M - 1, 24, 9)]
-            .iter()
-            .enumerate()
+        // (3, 5, 0): no inputs at all, so zeros (or the bias).
+        for (case, &(m, n, k)) in [
+            (77, 1000, 300),
+            (2, 40, 33),
+            (SMALL_M - 1, 24, 9),
+            (3, 5, 0),
+        ]
+        .iter()
+        .enumerate()
         {
             let seed = 100 + 10 * case as u64;
             let x = random(&[m, k], seed).to_vec().unwrap();
