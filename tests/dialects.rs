@@ -133,7 +133,7 @@ fn webuiapi_interrupt_stops_the_batch_and_skip_moves_to_the_next_image() {
     // Stopped within the first image: no image, the batch not continued.
     assert_eq!(out["images"], json!([]), "{}", out["info"]);
     assert_eq!(out["after"]["state"]["job_count"], 0);
-    assert!(server.log().contains("stopped a running job"));
+    server.wait_for_log("stopped a running job");
 
     let out = python_client(&server, "a1111_webuiapi.py", &["skip"]);
     // The first image was skipped; the second (seed 21) was made.

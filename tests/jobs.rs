@@ -245,7 +245,7 @@ fn queued_and_running_jobs_can_be_cancelled() {
     let events = events.rest();
     let last = events.last().expect("the end of the job");
     assert_eq!(last.name, "cancelled", "{events:?}");
-    assert!(server.log().contains("stopped a running job"));
+    server.wait_for_log("stopped a running job");
 
     // Cancelling what has ended changes nothing.
     assert_eq!(cancel(&server, &running)["status"], "cancelled");
@@ -329,5 +329,5 @@ fn finished_jobs_expire_and_jobs_keep_the_time_limit() {
     wait_until("the engine is free", Duration::from_secs(30), || {
         !busy(&server)
     });
-    assert!(server.log().contains("stopped a running job"));
+    server.wait_for_log("stopped a running job");
 }

@@ -383,11 +383,13 @@ impl Engine {
             let started = Instant::now();
             let result = self.generate(&sd, &job);
             self.record(&job, &result, started.elapsed());
-            *self.running() = None;
-            self.busy.store(false, Ordering::Relaxed);
+            // Logged before the engine reports itself free, so that whoever sees it free
+            // also finds the line.
             if matches!(result, Err(Error::Cancelled)) {
                 tracing::info!("stopped a running job: its client is gone, its time ran out, it was interrupted or the server is stopping");
             }
+            *self.running() = None;
+            self.busy.store(false, Ordering::Relaxed);
             let lost = match self.device() {
                 Device::Gpu(gpu) if gpu.is_lost() => Some(gpu),
                 _ => None,

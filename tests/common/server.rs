@@ -147,6 +147,18 @@ impl Server {
         self.log.lock().unwrap().clone()
     }
 
+    /// Waits (up to 10 s) until the server's log contains `line`: what the server wrote is
+    /// read from its stderr by another thread, so a line written just now may not be
+    /// here yet (a check right after /health said the engine was free failed that way
+    /// on CI's 2 cores).
+    pub fn wait_for_log(&self, line: &str) {
+        wait_until(
+            &format!("the log says {line:?}"),
+            Duration::from_secs(10),
+            || self.log().contains(line),
+        );
+    }
+
     pub fn url(&self, path: &str) -> String {
         format!("http://{}{path}", self.addr)
     }
