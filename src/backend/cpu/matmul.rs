@@ -92,7 +92,7 @@ fn sgemm_at(level: Level, p: Product, dst: &mut [f32], parallel: bool) {
         );
     }
     let threads = rayon::current_num_threads();
-    let big = m * n * k >= 1 << 18;
+    let big = m * n * k >= PARALLEL_MIN_WORK;
     if parallel && big && m < SMALL_M && n >= threads * 64 {
         // Few rows (77 text tokens): gemm's own threading splits rows, so the threads
         // would share little; give each thread its own band of columns instead.
@@ -126,6 +126,9 @@ fn sgemm_at(level: Level, p: Product, dst: &mut [f32], parallel: bool) {
 
 /// Products with fewer rows than this split their columns across threads.
 const SMALL_M: usize = 256;
+
+/// Products of fewer multiply-adds (`m * n * k`) than this run on the calling thread.
+const PARALLEL_MIN_WORK: usize = 1 << 18;
 
 /// `gemm::gemm` of `p.lhs` by columns `first_col..first_col + p.n` of `p.rhs` into `dst`,
 /// with at most AVX2 + FMA at `level` Avx2.
@@ -280,9 +283,6 @@ fn few_rows_by_half_weight(
             widened.resize(cols * k, 0.0);
             let widened = &mut widened[..cols * k];
             w.read_f32(j0 * k, widened);
-            // SAFETY: x holds m x k values and the widened band cols x k (asserted and
-            // sized above); dst + j0 is the m x cols region of columns j0..j0 + cols of
-            // the m x n dst, which no other band writes.
             let product = Product {
                 m,
                 n: cols,
@@ -292,6 +292,9 @@ fn few_rows_by_half_weight(
                 dst_row_stride: n,
                 accumulate,
             };
+            // SAFETY: x holds m x k values and the widened band cols x k (asserted and
+            // sized above); dst + j0 is the m x cols region of columns j0..j0 + cols of
+            // the m x n dst, which no other band writes.
             unsafe {
                 gemm_raw(
                     level,
@@ -303,7 +306,7 @@ fn few_rows_by_half_weight(
             };
         });
     };
-    if m * n * k < 1 << 18 {
+    if m * n * k < PARALLEL_MIN_WORK {
         // The time embedding's 2 rows: less work than handing it to threads.
         (0..n.div_ceil(rows)).for_each(band);
     } else {
