@@ -227,7 +227,7 @@ pub fn attention(
                         dst_row_stride: kb,
                         accumulate: false,
                     };
-                    sgemm(scores_product, scores, false);
+                    sgemm(scores_product, &mut *scores, false);
                     online_block_simd(Online {
                         scores,
                         kv: kb,
@@ -252,7 +252,7 @@ pub fn attention(
                         dst_row_stride: d,
                         accumulate: true,
                     };
-                    sgemm(values_product, acc, false);
+                    sgemm(values_product, &mut *acc, false);
                 }
 
                 for (i, row) in acc.chunks(d).enumerate() {

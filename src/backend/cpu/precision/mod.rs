@@ -21,7 +21,7 @@ use std::sync::OnceLock;
 
 use rayon::prelude::*;
 
-use super::matmul::Product;
+use super::matmul::{Dst, Product};
 use super::simd::{self, Level};
 use super::SharedMut;
 use crate::error::{Error, Result};
@@ -153,7 +153,7 @@ pub(super) struct Block(pub [[f32; BLOCK]; BLOCK]);
 
 /// Runs `p` into `dst` with bf16 operands and f32 sums, as [`super::matmul::sgemm`] takes
 /// it.
-pub(crate) fn gemm(kernel: Kernel, p: Product, dst: &mut [f32], parallel: bool) {
+pub(crate) fn gemm(kernel: Kernel, p: Product, dst: Dst, parallel: bool) {
     let Product {
         m,
         n,
@@ -170,9 +170,16 @@ pub(crate) fn gemm(kernel: Kernel, p: Product, dst: &mut [f32], parallel: bool) 
         dst.len() >= (m - 1) * dst_row_stride + n,
         "bf16 gemm dst out of bounds"
     );
+    assert!(
+        !accumulate || dst.initialised(),
+        "adding to uninitialised values"
+    );
     if k == 0 {
         if !accumulate {
-            (0..m).for_each(|r| dst[r * dst_row_stride..][..n].fill(0.0));
+            // SAFETY: row r's n values lie inside dst (the assert above).
+            (0..m).for_each(|r| unsafe {
+                std::ptr::write_bytes(dst.ptr().add(r * dst_row_stride), 0, n)
+            });
         }
         return;
     }
@@ -189,7 +196,7 @@ pub(crate) fn gemm(kernel: Kernel, p: Product, dst: &mut [f32], parallel: bool) 
         Kernel::Amx => amx::configure as fn(),
         Kernel::Avx512 => || {},
     };
-    let dst_ptr = SharedMut(dst.as_mut_ptr());
+    let dst_ptr = SharedMut(dst.ptr());
     // The blocks of row block `rb`, columns blocks `cbs`, written into dst.
     let run = |rb: usize, cbs: std::ops::Range<usize>| {
         prepare();
@@ -222,17 +229,18 @@ pub(crate) fn gemm(kernel: Kernel, p: Product, dst: &mut [f32], parallel: bool) 
             for (i, row) in out.0.iter().enumerate().take(BLOCK.min(m - r0)) {
                 let width = BLOCK.min(n - c0);
                 // SAFETY: row r0 + i < m and columns c0..c0 + width < n lie inside dst (the
-                // assert above); each (rb, cb) block is written by one task only.
-                let d = unsafe {
-                    std::slice::from_raw_parts_mut(
-                        dst_ptr.ptr().add((r0 + i) * dst_row_stride + c0),
-                        width,
-                    )
-                };
-                if accumulate {
-                    d.iter_mut().zip(row).for_each(|(d, s)| *d += s);
-                } else {
-                    d.copy_from_slice(&row[..width]);
+                // assert above); each (rb, cb) block is written by one task only, and read
+                // only when accumulating, which needs initialised values (asserted above).
+                unsafe {
+                    let d = dst_ptr.ptr().add((r0 + i) * dst_row_stride + c0);
+                    if accumulate {
+                        std::slice::from_raw_parts_mut(d, width)
+                            .iter_mut()
+                            .zip(row)
+                            .for_each(|(d, s)| *d += s);
+                    } else {
+                        std::ptr::copy_nonoverlapping(row.as_ptr(), d, width);
+                    }
                 }
             }
         }
@@ -311,7 +319,7 @@ mod tests {
                     dst_row_stride: stride,
                     accumulate,
                 };
-                gemm(kernel, product, &mut dst, parallel);
+                gemm(kernel, product, (&mut dst[..]).into(), parallel);
                 for r in 0..m {
                     for c in 0..stride {
                         let got = dst[r * stride + c];
