@@ -337,18 +337,10 @@ thread_local! {
 /// # Safety
 /// As [`gemm_raw`].
 unsafe fn few_rows_transposed(level: Level, p: Product, dst: *mut f32, first_col: usize) {
-    let Product {
-        m,
-        n,
-        k,
-        lhs,
-        rhs,
-        dst_row_stride,
-        accumulate,
-    } = p;
+    let (m, n) = (p.m, p.n);
     let rhs_band = MatRef {
-        data: &rhs.data[first_col * rhs.col_stride..],
-        ..rhs
+        data: &p.rhs.data[first_col * p.rhs.col_stride..],
+        ..p.rhs
     };
     TRANSPOSED.with_borrow_mut(|t| {
         t.resize(m * n, 0.0);
@@ -356,9 +348,9 @@ unsafe fn few_rows_transposed(level: Level, p: Product, dst: *mut f32, first_col
         let product = Product {
             m: n,
             n: m,
-            k,
+            k: p.k,
             lhs: rhs_band.t(),
-            rhs: lhs.t(),
+            rhs: p.lhs.t(),
             dst_row_stride: m,
             accumulate: false,
         };
@@ -367,12 +359,12 @@ unsafe fn few_rows_transposed(level: Level, p: Product, dst: *mut f32, first_col
         unsafe { gemm_raw(level, product, t.as_mut_ptr(), 0, gemm::Parallelism::None) };
         for i in 0..m {
             // SAFETY: row i's n values from dst are the caller's m x n region.
-            let row = unsafe { dst.add(i * dst_row_stride) };
+            let row = unsafe { dst.add(i * p.dst_row_stride) };
             let column = t[i..].iter().step_by(m);
             for (j, &v) in column.enumerate() {
                 // SAFETY: as above; read only when accumulating (then initialised).
                 unsafe {
-                    if accumulate {
+                    if p.accumulate {
                         *row.add(j) += v;
                     } else {
                         row.add(j).write(v);
