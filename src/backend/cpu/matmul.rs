@@ -178,19 +178,35 @@ fn sgemm_at(level: Level, p: Product, dst: Dst, parallel: bool) {
     }
     let threads = rayon::current_num_threads();
     let big = m * n * k >= PARALLEL_MIN_WORK;
-    if parallel && big && m < SMALL_M && n >= threads * 64 {
-        // Few rows (77 text tokens): gemm's own threading splits rows, so the threads
-        // would share little; give each thread its own band of columns instead.
-        let band = n.div_ceil(threads).next_multiple_of(16);
+    let few_rows = m < SMALL_M && big;
+    // Few rows (77 text tokens): gemm's own threading splits rows, so the threads would
+    // share little; each thread gets its own band of columns instead. Transposed (see
+    // `few_rows_transposed`) from TRANSPOSED_MIN_M rows on, and then whatever the threads:
+    // the orientation changes how values round, and a request must give the same image on
+    // any number of cores.
+    let transposed = few_rows && m >= TRANSPOSED_MIN_M;
+    if transposed || (parallel && few_rows && n >= threads * 64) {
+        let bands = if parallel { threads } else { 1 };
+        let band = n.div_ceil(bands).next_multiple_of(16);
         let dst_ptr = super::SharedMut(dst.ptr());
-        (0..n.div_ceil(band)).into_par_iter().for_each(|i| {
+        let run = |i: usize| {
             let (j0, cols) = (i * band, band.min(n - i * band));
+            let (p, dst) = (Product { n: cols, ..p }, dst_ptr.ptr());
             // SAFETY: as below; the bands' columns are disjoint, so no two tasks write
             // the same element of dst.
             unsafe {
-                few_rows_transposed(level, Product { n: cols, ..p }, dst_ptr.ptr().add(j0), j0)
-            };
-        });
+                if transposed {
+                    few_rows_transposed(level, p, dst.add(j0), j0)
+                } else {
+                    gemm_raw(level, p, dst.add(j0), j0, gemm::Parallelism::None)
+                }
+            }
+        };
+        if parallel {
+            (0..n.div_ceil(band)).into_par_iter().for_each(run);
+        } else {
+            (0..n.div_ceil(band)).for_each(run);
+        }
         return;
     }
     let parallelism = if parallel && big {
@@ -206,6 +222,12 @@ fn sgemm_at(level: Level, p: Product, dst: Dst, parallel: bool) {
 
 /// Products with fewer rows than this split their columns across threads.
 const SMALL_M: usize = 256;
+
+/// Few-row products from this many rows run transposed. Below it gemm could sum a band's
+/// values in other blocks of k than the whole product's (it picks k blocks from the sizes
+/// when both are at most 64, from k alone otherwise), so the result would depend on how
+/// many threads split the columns; from 65 rows on a band's width changes no rounding.
+const TRANSPOSED_MIN_M: usize = 65;
 
 /// Products of fewer multiply-adds (`m * n * k`) than this run on the calling thread.
 const PARALLEL_MIN_WORK: usize = 1 << 18;
@@ -644,6 +666,56 @@ mod tests {
     /// band: many bands per thread and a partial last one, the 2-row product kept on one
     /// thread, with bias and without, at every SIMD level the CPU has; against an f64
     /// product of the weight's stored values.
+    /// A few-row product gives the same bits on 1, 2 or 3 threads and when asked to stay on
+    /// one (the service runs on however many cores it finds; the tests' server on one): the
+    /// transposed band path for 77 and 130 rows, gemm's own threads for 300; accumulating,
+    /// with k beyond gemm's 512-value blocks, where the transposed path (which adds its
+    /// sums to the destination at the end) rounds unlike gemm (which adds each block's).
+    #[test]
+    fn few_row_products_do_not_depend_on_the_thread_count() {
+        for (case, &(m, n, k)) in [
+            (77, 200, 700),
+            (77, 100, 700),
+            (130, 1000, 600),
+            (300, 150, 40),
+        ]
+        .iter()
+        .enumerate()
+        {
+            let seed = 300 + 10 * case as u64;
+            let lhs = random(&[m, k], seed).to_vec().unwrap();
+            let rhs = random(&[n, k], seed + 1).to_vec().unwrap();
+            let product = Product {
+                m,
+                n,
+                k,
+                lhs: MatRef::row_major(&lhs, k),
+                rhs: MatRef::transposed(&rhs, k),
+                dst_row_stride: n,
+                accumulate: true,
+            };
+            let initial = random(&[m, n], seed + 2).to_vec().unwrap();
+            let run = |threads: usize, parallel: bool| {
+                let pool = rayon::ThreadPoolBuilder::new()
+                    .num_threads(threads)
+                    .build()
+                    .unwrap();
+                let mut dst = initial.clone();
+                pool.install(|| sgemm_at(simd::level(), product, (&mut dst[..]).into(), parallel));
+                dst
+            };
+            let one = run(1, true);
+            for (threads, parallel) in [(2, true), (3, true), (2, false)] {
+                let other = run(threads, parallel);
+                let same = one
+                    .iter()
+                    .zip(&other)
+                    .all(|(a, b)| a.to_bits() == b.to_bits());
+                assert!(same, "case {case}: {threads} threads, parallel {parallel}");
+            }
+        }
+    }
+
     /// The op fills every value of its output, which it does not zero first: batched
     /// products with a shared or a per-entry right-hand side, plain or transposed, with and
     /// without bias, f32 and half-precision weights (few rows, many), and k = 0, against f64.
