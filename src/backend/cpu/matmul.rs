@@ -181,10 +181,10 @@ fn sgemm_at(level: Level, p: Product, dst: Dst, parallel: bool) {
     let few_rows = m < SMALL_M && big;
     // Few rows (77 text tokens): gemm's own threading splits rows, so the threads would
     // share little; each thread gets its own band of columns instead. Transposed (see
-    // `few_rows_transposed`) from TRANSPOSED_MIN_M rows on, and then whatever the threads:
-    // the orientation changes how values round, and a request must give the same image on
-    // any number of cores.
-    let transposed = few_rows && m >= TRANSPOSED_MIN_M;
+    // `few_rows_transposed`) where rhs is a linear layer's weight (rows of k in place) and
+    // from TRANSPOSED_MIN_M rows on, whatever the threads: the orientation changes how
+    // values round, and a request must give the same image on any number of cores.
+    let transposed = few_rows && m >= TRANSPOSED_MIN_M && rhs.row_stride == 1;
     if transposed || (parallel && few_rows && n >= threads * 64) {
         let bands = if parallel { threads } else { 1 };
         let band = n.div_ceil(bands).next_multiple_of(16);
