@@ -105,14 +105,17 @@ impl<'a> Dst<'a> {
         self.len
     }
 
-    /// The first value, for writes (and reads where [`Dst::initialised`]) within `len`.
+    /// The first value, for writes within `len` (and reads, where initialised).
     pub fn ptr(&self) -> *mut f32 {
         self.ptr
     }
 
-    /// Whether the values may be read (added to).
-    pub fn initialised(&self) -> bool {
-        self.initialised
+    /// Panics if a product that `accumulate`s would read uninitialised values.
+    pub fn check_accumulate(&self, accumulate: bool) {
+        assert!(
+            !accumulate || self.initialised,
+            "a product cannot add to uninitialised values"
+        );
     }
 
     /// Consecutive disjoint parts of `size` values (the last may be shorter).
@@ -153,10 +156,7 @@ fn sgemm_at(level: Level, p: Product, dst: Dst, parallel: bool) {
         ..
     } = p;
     assert!(level <= simd::detected(), "{level:?} is past this CPU");
-    assert!(
-        !p.accumulate || dst.initialised,
-        "a product cannot add to uninitialised values"
-    );
+    dst.check_accumulate(p.accumulate);
     if m == 0 || n == 0 {
         return;
     }
@@ -421,10 +421,7 @@ fn few_rows_by_half_weight(
     accumulate: bool,
 ) {
     assert!(x.len() >= m * k && w.len() == n * k && dst.len() >= m * n);
-    assert!(
-        !accumulate || dst.initialised(),
-        "adding to uninitialised values"
-    );
+    dst.check_accumulate(accumulate);
     if m == 0 || n == 0 {
         return;
     }

@@ -170,10 +170,7 @@ pub(crate) fn gemm(kernel: Kernel, p: Product, dst: Dst, parallel: bool) {
         dst.len() >= (m - 1) * dst_row_stride + n,
         "bf16 gemm dst out of bounds"
     );
-    assert!(
-        !accumulate || dst.initialised(),
-        "adding to uninitialised values"
-    );
+    dst.check_accumulate(accumulate);
     if k == 0 {
         if !accumulate {
             // SAFETY: row r's n values lie inside dst (the assert above).
