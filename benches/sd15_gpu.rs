@@ -29,6 +29,11 @@
 //!   stage after one warm-up (the median is reported).
 //! * `--images`, `--fixtures DIR` (tests/fixtures): stage 2.
 //! * `--no-kernels`, `--quick` (stages 1-3 only), `--json FILE` (everything).
+//! * `--memory-only`: stages 4 and 5 with no kernel run (`GpuDevice::set_dry_run`: every
+//!   op allocates as it would, values are garbage), one run each and whole images of 2
+//!   steps, for the device memory each needs (`peak_device_mib`, the backend's own
+//!   account); the kernels (stage 3) are skipped. This measures SDXL's memory at 1024x1024
+//!   on llvmpipe in minutes, where running it would take hours.
 //! * `--allow-software`: run on a software adapter (llvmpipe) too, which is refused
 //!   otherwise (numbers from one say nothing about a GPU); with `--tiny` it runs every
 //!   stage in minutes, as CI's image can.
@@ -60,6 +65,7 @@ const TARGET: Duration = Duration::from_millis(1000);
 /// The most timed runs of one kernel.
 const MAX_RUNS: usize = 200;
 const GIB: f64 = (1u64 << 30) as f64;
+const MIB: f64 = (1u64 << 20) as f64;
 
 mod common;
 use common::{peak_memory_mib, peak_text, source_path, Arch, Configs};
@@ -79,6 +85,7 @@ struct Options {
     fixtures: PathBuf,
     kernels: bool,
     quick: bool,
+    memory_only: bool,
     allow_software: bool,
     json: Option<PathBuf>,
     peak_fp32: Option<f64>,
@@ -88,7 +95,7 @@ struct Options {
 fn usage(message: String) -> Error {
     Error::Other(format!(
         "{message}\nusage: sd15_gpu [--arch sd15|sdxl] [--model DIR | --tiny] [--latent N] [--image-steps 20,50] \
-         [--image-size PX] [--runs N] [--images [--fixtures DIR]] [--no-kernels] [--quick] \
+         [--image-size PX] [--runs N] [--images [--fixtures DIR]] [--no-kernels] [--quick] [--memory-only] \
          [--allow-software] [--json FILE] [--peak-fp32 TFLOPS] [--peak-fp16 TFLOPS]"
     ))
 }
@@ -105,6 +112,7 @@ fn parse_args() -> Result<Options> {
         fixtures: source_path("tests/fixtures"),
         kernels: true,
         quick: false,
+        memory_only: false,
         allow_software: false,
         json: None,
         peak_fp32: None,
@@ -125,6 +133,12 @@ fn parse_args() -> Result<Options> {
             // `cargo bench` passes `--bench` to harness-less benches.
             "--bench" => {}
             "--quick" => o.quick = true,
+            "--memory-only" => {
+                o.memory_only = true;
+                o.kernels = false;
+                o.runs = 1;
+                o.image_steps = vec![2];
+            }
             "--allow-software" => o.allow_software = true,
             "--images" => o.images = true,
             "--no-kernels" => o.kernels = false,
@@ -498,6 +512,7 @@ fn take_profile(gpu: &GpuDevice, what: &str) -> Value {
 /// `runs` timed runs of `f` after one warm-up, each through its completion on the GPU;
 /// the median, each run, and the output's range (a NaN or a flat output is a bug).
 fn timed(gpu: &GpuDevice, runs: usize, mut f: impl FnMut() -> Result<Tensor>) -> Result<Value> {
+    gpu.reset_memory_peak();
     let t = Instant::now();
     let out = f()?;
     gpu.synchronize()?;
@@ -519,6 +534,7 @@ fn timed(gpu: &GpuDevice, runs: usize, mut f: impl FnMut() -> Result<Tensor>) ->
         drop(out);
     }
     Ok(json!({
+        "peak_device_mib": gpu.memory().peak as f64 / MIB,
         "median_s": median(&seconds),
         "runs_s": seconds,
         "first_s": first,
@@ -541,7 +557,8 @@ fn median(xs: &[f64]) -> f64 {
 
 fn print_stage(label: &str, r: &Value) {
     println!(
-        "{label:<46} {:>9.1} ms  (first {:.1} ms; output in [{:.3}, {:.3}]{})  peak host memory {}",
+        "{label:<46} {:>9.1} ms  (first {:.1} ms; output in [{:.3}, {:.3}]{})  peak device memory \
+         {:.0} MiB, host {}",
         r["median_s"].as_f64().unwrap_or(f64::NAN) * 1e3,
         r["first_s"].as_f64().unwrap_or(f64::NAN) * 1e3,
         r["output_min"].as_f64().unwrap_or(f64::NAN),
@@ -551,6 +568,7 @@ fn print_stage(label: &str, r: &Value) {
         } else {
             ", NOT FINITE"
         },
+        r["peak_device_mib"].as_f64().unwrap_or(f64::NAN),
         peak_text()
     );
 }
@@ -692,7 +710,10 @@ fn stages(
     }
     for side in sides {
         let z = rng.randn_tensor(&[1, vae.config().latent_channels, side, side], device)?;
-        let r = timed(gpu, o.runs, || vae.decode(&z))?;
+        // As the pipeline runs it (see Device::without_buffer_reuse).
+        let r = timed(gpu, o.runs, || {
+            device.without_buffer_reuse(|| vae.decode(&z))
+        })?;
         let px = side * factor;
         print_stage(&format!("VAE decode, {px}x{px}"), &r);
         out.insert(format!("vae_{px}"), r);
@@ -731,6 +752,11 @@ fn whole_images(o: &Options, sd: &StableDiffusion) -> Result<Map<String, Value>>
     sd.generate(&params(2), &mut |_| std::ops::ControlFlow::Continue(()))?;
     for &steps in &o.image_steps {
         let mut evaluations = 0;
+        let gpu = match sd.device() {
+            Device::Gpu(gpu) => gpu,
+            Device::Cpu => return Err(Error::Gpu("the model is not on the GPU".into())),
+        };
+        gpu.reset_memory_peak();
         let t = Instant::now();
         let g = sd.generate(&params(steps), &mut |_| {
             evaluations += 1;
@@ -740,9 +766,10 @@ fn whole_images(o: &Options, sd: &StableDiffusion) -> Result<Map<String, Value>>
         let pixels = &g.image.pixels;
         let mean = pixels.iter().map(|&p| p as f64).sum::<f64>() / pixels.len().max(1) as f64;
         let spread = pixels.iter().max().unwrap_or(&0) - pixels.iter().min().unwrap_or(&0);
+        let peak_mib = gpu.memory().peak as f64 / MIB;
         println!(
             "{:<46} {total:>9.2} s   text {:.3} s, {evaluations} UNet evaluations {:.3} s, VAE {:.3} s; \
-             pixels mean {mean:.1}, range {spread}",
+             pixels mean {mean:.1}, range {spread}; peak device memory {peak_mib:.0} MiB",
             format!("{steps} steps"),
             g.timings.text_encoder.as_secs_f64(),
             g.timings.denoise.as_secs_f64(),
@@ -759,6 +786,7 @@ fn whole_images(o: &Options, sd: &StableDiffusion) -> Result<Map<String, Value>>
                 "text_encoder_s": g.timings.text_encoder.as_secs_f64(),
                 "denoise_s": g.timings.denoise.as_secs_f64(),
                 "vae_decode_s": g.timings.vae_decode.as_secs_f64(),
+                "peak_device_mib": peak_mib,
                 "pixel_mean": mean,
                 "pixel_range": spread,
             }),
@@ -833,6 +861,9 @@ fn main() -> Result<()> {
              --allow-software, with --tiny, to run anyway)",
             gpu.name()
         )));
+    }
+    if o.memory_only {
+        gpu.set_dry_run(true);
     }
     let adapter = gpu.describe();
     println!(
@@ -916,10 +947,16 @@ fn main() -> Result<()> {
                 gpu.keeps_f16()
             );
         }
+        let loaded = gpu.memory();
+        println!(
+            "device memory after loading: {:.0} MiB in use (the backend's account)",
+            loaded.in_use as f64 / MIB
+        );
         report.insert(
             "model".into(),
             json!({"source": o.model.as_ref().map(|d| d.display().to_string()), "load_s": load_s,
-                   "f16_weights_kept": gpu.keeps_f16(), "device_weight_bytes": weights}),
+                   "f16_weights_kept": gpu.keeps_f16(), "device_weight_bytes": weights,
+                   "device_memory_after_load": loaded}),
         );
         let mut all = stages(&gpu, &o, unet, vae, &device)?;
         if let Some(sd) = &sd {

@@ -133,3 +133,53 @@ fn a_decode_over_the_largest_buffer_runs_in_row_bands_with_the_same_image() {
         );
     }
 }
+
+/// A one-shot pass run as the pipeline runs the VAE (`Device::without_buffer_reuse`) gives
+/// the same image, holds no more device memory at its peak than with the pool keeping
+/// every freed buffer (less, as the levels change size), and leaves nothing pooled and
+/// nothing of its own in use.
+#[test]
+fn a_decode_without_buffer_reuse_gives_the_same_image_in_less_memory() {
+    let devices = common::devices();
+    let Some((_, Device::Gpu(shared))) = devices.iter().find(|(name, _)| name == "gpu") else {
+        return; // common::devices() said loudly why there is no GPU run.
+    };
+    // A device of its own, so that other tests' tensors do not count.
+    let gpu = sd_wgpu::backend::gpu::GpuDevice::new(Some(&shared.name())).unwrap();
+    let device = Device::Gpu(gpu.clone());
+    let config = VaeConfig {
+        block_out_channels: vec![8, 16, 16, 8],
+        up_block_types: vec!["UpDecoderBlock2D".into(); 4],
+        layers_per_block: 1,
+        norm_num_groups: 8,
+        ..VaeConfig::default()
+    };
+    let vae = VaeDecoder::new(&config, &Weights::random(5, &device), Path::new("vae")).unwrap();
+    let latents = TorchRng::new(4)
+        .randn_tensor(&[1, 4, 32, 32], &device)
+        .unwrap();
+    let held = gpu.memory().in_use;
+    let decode = |reuse: bool| {
+        gpu.reset_memory_peak();
+        // Read back inside the pass, as the pipeline does: a tensor that outlives it goes
+        // to the pool when dropped.
+        let run = || vae.decode(&latents).and_then(|t| t.to_vec());
+        let image = if reuse {
+            run()
+        } else {
+            device.without_buffer_reuse(run)
+        }
+        .unwrap();
+        (image, gpu.memory().peak)
+    };
+    let (pooled_image, pooled_peak) = decode(true);
+    gpu.release_idle_memory();
+    let (image, peak) = decode(false);
+    assert_eq!(image, pooled_image);
+    assert!(
+        peak < pooled_peak,
+        "peak {peak} bytes without reuse, {pooled_peak} with"
+    );
+    let after = gpu.memory();
+    assert_eq!((after.in_use, after.pooled), (held, 0));
+}

@@ -361,6 +361,7 @@ impl Engine {
                     // Idle: what the last generation (or the load) freed goes back to the
                     // system; it is kept for reuse while jobs run (see keep_freed_memory).
                     crate::backend::cpu::release_freed_memory();
+                    sd.device().release_idle_memory();
                     match self.queue.pop() {
                         Some(job) => job,
                         None => return,

@@ -364,15 +364,19 @@ impl StableDiffusion {
         let guidance = Guidance::encode(self, p)?;
         timings.text_encoder = t0.elapsed();
 
+        // The VAE runs once per image and its maps change size from level to level, so
+        // on a GPU it frees its buffers as it goes instead of pooling them, and the pool is
+        // emptied around it: the device holds the weights and one stage's working memory
+        // at a time (see Device::without_buffer_reuse).
         let t0 = Instant::now();
         let mut rng = TorchRng::new(p.seed);
-        let start_latents = match &p.init {
-            None => self.text_to_image_latents(p, scheduler.as_ref(), &mut rng)?,
+        let start_latents = self.device.without_buffer_reuse(|| match &p.init {
+            None => self.text_to_image_latents(p, scheduler.as_ref(), &mut rng),
             Some(init) => {
                 scheduler.set_begin_index(begin);
-                self.init_image_latents(init, scheduler.as_ref(), &mut rng)?
+                self.init_image_latents(init, scheduler.as_ref(), &mut rng)
             }
-        };
+        })?;
         timings.vae_encode = t0.elapsed();
 
         let t0 = Instant::now();
@@ -387,7 +391,7 @@ impl StableDiffusion {
         timings.denoise = t0.elapsed();
 
         let t0 = Instant::now();
-        let image = self.decode(&latents)?;
+        let image = self.device.without_buffer_reuse(|| self.decode(&latents))?;
         timings.vae_decode = t0.elapsed();
         timings.total = start.elapsed();
         Ok(Generated {

@@ -14,6 +14,7 @@ use axum::response::{IntoResponse, Response};
 use super::routes::AppState;
 use crate::engine::stats::{Outcome, GENERATION_SECONDS_BUCKETS};
 use crate::engine::ModelState;
+use crate::tensor::Device;
 
 /// Requests answered, by (route pattern, method, status). Routes are the patterns
 /// (`/jobs/{id}`), and paths that match none count as `unmatched`, so a client cannot grow
@@ -167,6 +168,25 @@ pub async fn metrics(State(app): State<Arc<AppState>>) -> impl IntoResponse {
             &mut out,
             format_args!("sd_denoising_steps_per_second {speed}"),
         );
+    }
+    if let Device::Gpu(gpu) = app.engine.device() {
+        let memory = gpu.memory();
+        family(
+            &mut out,
+            "sd_gpu_memory_bytes",
+            "gauge",
+            "Device memory of the GPU's tensors (in_use), its pool's idle buffers (pooled), and the most held at once (peak).",
+        );
+        for (kind, bytes) in [
+            ("in_use", memory.in_use),
+            ("pooled", memory.pooled),
+            ("peak", memory.peak),
+        ] {
+            line(
+                &mut out,
+                format_args!("sd_gpu_memory_bytes{{kind=\"{kind}\"}} {bytes}"),
+            );
+        }
     }
     (
         [(

@@ -147,6 +147,12 @@ async fn health(State(app): State<Arc<AppState>>) -> Json<Value> {
             Device::Gpu(gpu) => serde_json::to_value(gpu.selection()).unwrap_or(Value::Null),
             Device::Cpu => Value::Null,
         },
+        // On a GPU: the device memory its tensors hold, its pool keeps idle, and the most
+        // held at once since it opened (the backend's own account: GpuMemory).
+        "gpu_memory": match engine.device() {
+            Device::Gpu(gpu) => serde_json::to_value(gpu.memory()).unwrap_or(Value::Null),
+            Device::Cpu => Value::Null,
+        },
         // On the CPU: its vector level and the products' precision (`f32`, or `bf16 (Amx)`
         // with --precision bf16).
         "cpu": match engine.device() {

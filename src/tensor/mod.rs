@@ -49,6 +49,24 @@ impl Device {
         }
     }
 
+    /// Frees memory the device keeps for reuse between ops (the GPU's idle pooled buffers),
+    /// for when the next stage's tensors differ in size from the last one's; nothing on the
+    /// CPU, whose freed memory the engine hands back when idle.
+    pub fn release_idle_memory(&self) {
+        if let Device::Gpu(gpu) = self {
+            gpu.release_idle_memory();
+        }
+    }
+
+    /// Runs `f`, a pass that runs once, with memory freed as it goes rather than kept for
+    /// reuse (see [`GpuDevice::without_buffer_reuse`]); on the CPU just runs it.
+    pub fn without_buffer_reuse<R>(&self, f: impl FnOnce() -> R) -> R {
+        match self {
+            Device::Gpu(gpu) => gpu.without_buffer_reuse(f),
+            Device::Cpu => f(),
+        }
+    }
+
     /// The largest tensor the device can hold in one piece, in bytes (`None`: no limit
     /// but memory).
     pub fn max_buffer_bytes(&self) -> Option<u64> {

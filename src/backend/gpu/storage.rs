@@ -54,6 +54,8 @@ impl Drop for GpuStorage {
         if let Some(b) = self.buffer.take() {
             if self.pooled {
                 self.ctx.recycle(b);
+            } else {
+                self.ctx.release_upload(&b);
             }
         }
     }
@@ -80,7 +82,7 @@ impl GpuStorage {
     /// Uploads host values.
     pub fn from_f32(device: &GpuDevice, data: &[f32]) -> Self {
         GpuStorage {
-            buffer: Some(device.0.upload(bytemuck::cast_slice(data))),
+            buffer: Some(device.0.upload_tensor(bytemuck::cast_slice(data))),
             len: data.len(),
             dtype: DType::F32,
             pooled: false,
@@ -99,7 +101,7 @@ impl GpuStorage {
         let mut bytes: Vec<u8> = bytemuck::cast_slice(data).to_vec();
         bytes.resize(bytes.len().next_multiple_of(4), 0);
         GpuStorage {
-            buffer: Some(device.0.upload(&bytes)),
+            buffer: Some(device.0.upload_tensor(&bytes)),
             len: data.len(),
             dtype: DType::F16,
             pooled: false,

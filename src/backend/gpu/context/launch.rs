@@ -107,6 +107,9 @@ impl GpuContext {
         }
         self.launches
             .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        if self.dry_run.load(std::sync::atomic::Ordering::Relaxed) {
+            return;
+        }
         let (pipeline, layout) = self.pipeline(kernel);
         let bind_group = self.bind_group(kernel, &layout, params, buffers);
         self.record_pass(Some(kernel.entry), |encoder, timestamp_writes| {

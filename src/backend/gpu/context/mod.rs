@@ -22,6 +22,7 @@ pub use kernel::{Kernel, WORKGROUP_1D};
 #[cfg(test)]
 pub(crate) use launch::dispatch_log;
 use launch::BindCache;
+pub use pool::GpuMemory;
 use submit::Pending;
 pub use submit::PASSES_PER_SUBMIT;
 pub use tuning::{TileShape, Tuning};
@@ -62,6 +63,12 @@ pub(crate) struct GpuContext {
     /// are free, not on the order earlier steps freed them: each step binds the same
     /// buffers as the one before, and its bind groups come from the cache.
     pool: Mutex<HashMap<u64, std::collections::BTreeSet<wgpu::Buffer>>>,
+    /// The device memory tensors hold and the pool keeps (see [`GpuMemory`]).
+    memory: Mutex<GpuMemory>,
+    /// Whether freed kernel outputs go to the pool (see [`GpuDevice::without_buffer_reuse`]).
+    keep_freed: std::sync::atomic::AtomicBool,
+    /// Record no kernel launches (see [`GpuDevice::set_dry_run`]).
+    dry_run: std::sync::atomic::AtomicBool,
     /// The first error wgpu reported outside a call (validation, out of memory, device lost).
     error: Arc<Mutex<Option<String>>>,
     /// Why the device was lost, once it is (set by wgpu's device-lost callback).
@@ -130,6 +137,46 @@ impl GpuDevice {
     /// buffers go now rather than when the cache fills.
     pub fn forget_bind_groups(&self) {
         lock(&self.0.binds).forget_groups();
+    }
+
+    /// The device memory tensors hold now, the pool keeps, and the most held at once.
+    pub fn memory(&self) -> GpuMemory {
+        *lock(&self.0.memory)
+    }
+
+    /// Starts [`GpuMemory::peak`] again from what is held now.
+    pub fn reset_memory_peak(&self) {
+        let mut memory = lock(&self.0.memory);
+        memory.peak = memory.in_use + memory.pooled;
+    }
+
+    /// Frees the pool's idle buffers (see [`GpuContext::release_pool`]).
+    pub fn release_idle_memory(&self) {
+        self.0.release_pool();
+    }
+
+    /// Runs `f` with freed kernel outputs released instead of pooled, then frees the pool:
+    /// for a pass that runs once (the VAE), whose maps change size from level to level, so
+    /// that buffers kept for reuse would sit idle beside the live ones. A whole SDXL
+    /// 1024x1024 image (random fp16 weights, llvmpipe, the GPU bench's `--memory-only`,
+    /// 2026-12-07): peak 11,497 MiB with the VAE pooling -> 8,673 MiB, of which 6,621 MiB
+    /// are weights. Denoising steps repeat their shapes and keep the pool.
+    pub fn without_buffer_reuse<R>(&self, f: impl FnOnce() -> R) -> R {
+        self.0.release_pool();
+        self.0.keep_freed(false);
+        let result = f();
+        self.0.keep_freed(true);
+        self.0.release_pool();
+        result
+    }
+
+    /// With `true`, kernel launches are counted but not recorded: every op allocates its
+    /// outputs as it would, and their values are garbage. For measuring a model's memory
+    /// on an adapter too slow to run it (the GPU bench's `--memory-only`).
+    pub fn set_dry_run(&self, dry: bool) {
+        self.0
+            .dry_run
+            .store(dry, std::sync::atomic::Ordering::Relaxed);
     }
 
     /// Kernel launches recorded since the device opened.
