@@ -34,6 +34,8 @@
 //!   steps, for the device memory each needs (`peak_device_mib`, the backend's own
 //!   account); the kernels (stage 3) are skipped. This measures SDXL's memory at 1024x1024
 //!   on llvmpipe in minutes, where running it would take hours.
+//! * `--text-encoders-on-cpu`: load `--model` with its text encoders on the CPU (the
+//!   service's flag of the same name).
 //! * `--allow-software`: run on a software adapter (llvmpipe) too, which is refused
 //!   otherwise (numbers from one say nothing about a GPU); with `--tiny` it runs every
 //!   stage in minutes, as CI's image can.
@@ -51,6 +53,7 @@ use serde_json::{json, Map, Value};
 use sd_wgpu::backend::gpu::{profile, GpuDevice};
 use sd_wgpu::backend::{select_device, BackendChoice};
 use sd_wgpu::model::folder::{Component, ModelFolder};
+use sd_wgpu::model::source::ModelOptions;
 use sd_wgpu::model::unet::{Conditioning, TextTime, UNet2DConditionModel};
 use sd_wgpu::model::vae::VaeDecoder;
 use sd_wgpu::model::weights::Weights;
@@ -86,6 +89,7 @@ struct Options {
     kernels: bool,
     quick: bool,
     memory_only: bool,
+    text_encoders_on_cpu: bool,
     allow_software: bool,
     json: Option<PathBuf>,
     peak_fp32: Option<f64>,
@@ -95,7 +99,7 @@ struct Options {
 fn usage(message: String) -> Error {
     Error::Other(format!(
         "{message}\nusage: sd15_gpu [--arch sd15|sdxl] [--model DIR | --tiny] [--latent N] [--image-steps 20,50] \
-         [--image-size PX] [--runs N] [--images [--fixtures DIR]] [--no-kernels] [--quick] [--memory-only] \
+         [--image-size PX] [--runs N] [--images [--fixtures DIR]] [--no-kernels] [--quick] [--memory-only] [--text-encoders-on-cpu] \
          [--allow-software] [--json FILE] [--peak-fp32 TFLOPS] [--peak-fp16 TFLOPS]"
     ))
 }
@@ -113,6 +117,7 @@ fn parse_args() -> Result<Options> {
         kernels: true,
         quick: false,
         memory_only: false,
+        text_encoders_on_cpu: false,
         allow_software: false,
         json: None,
         peak_fp32: None,
@@ -133,6 +138,7 @@ fn parse_args() -> Result<Options> {
             // `cargo bench` passes `--bench` to harness-less benches.
             "--bench" => {}
             "--quick" => o.quick = true,
+            "--text-encoders-on-cpu" => o.text_encoders_on_cpu = true,
             "--memory-only" => {
                 o.memory_only = true;
                 o.kernels = false;
@@ -590,8 +596,13 @@ fn random_models(configs: &Configs, device: &Device) -> Result<(UNet2DConditionM
 
 /// The bytes a folder's weights take on `gpu` (the bench's own accounting, from the
 /// safetensors headers of the files the loader picks): f16 and bf16 tensors stay 2 bytes
-/// where the device keeps f16 weights, else widen to 4; per component.
-fn device_weight_bytes(dir: &Path, gpu: &GpuDevice) -> Result<Map<String, Value>> {
+/// where the device keeps f16 weights, else widen to 4; per component on the device (not
+/// the text encoders with `--text-encoders-on-cpu`).
+fn device_weight_bytes(
+    dir: &Path,
+    gpu: &GpuDevice,
+    text_encoders_on_cpu: bool,
+) -> Result<Map<String, Value>> {
     let folder = ModelFolder::open(dir)?;
     let mut out = Map::new();
     for c in [
@@ -600,7 +611,8 @@ fn device_weight_bytes(dir: &Path, gpu: &GpuDevice) -> Result<Map<String, Value>
         Component::Unet,
         Component::Vae,
     ] {
-        if !folder.has(c) {
+        let text_encoder = matches!(c, Component::TextEncoder | Component::TextEncoder2);
+        if !folder.has(c) || (text_encoder && text_encoders_on_cpu) {
             continue;
         }
         let path = folder.weights(c)?;
@@ -907,7 +919,13 @@ fn main() -> Result<()> {
     } else {
         let t = Instant::now();
         let sd = match &o.model {
-            Some(dir) => Some(StableDiffusion::load(dir, &device)?),
+            Some(dir) => {
+                let options = ModelOptions {
+                    text_encoders_on_cpu: o.text_encoders_on_cpu,
+                    ..Default::default()
+                };
+                Some(StableDiffusion::load_with(dir, &options, &device)?)
+            }
             None => None,
         };
         let random = match &sd {
@@ -931,7 +949,7 @@ fn main() -> Result<()> {
         // What the device holds for the weights, by the bench's own accounting (random
         // weights are f32 and not counted).
         let weights = match &o.model {
-            Some(dir) => Some(device_weight_bytes(dir, &gpu)?),
+            Some(dir) => Some(device_weight_bytes(dir, &gpu, o.text_encoders_on_cpu)?),
             None => None,
         };
         if let Some(w) = &weights {

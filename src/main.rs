@@ -57,6 +57,11 @@ struct ModelArgs {
     /// the original layout (AUTOMATIC1111's VAE files), read under the model's VAE config.
     #[arg(long, env = "SD_VAE")]
     vae: Option<PathBuf>,
+    /// Keep the text encoders on the CPU when the model runs on a GPU (they run once per
+    /// prompt): SDXL's take 1.5 GiB of GPU memory otherwise, which a card with 8 GB needs
+    /// for the UNet and the VAE at 1024x1024 (see the README's GPU memory section).
+    #[arg(long, env = "SD_TEXT_ENCODERS_ON_CPU")]
+    text_encoders_on_cpu: bool,
     /// auto: a hardware GPU when there is one, else the CPU.
     #[arg(long, value_enum, default_value_t = BackendChoice::Auto, env = "SD_BACKEND")]
     backend: BackendChoice,
@@ -75,6 +80,7 @@ impl ModelArgs {
         ModelOptions {
             config: self.model_config.clone(),
             vae: self.vae.clone(),
+            text_encoders_on_cpu: self.text_encoders_on_cpu,
         }
     }
 

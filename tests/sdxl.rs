@@ -205,3 +205,50 @@ fn the_refiner_and_mismatched_sdxl_parts_are_refused_naming_the_cause() {
     let err = load_error(&dir);
     assert!(err.contains("72-wide") || err.contains("pooled"), "{err}");
 }
+
+/// `--text-encoders-on-cpu` on a GPU: the text encoders' weights stay off the device (its
+/// account holds that much less after loading) and the SDXL cases still match diffusers'
+/// images, the embeddings going up to the UNet's device.
+#[test]
+fn text_encoders_on_the_cpu_beside_a_gpu_give_diffusers_images() {
+    use common::image_cases::{describe, read_cases, run_case};
+    let devices = common::devices();
+    let Some((_, Device::Gpu(shared))) = devices.iter().find(|(name, _)| name == "gpu") else {
+        return; // common::devices() said loudly why there is no GPU run.
+    };
+    let reference = common::reference("");
+    let cases = read_cases(&reference, "sdxl.json").unwrap();
+    let fixture = cases[0]["fixture"].as_str().unwrap();
+    let dir = common::fixtures().join("models").join(fixture);
+    // Each on a device of its own, so that the account holds this model only.
+    let load = |on_cpu: bool| {
+        let gpu = sd_wgpu::backend::gpu::GpuDevice::new(Some(&shared.name())).unwrap();
+        let options = sd_wgpu::model::source::ModelOptions {
+            text_encoders_on_cpu: on_cpu,
+            ..Default::default()
+        };
+        let sd = StableDiffusion::load_with(&dir, &options, &Device::Gpu(gpu.clone())).unwrap();
+        let held = gpu.memory().in_use;
+        (sd, held)
+    };
+    let (_, all_on_gpu) = load(false);
+    let (sd, held) = load(true);
+    assert!(
+        held < all_on_gpu,
+        "{held} bytes on the GPU with the text encoders on the CPU, {all_on_gpu} without"
+    );
+    let mut failures = Vec::new();
+    for (index, case) in cases.iter().enumerate() {
+        if case["fixture"].as_str() != Some(fixture) || case["vae"].is_string() {
+            continue;
+        }
+        let name = format!(
+            "{} with the text encoders on the CPU",
+            describe(index, case)
+        );
+        if let Err(message) = run_case(&sd, case, &reference, &name) {
+            failures.push(message);
+        }
+    }
+    assert!(failures.is_empty(), "{}", failures.join("\n"));
+}

@@ -22,6 +22,7 @@ fn load(model: &str, vae: Option<&Path>) -> sd_wgpu::Result<StableDiffusion> {
     let options = ModelOptions {
         config: None,
         vae: vae.map(Path::to_path_buf),
+        ..Default::default()
     };
     StableDiffusion::load_with(&common::model_dir(model), &options, &Device::Cpu)
 }

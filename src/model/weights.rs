@@ -26,7 +26,6 @@ struct WeightFile {
     tensors: HashMap<String, TensorInfo>,
     /// The header's `__metadata__` strings.
     metadata: HashMap<String, String>,
-    device: Device,
 }
 
 /// Where tensors come from.
@@ -38,7 +37,6 @@ enum Source {
     /// Deterministic random values of any requested shape: full-size architectures for
     /// benchmarks without multi-gigabyte files.
     Random {
-        device: Device,
         seed: u64,
     },
 }
@@ -72,6 +70,8 @@ pub struct Weights {
     prefix: String,
     /// Where the layers built from these weights enter their weight for LoRA, if anywhere.
     layers: Option<LayerRegistry>,
+    /// Where the tensors are made.
+    device: Device,
 }
 
 fn weights_error(path: &Path, message: impl Into<String>) -> Error {
@@ -105,10 +105,10 @@ impl Weights {
                 data_start: 8 + header_len,
                 tensors,
                 metadata: metadata.metadata().clone().unwrap_or_default(),
-                device: device.clone(),
             }))),
             prefix: String::new(),
             layers: None,
+            device: device.clone(),
         })
     }
 
@@ -116,21 +116,27 @@ impl Weights {
     /// stay bounded. Only for benchmarks: every lookup succeeds.
     pub fn random(seed: u64, device: &Device) -> Self {
         Weights {
-            source: Arc::new(Source::Random {
-                device: device.clone(),
-                seed,
-            }),
+            source: Arc::new(Source::Random { seed }),
             prefix: String::new(),
             layers: None,
+            device: device.clone(),
         }
     }
 
     /// The view one module level down: `pp("resnets").pp(1)` → `resnets.1.`.
     pub fn pp(&self, name: impl Display) -> Weights {
         Weights {
-            source: self.source.clone(),
             prefix: format!("{}{}.", self.prefix, name),
-            layers: self.layers.clone(),
+            ..self.clone()
+        }
+    }
+
+    /// The same weights, their tensors made on `device` (SDXL's text encoders on the CPU
+    /// beside a UNet on a GPU: `--text-encoders-on cpu`).
+    pub fn on(&self, device: &Device) -> Weights {
+        Weights {
+            device: device.clone(),
+            ..self.clone()
         }
     }
 
@@ -177,6 +183,7 @@ impl Weights {
                 })),
                 prefix: String::new(),
                 layers: self.layers.clone(),
+                device: self.device.clone(),
             }),
             _ => Err(Error::Other(
                 "Weights::mapped needs a whole weight file".into(),
@@ -230,11 +237,12 @@ impl Weights {
     pub fn get(&self, name: &str, shape: &[usize]) -> Result<Tensor> {
         let full = format!("{}{name}", self.prefix);
         match self.source.as_ref() {
-            Source::File(f) => f.get(full, shape),
-            Source::Mapped(m) => m
-                .file
-                .get_mapped(m.locate(&full), m.map.layout(), &full, shape),
-            Source::Random { device, seed } => random_tensor(&full, *seed, shape, device),
+            Source::File(f) => f.get(full, shape, &self.device),
+            Source::Mapped(m) => {
+                m.file
+                    .get_mapped(m.locate(&full), m.map.layout(), &full, shape, &self.device)
+            }
+            Source::Random { seed } => random_tensor(&full, *seed, shape, &self.device),
         }
     }
 }
@@ -343,7 +351,7 @@ impl WeightFile {
         let _ = (start, end);
     }
 
-    fn get(&self, full: String, shape: &[usize]) -> Result<Tensor> {
+    fn get(&self, full: String, shape: &[usize], device: &Device) -> Result<Tensor> {
         let f = self;
         let info = f.tensors.get(&full).ok_or_else(|| Error::MissingTensor {
             path: f.path.clone(),
@@ -360,7 +368,7 @@ impl WeightFile {
         let (start, end) = info.data_offsets;
         // In bounds: `deserialize` checked every offset against the file length.
         let bytes = &f.mmap[f.data_start + start..f.data_start + end];
-        let tensor = f.decode(bytes, info.dtype, shape, &full);
+        let tensor = f.decode(bytes, info.dtype, shape, &full, device);
         f.release(f.data_start + start, f.data_start + end);
         tensor
     }
@@ -374,6 +382,7 @@ impl WeightFile {
         layout: &str,
         name: &str,
         shape: &[usize],
+        device: &Device,
     ) -> Result<Tensor> {
         let f = self;
         let at = at.ok_or_else(|| {
@@ -454,16 +463,23 @@ impl WeightFile {
                     out.extend_from_slice(&bytes[at..at + elem]);
                 }
             }
-            f.decode(&out, info.dtype, shape, stored)
+            f.decode(&out, info.dtype, shape, stored, device)
         } else {
-            f.decode(bytes, info.dtype, shape, stored)
+            f.decode(bytes, info.dtype, shape, stored, device)
         };
         f.release(range.0, range.0 + range.1);
         tensor
     }
 
     /// A tensor's bytes as a tensor of `shape`, in its stored precision.
-    fn decode(&self, bytes: &[u8], dtype: Dtype, shape: &[usize], name: &str) -> Result<Tensor> {
+    fn decode(
+        &self,
+        bytes: &[u8],
+        dtype: Dtype,
+        shape: &[usize],
+        name: &str,
+        device: &Device,
+    ) -> Result<Tensor> {
         let f = self;
         match dtype {
             Dtype::F32 => Tensor::from_vec(
@@ -472,7 +488,7 @@ impl WeightFile {
                     .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
                     .collect(),
                 shape,
-                &f.device,
+                device,
             ),
             Dtype::F16 => Tensor::from_f16(
                 bytes
@@ -480,7 +496,7 @@ impl WeightFile {
                     .map(|b| f16::from_le_bytes([b[0], b[1]]))
                     .collect(),
                 shape,
-                &f.device,
+                device,
             ),
             Dtype::BF16 => Tensor::from_bf16(
                 bytes
@@ -488,7 +504,7 @@ impl WeightFile {
                     .map(|b| bf16::from_le_bytes([b[0], b[1]]))
                     .collect(),
                 shape,
-                &f.device,
+                device,
             ),
             other => Err(weights_error(
                 &f.path,

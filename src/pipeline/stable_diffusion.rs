@@ -303,7 +303,9 @@ impl StableDiffusion {
         width: usize,
         height: usize,
     ) -> Result<Conditioning> {
-        let context = Tensor::cat(&branches.iter().map(|b| &b.context).collect::<Vec<_>>(), 0)?;
+        // The text encoders may run on the CPU beside a UNet on a GPU.
+        let context = Tensor::cat(&branches.iter().map(|b| &b.context).collect::<Vec<_>>(), 0)?
+            .to_device(&self.device)?;
         if self.unet.text_time_pooled_dim().is_none() {
             return Ok(Conditioning {
                 context,
@@ -322,7 +324,7 @@ impl StableDiffusion {
         Ok(Conditioning {
             context,
             text_time: Some(TextTime {
-                text_embeds: Tensor::cat(&pooled, 0)?,
+                text_embeds: Tensor::cat(&pooled, 0)?.to_device(&self.device)?,
                 time_ids: vec![vec![h, w, 0.0, 0.0, h, w]; branches.len()],
             }),
         })

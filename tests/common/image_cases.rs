@@ -62,6 +62,7 @@ pub fn load_model(
     let options = sd_wgpu::model::source::ModelOptions {
         config: None,
         vae: case["vae"].as_str().map(|vae| fixtures.join(vae)),
+        ..Default::default()
     };
     StableDiffusion::load_with(&fixtures.join("models").join(fixture), &options, device)
         .map_err(|e| format!("{}: loading on {device} failed: {e}", model_key(case)))

@@ -22,6 +22,7 @@ pub fn config_options(config: &Path) -> sd_wgpu::model::source::ModelOptions {
     sd_wgpu::model::source::ModelOptions {
         config: Some(config.to_path_buf()),
         vae: None,
+        ..Default::default()
     }
 }
 
@@ -30,6 +31,7 @@ pub fn vae_options(vae: &str) -> sd_wgpu::model::source::ModelOptions {
     sd_wgpu::model::source::ModelOptions {
         config: None,
         vae: Some(fixtures().join(vae)),
+        ..Default::default()
     }
 }
 
