@@ -2,6 +2,7 @@
 # sd-wgpu on this machine's GPU, in one command, with no Rust toolchain needed:
 #
 #   tools/gpu_bench.sh --bench path/to/sd15_gpu [--sdxl] [--out DIR] [--software] [--no-torch]
+#                      [--text-encoders-on-cpu]
 #
 # --bench: the executable `cargo bench --bench sd15_gpu --no-run` builds (it prints the
 #   path; tools/gpu_bench.sh --build finds it when cargo is here). Run from the repository
@@ -14,6 +15,9 @@
 # --sdxl: SDXL base instead of SD 1.5: kernels at SDXL's shapes, the UNet step and VAE
 #   decode at 1024x1024, whole 1024x1024 images, on a random SDXL fp16 folder
 #   (/tmp/sdxl-random-fp16, about 7 GB); with --software, the tests' tiny sdxl fixture.
+# --text-encoders-on-cpu: sd-wgpu loads the model as the service's flag of that name does
+#   (the text encoders' weights off the GPU: SDXL at 1024x1024 within 8 GB; see the README's
+#   "GPU memory"), so the card's peak below is that setup's.
 # --peak-fp32 / --peak-fp16 TFLOPS: the card's dense peaks, for the kernels' share of it
 #   (known for H100/H200 from nvidia-smi's name).
 #
@@ -37,6 +41,7 @@ peak_fp32=""
 peak_fp16=""
 model="${SD_BENCH_MODEL:-}"
 arch=sd15
+extra=()
 while [ $# -gt 0 ]; do
     case "$1" in
         --bench) bench="$2"; shift 2 ;;
@@ -44,11 +49,12 @@ while [ $# -gt 0 ]; do
         --software) software=1; shift ;;
         --sdxl) arch=sdxl; shift ;;
         --no-torch) torch=0; shift ;;
+        --text-encoders-on-cpu) extra+=(--text-encoders-on-cpu); shift ;;
         --build) build=1; shift ;;
         --model) model="$2"; shift 2 ;;
         --peak-fp32) peak_fp32="$2"; shift 2 ;;
         --peak-fp16) peak_fp16="$2"; shift 2 ;;
-        -h|--help) sed -n '2,31p' "$0"; exit 0 ;;
+        -h|--help) sed -n '2,32p' "$0"; exit 0 ;;
         *) echo "gpu_bench.sh: unknown argument $1 (--help)" >&2; exit 2 ;;
     esac
 done
@@ -101,7 +107,7 @@ sys.exit(0 if torch.cuda.is_available() or (hasattr(torch.backends, "mps") and t
     have_torch=1
 fi
 
-args=(--arch "$arch" --images --json "$out/sd-wgpu.json" "${peaks[@]}")
+args=(--arch "$arch" --images --json "$out/sd-wgpu.json" "${peaks[@]}" "${extra[@]}")
 if [ "$software" = 1 ]; then
     # The tiny fixture's 16x16 latents, and the kernels at the architecture's channels but
     # 16x16 latents too (full-size shapes take many minutes on llvmpipe).
