@@ -722,7 +722,9 @@ fn stages(
     }
     for side in sides {
         let z = rng.randn_tensor(&[1, vae.config().latent_channels, side, side], device)?;
-        // As the pipeline runs it (see Device::without_buffer_reuse).
+        // As the pipeline runs it (see Device::without_buffer_reuse), its peak not counting
+        // the UNet's pooled buffers.
+        gpu.release_idle_memory();
         let r = timed(gpu, o.runs, || {
             device.without_buffer_reuse(|| vae.decode(&z))
         })?;

@@ -332,7 +332,7 @@ impl BandPolicy {
         }
     }
 
-    /// The CPU's, for memory: a whole decode holds two large maps at once (a convolution's
+    /// For memory (the CPU's, and a GPU's with large buffers): a whole decode holds two large maps at once (a convolution's
     /// input and output, a ResNet block's input and shortcut) plus the convolution's
     /// workspace, so a map over 512 MiB (SD's VAE over about 724x724 pixels) makes the
     /// peak; in bands each input band is freed as its output band is made, and the peak
@@ -342,17 +342,28 @@ impl BandPolicy {
     /// 38.9 s; these bands (16 from the third block) 1,387 MiB in 41.7 s; 32 MiB bands
     /// 1,411 MiB, and banding from the first block 1,373 MiB, both slower: the largest map
     /// (1 GiB, the third block's upsampled output) sets the floor, not the band size.
-    pub const CPU_MEMORY: BandPolicy = BandPolicy {
+    pub const MEMORY: BandPolicy = BandPolicy {
         band_maps_over: 512 << 20,
         band_bytes: 64 << 20,
         strict: false,
     };
 
-    /// `device`'s policy: a GPU's buffer limit, the CPU's memory one.
+    /// `device`'s policy: [`Self::MEMORY`], or on a GPU whose largest buffer is under
+    /// twice that policy's threshold, bands within the buffer limit. Measured on a GPU
+    /// (the bench's `--memory-only`, random fp16 SDXL at 1024x1024 on llvmpipe, whose
+    /// buffers go to 2 GiB; 2026-12-07): the decode's peak went from 8,674 MiB with the
+    /// weights to 7,780, under the UNet step's 7,986, now a whole image's peak. (One
+    /// latent row of the largest map passes 512 MiB, where [`Self::MEMORY`] would band
+    /// past a buffer limit of 1 GiB or more, only beyond 65,536 pixels wide.)
     pub fn for_device(device: &Device) -> Self {
-        match device.max_buffer_bytes() {
-            Some(limit) => Self::within_buffer(limit),
-            None => Self::CPU_MEMORY,
+        Self::for_buffer_limit(device.max_buffer_bytes())
+    }
+
+    /// [`Self::for_device`] for a device whose largest buffer is `limit` (`None`: the CPU).
+    fn for_buffer_limit(limit: Option<u64>) -> Self {
+        match limit {
+            Some(limit) if limit / 2 < Self::MEMORY.band_maps_over => Self::within_buffer(limit),
+            _ => Self::MEMORY,
         }
     }
 }
@@ -375,7 +386,7 @@ mod tests {
     /// block (the first with a map over 1 GiB: its upsampler's 2 GiB output), at 256 MiB 32
     /// from the first (its 512 MiB upsampled map); a 512x512 image needs none, nor does any
     /// image without a buffer limit; 2 MiB buffers cannot hold a 2048x2048 image's rows.
-    /// On the CPU, 1024x1024 takes 16 bands from the third block (the first with a map over
+    /// For memory (the CPU, and GPUs), 1024x1024 takes 16 bands from the third block (the first with a map over
     /// 512 MiB: its 1 GiB upsampled map), 512x512 none, and a latent row over the band size
     /// bands row by row rather than failing.
     #[test]
@@ -403,7 +414,7 @@ mod tests {
         assert_eq!(banding([1, 512, 256, 256], buffer(gib / 4)), Some((0, 32)));
         assert_eq!(banding([1, 512, 64, 64], buffer(2 * gib)), None);
         assert!(vae.banding([1, 512, 256, 256], buffer(gib / 512)).is_err());
-        let cpu = BandPolicy::CPU_MEMORY;
+        let cpu = BandPolicy::MEMORY;
         assert_eq!(banding([1, 512, 128, 128], cpu), Some((2, 16)));
         assert_eq!(banding([1, 512, 64, 64], cpu), None);
         let tiny_bands = BandPolicy {
@@ -411,5 +422,10 @@ mod tests {
             ..cpu
         };
         assert_eq!(banding([1, 512, 128, 128], tiny_bands), Some((2, 128)));
+        // GPUs band for memory as the CPU does, unless their buffer limit is stricter.
+        let policy = BandPolicy::for_buffer_limit;
+        assert_eq!(policy(None), cpu);
+        assert_eq!(policy(Some(2 * gib)), cpu);
+        assert_eq!(policy(Some(gib / 4)), buffer(gib / 4));
     }
 }
