@@ -162,12 +162,18 @@ impl GpuDevice {
     /// 2026-12-07): peak 11,497 MiB with the VAE pooling -> 8,673 MiB, of which 6,621 MiB
     /// are weights. Denoising steps repeat their shapes and keep the pool.
     pub fn without_buffer_reuse<R>(&self, f: impl FnOnce() -> R) -> R {
+        /// Pools again when dropped, whether `f` returned or unwound.
+        struct Restore<'a>(&'a GpuContext);
+        impl Drop for Restore<'_> {
+            fn drop(&mut self) {
+                self.0.keep_freed(true);
+                self.0.release_pool();
+            }
+        }
         self.0.release_pool();
         self.0.keep_freed(false);
-        let result = f();
-        self.0.keep_freed(true);
-        self.0.release_pool();
-        result
+        let _restore = Restore(&self.0);
+        f()
     }
 
     /// With `true`, kernel launches are counted but not recorded: every op allocates its
