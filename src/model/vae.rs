@@ -332,12 +332,12 @@ impl BandPolicy {
         }
     }
 
-    /// For memory (the CPU's, and a GPU's with large buffers): a whole decode holds two large maps at once (a convolution's
-    /// input and output, a ResNet block's input and shortcut) plus the convolution's
-    /// workspace, so a map over 512 MiB (SD's VAE over about 724x724 pixels) makes the
-    /// peak; in bands each input band is freed as its output band is made, and the peak
-    /// becomes about one whole map (group norm needs all of a map's rows before it can
-    /// normalise the first). SDXL's VAE at 1024x1024 (random weights, 2-core EPYC family 25,
+    /// For memory (the CPU's, and a GPU's with large buffers): a whole decode holds two
+    /// large maps at once (a convolution's input and output, a ResNet block's input and
+    /// shortcut) plus the convolution's workspace, so a map over 512 MiB (SD's VAE over
+    /// about 724x724 pixels) makes the peak; in bands each input band is freed as its
+    /// output band is made, and the peak becomes about one whole map (group norm needs all
+    /// of a map's rows before it can normalise the first). SDXL's VAE at 1024x1024 (random weights, 2-core EPYC family 25,
     /// AVX2 level, 2026-12-06; `VmHWM` less the 193 MiB of weights): whole 2,251 MiB in
     /// 38.9 s; these bands (16 from the third block) 1,387 MiB in 41.7 s; 32 MiB bands
     /// 1,411 MiB, and banding from the first block 1,373 MiB, both slower: the largest map
@@ -386,9 +386,9 @@ mod tests {
     /// block (the first with a map over 1 GiB: its upsampler's 2 GiB output), at 256 MiB 32
     /// from the first (its 512 MiB upsampled map); a 512x512 image needs none, nor does any
     /// image without a buffer limit; 2 MiB buffers cannot hold a 2048x2048 image's rows.
-    /// For memory (the CPU, and GPUs), 1024x1024 takes 16 bands from the third block (the first with a map over
-    /// 512 MiB: its 1 GiB upsampled map), 512x512 none, and a latent row over the band size
-    /// bands row by row rather than failing.
+    /// For memory (the CPU, and GPUs), 1024x1024 takes 16 bands from the third block (the
+    /// first with a map over 512 MiB: its 1 GiB upsampled map), 512x512 none, and a latent
+    /// row over the band size bands row by row rather than failing.
     #[test]
     fn sd_vae_band_counts() {
         let config = VaeConfig {
