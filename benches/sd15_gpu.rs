@@ -99,8 +99,9 @@ struct Options {
 fn usage(message: String) -> Error {
     Error::Other(format!(
         "{message}\nusage: sd15_gpu [--arch sd15|sdxl] [--model DIR | --tiny] [--latent N] [--image-steps 20,50] \
-         [--image-size PX] [--runs N] [--images [--fixtures DIR]] [--no-kernels] [--quick] [--memory-only] [--text-encoders-on-cpu] \
-         [--allow-software] [--json FILE] [--peak-fp32 TFLOPS] [--peak-fp16 TFLOPS]"
+         [--image-size PX] [--runs N] [--images [--fixtures DIR]] [--no-kernels] [--quick] \
+         [--memory-only] [--text-encoders-on-cpu] [--allow-software] [--json FILE] \
+         [--peak-fp32 TFLOPS] [--peak-fp16 TFLOPS]"
     ))
 }
 
