@@ -136,6 +136,49 @@ fn metrics_count_requests_generations_and_the_queue() {
         3.0
     );
     assert!(gauge("sd_denoising_steps_per_second") > 0.0);
+    // GPU memory is a GPU server's only.
+    assert!(
+        m.get("sd_gpu_memory_bytes").is_none(),
+        "{}",
+        m["sd_gpu_memory_bytes"]
+    );
+}
+
+/// On a GPU, /metrics and /health carry the backend's account of device memory: the
+/// weights in use, the peak at least that, and once the server is idle nothing pooled.
+#[test]
+fn a_gpu_server_reports_its_device_memory() {
+    if !common::devices().iter().any(|(name, _)| name == "gpu") {
+        return; // common::devices() said loudly why there is no GPU run.
+    }
+    let server = Server::start_on("gpu", &model_dir("sd1"), &[]);
+    server.wait_ready();
+    let loaded = server.get("/health").json()["gpu_memory"].clone();
+    let weights = loaded["in_use"].as_f64().expect("gpu_memory.in_use");
+    assert!(weights > 0.0, "{loaded}");
+    assert_eq!(server.post_json("/generate", SMALL_JOB).status, 200);
+    // The engine empties the pool as it finds the queue empty.
+    common::server::wait_until("an empty pool", std::time::Duration::from_secs(30), || {
+        server.get("/health").json()["gpu_memory"]["pooled"] == 0
+    });
+    let m = scrape(&server);
+    let family = &m["sd_gpu_memory_bytes"];
+    assert_eq!(family["type"], "gauge", "{family}");
+    let bytes = |kind: &str| {
+        sample(
+            &m,
+            "sd_gpu_memory_bytes",
+            "sd_gpu_memory_bytes",
+            json!({"kind": kind}),
+        )
+    };
+    assert_eq!(
+        bytes("in_use"),
+        weights,
+        "the job left tensors on the device"
+    );
+    assert_eq!(bytes("pooled"), 0.0);
+    assert!(bytes("peak") > weights, "{}", bytes("peak"));
 }
 
 #[test]
