@@ -77,9 +77,38 @@ pub(crate) const F4: Transform<6, 4> = Transform {
     ],
 };
 
-/// Upper bound on the transformed input and product buffers of one chunk together, in f32
-/// elements (8 MiB; larger chunks measured no faster).
-const MAX_CHUNK_ELEMS: usize = 2 << 20;
+/// How many tile rows one chunk takes.
+#[derive(Clone, Copy)]
+struct ChunkLimits {
+    /// Upper bound on the transformed input and product buffers of one chunk together, in
+    /// f32 elements.
+    max_elems: usize,
+    /// Tiles a chunk takes even past `max_elems` (while the image has them): each chunk's
+    /// products read all of U, 4x the weight's size for F(4x4), so with few tiles a chunk
+    /// is a pass over memory for little arithmetic.
+    min_tiles: usize,
+}
+
+impl ChunkLimits {
+    /// 8 MiB of buffers (larger chunks measured no faster on large images) and at least 64
+    /// tiles. Measured 2026-12-07 on 2 Zen 3 cores (AVX2, 512 KiB L2 each), SD 1.5's UNet
+    /// shapes at batch 2, median of 9 calls: 8 MiB alone cut the 16x16 level into chunks of
+    /// 12 tiles and the 32x32 one into chunks of 24; at least 64 tiles took 2560 -> 1280
+    /// channels at 16x16 from 149 to 120 ms, 1280 -> 1280 from 74 to 59 ms and 1280 -> 640 at
+    /// 32x32 from 92 to 74 ms (128 and 256 tiles: no faster).
+    const DEFAULT: Self = Self {
+        max_elems: 2 << 20,
+        min_tiles: 64,
+    };
+
+    /// Tile rows per chunk for `per_row` transformed values and `tiles_per_row` tiles per
+    /// tile row, out of `tile_rows`.
+    fn rows(self, per_row: usize, tiles_per_row: usize, tile_rows: usize) -> usize {
+        (self.max_elems / per_row.max(1))
+            .max(self.min_tiles.div_ceil(tiles_per_row.max(1)))
+            .clamp(1, tile_rows.max(1))
+    }
+}
 
 /// Whether a convolution can take this path: a 3x3 kernel at stride 1 (any padding).
 pub fn applies(p: &Conv2dParams) -> bool {
@@ -96,18 +125,17 @@ impl<const A: usize, const M: usize> Transform<A, M> {
         bias: Option<&[f32]>,
         p: &Conv2dParams,
     ) -> Vec<f32> {
-        self.conv_in_chunks(x, weight, bias, p, MAX_CHUNK_ELEMS)
+        self.conv_in_chunks(x, weight, bias, p, ChunkLimits::DEFAULT)
     }
 
-    /// [`Transform::conv`] with chunks of about `max_chunk_elems` transformed values (at
-    /// least one tile row each).
+    /// [`Transform::conv`] in chunks of whole tile rows as `limits` sizes them.
     fn conv_in_chunks(
         &self,
         x: &[f32],
         weight: &[f32],
         bias: Option<&[f32]>,
         p: &Conv2dParams,
-        max_chunk_elems: usize,
+        limits: ChunkLimits,
     ) -> Vec<f32> {
         assert!(applies(p), "winograd conv of {p:?}");
         // Each output tile row reads its input rows from the padded top on; columns are
@@ -121,7 +149,7 @@ impl<const A: usize, const M: usize> Transform<A, M> {
         let tile_rows = p.n * th;
         let u = self.weights(weight, p.c, p.oc);
         let per_row = positions * (p.c + p.oc) * tw;
-        let chunk_rows = (max_chunk_elems / per_row.max(1)).clamp(1, tile_rows);
+        let chunk_rows = limits.rows(per_row, tw, tile_rows);
         let mut v = vec![0f32; positions * p.c * chunk_rows * tw];
         let mut m = vec![0f32; positions * p.oc * chunk_rows * tw];
         let mut out = vec![0f32; p.n * p.oc * p.oh * p.ow];
@@ -439,6 +467,29 @@ mod tests {
     use super::*;
     use crate::tensor::testing::random;
 
+    /// Chunks take whole tile rows within the buffer bound, but at least `min_tiles`
+    /// tiles while the image has them, and at least one row.
+    #[test]
+    fn chunks_take_enough_tiles() {
+        let limits = ChunkLimits {
+            max_elems: 1000,
+            min_tiles: 64,
+        };
+        // 100 values per row: 10 rows fit the bound, and hold 160 tiles of 16.
+        assert_eq!(limits.rows(100, 16, 40), 10);
+        // 400 values per row: 2 rows fit, but 64 tiles need 4 rows.
+        assert_eq!(limits.rows(400, 16, 40), 4);
+        // The image has only 3 rows.
+        assert_eq!(limits.rows(400, 16, 3), 3);
+        // A row over the bound: still one row.
+        let no_min = ChunkLimits {
+            min_tiles: 0,
+            ..limits
+        };
+        assert_eq!(no_min.rows(5000, 16, 40), 1);
+        assert_eq!(ChunkLimits::DEFAULT.rows(usize::MAX, 1, 8), 8);
+    }
+
     /// Chunks of one tile row, and chunks that straddle two images of the batch, give the
     /// result of a single chunk.
     #[test]
@@ -467,11 +518,15 @@ mod tests {
             bias: &[f32],
             p: &Conv2dParams,
         ) {
-            let whole = t.conv_in_chunks(x, weight, Some(bias), p, usize::MAX);
+            let limits = |max_elems| ChunkLimits {
+                max_elems,
+                min_tiles: 0,
+            };
+            let whole = t.conv_in_chunks(x, weight, Some(bias), p, limits(usize::MAX));
             // 1: one tile row per chunk; 2000 and 3000: two to four rows, so that some
             // chunks cross from one image to the next for each transform.
             for limit in [1, 2000, 3000] {
-                let chunked = t.conv_in_chunks(x, weight, Some(bias), p, limit);
+                let chunked = t.conv_in_chunks(x, weight, Some(bias), p, limits(limit));
                 assert_eq!(chunked, whole, "F({M}x{M}), chunks of {limit} values");
             }
         }
