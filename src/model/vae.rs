@@ -337,11 +337,12 @@ impl BandPolicy {
     /// shortcut) plus the convolution's workspace, so a map over 512 MiB (SD's VAE over
     /// about 724x724 pixels) makes the peak; in bands each input band is freed as its
     /// output band is made, and the peak becomes about one whole map (group norm needs all
-    /// of a map's rows before it can normalise the first). SDXL's VAE at 1024x1024 (random weights, 2-core EPYC family 25,
-    /// AVX2 level, 2026-12-06; `VmHWM` less the 193 MiB of weights): whole 2,251 MiB in
-    /// 38.9 s; these bands (16 from the third block) 1,387 MiB in 41.7 s; 32 MiB bands
-    /// 1,411 MiB, and banding from the first block 1,373 MiB, both slower: the largest map
-    /// (1 GiB, the third block's upsampled output) sets the floor, not the band size.
+    /// of a map's rows before it can normalise the first). SDXL's VAE at 1024x1024 (random
+    /// weights, 2-core EPYC family 25, AVX2 level, 2026-12-06; `VmHWM` less the 193 MiB of
+    /// weights): whole 2,251 MiB in 38.9 s; these bands (16 from the third block) 1,387 MiB
+    /// in 41.7 s; 32 MiB bands 1,411 MiB, and banding from the first block 1,373 MiB, both
+    /// slower: the largest map (1 GiB, the third block's upsampled output) sets the floor,
+    /// not the band size.
     pub const MEMORY: BandPolicy = BandPolicy {
         band_maps_over: 512 << 20,
         band_bytes: 64 << 20,

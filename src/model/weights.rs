@@ -132,7 +132,7 @@ impl Weights {
     }
 
     /// The same weights, their tensors made on `device` (SDXL's text encoders on the CPU
-    /// beside a UNet on a GPU: `--text-encoders-on cpu`).
+    /// beside a UNet on a GPU: `--text-encoders-on-cpu`).
     pub fn on(&self, device: &Device) -> Weights {
         Weights {
             device: device.clone(),
