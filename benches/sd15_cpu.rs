@@ -30,6 +30,9 @@
 //! * `--runs N` (1) timed runs after `--warmup W` (0) untimed ones; the median is reported.
 //! * `--precision f32|bf16` (f32): the CPU products' precision, as the service's
 //!   `--precision` (bf16 needs AMX-BF16 or AVX512_BF16).
+//! * `--cpu-tuning auto|table|measure` (auto): where the convolutions' Winograd cut-offs
+//!   come from, as the service's `--cpu-tuning` (auto: measured on this processor once and
+//!   remembered; see `sd_wgpu::backend::cpu::tuning`).
 //! * `--json`: one JSON object on stdout instead of the table.
 //! * `--profile`: also the wall time of each op kind per run of each stage, or over the
 //!   whole generation with `--image` (the same as `SD_CPU_PROFILE=1`; see
@@ -52,6 +55,7 @@ use serde_json::{json, Value};
 
 use clap::ValueEnum;
 use sd_wgpu::backend::cpu::precision::{set_precision, Precision};
+use sd_wgpu::backend::cpu::tuning::{self, TuningMode};
 use sd_wgpu::model::clip::{ClipTextModel, HiddenLayer};
 use sd_wgpu::model::unet::{Conditioning, TextTime, UNet2DConditionModel};
 use sd_wgpu::model::vae::VaeDecoder;
@@ -117,6 +121,7 @@ fn parse_args() -> Result<Options> {
         latent_size: None,
     };
     let mut tiny = false;
+    let mut cpu_tuning = TuningMode::Auto;
     let mut args = std::env::args().skip(1);
     while let Some(arg) = args.next() {
         let mut value = |name: &str| {
@@ -148,6 +153,12 @@ fn parse_args() -> Result<Options> {
             "--size" => o.size = Some(number("--size", value("--size")?)?),
             "--seed" => o.seed = number("--seed", value("--seed")?)?,
             "--strength" => o.strength = Some(number("--strength", value("--strength")?)?),
+            "--cpu-tuning" => {
+                let v = value("--cpu-tuning")?;
+                cpu_tuning = TuningMode::from_str(&v, true).map_err(|_| {
+                    usage(format!("--cpu-tuning: `{v}` is not auto, table or measure"))
+                })?;
+            }
             "--precision" => {
                 let v = value("--precision")?;
                 let precision = Precision::from_str(&v, true)
@@ -157,6 +168,8 @@ fn parse_args() -> Result<Options> {
             other => return Err(usage(format!("unknown option `{other}`"))),
         }
     }
+    // After --precision, which the measurement's key names.
+    tuning::set_mode(cpu_tuning)?;
     if tiny {
         // The fixtures' UNets sample 16x16 latents (their sample_size).
         o.model = Some(
@@ -471,6 +484,7 @@ fn whole_image(o: &Options, dir: &Path, device: &Device) -> Result<Value> {
         "family": if sd.is_xl() { "SDXL" } else { "SD 1.x/2.x" },
         "threads": rayon::current_num_threads(),
         "precision": sd_wgpu::backend::cpu::precision::current(),
+        "convolutions": tuning::current(),
         "size": size,
         "steps": o.steps,
         "guidance": guidance,
@@ -578,6 +592,9 @@ fn main() -> Result<()> {
             format!("{} architecture, random f32 weights", o.arch.name()),
         ),
     };
+    // A loaded model has done this as it loaded; random weights do it here.
+    let unet_channels = &models.unet().config().block_out_channels;
+    tuning::prepare(unet_channels.iter().copied().max().unwrap_or(0));
     let load_s = t.elapsed().as_secs_f64();
     let peak_after_load = peak_memory_mib();
     let inputs = match &o.inputs {
@@ -594,6 +611,11 @@ fn main() -> Result<()> {
         println!(
             "{source}, CPU backend, {threads} threads; median of {} run(s) after {} warm-up(s)",
             o.runs, o.warmup
+        );
+        let tuned = tuning::current();
+        println!(
+            "3x3 convolutions of 256+ channels: F(4x4) from {} tiles, F(2x2) from {} ({})",
+            tuned.cutoffs.f4_tiles, tuned.cutoffs.f2_tiles, tuned.source
         );
     }
 
@@ -723,6 +745,7 @@ fn main() -> Result<()> {
                 "model": source,
                 "threads": threads,
                 "precision": sd_wgpu::backend::cpu::precision::current(),
+                "convolutions": tuning::current(),
                 "simd": format!("{:?}", sd_wgpu::backend::cpu::simd::level()),
                 "runs": o.runs,
                 "warmup": o.warmup,

@@ -11,6 +11,7 @@ use clap::{Args, Parser, Subcommand};
 use indicatif::{ProgressBar, ProgressStyle};
 
 use sd_wgpu::backend::cpu::precision::{set_precision, Precision};
+use sd_wgpu::backend::cpu::tuning::{set_mode as set_tuning_mode, TuningMode};
 use sd_wgpu::backend::{select_device, BackendChoice};
 use sd_wgpu::engine::{Engine, EngineConfig};
 use sd_wgpu::model::hub::DEFAULT_MODEL;
@@ -73,6 +74,12 @@ struct ModelArgs {
     /// AVX512_BF16 (see the README for its speed and how far its images move).
     #[arg(long, value_enum, default_value_t = Precision::F32, env = "SD_PRECISION")]
     precision: Precision,
+    /// CPU backend: how 3x3 convolutions choose between Winograd F(4x4), F(2x2) and im2col.
+    /// auto: by the times measured on this processor when a full-size model first loads (a
+    /// few seconds, once), remembered in ~/.cache/sd-wgpu/cpu-tuning.json; table: the
+    /// built-in choices per vector level; measure: measure again now.
+    #[arg(long, value_enum, default_value_t = TuningMode::Auto, env = "SD_CPU_TUNING")]
+    cpu_tuning: TuningMode,
 }
 
 impl ModelArgs {
@@ -98,7 +105,10 @@ impl ModelArgs {
         }
         let device = select_device(self.backend, self.gpu_adapter.as_deref())?;
         match &device {
-            Device::Cpu => set_precision(self.precision)?,
+            Device::Cpu => {
+                set_precision(self.precision)?;
+                set_tuning_mode(self.cpu_tuning)?;
+            }
             Device::Gpu(_) if self.precision != Precision::F32 => return Err(for_the_cpu()),
             Device::Gpu(_) => {}
         }

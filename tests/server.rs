@@ -306,6 +306,37 @@ fn health_says_loading_until_the_model_is_ready() {
     assert_eq!(r.status, 200, "{}", r.text());
 }
 
+/// /health says how the CPU computes: its vector level, the products' precision and where
+/// the convolutions' Winograd cut-offs come from. The tiny fixture's layers are below the
+/// sizes the measurement is for, so `--cpu-tuning auto` (the default) measures nothing
+/// and its convolutions keep the table.
+#[test]
+fn health_names_the_cpu_level_precision_and_convolution_tuning() {
+    let server = Server::start(&model_dir("sd1"), &[]);
+    let health = server.wait_ready().get("/health").json();
+    let cpu = &health["cpu"];
+    assert_eq!(cpu["precision"], "f32", "{cpu}");
+    let simd = cpu["simd"].as_str().expect("cpu.simd");
+    assert!(["baseline", "avx2", "avx512"].contains(&simd), "{cpu}");
+    let convolutions = &cpu["convolutions"];
+    assert_eq!(convolutions["source"], "table", "{cpu}");
+    for field in ["f4_tiles", "f2_tiles"] {
+        let tiles = convolutions["cutoffs"][field].as_u64();
+        assert!(tiles.is_some_and(|t| t > 0), "{field}: {cpu}");
+    }
+    assert!(
+        convolutions["machine"]
+            .as_str()
+            .is_some_and(|m| !m.is_empty()),
+        "{cpu}"
+    );
+    assert!(
+        !server.log().contains("measuring the CPU convolutions"),
+        "{}",
+        server.log()
+    );
+}
+
 /// /health says what the GPU runs: the backend, the features the device enabled and the
 /// kernel variants chosen (the log's startup line says the same); nothing of it on the CPU.
 #[test]

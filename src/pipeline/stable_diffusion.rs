@@ -208,6 +208,14 @@ impl StableDiffusion {
                 ),
             ));
         }
+        if *device == Device::Cpu {
+            // The convolutions' choices measured on this processor, before anything is timed
+            // (the service's step cost) or generated.
+            let widest = (unet.config().block_out_channels.iter())
+                .chain(&vae.config().block_out_channels)
+                .max();
+            crate::backend::cpu::tuning::prepare(widest.copied().unwrap_or(0));
+        }
         let mut info = source.info().clone();
         // A folder's family, by the same signs as a single file's: CLIP or OpenCLIP.
         if info.family.is_none() {

@@ -153,13 +153,15 @@ async fn health(State(app): State<Arc<AppState>>) -> Json<Value> {
             Device::Gpu(gpu) => serde_json::to_value(gpu.memory()).unwrap_or(Value::Null),
             Device::Cpu => Value::Null,
         },
-        // On the CPU: its vector level and the products' precision (`f32`, or `bf16 (Amx)`
-        // with --precision bf16).
+        // On the CPU: its vector level, the products' precision (`f32`, or `bf16 (Amx)`
+        // with --precision bf16) and the convolutions' Winograd cut-offs (measured on this
+        // processor, remembered, or the table's: --cpu-tuning).
         "cpu": match engine.device() {
             Device::Gpu(_) => Value::Null,
             Device::Cpu => json!({
                 "simd": format!("{:?}", crate::backend::cpu::simd::level()).to_lowercase(),
                 "precision": crate::backend::cpu::precision::current(),
+                "convolutions": crate::backend::cpu::tuning::current(),
             }),
         },
         "busy": engine.busy(),

@@ -46,6 +46,20 @@ pub fn scope<R>(interrupt: &Interrupt, f: impl FnOnce() -> R) -> R {
     f()
 }
 
+/// Runs `f` outside every scope this thread is in: for work whose result must not be cut
+/// short by the job that happens to run it (a measurement taken while a model loads).
+pub fn unscoped<R>(f: impl FnOnce() -> R) -> R {
+    struct Restore(Vec<Interrupt>);
+    impl Drop for Restore {
+        fn drop(&mut self) {
+            let outer = std::mem::take(&mut self.0);
+            CURRENT.with(|c| *c.borrow_mut() = outer);
+        }
+    }
+    let _restore = Restore(CURRENT.with(|c| std::mem::take(&mut *c.borrow_mut())));
+    f()
+}
+
 /// The interrupts this thread runs under, to be checked from other threads: an op whose
 /// one call runs long (CPU attention at large sizes takes tens of seconds) takes a watch
 /// before spreading its work and skips the rest once cancelled, then [`check`] fails it.

@@ -8,7 +8,7 @@ use std::sync::OnceLock;
 use rayon::prelude::*;
 
 use super::matmul::{sgemm, MatRef, Product};
-use super::simd;
+use super::tuning::{self, WinogradCutoffs};
 use super::winograd::{self, F2, F4};
 use super::CpuStorage;
 use crate::tensor::interrupt;
@@ -26,26 +26,40 @@ pub fn conv2d(
     let x = x.as_f32();
     let weight = weight.as_f32();
     let bias = bias.map(|b| b.as_f32());
-    let out = match algorithm(p) {
-        Algorithm::WinogradF4 => F4.conv(&x, &weight, bias.as_deref(), p),
-        Algorithm::WinogradF2 => F2.conv(&x, &weight, bias.as_deref(), p),
-        Algorithm::Im2col => im2col_conv(&x, &weight, bias.as_deref(), p),
-    };
-    CpuStorage::F32(out)
+    CpuStorage::F32(algorithm(p).run(&x, &weight, bias.as_deref(), p))
 }
 
+/// The ways to run a convolution.
 #[derive(Clone, Copy, Debug, PartialEq)]
-enum Algorithm {
+pub(crate) enum Algorithm {
     Im2col,
     WinogradF2,
     WinogradF4,
 }
 
-/// The fastest way to run a convolution, by its shape and the vector level the products
-/// run at. Winograd needs a 3x3 stride-1 kernel, and enough channels and tiles that its
-/// transforms stay small next to the products: the weight transform runs on every call and
-/// writes 16 (F2) or 36 (F4) values per (oc, c) pair, so its share shrinks with the tile
-/// count whatever the channels ([`WinogradCutoffs`] gives the counts).
+impl Algorithm {
+    /// The convolution of `x` with `weight` plus `bias`; the Winograd variants need
+    /// [`winograd::applies`].
+    pub(crate) fn run(
+        self,
+        x: &[f32],
+        weight: &[f32],
+        bias: Option<&[f32]>,
+        p: &Conv2dParams,
+    ) -> Vec<f32> {
+        match self {
+            Algorithm::WinogradF4 => F4.conv(x, weight, bias, p),
+            Algorithm::WinogradF2 => F2.conv(x, weight, bias, p),
+            Algorithm::Im2col => im2col_conv(x, weight, bias, p),
+        }
+    }
+}
+
+/// The fastest way to run a convolution, by its shape and the processor. Winograd needs a
+/// 3x3 stride-1 kernel, and enough channels and tiles that its transforms stay small next
+/// to the products: the weight transform runs on every call and writes 16 (F2) or 36 (F4)
+/// values per (oc, c) pair, so its share shrinks with the tile count whatever the channels
+/// ([`tuning::winograd_cutoffs`] gives the counts, by the vector level or measured).
 /// `SD_CPU_WINOGRAD=0` turns Winograd off, `=2` keeps it to F(2x2) (to compare speed or
 /// rounding).
 fn algorithm(p: &Conv2dParams) -> Algorithm {
@@ -57,7 +71,7 @@ fn algorithm(p: &Conv2dParams) -> Algorithm {
         }
         value
     });
-    pick(p, setting.as_deref(), WinogradCutoffs::at(simd::level()))
+    pick(p, setting.as_deref(), tuning::winograd_cutoffs(p))
 }
 
 /// [`algorithm`] for a given `SD_CPU_WINOGRAD` setting and cut-offs.
@@ -71,40 +85,6 @@ fn pick(p: &Conv2dParams, setting: Option<&str>, cutoffs: WinogradCutoffs) -> Al
         Algorithm::WinogradF2
     } else {
         Algorithm::Im2col
-    }
-}
-
-/// The fewest tiles (over the whole batch) from which each Winograd variant is the fastest,
-/// per vector level: the fewer multiplies F(4x4) saves are worth more where multiplies are
-/// slower next to the transforms' memory traffic.
-#[derive(Clone, Copy, Debug, PartialEq)]
-struct WinogradCutoffs {
-    /// 4x4 output tiles for F(4x4) (over F(2x2) and im2col).
-    f4_tiles: usize,
-    /// 2x2 output tiles for F(2x2) (over im2col).
-    f2_tiles: usize,
-}
-
-impl WinogradCutoffs {
-    fn at(level: simd::Level) -> Self {
-        match level {
-            // Measured on 2 Zen 5 cores (c7dce4d): F(2x2) from one 32x32 image's tiles,
-            // F(4x4) from 1024 tiles (a 128x128 image: the VAE, not the 512x512 UNet).
-            simd::Level::Avx512 => Self {
-                f4_tiles: 1024,
-                f2_tiles: 256,
-            },
-            // Measured 2026-12-06 on 2 Zen 4 cores with AVX2 only, median of 7 calls at
-            // SD 1.5's UNet shapes, batch 2: F(4x4) over F(2x2) 30% faster at 64x64 (512
-            // tiles; 320 and 640 channels), over im2col 30-40% at 16x16 (32 tiles; 1280 and
-            // 2560 channels), no faster at 16 (batch 1) and slower at 8 (8x8): the guided
-            // UNet step's 3x3 convolutions 4.9-5.5 s -> 3.7 s. The baseline level (SSE2, four
-            // lanes) multiplies slower still, so it takes AVX2's cut-offs (not measured).
-            simd::Level::Avx2 | simd::Level::Baseline => Self {
-                f4_tiles: 32,
-                f2_tiles: 256,
-            },
-        }
     }
 }
 
@@ -212,7 +192,7 @@ fn im2col(image: &[f32], p: &Conv2dParams, start: usize, len: usize, columns: &m
 #[cfg(test)]
 mod tests {
     use super::winograd::{F2, F4};
-    use super::{im2col_conv, pick, simd, Algorithm, Conv2dParams, WinogradCutoffs};
+    use super::{im2col_conv, pick, Algorithm, Conv2dParams, WinogradCutoffs};
     use crate::tensor::params::Padding2d;
     use crate::tensor::testing::random;
 
@@ -412,7 +392,7 @@ mod tests {
 
     #[test]
     fn algorithm_follows_the_layer_size_and_the_vector_level() {
-        use simd::Level::{Avx2, Avx512};
+        use crate::backend::cpu::simd::Level::{Avx2, Avx512};
         use Algorithm::*;
         for (level, (n, c, side, oc), want) in [
             // SD's VAE at 512x512: F4 from 128x128 up; at the 64x64 latent F2 with
@@ -436,7 +416,7 @@ mod tests {
             (Avx2, (2, 4, 64, 320), Im2col),
         ] {
             let p = params(n, c, side, side, oc, 1);
-            let cutoffs = WinogradCutoffs::at(level);
+            let cutoffs = WinogradCutoffs::table(level);
             assert_eq!(pick(&p, None, cutoffs), want, "{level:?} {p:?}");
             assert_ne!(
                 pick(&p, Some("2"), cutoffs),

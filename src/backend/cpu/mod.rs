@@ -12,6 +12,7 @@ pub mod matmul;
 pub mod norm;
 pub mod precision;
 pub mod simd;
+pub mod tuning;
 pub mod winograd;
 
 use std::borrow::Cow;

@@ -1,0 +1,731 @@
+//! What the CPU kernels choose by the processor they run on, not only by its instruction set:
+//! from how many tiles each Winograd variant is the fastest way to run a 3x3 convolution
+//! (see [`super::conv`]). The cut-offs depend on how fast a core multiplies next to how
+//! fast it moves the transforms' data, which differs between processors with the same
+//! instructions: F(4x4) pays from 1024 tiles on a Zen 5 or a Xeon with AVX-512, from 32 on
+//! a Zen 3 with AVX2, and a Zen 4 runs AVX-512 on 256-bit units.
+//!
+//! The built-in table ([`WinogradCutoffs::table`]) holds what was measured per vector
+//! level. `--cpu-tuning auto` (the binary's default) instead times the three algorithms at
+//! Stable Diffusion's own layer shapes on this processor when a model with such layers
+//! loads on the CPU (a few seconds, once: the result is remembered in
+//! `$XDG_CACHE_HOME/sd-wgpu/cpu-tuning.json`, else `~/.cache/sd-wgpu/`, keyed by the
+//! processor's name, the vector level and the products' precision). The measured cut-offs
+//! apply to layers of at least [`MEASURED_MIN_CHANNELS`] channels each way, the sizes they
+//! were measured at; smaller layers (the tests' tiny models) keep the table, so they run
+//! the same everywhere. The algorithms round differently (all within what the images'
+//! tests allow), so on one processor a request still gives the same image on any number of
+//! cores and across restarts, while two processors may differ by a level here and there.
+
+use std::path::{Path, PathBuf};
+use std::sync::OnceLock;
+use std::time::{Duration, Instant};
+
+use serde::{Deserialize, Serialize};
+
+use super::conv::Algorithm;
+use super::simd;
+use crate::error::{Error, Result};
+use crate::tensor::params::Conv2dParams;
+
+/// The fewest tiles (over the whole batch) from which each Winograd variant is the fastest.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct WinogradCutoffs {
+    /// 4x4 output tiles for F(4x4) (over F(2x2) and im2col).
+    pub f4_tiles: usize,
+    /// 2x2 output tiles for F(2x2) (over im2col).
+    pub f2_tiles: usize,
+}
+
+impl WinogradCutoffs {
+    /// The built-in cut-offs per vector level: the fewer multiplies F(4x4) saves are worth
+    /// more where multiplies are slower next to the transforms' memory traffic.
+    pub fn table(level: simd::Level) -> Self {
+        match level {
+            // Measured on 2 Zen 5 cores (c7dce4d): F(2x2) from one 32x32 image's tiles,
+            // F(4x4) from 1024 tiles (a 128x128 image: the VAE, not the 512x512 UNet).
+            // On a Xeon (Sapphire Rapids) F(4x4) from 32 tiles made the UNet step's 3x3
+            // convolutions 25% slower.
+            simd::Level::Avx512 => Self {
+                f4_tiles: 1024,
+                f2_tiles: 256,
+            },
+            // Measured 2026-12-06 on 2 Zen 4 cores with AVX2 only, median of 7 calls at
+            // SD 1.5's UNet shapes, batch 2: F(4x4) over F(2x2) 30% faster at 64x64 (512
+            // tiles; 320 and 640 channels), over im2col 30-40% at 16x16 (32 tiles; 1280 and
+            // 2560 channels), no faster at 16 (batch 1) and slower at 8 (8x8): the guided
+            // UNet step's 3x3 convolutions 4.9-5.5 s -> 3.7 s. The baseline level (SSE2, four
+            // lanes) multiplies slower still, so it takes AVX2's cut-offs (not measured).
+            simd::Level::Avx2 | simd::Level::Baseline => Self {
+                f4_tiles: 32,
+                f2_tiles: 256,
+            },
+        }
+    }
+}
+
+/// Layers with at least this many input and output channels use the measured cut-offs:
+/// the probes have 256 to 1280, the sizes of every real SD model's UNet and VAE layers but
+/// the VAE's outermost (128).
+pub const MEASURED_MIN_CHANNELS: usize = 256;
+
+/// Where the convolution cut-offs come from.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, clap::ValueEnum, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum TuningMode {
+    /// The built-in table per vector level: the same choices on every processor with the
+    /// same instructions.
+    #[default]
+    Table,
+    /// Measured on this processor, once, and remembered on disk.
+    Auto,
+    /// Measured again now (overwriting what is remembered).
+    Measure,
+}
+
+/// The cut-offs in use and where they came from.
+#[derive(Clone, Debug, PartialEq, Serialize)]
+pub struct Tuned {
+    pub cutoffs: WinogradCutoffs,
+    /// "measured", "remembered" (read from `file`) or "table".
+    pub source: &'static str,
+    /// The processor, vector level and precision they were measured for.
+    pub machine: String,
+    pub file: Option<PathBuf>,
+}
+
+static MODE: OnceLock<TuningMode> = OnceLock::new();
+static MEASURED: OnceLock<Tuned> = OnceLock::new();
+
+/// Chooses where the cut-offs come from for the whole process (the binary calls it at
+/// start; the library, its tests and the bench keep the table otherwise). Asking again for
+/// what is set is fine.
+pub fn set_mode(mode: TuningMode) -> Result<()> {
+    let set = *MODE.get_or_init(|| mode);
+    if set != mode {
+        return Err(Error::InvalidArgument(format!(
+            "the CPU tuning is already set to {set:?}"
+        )));
+    }
+    Ok(())
+}
+
+fn mode() -> TuningMode {
+    *MODE.get_or_init(TuningMode::default)
+}
+
+/// The cut-offs for convolution `p`: the measured ones for layers of the measured sizes
+/// once [`prepare`] has them, the table's otherwise.
+pub(crate) fn winograd_cutoffs(p: &Conv2dParams) -> WinogradCutoffs {
+    cutoffs_for(p, MEASURED.get().map(|t| t.cutoffs), simd::level())
+}
+
+/// [`winograd_cutoffs`] given what was measured and the vector level.
+fn cutoffs_for(
+    p: &Conv2dParams,
+    measured: Option<WinogradCutoffs>,
+    level: simd::Level,
+) -> WinogradCutoffs {
+    match measured {
+        Some(cutoffs) if p.c.min(p.oc) >= MEASURED_MIN_CHANNELS => cutoffs,
+        _ => WinogradCutoffs::table(level),
+    }
+}
+
+/// What the convolutions of layers of the measured sizes use now (for /health and logs).
+pub fn current() -> Tuned {
+    MEASURED.get().cloned().unwrap_or_else(|| Tuned {
+        cutoffs: WinogradCutoffs::table(simd::level()),
+        source: "table",
+        machine: machine(),
+        file: None,
+    })
+}
+
+/// Called when a model loads on the CPU, with its widest layer's channels: under
+/// `auto` or `measure`, and if the model has layers the measurement applies to, reads the
+/// cut-offs remembered for this processor or measures them (once per process).
+pub fn prepare(widest_channels: usize) {
+    if mode() == TuningMode::Table || widest_channels < MEASURED_MIN_CHANNELS {
+        return;
+    }
+    MEASURED.get_or_init(|| {
+        let file = cache_file();
+        resolve(mode(), &PROBES, file.as_deref(), &machine())
+    });
+}
+
+/// The cut-offs for `machine` from `file` (unless `mode` is `Measure`), else measured at
+/// `probes` and written there. Failing to read or write the file is logged, not fatal.
+fn resolve(mode: TuningMode, probes: &[Probe], file: Option<&Path>, machine: &str) -> Tuned {
+    let mut remembered = file.map(read_file).unwrap_or_default();
+    if mode == TuningMode::Auto {
+        if let Some(entry) = remembered.machines.get(machine) {
+            tracing::info!(
+                "CPU convolutions: F(4x4) from {} tiles, F(2x2) from {} (measured for this \
+                 CPU {} days ago, remembered in {}; --cpu-tuning measure measures again)",
+                entry.cutoffs.f4_tiles,
+                entry.cutoffs.f2_tiles,
+                unix_time().saturating_sub(entry.measured_at) / 86_400,
+                file.map_or(String::new(), |f| f.display().to_string()),
+            );
+            return Tuned {
+                cutoffs: entry.cutoffs,
+                source: "remembered",
+                machine: machine.into(),
+                file: file.map(Path::to_path_buf),
+            };
+        }
+    }
+    tracing::info!("measuring the CPU convolutions on this processor (a few seconds, once)");
+    let started = Instant::now();
+    let times = measure(probes);
+    let cutoffs = cutoffs_from(probes, &times, WinogradCutoffs::table(simd::level()));
+    tracing::info!(
+        "CPU convolutions: F(4x4) from {} tiles, F(2x2) from {} (measured in {:.1} s; \
+         fastest of 3 calls in ms, im2col / F(2x2) / F(4x4): {})",
+        cutoffs.f4_tiles,
+        cutoffs.f2_tiles,
+        started.elapsed().as_secs_f64(),
+        describe_times(probes, &times),
+    );
+    let entry = Remembered {
+        cutoffs,
+        measured_at: unix_time(),
+        milliseconds: times
+            .iter()
+            .map(|t| t.map(|d| (d.as_secs_f64() * 1e4).round() / 10.0))
+            .collect(),
+    };
+    remembered.machines.insert(machine.into(), entry);
+    if let Some(file) = file {
+        if let Err(e) = write_file(file, &remembered) {
+            tracing::warn!(
+                "could not remember the CPU tuning in {}: {e} (it will be measured again at the next start)",
+                file.display()
+            );
+        }
+    }
+    Tuned {
+        cutoffs,
+        source: "measured",
+        machine: machine.into(),
+        file: file.map(Path::to_path_buf),
+    }
+}
+
+/// One timed layer: a 3x3 convolution of `channels` to `channels` on `n` images of
+/// `side x side`.
+#[derive(Clone, Copy, Debug)]
+struct Probe {
+    n: usize,
+    channels: usize,
+    side: usize,
+}
+
+impl Probe {
+    fn params(self) -> Conv2dParams {
+        Conv2dParams {
+            n: self.n,
+            c: self.channels,
+            h: self.side,
+            w: self.side,
+            oc: self.channels,
+            kh: 3,
+            kw: 3,
+            stride: 1,
+            pad_top: 1,
+            pad_left: 1,
+            oh: self.side,
+            ow: self.side,
+        }
+    }
+
+    /// Output tiles of `m x m` over the batch.
+    fn tiles(self, m: usize) -> usize {
+        self.n * self.side.div_ceil(m).pow(2)
+    }
+}
+
+/// SD 1.5's UNet levels in a guided step (batch 2) and a VAE decoder level, by growing
+/// tile counts (F(4x4): 8, 32, 128, 512, 1024; F(2x2) four times as many). 1280 channels
+/// make the transformed weight of the 16x16 level larger than any cache, as in the model.
+/// About 3.5 s in all on 2 Zen 3 cores.
+const PROBES: [Probe; 5] = [
+    Probe {
+        n: 2,
+        channels: 1280,
+        side: 8,
+    },
+    Probe {
+        n: 2,
+        channels: 1280,
+        side: 16,
+    },
+    Probe {
+        n: 2,
+        channels: 640,
+        side: 32,
+    },
+    Probe {
+        n: 2,
+        channels: 320,
+        side: 64,
+    },
+    Probe {
+        n: 1,
+        channels: 256,
+        side: 128,
+    },
+];
+
+/// The algorithms in the order of [`ProbeTimes`].
+const ALGORITHMS: [Algorithm; 3] = [
+    Algorithm::Im2col,
+    Algorithm::WinogradF2,
+    Algorithm::WinogradF4,
+];
+
+/// The fastest of the timed calls per algorithm (im2col, F(2x2), F(4x4)).
+type ProbeTimes = [Duration; 3];
+
+/// Calls per algorithm and probe after a warm-up call; the fastest counts (on a KVM guest
+/// whose speed drifts by 10-30% over minutes, the fastest of 3 alternated calls picked the
+/// same algorithms run after run where medians did not).
+const CALLS: usize = 3;
+
+/// Times each algorithm at each probe, the algorithms alternating so that a drift in the
+/// machine's speed falls on all of them alike.
+fn measure(probes: &[Probe]) -> Vec<ProbeTimes> {
+    // Not interruptible by the job that may be loading the model: a cancelled call would
+    // return early and look fast.
+    crate::tensor::interrupt::unscoped(|| {
+        probes
+            .iter()
+            .enumerate()
+            .map(|(i, probe)| {
+                let p = probe.params();
+                let x = pseudo_random(p.n * p.c * p.h * p.w, 2 * i as u32);
+                let w = pseudo_random(p.oc * p.c * 9, 2 * i as u32 + 1);
+                let bias = vec![0.5; p.oc];
+                let mut best = [Duration::MAX; 3];
+                for call in 0..=CALLS {
+                    for (slot, algorithm) in ALGORITHMS.iter().enumerate() {
+                        let started = Instant::now();
+                        std::hint::black_box(algorithm.run(&x, &w, Some(&bias), &p));
+                        if call > 0 {
+                            best[slot] = best[slot].min(started.elapsed());
+                        }
+                    }
+                }
+                best
+            })
+            .collect()
+    })
+}
+
+/// Values in [-1, 1) from a linear congruential sequence (any values do: the time of a
+/// convolution does not depend on them).
+fn pseudo_random(len: usize, seed: u32) -> Vec<f32> {
+    let mut s = seed.wrapping_mul(747_796_405).wrapping_add(2_891_336_453);
+    (0..len)
+        .map(|_| {
+            s = s.wrapping_mul(1_664_525).wrapping_add(1_013_904_223);
+            (s >> 8) as f32 / (1u32 << 23) as f32 - 1.0
+        })
+        .collect()
+}
+
+/// How much faster (by the fastest calls) the measurement must find an algorithm than the
+/// table's choice to choose it instead: on this KVM guest the fastest of 3 calls still
+/// moved by up to 8% between measurements (F(2x2) against F(4x4) at 16x16: 65 / 59 ms in
+/// one, 58 / 59 ms in the next), and a choice that flips with the noise would change the
+/// images' rounding from one start to the next for no speed.
+const MARGIN: f64 = 0.1;
+
+/// The cut-offs the times say, starting from the table's: at each probe, whether F(4x4)
+/// beats the others and whether F(2x2) beats im2col is the table's answer unless the times
+/// say otherwise by more than [`MARGIN`]; each variant then runs from the fewest tiles from
+/// which the answer is yes at every probe (the table's own cut-off where that is where the
+/// table's answers turn too). A variant never chosen starts past the largest probe (twice
+/// its tiles), where the trend of more tiles favouring it goes on.
+fn cutoffs_from(probes: &[Probe], times: &[ProbeTimes], table: WinogradCutoffs) -> WinogradCutoffs {
+    let [im2col, f2, f4] = [0, 1, 2];
+    // The answer at each probe to "is `mine` faster than `others`?", with `tiles` of `m x m`
+    // and the table's cut-off `table_tiles` for `mine`.
+    let from = |mine: usize, others: &[usize], m: usize, table_tiles: usize| {
+        let answers = probes.iter().zip(times).map(|(probe, t)| {
+            let mine = t[mine].as_secs_f64();
+            let best_other = others
+                .iter()
+                .map(|&o| t[o].as_secs_f64())
+                .fold(f64::MAX, f64::min);
+            if probe.tiles(m) >= table_tiles {
+                mine <= best_other * (1.0 + MARGIN)
+            } else {
+                mine < best_other * (1.0 - MARGIN)
+            }
+        });
+        let answers: Vec<bool> = answers.collect();
+        let first = answers.iter().rposition(|yes| !yes).map_or(0, |i| i + 1);
+        let table_first = probes.iter().position(|p| p.tiles(m) >= table_tiles);
+        match probes.get(first) {
+            _ if table_first.unwrap_or(probes.len()) == first => table_tiles,
+            Some(probe) => probe.tiles(m),
+            None => 2 * probes.last().map_or(1, |p| p.tiles(m)),
+        }
+    };
+    WinogradCutoffs {
+        f4_tiles: from(f4, &[im2col, f2], 4, table.f4_tiles),
+        f2_tiles: from(f2, &[im2col], 2, table.f2_tiles),
+    }
+}
+
+fn describe_times(probes: &[Probe], times: &[ProbeTimes]) -> String {
+    let ms = |d: Duration| d.as_secs_f64() * 1e3;
+    probes
+        .iter()
+        .zip(times)
+        .map(|(p, t)| {
+            format!(
+                "{}x{}x{} {:.0}/{:.0}/{:.0}",
+                p.channels,
+                p.side,
+                p.side,
+                ms(t[0]),
+                ms(t[1]),
+                ms(t[2])
+            )
+        })
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
+/// The processor's name, the vector level the kernels run at and the products' precision:
+/// what the cut-offs hold for. The thread count is left out, so that a request gives the
+/// same image on any number of cores.
+fn machine() -> String {
+    format!(
+        "{} | {:?} | {}",
+        processor_name(),
+        simd::level(),
+        super::precision::current()
+    )
+}
+
+/// The CPU's brand string, family and model (CPUID) on x86-64; the architecture elsewhere.
+fn processor_name() -> String {
+    #[cfg(target_arch = "x86_64")]
+    {
+        use std::arch::x86_64::__cpuid;
+        // Leaves 0x8000_0002..4 are read only where leaf 0x8000_0000 reports them.
+        let (brand, signature) = {
+            let mut brand = Vec::with_capacity(48);
+            if __cpuid(0x8000_0000).eax >= 0x8000_0004 {
+                for leaf in 0x8000_0002..=0x8000_0004u32 {
+                    let r = __cpuid(leaf);
+                    for word in [r.eax, r.ebx, r.ecx, r.edx] {
+                        brand.extend_from_slice(&word.to_le_bytes());
+                    }
+                }
+            }
+            (brand, __cpuid(1).eax)
+        };
+        let brand = String::from_utf8_lossy(&brand);
+        let brand = brand.trim_matches(|c: char| c == '\0' || c.is_whitespace());
+        // Family and model as Linux's /proc/cpuinfo reports them.
+        let base_family = (signature >> 8) & 0xf;
+        let family = if base_family == 0xf {
+            base_family + ((signature >> 20) & 0xff)
+        } else {
+            base_family
+        };
+        let model = ((signature >> 4) & 0xf) | (((signature >> 16) & 0xf) << 4);
+        format!("{brand} (family {family}, model {model})")
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    {
+        std::env::consts::ARCH.to_string()
+    }
+}
+
+/// `$XDG_CACHE_HOME/sd-wgpu/cpu-tuning.json`, else under `~/.cache`; `None` without either.
+fn cache_file() -> Option<PathBuf> {
+    let var = |key| std::env::var_os(key).filter(|v| !v.is_empty());
+    let dir = match var("XDG_CACHE_HOME") {
+        Some(dir) => PathBuf::from(dir),
+        None => PathBuf::from(var("HOME")?).join(".cache"),
+    };
+    Some(dir.join("sd-wgpu").join("cpu-tuning.json"))
+}
+
+/// The file's contents: measured cut-offs per machine.
+#[derive(Default, Serialize, Deserialize)]
+struct RememberedFile {
+    machines: std::collections::BTreeMap<String, Remembered>,
+}
+
+#[derive(Serialize, Deserialize)]
+struct Remembered {
+    cutoffs: WinogradCutoffs,
+    /// When, in seconds since 1970 (UTC).
+    measured_at: u64,
+    /// Per probe, the fastest call of im2col, F(2x2) and F(4x4), in ms: what the cut-offs
+    /// were read from.
+    milliseconds: Vec<[f64; 3]>,
+}
+
+/// The remembered cut-offs; an empty set (logged) if the file is missing or unreadable.
+fn read_file(file: &Path) -> RememberedFile {
+    let text = match std::fs::read_to_string(file) {
+        Ok(text) => text,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return RememberedFile::default(),
+        Err(e) => {
+            tracing::warn!("cannot read {}: {e}; measuring again", file.display());
+            return RememberedFile::default();
+        }
+    };
+    serde_json::from_str(&text).unwrap_or_else(|e| {
+        tracing::warn!(
+            "{} is not a CPU tuning file ({e}); measuring again",
+            file.display()
+        );
+        RememberedFile::default()
+    })
+}
+
+/// Writes `contents` to `file` through a temporary file and a rename, so that a process
+/// reading it meanwhile (two servers starting at once) sees the old or the new whole.
+fn write_file(file: &Path, contents: &RememberedFile) -> std::io::Result<()> {
+    let dir = file.parent().unwrap_or(Path::new("."));
+    std::fs::create_dir_all(dir)?;
+    let text = serde_json::to_string_pretty(contents).map_err(std::io::Error::other)?;
+    let temporary = dir.join(format!(".cpu-tuning.{}.tmp", std::process::id()));
+    std::fs::write(&temporary, text)?;
+    std::fs::rename(&temporary, file)
+}
+
+/// Seconds since 1970 (UTC).
+fn unix_time() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::tensor::interrupt::{self, Interrupt};
+
+    const FEW: [Probe; 3] = [
+        Probe {
+            n: 1,
+            channels: 16,
+            side: 4,
+        },
+        Probe {
+            n: 1,
+            channels: 16,
+            side: 8,
+        },
+        Probe {
+            n: 2,
+            channels: 16,
+            side: 8,
+        },
+    ];
+
+    /// Times (im2col, F(2x2), F(4x4)) in ms.
+    fn times(ms: &[[u64; 3]]) -> Vec<ProbeTimes> {
+        ms.iter().map(|t| t.map(Duration::from_millis)).collect()
+    }
+
+    #[test]
+    fn cutoffs_move_from_the_table_where_the_times_clearly_say_so() {
+        use simd::Level::{Avx2, Avx512};
+        // F(4x4) tiles 8, 32, 128, 512, 1024; F(2x2) 32, 128, 512, 2048, 4096.
+        let cases = [
+            // As on Zen 3 with AVX2: F(4x4) from 16x16 as in the table; F(2x2) 38% faster
+            // than im2col at 128 tiles, below the table's 256.
+            (
+                Avx2,
+                [
+                    [20, 22, 25],
+                    [90, 70, 60],
+                    [90, 60, 55],
+                    [90, 70, 55],
+                    [110, 60, 45],
+                ],
+                (32, 128),
+            ),
+            // As on Zen 5: the table's own cut-offs.
+            (
+                Avx512,
+                [
+                    [10, 12, 15],
+                    [40, 45, 50],
+                    [40, 30, 35],
+                    [40, 25, 30],
+                    [50, 30, 28],
+                ],
+                (1024, 256),
+            ),
+            // AVX-512 on a core that multiplies like AVX2 (Zen 4): F(4x4) from 16x16.
+            (
+                Avx512,
+                [
+                    [20, 22, 25],
+                    [90, 70, 55],
+                    [90, 60, 45],
+                    [90, 70, 50],
+                    [110, 60, 45],
+                ],
+                (32, 128),
+            ),
+            // Within the margin the table's answer stands (F(4x4) at 16x16, 1.7% slower).
+            (
+                Avx2,
+                [
+                    [20, 22, 25],
+                    [90, 58, 59],
+                    [90, 60, 55],
+                    [90, 70, 55],
+                    [110, 60, 45],
+                ],
+                (32, 128),
+            ),
+            // A win that does not last (F(4x4) at 16x16, not at 32x32) does not count.
+            (
+                Avx512,
+                [
+                    [20, 22, 25],
+                    [90, 70, 50],
+                    [60, 65, 70],
+                    [90, 70, 55],
+                    [110, 60, 45],
+                ],
+                (512, 128),
+            ),
+            // F(4x4) never fastest, F(2x2) everywhere: past the largest probe, from the start.
+            (
+                Avx2,
+                [
+                    [20, 10, 25],
+                    [90, 70, 90],
+                    [90, 60, 75],
+                    [90, 70, 85],
+                    [110, 60, 75],
+                ],
+                (2048, 32),
+            ),
+        ];
+        for (level, ms, (f4, f2)) in cases {
+            let want = WinogradCutoffs {
+                f4_tiles: f4,
+                f2_tiles: f2,
+            };
+            let table = WinogradCutoffs::table(level);
+            assert_eq!(
+                cutoffs_from(&PROBES, &times(&ms), table),
+                want,
+                "{level:?} {ms:?}"
+            );
+        }
+    }
+
+    #[test]
+    fn measured_cutoffs_apply_to_layers_of_the_measured_sizes() {
+        let measured = WinogradCutoffs {
+            f4_tiles: 7,
+            f2_tiles: 9,
+        };
+        for level in [simd::Level::Avx2, simd::Level::Avx512] {
+            let table = WinogradCutoffs::table(level);
+            for (channels, want) in [(320, measured), (256, measured), (255, table), (64, table)] {
+                let p = Probe {
+                    n: 2,
+                    channels,
+                    side: 16,
+                }
+                .params();
+                assert_eq!(cutoffs_for(&p, Some(measured), level), want, "{channels}");
+                assert_eq!(cutoffs_for(&p, None, level), table, "{channels}");
+            }
+        }
+    }
+
+    /// Measures into a missing file, then reads it back; `Measure` measures again, and a
+    /// file that is not one is measured over.
+    #[test]
+    fn measurements_are_remembered_per_machine() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("sub").join("cpu-tuning.json");
+        let first = resolve(TuningMode::Auto, &FEW, Some(&file), "cpu A");
+        assert_eq!(first.source, "measured");
+        let text = std::fs::read_to_string(&file).unwrap();
+        let stored: serde_json::Value = serde_json::from_str(&text).unwrap();
+        let entry = &stored["machines"]["cpu A"];
+        assert_eq!(entry["cutoffs"]["f4_tiles"], first.cutoffs.f4_tiles);
+        assert_eq!(entry["milliseconds"].as_array().unwrap().len(), FEW.len());
+
+        let again = resolve(TuningMode::Auto, &FEW, Some(&file), "cpu A");
+        assert_eq!((again.source, again.cutoffs), ("remembered", first.cutoffs));
+        // Another machine is measured and kept beside the first.
+        let other = resolve(TuningMode::Auto, &FEW, Some(&file), "cpu B");
+        assert_eq!(other.source, "measured");
+        let both = read_file(&file);
+        assert_eq!(both.machines.len(), 2);
+        let remeasured = resolve(TuningMode::Measure, &FEW, Some(&file), "cpu A");
+        assert_eq!(remeasured.source, "measured");
+
+        std::fs::write(&file, "{ not json").unwrap();
+        let over = resolve(TuningMode::Auto, &FEW, Some(&file), "cpu A");
+        assert_eq!(over.source, "measured");
+        assert_eq!(read_file(&file).machines.len(), 1);
+
+        // An unwritable place: measured all the same.
+        let blocked = dir.path().join("a-file");
+        std::fs::write(&blocked, "").unwrap();
+        let unwritable = resolve(
+            TuningMode::Auto,
+            &FEW,
+            Some(&blocked.join("x.json")),
+            "cpu A",
+        );
+        assert_eq!(unwritable.source, "measured");
+    }
+
+    #[test]
+    fn measuring_ignores_the_job_it_runs_in() {
+        let cancelled = Interrupt::new();
+        cancelled.cancel();
+        let times = interrupt::scope(&cancelled, || {
+            let times = measure(&FEW[2..]);
+            // The scope is back once the measurement is done.
+            assert!(interrupt::watch().is_cancelled());
+            times
+        });
+        // A cancelled convolution skips its work: these ran whole, and gave values.
+        let p = FEW[2].params();
+        let x = pseudo_random(p.n * p.c * p.h * p.w, 4);
+        let w = pseudo_random(p.oc * p.c * 9, 5);
+        let out = interrupt::scope(&cancelled, || {
+            interrupt::unscoped(|| Algorithm::WinogradF4.run(&x, &w, None, &p))
+        });
+        let want = Algorithm::Im2col.run(&x, &w, None, &p);
+        let worst = out
+            .iter()
+            .zip(&want)
+            .map(|(a, b)| (a - b).abs())
+            .fold(0f32, f32::max);
+        assert!(worst < 1e-4, "{worst}");
+        assert!(times[0].iter().all(|t| *t < Duration::MAX));
+    }
+
+    #[test]
+    fn the_machine_names_the_processor_and_level() {
+        let name = machine();
+        assert!(name.contains(&format!("{:?}", simd::level())), "{name}");
+        assert!(!processor_name().is_empty());
+    }
+}
