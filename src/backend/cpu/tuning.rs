@@ -91,6 +91,8 @@ pub struct Tuned {
     pub source: &'static str,
     /// The processor, vector level and precision they were measured for.
     pub machine: String,
+    /// Where they are remembered (logged; not sent to HTTP clients).
+    #[serde(skip)]
     pub file: Option<PathBuf>,
 }
 
