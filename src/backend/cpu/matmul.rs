@@ -181,10 +181,12 @@ fn sgemm_at(level: Level, p: Product, dst: Dst, parallel: bool) {
     let few_rows = m < SMALL_M && big;
     // Few rows (77 text tokens): gemm's own threading splits rows, so the threads would
     // share little; each thread gets its own band of columns instead. Transposed (see
-    // `few_rows_transposed`) where rhs is a linear layer's weight (rows of k in place) and
-    // from TRANSPOSED_MIN_M rows on, whatever the threads: the orientation changes how
-    // values round, and a request must give the same image on any number of cores.
-    let transposed = few_rows && m >= TRANSPOSED_MIN_M && rhs.row_stride == 1;
+    // `few_rows_transposed`) where rhs is a linear layer's weight (rows of k in place,
+    // larger than TRANSPOSED_MIN_RHS) and from TRANSPOSED_MIN_M rows on, whatever the
+    // threads: the orientation changes how values round, and a request must give the same
+    // image on any number of cores.
+    let transposed =
+        few_rows && m >= TRANSPOSED_MIN_M && rhs.row_stride == 1 && n * k >= TRANSPOSED_MIN_RHS;
     if transposed || (parallel && few_rows && n >= threads * 64) {
         let bands = if parallel { threads } else { 1 };
         let band = n.div_ceil(bands).next_multiple_of(16);
@@ -228,6 +230,17 @@ const SMALL_M: usize = 256;
 /// when both are at most 64, from k alone otherwise), so the result would depend on how
 /// many threads split the columns; from 65 rows on a band's width changes no rounding.
 const TRANSPOSED_MIN_M: usize = 65;
+
+/// Few-row products run transposed only for a right-hand side of at least this many values
+/// (512 KiB): the transposed path spares packing a weight that does not fit in L2, which
+/// attention's keys (`k^T`, also stored with unit row stride: at most 160 x 512 = 80K
+/// values) always do. Taking it for them had made the text encoders' 77-token
+/// self-attention slower: on 2 Zen 3 cores (fastest of alternated runs) 0.23-0.26 -> 0.18-0.20
+/// ms for CLIP ViT-L's 12 heads, 0.35-0.45 -> 0.29-0.31 ms for OpenCLIP bigG's 20; a UNet
+/// attention whose last block has 65-255 queries (1200 or 4225 tokens) 0-3% faster. The
+/// smallest weight in a few-row product is 320 x 768 (SD 1.5's cross-attention keys and
+/// values): 246K values.
+const TRANSPOSED_MIN_RHS: usize = 1 << 17;
 
 /// Products of fewer multiply-adds (`m * n * k`) than this run on the calling thread.
 const PARALLEL_MIN_WORK: usize = 1 << 18;
