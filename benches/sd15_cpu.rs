@@ -32,7 +32,8 @@
 //!   `--precision` (bf16 needs AMX-BF16 or AVX512_BF16).
 //! * `--cpu-tuning auto|table|measure` (auto): where the convolutions' Winograd cut-offs
 //!   come from, as the service's `--cpu-tuning` (auto: measured on this processor once and
-//!   remembered; see `sd_wgpu::backend::cpu::tuning`).
+//!   remembered; see `sd_wgpu::backend::cpu::tuning`). A first measurement (about 5 s)
+//!   counts in the load time.
 //! * `--json`: one JSON object on stdout instead of the table.
 //! * `--profile`: also the wall time of each op kind per run of each stage, or over the
 //!   whole generation with `--image` (the same as `SD_CPU_PROFILE=1`; see
@@ -168,7 +169,6 @@ fn parse_args() -> Result<Options> {
             other => return Err(usage(format!("unknown option `{other}`"))),
         }
     }
-    // After --precision, which the measurement's key names.
     tuning::set_mode(cpu_tuning)?;
     if tiny {
         // The fixtures' UNets sample 16x16 latents (their sample_size).

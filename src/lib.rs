@@ -12,5 +12,6 @@ pub mod model;
 pub mod pipeline;
 pub mod server;
 pub mod tensor;
+pub(crate) mod user_dirs;
 
 pub use error::{Error, Result};

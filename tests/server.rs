@@ -312,14 +312,17 @@ fn health_says_loading_until_the_model_is_ready() {
 /// and its convolutions keep the table.
 #[test]
 fn health_names_the_cpu_level_precision_and_convolution_tuning() {
-    let server = Server::start(&model_dir("sd1"), &[]);
+    let server = Server::start(&model_dir("sd1"), &["--cpu-tuning", "auto"]);
     let health = server.wait_ready().get("/health").json();
     let cpu = &health["cpu"];
     assert_eq!(cpu["precision"], "f32", "{cpu}");
     let simd = cpu["simd"].as_str().expect("cpu.simd");
     assert!(["baseline", "avx2", "avx512"].contains(&simd), "{cpu}");
     let convolutions = &cpu["convolutions"];
+    assert_eq!(convolutions["mode"], "auto", "{cpu}");
     assert_eq!(convolutions["source"], "table", "{cpu}");
+    // Where it is remembered is the log's, not HTTP clients'.
+    assert!(convolutions.get("file").is_none(), "{cpu}");
     for field in ["f4_tiles", "f2_tiles"] {
         let tiles = convolutions["cutoffs"][field].as_u64();
         assert!(tiles.is_some_and(|t| t > 0), "{field}: {cpu}");

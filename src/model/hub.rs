@@ -18,6 +18,7 @@ use std::path::{Path, PathBuf};
 
 use super::download::{fetch, missing_in_snapshot, HubAccess, RepoKind};
 use crate::error::{Error, Result};
+use crate::user_dirs::{cache_home_from, env_var, expand_home};
 
 /// The model `serve` and `generate` use when `--model` is not given: SD 1.5, which the API
 /// guide's defaults (50 steps, guidance 7.5) are made for.
@@ -108,7 +109,7 @@ fn valid_revision(s: &str) -> bool {
 /// `$XDG_CACHE_HOME/huggingface/hub`, else `~/.cache/huggingface/hub`. `None` when none of
 /// these is set, not even `HOME`.
 pub fn hub_cache_dir() -> Option<PathBuf> {
-    hub_cache_dir_from(|key| std::env::var_os(key).filter(|v| !v.is_empty()))
+    hub_cache_dir_from(env_var)
 }
 
 fn hub_cache_dir_from(var: impl Fn(&str) -> Option<std::ffi::OsString>) -> Option<PathBuf> {
@@ -121,41 +122,16 @@ fn hub_cache_dir_from(var: impl Fn(&str) -> Option<std::ffi::OsString>) -> Optio
 /// huggingface_hub's home folder, where `huggingface-cli login` writes its `token`:
 /// `$HF_HOME`, else `$XDG_CACHE_HOME/huggingface`, else `~/.cache/huggingface`.
 pub fn hf_home_dir() -> Option<PathBuf> {
-    hf_home_dir_from(|key| std::env::var_os(key).filter(|v| !v.is_empty()))
+    hf_home_dir_from(env_var)
 }
 
 pub(crate) fn hf_home_dir_from(
     var: impl Fn(&str) -> Option<std::ffi::OsString>,
 ) -> Option<PathBuf> {
-    let home = || home_dir(&var);
     Some(match var("HF_HOME") {
         Some(dir) => expand_home(dir, &var),
-        None => match var("XDG_CACHE_HOME") {
-            Some(dir) => expand_home(dir, &var).join("huggingface"),
-            None => home()?.join(".cache").join("huggingface"),
-        },
+        None => cache_home_from(&var)?.join("huggingface"),
     })
-}
-
-fn home_dir(var: &impl Fn(&str) -> Option<std::ffi::OsString>) -> Option<PathBuf> {
-    var("HOME")
-        .or_else(|| var("USERPROFILE"))
-        .map(PathBuf::from)
-}
-
-/// huggingface_hub applies `os.path.expanduser` to these variables.
-fn expand_home(
-    v: std::ffi::OsString,
-    var: &impl Fn(&str) -> Option<std::ffi::OsString>,
-) -> PathBuf {
-    match v.to_str() {
-        Some("~") => home_dir(var).unwrap_or_else(|| PathBuf::from(&v)),
-        Some(s) if s.starts_with("~/") => match home_dir(var) {
-            Some(h) => h.join(&s[2..]),
-            None => PathBuf::from(&v),
-        },
-        _ => PathBuf::from(v),
-    }
 }
 
 /// Where a `--model` (`kind` [`RepoKind::Pipeline`]) or `--vae` ([`RepoKind::Vae`]: a Hub

@@ -108,4 +108,22 @@ mod tests {
         });
         assert!(check().is_ok(), "the scope ended with its closure");
     }
+
+    #[test]
+    fn unscoped_work_sees_no_interrupt_and_the_scopes_come_back() {
+        let job = Interrupt::new();
+        job.cancel();
+        scope(&job, || {
+            assert!(check().is_err());
+            unscoped(|| {
+                assert!(check().is_ok());
+                assert!(!watch().is_cancelled());
+            });
+            assert!(check().is_err(), "back after the closure");
+            let panicked = std::panic::catch_unwind(|| unscoped(|| panic!("in unscoped work")));
+            assert!(panicked.is_err());
+            assert!(check().is_err(), "back after a panic");
+        });
+        assert!(check().is_ok());
+    }
 }

@@ -91,6 +91,9 @@ impl Server {
             .args(["--host", "127.0.0.1", "--port", "0", "--backend", backend])
             .args(extra)
             .env("RUST_LOG", "info")
+            // The convolutions' built-in choices unless a test asks otherwise: the fixtures'
+            // layers are too small to be measured, and no test depends on the user's cache.
+            .env("SD_CPU_TUNING", "table")
             // Tests run side by side on few cores: one compute thread per server.
             .env("RAYON_NUM_THREADS", "1")
             // A Hub id that is not found locally is never fetched: no test uses the network.

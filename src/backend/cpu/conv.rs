@@ -63,15 +63,22 @@ impl Algorithm {
 /// `SD_CPU_WINOGRAD=0` turns Winograd off, `=2` keeps it to F(2x2) (to compare speed or
 /// rounding).
 fn algorithm(p: &Conv2dParams) -> Algorithm {
+    pick(p, winograd_setting(), tuning::winograd_cutoffs(p))
+}
+
+/// `SD_CPU_WINOGRAD` when it is `0` or `2` (warned about otherwise); read once.
+pub(crate) fn winograd_setting() -> Option<&'static str> {
     static SETTING: OnceLock<Option<String>> = OnceLock::new();
-    let setting = SETTING.get_or_init(|| {
-        let value = std::env::var("SD_CPU_WINOGRAD").ok();
-        if let Some(other) = value.as_deref().filter(|v| !["0", "2"].contains(v)) {
-            tracing::warn!("SD_CPU_WINOGRAD={other:?} is not 0 or 2: ignored");
-        }
-        value
-    });
-    pick(p, setting.as_deref(), tuning::winograd_cutoffs(p))
+    SETTING
+        .get_or_init(|| {
+            let value = std::env::var("SD_CPU_WINOGRAD").ok();
+            if let Some(other) = value.as_deref().filter(|v| !["0", "2"].contains(v)) {
+                tracing::warn!("SD_CPU_WINOGRAD={other:?} is not 0 or 2: ignored");
+                return None;
+            }
+            value
+        })
+        .as_deref()
 }
 
 /// [`algorithm`] for a given `SD_CPU_WINOGRAD` setting and cut-offs.
