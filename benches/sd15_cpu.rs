@@ -32,7 +32,7 @@
 //!   `--precision` (bf16 needs AMX-BF16 or AVX512_BF16).
 //! * `--cpu-tuning auto|table|measure` (auto): where the convolutions' Winograd cut-offs
 //!   come from, as the service's `--cpu-tuning` (auto: measured on this processor once and
-//!   remembered; see `sd_wgpu::backend::cpu::tuning`). A first measurement (about 5 s)
+//!   remembered; see `sd_wgpu::backend::cpu::tuning`). A first measurement (8-9 s on 2 Zen 3 cores)
 //!   counts in the load time.
 //! * `--json`: one JSON object on stdout instead of the table.
 //! * `--profile`: also the wall time of each op kind per run of each stage, or over the

@@ -75,8 +75,8 @@ struct ModelArgs {
     #[arg(long, value_enum, default_value_t = Precision::F32, env = "SD_PRECISION")]
     precision: Precision,
     /// CPU backend: how 3x3 convolutions choose between Winograd F(4x4), F(2x2) and im2col.
-    /// auto: by the times measured on this processor when a full-size model first loads (a
-    /// few seconds, once), remembered in $XDG_CACHE_HOME/sd-wgpu/cpu-tuning.json (else
+    /// auto: by the times measured on this processor when a full-size model first loads
+    /// (about 10 s, once), remembered in $XDG_CACHE_HOME/sd-wgpu/cpu-tuning.json (else
     /// ~/.cache/sd-wgpu/); table: the built-in choices per vector level, the same on every
     /// machine with the same instructions; measure: measure again now.
     #[arg(long, value_enum, default_value_t = TuningMode::Auto, env = "SD_CPU_TUNING")]
