@@ -32,7 +32,7 @@
 //!   `--precision` (bf16 needs AMX-BF16 or AVX512_BF16).
 //! * `--cpu-tuning auto|table|measure` (auto): where the convolutions' Winograd cut-offs
 //!   come from, as the service's `--cpu-tuning` (auto: measured on this processor once and
-//!   remembered; see `sd_wgpu::backend::cpu::tuning`). A first measurement (8-9 s on 2 Zen 3 cores)
+//!   remembered; see `sd_wgpu::backend::cpu::tuning`). A first measurement (7.6-9.7 s on 2 Zen 3 cores)
 //!   counts in the load time.
 //! * `--json`: one JSON object on stdout instead of the table.
 //! * `--profile`: also the wall time of each op kind per run of each stage, or over the
@@ -614,8 +614,8 @@ fn main() -> Result<()> {
         );
         let tuned = tuning::current();
         println!(
-            "3x3 convolutions of 256+ channels: F(4x4) from {} tiles, F(2x2) from {} ({})",
-            tuned.cutoffs.f4_tiles, tuned.cutoffs.f2_tiles, tuned.source
+            "3x3 convolutions of 256+ channels: {} ({})",
+            tuned.cutoffs, tuned.source
         );
     }
 

@@ -432,5 +432,12 @@ mod tests {
             );
             assert_eq!(pick(&p, Some("0"), cutoffs), Im2col, "=0 {level:?} {p:?}");
         }
+        // Cut-offs a measurement set to never (usize::MAX) leave im2col at any size.
+        let never = WinogradCutoffs {
+            f4_tiles: usize::MAX,
+            f2_tiles: usize::MAX,
+        };
+        let largest = params(1, 256, 1024, 1024, 256, 1);
+        assert_eq!(pick(&largest, None, never), Im2col);
     }
 }

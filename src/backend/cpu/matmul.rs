@@ -182,7 +182,7 @@ fn sgemm_at(level: Level, p: Product, dst: Dst, parallel: bool) {
     // Few rows (77 text tokens): gemm's own threading splits rows, so the threads would
     // share little; each thread gets its own band of columns instead. Transposed (see
     // `few_rows_transposed`) where rhs is a linear layer's weight (rows of k in place,
-    // larger than TRANSPOSED_MIN_RHS) and from TRANSPOSED_MIN_M rows on, whatever the
+    // of at least TRANSPOSED_MIN_RHS values) and from TRANSPOSED_MIN_M rows on, whatever the
     // threads: the orientation changes how values round, and a request must give the same
     // image on any number of cores.
     let transposed =
@@ -233,8 +233,10 @@ const TRANSPOSED_MIN_M: usize = 65;
 
 /// Few-row products run transposed only for a right-hand side of at least this many values
 /// (512 KiB): the transposed path spares packing a weight that does not fit in L2, which
-/// attention's keys (`k^T`, also stored with unit row stride: at most 160 x 512 = 80K
-/// values) always do. Taking it for them had made the text encoders' 77-token
+/// the UNets' and text encoders' attention keys (`k^T`, also stored with unit row stride:
+/// heads of at most 160 values, so at most 160 x 512 = 80K values a block) always do; the
+/// VAE's one 512-wide head (512 x 512 keys a block) keeps the transposed path for a last
+/// query block of 65-255 rows. Taking it for the text encoders' 77-token
 /// self-attention slower: on 2 Zen 3 cores (fastest of alternated runs) 0.23-0.26 -> 0.18-0.20
 /// ms for CLIP ViT-L's 12 heads, 0.35-0.45 -> 0.29-0.31 ms for OpenCLIP bigG's 20; a UNet
 /// attention whose last block has 65-255 queries (1200 or 4225 tokens) 0-3% faster. The
@@ -589,11 +591,12 @@ mod tests {
     #[test]
     fn every_simd_level_computes_the_product() {
         let levels = [Level::Baseline, Level::Avx2, Level::Avx512];
-        // (m, n, k, transposed rhs, accumulate): 77 (and 130) rows x 1280 columns take the
-        // band path, which computes the transposed product.
+        // (m, n, k, transposed rhs, accumulate): 77 rows x 1280 columns take the column band
+        // path, 130 rows by a weight-sized transposed rhs (at least TRANSPOSED_MIN_RHS
+        // values) the band path that computes the transposed product.
         let cases = [
             (77, 1280, 96, false, false),
-            (130, 1280, 96, true, true),
+            (130, 1280, 112, true, true),
             (300, 200, 70, true, true),
             (1, 33, 5, false, true),
         ];
@@ -678,7 +681,9 @@ mod tests {
     /// product of the weight's stored values.
     /// A few-row product gives the same bits on 1, 2 or 3 threads and when asked to stay on
     /// one (the service runs on however many cores it finds; the tests' server on one): the
-    /// transposed band path for 77 and 130 rows, gemm's own threads for 300; accumulating,
+    /// transposed band path for 77 and 130 rows by a weight-sized rhs, the plain column
+    /// bands for 77 rows by 70K values (as attention's keys take), gemm's own threads for
+    /// 300; accumulating,
     /// with k beyond gemm's 512-value blocks, where the transposed path (which adds its
     /// sums to the destination at the end) rounds unlike gemm (which adds each block's).
     #[test]

@@ -2,14 +2,15 @@
 //! from how many tiles each Winograd variant is the fastest way to run a 3x3 convolution
 //! (see [`super::conv`]). The cut-offs depend on how fast a core multiplies next to how
 //! fast it moves the transforms' data, which differs between processors with the same
-//! instructions: F(4x4) paid from 1024 tiles on a Zen 5 with AVX-512 (on a Xeon, from 32
-//! it was 25% slower), from 32 on Zen 3 and Zen 4 cores at AVX2, and a Zen 4 runs AVX-512
-//! on 256-bit units.
+//! instructions: F(4x4) paid from 1024 tiles on a Zen 5 with AVX-512 (on a Xeon, starting
+//! from 32 made the UNet's convolutions 25% slower), from 32 on AVX2-only EPYC cores of
+//! family 25 (over im2col; on the Zen 3 of 2026-12-08 F(2x2) was about as fast there), and
+//! a Zen 4 runs AVX-512 on 256-bit units.
 //!
 //! The built-in table ([`WinogradCutoffs::table`]) holds what was measured per vector
 //! level. `--cpu-tuning auto` (the binary's and the bench's default) instead times the three
 //! algorithms at Stable Diffusion's own layer shapes on this processor when a model with
-//! such layers loads on the CPU (8-9 s on 2 Zen 3 cores), moves a cut-off from the
+//! such layers loads on the CPU (7.6-9.7 s on 2 Zen 3 cores), moves a cut-off from the
 //! table only where the times clearly say so, and remembers the result in
 //! `$XDG_CACHE_HOME/sd-wgpu/cpu-tuning.json` (else `~/.cache/sd-wgpu/`), keyed by the
 //! processor's name, the vector level, the products' precision and this measurement's
@@ -35,13 +36,48 @@ use super::simd;
 use crate::error::{Error, Result};
 use crate::tensor::params::Conv2dParams;
 
-/// The fewest tiles (over the whole batch) from which each Winograd variant is the fastest.
+/// The fewest tiles (over the whole batch) from which each Winograd variant is the fastest;
+/// `usize::MAX` for never (`null` in JSON, "never" in logs).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct WinogradCutoffs {
     /// 4x4 output tiles for F(4x4) (over F(2x2) and im2col).
+    #[serde(with = "never_as_null")]
     pub f4_tiles: usize,
     /// 2x2 output tiles for F(2x2) (over im2col).
+    #[serde(with = "never_as_null")]
     pub f2_tiles: usize,
+}
+
+impl std::fmt::Display for WinogradCutoffs {
+    fn fmt(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+        let from = |tiles: usize| match tiles {
+            usize::MAX => "never".to_string(),
+            n => format!("from {n} tiles"),
+        };
+        write!(
+            f,
+            "F(4x4) {}, F(2x2) {}",
+            from(self.f4_tiles),
+            from(self.f2_tiles)
+        )
+    }
+}
+
+/// A cut-off of `usize::MAX` (never) as JSON `null`: exact for JavaScript clients of
+/// /health (numbers past 2^53 are not) and readable by a 32-bit build.
+mod never_as_null {
+    use serde::{Deserialize, Deserializer, Serializer};
+
+    pub fn serialize<S: Serializer>(tiles: &usize, s: S) -> Result<S::Ok, S::Error> {
+        match *tiles {
+            usize::MAX => s.serialize_none(),
+            n => s.serialize_some(&n),
+        }
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<usize, D::Error> {
+        Ok(Option::<usize>::deserialize(d)?.unwrap_or(usize::MAX))
+    }
 }
 
 impl WinogradCutoffs {
@@ -57,7 +93,8 @@ impl WinogradCutoffs {
                 f4_tiles: 1024,
                 f2_tiles: 256,
             },
-            // Measured 2026-12-06 on 2 Zen 4 cores with AVX2 only, median of 7 calls at
+            // Measured 2026-12-06 on 2 family-25 EPYC cores with AVX2 only (recorded as Zen
+            // 4; probably a Zen 3, see the README), median of 7 calls at
             // SD 1.5's UNet shapes, batch 2: F(4x4) over F(2x2) 30% faster at 64x64 (512
             // tiles; 320 and 640 channels), over im2col 30-40% at 16x16 (32 tiles; 1280 and
             // 2560 channels), no faster at 16 (batch 1) and slower at 8 (8x8): the guided
@@ -132,8 +169,8 @@ static MEASURED: OnceLock<Tuned> = OnceLock::new();
 
 /// Chooses where the cut-offs come from for the whole process, before a model loads (the
 /// binary and the bench call it at start; elsewhere, as in the tests, it is the table).
-/// Asking again for what is set is fine; asking for another mode after the first CPU
-/// model has loaded is an error.
+/// Asking again for what is set is fine; asking for another mode once one is set is an
+/// error, and the first CPU model's load or a call of [`current`] sets the default.
 pub fn set_mode(mode: TuningMode) -> Result<()> {
     let set = *MODE.get_or_init(|| mode);
     if set != mode {
@@ -213,11 +250,9 @@ fn resolve(mode: TuningMode, probes: &[Probe], file: Option<&Path>, machine: &st
     if mode == TuningMode::Auto {
         if let Some(entry) = remembered.machines.get(machine) {
             tracing::info!(
-                "CPU convolutions: F(4x4) from {} tiles, F(2x2) from {} (measured for this \
-                 CPU {} days ago with {} threads, remembered in {}; --cpu-tuning measure \
-                 measures again)",
-                entry.cutoffs.f4_tiles,
-                entry.cutoffs.f2_tiles,
+                "CPU convolutions: {} (measured for this CPU {} days ago with {} threads, \
+                 remembered in {}; --cpu-tuning measure measures again)",
+                entry.cutoffs,
                 unix_time().saturating_sub(entry.measured_at) / 86_400,
                 entry.threads,
                 file.map_or(String::new(), |f| f.display().to_string()),
@@ -237,10 +272,8 @@ fn resolve(mode: TuningMode, probes: &[Probe], file: Option<&Path>, machine: &st
     let times = measure(probes);
     let cutoffs = cutoffs_from(probes, &times, WinogradCutoffs::table(simd::level()));
     tracing::info!(
-        "CPU convolutions: F(4x4) from {} tiles, F(2x2) from {} (measured in {:.1} s with \
-         {threads} threads; medians of {ROUNDS} rounds in ms, im2col / F(2x2) / F(4x4): {}){}",
-        cutoffs.f4_tiles,
-        cutoffs.f2_tiles,
+        "CPU convolutions: {cutoffs} (measured in {:.1} s with {threads} threads; medians of \
+         {ROUNDS} rounds in ms, im2col / F(2x2) / F(4x4): {}){}",
         started.elapsed().as_secs_f64(),
         describe_times(probes, &times),
         file.map_or(String::new(), |f| format!(
@@ -302,8 +335,7 @@ impl Probe {
 /// SD 1.5's UNet levels in a guided step (batch 2), then 1024 tiles at 256 channels (the
 /// VAE's layers from 128x128 up have 256 or 512), by growing tile counts (F(4x4): 8, 32,
 /// 128, 512, 1024; F(2x2) four times as many). 1280 channels make the transformed weight
-/// of the 16x16 level larger than any cache, as in the model. 8-9 s in all (6 rounds) on 2
-/// Zen 3 cores.
+/// of the 16x16 level larger than any cache, as in the model.
 const PROBES: [Probe; 5] = [
     Probe {
         n: 2,
@@ -344,9 +376,11 @@ const ALGORITHMS: [Algorithm; 3] = [
 type ProbeTimes = Vec<[Duration; 3]>;
 
 /// Rounds per probe after a warm-up round. Algorithms are compared round by round and the
-/// median taken: on 2 Zen 3 cores (KVM guest, 2026-12-08), whose speed drifts by 10-30%
-/// over minutes, the fastest of 3 calls at 8x8 (25-35 ms each) once made F(2x2) 13% faster
-/// than im2col where five other measurements had it 0-10% slower.
+/// median taken, so that one slow round cannot decide: on 2 Zen 3 cores (KVM guest,
+/// 2026-12-08), whose speed drifts by 10-30% over minutes, comparing each algorithm's
+/// fastest of 3 calls once put F(2x2) at 0.87 of im2col's time at 8x8 (25-35 ms calls),
+/// where six other measurements put it at 1.00-1.10. Five rounds keep the whole measurement
+/// at 7.6-9.7 s there.
 const ROUNDS: usize = 5;
 
 /// How many times as long `mine` took as the fastest of `others` (slots of
@@ -433,8 +467,8 @@ fn pseudo_random(len: usize, seed: u32) -> Vec<f32> {
 /// median of the rounds' ratios) to choose it instead, and how much slower to drop the
 /// table's. A choice that flips with the machine's noise would change the images' rounding
 /// from one start to the next for little speed. On 2 Zen 3 cores (KVM guest, 2026-12-08)
-/// F(2x2)'s time over im2col's at 8x8, a memory-bound layer, measured 0.83, 0.94, 1.00,
-/// 1.06 and 1.10 in five measurements; F(4x4)'s over F(2x2)'s at 16x16 0.91-1.07. The
+/// F(2x2)'s time over im2col's at 8x8, a memory-bound layer, measured 0.83-1.10 in seven
+/// measurements (medians of 5 rounds), F(4x4)'s over F(2x2)'s at 16x16 0.94-1.14. The
 /// differences the table is blind to are larger: F(4x4) over the others at 16x16 and 64x64
 /// took 0.6-0.7 of the time on AVX2 cores (see the table).
 const MARGIN: f64 = 0.2;
@@ -444,8 +478,9 @@ const MARGIN: f64 = 0.2;
 /// than [`MARGIN`]; each variant then runs from the fewest tiles from which the answer is
 /// yes at every probe (the table's own cut-off where the table's answers turn at the same
 /// probe). F(2x2) is asked only against im2col, and only at the probes below F(4x4)'s
-/// cut-off (above it F(4x4) runs). A variant the times never choose is never used
-/// (`usize::MAX`).
+/// cut-off (above it F(4x4) runs). A variant the times reject at the largest probe it is
+/// judged at is not used at all (`usize::MAX`, "never"), unless the table does not use it
+/// there either: then the table's cut-off, beyond the probes, stands.
 fn cutoffs_from(probes: &[Probe], times: &[ProbeTimes], table: WinogradCutoffs) -> WinogradCutoffs {
     assert_eq!(probes.len(), times.len(), "a time per probe");
     debug_assert!(
@@ -496,6 +531,7 @@ fn cutoff(
     }
 }
 
+/// Each probe's median times, for the log: `1280x16x16 111/72/73, ...`.
 fn describe_times(probes: &[Probe], times: &[ProbeTimes]) -> String {
     probes
         .iter()
@@ -677,8 +713,8 @@ mod tests {
         use simd::Level::{Avx2, Avx512};
         // F(4x4) tiles 8, 32, 128, 512, 1024; F(2x2) 32, 128, 512, 2048, 4096.
         let cases = [
-            // As on Zen 3 with AVX2: the table's cut-offs (F(2x2) is asked at 8x8 only,
-            // where im2col wins).
+            // An AVX2 core where F(4x4) wins from 16x16: the table's cut-offs (F(2x2) is
+            // asked at 8x8 only, where im2col wins).
             (
                 Avx2,
                 [
@@ -843,6 +879,22 @@ mod tests {
             "cpu A",
         );
         assert_eq!(unwritable.source, Source::Measured);
+    }
+
+    /// Never is `null` in the file and in /health, and reads back as never.
+    #[test]
+    fn never_is_null_in_json() {
+        let cutoffs = WinogradCutoffs {
+            f4_tiles: usize::MAX,
+            f2_tiles: 32,
+        };
+        let json = serde_json::to_value(cutoffs).unwrap();
+        assert_eq!(json, serde_json::json!({"f4_tiles": null, "f2_tiles": 32}));
+        assert_eq!(
+            serde_json::from_value::<WinogradCutoffs>(json).unwrap(),
+            cutoffs
+        );
+        assert_eq!(cutoffs.to_string(), "F(4x4) never, F(2x2) from 32 tiles");
     }
 
     #[test]
