@@ -32,8 +32,8 @@
 //!   `--precision` (bf16 needs AMX-BF16 or AVX512_BF16).
 //! * `--cpu-tuning auto|table|measure` (auto): where the convolutions' Winograd cut-offs
 //!   come from, as the service's `--cpu-tuning` (auto: measured on this processor once and
-//!   remembered; see `sd_wgpu::backend::cpu::tuning`). A first measurement (7.6-9.7 s on 2 Zen 3 cores)
-//!   counts in the load time.
+//!   remembered; see `sd_wgpu::backend::cpu::tuning`). A first measurement (7.6-9.7 s on
+//!   2 Zen 3 cores) counts in the load time.
 //! * `--json`: one JSON object on stdout instead of the table.
 //! * `--profile`: also the wall time of each op kind per run of each stage, or over the
 //!   whole generation with `--image` (the same as `SD_CPU_PROFILE=1`; see

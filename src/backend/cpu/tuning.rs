@@ -253,7 +253,7 @@ fn resolve(mode: TuningMode, probes: &[Probe], file: Option<&Path>, machine: &st
                 "CPU convolutions: {} (measured for this CPU {} days ago with {} threads, \
                  remembered in {}; --cpu-tuning measure measures again)",
                 entry.cutoffs,
-                unix_time().saturating_sub(entry.measured_at) / 86_400,
+                since_1970().as_secs().saturating_sub(entry.measured_at) / 86_400,
                 entry.threads,
                 file.map_or(String::new(), |f| f.display().to_string()),
             );
@@ -283,7 +283,7 @@ fn resolve(mode: TuningMode, probes: &[Probe], file: Option<&Path>, machine: &st
     );
     let entry = Remembered {
         cutoffs,
-        measured_at: unix_time(),
+        measured_at: since_1970().as_secs(),
         threads,
         milliseconds: times.iter().map(median_ms).collect(),
     };
@@ -427,11 +427,11 @@ fn measure(probes: &[Probe]) -> Vec<ProbeTimes> {
     crate::tensor::interrupt::unscoped(|| {
         probes
             .iter()
-            .enumerate()
-            .map(|(i, probe)| {
+            .map(|probe| {
                 let p = probe.params();
-                let x = pseudo_random(p.n * p.c * p.h * p.w, 2 * i as u32);
-                let w = pseudo_random(p.oc * p.c * 9, 2 * i as u32 + 1);
+                // Any normal values do: a convolution's time does not depend on them.
+                let x = vec![0.1; p.n * p.c * p.h * p.w];
+                let w = vec![0.01; p.oc * p.c * 9];
                 let bias = vec![0.5; p.oc];
                 let mut rounds = Vec::with_capacity(ROUNDS);
                 for round in 0..=ROUNDS {
@@ -449,18 +449,6 @@ fn measure(probes: &[Probe]) -> Vec<ProbeTimes> {
             })
             .collect()
     })
-}
-
-/// Values in [-1, 1) from a linear congruential sequence (any values do: the time of a
-/// convolution does not depend on them).
-fn pseudo_random(len: usize, seed: u32) -> Vec<f32> {
-    let mut s = seed.wrapping_mul(747_796_405).wrapping_add(2_891_336_453);
-    (0..len)
-        .map(|_| {
-            s = s.wrapping_mul(1_664_525).wrapping_add(1_013_904_223);
-            (s >> 8) as f32 / (1u32 << 23) as f32 - 1.0
-        })
-        .collect()
 }
 
 /// How much faster the measurement must find an algorithm than the table's choice (by the
@@ -524,10 +512,10 @@ fn cutoff(
         .collect();
     let first = answers.iter().rposition(|yes| !yes).map_or(0, |i| i + 1);
     let table_first = probes.iter().position(|p| p.tiles(m) >= table_tiles);
-    match probes.get(first) {
-        _ if table_first.unwrap_or(probes.len()) == first => table_tiles,
-        Some(probe) => probe.tiles(m),
-        None => usize::MAX,
+    if table_first.unwrap_or(probes.len()) == first {
+        table_tiles
+    } else {
+        probes.get(first).map_or(usize::MAX, |probe| probe.tiles(m))
     }
 }
 
@@ -641,9 +629,7 @@ fn write_file(file: &Path, contents: &RememberedFile) -> std::io::Result<()> {
     let text = serde_json::to_string_pretty(contents).map_err(std::io::Error::other)?;
     // Unique to this process and moment: two containers sharing the folder may both be
     // process 1.
-    let nanos = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| d.subsec_nanos());
+    let nanos = since_1970().subsec_nanos();
     let temporary = dir.join(format!(".cpu-tuning.{}.{nanos}.tmp", std::process::id()));
     let written = std::fs::write(&temporary, text).and_then(|()| std::fs::rename(&temporary, file));
     if written.is_err() {
@@ -652,11 +638,11 @@ fn write_file(file: &Path, contents: &RememberedFile) -> std::io::Result<()> {
     written
 }
 
-/// Seconds since 1970 (UTC).
-fn unix_time() -> u64 {
+/// The time since 1970 (UTC); zero on a clock set before it.
+fn since_1970() -> Duration {
     std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| d.as_secs())
+        .unwrap_or_default()
 }
 
 #[cfg(test)]
